@@ -1,0 +1,474 @@
+"""Floating-point formats, correctly rounded conversion, and precision policies.
+
+Five formats are known: ``float16``, ``bfloat16`` (from ml_dtypes), ``float32``, ``float64``
+and ``longdouble`` (x87 80-bit extended; only where NumPy's ``longdouble`` really is wider than
+float64).
+
+Arithmetic in float16 and bfloat16 is *emulated*: values are held in a float32 **carrier** array
+and every operation is one float32 operation followed by one rounding to the format. For
+``+ - * / sqrt`` this equals the correctly rounded float16/bfloat16 result (float32 has more than
+``2p + 2`` significand bits for both formats, so double rounding is innocuous); for ``exp`` and
+``log`` it is within about half an ulp of the format plus float32's own error (NumPy's float32
+``exp``/``log`` are accurate to a few float32 ulps, i.e. ~2**-21 ulp of float16).
+
+Rounding here is done with integer operations on the bit pattern: NumPy's own float32 -> float16
+cast is about 25x slower than an add for values in the float16 subnormal range, which is exactly
+where a softmax tail lives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from numstab.backend import array_module
+
+__all__ = [
+    "FORMAT_NAMES",
+    "REDUCTION_ORDERS",
+    "Format",
+    "PrecisionPolicy",
+    "available_formats",
+    "carrier_dtype",
+    "get_format",
+    "quantize",
+    "round_to",
+]
+
+#: Canonical format names, narrowest first.
+FORMAT_NAMES = ("float16", "bfloat16", "float32", "float64", "longdouble")
+
+#: Summation orders a :class:`PrecisionPolicy` may declare (see :mod:`numstab.summation`).
+REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
+
+_ALIASES = {
+    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float32": "float32", "fp32": "float32", "single": "float32", "f32": "float32",
+    "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
+    "longdouble": "longdouble", "extended": "longdouble", "float80": "longdouble",
+    "x87": "longdouble",
+}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A binary floating-point format.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name (one of :data:`FORMAT_NAMES`).
+    dtype : numpy.dtype
+        The NumPy dtype of arrays in this format (ml_dtypes' ``bfloat16`` for bfloat16).
+    precision : int
+        ``p``, significand bits including the hidden bit (11, 8, 24, 53, 64).
+    emin, emax : int
+        Exponents of the smallest normal (``2**emin``) and of the largest binade.
+    unit_roundoff : float
+        ``u = 2**-p``: ``fl(1 + x) == 1`` exactly when ``0 <= x <= u`` (round to nearest even).
+    eps : float
+        Machine epsilon ``2**(1 - p)``, the gap between 1 and the next number.
+    tiny : numpy scalar
+        Smallest positive normal number, ``2**emin`` (as a scalar of ``dtype``).
+    smallest_subnormal : numpy scalar
+        ``2**(emin - p + 1)``.
+    max : numpy scalar
+        Largest finite number, ``(2 - 2**(1 - p)) * 2**emax``.
+    """
+
+    name: str
+    dtype: np.dtype = field(repr=False)
+    precision: int
+    emin: int
+    emax: int
+
+    @property
+    def unit_roundoff(self) -> float:
+        return math.ldexp(1.0, -self.precision)
+
+    @property
+    def eps(self) -> float:
+        return math.ldexp(1.0, 1 - self.precision)
+
+    @property
+    def tiny(self):
+        return _ldexp_scalar(1, self.emin, self.dtype)
+
+    @property
+    def smallest_subnormal(self):
+        return _ldexp_scalar(1, self.emin - self.precision + 1, self.dtype)
+
+    @property
+    def max(self):
+        top = (1 << self.precision) - 1
+        return _ldexp_scalar(top, self.emax - self.precision + 1, self.dtype)
+
+    @property
+    def carrier(self) -> np.dtype:
+        """Dtype in which this format's arithmetic is carried out (float32 for 16-bit formats)."""
+        return carrier_dtype(self)
+
+    @property
+    def is_emulated(self) -> bool:
+        """True when values live in a wider carrier and each operation is rounded explicitly."""
+        return self.carrier != self.dtype
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _ldexp_scalar(mantissa: int, exponent: int, dtype: np.dtype):
+    """``mantissa * 2**exponent`` as an exact scalar of ``dtype`` (mantissa < 2**64)."""
+    if dtype == np.longdouble:
+        hi, lo = divmod(mantissa, 1 << 32)
+        m = np.longdouble(hi) * np.longdouble(2**32) + np.longdouble(lo)
+        return np.ldexp(m, exponent)
+    return np.asarray(math.ldexp(float(mantissa), exponent)).astype(dtype)[()]
+
+
+def _longdouble_is_extended() -> bool:
+    return np.finfo(np.longdouble).nmant >= 63
+
+
+_FORMATS: dict[str, Format] = {
+    "float16": Format("float16", np.dtype(np.float16), 11, -14, 15),
+    "bfloat16": Format("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127),
+    "float32": Format("float32", np.dtype(np.float32), 24, -126, 127),
+    "float64": Format("float64", np.dtype(np.float64), 53, -1022, 1023),
+}
+if _longdouble_is_extended():
+    _FORMATS["longdouble"] = Format("longdouble", np.dtype(np.longdouble), 64, -16382, 16383)
+
+
+def available_formats() -> tuple[str, ...]:
+    """Names of the formats usable on this platform (``longdouble`` only where it is x87)."""
+    return tuple(n for n in FORMAT_NAMES if n in _FORMATS)
+
+
+def get_format(name) -> Format:
+    """Look up a format by name, alias, dtype or :class:`Format`.
+
+    Parameters
+    ----------
+    name : str or numpy.dtype or Format
+        ``float16``/``fp16``/``half``, ``bfloat16``/``bf16``, ``float32``/``fp32``/``single``,
+        ``float64``/``fp64``/``double``, ``longdouble``/``extended``/``float80``/``x87``
+        (case-insensitive), a NumPy dtype of one of these, or a ``Format`` (returned as is).
+
+    Raises
+    ------
+    ValueError
+        Unknown name (the message lists the valid names), or ``longdouble`` on a platform whose
+        ``long double`` is just float64.
+    """
+    if isinstance(name, Format):
+        return name
+    if isinstance(name, str):
+        key = _ALIASES.get(name.strip().lower())
+        if key is None:
+            valid = ", ".join(available_formats())
+            aliases = ", ".join(sorted(a for a in _ALIASES if a not in FORMAT_NAMES))
+            raise ValueError(f"unknown format {name!r}; valid formats: {valid} (aliases: {aliases})")
+    else:
+        try:
+            dt = np.dtype(name)
+        except TypeError:
+            raise ValueError(
+                f"unknown format {name!r}; pass a format name ({', '.join(available_formats())}), "
+                "a floating dtype, or a Format"
+            ) from None
+        key = next((k for k, f in _FORMATS.items() if f.dtype == dt), None)
+        if key is None and dt == np.longdouble:
+            key = "longdouble"
+        if key is None:
+            raise ValueError(
+                f"dtype {dt} is not a supported format; valid formats: {', '.join(available_formats())}"
+            )
+    if key == "longdouble" and key not in _FORMATS:
+        raise ValueError(
+            "format 'longdouble' is unavailable: this platform's long double has "
+            f"{np.finfo(np.longdouble).nmant + 1} significand bits, the same as float64 "
+            "(x87 80-bit extended precision exists only on x86)"
+        )
+    return _FORMATS[key]
+
+
+def carrier_dtype(fmt) -> np.dtype:
+    """Dtype holding a format's values during arithmetic: float32 for float16 and bfloat16."""
+    fmt = get_format(fmt)
+    if fmt.name in ("float16", "bfloat16"):
+        return np.dtype(np.float32)
+    return fmt.dtype
+
+
+# --- rounding -----------------------------------------------------------------------------
+
+_UINT = {np.dtype(np.float32): (np.uint32, 23), np.dtype(np.float64): (np.uint64, 52)}
+
+
+def _float_source(x, xp):
+    """``x`` as a float32/float64/longdouble array, widening 16-bit formats exactly."""
+    x = xp.asarray(x)
+    dt = x.dtype
+    if dt == np.float16 or dt == ml_dtypes.bfloat16:
+        return x.astype(np.float32)
+    if dt in (np.float32, np.float64, np.longdouble):
+        return x
+    if dt.kind in "iub":
+        raise TypeError(
+            f"cannot round an array of dtype {dt}: rounding needs floating input "
+            "(float16, bfloat16, float32, float64 or longdouble); convert integers explicitly"
+        )
+    raise TypeError(
+        f"cannot round an array of dtype {dt}: expected float16, bfloat16, float32, float64 "
+        "or longdouble"
+    )
+
+
+def _round_bits(x, fmt: Format, xp):
+    """Round float32/float64 ``x`` to ``fmt`` (RNE), keeping ``x``'s dtype.
+
+    One branch-free formula covers normal and subnormal targets: with
+    ``q = 2**(max(e, emin) - p + 1)`` the target's quantum at ``|x|``'s binade ``e``, the
+    "magic number" ``M = q * 2**m`` (``m`` the source's stored significand bits) has
+    ``ulp(M) = q``, so ``(|x| + M) - M`` is ``|x|`` rounded to a multiple of ``q`` by the
+    source format's own round-to-nearest-even, and the subtraction is exact. ``M`` is built
+    directly from the exponent bits of ``x``. Elements beyond the target's largest finite
+    value (rare: overflow, inf, NaN) are fixed afterwards on a sparse mask, because NumPy's
+    masked and ``where`` operations are slow on dense unpredictable masks.
+    """
+    uint, src_mant = _UINT[x.dtype]
+    bits = 8 * x.dtype.itemsize
+    sign_mask = uint(1 << (bits - 1))
+    exp_mask = uint(((1 << (bits - 1 - src_mant)) - 1) << src_mant)
+    bias = (1 << (bits - 2 - src_mant)) - 1
+    shift = uint((src_mant - (fmt.precision - 1)) << src_mant)
+    floor_exp = uint((bias + fmt.emin) << src_mant)
+
+    u = x.view(uint)
+    a_bits = u & ~sign_mask
+    finfo = np.finfo(x.dtype)
+    if fmt.emin == finfo.minexp and fmt.emax == finfo.maxexp - 1:
+        return _round_bits_same_range(x, fmt, u, a_bits, xp)
+    magic = a_bits & exp_mask
+    xp.maximum(magic, floor_exp, out=magic)
+    magic += shift
+    magic_f = magic.view(x.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = a_bits.view(x.dtype) + magic_f
+        r -= magic_f
+    r_bits = r.view(uint)
+    r_bits |= u & sign_mask
+
+    top = x.dtype.type(fmt.max)
+    special = a_bits > top.view(uint)
+    if special.any():
+        # Above the largest finite value: round down to it below the midpoint to 2**(emax+1),
+        # overflow to inf from the midpoint on (max is odd, so the tie goes up), NaN stays NaN.
+        xs = x[special]
+        half_ulp = x.dtype.type(math.ldexp(1.0, fmt.emax - fmt.precision))
+        with np.errstate(invalid="ignore"):
+            fixed = xp.where(xp.abs(xs) < top + half_ulp, top, x.dtype.type(np.inf))
+        fixed = xp.where(xp.isnan(xs), x.dtype.type(np.nan), fixed)
+        r[special] = xp.copysign(fixed, xs)
+    return r
+
+
+def _round_bits_same_range(x, fmt: Format, u, a_bits, xp):
+    """Round to a format with the source's exponent range (bfloat16 from float32).
+
+    Here the magic number would overflow for large ``|x|``, but no clamping is needed either:
+    add ``half - 1`` plus the lowest kept bit to the bit pattern and clear the dropped bits.
+    A carry into the exponent field is the correct rounding up to the next binade, and at the
+    top to infinity; source subnormals have the fixed quantum the target's subnormals need.
+    """
+    uint = u.dtype.type
+    drop = np.finfo(x.dtype).nmant - (fmt.precision - 1)
+    r = u >> drop
+    r &= uint(1)
+    r += u
+    r += uint((1 << (drop - 1)) - 1)
+    r &= ~uint((1 << drop) - 1)
+    out = r.view(x.dtype)
+    nan = a_bits > np.asarray(np.inf, dtype=x.dtype).view(uint)
+    if nan.any():
+        out[nan] = xp.copysign(x.dtype.type(np.nan), x[nan])
+    return out
+
+
+def quantize(x, fmt):
+    """Round values to a format, returned in the format's carrier dtype.
+
+    Parameters
+    ----------
+    x : array_like of float16, bfloat16, float32, float64 or longdouble, any shape
+    fmt : str or Format
+
+    Returns
+    -------
+    ndarray, shape of ``x``, dtype ``carrier_dtype(fmt)``
+        Every element is exactly representable in ``fmt`` and is the round-to-nearest-even value
+        of the input element. Values beyond the format's range become ``±inf``; values below
+        half the smallest subnormal become ``±0``; NaN stays NaN (quiet, sign kept).
+
+    Notes
+    -----
+    Rounding a longdouble input to float16 or bfloat16 is not supported (there is no exact
+    integer view of x87 values); round it to float64 first if double rounding is acceptable.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> quantize(np.array([1.0 + 2**-11, 1.0 + 3 * 2**-11]), "float16")
+    array([1.    , 1.0019531], dtype=float32)
+    """
+    fmt = get_format(fmt)
+    xp = array_module(x)
+    x = _float_source(x, xp)
+    carrier = carrier_dtype(fmt)
+    if not fmt.is_emulated:
+        return x.astype(carrier, copy=False)
+    if x.dtype == np.longdouble:
+        raise TypeError(
+            f"rounding longdouble input to {fmt.name} is not supported; "
+            "convert it to float64 first (which is itself a rounding)"
+        )
+    out = _round_bits(x, fmt, xp)
+    # ``out`` holds values representable in fmt, hence exactly in float32.
+    return out.astype(np.float32, copy=False)
+
+
+def round_to(x, fmt):
+    """Correctly rounded (nearest-even) conversion to a format, returned in its own dtype.
+
+    Parameters
+    ----------
+    x : array_like of float16, bfloat16, float32, float64 (or longdouble, for wide targets)
+    fmt : str or Format
+
+    Returns
+    -------
+    ndarray, shape of ``x``, dtype ``get_format(fmt).dtype``
+        Bit-identical to NumPy's / ml_dtypes' ``astype`` for every finite and infinite input
+        (verified exhaustively over all 16-bit patterns and their midpoints); NaN input gives a
+        NaN of the same sign. Overflow gives ``±inf``, subnormals are rounded exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round_to(np.float32(2**-24 * 1.5), "float16")  # tie between two subnormals -> even
+    np.float16(1.192e-07)
+    """
+    fmt = get_format(fmt)
+    xp = array_module(x)
+    q = quantize(x, fmt)
+    if not fmt.is_emulated:
+        return q
+    scalar = q.ndim == 0
+    q = xp.atleast_1d(q)
+    if fmt.name == "bfloat16":
+        # quantize() leaves NaN as the quiet pattern, whose upper half is still a NaN.
+        out = (q.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+    else:
+        out = _float32_to_float16_exact(q, xp)
+    return out[0] if scalar else out
+
+
+def _float32_to_float16_exact(q, xp):
+    """float16 bit patterns of float32 values that are already representable in float16.
+
+    Scaling by ``2**-112`` moves float16's exponent range onto float32's (exactly: the
+    products are representable, float16 subnormals landing on float32 subnormals), after which
+    the float16 pattern is the float32 pattern shifted right by 13. Infinities and NaN do not
+    survive the shift and are patched on a sparse mask.
+    """
+    scaled = (q * np.float32(2.0**-112)).view(np.uint32)
+    sign = scaled >> 16
+    sign &= np.uint32(0x8000)
+    scaled >>= 13
+    scaled &= np.uint32(0x7FFF)
+    scaled |= sign
+    bits = scaled.astype(np.uint16)
+    special = ~xp.isfinite(q)
+    if special.any():
+        qs = q[special]
+        bits[special] = xp.where(xp.isnan(qs), np.uint16(0x7E00), np.uint16(0x7C00)) | (
+            (qs.view(np.uint32) >> 16).astype(np.uint16) & np.uint16(0x8000)
+        )
+    return bits.view(np.float16)
+
+
+# --- precision policy ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Which format each part of a computation uses, and how reductions are ordered.
+
+    Attributes
+    ----------
+    storage : Format
+        Format of parameters and activations (what is kept between operations).
+    compute : Format
+        Accumulation format of matrix products: a GEMM is computed in ``compute`` and rounded
+        once to ``storage`` (the tensor-core model). Must be at least as wide as ``storage``.
+    loss : Format
+        Format of the softmax / StableMax cross-entropy and its logit gradient (the paper's
+        ``softmax_precision``).
+    order : str
+        Summation order of the loss's reductions, one of :data:`REDUCTION_ORDERS`.
+
+    Examples
+    --------
+    >>> PrecisionPolicy.uniform("float16").compute.name
+    'float32'
+    >>> PrecisionPolicy.paper("float32", "float64").loss.name
+    'float64'
+    """
+
+    storage: Format
+    compute: Format
+    loss: Format
+    order: str = "pairwise"
+
+    def __post_init__(self):
+        for attr in ("storage", "compute", "loss"):
+            object.__setattr__(self, attr, get_format(getattr(self, attr)))
+        if self.order not in REDUCTION_ORDERS:
+            raise ValueError(
+                f"unknown reduction order {self.order!r}; valid orders: {', '.join(REDUCTION_ORDERS)}"
+            )
+        if self.compute.precision < self.storage.precision:
+            raise ValueError(
+                f"compute format {self.compute.name} is narrower than storage format "
+                f"{self.storage.name}; GEMMs must accumulate at least as wide as they store"
+            )
+
+    @classmethod
+    def uniform(cls, fmt, *, loss=None, order: str = "pairwise") -> PrecisionPolicy:
+        """Everything in ``fmt``; GEMMs of 16-bit formats accumulate in float32.
+
+        ``loss`` overrides the loss format alone (the paper's ``softmax_precision``).
+        """
+        fmt = get_format(fmt)
+        compute = get_format("float32") if fmt.is_emulated else fmt
+        return cls(storage=fmt, compute=compute, loss=get_format(loss or fmt), order=order)
+
+    @classmethod
+    def paper(cls, train_precision, softmax_precision=None, *, order="pairwise") -> PrecisionPolicy:
+        """The paper's pair: parameters and GEMMs in ``train_precision``, loss in
+        ``softmax_precision`` (default: the same)."""
+        return cls.uniform(train_precision, loss=softmax_precision, order=order)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON description, for run outputs."""
+        return {
+            "storage": self.storage.name,
+            "compute": self.compute.name,
+            "loss": self.loss.name,
+            "order": self.order,
+        }

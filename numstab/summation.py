@@ -1,0 +1,158 @@
+"""Sums along the last axis in a declared format and order.
+
+Whether a softmax row collapses depends on the order in which ``Σ exp(z - max)`` is added up
+(``../docs/formats.md`` has the table), so every reduction that can decide a result takes its
+order explicitly:
+
+``pairwise``
+    ``numpy.sum``: NumPy's pairwise summation tree (blocks of 8 interleaved partial sums,
+    halved recursively above 128 elements) with NumPy's accumulator. For float32, float64 and
+    longdouble every addition is rounded to the format, bit-identical to ``numpy.sum`` along a
+    contiguous last axis. For float16 NumPy accumulates the tree in float32 and rounds once at
+    the end, and so does this order (for float16 it therefore equals ``wide``). bfloat16 has no
+    pairwise loop in NumPy (ml_dtypes' ``sum`` adds sequentially in bfloat16, so 10 000 ones
+    sum to 256); here the tree is evaluated in bfloat16, every addition rounded.
+``sequential``
+    Left to right, each addition rounded to the format (``((x0 + x1) + x2) + ...``).
+``wide``
+    NumPy's pairwise tree in the next wider format (float32 for float16/bfloat16, float64 for
+    float32, longdouble for float64), rounded once to the format at the end: how GPU kernels
+    treat 16-bit formats.
+``sorted``
+    Sequential after sorting each row by ascending magnitude (the smallest terms first: the
+    order that absorbs least).
+"""
+
+from __future__ import annotations
+
+from numstab.backend import array_module
+from numstab.precision import REDUCTION_ORDERS, Format, get_format, quantize
+
+__all__ = ["REDUCTION_ORDERS", "check_order", "ordered_sum", "wide_format"]
+
+_PAIRWISE_BLOCK = 128  # NumPy's PW_BLOCKSIZE
+_UNROLL = 8
+
+
+def check_order(order: str) -> str:
+    """Return ``order`` if it is a known reduction order, else raise ``ValueError``."""
+    if order not in REDUCTION_ORDERS:
+        raise ValueError(
+            f"unknown reduction order {order!r}; valid orders: {', '.join(REDUCTION_ORDERS)}"
+        )
+    return order
+
+
+def wide_format(fmt) -> Format:
+    """The accumulation format of the ``wide`` order for ``fmt``.
+
+    Raises
+    ------
+    ValueError
+        For float64 where no x87 longdouble exists, and for longdouble (nothing is wider).
+    """
+    fmt = get_format(fmt)
+    wider = {"float16": "float32", "bfloat16": "float32", "float32": "float64",
+             "float64": "longdouble"}.get(fmt.name)
+    if wider is None:
+        raise ValueError("order 'wide' is undefined for longdouble: no wider format exists")
+    try:
+        return get_format(wider)
+    except ValueError as exc:
+        raise ValueError(f"order 'wide' for {fmt.name} needs {wider}: {exc}") from None
+
+
+def ordered_sum(x, fmt, order: str = "pairwise"):
+    """Sum along the last axis in a format, in a declared order.
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., n)
+        Values representable in ``fmt``, in its carrier dtype (see
+        :func:`numstab.precision.quantize`). Not modified.
+    fmt : str or Format
+        The format every partial sum is rounded to.
+    order : {"pairwise", "sequential", "wide", "sorted"}
+
+    Returns
+    -------
+    ndarray, shape (...)
+        The sums, in the carrier dtype of ``fmt``. An empty last axis sums to ``-0.0``
+        for ``pairwise`` (as NumPy's tree starts from ``-0.0``) and ``0.0`` otherwise.
+        ``inf`` and ``NaN`` propagate as IEEE addition says.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 2.0**-24, 2.0**-24]], dtype=np.float32)
+    >>> ordered_sum(x, "float32", "sequential")[0] == 1.0   # each tail term absorbed
+    np.True_
+    >>> ordered_sum(x, "float32", "sorted")[0] > 1.0        # tail added up first
+    np.True_
+    """
+    fmt = get_format(fmt)
+    check_order(order)
+    xp = array_module(x)
+    x = xp.asarray(x)
+    if order == "wide":
+        wide = wide_format(fmt)
+        return quantize(_pairwise(x.astype(wide.carrier), wide, xp), fmt)
+    if order == "pairwise":
+        return _pairwise(x, fmt, xp)
+    if order == "sorted":
+        idx = xp.argsort(xp.abs(x), axis=-1, kind="stable")
+        x = xp.take_along_axis(x, idx, axis=-1)
+    return _sequential(x, fmt, xp)
+
+
+def _sequential(x, fmt: Format, xp):
+    n = x.shape[-1]
+    if n == 0:
+        return xp.zeros(x.shape[:-1], dtype=fmt.carrier)
+    if not fmt.is_emulated and xp.__name__ == "numpy":
+        # add.accumulate is a strict left-to-right loop in the array's own dtype.
+        return xp.add.accumulate(x, axis=-1)[..., -1].copy()
+    acc = x[..., 0].copy()
+    for j in range(1, n):
+        acc = quantize(acc + x[..., j], fmt)
+    return acc
+
+
+def _pairwise(x, fmt: Format, xp):
+    n = x.shape[-1]
+    if fmt.name == "float16":
+        # NumPy's HALF_pairwise_sum keeps float32 partial sums and rounds once.
+        return quantize(_pairwise(x.astype("float32"), get_format("float32"), xp), fmt)
+    if not fmt.is_emulated and xp.__name__ == "numpy" and x.dtype == fmt.carrier:
+        # NumPy's own reduction runs exactly this tree along a contiguous last axis.
+        return xp.sum(xp.ascontiguousarray(x), axis=-1)
+    return _pairwise_tree(x, n, fmt, xp)
+
+
+def _pairwise_tree(x, n: int, fmt: Format, xp):
+    """NumPy's ``pairwise_sum`` on ``x[..., :n]``, each addition rounded to ``fmt``."""
+
+    def add(a, b):
+        return quantize(a + b, fmt)
+
+    if n < _UNROLL:
+        res = xp.full(x.shape[:-1], -0.0, dtype=fmt.carrier)
+        for i in range(n):
+            res = add(res, x[..., i])
+        return res
+    if n <= _PAIRWISE_BLOCK:
+        r = x[..., :_UNROLL].copy()
+        i = _UNROLL
+        while i < n - (n % _UNROLL):
+            r = add(r, x[..., i : i + _UNROLL])
+            i += _UNROLL
+        res = add(
+            add(add(r[..., 0], r[..., 1]), add(r[..., 2], r[..., 3])),
+            add(add(r[..., 4], r[..., 5]), add(r[..., 6], r[..., 7])),
+        )
+        for j in range(i, n):
+            res = add(res, x[..., j])
+        return res
+    n2 = n // 2
+    n2 -= n2 % _UNROLL
+    return add(_pairwise_tree(x, n2, fmt, xp), _pairwise_tree(x[..., n2:], n - n2, fmt, xp))
