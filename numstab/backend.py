@@ -18,7 +18,7 @@ BACKENDS = ("numpy", "cupy")
 def _cupy_module():
     """Return the ``cupy`` module if it is importable, else ``None`` (never raises)."""
     try:
-        import cupy  # noqa: PLC0415 - optional dependency
+        import cupy
     except Exception:  # ImportError, or a CUDA library failing to load at import
         return None
     return cupy

@@ -45,11 +45,23 @@ FORMAT_NAMES = ("float16", "bfloat16", "float32", "float64", "longdouble")
 REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
 
 _ALIASES = {
-    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float32": "float32", "fp32": "float32", "single": "float32", "f32": "float32",
-    "float64": "float64", "fp64": "float64", "double": "float64", "f64": "float64",
-    "longdouble": "longdouble", "extended": "longdouble", "float80": "longdouble",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "single": "float32",
+    "f32": "float32",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+    "f64": "float64",
+    "longdouble": "longdouble",
+    "extended": "longdouble",
+    "float80": "longdouble",
     "x87": "longdouble",
 }
 
@@ -172,7 +184,9 @@ def get_format(name) -> Format:
         if key is None:
             valid = ", ".join(available_formats())
             aliases = ", ".join(sorted(a for a in _ALIASES if a not in FORMAT_NAMES))
-            raise ValueError(f"unknown format {name!r}; valid formats: {valid} (aliases: {aliases})")
+            raise ValueError(
+                f"unknown format {name!r}; valid formats: {valid} (aliases: {aliases})"
+            )
     else:
         try:
             dt = np.dtype(name)
@@ -186,7 +200,8 @@ def get_format(name) -> Format:
             key = "longdouble"
         if key is None:
             raise ValueError(
-                f"dtype {dt} is not a supported format; valid formats: {', '.join(available_formats())}"
+                f"dtype {dt} is not a supported format; "
+                f"valid formats: {', '.join(available_formats())}"
             )
     if key == "longdouble" and key not in _FORMATS:
         raise ValueError(
@@ -439,9 +454,8 @@ class PrecisionPolicy:
         for attr in ("storage", "compute", "loss"):
             object.__setattr__(self, attr, get_format(getattr(self, attr)))
         if self.order not in REDUCTION_ORDERS:
-            raise ValueError(
-                f"unknown reduction order {self.order!r}; valid orders: {', '.join(REDUCTION_ORDERS)}"
-            )
+            valid = ", ".join(REDUCTION_ORDERS)
+            raise ValueError(f"unknown reduction order {self.order!r}; valid orders: {valid}")
         if self.compute.precision < self.storage.precision:
             raise ValueError(
                 f"compute format {self.compute.name} is narrower than storage format "
