@@ -352,9 +352,10 @@ def quantize(x, fmt):
             f"rounding longdouble input to {fmt.name} is not supported; "
             "convert it to float64 first (which is itself a rounding)"
         )
-    out = _round_bits(x, fmt, xp)
+    shape = x.shape
+    out = _round_bits(xp.reshape(x, (-1,)), fmt, xp)  # 1-D: ufunc results stay arrays
     # ``out`` holds values representable in fmt, hence exactly in float32.
-    return out.astype(np.float32, copy=False)
+    return xp.reshape(out.astype(np.float32, copy=False), shape)
 
 
 def round_to(x, fmt):

@@ -25,6 +25,8 @@ order explicitly:
 
 from __future__ import annotations
 
+import numpy as np
+
 from numstab.backend import array_module
 from numstab.precision import REDUCTION_ORDERS, Format, get_format, quantize
 
@@ -98,6 +100,11 @@ def ordered_sum(x, fmt, order: str = "pairwise"):
     check_order(order)
     xp = array_module(x)
     x = xp.asarray(x)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN propagate as IEEE says
+        return _ordered_sum(x, fmt, order, xp)
+
+
+def _ordered_sum(x, fmt: Format, order: str, xp):
     if order == "wide":
         wide = wide_format(fmt)
         return quantize(_pairwise(x.astype(wide.carrier), wide, xp), fmt)

@@ -1,0 +1,194 @@
+"""A hand-written ReLU MLP: parameters, PyTorch-default initialisation, forward and backward.
+
+``logits = α · (relu(... relu(x W1 + b1) ...) W_L + b_L)``, weights stored ``(n_in, n_out)``
+so that a layer is ``x @ W``. With index inputs (modular arithmetic: ``x = (a, p + b)``) the
+first layer is a gather, ``W1[a] + W1[p + b]``, bit-identical to ``onehot(x) @ W1``.
+
+All arithmetic follows a :class:`~numstab.precision.PrecisionPolicy`: parameters and
+activations in ``policy.storage``, matrix products accumulated in ``policy.compute`` and rounded
+once. For a bias-free network the output is positively homogeneous of degree L (the number of
+linear layers): ``f(cθ) = c^L f(θ)`` for ``c > 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from numstab.functional import (
+    GatherPlan,
+    gather_backward,
+    gather_forward,
+    linear_backward,
+    linear_forward,
+    quantize,
+    relu_backward,
+    relu_forward,
+)
+from numstab.precision import PrecisionPolicy, get_format
+
+__all__ = ["MLPConfig", "backward", "forward", "init_params", "param_names"]
+
+INPUT_KINDS = ("index", "dense")
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Shape of the network.
+
+    Attributes
+    ----------
+    n_inputs : int
+        Input width (``2p`` for one-hot modular arithmetic, the row count of ``W1``).
+    n_classes : int
+        Output width.
+    hidden : tuple of int
+        Hidden widths (paper: ``(200, 200)``).
+    bias : bool
+        Whether the linear layers have biases (paper: none for modular arithmetic).
+    alpha : float
+        Logit multiplier applied to the last layer's output.
+    input_kind : {"index", "dense"}
+        ``index``: inputs are integer row indices (N, k) into ``W1``; ``dense``: float (N, n_in).
+    """
+
+    n_inputs: int
+    n_classes: int
+    hidden: tuple[int, ...] = (200, 200)
+    bias: bool = False
+    alpha: float = 1.0
+    input_kind: str = "index"
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        for name in ("n_inputs", "n_classes"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be positive integers, got {self.hidden}")
+        if self.input_kind not in INPUT_KINDS:
+            raise ValueError(f"unknown input_kind {self.input_kind!r}; valid: index, dense")
+        if not np.isfinite(self.alpha) or self.alpha == 0:
+            raise ValueError(f"alpha must be finite and non-zero, got {self.alpha!r}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.n_inputs, *self.hidden, self.n_classes)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.hidden) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def param_names(config: MLPConfig) -> list[str]:
+    """``["W1", ("b1",) "W2", ...]`` in layer order."""
+    names = []
+    for i in range(1, config.n_layers + 1):
+        names.append(f"W{i}")
+        if config.bias:
+            names.append(f"b{i}")
+    return names
+
+
+def init_params(config: MLPConfig, seed, fmt="float32") -> dict[str, np.ndarray]:
+    """PyTorch ``nn.Linear`` default initialisation, rounded to ``fmt``.
+
+    ``W, b ~ U(-1/√fan_in, 1/√fan_in)`` (what ``kaiming_uniform_(a=√5)`` amounts to), drawn in
+    float64 from ``np.random.default_rng(seed)`` layer by layer (weight, then bias), then
+    rounded to the storage format. The distribution matches PyTorch; the random stream does not.
+
+    Returns
+    -------
+    dict of name -> ndarray in the carrier dtype of ``fmt``
+    """
+    fmt = get_format(fmt)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    params = {}
+    widths = config.widths
+    for i in range(config.n_layers):
+        fan_in, fan_out = widths[i], widths[i + 1]
+        bound = 1.0 / np.sqrt(fan_in)
+        params[f"W{i + 1}"] = quantize(rng.uniform(-bound, bound, (fan_in, fan_out)), fmt)
+        if config.bias:
+            params[f"b{i + 1}"] = quantize(rng.uniform(-bound, bound, fan_out), fmt)
+    return params
+
+
+def forward(params, x, config: MLPConfig, policy: PrecisionPolicy):
+    """Logits of the MLP.
+
+    Parameters
+    ----------
+    params : dict of name -> ndarray (storage carrier dtype)
+    x : ndarray, shape (N, k) int for ``index`` inputs, (N, n_inputs) float for ``dense``
+    config : MLPConfig
+    policy : PrecisionPolicy
+
+    Returns
+    -------
+    logits : ndarray, shape (N, n_classes), storage carrier dtype
+    cache : list
+        Per-layer caches for :func:`backward`.
+    """
+    caches = []
+    L = config.n_layers
+    b = params.get("b1")
+    if config.input_kind == "index":
+        h, c = gather_forward(x, params["W1"], b, policy)
+    else:
+        h, c = linear_forward(quantize(x, policy.storage), params["W1"], b, policy)
+    caches.append(c)
+    for i in range(2, L + 1):
+        h, r = relu_forward(h)
+        caches.append(r)
+        h, c = linear_forward(h, params[f"W{i}"], params.get(f"b{i}"), policy)
+        caches.append(c)
+    if config.alpha != 1.0:
+        h = quantize(h * h.dtype.type(config.alpha), policy.storage)
+    return h, caches
+
+
+def backward(
+    dlogits, caches, config: MLPConfig, policy: PrecisionPolicy, plan: GatherPlan | None = None
+) -> dict[str, np.ndarray]:
+    """Parameter gradients given the logit gradient.
+
+    Parameters
+    ----------
+    dlogits : ndarray, shape (N, n_classes)
+        Any float dtype; rounded to the storage format first (as a framework casts the
+        loss-format gradient back to the parameters' dtype).
+    caches : from :func:`forward`
+    plan : GatherPlan
+        Required for ``index`` inputs (the segment-sum order of the first layer's backward).
+
+    Returns
+    -------
+    dict of name -> ndarray, the same names and shapes as the parameters
+    """
+    grads = {}
+    L = config.n_layers
+    g = quantize(dlogits, policy.storage)
+    if config.alpha != 1.0:
+        g = quantize(g * g.dtype.type(config.alpha), policy.storage)
+    for i in range(L, 1, -1):
+        dx, dw, db = linear_backward(g, caches[2 * (i - 1)], policy)
+        grads[f"W{i}"] = dw
+        if db is not None:
+            grads[f"b{i}"] = db
+        g = relu_backward(dx, caches[2 * (i - 1) - 1])
+    if config.input_kind == "index":
+        if plan is None:
+            raise ValueError("index inputs need a GatherPlan for the first layer's backward")
+        dw, db = gather_backward(g, caches[0], plan, policy)
+    else:
+        _, dw, db = linear_backward(g, caches[0], policy, need_dx=False)
+    grads["W1"] = dw
+    if db is not None:
+        grads["b1"] = db
+    return {k: grads[k] for k in param_names(config)}

@@ -1,0 +1,157 @@
+"""Ordered sums: each order against an independent re-computation, and the collapse-gap table."""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from numstab.functional import collapse_mask
+from numstab.precision import available_formats, get_format, quantize
+from numstab.summation import _pairwise_tree, ordered_sum, wide_format
+
+NATIVE = [f for f in ("float32", "float64", "longdouble") if f in available_formats()]
+
+
+def random_rows(rng, n_rows, n, dtype):
+    """Values spread over many binades, so that summation order matters."""
+    return (rng.standard_normal((n_rows, n)) * np.exp(rng.uniform(-30, 30, (n_rows, n)))).astype(
+        dtype
+    )
+
+
+def loop_sum(row, fmt):
+    """Left-to-right sum, rounding after every addition (independent of the module)."""
+    acc = row[0]
+    for v in row[1:]:
+        acc = quantize(np.asarray([acc + v]), fmt)[0]
+    return acc
+
+
+@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 113, 128, 129, 255, 1000, 4099])
+def test_pairwise_tree_equals_numpy_sum(name, n):
+    fmt = get_format(name)
+    x = random_rows(np.random.default_rng(n), 20, n, fmt.dtype)
+    np.testing.assert_array_equal(_pairwise_tree(x, n, fmt, np), np.sum(x, axis=-1))
+    np.testing.assert_array_equal(ordered_sum(x, name, "pairwise"), np.sum(x, axis=-1))
+
+
+@pytest.mark.parametrize("n", [3, 113, 300])
+def test_float16_pairwise_is_numpys_float16_sum(n):
+    x = random_rows(np.random.default_rng(0), 50, n, np.float64)
+    x16 = x.astype(np.float16)
+    got = ordered_sum(x16.astype(np.float32), "float16", "pairwise")
+    np.testing.assert_array_equal(got.astype(np.float16), np.sum(x16, axis=-1))
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", *NATIVE])
+@pytest.mark.parametrize("order", ["sequential", "sorted"])
+def test_sequential_and_sorted_against_loop(name, order):
+    fmt = get_format(name)
+    rng = np.random.default_rng(5)
+    x = quantize(random_rows(rng, 12, 37, np.float64) * 1e-3, fmt)
+    got = ordered_sum(x, fmt, order)
+    for i in range(x.shape[0]):
+        row = x[i]
+        if order == "sorted":
+            row = row[np.argsort(np.abs(row), kind="stable")]
+        assert got[i] == loop_sum(row, fmt) or (np.isnan(got[i]) and np.isnan(loop_sum(row, fmt)))
+
+
+def test_bfloat16_pairwise_tree_rounds_every_addition():
+    # [1, 2**-9 x 15], worked by hand: partial sums r0 = fl(1 + 2**-9) = 1, r1..r7 = 2**-8;
+    # fl(r0 + r1) = 1 (tie to even), then 1 + 2**-7 + 2**-6 = 1 + 3 * 2**-7, representable.
+    # The exact sum 1 + 3.75 * 2**-7 rounded once (wide) is 1 + 4 * 2**-7.
+    x = np.array([[1.0] + [2.0**-9] * 15], dtype=np.float32)
+    assert ordered_sum(x, "bfloat16", "pairwise")[0] == 1 + 3 * 2.0**-7
+    assert ordered_sum(x, "bfloat16", "wide")[0] == 1 + 4 * 2.0**-7
+    assert ordered_sum(x, "bfloat16", "sequential")[0] == 1  # each 2**-9 absorbed
+    # ml_dtypes' own sum is sequential in bfloat16: 10 000 ones give 256.
+    assert float(np.sum(np.ones(10_000, dtype=ml_dtypes.bfloat16))) == 256
+    assert ordered_sum(np.ones((1, 10_000), np.float32), "bfloat16", "sequential")[0] == 256
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32"])
+def test_wide_is_a_single_rounding_of_the_wide_sum(name):
+    fmt = get_format(name)
+    x = quantize(random_rows(np.random.default_rng(2), 30, 113, np.float64) * 1e-4, fmt)
+    wide = wide_format(fmt)
+    ref = quantize(np.sum(x.astype(wide.carrier), axis=-1), fmt)
+    np.testing.assert_array_equal(ordered_sum(x, fmt, "wide"), ref)
+
+
+def test_wide_needs_a_wider_format():
+    with pytest.raises(ValueError, match="longdouble"):
+        wide_format("longdouble")
+
+
+def test_unknown_order():
+    with pytest.raises(ValueError, match="'reverse'.*pairwise.*sequential.*wide.*sorted"):
+        ordered_sum(np.ones((1, 3)), "float64", "reverse")
+
+
+def test_empty_and_special_values():
+    assert ordered_sum(np.ones((2, 0)), "float64", "sequential").shape == (2,)
+    x = np.array([[1.0, np.inf, 2.0], [1.0, np.nan, 0.0], [np.inf, -np.inf, 1.0]])
+    for order in ("pairwise", "sequential", "sorted", "wide"):
+        s = ordered_sum(x, "float64" if order != "wide" else "float32", order)
+        assert s[0] == np.inf and np.isnan(s[1]) and np.isnan(s[2])
+
+
+@given(st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=200))
+@example([1.0] + [2.0**-25] * 112)
+def test_orders_agree_with_exact_sum_within_bound(values):
+    """Every order's error is within the standard bound (n-1)·u·Σ|x| of the exact sum."""
+    x = np.asarray([values], dtype=np.float32)
+    exact = math.fsum(float(v) for v in values)
+    bound = (len(values) - 1) * 2.0**-24 * math.fsum(abs(float(v)) for v in values)
+    for order in ("pairwise", "sequential", "sorted", "wide"):
+        s = float(ordered_sum(x, "float32", order)[0])
+        assert abs(s - exact) <= bound * (1 + 1e-6) + 2.0**-149
+
+
+# --- collapse-gap table -------------------------------------------------------------------
+
+
+def first_collapsing_gap(name, order, n_classes=113):
+    """Smallest uniform gap at which a row (max first) collapses, by bisection.
+
+    Collapse is monotone in the gap: fl(exp(-g)) falls as g grows and rounded sums are
+    monotone in their terms.
+    """
+
+    def collapsed(g):
+        z = np.full((1, n_classes), -g)
+        z[0, 0] = 0.0
+        return bool(collapse_mask(z, name, order=order)[0])
+
+    lo, hi = 0.0, 80.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if collapsed(mid) else (mid, hi)
+    return hi
+
+
+# Measured values from the design notes: first gap (0.1 grid) at which the sum is exactly 1.
+DESIGN_TABLE = {
+    "float16": {"sequential": 7.7, "pairwise": 12.4, "sorted": 12.4},
+    "float32": {"sequential": 16.7, "pairwise": 20.7, "sorted": 21.4},
+    "float64": {"sequential": 36.8, "pairwise": 40.8, "sorted": 41.5},
+}
+
+
+@pytest.mark.parametrize("name", list(DESIGN_TABLE))
+@pytest.mark.parametrize("order", ["sequential", "pairwise", "sorted"])
+def test_collapse_gap_table_matches_design_notes(name, order):
+    g = first_collapsing_gap(name, order)
+    assert math.ceil(g * 10 - 1e-9) / 10 == DESIGN_TABLE[name][order], g
+
+
+def test_bfloat16_collapse_gaps_are_ordered():
+    gaps = [first_collapsing_gap("bfloat16", o) for o in ("sequential", "pairwise", "sorted")]
+    assert gaps[0] < gaps[1] <= gaps[2]
+    # Max first, every term is absorbed on its own: fl(exp(-g)) <= 2**-8, g ~ 8 ln 2.
+    assert abs(gaps[0] - 8 * math.log(2)) < 0.01
