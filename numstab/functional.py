@@ -372,11 +372,11 @@ def loss_forward(
             loss = -lsm[rows, labels]
             extra = ()
         elif kind == "stablemax":
-            s, den = stablemax_s(z, fmt, eps=eps)
+            s, _ = stablemax_s(z, fmt, eps=eps)
             total = ordered_sum(s, fmt, order)
             probs = quantize(s / total[:, None], fmt)
             loss = -quantize(np.log(probs[rows, labels]), fmt)
-            extra = (s, den, z)
+            extra = (s, z)
         else:
             _, e = _softmax_terms(z, fmt)
             top = np.argmax(z, axis=-1)
@@ -423,7 +423,7 @@ def loss_backward(cache: LossCache, dloss):
             g[rows, y] = quantize(g[rows, y] - dl[:, 0], fmt)
             return g
         if cache.kind == "stablemax":
-            s, den, z = cache.extra
+            s, z = cache.extra
             inv_total = quantize(1 / cache.normaliser, fmt)[:, None]
             inv_sy = quantize(1 / s[rows, y], fmt)
             coef = np.broadcast_to(inv_total, s.shape).copy()
