@@ -1,0 +1,439 @@
+"""The training loop: one run of the paper's setup under a precision policy, with metrics.
+
+A :class:`Run` owns the state of one training run (data, parameters, optimizer state, step)
+and advances it one step at a time, so that a driver (``numstab.compare``) can run two of them
+side by side and audit either between steps. :func:`train` runs one to completion.
+
+Step convention: step ``t`` is the state after ``t`` updates. At a logged step the metrics
+describe the parameters ``θ_t``, their gradient, and (except at the last step) the update
+``θ_t -> θ_{t+1}`` that follows. Steps ``0, log_every, 2·log_every, ...`` and the last step
+are logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from numstab import metrics as M
+from numstab.data import Dataset, get_dataset
+from numstab.functional import (
+    LOSS_KINDS,
+    GatherPlan,
+    collapse_mask,
+    loss_backward,
+    loss_forward,
+)
+from numstab.mlp import MLPConfig, backward, forward, init_params
+from numstab.optim import make_optimizer
+from numstab.precision import REDUCTION_ORDERS, PrecisionPolicy, get_format, quantize
+
+__all__ = [
+    "CSV_HEADER",
+    "MetricLog",
+    "NonFiniteError",
+    "Run",
+    "TrainConfig",
+    "summarize",
+    "train",
+]
+
+CSV_HEADER = ("step", "run", "split", "metric", "layer", "value")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+PERP_SCOPES = (None, "tensor", "global")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (and so is recorded with its results).
+
+    Defaults are the paper's modular-addition setup: p = 113, f = 0.4, bias-free 200-200 ReLU
+    MLP, AdamW lr 0.01, betas (0.9, 0.99), eps 1e-25, no weight decay, softmax cross-entropy in
+    float32, full batch.
+    """
+
+    task: str = "add"
+    p: int = 113
+    train_fraction: float = 0.4
+    encoding: str = "onehot"
+    parity_bits: int = 43
+    parity_k: int = 3
+    parity_samples: int = 2000
+    hidden: tuple[int, ...] = (200, 200)
+    bias: bool = False
+    alpha: float = 1.0
+    dtype: str = "float32"
+    loss_dtype: str | None = None
+    order: str = "pairwise"
+    loss: str = "softmax"
+    stablemax_eps: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-25
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    perp_grad: str | None = None
+    normalized_lr: bool = False
+    steps: int = 1000
+    batch_size: int | None = None
+    log_every: int = 10
+    seed: int = 0
+    zero_target_grad_from: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        get_format(self.dtype)
+        if self.loss_dtype is not None:
+            get_format(self.loss_dtype)
+        _choice("order", self.order, REDUCTION_ORDERS)
+        _choice("loss", self.loss, LOSS_KINDS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("perp_grad", self.perp_grad, PERP_SCOPES)
+        for name in ("steps", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'steps' else 1}, "
+                                 f"got {v!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy.paper(self.dtype, self.loss_dtype, order=self.order)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        shown = ", ".join("none" if a is None else str(a) for a in allowed)
+        raise ValueError(f"unknown {name} {value!r}; valid: {shown}")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or parameter became NaN or infinite; carries the run name and the step."""
+
+    def __init__(self, run: str, step: int, what: str):
+        super().__init__(f"run {run!r}: {what} is not finite at step {step}")
+        self.run, self.step, self.what = run, step, what
+
+
+class MetricLog:
+    """Long-format metric rows ``(step, run, split, metric, layer, value)``.
+
+    Rows are kept in memory and, when a path or stream is given, appended to a CSV file as
+    they arrive (flushed after every logged step), so a crash loses nothing already logged.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, stream: io.TextIOBase | None = None,
+                 append: bool = False):
+        self.rows: list[tuple] = []
+        self._own = None
+        if path is not None:
+            has_header = append and os.path.exists(path) and os.path.getsize(path) > 0
+            self._own = stream = open(path, "a" if append else "w", newline="")  # noqa: SIM115
+        else:
+            has_header = False
+        if stream is not None and not has_header:
+            csv.writer(stream).writerow(CSV_HEADER)
+        self._writer = csv.writer(stream) if stream is not None else None
+        self._stream = stream
+
+    def add(self, step: int, run: str, split: str, metric: str, value, layer: str = ""):
+        row = (int(step), run, split, metric, layer, float(value))
+        self.rows.append(row)
+        if self._writer is not None:
+            self._writer.writerow(row[:5] + (repr(row[5]),))
+
+    def flush(self):
+        if self._stream is not None:
+            self._stream.flush()
+
+    def close(self):
+        if self._own is not None:
+            self._own.close()
+            self._own = None
+
+    def series(self, metric: str, *, run: str | None = None, split: str | None = None,
+               layer: str = ""):
+        """``(steps, values)`` arrays of one metric, in step order."""
+        sel = [(r[0], r[5]) for r in self.rows
+               if r[3] == metric and r[4] == layer and (run is None or r[1] == run)
+               and (split is None or r[2] == split)]
+        if not sel:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        s, v = zip(*sel, strict=True)
+        return np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)
+
+    def latest(self, metric: str, **kw):
+        s, v = self.series(metric, **kw)
+        return float(v[-1]) if v.size else float("nan")
+
+
+@dataclass
+class _Eval:
+    """Forward/backward results at the current parameters on one split."""
+
+    logits: np.ndarray
+    loss: np.ndarray
+    dz: np.ndarray
+    cache: object
+    model_cache: list | None = None
+
+
+@dataclass
+class Run:
+    """One training run, advanced step by step.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    name : str
+        Run label in the metric rows (e.g. ``"test"``, ``"reference"``).
+    log : MetricLog, optional
+        Where metrics go (a fresh in-memory log by default).
+    data : Dataset, optional
+        Reuse an already generated dataset (must match the config).
+    """
+
+    config: TrainConfig
+    name: str = "run"
+    log: MetricLog = field(default_factory=MetricLog)
+    data: Dataset | None = None
+
+    def __post_init__(self):
+        c = self.config
+        self.policy = c.policy
+        if self.data is None:
+            self.data = make_dataset(c)
+        d = self.data
+        self.model = MLPConfig(
+            n_inputs=d.n_inputs, n_classes=d.n_classes, hidden=c.hidden, bias=c.bias,
+            alpha=c.alpha, input_kind="index" if d.encoding == "onehot" else "dense",
+        )
+        self.x_train, self.y_train = self._inputs(d.x_train), np.asarray(d.y_train)
+        self.x_test, self.y_test = self._inputs(d.x_test), np.asarray(d.y_test)
+        self.plan = GatherPlan.build(d.x_train, d.n_inputs) if self.model.input_kind == "index" \
+            else None
+        self.params = init_params(self.model, c.seed, self.policy.storage)
+        self.optimizer = make_optimizer(
+            c.optimizer, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+            weight_decay=c.weight_decay, momentum=c.momentum, perp_grad=c.perp_grad,
+            normalized_lr=c.normalized_lr, storage_format=self.policy.storage.name,
+        )
+        self.opt_state = self.optimizer.init_state(self.params)
+        self.batch_rng = np.random.default_rng([c.seed, 1])
+        self.step = 0
+
+    def _inputs(self, x):
+        x = np.asarray(x)
+        if self.model.input_kind == "index":
+            return x
+        return quantize(x, self.policy.storage)
+
+    # --- the computation ---------------------------------------------------------------
+
+    def evaluate(self, split: str = "train", *, with_grads: bool = False, rows=None) -> _Eval:
+        """Forward pass, loss and logit gradient at the current parameters.
+
+        ``with_grads`` keeps the model cache for a parameter backward. ``rows`` selects a
+        mini-batch of the training split.
+        """
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        if rows is not None:
+            x, y = x[rows], y[rows]
+        z, mcache = forward(self.params, x, self.model, self.policy)
+        loss, lcache = loss_forward(z, y, kind=self.config.loss, fmt=self.policy.loss,
+                                    order=self.policy.order, eps=self.config.stablemax_eps)
+        dz = loss_backward(lcache, 1.0 / y.shape[0])
+        return _Eval(z, loss, dz, lcache, mcache if with_grads else None)
+
+    def gradients(self, ev: _Eval, rows=None) -> dict:
+        """Parameter gradients from an evaluation (applying the Fig. 8 intervention)."""
+        dz = ev.dz
+        c = self.config
+        if c.zero_target_grad_from is not None and self.step >= c.zero_target_grad_from:
+            dz = dz.copy()
+            labels = ev.cache.labels
+            dz[np.arange(labels.shape[0]), labels] = 0
+        plan = self.plan
+        if rows is not None and plan is not None:
+            plan = GatherPlan.build(self.x_train[rows], self.model.n_inputs)
+        return backward(dz, ev.model_cache, self.model, self.policy, plan)
+
+    def advance(self, *, log: bool | None = None, final: bool = False) -> None:
+        """Do one step: evaluate at ``θ_t``, log if due, and apply the update (unless final).
+
+        Raises
+        ------
+        NonFiniteError
+            When the training loss or a parameter is NaN/inf; the step's metrics are logged
+            first, so nothing computed is lost.
+        """
+        c = self.config
+        t = self.step
+        if log is None:
+            log = t % c.log_every == 0 or final
+        rows = None
+        if c.batch_size is not None and c.batch_size < self.y_train.shape[0]:
+            rows = np.sort(self.batch_rng.choice(self.y_train.shape[0], c.batch_size,
+                                                 replace=False))
+        ev = self.evaluate("train", with_grads=True, rows=rows)
+        grads = self.gradients(ev, rows)
+        if log:
+            full = ev if rows is None else self.evaluate("train")
+            self._log_split("train", full)
+            self._log_split("test", self.evaluate("test"))
+            self._log_params(grads)
+        if not np.isfinite(ev.loss).all():
+            self.log.flush()
+            raise NonFiniteError(self.name, t, "the training loss")
+        if final:
+            self.log.flush()
+            return
+        before = {k: v.copy() for k, v in self.params.items()} if log else None
+        self.optimizer.step(self.params, grads, self.opt_state)
+        self.step += 1
+        if log:
+            self._log_update(before)
+        self.log.flush()
+        for k, v in self.params.items():
+            if not np.isfinite(v).all():
+                raise NonFiniteError(self.name, self.step, f"parameter {k}")
+
+    # --- metrics -------------------------------------------------------------------------
+
+    def collapse(self, ev: _Eval) -> np.ndarray:
+        """Per-row Softmax Collapse flags of an evaluation, in the loss format and order."""
+        if self.config.loss == "softmax":
+            return ev.cache.normaliser == 1
+        kind = "stablemax" if self.config.loss == "stablemax" else "softmax"
+        return collapse_mask(ev.logits, self.policy.loss, kind=kind, order=self.policy.order,
+                             eps=self.config.stablemax_eps)
+
+    def _log_split(self, split: str, ev: _Eval) -> None:
+        t, add = self.step, self.log.add
+        y = ev.cache.labels
+        n = y.shape[0]
+        rows = np.arange(n)
+        add(t, self.name, split, "loss", np.mean(ev.loss.astype(np.float64)))
+        add(t, self.name, split, "accuracy", M.accuracy(ev.logits, y))
+        add(t, self.name, split, "sc_fraction", np.count_nonzero(self.collapse(ev)) / n)
+        add(t, self.name, split, "zero_loss_fraction", np.count_nonzero(ev.loss == 0) / n)
+        add(t, self.name, split, "zero_target_grad_fraction",
+            np.count_nonzero(ev.dz[rows, y] == 0) / n)
+        z64 = ev.logits.astype(np.float64)
+        add(t, self.name, split, "logit_norm", float(np.mean(np.sqrt((z64 * z64).sum(axis=1)))))
+        gaps = M.logit_gaps(ev.logits, y)
+        add(t, self.name, split, "logit_gap_median", float(np.median(gaps)))
+        add(t, self.name, split, "logit_gap_max", float(np.max(gaps)))
+
+    def _log_params(self, grads: dict) -> None:
+        t, add = self.step, self.log.add
+        for k, v in M.param_norms(self.params).items():
+            add(t, self.name, "train", "weight_norm", v, k)
+        for k, v in M.param_norms(grads).items():
+            add(t, self.name, "train", "grad_norm", v, k)
+        for k, v in M.param_cosines(self.params, grads, sign=-1.0).items():
+            add(t, self.name, "train", "nlm_cos_grad", v, k)
+
+    def _log_update(self, before: dict) -> None:
+        t, add = self.step - 1, self.log.add
+        delta = {k: self.params[k].astype(np.float64) - before[k].astype(np.float64)
+                 for k in before}
+        for k, v in M.param_cosines(before, delta).items():
+            add(t, self.name, "train", "nlm_cos_update", v, k)
+        intended = getattr(self.opt_state, "last_update", None)
+        if intended:
+            total = absorbed = 0
+            for k in before:
+                want = intended[k] != 0
+                lost = want & (self.params[k] == before[k])
+                add(t, self.name, "train", "absorbed_update_fraction",
+                    np.count_nonzero(lost) / max(np.count_nonzero(want), 1), k)
+                total += np.count_nonzero(want)
+                absorbed += np.count_nonzero(lost)
+            add(t, self.name, "train", "absorbed_update_fraction", absorbed / max(total, 1),
+                "global")
+
+
+def make_dataset(config: TrainConfig) -> Dataset:
+    """The dataset a config names (modular arithmetic or sparse parity)."""
+    c = config
+    if c.task == "parity":
+        return get_dataset("parity", n_bits=c.parity_bits, k=c.parity_k,
+                           n_samples=c.parity_samples, train_fraction=c.train_fraction,
+                           seed=c.seed)
+    return get_dataset(c.task, p=c.p, train_fraction=c.train_fraction, seed=c.seed,
+                       encoding=c.encoding)
+
+
+def summarize(log: MetricLog, run: str, *, grok_threshold: float = 0.9) -> dict:
+    """Headline numbers of a run from its metric log.
+
+    Returns
+    -------
+    dict
+        ``sc_onset_step`` (first logged step with training SC fraction > 0), ``sc50_step``
+        (first with >= 0.5), ``train100_step`` (first with train accuracy 1), ``grok_step``
+        (first with test accuracy >= ``grok_threshold``), each None if never; ``final`` with
+        the last logged train/test accuracy, SC and zero-loss fractions and the global NLM
+        cosine.
+    """
+
+    def first(metric, split, pred, layer=""):
+        s, v = log.series(metric, run=run, split=split, layer=layer)
+        hit = np.flatnonzero(pred(v))
+        return int(s[hit[0]]) if hit.size else None
+
+    final = {
+        "step": int(log.series("accuracy", run=run, split="train")[0][-1])
+        if log.series("accuracy", run=run, split="train")[0].size else None,
+        "train_acc": log.latest("accuracy", run=run, split="train"),
+        "test_acc": log.latest("accuracy", run=run, split="test"),
+        "train_loss": log.latest("loss", run=run, split="train"),
+        "sc_fraction": log.latest("sc_fraction", run=run, split="train"),
+        "zero_loss_fraction": log.latest("zero_loss_fraction", run=run, split="train"),
+        "nlm_cosine": log.latest("nlm_cos_grad", run=run, split="train", layer="global"),
+        "weight_norm": log.latest("weight_norm", run=run, split="train", layer="global"),
+    }
+    return {
+        "sc_onset_step": first("sc_fraction", "train", lambda v: v > 0),
+        "sc50_step": first("sc_fraction", "train", lambda v: v >= 0.5),
+        "train100_step": first("accuracy", "train", lambda v: v >= 1.0),
+        "grok_step": first("accuracy", "test", lambda v: v >= grok_threshold),
+        "final": {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in final.items()},
+    }
+
+
+def train(config: TrainConfig, *, name: str = "run", log: MetricLog | None = None,
+          progress=None) -> Run:
+    """Run ``config`` to completion and return the finished :class:`Run`.
+
+    ``progress`` is an optional callable receiving the step number after each step.
+    Raises :class:`NonFiniteError` (after logging) if the run diverges.
+    """
+    run = Run(config, name=name, log=log or MetricLog())
+    while run.step < config.steps:
+        run.advance()
+        if progress is not None:
+            progress(run.step)
+    run.advance(final=True)
+    return run
