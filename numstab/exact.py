@@ -81,6 +81,7 @@ from numstab.precision import get_format
 
 __all__ = [
     "DEFAULT_PREC",
+    "context",
     "cross_entropy",
     "cross_entropy_grad",
     "log_softmax",
@@ -126,6 +127,15 @@ def _check_prec(prec) -> int:
     if prec < 2:
         raise ValueError(f"prec must be at least 2 bits, got {prec}")
     return prec
+
+
+def context(prec: int | None = None) -> mpmath.MPContext:
+    """The private, cached mpmath context of ``prec`` bits (default :data:`DEFAULT_PREC`).
+
+    Use it to do arithmetic on the mpf values this module returns without touching the global
+    ``mpmath.mp``.
+    """
+    return _context(DEFAULT_PREC if prec is None else int(prec))
 
 
 def _context(prec: int) -> mpmath.MPContext:

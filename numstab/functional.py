@@ -369,7 +369,7 @@ def loss_forward(
             lse = quantize(np.log(total), fmt)
             lsm = quantize(d - lse[:, None], fmt)
             probs = quantize(np.exp(lsm), fmt)
-            loss = -lsm[rows, labels]
+            loss = 0 - lsm[rows, labels]  # 0 - 0 is +0, where -(0) would print -0
             extra = ()
         elif kind == "stablemax":
             s, _ = stablemax_s(z, fmt, eps=eps)

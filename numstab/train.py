@@ -100,10 +100,13 @@ class TrainConfig:
         for name in ("steps", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'steps' else 1}, "
-                                 f"got {v!r}")
+                raise ValueError(
+                    f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {v!r}"
+                )
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be a positive integer or None, got {self.batch_size}"
+            )
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
 
@@ -141,13 +144,18 @@ class MetricLog:
     they arrive (flushed after every logged step), so a crash loses nothing already logged.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, stream: io.TextIOBase | None = None,
-                 append: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        stream: io.TextIOBase | None = None,
+        append: bool = False,
+    ):
         self.rows: list[tuple] = []
         self._own = None
         if path is not None:
             has_header = append and os.path.exists(path) and os.path.getsize(path) > 0
-            self._own = stream = open(path, "a" if append else "w", newline="")  # noqa: SIM115
+            self._own = stream = open(path, "a" if append else "w", newline="")
         else:
             has_header = False
         if stream is not None and not has_header:
@@ -159,7 +167,7 @@ class MetricLog:
         row = (int(step), run, split, metric, layer, float(value))
         self.rows.append(row)
         if self._writer is not None:
-            self._writer.writerow(row[:5] + (repr(row[5]),))
+            self._writer.writerow((*row[:5], repr(row[5])))
 
     def flush(self):
         if self._stream is not None:
@@ -170,19 +178,25 @@ class MetricLog:
             self._own.close()
             self._own = None
 
-    def series(self, metric: str, *, run: str | None = None, split: str | None = None,
-               layer: str = ""):
+    def series(
+        self, metric: str, *, run: str | None = None, split: str | None = None, layer: str = ""
+    ):
         """``(steps, values)`` arrays of one metric, in step order."""
-        sel = [(r[0], r[5]) for r in self.rows
-               if r[3] == metric and r[4] == layer and (run is None or r[1] == run)
-               and (split is None or r[2] == split)]
+        sel = [
+            (r[0], r[5])
+            for r in self.rows
+            if r[3] == metric
+            and r[4] == layer
+            and (run is None or r[1] == run)
+            and (split is None or r[2] == split)
+        ]
         if not sel:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         s, v = zip(*sel, strict=True)
         return np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)
 
     def latest(self, metric: str, **kw):
-        s, v = self.series(metric, **kw)
+        _s, v = self.series(metric, **kw)
         return float(v[-1]) if v.size else float("nan")
 
 
@@ -224,18 +238,29 @@ class Run:
             self.data = make_dataset(c)
         d = self.data
         self.model = MLPConfig(
-            n_inputs=d.n_inputs, n_classes=d.n_classes, hidden=c.hidden, bias=c.bias,
-            alpha=c.alpha, input_kind="index" if d.encoding == "onehot" else "dense",
+            n_inputs=d.n_inputs,
+            n_classes=d.n_classes,
+            hidden=c.hidden,
+            bias=c.bias,
+            alpha=c.alpha,
+            input_kind="index" if d.encoding == "onehot" else "dense",
         )
         self.x_train, self.y_train = self._inputs(d.x_train), np.asarray(d.y_train)
         self.x_test, self.y_test = self._inputs(d.x_test), np.asarray(d.y_test)
-        self.plan = GatherPlan.build(d.x_train, d.n_inputs) if self.model.input_kind == "index" \
-            else None
+        self.plan = (
+            GatherPlan.build(d.x_train, d.n_inputs) if self.model.input_kind == "index" else None
+        )
         self.params = init_params(self.model, c.seed, self.policy.storage)
         self.optimizer = make_optimizer(
-            c.optimizer, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-            weight_decay=c.weight_decay, momentum=c.momentum, perp_grad=c.perp_grad,
-            normalized_lr=c.normalized_lr, storage_format=self.policy.storage.name,
+            c.optimizer,
+            lr=c.lr,
+            betas=(c.beta1, c.beta2),
+            eps=c.eps,
+            weight_decay=c.weight_decay,
+            momentum=c.momentum,
+            perp_grad=c.perp_grad,
+            normalized_lr=c.normalized_lr,
+            storage_format=self.policy.storage.name,
         )
         self.opt_state = self.optimizer.init_state(self.params)
         self.batch_rng = np.random.default_rng([c.seed, 1])
@@ -259,8 +284,14 @@ class Run:
         if rows is not None:
             x, y = x[rows], y[rows]
         z, mcache = forward(self.params, x, self.model, self.policy)
-        loss, lcache = loss_forward(z, y, kind=self.config.loss, fmt=self.policy.loss,
-                                    order=self.policy.order, eps=self.config.stablemax_eps)
+        loss, lcache = loss_forward(
+            z,
+            y,
+            kind=self.config.loss,
+            fmt=self.policy.loss,
+            order=self.policy.order,
+            eps=self.config.stablemax_eps,
+        )
         dz = loss_backward(lcache, 1.0 / y.shape[0])
         return _Eval(z, loss, dz, lcache, mcache if with_grads else None)
 
@@ -277,8 +308,19 @@ class Run:
             plan = GatherPlan.build(self.x_train[rows], self.model.n_inputs)
         return backward(dz, ev.model_cache, self.model, self.policy, plan)
 
-    def advance(self, *, log: bool | None = None, final: bool = False) -> None:
+    def advance(self, *, log: bool | None = None, final: bool = False, inspect=None):
         """Do one step: evaluate at ``θ_t``, log if due, and apply the update (unless final).
+
+        Parameters
+        ----------
+        log : bool, optional
+            Force logging on or off (default: every ``log_every`` steps and the final step).
+        final : bool
+            Evaluate and log without updating (the end of the run).
+        inspect : callable, optional
+            ``inspect(run, ev, grads)`` is called after the evaluation at ``θ_t`` and before
+            the update, while ``run.params`` still holds ``θ_t`` (``ev`` holds the training
+            batch's logits, losses, logit gradient and caches). Drivers audit here.
 
         Raises
         ------
@@ -292,8 +334,9 @@ class Run:
             log = t % c.log_every == 0 or final
         rows = None
         if c.batch_size is not None and c.batch_size < self.y_train.shape[0]:
-            rows = np.sort(self.batch_rng.choice(self.y_train.shape[0], c.batch_size,
-                                                 replace=False))
+            rows = np.sort(
+                self.batch_rng.choice(self.y_train.shape[0], c.batch_size, replace=False)
+            )
         ev = self.evaluate("train", with_grads=True, rows=rows)
         grads = self.gradients(ev, rows)
         if log:
@@ -301,6 +344,8 @@ class Run:
             self._log_split("train", full)
             self._log_split("test", self.evaluate("test"))
             self._log_params(grads)
+        if inspect is not None:
+            inspect(self, ev, grads)
         if not np.isfinite(ev.loss).all():
             self.log.flush()
             raise NonFiniteError(self.name, t, "the training loss")
@@ -324,8 +369,13 @@ class Run:
         if self.config.loss == "softmax":
             return ev.cache.normaliser == 1
         kind = "stablemax" if self.config.loss == "stablemax" else "softmax"
-        return collapse_mask(ev.logits, self.policy.loss, kind=kind, order=self.policy.order,
-                             eps=self.config.stablemax_eps)
+        return collapse_mask(
+            ev.logits,
+            self.policy.loss,
+            kind=kind,
+            order=self.policy.order,
+            eps=self.config.stablemax_eps,
+        )
 
     def _log_split(self, split: str, ev: _Eval) -> None:
         t, add = self.step, self.log.add
@@ -336,8 +386,13 @@ class Run:
         add(t, self.name, split, "accuracy", M.accuracy(ev.logits, y))
         add(t, self.name, split, "sc_fraction", np.count_nonzero(self.collapse(ev)) / n)
         add(t, self.name, split, "zero_loss_fraction", np.count_nonzero(ev.loss == 0) / n)
-        add(t, self.name, split, "zero_target_grad_fraction",
-            np.count_nonzero(ev.dz[rows, y] == 0) / n)
+        add(
+            t,
+            self.name,
+            split,
+            "zero_target_grad_fraction",
+            np.count_nonzero(ev.dz[rows, y] == 0) / n,
+        )
         z64 = ev.logits.astype(np.float64)
         add(t, self.name, split, "logit_norm", float(np.mean(np.sqrt((z64 * z64).sum(axis=1)))))
         gaps = M.logit_gaps(ev.logits, y)
@@ -355,8 +410,9 @@ class Run:
 
     def _log_update(self, before: dict) -> None:
         t, add = self.step - 1, self.log.add
-        delta = {k: self.params[k].astype(np.float64) - before[k].astype(np.float64)
-                 for k in before}
+        delta = {
+            k: self.params[k].astype(np.float64) - before[k].astype(np.float64) for k in before
+        }
         for k, v in M.param_cosines(before, delta).items():
             add(t, self.name, "train", "nlm_cos_update", v, k)
         intended = getattr(self.opt_state, "last_update", None)
@@ -365,23 +421,41 @@ class Run:
             for k in before:
                 want = intended[k] != 0
                 lost = want & (self.params[k] == before[k])
-                add(t, self.name, "train", "absorbed_update_fraction",
-                    np.count_nonzero(lost) / max(np.count_nonzero(want), 1), k)
+                add(
+                    t,
+                    self.name,
+                    "train",
+                    "absorbed_update_fraction",
+                    np.count_nonzero(lost) / max(np.count_nonzero(want), 1),
+                    k,
+                )
                 total += np.count_nonzero(want)
                 absorbed += np.count_nonzero(lost)
-            add(t, self.name, "train", "absorbed_update_fraction", absorbed / max(total, 1),
-                "global")
+            add(
+                t,
+                self.name,
+                "train",
+                "absorbed_update_fraction",
+                absorbed / max(total, 1),
+                "global",
+            )
 
 
 def make_dataset(config: TrainConfig) -> Dataset:
     """The dataset a config names (modular arithmetic or sparse parity)."""
     c = config
     if c.task == "parity":
-        return get_dataset("parity", n_bits=c.parity_bits, k=c.parity_k,
-                           n_samples=c.parity_samples, train_fraction=c.train_fraction,
-                           seed=c.seed)
-    return get_dataset(c.task, p=c.p, train_fraction=c.train_fraction, seed=c.seed,
-                       encoding=c.encoding)
+        return get_dataset(
+            "parity",
+            n_bits=c.parity_bits,
+            k=c.parity_k,
+            n_samples=c.parity_samples,
+            train_fraction=c.train_fraction,
+            seed=c.seed,
+        )
+    return get_dataset(
+        c.task, p=c.p, train_fraction=c.train_fraction, seed=c.seed, encoding=c.encoding
+    )
 
 
 def summarize(log: MetricLog, run: str, *, grok_threshold: float = 0.9) -> dict:
@@ -404,7 +478,8 @@ def summarize(log: MetricLog, run: str, *, grok_threshold: float = 0.9) -> dict:
 
     final = {
         "step": int(log.series("accuracy", run=run, split="train")[0][-1])
-        if log.series("accuracy", run=run, split="train")[0].size else None,
+        if log.series("accuracy", run=run, split="train")[0].size
+        else None,
         "train_acc": log.latest("accuracy", run=run, split="train"),
         "test_acc": log.latest("accuracy", run=run, split="test"),
         "train_loss": log.latest("loss", run=run, split="train"),
@@ -418,13 +493,15 @@ def summarize(log: MetricLog, run: str, *, grok_threshold: float = 0.9) -> dict:
         "sc50_step": first("sc_fraction", "train", lambda v: v >= 0.5),
         "train100_step": first("accuracy", "train", lambda v: v >= 1.0),
         "grok_step": first("accuracy", "test", lambda v: v >= grok_threshold),
-        "final": {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                  for k, v in final.items()},
+        "final": {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in final.items()
+        },
     }
 
 
-def train(config: TrainConfig, *, name: str = "run", log: MetricLog | None = None,
-          progress=None) -> Run:
+def train(
+    config: TrainConfig, *, name: str = "run", log: MetricLog | None = None, progress=None
+) -> Run:
     """Run ``config`` to completion and return the finished :class:`Run`.
 
     ``progress`` is an optional callable receiving the step number after each step.

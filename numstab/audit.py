@@ -1,0 +1,679 @@
+"""Precision-audit utilities for your own arrays.
+
+>>> import numpy as np
+>>> from numstab.audit import sc_fraction, audit_cross_entropy
+>>> z = np.array([[0.0, -30.0, -30.0], [0.0, -1.0, -2.0]], dtype=np.float32)
+>>> sc_fraction(z, dtype="float32")          # the first row's tail is absorbed
+0.5
+>>> report = audit_cross_entropy(z, np.array([0, 0]), dtype="float32")
+>>> bool(report.collapsed[0]), float(report.loss[0]), bool(report.zero_target_grad[0])
+(True, 0.0, True)
+>>> float(report.loss_exact[0]) > 0            # the exact loss is 2 e^-30, not 0
+True
+
+How the exact audit stays fast
+------------------------------
+:func:`audit_cross_entropy` needs, per row, exact values (loss, target-class gradient) and
+exact *verdicts* (does the exact tail ``s = Σ_{k≠k*} exp(z_k - max)`` lie at or below the unit
+roundoff, i.e. must the correctly rounded normaliser be 1?). It first evaluates everything in
+float64 (or x87 longdouble when auditing float64) with a rigorous relative error bound
+``ε`` per row; a verdict whose threshold lies inside ``[s(1-ε), s(1+ε)]`` is recomputed with
+mpmath (:mod:`numstab.exact`), and so are rows with non-finite logits. Everything else keeps
+the fast values, whose relative error is at most ``ε`` (reported as ``exact_rel_bound``).
+``method="mpmath"`` computes every row with mpmath instead (the slow, trusted path).
+
+The bound: each term ``exp(d_k)`` with ``d_k = z_k - max`` carries the rounding of ``d_k``
+(relative ``u_w``, so ``|d_k|·u_w`` on the term) and of ``exp`` (taken as ``2**12·u_w``, far
+above any libm's error), each addition at most ``u_w`` per level of the sum (``n·u_w`` for
+any order), where ``u_w`` is the unit roundoff of the working format; terms that underflow
+add an absolute ``n·2**-1074`` (float64) term. ``log1p`` and the final subtraction add a few
+``u_w`` more.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from numstab import exact
+from numstab.functional import collapse_mask, loss_backward, loss_forward
+from numstab.metrics import param_cosines
+from numstab.precision import REDUCTION_ORDERS, available_formats, get_format, quantize
+
+__all__ = [
+    "CrossEntropyAudit",
+    "absorbed",
+    "audit_cross_entropy",
+    "exact_logit_gradient",
+    "nlm_cosine",
+    "sc_fraction",
+    "sc_gap_window",
+    "ulp_error",
+]
+
+AUDIT_KINDS = ("softmax", "stablemax")
+AUDIT_METHODS = ("auto", "mpmath")
+
+
+# --- input checking -----------------------------------------------------------------------
+
+
+def _format(dtype):
+    try:
+        return get_format(dtype)
+    except ValueError as exc:
+        raise ValueError(f"dtype: {exc}") from None
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _logits(logits, *, allow_nonfinite: bool = True) -> np.ndarray:
+    z = np.asarray(logits)
+    if z.dtype.kind not in "fiu":
+        raise TypeError(
+            f"logits must be a real floating array (float16, bfloat16, float32, float64 or "
+            f"longdouble), got dtype {z.dtype}"
+        )
+    if z.ndim != 2:
+        raise ValueError(f"logits must be 2-D (samples, classes), got shape {z.shape}")
+    if z.shape[1] == 0:
+        raise ValueError(f"logits need at least one class, got shape {z.shape}")
+    if z.dtype.kind in "iu":
+        z = z.astype(np.float64)
+    return z
+
+
+def _labels(labels, n: int, c: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got dtype {y.dtype}")
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match the logits, got {y.shape}")
+    if n and (y.min() < 0 or y.max() >= c):
+        bad = y[(y < 0) | (y >= c)][0]
+        raise ValueError(f"label {bad} is out of range: labels must lie in [0, {c})")
+    return y.astype(np.int64)
+
+
+# --- elementwise utilities ----------------------------------------------------------------
+
+
+def ulp_error(computed, exact_values, fmt) -> np.ndarray:
+    """Absolute error in units in the last place of ``fmt``, per element.
+
+    ``|computed - exact| / ulp(exact)``, where ``ulp(x) = 2**(max(e, emin) - p + 1)`` for
+    ``2**e <= |x| < 2**(e+1)`` (the spacing of the format in the exact value's binade;
+    subnormals use the fixed quantum).
+
+    Parameters
+    ----------
+    computed : array_like
+        Values in (or rounded to) ``fmt``.
+    exact_values : array_like of float or object array of mpf
+        The reference. mpf values are used exactly; float64 is adequate for formats up to
+        float32 (error ≤ 2**-29 ulp).
+    fmt : str or Format
+
+    Returns
+    -------
+    ndarray of float64, shape of the broadcast inputs
+        0 where both agree (equal infinities of one sign, or both NaN); ``inf`` where exactly
+        one side is non-finite or the infinities differ.
+    """
+    fmt = _format(fmt)
+    c = np.asarray(computed)
+    e = np.asarray(exact_values)
+    if e.dtype == object:
+        out = np.empty(np.broadcast_shapes(c.shape, e.shape), dtype=np.float64)
+        cb, eb = np.broadcast_arrays(c, e)
+        for i in np.ndindex(out.shape):
+            out[i] = _ulp_error_mpf(cb[i], eb[i], fmt)
+        return out
+    work = (
+        np.longdouble
+        if (fmt.precision > 53 or c.dtype == np.longdouble or e.dtype == np.longdouble)
+        else np.float64
+    )
+    cw = np.asarray(c, dtype=work)
+    ew = np.asarray(e, dtype=work)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        _, ex = np.frexp(np.abs(ew))
+        ulp = np.ldexp(np.ones_like(ew), np.maximum(ex - 1, fmt.emin) - fmt.precision + 1)
+        err = np.abs(cw - ew) / ulp
+        same = (cw == ew) | (np.isnan(cw) & np.isnan(ew))
+        err = np.where(same, 0.0, err)
+        err = np.where(~same & ~(np.isfinite(cw) & np.isfinite(ew)), np.inf, err)
+    return err.astype(np.float64)
+
+
+def _ulp_error_mpf(c, e, fmt) -> float:
+    ctx = exact.context()
+    ce = exact.to_exact(np.asarray(c))[()] if not isinstance(c, type(ctx.mpf(0))) else c
+    if ctx.isnan(ce) and ctx.isnan(e):
+        return 0.0
+    if ctx.isnan(ce) or ctx.isnan(e) or ctx.isinf(ce) or ctx.isinf(e):
+        return 0.0 if ce == e else math.inf
+    if ce == e:
+        return 0.0
+    ex = ctx.floor(ctx.log(abs(e), 2)) if e != 0 else fmt.emin
+    ex = int(ex)
+    # log2 can be off by one at binade edges: fix it exactly.
+    while e != 0 and abs(e) < ctx.ldexp(1, ex):
+        ex -= 1
+    while e != 0 and abs(e) >= ctx.ldexp(1, ex + 1):
+        ex += 1
+    q = ctx.ldexp(1, max(ex, fmt.emin) - fmt.precision + 1)
+    return float(abs(ce - e) / q)
+
+
+def absorbed(a, b, fmt) -> np.ndarray:
+    """Elementwise mask of ``fl(a + b) == a`` with ``b != 0``: ``b`` is lost when added to ``a``.
+
+    Both operands are first rounded to ``fmt`` (so pass values already in the format to ask
+    about exactly those values); the sum is correctly rounded in ``fmt``. NaN operands are
+    never absorbed (NaN compares unequal); ``a = ±inf`` absorbs every finite ``b``.
+
+    Examples
+    --------
+    >>> absorbed(1.0, 2.0**-24, "float32"), absorbed(1.0, 2.0**-23, "float32")
+    (np.True_, np.False_)
+    """
+    fmt = _format(fmt)
+    for name, v in (("a", a), ("b", b)):
+        dt = np.asarray(v).dtype
+        if dt.kind not in "fiub":
+            raise TypeError(f"{name} must be a real numeric array, got dtype {dt}")
+    aq = quantize(np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float32)), fmt)
+    bq = quantize(np.asarray(b, dtype=np.result_type(np.asarray(b).dtype, np.float32)), fmt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = quantize(aq + bq, fmt)
+    out = (s == aq) & (bq != 0)
+    return out[()] if out.ndim == 0 else out
+
+
+def sc_fraction(
+    logits, *, dtype="float32", kind: str = "softmax", order: str = "pairwise", eps: float = 0.0
+) -> float:
+    """Fraction of rows in Softmax Collapse in a format and summation order.
+
+    A row collapses when its max-shifted normaliser, ``Σ_k exp(z_k - max z)`` for softmax or
+    ``Σ_k s(z_k) / s(max z)`` for StableMax, computed in ``dtype`` (logits rounded to it, every
+    term and partial sum rounded) in ``order``, is exactly 1.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, C)
+    dtype : str
+        float16, bfloat16, float32, float64 or longdouble (aliases accepted).
+    kind : {"softmax", "stablemax"}
+    order : {"pairwise", "sequential", "wide", "sorted"}
+    eps : float
+        StableMax denominator epsilon (the authors' code: 1e-30).
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN for zero rows. Rows containing NaN never count as collapsed.
+    """
+    fmt = _format(dtype)
+    _choice("kind", kind, AUDIT_KINDS)
+    _choice("order", order, REDUCTION_ORDERS)
+    z = _logits(logits)
+    if z.shape[0] == 0:
+        return float("nan")
+    return (
+        int(np.count_nonzero(collapse_mask(z, fmt, kind=kind, order=order, eps=eps))) / (z.shape[0])
+    )
+
+
+def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
+    """Logit-gap interval in which collapse depends on the summation order.
+
+    For a row with its maximum at 0 and the other ``n - 1`` logits at ``-g``:
+
+    - below ``never_below`` no order collapses: even added one at a time to 1, a term
+      ``fl(e^{-g}) > u`` survives. ``fl(e^{-g}) <= u`` iff ``e^{-g} <= u(1 + 2**-p)`` (the
+      rounding boundary above the power of two ``u``), so ``never_below = p ln 2 - ln(1 + u)``.
+    - from ``always_above`` on, every order collapses: any order's computed tail sum is at
+      most ``(n-1)·t·(1+u)^(n-2)`` with ``t <= e^{-g}(1+u)``, and it is absorbed once it is
+      ``<= u``, so ``always_above = ln(n-1) + p ln 2 + (n-1) ln(1+u)``.
+
+    These are bounds from a model of correctly rounded ``exp``; the measured thresholds of
+    each order lie inside them (float32, 113 classes: about 16.64 and 21.36). To decide a real
+    row, compute the sum in the format (:func:`sc_fraction`), never from a gap formula.
+
+    Parameters
+    ----------
+    dtype : str
+    n_classes : int, >= 2
+    """
+    fmt = _format(dtype)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    u = fmt.unit_roundoff
+    p = fmt.precision
+    never_below = p * math.log(2) - math.log1p(u)
+    always_above = math.log(n_classes - 1) + p * math.log(2) + (n_classes - 1) * math.log1p(u)
+    return never_below, always_above
+
+
+def nlm_cosine(params: dict, grads: dict) -> dict:
+    """Naive-loss-minimisation alignment ``cos(θ, -∇L)``, per tensor and ``"global"``.
+
+    Parameters
+    ----------
+    params, grads : dict of name -> ndarray
+        The same keys and shapes. Computed in float64.
+    """
+    missing = set(params) ^ set(grads)
+    if missing:
+        raise ValueError(f"params and grads must have the same keys; differing: {sorted(missing)}")
+    for k in params:
+        if np.shape(params[k]) != np.shape(grads[k]):
+            raise ValueError(
+                f"shape mismatch for {k!r}: params {np.shape(params[k])}, "
+                f"grads {np.shape(grads[k])}"
+            )
+    return param_cosines(params, grads, sign=-1.0)
+
+
+# --- the cross-entropy audit --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrossEntropyAudit:
+    """Per-sample audit of a cross-entropy computed in a format against exact arithmetic.
+
+    Attributes (arrays of shape (N,))
+    ---------------------------------
+    loss : float64
+        The loss as computed in ``dtype`` and ``order`` (the framework formula of ``kind``).
+    loss_exact : float64 (longdouble when auditing float64/longdouble)
+        The exact loss ``-log p_y`` (relative error at most ``exact_rel_bound``).
+    loss_ulp_error : float64
+        ``|loss - loss_exact|`` in ulps of ``dtype``.
+    collapsed : bool
+        Measured Softmax Collapse: the computed normaliser is exactly 1.
+    collapsed_exact : bool
+        The exact verdict: the exact tail ``s`` (``Σ_{k≠k*} e^{z_k - max}``, or its StableMax
+        analogue) is at most the unit roundoff, so the correctly rounded normaliser is 1.
+    zero_loss : bool
+        The computed loss is exactly 0.
+    zero_target_grad : bool
+        The computed target-class logit gradient ``p_y - 1`` (unscaled) is exactly 0.
+    target_grad, target_grad_exact : float64
+        Computed and exact ``∂L/∂z_y``.
+    target_grad_rel_error : float64
+        ``|computed - exact| / |exact|`` (1.0 for a computed 0: "100 % wrong").
+    off_target_mass : float64
+        ``Σ_{k≠y} ∂L/∂z_k`` of the computed gradient (exactly ``-target_grad_exact`` in exact
+        arithmetic).
+    used_mpmath : bool
+        Rows that fell back to mpmath.
+
+    Other attributes: ``dtype``, ``kind``, ``order``, ``method``, ``exact_rel_bound`` (relative
+    error bound of the fast exact values; 0 for mpmath rows), ``seconds``.
+    """
+
+    dtype: str
+    kind: str
+    order: str
+    method: str
+    loss: np.ndarray
+    loss_exact: np.ndarray
+    loss_ulp_error: np.ndarray
+    collapsed: np.ndarray
+    collapsed_exact: np.ndarray
+    zero_loss: np.ndarray
+    zero_target_grad: np.ndarray
+    target_grad: np.ndarray
+    target_grad_exact: np.ndarray
+    target_grad_rel_error: np.ndarray
+    off_target_mass: np.ndarray
+    used_mpmath: np.ndarray
+    exact_rel_bound: np.ndarray
+    seconds: float = 0.0
+    notes: tuple = field(default=())
+
+    def __len__(self) -> int:
+        return int(self.loss.shape[0])
+
+    def summary(self) -> dict:
+        """Fractions and medians over samples, as plain floats (JSON-ready)."""
+        n = len(self)
+
+        def frac(mask):
+            return int(np.count_nonzero(mask)) / n if n else float("nan")
+
+        finite = np.isfinite(self.target_grad_rel_error)
+        rel = self.target_grad_rel_error[finite]
+        ulp = self.loss_ulp_error[np.isfinite(self.loss_ulp_error)]
+        return {
+            "n_samples": n,
+            "dtype": self.dtype,
+            "kind": self.kind,
+            "order": self.order,
+            "method": self.method,
+            "sc_fraction_measured": frac(self.collapsed),
+            "sc_fraction_exact": frac(self.collapsed_exact),
+            "agreement": frac(self.collapsed == self.collapsed_exact),
+            "zero_loss_fraction": frac(self.zero_loss),
+            "zero_target_grad_fraction": frac(self.zero_target_grad),
+            "target_grad_rel_error_median": float(np.median(rel)) if rel.size else None,
+            "target_grad_100pct_wrong_fraction": frac(self.target_grad_rel_error >= 1.0),
+            "loss_max_ulp_error": float(np.max(ulp)) if ulp.size else None,
+            "loss_median_ulp_error": float(np.median(ulp)) if ulp.size else None,
+            "mpmath_rows": int(np.count_nonzero(self.used_mpmath)),
+            "exact_rel_bound_max": float(np.max(self.exact_rel_bound)) if n else 0.0,
+            "seconds": self.seconds,
+        }
+
+
+def audit_cross_entropy(
+    logits,
+    labels,
+    *,
+    dtype="float32",
+    kind: str = "softmax",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    method: str = "auto",
+) -> CrossEntropyAudit:
+    """Audit a cross-entropy computed in a format against exact arithmetic, per sample.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, C)
+        Rounded to ``dtype`` first; the exact reference uses the same rounded values, so the
+        audit measures the loss computation, not the rounding of its input.
+    labels : int ndarray, shape (N,)
+    dtype : str
+        Format of the loss computation.
+    kind : {"softmax", "stablemax"}
+        Softmax cross-entropy as frameworks compute it, or StableMax cross-entropy.
+    order : {"pairwise", "sequential", "wide", "sorted"}
+        Summation order of the computed normaliser.
+    eps : float
+        StableMax denominator epsilon, used identically by the computed and exact sides.
+    method : {"auto", "mpmath"}
+        ``auto``: certified float64/longdouble evaluation, mpmath only where its error bound
+        cannot decide a verdict (and for non-finite rows, and throughout when auditing
+        longdouble); ``mpmath``: every row in mpmath.
+
+    Returns
+    -------
+    CrossEntropyAudit
+
+    Raises
+    ------
+    ValueError, TypeError
+        Logits not 2-D, no classes, non-real dtype; labels of the wrong dtype, length or range;
+        unknown dtype, kind, order or method (each message names the bad value).
+
+    Notes
+    -----
+    Rows with NaN or ±inf logits are audited too: the computed side does what IEEE arithmetic
+    does, the exact side follows mpmath's inf/NaN rules, and such rows always use mpmath.
+    """
+    fmt = _format(dtype)
+    _choice("kind", kind, AUDIT_KINDS)
+    _choice("order", order, REDUCTION_ORDERS)
+    _choice("method", method, AUDIT_METHODS)
+    z = _logits(logits)
+    y = _labels(labels, z.shape[0], z.shape[1])
+    t0 = time.perf_counter()
+    zq = quantize(z, fmt)
+    n, _c = zq.shape
+    rows = np.arange(n)
+
+    # Computed side: exactly what training does in this format and order.
+    loss, cache = loss_forward(zq, y, kind=kind, fmt=fmt, order=order, eps=eps)
+    grad = loss_backward(cache, 1.0)
+    if kind == "softmax":
+        collapsed = cache.normaliser == 1
+    else:
+        collapsed = collapse_mask(zq, fmt, kind="stablemax", order=order, eps=eps)
+    wide = (
+        np.longdouble if fmt.precision > 24 and "longdouble" in available_formats() else np.float64
+    )
+    target = grad[rows, y].astype(wide)
+    with np.errstate(invalid="ignore", over="ignore"):
+        off_mass = grad.astype(wide).sum(axis=1) - target
+
+    # Exact side.
+    if method == "mpmath" or fmt.name == "longdouble" or fmt.precision > 53:
+        ex = _exact_mpmath(zq, y, kind, fmt, eps, np.ones(n, dtype=bool))
+        loss_x, tgt_x, coll_x, bound = ex["loss"], ex["tgt"], ex["coll"], np.zeros(n)
+        used = np.ones(n, dtype=bool)
+    else:
+        loss_x, tgt_x, coll_x, bound, undecided = _exact_fast(zq, y, kind, fmt, eps)
+        used = undecided
+        if undecided.any():
+            ex = _exact_mpmath(zq, y, kind, fmt, eps, undecided)
+            loss_x[undecided] = ex["loss"][undecided]
+            tgt_x[undecided] = ex["tgt"][undecided]
+            coll_x[undecided] = ex["coll"][undecided]
+            bound[undecided] = 0.0
+
+    loss_c = loss.astype(wide)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.abs(target - tgt_x) / np.abs(tgt_x)
+    rel = np.where((target == tgt_x) | (np.isnan(target) & np.isnan(tgt_x)), 0.0, rel)
+    return CrossEntropyAudit(
+        dtype=fmt.name,
+        kind=kind,
+        order=order,
+        method=method,
+        loss=loss_c,
+        loss_exact=loss_x,
+        loss_ulp_error=ulp_error(loss_c, loss_x, fmt),
+        collapsed=np.asarray(collapsed, dtype=bool),
+        collapsed_exact=coll_x,
+        zero_loss=loss_c == 0,
+        zero_target_grad=target == 0,
+        target_grad=target,
+        target_grad_exact=tgt_x,
+        target_grad_rel_error=rel.astype(np.float64),
+        off_target_mass=off_mass,
+        used_mpmath=used,
+        exact_rel_bound=bound,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _exact_fast(zq, y, kind, fmt, eps):
+    """Exact values in float64 (longdouble for float64 audits) with a per-row error bound.
+
+    Returns loss, target gradient, the collapse verdict, the relative bound, and the rows the
+    bound cannot decide (or whose logits are not finite).
+    """
+    n, c = zq.shape
+    rows = np.arange(n)
+    work = np.longdouble if fmt.precision > 24 else np.float64
+    uw = math.ldexp(1.0, -np.finfo(work).nmant - 1)
+    zw = zq.astype(work)
+    finite = np.isfinite(zw).all(axis=1)
+    zw = np.where(finite[:, None], zw, 0)
+    top = np.argmax(zw, axis=1)
+    m = zw[rows, top]
+    u = fmt.unit_roundoff
+    with np.errstate(under="ignore", over="ignore", invalid="ignore", divide="ignore"):
+        if kind == "softmax":
+            d = zw - m[:, None]
+            terms = np.exp(d)
+            terms[rows, top] = 0
+            s = terms.sum(axis=1)
+            dmax = np.max(np.abs(d), axis=1)
+            eps_row = (dmax + c + 2.0**12 + 8) * uw
+            tiny_abs = c * math.ldexp(1.0, -1074 if work == np.float64 else -16445)
+            # Target gradient: -t_y / (1 + t_y) with t_y = Σ_{k≠y} e^{z_k - z_y}.
+            at_top = top == y
+            py = np.exp(zw[rows, y] - m) / (1 + s)
+            tgt = np.where(at_top, -s / (1 + s), py - 1)
+            loss = (m - zw[rows, y]) + np.log1p(s)
+        else:
+            sv = _stablemax_s_work(zw, eps, work)
+            smax = sv[rows, top]
+            ratio = sv / smax[:, None]
+            ratio[rows, top] = 0
+            s = ratio.sum(axis=1)
+            eps_row = np.full(n, (c + 8.0) * 4 * uw)
+            tiny_abs = 0.0
+            total = sv.sum(axis=1)
+            sy = sv[rows, y]
+            others = total - sy
+            # others = Σ_{k≠y} s_k: recompute as a sum of positives to avoid cancellation.
+            masked = sv.copy()
+            masked[rows, y] = 0
+            others = masked.sum(axis=1)
+            deriv = np.where(zw[rows, y] >= 0, 1, sv[rows, y] ** 2)
+            tgt = -deriv * others / (total * sy)
+            loss = np.log1p(others / sy)
+        lo = s * (1 - eps_row) - tiny_abs
+        hi = s * (1 + eps_row) + tiny_abs
+        coll = hi <= u
+        undecided = ~finite | ~((hi <= u) | (lo > u))
+    bound = (eps_row + 4 * uw).astype(np.float64)
+    return loss, tgt, coll, bound, undecided
+
+
+def _stablemax_s_work(z, eps, work):
+    x = z
+    neg = x < 0
+    den = 1 - np.where(neg, x, 0) + work(eps)
+    return np.where(neg, 1 / den, x + 1)
+
+
+def _exact_mpmath(zq, y, kind, fmt, eps, rows_mask):
+    """mpmath loss, target gradient and collapse verdict for the selected rows."""
+    n, _c = zq.shape
+    work = (
+        np.longdouble if fmt.precision > 24 and "longdouble" in available_formats() else np.float64
+    )
+    loss = np.full(n, np.nan, dtype=work)
+    tgt = np.full(n, np.nan, dtype=work)
+    coll = np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(rows_mask)
+    if idx.size == 0:
+        return {"loss": loss, "tgt": tgt, "coll": coll}
+    sub, ys = zq[idx], y[idx]
+    to = np.float64 if work == np.float64 else np.longdouble
+    target_fmt = "float64" if to == np.float64 else "longdouble"
+    if kind == "softmax":
+        lx = exact.cross_entropy(sub, ys)
+        gx = exact.cross_entropy_grad(sub, ys)
+    else:
+        lx = exact.stablemax_cross_entropy(sub, ys, eps=eps)
+        gx = exact.stablemax_cross_entropy_grad(sub, ys, eps=eps)
+    loss[idx] = exact.round_exact(lx, target_fmt)
+    tgt[idx] = exact.round_exact(gx[np.arange(idx.size), ys], target_fmt)
+    coll[idx] = _exact_collapse(sub, kind, fmt, eps)
+    return {"loss": loss, "tgt": tgt, "coll": coll}
+
+
+def _exact_collapse(z, kind, fmt, eps) -> np.ndarray:
+    """Exact verdict ``tail <= u`` per row (mpmath with growing precision; Fractions for
+    StableMax, whose tail is rational and may equal ``u`` exactly)."""
+    u = Fraction(1, 2**fmt.precision)
+    out = np.zeros(z.shape[0], dtype=bool)
+    if kind == "stablemax":
+        for i, row in enumerate(z):
+            if not np.isfinite(row).all():
+                continue  # NaN/inf rows: the exact tail is undefined, never "collapsed"
+            sv = [_stablemax_fraction(_fraction(v), eps) for v in row]
+            k = int(np.argmax(row))
+            tail = sum(sv[j] for j in range(len(sv)) if j != k) / sv[k]
+            out[i] = tail <= u
+        return out
+    for prec in (256, 1024, 4096):
+        s = exact.tail_sum(z, prec=prec)
+        ctx = exact.context(prec)
+        uu = ctx.ldexp(1, -fmt.precision)
+        margin = ctx.ldexp(uu, 16 - prec)
+        decided = True
+        for i, v in enumerate(s):
+            if ctx.isnan(v):
+                out[i] = False
+            elif abs(v - uu) <= margin:
+                decided = False
+            else:
+                out[i] = v <= uu
+        if decided:
+            return out
+    return out
+
+
+def _fraction(v) -> Fraction:
+    """The exact rational value of a finite float (x87 longdouble included)."""
+    if isinstance(v, np.longdouble):
+        m, e = np.frexp(v)
+        return Fraction(int(np.ldexp(m, 64))) * Fraction(2) ** (int(e) - 64)
+    return Fraction(float(v))
+
+
+def _stablemax_fraction(x: Fraction, eps: float) -> Fraction:
+    if x >= 0:
+        return x + 1
+    return 1 / (1 - x + Fraction(eps))
+
+
+def exact_logit_gradient(
+    logits, labels, *, dtype="float32", kind: str = "softmax", eps: float = 0.0
+) -> np.ndarray:
+    """The exact per-sample logit gradient ``∂L_i/∂z_i`` of the logits as rounded to ``dtype``.
+
+    Softmax: ``p_k`` off target and ``-t_y / (1 + t_y)`` on target (``t_y = Σ_{k≠y}
+    e^{z_k - z_y}``); StableMax: ``s'(z_k)/S`` off target and ``-s'(z_y)(S - s_y)/(S s_y)`` on
+    target. Evaluated in float64 from sums of positive terms only, so every entry has a
+    relative error below ``(C + max|z_k - max z| + 2**12)·2**-52`` (the bound of
+    :func:`audit_cross_entropy`'s fast path); rows with non-finite logits go through mpmath.
+
+    Returns
+    -------
+    ndarray, float64, shape (N, C)
+    """
+    fmt = _format(dtype)
+    _choice("kind", kind, AUDIT_KINDS)
+    z = quantize(_logits(logits), fmt).astype(np.float64)
+    n, c = z.shape
+    y = _labels(labels, n, c)
+    rows = np.arange(n)
+    finite = np.isfinite(z).all(axis=1)
+    zf = np.where(finite[:, None], z, 0.0)
+    with np.errstate(under="ignore", over="ignore", invalid="ignore", divide="ignore"):
+        if kind == "softmax":
+            top = np.argmax(zf, axis=1)
+            m = zf[rows, top]
+            e = np.exp(zf - m[:, None])
+            e[rows, top] = 0
+            s = e.sum(axis=1)
+            e[rows, top] = 1
+            g = e / (1 + s)[:, None]
+            at_top = top == y
+            g[rows, y] = np.where(at_top, -s / (1 + s), g[rows, y] - 1)
+        else:
+            sv = _stablemax_s_work(zf, eps, np.float64)
+            total = sv.sum(axis=1)
+            deriv = np.where(zf >= 0, 1.0, sv * sv)
+            g = deriv / total[:, None]
+            masked = sv.copy()
+            masked[rows, y] = 0
+            others = masked.sum(axis=1)
+            g[rows, y] = -deriv[rows, y] * others / (total * sv[rows, y])
+    if not finite.all():
+        idx = np.flatnonzero(~finite)
+        fn = (
+            exact.cross_entropy_grad
+            if kind == "softmax"
+            else (lambda a, b: exact.stablemax_cross_entropy_grad(a, b, eps=eps))
+        )
+        g[idx] = exact.round_exact(fn(z[idx], y[idx]), "float64")
+    return g
