@@ -33,6 +33,7 @@ from numstab import audit as A
 from numstab.metrics import param_cosines
 from numstab.mlp import backward
 from numstab.precision import REDUCTION_ORDERS, PrecisionPolicy, available_formats, get_format
+from numstab.runtime import runtime_info, tune_allocator
 from numstab.train import MetricLog, NonFiniteError, Run, TrainConfig, summarize
 
 __all__ = ["DEFAULTS", "build_parser", "main"]
@@ -502,6 +503,7 @@ def _summary(args, test_cfg, ref_cfg, why, log, auditor, runs_done, error, wall)
     summary = {
         "config": config,
         "versions": _versions(),
+        "runtime": runtime_info(),
         "runs": runs,
         "exact_sc_onset_step": onset_exact,
         "nlm_cosine_exact_at_onset": nlm_at_onset,
@@ -573,6 +575,8 @@ def main(argv=None) -> int:
         return 2
 
     from threadpoolctl import threadpool_limits
+
+    tune_allocator()
 
     csv_path = os.path.join(args.out, "metrics.csv") if args.out else None
     log = MetricLog(csv_path)

@@ -681,12 +681,16 @@ class _AdamMixin(_Optimizer):
         label = type(self).__name__
         _warn_lr(label, self.lr, storage)
         if _underflows(self.eps, state):
-            _warn(
-                f"{label} eps={self.eps!r} underflows to 0 in {state.name} (smallest subnormal "
-                f"{float(state.smallest_subnormal):.3g}): denominators sqrt(v_hat)+eps are "
-                "exactly 0 wherever v is 0, so the update m/0 is NaN (0/0) where the gradient "
-                "history is 0 and +-inf where the gradient is non-zero but (1-beta2)*g**2 "
-                "underflowed; those parameters become NaN/inf"
+            # Refuse rather than divide by zero: with eps = 0, sqrt(v_hat) + eps is exactly 0
+            # wherever v is 0 (NaN from 0/0 where the gradient history is 0, inf where
+            # (1 - beta2) g**2 underflowed), and the run is lost to NaN within steps.
+            raise ValueError(
+                f"{label} eps={self.eps!r} underflows to 0 in the optimizer-state format "
+                f"{state.name} (smallest subnormal {float(state.smallest_subnormal):.3g}): "
+                "the denominator sqrt(v_hat) + eps would be exactly 0 wherever v is 0, "
+                "giving NaN/inf parameters. Keep the state in a wider format "
+                "(state_format='float32'; CLI --state-dtype float32) or use "
+                f"eps >= {float(state.smallest_subnormal):.3g}"
             )
         _warn_decay(
             f"{label} beta2={self.betas[1]!r} in {state.name}",

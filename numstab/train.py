@@ -74,6 +74,7 @@ class TrainConfig:
     loss: str = "softmax"
     stablemax_eps: float = 0.0
     optimizer: str = "adamw"
+    state_dtype: str | None = None
     lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
@@ -90,9 +91,9 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        get_format(self.dtype)
-        if self.loss_dtype is not None:
-            get_format(self.loss_dtype)
+        for name in ("dtype", "loss_dtype", "state_dtype"):
+            if getattr(self, name) is not None:
+                get_format(getattr(self, name))
         _choice("order", self.order, REDUCTION_ORDERS)
         _choice("loss", self.loss, LOSS_KINDS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -111,6 +112,16 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
 
     @property
+    def state_format(self) -> str:
+        """Format of the optimizer state: ``state_dtype``, or by default float32 for 16-bit
+        storage (float16 cannot hold the paper's eps = 1e-25, and its squared gradients
+        underflow) and the storage format otherwise."""
+        if self.state_dtype is not None:
+            return get_format(self.state_dtype).name
+        storage = get_format(self.dtype)
+        return "float32" if storage.is_emulated else storage.name
+
+    @property
     def policy(self) -> PrecisionPolicy:
         return PrecisionPolicy.paper(self.dtype, self.loss_dtype, order=self.order)
 
@@ -120,6 +131,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["state_format"] = self.state_format  # the resolved default, for the record
         return d
 
 
@@ -261,6 +273,7 @@ class Run:
             perp_grad=c.perp_grad,
             normalized_lr=c.normalized_lr,
             storage_format=self.policy.storage.name,
+            state_format=c.state_format,
         )
         self.opt_state = self.optimizer.init_state(self.params)
         self.batch_rng = np.random.default_rng([c.seed, 1])

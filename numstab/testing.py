@@ -1,0 +1,854 @@
+"""Hypothesis strategies for testing softmax / cross-entropy code against :mod:`numstab.exact`.
+
+The strategies generate logits that are hard on a loss implementation: rows whose exact
+softmax tail lies right at the unit roundoff of a format (where Softmax Collapse is decided),
+rows whose gap lies in the order-dependent window of :func:`numstab.audit.sc_gap_window`, ties,
+huge gaps, tails in the subnormal range, one class, and non-finite rows. Every value is exactly
+representable in the requested format (it is rounded with :func:`numstab.precision.quantize`
+or built on the format's grid), and arrays come in the format's carrier dtype (float32 for
+float16 and bfloat16, as everywhere in numstab) unless ``native=True`` asks for the format's
+own dtype.
+
+hypothesis is a test extra: ``pip install 'numstab[test]'``.
+
+Example
+-------
+A test of your own loss against the exact reference (``my_cross_entropy`` is yours)::
+
+    import numpy as np
+    from hypothesis import given
+    from numstab import exact
+    from numstab.testing import logits_and_labels, logits_near_collapse
+
+    @given(logits_and_labels(logits_near_collapse("float32", 113, n_rows=4)))
+    def test_my_loss(zy):
+        z, y = zy
+        got = my_cross_entropy(z, y)                                     # float32
+        want = exact.round_exact(exact.cross_entropy(z, y), "float32")  # correctly rounded
+        np.testing.assert_allclose(got, want, rtol=2**-20, atol=2**-126)
+
+Notes
+-----
+The *exact tail* of a row is ``s = Σ_{k≠k*} exp(z_k - max z)`` (``k*`` the first argmax;
+:func:`numstab.exact.tail_sum`); for StableMax it is ``Σ_{k≠k*} s(z_k) / s(max z)``. The
+correctly rounded normaliser ``1 + s`` is 1 exactly when ``s <= u = 2**-p``.
+
+longdouble rows are drawn on the float64 grid (every float64 is an x87 longdouble), because
+numstab rounds to longdouble only from float64.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+try:
+    from hypothesis import reject
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError as _exc:  # pragma: no cover - exercised by a test that hides hypothesis
+    raise ImportError(
+        "numstab.testing needs hypothesis, which is a test extra: pip install 'numstab[test]' "
+        f"(import failed: {_exc})"
+    ) from _exc
+
+import ml_dtypes
+import numpy as np
+
+from numstab import exact
+from numstab.precision import available_formats, get_format, quantize, round_to
+
+__all__ = [
+    "adversarial_logits",
+    "formats",
+    "labels_for",
+    "logits",
+    "logits_and_labels",
+    "logits_huge_gap",
+    "logits_in_gap_window",
+    "logits_near_collapse",
+    "logits_subnormal_tail",
+    "logits_with_ties",
+    "nonfinite_logits",
+    "one_class_logits",
+]
+
+_SIDES = ("below", "above", "either")
+_KINDS = ("softmax", "stablemax")
+_TARGETS = ("any", "argmax", "mixed")
+_PREC = 320  # bits for the exact bookkeeping of constructed rows (tails to ~1e-90 relative)
+
+# Dtype whose values are the grid a format's rows are drawn on (all exactly float64).
+_GRID = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "longdouble": np.dtype(np.float64),
+}
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _fmt(fmt):
+    return get_format(fmt)
+
+
+def _count(value, name: str, minimum: int):
+    """An int or an integer strategy, validated; returns a strategy."""
+    if isinstance(value, st.SearchStrategy):
+        return value.filter(lambda k: k >= minimum)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} or a strategy, got {value!r}")
+    return st.just(int(value))
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(allowed)}")
+    return value
+
+
+def _finite_max(fmt) -> float:
+    """Largest finite value of the format's grid, as a float."""
+    return float(np.finfo(np.float64).max) if fmt.name == "longdouble" else float(fmt.max)
+
+
+def _q(x: float, fmt) -> float:
+    """``x`` rounded to nearest (even) on the format's grid, as a float64 value."""
+    if fmt.name in ("float64", "longdouble"):
+        return float(x)
+    return float(quantize(np.array([x], dtype=np.float64), fmt)[0])
+
+
+def _step(v: float, fmt, up: bool) -> float:
+    """The grid neighbour of the representable ``v`` above (``up``) or below it."""
+    g = _GRID[fmt.name].type
+    return float(np.nextafter(g(v), g(np.inf if up else -np.inf)))
+
+
+def _to_array(rows, fmt, native: bool):
+    """float64 rows (all representable) -> carrier array (or the format's dtype)."""
+    a = np.asarray(rows, dtype=np.float64)
+    out = quantize(a, fmt)  # exact: a no-op on representable values, fixes the dtype
+    return round_to(out, fmt) if native and fmt.is_emulated else out
+
+
+def _unit_interval(draw, lo: float, hi: float) -> float:
+    return draw(st.floats(lo, hi, allow_nan=False, allow_infinity=False))
+
+
+class _SoftmaxTail:
+    """Exact softmax tail terms ``exp(v - m)`` (mpmath at :data:`_PREC` bits)."""
+
+    def __init__(self, m: float, fmt, eps: float = 0.0):
+        self.ctx = ctx = exact.context(_PREC)
+        self.m = ctx.mpf(m)
+        self.u = ctx.ldexp(ctx.mpf(1), -fmt.precision)
+
+    def exact(self, v: float):
+        return self.ctx.mpf(v)
+
+    def term(self, v: float):
+        return self.ctx.exp(self.ctx.mpf(v) - self.m)
+
+    def threshold(self, r):
+        """The real ``t`` with ``term(v) <= r`` iff ``v <= t``."""
+        return self.m + self.ctx.log(r)
+
+    def scale(self, r, factor: float):
+        return r * self.ctx.mpf(factor)
+
+    def zero(self):
+        return self.ctx.mpf(0)
+
+
+class _StableTail:
+    """Exact StableMax tail terms ``s(v) / s(m)`` (Fractions: they are rational)."""
+
+    def __init__(self, m: float, fmt, eps: float = 0.0):
+        self.eps = Fraction(eps)
+        self.m = Fraction(m)
+        self.sm = self._s(self.m)
+        self.u = Fraction(1, 2**fmt.precision)
+
+    def _s(self, x: Fraction) -> Fraction:
+        return x + 1 if x >= 0 else 1 / (1 - x + self.eps)
+
+    def exact(self, v: float):
+        return Fraction(v)
+
+    def term(self, v: float):
+        return self._s(Fraction(v)) / self.sm
+
+    def threshold(self, r):
+        big_r = r * self.sm
+        if big_r >= 1:
+            return big_r - 1
+        return min(1 + self.eps - 1 / big_r, Fraction(0))
+
+    def scale(self, r, factor: float):
+        return r * Fraction(factor)
+
+    def zero(self):
+        return Fraction(0)
+
+
+def _largest_at_most(t, fmt, tail):
+    """Largest grid value ``v`` with ``v <= t`` (``t`` exact), or None if out of range."""
+    x = float(t)
+    top = _finite_max(fmt)
+    if not math.isfinite(x) or abs(x) > top:
+        return None
+    v = _q(x, fmt)
+    while math.isfinite(v) and tail.exact(v) > t:
+        v = _step(v, fmt, up=False)
+    while True:
+        w = _step(v, fmt, up=True)
+        if not math.isfinite(w) or tail.exact(w) > t:
+            break
+        v = w
+    if not math.isfinite(v) or abs(v) > top:
+        return None
+    return v
+
+
+def _smallest_at_least(t, fmt, tail):
+    """Smallest grid value ``v`` with ``v >= t``, or None if out of range."""
+    v = _largest_at_most(t, fmt, tail)
+    if v is None:
+        return None
+    if tail.exact(v) < t:
+        v = _step(v, fmt, up=True)
+    return v if math.isfinite(v) and abs(v) <= _finite_max(fmt) else None
+
+
+def _shift(draw, fmt, max_shift: float) -> float:
+    return _q(_unit_interval(draw, -max_shift, max_shift), fmt)
+
+
+# --- formats and general logits -----------------------------------------------------------
+
+
+def formats(*, include_longdouble: bool = True, include_emulated: bool = True):
+    """Names of the floating-point formats usable on this platform.
+
+    Parameters
+    ----------
+    include_longdouble : bool
+        Include ``"longdouble"`` where NumPy's long double is x87 extended precision (it is
+        absent elsewhere whatever this says).
+    include_emulated : bool
+        Include ``"float16"`` and ``"bfloat16"`` (carried in float32, rounded per operation).
+
+    Returns
+    -------
+    SearchStrategy[str]
+
+    Examples
+    --------
+    ::
+
+        @given(formats(include_longdouble=False), st.data())
+        def test_rounding(fmt, data):
+            z = data.draw(logits(dtype=fmt))
+            assert (quantize(z, fmt) == z).all()
+    """
+    names = [
+        n
+        for n in available_formats()
+        if (include_longdouble or n != "longdouble")
+        and (include_emulated or not get_format(n).is_emulated)
+    ]
+    if not names:
+        raise ValueError("no format left: include_emulated=False and no native format selected")
+    return st.sampled_from(names)
+
+
+def logits(
+    *,
+    n_rows=st.integers(1, 8),  # noqa: B008 - strategies are immutable
+    n_classes=st.integers(1, 16),  # noqa: B008
+    dtype="float32",
+    min_value: float | None = None,
+    max_value: float | None = None,
+    allow_nonfinite: bool = False,
+    native: bool = False,
+):
+    """General logit arrays of shape ``(n_rows, n_classes)``, every value representable.
+
+    Parameters
+    ----------
+    n_rows, n_classes : int or SearchStrategy[int]
+        Shape (``n_rows >= 0``, ``n_classes >= 1``).
+    dtype : str or Format
+        The format the values are rounded to (``quantize``).
+    min_value, max_value : float, optional
+        Range before rounding (default: the format's finite range; the float64 range for
+        longdouble).
+    allow_nonfinite : bool
+        Also draw NaN and ±inf.
+    native : bool
+        Return the format's own dtype (``numpy.float16``, ml_dtypes ``bfloat16``) instead of
+        the float32 carrier numstab computes with.
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray]
+        Shape ``(n_rows, n_classes)``, dtype ``carrier_dtype(dtype)`` (or the format's dtype).
+
+    Examples
+    --------
+    ::
+
+        @given(logits(n_classes=st.integers(2, 20), dtype="bfloat16"))
+        def test_softmax_sums_to_one(z):
+            p = my_softmax(z)
+            np.testing.assert_allclose(p.sum(axis=1), 1, rtol=2**-6)
+    """
+    fmt = _fmt(dtype)
+    rows = _count(n_rows, "n_rows", 0)
+    cols = _count(n_classes, "n_classes", 1)
+    top = _finite_max(fmt)
+    lo = -top if min_value is None else float(min_value)
+    hi = top if max_value is None else float(max_value)
+    if not lo <= hi:
+        raise ValueError(f"min_value {lo!r} must not exceed max_value {hi!r}")
+    elements = st.floats(
+        lo, hi, allow_nan=allow_nonfinite, allow_infinity=allow_nonfinite, width=64
+    )
+    if allow_nonfinite:
+        elements = st.one_of(elements, st.sampled_from([np.nan, np.inf, -np.inf]))
+
+    @st.composite
+    def build(draw):
+        shape = (draw(rows), draw(cols))
+        a = draw(hnp.arrays(np.float64, shape, elements=elements))
+        return _to_array(a, fmt, native)
+
+    return build()
+
+
+# --- rows at the collapse boundary --------------------------------------------------------
+
+
+def logits_near_collapse(
+    fmt,
+    n_classes,
+    *,
+    n_rows=1,
+    rel_band: float = 0.25,
+    side: str = "either",
+    kind: str = "softmax",
+    eps: float = 0.0,
+    max_shift: float = 8.0,
+    native: bool = False,
+):
+    """Rows whose exact tail lies within ``rel_band`` (relative) of the unit roundoff.
+
+    With ``u = 2**-p`` of ``fmt`` and ``s`` the exact tail of a row (softmax:
+    ``Σ_{k≠k*} exp(z_k - max z)``; StableMax: ``Σ_{k≠k*} s(z_k) / s(max z)`` with the given
+    ``eps``), every row satisfies
+
+    - ``side="below"``: ``u (1 - rel_band) <= s < u`` (the exact verdict is "collapsed"),
+    - ``side="above"``: ``u < s <= u (1 + rel_band)`` (not collapsed),
+    - ``side="either"``: one of the two, drawn per row.
+
+    For a uniform row this is a gap near the upper end of
+    :func:`numstab.audit.sc_gap_window`; the strategy also varies the number and spread of the
+    tail terms and shifts the maximum by up to ``max_shift``.
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_classes : int or SearchStrategy[int], >= 2
+    n_rows : int or SearchStrategy[int]
+    rel_band : float in (0, 1)
+        Down to about ``1e-18``: tiny bands are reached by a greedy construction (each further
+        class takes the largest representable logit whose term still fits, checked in exact
+        arithmetic), so they need more classes: about 20 for the 16-bit formats at
+        ``1e-14``. A row that cannot be completed with the classes at hand is rejected
+        (``hypothesis.reject``).
+    side : {"below", "above", "either"}
+    kind : {"softmax", "stablemax"}
+        Which tail is placed at ``u``. StableMax terms cannot be smaller than
+        ``s(-max) / s(max z)``: in float16 that bounds how many classes fit under ``u``.
+    eps : float
+        StableMax denominator epsilon of the exact tail (ignored for softmax).
+    max_shift : float
+        The row maximum is drawn from ``[-max_shift, max_shift]``.
+    native : bool
+        Return the format's own dtype instead of the carrier.
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+        One maximum per row (no ties at the top), placed at a random position.
+
+    Examples
+    --------
+    ::
+
+        @given(logits_near_collapse("float16", 113, side="below", n_rows=3))
+        def test_collapse_verdict(z):
+            s = exact.tail_sum(z)                        # every s <= 2**-11
+            assert all(v <= 2.0**-11 for v in s)
+    """
+    f = _fmt(fmt)
+    cols = _count(n_classes, "n_classes", 2)
+    rows = _count(n_rows, "n_rows", 0)
+    _choice("side", side, _SIDES)
+    _choice("kind", kind, _KINDS)
+    if not (isinstance(rel_band, (int, float)) and 0 < rel_band < 1):
+        raise ValueError(f"rel_band must lie in (0, 1), got {rel_band!r}")
+    if not (math.isfinite(max_shift) and max_shift >= 0):
+        raise ValueError(f"max_shift must be finite and >= 0, got {max_shift!r}")
+    tail_cls = _SoftmaxTail if kind == "softmax" else _StableTail
+    band = float(rel_band)
+
+    @st.composite
+    def row(draw, n):
+        m = _shift(draw, f, max_shift)
+        tail = tail_cls(m, f, eps)
+        u = tail.u
+        below = draw(st.booleans()) if side == "either" else side == "below"
+        b = tail.scale(u, band)  # absolute band
+        # Bulk: random terms adding up to a fraction of u; the rest is greedy refinement.
+        reserve = min(n - 1, 30)
+        k_bulk = draw(st.integers(0, n - 1 - reserve)) if n - 1 > reserve else 0
+        frac = _unit_interval(draw, 0.0, 0.9)
+        vals, total = [], tail.zero()
+        for _ in range(k_bulk):
+            w = _unit_interval(draw, 0.0, 8.0)
+            v = _largest_at_most(
+                tail.threshold(tail.scale(u, frac / k_bulk * math.exp(-w))), f, tail
+            )
+            if v is None:
+                reject()
+            vals.append(v)
+            total += tail.term(v)
+        # Greedy: the largest representable term that still fits under u, until close enough.
+        theta = _unit_interval(draw, 2.0**-10, 1.0)
+        tol = tail.scale(b, theta)
+        last = n - 1 if below else n - 2  # "above" keeps one class for the final step over u
+        while len(vals) < last and u - total > tol:
+            v = _largest_at_most(tail.threshold(u - total), f, tail)
+            if v is not None and total + tail.term(v) >= u:  # StableMax can hit u exactly
+                v = _step(v, f, up=False)
+            if v is None or tail.term(v) == 0:
+                break
+            vals.append(v)
+            total += tail.term(v)
+        if u - total > tol or total >= u:
+            reject()
+        if not below:
+            v = _smallest_at_least(tail.threshold(u - total), f, tail)
+            if v is None:
+                reject()
+            if total + tail.term(v) == u:  # possible for StableMax: step over u
+                v = _step(v, f, up=True)
+            vals.append(v)
+            total += tail.term(v)
+            if not (u < total <= u + b):
+                reject()
+        # Filler: classes left over get terms far below the remaining slack.
+        n_fill = n - 1 - len(vals)
+        if n_fill:
+            slack = (u - total) if below else (u + b - total)
+            for _ in range(n_fill):
+                w = _unit_interval(draw, 0.0, 30.0)
+                v = _largest_at_most(
+                    tail.threshold(tail.scale(slack, 0.5 / n_fill * math.exp(-w))), f, tail
+                )
+                if v is None:
+                    reject()
+                vals.append(v)
+                total += tail.term(v)
+        ok = (u - b <= total < u) if below else (u < total <= u + b)
+        if not ok or any(v >= m for v in vals):
+            reject()
+        vals = draw(st.permutations(vals))
+        pos = draw(st.integers(0, n - 1))
+        return [*vals[:pos], m, *vals[pos:]]
+
+    @st.composite
+    def build(draw):
+        n = draw(cols)
+        k = draw(rows)
+        return _to_array(np.array([draw(row(n)) for _ in range(k)]).reshape(k, n), f, native)
+
+    return build()
+
+
+def logits_in_gap_window(
+    fmt, n_classes, *, n_rows=1, jitter: float = 0.5, max_shift=8.0, native: bool = False
+):
+    """Rows whose gaps lie in (or just around) the order-dependent window of
+    :func:`numstab.audit.sc_gap_window`.
+
+    Each row has its maximum ``m`` and the other logits at ``m - g - j_k``, with ``g`` drawn
+    from the window widened by 10 % of its width on each side and ``j_k`` from
+    ``[0, jitter]`` (``jitter = 0``: uniform-gap rows). In this window whether a row collapses
+    depends on the summation order, so these rows separate the orders of
+    :mod:`numstab.summation`.
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_classes : int or SearchStrategy[int], >= 2
+    n_rows : int or SearchStrategy[int]
+    jitter : float >= 0
+    max_shift : float
+    native : bool
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+
+    Examples
+    --------
+    ::
+
+        @given(logits_in_gap_window("float32", 113, n_rows=8))
+        def test_my_collapse_detector(z):
+            assert (my_detector(z) == collapse_mask(z, "float32", order="pairwise")).all()
+    """
+    from numstab.audit import sc_gap_window  # numstab.audit imports no testing code
+
+    f = _fmt(fmt)
+    cols = _count(n_classes, "n_classes", 2)
+    rows = _count(n_rows, "n_rows", 0)
+    if not (math.isfinite(jitter) and jitter >= 0):
+        raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")
+
+    @st.composite
+    def build(draw):
+        n, k = draw(cols), draw(rows)
+        lo, hi = sc_gap_window(f.name, n)
+        pad = 0.1 * (hi - lo) + 1e-3
+        out = np.empty((k, n))
+        for i in range(k):
+            m = _shift(draw, f, max_shift)
+            g = _unit_interval(draw, lo - pad, hi + pad)
+            j = draw(st.lists(st.floats(0.0, jitter), min_size=n, max_size=n))
+            r = np.array([_q(m - g - jj, f) for jj in j])
+            r[draw(st.integers(0, n - 1))] = m
+            out[i] = r
+        return _to_array(out, f, native)
+
+    return build()
+
+
+# --- other adversarial rows ---------------------------------------------------------------
+
+
+def logits_with_ties(fmt, n_classes, *, n_rows=1, max_abs: float = 100.0, native: bool = False):
+    """Rows whose maximum occurs at least twice, other entries drawn from a few tied values.
+
+    The tail of such a row is at least 1 (each extra copy of the maximum contributes
+    ``exp(0) = 1``), so it never collapses; ``argmax`` conventions (first maximum) and the
+    label of a tied maximum are what these rows test.
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_classes : int or SearchStrategy[int], >= 2
+    n_rows : int or SearchStrategy[int]
+    max_abs : float
+        Values are drawn from ``[-max_abs, max_abs]`` before rounding.
+    native : bool
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+    """
+    f = _fmt(fmt)
+    cols = _count(n_classes, "n_classes", 2)
+    rows = _count(n_rows, "n_rows", 0)
+    val = st.floats(-max_abs, max_abs, allow_nan=False).map(lambda x: _q(x, f))
+
+    @st.composite
+    def build(draw):
+        n, k = draw(cols), draw(rows)
+        out = np.empty((k, n))
+        for i in range(k):
+            pool = draw(st.lists(val, min_size=1, max_size=3, unique=True))
+            m = max(pool)
+            n_top = draw(st.integers(2, n))
+            rest = draw(st.lists(st.sampled_from(pool), min_size=n - n_top, max_size=n - n_top))
+            out[i] = draw(st.permutations([m] * n_top + rest))
+        return _to_array(out, f, native)
+
+    return build()
+
+
+def logits_huge_gap(
+    fmt,
+    n_classes,
+    *,
+    n_rows=1,
+    min_gap: float = 1e4,
+    max_gap=None,
+    max_shift: float = 100.0,
+    native: bool = False,
+):
+    """Rows whose maximum exceeds every other logit by at least ``min_gap``.
+
+    Every other term ``exp(z_k - max)`` is far below the smallest subnormal of any format for
+    the default gap, so the computed tail is exactly 0 while the exact one is not.
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_classes : int or SearchStrategy[int], >= 2
+    n_rows : int or SearchStrategy[int]
+    min_gap : float > 0
+        Smallest gap (after rounding to the format).
+    max_gap : float, optional
+        Largest gap drawn (default ``4 * min_gap``, capped by the format's range).
+    max_shift : float
+        The maximum is drawn from ``[-max_shift, max_shift]`` (at most ``min_gap``).
+    native : bool
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+    """
+    f = _fmt(fmt)
+    cols = _count(n_classes, "n_classes", 2)
+    rows = _count(n_rows, "n_rows", 0)
+    top = _finite_max(f)
+    if not (0 < min_gap and min_gap + max_shift < top):
+        raise ValueError(
+            f"min_gap must be > 0 and min_gap + max_shift below {f.name}'s largest value "
+            f"{top:g}, got min_gap={min_gap!r}, max_shift={max_shift!r}"
+        )
+    if max_shift > min_gap:
+        raise ValueError(f"max_shift {max_shift!r} must not exceed min_gap {min_gap!r}")
+    hi_gap = min(4 * min_gap if max_gap is None else float(max_gap), top - max_shift)
+    if hi_gap < min_gap:
+        raise ValueError(f"max_gap {max_gap!r} is below min_gap {min_gap!r}")
+    # Rounding z = m - g moves it by at most 2**-p |z| <= 2**-p (|m| + g) <= 2**(1-p) g, so
+    # drawing g >= min_gap (1 + 2**(2-p)) keeps the rounded gap >= min_gap.
+    lo_gap = min_gap * (1 + 2.0 ** (2 - f.precision))
+
+    @st.composite
+    def build(draw):
+        n, k = draw(cols), draw(rows)
+        out = np.empty((k, n))
+        for i in range(k):
+            m = _shift(draw, f, max_shift)
+            gaps = draw(
+                st.lists(st.floats(lo_gap, max(lo_gap, hi_gap)), min_size=n - 1, max_size=n - 1)
+            )
+            vals = [_q(m - g, f) for g in gaps]
+            pos = draw(st.integers(0, n - 1))
+            out[i] = [*vals[:pos], m, *vals[pos:]]
+        return _to_array(out, f, native)
+
+    return build()
+
+
+def logits_subnormal_tail(
+    fmt, n_classes, *, n_rows=1, max_shift: float = 8.0, native: bool = False
+):
+    """Rows whose every tail term ``exp(z_k - max z)`` lies in the format's subnormal range.
+
+    For ``k`` other than the (unique) maximum, the exact ``exp(z_k - max z)`` lies in
+    ``[smallest_subnormal, tiny - smallest_subnormal]`` of ``fmt``, so its correctly rounded
+    value is a non-zero subnormal: the regime where a float32 -> float16 cast is slow and where
+    the wrong-class gradients of a collapsed row live.
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_classes : int or SearchStrategy[int], >= 2
+    n_rows : int or SearchStrategy[int]
+    max_shift : float
+    native : bool
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+    """
+    f = _fmt(fmt)
+    cols = _count(n_classes, "n_classes", 2)
+    rows = _count(n_rows, "n_rows", 0)
+    ctx = exact.context(_PREC)
+    lo_term = ctx.ldexp(ctx.mpf(1), f.emin - f.precision + 1)
+    hi_term = ctx.ldexp(ctx.mpf(1), f.emin) - lo_term
+    lo_d, hi_d = float(ctx.log(lo_term)), float(ctx.log(hi_term))
+
+    @st.composite
+    def build(draw):
+        n, k = draw(cols), draw(rows)
+        out = np.empty((k, n))
+        for i in range(k):
+            m = _shift(draw, f, max_shift)
+            mm = ctx.mpf(m)
+            vals = []
+            for _ in range(n - 1):
+                v = _q(m + _unit_interval(draw, lo_d, hi_d), f)
+                # Rounding may step just outside: walk back inside on the grid.
+                while ctx.exp(ctx.mpf(v) - mm) < lo_term:
+                    v = _step(v, f, up=True)
+                while ctx.exp(ctx.mpf(v) - mm) > hi_term:
+                    v = _step(v, f, up=False)
+                if not lo_term <= ctx.exp(ctx.mpf(v) - mm) <= hi_term:
+                    reject()  # the grid is too coarse here (only with a large shift)
+                vals.append(v)
+            pos = draw(st.integers(0, n - 1))
+            out[i] = [*vals[:pos], m, *vals[pos:]]
+        return _to_array(out, f, native)
+
+    return build()
+
+
+def one_class_logits(fmt, *, n_rows=st.integers(0, 8), native: bool = False):  # noqa: B008
+    """Logits of shape ``(n_rows, 1)``: one class, so the loss is exactly 0 and the row is
+    always collapsed (its tail is empty).
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_rows : int or SearchStrategy[int]
+    native : bool
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, 1)``
+    """
+    return logits(n_rows=n_rows, n_classes=1, dtype=fmt, native=native)
+
+
+def nonfinite_logits(fmt, n_classes, *, n_rows=1, native: bool = False):
+    """Rows each holding at least one NaN, ``+inf`` or ``-inf`` among finite logits.
+
+    Parameters
+    ----------
+    fmt : str or Format
+    n_classes : int or SearchStrategy[int], >= 1
+    n_rows : int or SearchStrategy[int]
+    native : bool
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+    """
+    f = _fmt(fmt)
+    cols = _count(n_classes, "n_classes", 1)
+    rows = _count(n_rows, "n_rows", 0)
+    special = st.sampled_from([np.nan, np.inf, -np.inf])
+
+    @st.composite
+    def build(draw):
+        n, k = draw(cols), draw(rows)
+        base = draw(logits(n_rows=k, n_classes=n, dtype=f, min_value=-100.0, max_value=100.0))
+        out = base.astype(np.float64)
+        for i in range(k):
+            idx = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+            for j in idx:
+                out[i, j] = draw(special)
+        return _to_array(out, f, native)
+
+    return build()
+
+
+def adversarial_logits(fmt, n_classes, *, n_rows=1, native: bool = False):
+    """One of the adversarial families above, drawn per example.
+
+    Near-collapse rows (both sides, bands from 0.5 down to 1e-9), gap-window rows, ties, huge
+    gaps, subnormal tails and non-finite rows, for ``n_classes >= 2``.
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
+    """
+    return st.one_of(
+        logits_near_collapse(fmt, n_classes, n_rows=n_rows, native=native),
+        logits_near_collapse(fmt, n_classes, n_rows=n_rows, rel_band=1e-9, native=native),
+        logits_in_gap_window(fmt, n_classes, n_rows=n_rows, native=native),
+        logits_with_ties(fmt, n_classes, n_rows=n_rows, native=native),
+        logits_huge_gap(fmt, n_classes, n_rows=n_rows, native=native),
+        logits_subnormal_tail(fmt, n_classes, n_rows=n_rows, native=native),
+        nonfinite_logits(fmt, n_classes, n_rows=n_rows, native=native),
+    )
+
+
+# --- labels -------------------------------------------------------------------------------
+
+
+def labels_for(logits, *, target: str = "mixed"):
+    """Integer labels for a drawn logit array.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (N, C)
+        A concrete array (draw it first, e.g. with ``data.draw``).
+    target : {"any", "argmax", "mixed"}
+        ``argmax``: each label is the row's first maximum (the collapsing case: the loss is the
+        tail); ``any``: uniform over the classes; ``mixed``: one of the two per row.
+
+    Returns
+    -------
+    SearchStrategy[numpy.ndarray of int64], shape (N,)
+
+    Examples
+    --------
+    ::
+
+        @given(st.data())
+        def test_loss(data):
+            z = data.draw(logits_near_collapse("float32", 10, n_rows=5))
+            y = data.draw(labels_for(z, target="argmax"))
+    """
+    _choice("target", target, _TARGETS)
+    z = np.asarray(logits)
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise ValueError(f"logits must be 2-D with at least one class, got shape {z.shape}")
+    n, c = z.shape
+    first_max = np.argmax(z.astype(np.float64) if z.dtype != np.longdouble else z, axis=1)
+
+    @st.composite
+    def build(draw):
+        out = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            at_max = target == "argmax" or (target == "mixed" and draw(st.booleans()))
+            out[i] = first_max[i] if at_max else draw(st.integers(0, c - 1))
+        return out
+
+    return build()
+
+
+def logits_and_labels(logits_strategy=None, *, target: str = "mixed"):
+    """``(logits, labels)`` pairs: a logit strategy followed by :func:`labels_for`.
+
+    Parameters
+    ----------
+    logits_strategy : SearchStrategy[ndarray], optional
+        Default: :func:`logits` with at least one class.
+    target : {"any", "argmax", "mixed"}
+
+    Returns
+    -------
+    SearchStrategy[tuple[ndarray, ndarray]]
+
+    Examples
+    --------
+    ::
+
+        @given(logits_and_labels(logits_subnormal_tail("float16", 8, n_rows=4)))
+        def test_grad(zy):
+            z, y = zy
+            ...
+    """
+    _choice("target", target, _TARGETS)
+    strat = logits() if logits_strategy is None else logits_strategy
+
+    @st.composite
+    def build(draw):
+        z = draw(strat)
+        return z, draw(labels_for(z, target=target))
+
+    return build()

@@ -1,0 +1,163 @@
+"""The training loop: determinism, metric bookkeeping, faults, the intervention hook."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from numstab import metrics as M
+from numstab.functional import collapse_mask
+from numstab.train import CSV_HEADER, MetricLog, NonFiniteError, Run, TrainConfig, summarize, train
+
+SMALL = TrainConfig(p=23, hidden=(32, 32), steps=30, log_every=10, lr=0.01)
+
+
+def test_same_seed_same_machine_identical_metrics_and_params():
+    a = train(SMALL)
+    b = train(SMALL)
+    assert a.log.rows == b.log.rows
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    c = train(SMALL.replace(seed=1))
+    assert c.log.rows != a.log.rows
+
+
+def test_logged_steps_and_metric_names():
+    run = train(SMALL.replace(steps=25))
+    steps = sorted({r[0] for r in run.log.rows})
+    assert steps == [0, 10, 20, 25]  # every log_every steps and the last
+    names = {(r[2], r[3]) for r in run.log.rows}
+    for split in ("train", "test"):
+        for m in (
+            "loss",
+            "accuracy",
+            "sc_fraction",
+            "zero_loss_fraction",
+            "zero_target_grad_fraction",
+            "logit_norm",
+            "logit_gap_median",
+            "logit_gap_max",
+        ):
+            assert (split, m) in names
+    layers = {r[4] for r in run.log.rows if r[3] == "weight_norm"}
+    assert layers == {"W1", "W2", "W3", "global"}
+    for m in ("grad_norm", "nlm_cos_grad", "nlm_cos_update", "absorbed_update_fraction"):
+        assert ("train", m) in names
+    # The update metrics describe the update after a logged step: none at the final step.
+    assert not [r for r in run.log.rows if r[3] == "nlm_cos_update" and r[0] == 25]
+
+
+def test_metrics_match_direct_recomputation_at_step_zero():
+    run = Run(SMALL)
+    run.advance()
+    log = run.log
+    # Recompute at the initial parameters from scratch.
+    fresh = Run(SMALL)
+    ev = fresh.evaluate("train", with_grads=True)
+    grads = fresh.gradients(ev)
+    y = fresh.y_train
+    assert log.latest("accuracy", split="train") == M.accuracy(ev.logits, y)
+    acc_count = int(np.count_nonzero(np.argmax(ev.logits, 1) == y))
+    assert log.latest("accuracy", split="train") == acc_count / y.size
+    assert log.latest("loss", split="train") == float(np.mean(ev.loss.astype(np.float64)))
+    norms = M.param_norms(fresh.params)
+    assert log.series("weight_norm", split="train", layer="global")[1][0] == norms["global"]
+    cos = M.param_cosines(fresh.params, grads, sign=-1.0)
+    assert log.series("nlm_cos_grad", split="train", layer="W2")[1][0] == cos["W2"]
+    sc = np.count_nonzero(collapse_mask(ev.logits, "float32")) / y.size
+    assert log.series("sc_fraction", split="train")[1][0] == sc
+
+
+def test_csv_is_written_incrementally_and_matches_memory(tmp_path):
+    path = tmp_path / "metrics.csv"
+    log = MetricLog(path)
+    run = Run(SMALL, name="x", log=log)
+    run.advance()  # step 0 logged and flushed
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == CSV_HEADER
+    assert len(rows) - 1 == len(log.rows) > 0
+    for line, row in zip(rows[1:], log.rows, strict=True):
+        assert int(line[0]) == row[0] and line[1:5] == list(row[1:5])
+        v = float(line[5])
+        assert v == row[5] or (math.isnan(v) and math.isnan(row[5]))
+    log.close()
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_log():
+    cfg = SMALL.replace(optimizer="sgd", lr=1e30, eps=1e-8, steps=50, log_every=1)
+    log = MetricLog()
+    with pytest.raises(NonFiniteError) as info:
+        train(cfg, log=log)
+    err = info.value
+    assert err.run == "run" and 0 < err.step <= 50
+    assert max(r[0] for r in log.rows) >= err.step - 1
+    assert "not finite" in str(err)
+
+
+def test_zero_target_gradient_intervention():
+    """From the given step on, the correct-class logit gradient is zeroed before backprop."""
+    cfg = SMALL.replace(zero_target_grad_from=0)
+    run = Run(cfg)
+    ev = run.evaluate("train", with_grads=True)
+    grads = run.gradients(ev)
+    dz = ev.dz.copy()
+    dz[np.arange(dz.shape[0]), run.y_train] = 0
+    from numstab.mlp import backward
+
+    ref = backward(dz, ev.model_cache, run.model, run.policy, run.plan)
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], ref[k])
+    plain = Run(SMALL)
+    ev2 = plain.evaluate("train", with_grads=True)
+    assert not np.array_equal(plain.gradients(ev2)["W3"], grads["W3"])
+
+
+def test_summarize_reads_the_log():
+    log = MetricLog()
+    for t, sc, acc in [(0, 0.0, 0.1), (10, 0.2, 1.0), (20, 0.6, 1.0)]:
+        log.add(t, "r", "train", "sc_fraction", sc)
+        log.add(t, "r", "train", "accuracy", acc)
+        log.add(t, "r", "test", "accuracy", 0.95 if t == 20 else 0.0)
+    s = summarize(log, "r")
+    assert (s["sc_onset_step"], s["sc50_step"], s["train100_step"], s["grok_step"]) == (
+        10,
+        20,
+        10,
+        20,
+    )
+    assert s["final"]["train_acc"] == 1.0 and s["final"]["step"] == 20
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"order": "reverse"}, "reverse"),
+        ({"loss": "hinge"}, "hinge"),
+        ({"optimizer": "lion"}, "lion"),
+        ({"steps": -1}, "steps"),
+        ({"dtype": "fp8"}, "fp8"),
+        ({"perp_grad": "layer"}, "layer"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_config_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**change)
+
+
+def test_minibatch_runs_are_seeded():
+    cfg = SMALL.replace(batch_size=64, steps=12)
+    a, b = train(cfg), train(cfg)
+    assert a.log.rows == b.log.rows
+    assert train(cfg.replace(seed=3)).log.rows != a.log.rows
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_params_stay_representable(dtype):
+    from numstab.precision import quantize
+
+    run = train(SMALL.replace(dtype=dtype, steps=5, log_every=5))
+    for v in run.params.values():
+        np.testing.assert_array_equal(quantize(v, dtype), v)
