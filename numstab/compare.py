@@ -681,7 +681,7 @@ def _print_report(summary, log, ref_cfg, why, args) -> None:
         f"  exact-predicted SC onset (test run): {_fmt(summary['exact_sc_onset_step'], 'd')}; "
         f"exact NLM cos at onset: {_fmt(summary['nlm_cosine_exact_at_onset'])}"
     )
-    print(f"  wall time {summary['wall_seconds']:.1f} s (audits {summary['audit_seconds']:.1f} s)")
+    print(f"  wall time {summary['wall_seconds']:.1f} s (audits {summary['audit_seconds']:.2f} s)")
     print()
     print("findings")
     for f in summary["findings"]:

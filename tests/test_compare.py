@@ -1,0 +1,182 @@
+"""The compare command, through main(argv) and one real subprocess."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from numstab import compare
+from numstab.train import CSV_HEADER
+
+# Small and overfitting: p = 23, two 32-wide layers, a large learning rate so that logits grow
+# fast enough for float16 to collapse within the budget.
+SMALL = ["--modulus", "23", "--hidden", "32", "32", "--steps", "60", "--log-every", "10",
+         "--audit-every", "20", "--lr", "0.05", "--quiet"]
+
+
+def run_main(tmp_path, *extra):
+    out = tmp_path / "out"
+    code = compare.main([*SMALL, "--out", str(out), *extra])
+    return code, out
+
+
+def test_outputs_exist_and_parse(tmp_path, capsys):
+    code, out = run_main(tmp_path, "--dtype", "float32")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "findings" in printed and "SC meas" in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) >= {"config", "versions", "runs", "audit", "findings", "runtime"}
+    for key in ("python", "numpy", "mpmath", "numstab", "blas"):
+        assert key in s["versions"]
+    assert set(s["runs"]) == {"test", "reference"}
+    for name, dtype in (("test", "float32"), ("reference", "float64")):
+        r = s["runs"][name]
+        assert r["dtype"] == dtype
+        assert set(r) >= {"sc_onset_step", "sc50_step"}
+        assert set(r["final"]) >= {"train_acc", "test_acc", "sc_fraction", "zero_loss_fraction",
+                                   "nlm_cosine"}
+    assert [a["step"] for a in s["audit"]] == [0, 20, 40, 60]
+    for a in s["audit"]:
+        assert set(a) >= {"step", "sc_fraction_measured", "sc_fraction_exact", "agreement",
+                          "loss_max_ulp_error", "target_grad_rel_error_median",
+                          "nlm_cosine_measured", "nlm_cosine_exact"}
+    # Every option's value goes into the outputs.
+    for opt in ("dtype", "loss_dtype", "reference", "loss", "optimizer", "lr", "beta1", "beta2",
+                "eps", "weight_decay", "perp_grad", "task", "modulus", "train_fraction",
+                "hidden", "bias", "steps", "log_every", "audit_every", "audit_samples", "order",
+                "seed", "threads", "backend"):
+        assert opt in s["config"], opt
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == CSV_HEADER
+    assert {r[1] for r in rows[1:]} == {"test", "reference"}
+
+
+def test_json_flag_prints_the_summary(tmp_path, capsys):
+    code = compare.main([*SMALL, "--steps", "10", "--json"])
+    assert code == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["runs"]["test"]["dtype"] == "float32"
+
+
+def test_measured_and_exact_sc_agree_on_every_audited_step(tmp_path):
+    code, out = run_main(tmp_path, "--dtype", "float16")
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    for a in s["audit"]:
+        assert a["agreement"] == 1.0, a
+        assert a["sc_fraction_measured"] == a["sc_fraction_exact"]
+
+
+def test_float16_collapses_before_float32(tmp_path):
+    """In an overfitting configuration the SC-50 % step of float16 precedes float32's."""
+    args = [*SMALL, "--steps", "150", "--audit-every", "150"]
+    s16 = tmp_path / "f16"
+    s32 = tmp_path / "f32"
+    assert compare.main([*args, "--dtype", "float16", "--out", str(s16)]) == 0
+    assert compare.main([*args, "--dtype", "float32", "--out", str(s32)]) == 0
+    r16 = json.loads((s16 / "summary.json").read_text())["runs"]["test"]
+    r32 = json.loads((s32 / "summary.json").read_text())["runs"]["test"]
+    assert r16["sc50_step"] is not None
+    assert r32["sc50_step"] is None or r16["sc50_step"] < r32["sc50_step"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--dtype", "float8"], ["--order", "backwards"], ["--loss", "hinge"],
+     ["--optimizer", "lion"], ["--steps", "-3"], ["--train-fraction", "1.5"],
+     ["--modulus", "1"], ["--audit-every", "0"], ["--lr", "nan"]],
+)
+def test_bad_input_exits_2_with_the_valid_choices(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        code = compare.main([*SMALL, *argv])
+        raise SystemExit(code)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[1] in err or argv[1].lstrip("-") in err
+
+
+def test_unknown_format_lists_valid_choices(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--dtype", "float8"])
+    err = capsys.readouterr().err
+    assert "float16" in err and "bfloat16" in err and "float32" in err
+
+
+def test_unwritable_output_directory_exits_2_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = compare.main([*SMALL, "--out", str(blocker / "sub")])
+    assert code == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_cupy_backend_without_cupy_exits_2(capsys, monkeypatch):
+    import numstab.backend as backend
+
+    monkeypatch.setattr(backend, "_cupy_module", lambda: None)
+    code = compare.main([*SMALL, "--backend", "cupy"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "CuPy" in err and ".[gpu]" in err
+
+
+def test_divergence_exits_3_and_keeps_what_was_logged(tmp_path):
+    code, out = run_main(tmp_path, "--optimizer", "sgd", "--lr", "1e30", "--log-every", "1")
+    assert code == 3
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"]["kind"] == "non-finite"
+    assert s["status"]["run"] in ("test", "reference")
+    assert s["status"]["step"] >= 1
+    with open(out / "metrics.csv") as f:
+        assert len(list(csv.reader(f))) > 1
+
+
+def test_interrupt_exits_130_with_partial_outputs(tmp_path, monkeypatch):
+    from numstab import train as train_mod
+
+    real = train_mod.Run.advance
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train_mod.Run, "advance", flaky)
+    code, out = run_main(tmp_path)
+    assert code == 130
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"]["kind"] == "interrupted"
+    assert s["audit"]  # the audits done before the interrupt are kept
+
+
+def test_float64_reference_is_longdouble_or_explained(tmp_path, capsys):
+    code = compare.main([*SMALL, "--steps", "4", "--audit-every", "2", "--dtype", "float64",
+                         "--json"])
+    assert code == 0
+    s = json.loads(capsys.readouterr().out)
+    from numstab.precision import available_formats
+
+    if "longdouble" in available_formats():
+        assert s["runs"]["reference"]["dtype"] == "longdouble"
+    else:
+        assert "reference" not in s["runs"]
+        assert "long double" in s["config"]["reference_note"]
+
+
+def test_subprocess_run(tmp_path):
+    out = tmp_path / "sub"
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "numstab.compare", *SMALL, "--steps", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "summary" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["runs"]["test"]["final"]["step"] == 20
