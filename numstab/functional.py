@@ -194,14 +194,18 @@ def gather_forward(idx, w, b, policy: PrecisionPolicy):
     Returns
     -------
     h : ndarray, shape (N, n_out), storage carrier dtype
-        Equal bit for bit to ``gemm(onehot(idx), w)`` followed by the bias add: the
-        k-term sum is evaluated in the compute format left to right and rounded once.
+        The k-term sum evaluated in the compute format left to right (slot order), plus
+        ``+0.0`` (so that ``-0 + -0`` reads ``+0`` as in a product with a one-hot row), rounded
+        once. For k <= 2 (modular arithmetic) this equals ``gemm(onehot(idx), w)`` bit for
+        bit, since the non-zero part of the product is a single addition; for k >= 3 the
+        order of the additions is the slot order, which a BLAS product need not follow.
     cache : tuple
     """
     c = policy.compute.carrier
     h = w[idx[:, 0]].astype(c, copy=True)
     for j in range(1, idx.shape[1]):
         h += w[idx[:, j]]
+    h += c.type(0.0)
     h = quantize(h, policy.storage)
     if b is not None:
         h = quantize(h + b, policy.storage)

@@ -61,15 +61,23 @@ class MLPConfig:
     input_kind: str = "index"
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         for name in ("n_inputs", "n_classes"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be positive integers, got {self.hidden}")
+            _check_width(name, getattr(self, name))
+        try:
+            hidden = tuple(self.hidden)
+        except TypeError:
+            raise ValueError(
+                f"hidden must be a sequence of positive integers, got {self.hidden!r}"
+            ) from None
+        for h in hidden:
+            _check_width(f"hidden widths {hidden!r}: each", h)
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+        object.__setattr__(self, "n_inputs", int(self.n_inputs))
+        object.__setattr__(self, "n_classes", int(self.n_classes))
         if self.input_kind not in INPUT_KINDS:
             raise ValueError(f"unknown input_kind {self.input_kind!r}; valid: index, dense")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number)):
+            raise ValueError(f"alpha must be a finite non-zero number, got {self.alpha!r}")
         if not np.isfinite(self.alpha) or self.alpha == 0:
             raise ValueError(f"alpha must be finite and non-zero, got {self.alpha!r}")
 
@@ -83,6 +91,11 @@ class MLPConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_width(name: str, v) -> None:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
 def param_names(config: MLPConfig) -> list[str]:
