@@ -9,9 +9,10 @@ gradient (float64 backward through the run's own activations) to give the exact 
 ``cos(θ, -∇L)`` for the same weights. It prints a table over the audited steps and a summary
 with one plain sentence per finding.
 
-Exit codes: 0 success; 2 bad option, unavailable backend or unwritable output directory
-(before any training); 3 a run produced NaN/inf (outputs up to that step are kept);
-130 interrupted (partial outputs and the summary are written).
+Exit codes: 0 success; 2 bad option, unavailable backend, unwritable output directory or
+unusable checkpoint (before any training); 3 a run produced NaN/inf (outputs up to that step
+are kept); 130 SIGINT, 143 SIGTERM (a checkpoint, partial outputs and the summary are written;
+``--resume DIR`` continues bit for bit).
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-import numstab
 from numstab import audit as A
+from numstab import cli
+from numstab.checkpoint import CheckpointError
+from numstab.cli import UsageError
+from numstab.driver import Stopped, drive, graceful_stop, resume_runs
 from numstab.metrics import param_cosines
 from numstab.mlp import backward
-from numstab.precision import REDUCTION_ORDERS, PrecisionPolicy, available_formats, get_format
+from numstab.precision import PrecisionPolicy, available_formats, get_format
 from numstab.runtime import runtime_info, tune_allocator
 from numstab.train import MetricLog, NonFiniteError, Run, TrainConfig, summarize
 
@@ -47,143 +49,50 @@ DEFAULTS = {
     "audit_every": 100,
 }
 
-LOSS_NAMES = {"softmax": "softmax", "stablemax": "stablemax", "softmax-stable": "softmax_stable"}
-TASKS = ("add", "sub", "mul", "div", "parity")
-
-
-class UsageError(Exception):
-    """Bad input detected after parsing (exit 2)."""
-
 
 def build_parser() -> argparse.ArgumentParser:
-    fmts = [*available_formats()]
     p = argparse.ArgumentParser(
         prog="python -m numstab.compare",
         description="Train the paper's setup in one floating-point format beside a reference "
-        "format, audit it against exact arithmetic, and report where and why they "
-        "part.",
+        "format, audit it against exact arithmetic, and report where and why they part.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
-    a(
-        "--dtype",
-        default="float32",
-        choices=fmts,
-        help="format of the test run (params, GEMMs, loss)",
+    cli.add_run_options(
+        p,
+        steps=DEFAULTS["steps"],
+        lr=DEFAULTS["lr"],
+        log_every=DEFAULTS["log_every"],
+        test_run=True,
     )
-    a(
-        "--loss-dtype",
-        default=None,
-        choices=fmts,
-        help="loss format of the test run alone (the paper's softmax_precision); default: --dtype",
-    )
-    a(
+    p.add_argument(
         "--reference",
         default=None,
-        choices=fmts,
+        choices=[*available_formats()],
         help="format of the reference run; default float64, or longdouble when --dtype is float64",
     )
-    a(
-        "--loss",
-        default="softmax",
-        choices=list(LOSS_NAMES),
-        help="cross-entropy: framework softmax, StableMax, or the absorption-free softmax",
+    p.add_argument(
+        "--audit-every",
+        type=int,
+        default=DEFAULTS["audit_every"],
+        help="exact-audit interval (steps)",
     )
-    a("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="optimizer")
-    a("--lr", type=float, default=DEFAULTS["lr"], help="learning rate")
-    a("--beta1", type=float, default=0.9, help="Adam beta1")
-    a("--beta2", type=float, default=0.99, help="Adam beta2 (paper: 0.99)")
-    a("--eps", type=float, default=1e-25, help="Adam epsilon (paper: 1e-25)")
-    a("--weight-decay", type=float, default=0.0, help="weight decay (decoupled for AdamW)")
-    a("--momentum", type=float, default=0.0, help="SGD momentum")
-    a(
-        "--perp-grad",
-        default=None,
-        choices=["tensor", "global"],
-        help="⊥Grad: per tensor with rescaling (authors' code) or global (paper); default off",
-    )
-    a("--task", default="add", choices=TASKS, help="modular op or sparse parity")
-    a("--modulus", type=int, default=113, help="p of the modular task")
-    a("--train-fraction", type=float, default=0.4, help="fraction of pairs used for training")
-    a("--hidden", type=int, nargs="+", default=[200, 200], help="hidden layer widths")
-    a("--bias", action="store_true", help="give the linear layers biases")
-    a("--steps", type=int, default=DEFAULTS["steps"], help="training steps")
-    a("--log-every", type=int, default=DEFAULTS["log_every"], help="metric logging interval")
-    a("--audit-every", type=int, default=DEFAULTS["audit_every"], help="exact-audit interval")
-    a(
+    p.add_argument(
         "--audit-samples",
         type=int,
         default=None,
         help="audit a seeded subset of this many training samples (default: all)",
     )
-    a(
-        "--order",
-        default="pairwise",
-        choices=list(REDUCTION_ORDERS),
-        help="summation order of the loss's normaliser",
-    )
-    a("--seed", type=int, default=0, help="seed of data split, initialisation and subsets")
-    a(
-        "--threads",
-        type=int,
-        default=None,
-        help="BLAS threads (threadpoolctl); default: the library's own setting",
-    )
-    a("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
-    a("--out", default=None, help="directory for metrics.csv, summary.json and compare.png")
-    a("--json", action="store_true", help="print the summary JSON instead of the table")
-    a("--quiet", action="store_true", help="no progress bar")
+    cli.add_output_options(p, what="metrics.csv, summary.json, compare.png and checkpoints")
     return p
 
 
-def _fail(msg: str) -> UsageError:
-    return UsageError(msg)
-
-
 def _resolve(args) -> tuple[TrainConfig, TrainConfig | None, str | None]:
-    """Validate options and build the two run configurations."""
-    for name, v, lo in (
-        ("--steps", args.steps, 0),
-        ("--log-every", args.log_every, 1),
-        ("--audit-every", args.audit_every, 1),
-        ("--modulus", args.modulus, 2),
-    ):
-        if v < lo:
-            raise _fail(f"{name} must be >= {lo}, got {v}")
-    if not 0 < args.train_fraction < 1:
-        raise _fail(f"--train-fraction must lie in (0, 1), got {args.train_fraction}")
+    """Validate options and build the two run configurations (``UsageError`` if invalid)."""
+    if args.audit_every < 1:
+        raise UsageError(f"--audit-every must be >= 1, got {args.audit_every}")
     if args.audit_samples is not None and args.audit_samples < 1:
-        raise _fail(f"--audit-samples must be >= 1, got {args.audit_samples}")
-    if args.threads is not None and args.threads < 1:
-        raise _fail(f"--threads must be >= 1, got {args.threads}")
-    if any(h < 1 for h in args.hidden):
-        raise _fail(f"--hidden widths must be >= 1, got {args.hidden}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise _fail(f"--lr must be a positive finite number, got {args.lr}")
-    base = dict(
-        task=args.task,
-        p=args.modulus,
-        train_fraction=args.train_fraction,
-        hidden=tuple(args.hidden),
-        bias=args.bias,
-        order=args.order,
-        loss=LOSS_NAMES[args.loss],
-        optimizer=args.optimizer,
-        lr=args.lr,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        eps=args.eps,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        perp_grad=args.perp_grad,
-        steps=args.steps,
-        log_every=args.log_every,
-        seed=args.seed,
-    )
-    try:
-        test = TrainConfig(dtype=args.dtype, loss_dtype=args.loss_dtype, **base)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise UsageError(f"--audit-samples must be >= 1, got {args.audit_samples}")
+    test = cli.config_from_args(args)
     ref_name, why = args.reference, None
     if ref_name is None:
         ref_name = "float64"
@@ -198,54 +107,12 @@ def _resolve(args) -> tuple[TrainConfig, TrainConfig | None, str | None]:
                         "this platform's long double is float64"
                     ),
                 )
-    ref = test.replace(dtype=ref_name, loss_dtype=None) if ref_name else None
-    if args.order == "wide" and get_format(ref_name or args.dtype).name == "longdouble":
-        raise _fail("--order wide is undefined for a longdouble run (nothing is wider)")
+    if ref_name is None:
+        return test, None, why
+    if args.order == "wide" and get_format(ref_name).name == "longdouble":
+        raise UsageError("--order wide is undefined for a longdouble run (nothing is wider)")
+    ref = cli.config_from_args(args, dtype=ref_name, loss_dtype=None, state_dtype=None)
     return test, ref, why
-
-
-def _check_out(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise _fail(f"--out {path!r} cannot be written: {exc.strerror or exc}") from None
-
-
-def _versions() -> dict:
-    import mpmath
-    import threadpoolctl
-
-    blas = [
-        {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-        for info in threadpoolctl.threadpool_info()
-        if info.get("user_api") == "blas"
-    ]
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "mpmath": mpmath.__version__,
-        "mpmath_backend": mpmath.libmp.BACKEND,
-        "numstab": numstab.__version__,
-        "blas": blas,
-        "platform": platform.platform(),
-    }
-
-
-def _write_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- the audits ---------------------------------------------------------------------------
@@ -462,7 +329,7 @@ def _findings(summary: dict) -> list[str]:
     return out
 
 
-def _summary(args, test_cfg, ref_cfg, why, log, auditor, runs_done, error, wall) -> dict:
+def _summary(args, test_cfg, ref_cfg, why, log, auditor, error, wall) -> dict:
     runs = {}
     for name, cfg in (("test", test_cfg), ("reference", ref_cfg)):
         if cfg is None:
@@ -502,7 +369,7 @@ def _summary(args, test_cfg, ref_cfg, why, log, auditor, runs_done, error, wall)
     config["reference_note"] = why
     summary = {
         "config": config,
-        "versions": _versions(),
+        "versions": cli.versions(),
         "runtime": runtime_info(),
         "runs": runs,
         "exact_sc_onset_step": onset_exact,
@@ -552,24 +419,13 @@ def _plot(path, log, summary) -> str | None:
 
 
 def main(argv=None) -> int:
-    """Run the comparison; returns the exit code (see the module docstring)."""
+    """Run the comparison; returns the exit code (see :mod:`numstab.cli`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         test_cfg, ref_cfg, why = _resolve(args)
-        if args.backend == "cupy":
-            from numstab.backend import get_backend
-
-            try:
-                get_backend("cupy")
-            except RuntimeError as exc:
-                raise _fail(str(exc)) from None
-            raise _fail(
-                "--backend cupy: the CuPy training path is not available in this "
-                "version; use --backend numpy"
-            )
-        if args.out:
-            _check_out(args.out)
+        cli.check_backend(args.backend)
+        cli.resolve_out(args)
     except UsageError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -577,63 +433,80 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     tune_allocator()
-
-    csv_path = os.path.join(args.out, "metrics.csv") if args.out else None
-    log = MetricLog(csv_path)
+    log = MetricLog(os.path.join(args.out, "metrics.csv") if args.out else None)
     auditor = Auditor(samples=args.audit_samples, seed=args.seed)
     error, code = None, 0
     t0 = time.perf_counter()
-    show = not args.quiet and sys.stderr.isatty()
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=args.steps,
-            desc=f"{args.dtype} vs {ref_cfg.dtype if ref_cfg else '-'}",
-            file=sys.stderr,
-            unit="step",
-        )
-    runs_done = 0
     with threadpool_limits(limits=args.threads):
-        test = Run(test_cfg, name="test", log=log)
-        ref = Run(ref_cfg, name="reference", log=log, data=test.data) if ref_cfg else None
+        runs = {"test": Run(test_cfg, name="test", log=log)}
+        if ref_cfg is not None:
+            runs["reference"] = Run(ref_cfg, name="reference", log=log, data=runs["test"].data)
+        finished = False
+        if args.resume:
+            try:
+                state = resume_runs(args.resume, runs, log)
+                _check_resumable(state, args)
+            except (CheckpointError, UsageError) as exc:
+                print(f"{parser.prog}: error: cannot resume: {exc}", file=sys.stderr)
+                log.close()
+                return 2
+            auditor.records = list(state.get("audit", []))
+            finished = bool(state.get("finished"))
+        bar = cli.progress_bar(
+            args.steps,
+            f"{args.dtype} vs {ref_cfg.dtype if ref_cfg else '-'}",
+            args.quiet,
+            initial=runs["test"].step,
+        )
+
+        def due(t):
+            return t % args.audit_every == 0 or t == args.steps
+
         try:
-            for t in range(args.steps + 1):
-                final = t == args.steps
-                audit_now = t % args.audit_every == 0 or final
-                for run in (test, ref):
-                    if run is None:
-                        continue
-                    run.advance(
-                        final=final,
-                        log=None if not audit_now else True,
-                        inspect=auditor if (audit_now and run is test) else None,
+            if not finished:
+                with graceful_stop() as stop:
+                    drive(
+                        runs,
+                        log,
+                        steps=args.steps,
+                        checkpoint_dir=args.out if args.out else None,
+                        checkpoint_every=args.checkpoint_every,
+                        inspect=lambda name, run, t: auditor if name == "test" and due(t) else None,
+                        log_policy=lambda t: True if due(t) else None,
+                        progress=(lambda t: bar.update(1)) if bar is not None else None,
+                        extra=lambda: {"audit": auditor.records, "options": _resume_options(args)},
+                        stop=stop,
                     )
-                if bar is not None and not final:
-                    bar.update(1)
-            runs_done = 2
         except NonFiniteError as exc:
             error = {"kind": "non-finite", "run": exc.run, "step": exc.step, "message": str(exc)}
             code = 3
+        except Stopped as exc:
+            error = {
+                "kind": "interrupted",
+                "signal": exc.signum,
+                "step": exc.step,
+                "message": f"{exc}; resume with --resume {args.out}" if args.out else str(exc),
+            }
+            code = exc.exit_code
         except KeyboardInterrupt:
-            error = {"kind": "interrupted", "step": test.step, "message": "interrupted by user"}
+            error = {
+                "kind": "interrupted",
+                "step": runs["test"].step,
+                "message": "interrupted by user",
+            }
             code = 130
         finally:
             if bar is not None:
                 bar.close()
             log.close()
     wall = time.perf_counter() - t0
-    summary = _summary(args, test_cfg, ref_cfg, why, log, auditor, runs_done, error, wall)
+    summary = _summary(args, test_cfg, ref_cfg, why, log, auditor, error, wall)
     note = None
     if args.out:
-        _write_atomic(
-            os.path.join(args.out, "summary.json"),
-            json.dumps(summary, indent=2, default=_json_default) + "\n",
-        )
+        cli.write_atomic(os.path.join(args.out, "summary.json"), cli.dump_json(summary))
         note = _plot(os.path.join(args.out, "compare.png"), log, summary)
     if args.json:
-        print(json.dumps(summary, indent=2, default=_json_default))
+        print(cli.dump_json(summary), end="")
     else:
         _print_report(summary, log, ref_cfg, why, args)
     if note:
@@ -643,14 +516,25 @@ def main(argv=None) -> int:
     return code
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+#: Options that may differ between an interrupted run and its resumption (they do not change
+#: what is computed).
+_RESUME_FREE = ("out", "resume", "quiet", "json", "checkpoint_every")
+
+
+def _resume_options(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_FREE}
+
+
+def _check_resumable(state: dict, args) -> None:
+    saved = state.get("options", {})
+    now = json.loads(json.dumps(_resume_options(args), default=cli.json_default))
+    diff = [
+        f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if diff:
+        raise UsageError("the options differ from the checkpointed run's: " + "; ".join(diff))
 
 
 def _print_report(summary, log, ref_cfg, why, args) -> None:

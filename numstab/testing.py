@@ -135,7 +135,7 @@ def _to_array(rows, fmt, native: bool):
     return round_to(out, fmt) if native and fmt.is_emulated else out
 
 
-def _unit_interval(draw, lo: float, hi: float) -> float:
+def _float_in(draw, lo: float, hi: float) -> float:
     return draw(st.floats(lo, hi, allow_nan=False, allow_infinity=False))
 
 
@@ -154,8 +154,8 @@ class _SoftmaxTail:
         return self.ctx.exp(self.ctx.mpf(v) - self.m)
 
     def threshold(self, r):
-        """The real ``t`` with ``term(v) <= r`` iff ``v <= t``."""
-        return self.m + self.ctx.log(r)
+        """The real ``t`` with ``term(v) <= r`` iff ``v <= t`` (None: no such ``v``)."""
+        return self.m + self.ctx.log(r) if r > 0 else None
 
     def scale(self, r, factor: float):
         return r * self.ctx.mpf(factor)
@@ -184,6 +184,8 @@ class _StableTail:
 
     def threshold(self, r):
         big_r = r * self.sm
+        if big_r <= 0:
+            return None
         if big_r >= 1:
             return big_r - 1
         return min(1 + self.eps - 1 / big_r, Fraction(0))
@@ -197,7 +199,12 @@ class _StableTail:
 
 def _largest_at_most(t, fmt, tail):
     """Largest grid value ``v`` with ``v <= t`` (``t`` exact), or None if out of range."""
-    x = float(t)
+    if t is None:
+        return None
+    try:
+        x = float(t)
+    except OverflowError:
+        return None
     top = _finite_max(fmt)
     if not math.isfinite(x) or abs(x) > top:
         return None
@@ -225,7 +232,7 @@ def _smallest_at_least(t, fmt, tail):
 
 
 def _shift(draw, fmt, max_shift: float) -> float:
-    return _q(_unit_interval(draw, -max_shift, max_shift), fmt)
+    return _q(_float_in(draw, -max_shift, max_shift), fmt)
 
 
 # --- formats and general logits -----------------------------------------------------------
@@ -315,9 +322,7 @@ def logits(
     hi = top if max_value is None else float(max_value)
     if not lo <= hi:
         raise ValueError(f"min_value {lo!r} must not exceed max_value {hi!r}")
-    elements = st.floats(
-        lo, hi, allow_nan=allow_nonfinite, allow_infinity=allow_nonfinite, width=64
-    )
+    elements = st.floats(lo, hi, allow_nan=False, allow_infinity=False, width=64)
     if allow_nonfinite:
         elements = st.one_of(elements, st.sampled_from([np.nan, np.inf, -np.inf]))
 
@@ -356,8 +361,13 @@ def logits_near_collapse(
     - ``side="either"``: one of the two, drawn per row.
 
     For a uniform row this is a gap near the upper end of
-    :func:`numstab.audit.sc_gap_window`; the strategy also varies the number and spread of the
-    tail terms and shifts the maximum by up to ``max_shift``.
+    :func:`numstab.audit.sc_gap_window`. A row is built from a random number of negligible
+    "filler" terms, a random "bulk" of terms adding up to a random fraction of ``u``, and a
+    greedy refinement: each further class takes the largest representable logit whose term
+    still fits under ``u`` (decided in exact arithmetic: mpmath at 320 bits for softmax,
+    Fractions for StableMax), until the tail is within the band; for ``side="above"`` one last
+    class steps just over ``u``. The maximum is shifted by up to ``max_shift`` and placed at a
+    random position.
 
     Parameters
     ----------
@@ -365,15 +375,17 @@ def logits_near_collapse(
     n_classes : int or SearchStrategy[int], >= 2
     n_rows : int or SearchStrategy[int]
     rel_band : float in (0, 1)
-        Down to about ``1e-18``: tiny bands are reached by a greedy construction (each further
-        class takes the largest representable logit whose term still fits, checked in exact
-        arithmetic), so they need more classes: about 20 for the 16-bit formats at
-        ``1e-14``. A row that cannot be completed with the classes at hand is rejected
+        Down to about ``1e-20``. Each greedy class gains roughly ``p`` bits in float32/float64
+        but only 3-5 in the 16-bit formats (their logit grid is coarse), so a band of
+        ``2**-53`` needs about 20 classes in bfloat16; up to 30 classes are kept for the
+        refinement. A row that cannot be completed with the classes at hand is rejected
         (``hypothesis.reject``).
     side : {"below", "above", "either"}
     kind : {"softmax", "stablemax"}
         Which tail is placed at ``u``. StableMax terms cannot be smaller than
-        ``s(-max) / s(max z)``: in float16 that bounds how many classes fit under ``u``.
+        ``s(lowest) / s(max z)``, about ``1.5e-5 / s(max z)`` in float16, and its float16 grid
+        near ``1 - 2**11`` is coarse: float16 StableMax rows need few classes (2-3) and bands
+        of about ``1e-3`` or more, else they are rejected.
     eps : float
         StableMax denominator epsilon of the exact tail (ignored for softmax).
     max_shift : float
@@ -414,33 +426,56 @@ def logits_near_collapse(
         u = tail.u
         below = draw(st.booleans()) if side == "either" else side == "below"
         b = tail.scale(u, band)  # absolute band
-        # Bulk: random terms adding up to a fraction of u; the rest is greedy refinement.
-        reserve = min(n - 1, 30)
-        k_bulk = draw(st.integers(0, n - 1 - reserve)) if n - 1 > reserve else 0
-        frac = _unit_interval(draw, 0.0, 0.9)
+        n_tail = n - 1
+        # Slots: small "filler" terms first, then a random bulk, then greedy refinement.
+        reserve = min(n_tail, 30)
+        k_bulk = draw(st.integers(0, n_tail - reserve))
+        n_fill = n_tail - reserve - k_bulk
         vals, total = [], tail.zero()
-        for _ in range(k_bulk):
-            w = _unit_interval(draw, 0.0, 8.0)
-            v = _largest_at_most(
-                tail.threshold(tail.scale(u, frac / k_bulk * math.exp(-w))), f, tail
-            )
-            if v is None:
-                reject()
+
+        def add(v):
+            nonlocal total
             vals.append(v)
             total += tail.term(v)
+
+        for _ in range(n_fill):
+            # Far below u; StableMax terms have a floor (the format's lowest value).
+            w = _float_in(draw, 0.0, 30.0)
+            t = tail.threshold(tail.scale(u, 2.0**-40 / n_tail * math.exp(-w)))
+            v = _largest_at_most(t, f, tail)
+            add(-_finite_max(f) if v is None else v)
+        if total >= u / 2:
+            reject()  # StableMax in a narrow format: too many classes to fit under u
+        frac = _float_in(draw, 0.05, 0.9)
+        for _ in range(k_bulk):
+            w = _float_in(draw, 0.0, 8.0)
+            r = tail.scale(u - total, frac / k_bulk * math.exp(-w))
+            v = _largest_at_most(tail.threshold(r), f, tail)
+            add(-_finite_max(f) if v is None else v)
+        if total >= u:
+            reject()
         # Greedy: the largest representable term that still fits under u, until close enough.
-        theta = _unit_interval(draw, 2.0**-10, 1.0)
+        theta = _float_in(draw, 2.0**-10, 1.0)
         tol = tail.scale(b, theta)
-        last = n - 1 if below else n - 2  # "above" keeps one class for the final step over u
+        last = n_tail if below else n_tail - 1  # "above" keeps a class for the step over u
         while len(vals) < last and u - total > tol:
             v = _largest_at_most(tail.threshold(u - total), f, tail)
             if v is not None and total + tail.term(v) >= u:  # StableMax can hit u exactly
                 v = _step(v, f, up=False)
-            if v is None or tail.term(v) == 0:
+            if v is None:
                 break
-            vals.append(v)
-            total += tail.term(v)
-        if u - total > tol or total >= u:
+            add(v)
+        if total >= u:
+            reject()
+        # Classes left over: terms far below what is left to u (or to u + band, above).
+        n_left = last - len(vals)
+        slack = u - total
+        for _ in range(n_left):
+            w = _float_in(draw, 0.0, 30.0)
+            r = tail.scale(slack, 0.5 / n_left * math.exp(-w))
+            v = _largest_at_most(tail.threshold(r), f, tail)
+            add(-_finite_max(f) if v is None else v)  # StableMax's floor; checked below
+        if total >= u:
             reject()
         if not below:
             v = _smallest_at_least(tail.threshold(u - total), f, tail)
@@ -448,28 +483,12 @@ def logits_near_collapse(
                 reject()
             if total + tail.term(v) == u:  # possible for StableMax: step over u
                 v = _step(v, f, up=True)
-            vals.append(v)
-            total += tail.term(v)
-            if not (u < total <= u + b):
-                reject()
-        # Filler: classes left over get terms far below the remaining slack.
-        n_fill = n - 1 - len(vals)
-        if n_fill:
-            slack = (u - total) if below else (u + b - total)
-            for _ in range(n_fill):
-                w = _unit_interval(draw, 0.0, 30.0)
-                v = _largest_at_most(
-                    tail.threshold(tail.scale(slack, 0.5 / n_fill * math.exp(-w))), f, tail
-                )
-                if v is None:
-                    reject()
-                vals.append(v)
-                total += tail.term(v)
+            add(v)
         ok = (u - b <= total < u) if below else (u < total <= u + b)
         if not ok or any(v >= m for v in vals):
             reject()
         vals = draw(st.permutations(vals))
-        pos = draw(st.integers(0, n - 1))
+        pos = draw(st.integers(0, n_tail))
         return [*vals[:pos], m, *vals[pos:]]
 
     @st.composite
@@ -530,7 +549,7 @@ def logits_in_gap_window(
         out = np.empty((k, n))
         for i in range(k):
             m = _shift(draw, f, max_shift)
-            g = _unit_interval(draw, lo - pad, hi + pad)
+            g = _float_in(draw, lo - pad, hi + pad)
             j = draw(st.lists(st.floats(0.0, jitter), min_size=n, max_size=n))
             r = np.array([_q(m - g - jj, f) for jj in j])
             r[draw(st.integers(0, n - 1))] = m
@@ -631,7 +650,7 @@ def logits_huge_gap(
         raise ValueError(f"max_gap {max_gap!r} is below min_gap {min_gap!r}")
     # Rounding z = m - g moves it by at most 2**-p |z| <= 2**-p (|m| + g) <= 2**(1-p) g, so
     # drawing g >= min_gap (1 + 2**(2-p)) keeps the rounded gap >= min_gap.
-    lo_gap = min_gap * (1 + 2.0 ** (2 - f.precision))
+    lo_gap = min_gap * (1 + 2.0 ** (2 - min(f.precision, 53)))  # longdouble: float64 grid
 
     @st.composite
     def build(draw):
@@ -689,7 +708,7 @@ def logits_subnormal_tail(
             mm = ctx.mpf(m)
             vals = []
             for _ in range(n - 1):
-                v = _q(m + _unit_interval(draw, lo_d, hi_d), f)
+                v = _q(m + _float_in(draw, lo_d, hi_d), f)
                 # Rounding may step just outside: walk back inside on the grid.
                 while ctx.exp(ctx.mpf(v) - mm) < lo_term:
                     v = _step(v, f, up=True)

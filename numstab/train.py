@@ -17,6 +17,7 @@ import dataclasses
 import io
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,19 +162,35 @@ class MetricLog:
         path: str | os.PathLike | None = None,
         *,
         stream: io.TextIOBase | None = None,
-        append: bool = False,
     ):
         self.rows: list[tuple] = []
+        self.path = None if path is None else os.fspath(path)
         self._own = None
-        if path is not None:
-            has_header = append and os.path.exists(path) and os.path.getsize(path) > 0
-            self._own = stream = open(path, "a" if append else "w", newline="")
-        else:
-            has_header = False
-        if stream is not None and not has_header:
+        if self.path is not None:
+            self._own = stream = open(self.path, "w", newline="")
+        if stream is not None:
             csv.writer(stream).writerow(CSV_HEADER)
         self._writer = csv.writer(stream) if stream is not None else None
         self._stream = stream
+
+    def reset(self, rows) -> None:
+        """Replace the rows (e.g. by a checkpoint's) and rewrite the CSV file atomically."""
+        self.rows = [tuple(r) for r in rows]
+        if self.path is None:
+            return
+        self.close()
+        d = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics-", suffix=".csv.tmp")
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(CSV_HEADER)
+            for row in self.rows:
+                w.writerow((*row[:5], repr(row[5])))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._own = self._stream = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._stream)
 
     def add(self, step: int, run: str, split: str, metric: str, value, layer: str = ""):
         row = (int(step), run, split, metric, layer, float(value))
@@ -513,17 +530,70 @@ def summarize(log: MetricLog, run: str, *, grok_threshold: float = 0.9) -> dict:
 
 
 def train(
-    config: TrainConfig, *, name: str = "run", log: MetricLog | None = None, progress=None
+    config: TrainConfig,
+    *,
+    name: str = "run",
+    log: MetricLog | None = None,
+    progress=None,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    stop=None,
 ) -> Run:
     """Run ``config`` to completion and return the finished :class:`Run`.
 
-    ``progress`` is an optional callable receiving the step number after each step.
-    Raises :class:`NonFiniteError` (after logging) if the run diverges.
+    Parameters
+    ----------
+    config : TrainConfig
+    name : str
+        The run's label in the metric rows.
+    log : MetricLog, optional
+    progress : callable, optional
+        Receives the step number after each step.
+    checkpoint_dir : path, optional
+        Where checkpoints go (every ``checkpoint_every`` steps, and at the end).
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` (its configuration must equal
+        ``config``); the result is bit-identical to an uninterrupted run.
+    stop : numstab.driver.StopFlag, optional
+        Checked between steps; when set, a checkpoint is written and
+        :class:`numstab.driver.Stopped` raised.
+
+    Raises
+    ------
+    NonFiniteError
+        After logging, if the run diverges.
+    numstab.checkpoint.CheckpointError
+        ``resume`` with a missing, corrupted or mismatched checkpoint.
     """
+    from numstab.driver import drive, resume_runs
+
     run = Run(config, name=name, log=log or MetricLog())
-    while run.step < config.steps:
-        run.advance()
-        if progress is not None:
-            progress(run.step)
-    run.advance(final=True)
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        if resume_runs(checkpoint_dir, {name: run}, run.log).get("finished"):
+            return run
+    drive(
+        {name: run},
+        run.log,
+        steps=config.steps,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        stop=stop,
+    )
     return run
+
+
+def main(argv=None) -> int:
+    """``python -m numstab.train`` (see :func:`numstab.cli.train_main`)."""
+    from numstab.cli import train_main
+
+    return train_main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main())

@@ -180,3 +180,44 @@ def test_subprocess_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "summary" in proc.stdout
     assert json.loads((out / "summary.json").read_text())["runs"]["test"]["final"]["step"] == 20
+
+
+def test_interrupted_compare_resumes_bit_identically(tmp_path, monkeypatch):
+    import contextlib
+    import signal as sig
+
+    from numstab.driver import StopFlag
+
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    assert compare.main([*SMALL, "--out", str(full)]) == 0
+
+    class StopAfter(StopFlag):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def __bool__(self):
+            self.n -= 1
+            if self.n < 0:
+                self.signum = sig.SIGTERM
+            return self.n < 0
+
+    @contextlib.contextmanager
+    def fake_stop():
+        yield StopAfter(27)
+
+    monkeypatch.setattr(compare, "graceful_stop", fake_stop)
+    assert compare.main([*SMALL, "--out", str(part), "--checkpoint-every", "10"]) == 143
+    monkeypatch.undo()
+    assert compare.main([*SMALL, "--resume", str(part)]) == 0
+    assert (full / "metrics.csv").read_text() == (part / "metrics.csv").read_text()
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    strip = ("audit_seconds",)
+    for ra, rb in zip(a["audit"], b["audit"], strict=True):
+        assert {k: v for k, v in ra.items() if k not in strip} == {
+            k: v for k, v in rb.items() if k not in strip}
+    assert a["runs"] == b["runs"]
+    # A resume with different options is refused before training.
+    assert compare.main([*SMALL, "--resume", str(part), "--lr", "0.01"]) == 2

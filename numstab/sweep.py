@@ -1,0 +1,1445 @@
+"""``python -m numstab.sweep``: run a grid of training runs, resumably, and collect the results.
+
+A *SPEC* is a TOML file with three optional parts::
+
+    [base]                      # overrides of TrainConfig's defaults, shared by every run
+    p = 113
+    steps = 300
+
+    [axes]                      # the grid: the Cartesian product of these lists
+    dtype = ["float16", "float32", "float64"]
+    seed = [0, 1, 2]
+
+    [[runs]]                    # explicit extra runs: base + these overrides (no axes)
+    optimizer = "sgd"
+    lr = 0.1
+
+Keys are :class:`numstab.train.TrainConfig` field names; ``"none"`` stands for ``None`` in the
+optional fields (``perp_grad``, ``loss_dtype``, ``state_dtype``, ``batch_size``,
+``zero_target_grad_from``), since TOML has no null. Without ``[axes]`` the grid is the single
+base run, or nothing when ``[[runs]]`` are given (the SPEC is then exactly those runs). A key
+both in ``[base]`` and ``[axes]`` takes the axis values. Two runs resolving to the same
+configuration, or a value listed twice in an axis, are errors.
+
+Every run gets a stable id, :func:`run_id`: the first 12 hex digits of the SHA-256 of its
+canonical configuration (``TrainConfig.to_dict()`` as JSON with sorted keys), and its own folder
+``DIR/<id>/`` with ``config.json`` (written when the run is submitted), then ``metrics.csv``
+and ``summary.json`` (written when it ends, in that order; every file atomically: temporary
+file, fsync, rename). ``summary.json`` is the commit marker: a run whose ``summary.json`` says
+``"status": "ok"`` is skipped when the sweep is invoked again, so an interrupted sweep resumes
+and loses only unfinished runs. A run that raised (``NonFiniteError`` on divergence, or any
+other exception) is recorded with ``"status": "failed"`` and its traceback; it is *not* rerun on
+a plain re-invocation (a deterministic failure would just fail again) but with
+``--retry-failed``; ``--force`` reruns everything.
+
+Executors: ``local`` (a ``ProcessPoolExecutor`` with ``--workers`` spawned processes) and
+``dask`` (an existing ``dask.distributed`` cluster at ``--scheduler ADDRESS``, or an in-process
+``LocalCluster`` with ``--scheduler local``). In both, each task pins BLAS to ``--threads``
+threads (threadpoolctl) and tunes the allocator (:func:`numstab.runtime.tune_allocator`) in the
+process that trains; the trained metrics travel back to the client, which writes every file, so
+Dask workers need no shared file system (they need numstab installed at the same version: the
+worker checks the run id).
+
+After the runs, :func:`collect` writes ``collected_metrics.csv``, ``collected_summary.csv`` and
+``collected_grouped.csv`` in ``DIR``.
+
+Exit codes: 0 every run of the SPEC is ok; 1 at least one run failed (now or in an earlier
+invocation; they are listed); 2 bad SPEC or option (before anything runs or is written), dask
+missing or its scheduler unreachable, or another sweep holds ``DIR``; 130 interrupted (finished
+runs are kept; invoke again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+__all__ = [
+    "GROUP_EXCLUDE",
+    "NUMERIC_FIELDS",
+    "PlannedRun",
+    "SpecError",
+    "Sweep",
+    "SweepReport",
+    "build_parser",
+    "canonical_json",
+    "collect",
+    "execute",
+    "load_spec",
+    "main",
+    "parse_spec",
+    "run_id",
+    "run_sweep",
+]
+
+PROG = "python -m numstab.sweep"
+SPEC_SECTIONS = ("description", "base", "axes", "runs")
+#: Axis columns left out of the grouping key of ``collected_grouped.csv`` (averaged over).
+GROUP_EXCLUDE = ("seed",)
+#: Columns of ``collected_summary.csv`` after the axes (``None`` written as an empty cell).
+SUMMARY_FIELDS = (
+    "status",
+    "error",
+    "sc_onset_step",
+    "sc50_step",
+    "train100_step",
+    "grok_step",
+    "final_step",
+    "final_train_acc",
+    "final_test_acc",
+    "final_train_loss",
+    "final_sc_fraction",
+    "wall_seconds",
+)
+#: Fields averaged in ``collected_grouped.csv`` (over the ok runs of a group that have a value).
+NUMERIC_FIELDS = (
+    "sc_onset_step",
+    "sc50_step",
+    "train100_step",
+    "grok_step",
+    "final_train_acc",
+    "final_test_acc",
+    "final_train_loss",
+    "final_sc_fraction",
+    "wall_seconds",
+)
+GROK_THRESHOLD = 0.9
+_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+class SpecError(ValueError):
+    """A malformed SPEC (exit 2); the message names the offending key."""
+
+
+class UsageError(Exception):
+    """Bad command-line input or environment detected before anything runs (exit 2)."""
+
+
+# --- configuration identity -----------------------------------------------------------------
+
+
+def _field_hints() -> dict:
+    from numstab.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _float_fields() -> set:
+    return {k for k, h in _field_hints().items() if h is float}
+
+
+def canonical_json(config) -> str:
+    """The canonical JSON of a :class:`~numstab.train.TrainConfig` that :func:`run_id` hashes.
+
+    ``config.to_dict()`` with sorted keys and no whitespace; integers given to float fields are
+    written as floats, so ``lr=1`` and ``lr=1.0`` are the same run.
+    """
+    d = config.to_dict()
+    for k in _float_fields():
+        v = d.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            d[k] = float(v)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def run_id(config) -> str:
+    """Stable id of a run: the first 12 hex digits of SHA-256 of :func:`canonical_json`.
+
+    Equal configurations give equal ids in every process and invocation; any change of a field
+    changes the id. A new TrainConfig field (with a default) changes every id, since
+    ``to_dict()`` then has one more key.
+
+    Examples
+    --------
+    >>> from numstab.train import TrainConfig
+    >>> run_id(TrainConfig(seed=1)) == run_id(TrainConfig(seed=1))
+    True
+    >>> run_id(TrainConfig(seed=1)) == run_id(TrainConfig(seed=2))
+    False
+    """
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
+
+
+# --- the SPEC --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its id, configuration, source and values of the sweep's columns."""
+
+    id: str
+    config: object  # TrainConfig
+    source: str  # "grid" or "runs[i]"
+    axes: dict
+
+    def label(self) -> str:
+        return " ".join(f"{k}={_cell_axis(v)}" for k, v in self.axes.items())
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed SPEC: base overrides, axes, explicit runs and the resolved list of runs.
+
+    ``columns`` are the axis names (in SPEC order) followed by any key set in ``[[runs]]`` that
+    is not an axis: the columns identifying a run in the collected tables.
+    """
+
+    source: str
+    description: str
+    base: dict
+    axes: dict
+    extra: list
+    columns: tuple
+    runs: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "description": self.description,
+            "base": self.base,
+            "axes": self.axes,
+            "runs": self.extra,
+            "columns": list(self.columns),
+            "ids": [r.id for r in self.runs],
+        }
+
+
+def _type_name(hint) -> str:
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if hint is bool:
+        return "true or false"
+    if typing.get_origin(hint) is tuple:
+        return "a list of positive integers"
+    return str(hint)
+
+
+def _optional_inner(hint):
+    """``X`` for ``X | None`` (either spelling), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return None
+
+
+def _coerce(where: str, hint, value):
+    """Check one SPEC value against a TrainConfig field type; return it normalised."""
+    inner = _optional_inner(hint)
+    if inner is not None:
+        if value == "none":
+            return None
+        try:
+            return _coerce(where, inner, value)
+        except SpecError:
+            raise SpecError(
+                f'{where}: expected {_type_name(inner)} or "none", got {value!r} '
+                f"({type(value).__name__})"
+            ) from None
+    bad = SpecError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+        ):
+            raise bad
+        return list(value)
+    raise SpecError(f"{where}: the field's type {hint} cannot be given in a SPEC")
+
+
+def _check_table(where: str, table, hints: dict) -> dict:
+    if not isinstance(table, dict):
+        raise SpecError(f"{where} must be a table of TrainConfig fields, got {table!r}")
+    out = {}
+    for k, v in table.items():
+        if k not in hints:
+            raise SpecError(f"{where}.{k}: unknown key (not a TrainConfig field){_suggest(k)}")
+        out[k] = _coerce(f"{where}.{k}", hints[k], v)
+    return out
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key, list(_field_hints()), n=3)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
+def _freeze(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _find_duplicate_key(text: str) -> str | None:
+    """Best-effort name of a key given twice in the same TOML table (for tomllib's error)."""
+    table, seen = "", {}
+    key_re = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_.-]+))\s*=""")
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("[[") or s.startswith("["):
+            m = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", s)
+            if m and not s.startswith("[["):
+                table = m.group(1)
+                seen.setdefault(table, {})
+            elif m:
+                table = f"{m.group(1)}[{n}]"
+                seen[table] = {}
+            continue
+        m = key_re.match(line)
+        if m:
+            key = next(g for g in m.groups() if g)
+            keys = seen.setdefault(table, {})
+            if key in keys:
+                name = f"{table}.{key}" if table and not table.endswith("]") else key
+                what = "an axis may be given once" if table == "axes" else "a key may be given once"
+                return f"duplicate key {name} (lines {keys[key]} and {n}): {what}"
+            keys[key] = n
+    return None
+
+
+def _toml_loads(text: str, source: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise SpecError(
+                "reading a TOML SPEC needs Python >= 3.11 (tomllib) or the tomli package "
+                "(pip install tomli)"
+            ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        dup = _find_duplicate_key(text)
+        raise SpecError(f"{source}: {dup or f'not valid TOML: {exc}'}") from None
+
+
+def load_spec(path) -> Sweep:
+    """Read and validate a SPEC file (see the module docstring); raises :class:`SpecError`."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise SpecError(f"cannot read SPEC {path!r}: {exc.strerror or exc}") from None
+    return parse_spec(_toml_loads(text, path), source=path)
+
+
+def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
+    """Validate a SPEC given as a dict (as ``tomllib`` returns it) and resolve its runs.
+
+    Every configuration is constructed (TrainConfig's own checks) and every distinct dataset is
+    generated once, so invalid values are reported here, before anything runs. Raises
+    :class:`SpecError` naming the key (``axes.dtype``, ``runs[1].lr``, ...).
+    """
+    from numstab.train import TrainConfig
+
+    if not isinstance(spec, dict):
+        raise SpecError(f"{source}: a SPEC is a TOML table, got {type(spec).__name__}")
+    for k in spec:
+        if k not in SPEC_SECTIONS:
+            raise SpecError(
+                f"{source}: unknown top-level key {k!r}; a SPEC has {', '.join(SPEC_SECTIONS)}"
+                f"{_top_hint(k)}"
+            )
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError(f"{source}: description must be a string")
+    hints = _field_hints()
+    base = _check_table("base", spec.get("base", {}), hints)
+
+    raw_axes = spec.get("axes", {})
+    if not isinstance(raw_axes, dict):
+        raise SpecError("axes must be a table of lists, e.g. [axes] seed = [0, 1, 2]")
+    axes: dict = {}
+    for k, values in raw_axes.items():
+        where = f"axes.{k}"
+        if k not in hints:
+            raise SpecError(f"{where}: unknown key (not a TrainConfig field){_suggest(k)}")
+        if not isinstance(values, list):
+            raise SpecError(
+                f"{where}: an axis is a list of values, got {values!r} (write {k} = [{values!r}] "
+                f"or put it in [base])"
+            )
+        if not values:
+            raise SpecError(f"{where}: empty axis (give at least one value)")
+        checked = [_coerce(f"{where}[{i}]", hints[k], v) for i, v in enumerate(values)]
+        seen = {}
+        for i, v in enumerate(checked):
+            if _freeze(v) in seen:
+                raise SpecError(
+                    f"{where}: the value {v!r} is listed twice (positions {seen[_freeze(v)]} "
+                    f"and {i})"
+                )
+            seen[_freeze(v)] = i
+        axes[k] = checked
+
+    raw_runs = spec.get("runs", [])
+    if not isinstance(raw_runs, list) or not all(isinstance(r, dict) for r in raw_runs):
+        raise SpecError("runs must be an array of tables ([[runs]] sections)")
+    extra = [_check_table(f"runs[{i}]", r, hints) for i, r in enumerate(raw_runs)]
+
+    columns = list(axes)
+    for r in extra:
+        columns += [k for k in r if k not in columns]
+
+    planned: list[PlannedRun] = []
+    by_id: dict[str, str] = {}
+    data_checked: set = set()
+
+    def add(overrides: dict, origin: dict, source_name: str, name: str):
+        kwargs = {**base, **overrides}
+        try:
+            config = TrainConfig(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise SpecError(_blame(kwargs, origin, exc, lambda kw: TrainConfig(**kw))) from None
+        data_key = _data_key(config)
+        if data_key not in data_checked:
+            from numstab.train import make_dataset
+
+            try:
+                make_dataset(config)
+            except (ValueError, TypeError) as exc:
+                raise SpecError(
+                    _blame(kwargs, origin, exc, lambda kw: make_dataset(TrainConfig(**kw)))
+                ) from None
+            data_checked.add(data_key)
+        rid = run_id(config)
+        if rid in by_id:
+            raise SpecError(
+                f"{name} resolves to the same configuration as {by_id[rid]} (id {rid}); remove one"
+            )
+        by_id[rid] = name
+        values = {c: _jsonable(getattr(config, c)) for c in columns}
+        planned.append(PlannedRun(rid, config, source_name, values))
+
+    names = list(axes)
+    origin_base = {k: f"base.{k}" for k in base}
+    # No axes: the base run alone, unless [[runs]] are given (then exactly those runs).
+    grid = itertools.product(*(axes[k] for k in names)) if names or not extra else ()
+    for combo in grid:
+        ov = dict(zip(names, combo, strict=True))
+        origin = {**origin_base, **{k: f"axes.{k}" for k in names}}
+        label = "grid run " + (
+            " ".join(f"{k}={_cell_axis(v)}" for k, v in ov.items()) if ov else "(base)"
+        )
+        add(ov, origin, "grid", label)
+    for i, r in enumerate(extra):
+        add(r, {**origin_base, **{k: f"runs[{i}].{k}" for k in r}}, f"runs[{i}]", f"runs[{i}]")
+
+    return Sweep(
+        source=source,
+        description=description,
+        base=base,
+        axes=axes,
+        extra=extra,
+        columns=tuple(columns),
+        runs=planned,
+    )
+
+
+def _top_hint(k: str) -> str:
+    if k in _field_hints():
+        return f" (TrainConfig fields go in [base] or [axes]: [base] {k} = ...)"
+    return ""
+
+
+def _data_key(config) -> tuple:
+    c = config
+    return (
+        c.task,
+        c.p,
+        c.train_fraction,
+        c.encoding,
+        c.parity_bits,
+        c.parity_k,
+        c.parity_samples,
+        c.seed,
+    )
+
+
+def _blame(kwargs: dict, origin: dict, exc: Exception, check) -> str:
+    """Name the SPEC key behind a failed construction: the first key that fails on its own."""
+    for k, v in kwargs.items():
+        try:
+            check({k: v})
+        except (ValueError, TypeError) as e:
+            return f"{origin.get(k, k)} = {_spec_value(v)}: {e}"
+    keys = ", ".join(origin.get(k, k) for k in kwargs)
+    return f"the combination of {keys} is invalid: {exc}"
+
+
+def _spec_value(v) -> str:
+    """A value written as in a SPEC (for error messages)."""
+    if isinstance(v, str):
+        return json.dumps(v)
+    return _cell_axis(v)
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+# --- formatting helpers ----------------------------------------------------------------------
+
+
+def _cell_axis(v) -> str:
+    """An axis value as it appears in tables: SPEC syntax (``none``, ``true``, ``[16, 16]``)."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return json.dumps(list(v))
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _cell(v) -> str:
+    """A result value in a CSV: empty for None, repr for floats (round-trips exactly)."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _sort_key(v):
+    if v is None:
+        return (0, 0)
+    if isinstance(v, (bool, int, float)):
+        return (1, v)
+    if isinstance(v, str):
+        return (2, v)
+    if isinstance(v, (list, tuple)):
+        return (3, tuple(_sort_key(x) for x in v))
+    return (4, repr(v))
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _text_table(header: list, rows: list) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _json_safe(o):
+    """Replace non-finite floats by None (strict JSON) and numpy scalars by Python ones."""
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+# --- atomic files ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str):
+    """Open a temporary file beside ``path``; on success fsync it, rename it over ``path`` and
+    fsync the folder (so the rename survives a crash); on error remove it."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+    with _atomic_open(path) as f:
+        f.write(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# --- one run, in a worker --------------------------------------------------------------------
+
+
+def execute(task: dict) -> dict:
+    """Train one run where it is called (a pool process or a Dask worker) and return the result.
+
+    ``task`` holds ``id``, ``config`` (TrainConfig keyword arguments), ``threads`` (BLAS
+    threads to pin, or None) and ``executor`` (recorded as is). Exceptions from training are
+    caught and returned as ``status: "failed"`` with their type, message and traceback; the
+    metrics logged up to the failure are returned too. No files are written here.
+    """
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from numstab.runtime import runtime_info, tune_allocator
+    from numstab.train import MetricLog, NonFiniteError, TrainConfig, summarize, train
+
+    started = time.time()
+    tune_allocator()
+    if task.get("threads") is not None:
+        # Persistent for this process (not restored): a pool process or Dask worker trains
+        # one run at a time with this many BLAS threads.
+        threadpool_limits(limits=int(task["threads"]))
+    buf = io.StringIO()
+    log = MetricLog(stream=buf)
+    status, error = "ok", None
+    t0 = time.perf_counter()
+    try:
+        config = TrainConfig(**task["config"])
+        got = run_id(config)
+        if got != task["id"]:
+            raise RuntimeError(
+                f"this worker resolves the configuration to id {got}, the client to "
+                f"{task['id']}: numstab differs between client and worker"
+            )
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            train(config, name=task["id"], log=log)
+    except Exception as exc:
+        status = "failed"
+        error = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+        }
+        if isinstance(exc, NonFiniteError):
+            error["step"] = exc.step
+    wall = time.perf_counter() - t0
+    summary = summarize(log, task["id"], grok_threshold=GROK_THRESHOLD)
+    return {
+        "id": task["id"],
+        "status": status,
+        "error": error,
+        **summary,
+        "wall_seconds": wall,
+        "started": started,
+        "finished": time.time(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "executor": task.get("executor"),
+        "versions": _versions(),
+        "runtime": runtime_info(),
+        "metrics_csv": buf.getvalue(),
+    }
+
+
+def _versions() -> dict:
+    """Versions of everything that can change a result: the shared helper of the numstab
+    commands when present (``numstab.cli.versions``), else the same facts gathered here."""
+    try:
+        from numstab.cli import versions
+    except ImportError:
+        versions = None
+    if versions is not None:
+        return versions()
+    import mpmath
+    import numpy as np
+
+    import numstab
+    from numstab.runtime import runtime_info
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "mpmath": mpmath.__version__,
+        "numstab": numstab.__version__,
+        "blas": runtime_info()["blas"],
+        "platform": platform.platform(),
+    }
+
+
+def _crash_result(task: dict, exc: BaseException) -> dict:
+    """Result of a task whose worker failed outside training (pool broken, worker killed)."""
+    return {
+        "id": task["id"],
+        "status": "failed",
+        "error": {
+            "type": type(exc).__name__,
+            "message": str(exc) or type(exc).__name__,
+            "traceback": "".join(traceback.format_exception(exc)),
+        },
+        "sc_onset_step": None,
+        "sc50_step": None,
+        "train100_step": None,
+        "grok_step": None,
+        "final": {},
+        "wall_seconds": None,
+        "executor": task.get("executor"),
+        "metrics_csv": None,
+    }
+
+
+# --- executors -------------------------------------------------------------------------------
+
+
+def _iter_local(tasks: list, workers: int) -> Iterator[tuple[dict, dict]]:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")  # no inherited threads or locks
+    pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(tasks))), mp_context=ctx)
+    try:
+        futures = {pool.submit(execute, t): t for t in tasks}
+        for fut in as_completed(futures):
+            task = futures[fut]
+            try:
+                yield task, fut.result()
+            except Exception as exc:
+                yield task, _crash_result(task, exc)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        # Stop the pool's own processes (concurrent.futures keeps no public handle on them).
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                proc.terminate()
+        raise
+    pool.shutdown(wait=True)
+
+
+def _dask_modules():
+    try:
+        from dask import distributed
+    except ImportError as exc:
+        raise UsageError(
+            f"--executor dask needs dask.distributed ({exc}); install the sweep extra: "
+            "pip install 'numstab[sweep]'"
+        ) from None
+    return distributed
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str, workers: int, threads: int):
+    distributed = _dask_modules()
+    cluster = None
+    try:
+        if scheduler == "local":
+            cluster = distributed.LocalCluster(
+                processes=False,
+                n_workers=workers,
+                threads_per_worker=1,
+                dashboard_address=None,
+            )
+            client = distributed.Client(cluster)
+        else:
+            try:
+                client = distributed.Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as exc:
+                raise UsageError(f"cannot reach the Dask scheduler {scheduler!r}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _iter_dask(tasks: list, client) -> Iterator[tuple[dict, dict]]:
+    distributed = _dask_modules()
+    futures = {}
+    for t in tasks:
+        fut = client.submit(
+            execute, t, pure=False, key=f"numstab-sweep-{t['id']}-{os.getpid()}-{time.time_ns()}"
+        )
+        futures[fut] = t
+    try:
+        for fut in distributed.as_completed(list(futures)):
+            task = futures[fut]
+            try:
+                yield task, fut.result()
+            except Exception as exc:
+                yield task, _crash_result(task, exc)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.cancel(list(futures))
+        raise
+
+
+# --- the sweep -------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    """What :func:`run_sweep` did.
+
+    ``executed``: ids trained in this invocation (in completion order); ``skipped``: ids left
+    alone (already ok, or failed before and not retried); ``failed``: one dict per run of the
+    SPEC whose status is failed after this invocation (``id``, ``label``, ``error``,
+    ``previous``: True if it failed in an earlier invocation and was not rerun);
+    ``collected``: what :func:`collect` returned; ``exit_code``: 0, 1 or 130.
+    """
+
+    planned: list
+    executed: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    wall_seconds: float = 0.0
+    collected: dict | None = None
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+
+def _state(run_dir: str) -> tuple[str, dict | None]:
+    """``("ok" | "failed" | "incomplete" | "new", summary)`` of a run folder."""
+    s = _read_json(os.path.join(run_dir, "summary.json"))
+    if isinstance(s, dict) and s.get("status") in ("ok", "failed"):
+        return s["status"], s
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        return "incomplete", None
+    return "new", None
+
+
+def _plan(sweep: Sweep, out: str | None, force: bool, retry_failed: bool):
+    todo, skip = [], []
+    for r in sweep.runs:
+        state, s = _state(os.path.join(out, r.id)) if out else ("new", None)
+        if force or state in ("new", "incomplete") or (state == "failed" and retry_failed):
+            todo.append((r, state))
+        else:
+            skip.append((r, state, s))
+    return todo, skip
+
+
+@contextlib.contextmanager
+def _lock(out: str):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    f = open(os.path.join(out, ".sweep.lock"), "w")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(
+                f"another sweep is writing to {out!r} (it holds .sweep.lock)"
+            ) from None
+        yield
+    finally:
+        f.close()
+
+
+def _check_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def _write_run_result(run_dir: str, result: dict, planned: PlannedRun) -> dict:
+    metrics = result.pop("metrics_csv", None)
+    if metrics:
+        with _atomic_open(os.path.join(run_dir, "metrics.csv")) as f:
+            f.write(metrics)
+    summary = {
+        "id": planned.id,
+        "status": result["status"],
+        "error": result["error"],
+        "source": planned.source,
+        "axes": planned.axes,
+        **{k: v for k, v in result.items() if k not in ("id", "status", "error")},
+        "config": planned.config.to_dict(),
+    }
+    _write_json(os.path.join(run_dir, "summary.json"), summary)
+    return summary
+
+
+def _progress_line(k: int, n: int, r: PlannedRun, s: dict) -> str:
+    wall = s.get("wall_seconds")
+    status = "ok" if s["status"] == "ok" else "FAILED"
+    head = f"[{k:>{len(str(n))}}/{n}] {status:6s} {r.id}  {r.label()}  {_fmt(wall, '.1f')} s"
+    if s["status"] != "ok":
+        return f"{head}  {_error_text(s.get('error'))}"
+    fin = s.get("final") or {}
+    return (
+        f"{head}  test acc {_fmt(fin.get('test_acc'), '.3f')}  "
+        f"SC-50 step {_fmt(s.get('sc50_step'), 'd')}"
+    )
+
+
+def _error_text(error) -> str:
+    if not error:
+        return ""
+    return f"{error.get('type')}: {error.get('message')}".replace("\n", " ")
+
+
+def run_sweep(
+    spec,
+    out,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    threads: int | None = 1,
+    scheduler: str | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    quiet: bool = False,
+    stdout=None,
+    stderr=None,
+) -> SweepReport:
+    """Run every run of a SPEC that is not done yet, write its folder, then :func:`collect`.
+
+    Parameters
+    ----------
+    spec : path, dict or Sweep
+        The SPEC (a TOML file path, the parsed dict, or :func:`load_spec`'s result).
+    out : path
+        The sweep folder ``DIR``.
+    executor : {"local", "dask"}
+    workers : int
+        Pool processes (local) or LocalCluster workers (``scheduler="local"``).
+    threads : int or None
+        BLAS threads pinned in each worker (None: leave the library's setting).
+    scheduler : str
+        Dask scheduler address (``tcp://host:8786``) or ``"local"``; dask executor only.
+    force, retry_failed : bool
+        Rerun every run / the failed runs too.
+    quiet : bool
+        No progress bar (it is also off when stderr is not a terminal).
+
+    Raises
+    ------
+    SpecError, UsageError
+        Before anything is written.
+    """
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    sweep = (
+        spec
+        if isinstance(spec, Sweep)
+        else (parse_spec(spec) if isinstance(spec, dict) else load_spec(spec))
+    )
+    _check_options(executor, workers, threads, scheduler)
+    if executor == "dask":
+        _dask_modules()
+    out = os.fspath(out)
+    _check_out(out)
+    report = SweepReport(planned=[r.id for r in sweep.runs])
+    t0 = time.perf_counter()
+    with _lock(out):
+        todo, skip = _plan(sweep, out, force, retry_failed)
+        report.skipped = [r.id for r, _s, _x in skip]
+        n_ok = sum(1 for _r, st, _x in skip if st == "ok")
+        n_failed = len(skip) - n_ok
+        print(
+            f"{len(sweep.runs)} runs in {sweep.source}: {len(todo)} to run, {n_ok} already "
+            f"done"
+            + (
+                f", {n_failed} failed before (not rerun; --retry-failed reruns them)"
+                if n_failed
+                else ""
+            )
+            + f"; output {out}",
+            file=stdout,
+            flush=True,
+        )
+        exec_info = {
+            "kind": executor,
+            "workers": workers,
+            "threads": threads,
+            "scheduler": scheduler,
+        }
+        planned_by_id = {r.id: r for r, _ in todo}
+        tasks = [
+            {
+                "id": r.id,
+                "config": _config_kwargs(r.config),
+                "threads": threads,
+                "executor": exec_info,
+            }
+            for r, _ in todo
+        ]
+        bar = None
+        try:
+            with contextlib.ExitStack() as stack:
+                client = None
+                if tasks and executor == "dask":
+                    if scheduler == "local" and threads is not None:
+                        from threadpoolctl import threadpool_limits
+
+                        # In-process workers pin this process's BLAS; restore it afterwards.
+                        stack.enter_context(threadpool_limits(limits=threads))
+                    # Connect before writing anything: an unreachable scheduler is exit 2.
+                    client = stack.enter_context(_dask_client(scheduler, workers, threads))
+                    if scheduler != "local":
+                        exec_info["workers"] = len(client.scheduler_info()["workers"])
+                _write_json(
+                    os.path.join(out, "sweep.json"),
+                    {
+                        "spec": sweep.to_dict(),
+                        "options": exec_info | {"force": force, "retry_failed": retry_failed},
+                        "started": time.time(),
+                    },
+                )
+                for r, _ in todo:
+                    _prepare_run_dir(os.path.join(out, r.id), r, sweep.columns)
+                if tasks and not quiet and stderr.isatty():
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=len(tasks), file=stderr, unit="run", desc="sweep")
+                if not tasks:
+                    results = iter(())
+                elif client is None:
+                    results = _iter_local(tasks, workers)
+                else:
+                    results = _iter_dask(tasks, client)
+                if tasks:  # on an interrupt, stop the executor before the client goes away
+                    stack.callback(results.close)
+                for k, (task, result) in enumerate(results, 1):
+                    r = planned_by_id[task["id"]]
+                    s = _write_run_result(os.path.join(out, r.id), result, r)
+                    report.executed.append(r.id)
+                    line = _progress_line(k, len(tasks), r, s)
+                    if bar is not None:
+                        bar.write(line, file=stdout)
+                        bar.update(1)
+                    else:
+                        print(line, file=stdout, flush=True)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        report.wall_seconds = time.perf_counter() - t0
+        for r in sweep.runs:
+            state, s = _state(os.path.join(out, r.id))
+            if state == "failed":
+                report.failed.append(
+                    {
+                        "id": r.id,
+                        "label": r.label(),
+                        "error": s.get("error"),
+                        "previous": r.id not in report.executed,
+                    }
+                )
+        report.collected = collect(out)
+    done = len(report.executed)
+    nw = exec_info["workers"]
+    print(
+        f"{done} run{'s' if done != 1 else ''} executed in {report.wall_seconds:.1f} s "
+        f"({executor}, {nw} worker{'s' if nw != 1 else ''}, "
+        f"{threads if threads is not None else 'default'} BLAS thread(s) each); "
+        f"collected tables in {out}",
+        file=stdout,
+        flush=True,
+    )
+    if report.interrupted:
+        print(
+            f"{PROG}: interrupted after {done} of {len(tasks)} runs; invoke the same command "
+            "again to resume",
+            file=stderr,
+        )
+    if report.failed:
+        print(f"{PROG}: {len(report.failed)} run(s) failed:", file=stderr)
+        for f in report.failed:
+            when = " (earlier invocation; --retry-failed reruns it)" if f["previous"] else ""
+            print(f"  {f['id']}  {f['label']}  {_error_text(f['error'])}{when}", file=stderr)
+    return report
+
+
+def _prepare_run_dir(run_dir: str, r: PlannedRun, columns) -> None:
+    """Make a run's folder incomplete (no summary, no metrics) and write its config.json."""
+    os.makedirs(run_dir, exist_ok=True)
+    for name in ("summary.json", "metrics.csv"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(run_dir, name))
+    _write_json(
+        os.path.join(run_dir, "config.json"),
+        {
+            "id": r.id,
+            "source": r.source,
+            "axes": r.axes,
+            "columns": list(columns),
+            "config": r.config.to_dict(),
+        },
+    )
+
+
+def _config_kwargs(config) -> dict:
+    return {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _check_options(executor, workers, threads, scheduler) -> None:
+    if executor not in ("local", "dask"):
+        raise UsageError(f"--executor must be local or dask, got {executor!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if executor == "dask" and not scheduler:
+        raise UsageError(
+            "--executor dask needs --scheduler ADDRESS (tcp://host:8786) or --scheduler local"
+        )
+    if executor == "local" and scheduler:
+        raise UsageError("--scheduler is for --executor dask")
+
+
+# --- collect ---------------------------------------------------------------------------------
+
+
+def _run_dirs(out: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(out))
+    except OSError:
+        return []
+    return [
+        n for n in names if _ID_RE.match(n) and os.path.isfile(os.path.join(out, n, "config.json"))
+    ]
+
+
+def _summary_row(rid: str, cfg: dict, s: dict | None, columns: list) -> dict:
+    conf = cfg.get("config", {})
+    row = {"run_id": rid}
+    for c in columns:
+        row[c] = cfg.get("axes", {}).get(c, conf.get(c))
+    if s is None:
+        row.update({k: None for k in SUMMARY_FIELDS})
+        row["status"] = "incomplete"
+        return row
+    fin = s.get("final") or {}
+    row.update(
+        status=s.get("status"),
+        error=_error_text(s.get("error")) or None,
+        sc_onset_step=s.get("sc_onset_step"),
+        sc50_step=s.get("sc50_step"),
+        train100_step=s.get("train100_step"),
+        grok_step=s.get("grok_step"),
+        final_step=fin.get("step"),
+        final_train_acc=fin.get("train_acc"),
+        final_test_acc=fin.get("test_acc"),
+        final_train_loss=fin.get("train_loss"),
+        final_sc_fraction=fin.get("sc_fraction"),
+        wall_seconds=s.get("wall_seconds"),
+    )
+    return row
+
+
+def _group(rows: list, columns: list) -> list:
+    keys = [c for c in columns if c not in GROUP_EXCLUDE]
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(tuple(_freeze(row[k]) for k in keys), []).append(row)
+    out = []
+    for gkey in sorted(groups, key=lambda t: tuple(_sort_key(v) for v in t)):
+        members = groups[gkey]
+        g = {k: _jsonable(v) for k, v in zip(keys, gkey, strict=True)}
+        if "seed" in columns:
+            g["seeds"] = " ".join(str(m["seed"]) for m in members)
+        ok = [m for m in members if m["status"] == "ok"]
+        g["n_runs"] = len(members)
+        g["n_ok"] = len(ok)
+        g["n_failed"] = sum(1 for m in members if m["status"] == "failed")
+        g["n_incomplete"] = sum(1 for m in members if m["status"] == "incomplete")
+        for f in NUMERIC_FIELDS:
+            vals = [float(m[f]) for m in ok if m[f] is not None]
+            g[f"{f}_n"] = len(vals)
+            g[f"{f}_mean"] = statistics.fmean(vals) if vals else None
+            g[f"{f}_std"] = statistics.stdev(vals) if len(vals) >= 2 else None
+        out.append(g)
+    return out
+
+
+def _write_csv(path: str, header: list, rows: list, axis_cols: list) -> None:
+    with _atomic_open(path) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        for row in rows:
+            w.writerow([_cell_axis(row[h]) if h in axis_cols else _cell(row[h]) for h in header])
+
+
+def collect(out) -> dict:
+    """Gather every run folder of ``out`` into three CSV tables (written atomically) and return
+    them.
+
+    Files (rows sorted by the axis columns, then run id):
+
+    - ``collected_metrics.csv``: every run's ``metrics.csv`` rows with a leading ``run_id``;
+    - ``collected_summary.csv``: one row per run: ``run_id``, the axis columns, then
+      :data:`SUMMARY_FIELDS` (``grok_step``: first logged step with test accuracy >= 0.9);
+      unfinished runs have status ``incomplete``;
+    - ``collected_grouped.csv``: one row per combination of the axis columns other than
+      ``seed``: ``seeds``, ``n_runs``, ``n_ok``, ``n_failed``, ``n_incomplete`` and for each of
+      :data:`NUMERIC_FIELDS` ``<f>_n`` (ok runs with a value: for a ``*_step`` field, how many
+      reached it), ``<f>_mean`` and ``<f>_std`` (sample std, ddof = 1; empty when ``<f>_n``
+      < 2). Failed and incomplete runs are counted, never averaged.
+
+    Axis values are written in SPEC syntax (``none``, ``true``, ``[16, 16]``); empty cells are
+    None. Returns ``{"columns", "summary", "grouped", "metrics_rows", "paths"}`` with the two
+    tables as lists of dicts (None for missing values; the metrics are only counted, not
+    loaded).
+    """
+    from numstab.train import CSV_HEADER
+
+    out = os.fspath(out)
+    entries = []
+    columns: list = []
+    for rid in _run_dirs(out):
+        cfg = _read_json(os.path.join(out, rid, "config.json")) or {}
+        for c in cfg.get("columns", list(cfg.get("axes", {}))):
+            if c not in columns:
+                columns.append(c)
+        _st, s = _state(os.path.join(out, rid))
+        entries.append((rid, cfg, s))
+    rows = [_summary_row(rid, cfg, s, columns) for rid, cfg, s in entries]
+    rows.sort(key=lambda r: (tuple(_sort_key(r[c]) for c in columns), r["run_id"]))
+    grouped = _group(rows, columns)
+
+    paths = {k: os.path.join(out, f"collected_{k}.csv") for k in ("metrics", "summary", "grouped")}
+    n_metrics = 0
+    with _atomic_open(paths["metrics"]) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(("run_id", *CSV_HEADER))
+        for row in rows:
+            mpath = os.path.join(out, row["run_id"], "metrics.csv")
+            if row["status"] == "incomplete" or not os.path.exists(mpath):
+                continue
+            with open(mpath, newline="", encoding="utf-8") as mf:
+                reader = csv.reader(mf)
+                next(reader, None)
+                for r in reader:
+                    w.writerow((row["run_id"], *r))
+                    n_metrics += 1
+    _write_csv(paths["summary"], ["run_id", *columns, *SUMMARY_FIELDS], rows, columns)
+    gcols = list(grouped[0]) if grouped else [c for c in columns if c not in GROUP_EXCLUDE]
+    _write_csv(paths["grouped"], gcols, grouped, [c for c in columns if c not in GROUP_EXCLUDE])
+    return {
+        "columns": columns,
+        "summary": rows,
+        "grouped": grouped,
+        "metrics_rows": n_metrics,
+        "paths": paths,
+    }
+
+
+def _print_collected(res: dict, stdout) -> None:
+    cols = res["columns"]
+    header = [
+        "run_id",
+        *cols,
+        "status",
+        "SC onset",
+        "SC-50",
+        "train 100%",
+        "grok",
+        "train acc",
+        "test acc",
+        "wall s",
+    ]
+    body = []
+    for r in res["summary"]:
+        body.append(
+            [
+                r["run_id"],
+                *(_cell_axis(r[c]) for c in cols),
+                r["status"],
+                _fmt(r["sc_onset_step"], "d"),
+                _fmt(r["sc50_step"], "d"),
+                _fmt(r["train100_step"], "d"),
+                _fmt(r["grok_step"], "d"),
+                _fmt(r["final_train_acc"], ".4f"),
+                _fmt(r["final_test_acc"], ".4f"),
+                _fmt(r["wall_seconds"], ".1f"),
+            ]
+        )
+    print(_text_table(header, body), file=stdout)
+    for r in res["summary"]:
+        if r["error"]:
+            print(f"  {r['run_id']}: {r['error']}", file=stdout)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a grid of training runs described by a TOML SPEC (resumable; local "
+        "processes or a Dask cluster), then collect the results. "
+        f"'{PROG} collect DIR' only collects.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("spec", metavar="SPEC", help="TOML file: [base], [axes], [[runs]]")
+    a("--out", metavar="DIR", default=None, help="sweep folder (one subfolder per run)")
+    a("--executor", choices=["local", "dask"], default="local", help="where runs execute")
+    a("--workers", type=int, default=1, help="pool processes / LocalCluster workers")
+    a("--threads", type=int, default=1, help="BLAS threads pinned in each worker")
+    a(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="dask: scheduler address (tcp://host:8786) or 'local' for an in-process LocalCluster",
+    )
+    a("--force", action="store_true", help="rerun every run, finished or not")
+    a("--retry-failed", action="store_true", help="rerun runs that failed before")
+    a("--dry-run", action="store_true", help="list the runs (id, axes, state) and exit")
+    a("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def build_collect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} collect",
+        description="Collect every run of a sweep folder into collected_metrics.csv, "
+        "collected_summary.csv and collected_grouped.csv.",
+    )
+    p.add_argument("dir", metavar="DIR", help="sweep folder")
+    p.add_argument("--quiet", action="store_true", help="do not print the summary table")
+    return p
+
+
+def _dry_run(sweep: Sweep, out: str | None, force: bool, retry_failed: bool, stdout) -> None:
+    todo, skip = _plan(sweep, out, force, retry_failed)
+    will = {r.id: ("rerun" if st in ("ok", "failed") else "run") for r, st in todo}
+    state = {r.id: st for r, st in todo} | {r.id: st for r, st, _ in skip}
+    header = ["id", "source", *sweep.columns, "state", "action"]
+    rows = [
+        [
+            r.id,
+            r.source,
+            *(_cell_axis(r.axes[c]) for c in sweep.columns),
+            state[r.id],
+            will.get(r.id, "skip"),
+        ]
+        for r in sweep.runs
+    ]
+    print(
+        f"{len(sweep.runs)} runs in {sweep.source} ({sum(r.source == 'grid' for r in sweep.runs)}"
+        f" grid, {sum(r.source != 'grid' for r in sweep.runs)} explicit); {len(todo)} would "
+        f"run" + (f" into {out}" if out else ""),
+        file=stdout,
+    )
+    print(_text_table(header, rows), file=stdout)
+
+
+def main(argv=None, *, stdout=None, stderr=None) -> int:
+    """The command line; returns the exit code (see the module docstring)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "collect":
+        args = build_collect_parser().parse_args(argv[1:])
+        if not os.path.isdir(args.dir):
+            print(f"{PROG} collect: error: {args.dir!r} is not a folder", file=stderr)
+            return 2
+        res = collect(args.dir)
+        if not args.quiet:
+            _print_collected(res, stdout)
+        print(f"{len(res['summary'])} runs collected into {args.dir}", file=stdout)
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_spec(args.spec)
+        _check_options(args.executor, args.workers, args.threads, args.scheduler)
+        if args.dry_run:
+            _dry_run(sweep, args.out, args.force, args.retry_failed, stdout)
+            return 0
+        if args.out is None:
+            raise UsageError("--out DIR is required (except with --dry-run)")
+        report = run_sweep(
+            sweep,
+            args.out,
+            executor=args.executor,
+            workers=args.workers,
+            threads=args.threads,
+            scheduler=args.scheduler,
+            force=args.force,
+            retry_failed=args.retry_failed,
+            quiet=args.quiet,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    except (SpecError, UsageError) as exc:
+        print(f"{PROG}: error: {exc}", file=stderr)
+        return 2
+    return report.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
