@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import numstab
+from numstab.atomic import atomic_open
 
 __all__ = [
     "MANIFEST",
@@ -72,35 +71,6 @@ class Checkpoint:
 
 def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` to a temporary file, fsync, then rename onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _run_arrays(name: str, run) -> tuple[dict, dict]:
@@ -160,7 +130,8 @@ def save_checkpoint(directory, runs: dict, log, *, extra: dict | None = None) ->
     steps = [m["step"] for m in run_meta.values()]
     tag = f"checkpoint-{max(steps) if steps else 0:06d}"
     npz_name = f"{tag}.npz"
-    _atomic_write(directory / npz_name, lambda f: np.savez(f, **arrays))
+    with atomic_open(directory / npz_name, "wb") as f:
+        np.savez(f, **arrays)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -174,7 +145,8 @@ def save_checkpoint(directory, runs: dict, log, *, extra: dict | None = None) ->
         },
     }
     text = json.dumps(manifest, indent=1, sort_keys=True, default=_json_default).encode()
-    _atomic_write(directory / MANIFEST, lambda f: f.write(text))
+    with atomic_open(directory / MANIFEST, "wb") as f:
+        f.write(text)
     for old in directory.glob("checkpoint-*.npz"):
         if old.name != npz_name:
             old.unlink(missing_ok=True)

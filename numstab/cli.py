@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 import numstab
+from numstab.atomic import write_text
 from numstab.precision import REDUCTION_ORDERS, available_formats
 from numstab.train import TrainConfig
 
@@ -257,19 +258,8 @@ def check_out_dir(path: str) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`numstab.atomic.write_text`)."""
+    write_text(path, text)
 
 
 def versions() -> dict:

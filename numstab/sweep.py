@@ -74,6 +74,8 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from numstab.atomic import atomic_open
+
 __all__ = [
     "GROUP_EXCLUDE",
     "NUMERIC_FIELDS",
@@ -590,37 +592,7 @@ def _json_safe(o):
 # --- atomic files ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_open(path: str):
-    """Open a temporary file beside ``path``; on success fsync it, rename it over ``path`` and
-    fsync the folder (so the rename survives a crash); on error remove it."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_atomic_open = atomic_open
 
 
 def _write_json(path: str, obj) -> None:

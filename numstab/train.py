@@ -17,13 +17,13 @@ import dataclasses
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from numstab import metrics as M
-from numstab.data import Dataset, get_dataset
+from numstab.atomic import atomic_open
+from numstab.data import ENCODINGS, TASKS, Dataset, get_dataset
 from numstab.functional import (
     LOSS_KINDS,
     GatherPlan,
@@ -91,26 +91,72 @@ class TrainConfig:
     zero_target_grad_from: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        try:
+            hidden = tuple(self.hidden)
+        except TypeError:
+            raise ValueError(
+                f"hidden must be a list of positive integers, got {self.hidden!r}"
+            ) from None
+        for h in hidden:
+            if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+                raise ValueError(f"hidden widths must be positive integers, got {hidden!r}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         for name in ("dtype", "loss_dtype", "state_dtype"):
             if getattr(self, name) is not None:
                 get_format(getattr(self, name))
+        _choice("task", self.task, TASKS)
+        _choice("encoding", self.encoding, ENCODINGS)
         _choice("order", self.order, REDUCTION_ORDERS)
         _choice("loss", self.loss, LOSS_KINDS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("perp_grad", self.perp_grad, PERP_SCOPES)
-        for name in ("steps", "log_every"):
+        ints = {
+            "p": 2,
+            "parity_bits": 1,
+            "parity_k": 1,
+            "parity_samples": 2,
+            "steps": 0,
+            "log_every": 1,
+            "seed": 0,
+        }
+        for name, lo in ints.items():
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < (0 if name == "steps" else 1):
-                raise ValueError(
-                    f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {v!r}"
-                )
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(
-                f"batch_size must be a positive integer or None, got {self.batch_size}"
-            )
-        if not (math.isfinite(self.lr) and self.lr >= 0):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        for name in ("batch_size", "zero_target_grad_from"):
+            v = getattr(self, name)
+            if v is not None and (
+                isinstance(v, bool)
+                or not isinstance(v, (int, np.integer))
+                or v < (1 if name == "batch_size" else 0)
+            ):
+                raise ValueError(f"{name} must be a non-negative integer or None, got {v!r}")
+        for name in (
+            "train_fraction",
+            "alpha",
+            "stablemax_eps",
+            "lr",
+            "beta1",
+            "beta2",
+            "eps",
+            "weight_decay",
+            "momentum",
+        ):
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float, np.number))
+                or not math.isfinite(v)
+            ):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))  # canonical: 1 and 1.0 are one config
+        if not 0 < self.train_fraction < 1:
+            raise ValueError(f"train_fraction must lie in (0, 1), got {self.train_fraction!r}")
+        if self.lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if self.alpha == 0:
+            raise ValueError("alpha (the logit multiplier) must be non-zero")
 
     @property
     def state_format(self) -> str:
@@ -179,16 +225,11 @@ class MetricLog:
         if self.path is None:
             return
         self.close()
-        d = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics-", suffix=".csv.tmp")
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_open(self.path) as f:
             w = csv.writer(f)
             w.writerow(CSV_HEADER)
             for row in self.rows:
                 w.writerow((*row[:5], repr(row[5])))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
         self._own = self._stream = open(self.path, "a", newline="")
         self._writer = csv.writer(self._stream)
 

@@ -1,0 +1,482 @@
+"""The sweep command: SPEC validation, stable ids, both executors, resume, failures, collect."""
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from numstab import sweep
+from numstab.train import CSV_HEADER, TrainConfig
+
+GRID = """
+description = "test grid"
+
+[base]
+p = 11
+hidden = [16, 16]
+steps = 20
+log_every = 5
+
+[axes]
+dtype = ["float32", "float64"]
+seed = [0, 1]
+"""
+
+# One ordinary run and one that diverges at once (sgd with an absurd step: NonFiniteError).
+FAILING = """
+[base]
+p = 11
+hidden = [16, 16]
+steps = 10
+log_every = 5
+
+[[runs]]
+seed = 0
+
+[[runs]]
+optimizer = "sgd"
+lr = 1e30
+"""
+
+
+def write(tmp_path, text, name="spec.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summary_without_wall(rows):
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory):
+    """The 2 x 2 grid through the local executor (2 processes, 1 BLAS thread each)."""
+    d = tmp_path_factory.mktemp("local")
+    spec = write(d, GRID)
+    out = d / "out"
+    report = sweep.run_sweep(spec, out, executor="local", workers=2, threads=1, quiet=True)
+    return spec, out, report
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def test_local_grid_writes_every_file(local_grid):
+    _, out, report = local_grid
+    assert report.exit_code == 0 and not report.failed
+    assert sorted(report.executed) == sorted(report.planned) and len(report.planned) == 4
+    for rid in report.planned:
+        folder = out / rid
+        assert {p.name for p in folder.iterdir()} == {"config.json", "metrics.csv", "summary.json"}
+        s = json.loads((folder / "summary.json").read_text())
+        assert s["status"] == "ok" and s["error"] is None
+        assert s["final"]["step"] == 20
+        assert s["executor"] == {"kind": "local", "workers": 2, "threads": 1, "scheduler": None}
+        assert {"numpy", "numstab", "python"} <= set(s["versions"])
+        # Pinned inside the worker, and recorded.
+        for lib in s["runtime"]["blas"]:
+            assert lib["num_threads"] == 1
+        cfg = json.loads((folder / "config.json").read_text())
+        assert (
+            sweep.run_id(
+                TrainConfig(**{k: v for k, v in cfg["config"].items() if k != "state_format"})
+            )
+            == rid
+        )
+        with open(folder / "metrics.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert tuple(rows[0]) == CSV_HEADER
+        assert {r[1] for r in rows[1:]} == {rid}
+    rows = read_csv(out / "collected_summary.csv")
+    assert [(r["dtype"], r["seed"]) for r in rows] == [
+        ("float32", "0"),
+        ("float32", "1"),
+        ("float64", "0"),
+        ("float64", "1"),
+    ]
+    assert list(rows[0])[:3] == ["run_id", "dtype", "seed"]
+    assert all(r["status"] == "ok" and r["error"] == "" and r["final_step"] == "20" for r in rows)
+
+
+def test_dask_local_cluster_gives_identical_tables(local_grid, tmp_path):
+    spec, local_out, _ = local_grid
+    out = tmp_path / "dask"
+    report = sweep.run_sweep(
+        spec, out, executor="dask", scheduler="local", workers=2, threads=1, quiet=True
+    )
+    assert report.exit_code == 0 and len(report.executed) == 4
+    a = read_csv(local_out / "collected_summary.csv")
+    b = read_csv(out / "collected_summary.csv")
+    assert summary_without_wall(a) == summary_without_wall(b)
+    assert (local_out / "collected_metrics.csv").read_bytes() == (
+        out / "collected_metrics.csv"
+    ).read_bytes()
+    s = json.loads((out / report.planned[0] / "summary.json").read_text())
+    assert s["executor"]["kind"] == "dask" and s["executor"]["scheduler"] == "local"
+
+
+def test_resume_skips_finished_runs_and_force_reruns_all(local_grid, tmp_path):
+    _, src, _ = local_grid
+    out = tmp_path / "resume"
+    shutil.copytree(src, out)
+    spec = write(tmp_path, GRID)
+    kw = dict(executor="dask", scheduler="local", workers=2, quiet=True)
+
+    again = sweep.run_sweep(spec, out, **kw)
+    assert again.executed == [] and sorted(again.skipped) == sorted(again.planned)
+
+    victim = again.planned[2]
+    before = (out / victim / "metrics.csv").read_bytes()
+    os.remove(out / victim / "summary.json")  # as if the sweep died during this run
+    resumed = sweep.run_sweep(spec, out, **kw)
+    assert resumed.executed == [victim] and len(resumed.skipped) == 3
+    assert (out / victim / "metrics.csv").read_bytes() == before
+
+    forced = sweep.run_sweep(spec, out, force=True, **kw)
+    assert sorted(forced.executed) == sorted(forced.planned)
+
+
+def test_interrupt_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
+    spec = write(tmp_path, GRID)
+    out = tmp_path / "out"
+    real = sweep._write_run_result
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep, "_write_run_result", flaky)
+    code = sweep.main(
+        [spec, "--out", str(out), "--executor", "dask", "--scheduler", "local", "--quiet"]
+    )
+    assert code == 130
+    done = [d for d in os.listdir(out) if (out / d / "summary.json").exists()]
+    assert len(done) == 1
+    monkeypatch.setattr(sweep, "_write_run_result", real)
+    report = sweep.run_sweep(spec, out, executor="dask", scheduler="local", quiet=True)
+    assert len(report.executed) == 3 and report.skipped == done
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+def test_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
+    spec = write(tmp_path, FAILING)
+    out = tmp_path / "out"
+    code = sweep.main([spec, "--out", str(out), "--quiet"])
+    assert code == 1
+    captured = capsys.readouterr()
+    ids = [r.id for r in sweep.load_spec(spec).runs]
+    bad = ids[1]
+    assert f"{bad}" in captured.err and "NonFiniteError" in captured.err
+    assert "FAILED" in captured.out
+    s = json.loads((out / bad / "summary.json").read_text())
+    assert s["status"] == "failed"
+    assert s["error"]["type"] == "NonFiniteError" and s["error"]["step"] >= 1
+    assert "Traceback" in s["error"]["traceback"]
+    good = json.loads((out / ids[0] / "summary.json").read_text())
+    assert good["status"] == "ok" and good["final"]["step"] == 10
+    rows = {r["run_id"]: r for r in read_csv(out / "collected_summary.csv")}
+    assert rows[bad]["status"] == "failed" and "NonFiniteError" in rows[bad]["error"]
+    assert rows[ids[0]]["status"] == "ok" and rows[ids[0]]["error"] == ""
+
+    # Failed runs are not rerun by a plain re-invocation (the exit code still says 1) ...
+    again = sweep.run_sweep(spec, out, quiet=True)
+    assert again.executed == [] and again.exit_code == 1 and again.failed[0]["previous"]
+    # ... but with --retry-failed, and only they.
+    retried = sweep.run_sweep(spec, out, retry_failed=True, quiet=True)
+    assert retried.executed == [bad] and retried.exit_code == 1
+
+
+def test_an_exception_in_one_run_is_recorded_with_its_traceback(tmp_path, monkeypatch):
+    import numstab.train as train_mod
+
+    real = train_mod.train
+
+    def sometimes(config, **kw):
+        if config.seed == 1 and config.dtype == "float64":
+            raise RuntimeError("boom in the worker")
+        return real(config, **kw)
+
+    monkeypatch.setattr(train_mod, "train", sometimes)  # seen by in-process Dask workers
+    spec = write(tmp_path, GRID)
+    report = sweep.run_sweep(
+        spec, tmp_path / "out", executor="dask", scheduler="local", workers=2, quiet=True
+    )
+    assert report.exit_code == 1 and len(report.executed) == 4
+    [f] = report.failed
+    assert f["error"]["type"] == "RuntimeError" and "boom" in f["error"]["message"]
+    assert "sometimes" in f["error"]["traceback"]
+    rows = report.collected["summary"]
+    assert [r["status"] for r in rows].count("ok") == 3
+    [g64] = [g for g in report.collected["grouped"] if g["dtype"] == "float64"]
+    assert (g64["n_runs"], g64["n_ok"], g64["n_failed"]) == (2, 1, 1)
+    assert g64["final_test_acc_n"] == 1 and g64["final_test_acc_std"] is None
+
+
+# --- SPEC validation -------------------------------------------------------------------------
+
+BAD_SPECS = [
+    ("[base]\nstepz = 10\n", "base.stepz"),
+    ("[axes]\nlearning_rate = [0.1]\n", "axes.learning_rate"),
+    ("[axes]\nseed = []\n", "axes.seed"),
+    ('[base]\nsteps = "ten"\n', "base.steps"),
+    ("[axes]\nhidden = [16, 16]\n", "axes.hidden"),
+    ('[base]\nhidden = [16, "x"]\n', "base.hidden"),
+    ('[axes]\ndtype = ["float32", "float8"]\n', "axes.dtype"),
+    ("[axes]\nseed = [0]\nseed = [1]\n", "axes.seed"),
+    ("[axes]\nseed = [0, 0]\n", "axes.seed"),
+    ("[axes]\ntrain_fraction = [0.5, 1.5]\n", "axes.train_fraction"),
+    ('[[runs]]\nlr = "fast"\n', "runs[0].lr"),
+    ("steps = 10\n", "steps"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), BAD_SPECS)
+def test_malformed_spec_is_rejected_before_anything_runs(tmp_path, capsys, text, key):
+    spec = write(tmp_path, GRID.split("[base]")[0] + text)
+    out = tmp_path / "out"
+    code = sweep.main([spec, "--out", str(out), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert key in err, err
+    assert not out.exists()
+
+
+def test_invalid_dtype_names_the_value_and_the_valid_formats(tmp_path):
+    with pytest.raises(sweep.SpecError) as info:
+        sweep.parse_spec({"axes": {"dtype": ["float16", "float8"]}})
+    msg = str(info.value)
+    assert "axes.dtype" in msg and "float8" in msg and "float32" in msg
+
+
+def test_axis_overrides_base_and_none_means_none():
+    sw = sweep.parse_spec(
+        {
+            "base": {"seed": 5, "steps": 3, "perp_grad": "tensor"},
+            "axes": {"seed": [0, 1], "perp_grad": ["none", "global"]},
+        }
+    )
+    assert sorted({r.config.seed for r in sw.runs}) == [0, 1]
+    assert {r.config.perp_grad for r in sw.runs} == {None, "global"}
+    assert all(r.config.steps == 3 for r in sw.runs)
+
+
+def test_bad_options_exit_2(tmp_path, capsys):
+    spec = write(tmp_path, GRID)
+    out = tmp_path / "out"
+    assert sweep.main([spec, "--out", str(out), "--executor", "dask"]) == 2
+    assert "--scheduler" in capsys.readouterr().err
+    assert sweep.main([spec, "--out", str(out), "--workers", "0"]) == 2
+    assert sweep.main([spec]) == 2
+    assert sweep.main([str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
+    import fcntl
+
+    spec = write(tmp_path, GRID)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".sweep.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep.main([spec, "--out", str(out), "--quiet"]) == 2
+    assert "another sweep" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".sweep.lock"]
+
+
+# --- ids and dry run -------------------------------------------------------------------------
+
+
+def test_ids_are_stable_and_change_with_every_field():
+    base = TrainConfig(p=11, hidden=(16, 16), steps=20)
+    assert sweep.run_id(base) == sweep.run_id(TrainConfig(p=11, hidden=[16, 16], steps=20))
+    assert sweep.run_id(base.replace(lr=1)) == sweep.run_id(base.replace(lr=1.0))
+    assert len(sweep.run_id(base)) == 12 and int(sweep.run_id(base), 16) >= 0
+    changed = {
+        "task": "mul",
+        "p": 13,
+        "train_fraction": 0.5,
+        "encoding": "binary",
+        "parity_bits": 40,
+        "parity_k": 4,
+        "parity_samples": 1000,
+        "hidden": (16,),
+        "bias": True,
+        "alpha": 2.0,
+        "dtype": "float64",
+        "loss_dtype": "float64",
+        "order": "sequential",
+        "loss": "stablemax",
+        "stablemax_eps": 1e-30,
+        "optimizer": "sgd",
+        "state_dtype": "float64",
+        "lr": 0.02,
+        "beta1": 0.8,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 1.0,
+        "momentum": 0.9,
+        "perp_grad": "tensor",
+        "normalized_lr": True,
+        "steps": 21,
+        "batch_size": 8,
+        "log_every": 7,
+        "seed": 1,
+        "zero_target_grad_from": 3,
+    }
+    import dataclasses
+
+    # Fields added to TrainConfig after this test was written get a generic change.
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in changed:
+            d = getattr(base, f.name)
+            if isinstance(d, bool):
+                changed[f.name] = not d
+            elif isinstance(d, (int, float)):
+                changed[f.name] = d + 1
+    ids = {sweep.run_id(base)}
+    for k, v in changed.items():
+        ids.add(sweep.run_id(base.replace(**{k: v})))
+    assert len(ids) == len(changed) + 1
+
+
+def test_dry_run_lists_runs_creates_nothing_and_ids_match_other_processes(tmp_path):
+    spec = write(tmp_path, GRID)
+    out = tmp_path / "out"
+    ids = [r.id for r in sweep.load_spec(spec).runs]
+    assert ids == [r.id for r in sweep.load_spec(spec).runs]
+    # A fresh interpreter (another hash seed) prints the same ids.
+    proc = subprocess.run(
+        [sys.executable, "-m", "numstab.sweep", spec, "--out", str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for rid in ids:
+        assert rid in proc.stdout
+    assert "dtype" in proc.stdout and "seed" in proc.stdout and "float64" in proc.stdout
+    assert proc.stdout.count(" run\n") == 4
+    assert not out.exists()
+
+
+def test_dry_run_shows_what_resume_would_do(local_grid, tmp_path, capsys):
+    spec, out, _ = local_grid
+    assert sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.count(" skip") == 4 and "0 would run" in text
+
+
+# --- collect ---------------------------------------------------------------------------------
+
+
+def _fake_run(out, rid, seed, lr, status, sc50, test_acc):
+    d = out / rid
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(
+        json.dumps(
+            {"id": rid, "axes": {"lr": lr, "seed": seed}, "columns": ["lr", "seed"], "config": {}}
+        )
+    )
+    (d / "summary.json").write_text(
+        json.dumps(
+            {
+                "id": rid,
+                "status": status,
+                "error": None if status == "ok" else {"type": "NonFiniteError", "message": "nan"},
+                "sc_onset_step": None if sc50 is None else sc50 - 10,
+                "sc50_step": sc50,
+                "train100_step": 20,
+                "grok_step": None,
+                "final": {"step": 200, "train_acc": 1.0, "test_acc": test_acc},
+                "wall_seconds": 1.5,
+            }
+        )
+    )
+    (d / "metrics.csv").write_text(",".join(CSV_HEADER) + f"\n0,{rid},train,loss,,{seed + lr!r}\n")
+
+
+def test_collect_groups_over_seeds_and_counts_missing_values(tmp_path):
+    out = tmp_path / "sweep"
+    _fake_run(out, "aaaaaaaaaaa1", 0, 0.1, "ok", 100, 0.5)
+    _fake_run(out, "aaaaaaaaaaa2", 1, 0.1, "ok", None, 0.25)
+    _fake_run(out, "aaaaaaaaaaa3", 2, 0.1, "ok", 140, 0.125)
+    _fake_run(out, "aaaaaaaaaaa4", 3, 0.1, "failed", 5, 0.0)
+    _fake_run(out, "0000000000b1", 0, 0.01, "ok", 300, 0.75)
+    (out / "0000000000c1").mkdir()
+    (out / "0000000000c1" / "config.json").write_text(
+        json.dumps(
+            {"id": "0000000000c1", "axes": {"lr": 0.01, "seed": 1}, "columns": ["lr", "seed"]}
+        )
+    )
+    (out / "notes").mkdir()  # not a run folder
+
+    res = sweep.collect(out)
+    assert res["columns"] == ["lr", "seed"]
+    assert [(r["lr"], r["seed"], r["status"]) for r in res["summary"]] == [
+        (0.01, 0, "ok"),
+        (0.01, 1, "incomplete"),
+        (0.1, 0, "ok"),
+        (0.1, 1, "ok"),
+        (0.1, 2, "ok"),
+        (0.1, 3, "failed"),
+    ]
+    g01, g1 = res["grouped"]
+    assert (g1["lr"], g1["seeds"], g1["n_runs"], g1["n_ok"], g1["n_failed"]) == (
+        0.1,
+        "0 1 2 3",
+        4,
+        3,
+        1,
+    )
+    assert (g01["n_ok"], g01["n_incomplete"]) == (1, 1)
+    # SC-50 reached by 2 of the 3 ok seeds; the failed run is not averaged.
+    assert g1["sc50_step_n"] == 2 and g1["sc50_step_mean"] == 120.0
+    assert g1["sc50_step_std"] == pytest.approx(np.std([100, 140], ddof=1))
+    assert g1["grok_step_n"] == 0 and g1["grok_step_mean"] is None
+    assert g1["final_test_acc_n"] == 3
+    assert g1["final_test_acc_mean"] == pytest.approx(np.mean([0.5, 0.25, 0.125]))
+    assert g1["final_test_acc_std"] == pytest.approx(np.std([0.5, 0.25, 0.125], ddof=1))
+    assert g01["final_test_acc_std"] is None  # one value: no sample std
+
+    grouped = read_csv(out / "collected_grouped.csv")
+    assert grouped[1]["sc50_step_n"] == "2" and grouped[1]["grok_step_mean"] == ""
+    assert float(grouped[1]["sc50_step_std"]) == statistics.stdev([100, 140])
+    summary = read_csv(out / "collected_summary.csv")
+    assert summary[3]["sc50_step"] == "" and summary[5]["error"] == "NonFiniteError: nan"
+    metrics = read_csv(out / "collected_metrics.csv")
+    assert [m["run_id"] for m in metrics] == [
+        "0000000000b1",
+        "aaaaaaaaaaa1",
+        "aaaaaaaaaaa2",
+        "aaaaaaaaaaa3",
+        "aaaaaaaaaaa4",
+    ]
+    assert list(metrics[0]) == ["run_id", *CSV_HEADER]
+    assert res["metrics_rows"] == 5
+
+
+def test_collect_command(local_grid, capsys):
+    _, out, report = local_grid
+    assert sweep.main(["collect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert all(rid in text for rid in report.planned) and "4 runs collected" in text
+    assert sweep.main(["collect", str(out / "nope")]) == 2
