@@ -829,15 +829,11 @@ def labels_for(logits, *, target: str = "mixed"):
     n, c = z.shape
     first_max = np.argmax(z.astype(np.float64) if z.dtype != np.longdouble else z, axis=1)
 
-    @st.composite
-    def build(draw):
-        out = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            at_max = target == "argmax" or (target == "mixed" and draw(st.booleans()))
-            out[i] = first_max[i] if at_max else draw(st.integers(0, c - 1))
-        return out
+    def one(i):
+        top, anywhere = st.just(int(first_max[i])), st.integers(0, c - 1)
+        return {"argmax": top, "any": anywhere, "mixed": st.one_of(top, anywhere)}[target]
 
-    return build()
+    return st.tuples(*(one(i) for i in range(n))).map(lambda t: np.array(t, dtype=np.int64))
 
 
 def logits_and_labels(logits_strategy=None, *, target: str = "mixed"):
