@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import ml_dtypes
 import numpy as np
 
 from numstab import exact
-from numstab.functional import collapse_mask, loss_backward, loss_forward
+from numstab.functional import _check_eps, collapse_mask, loss_backward, loss_forward
 from numstab.metrics import param_cosines
 from numstab.precision import REDUCTION_ORDERS, available_formats, get_format, quantize
 
@@ -63,10 +65,31 @@ AUDIT_METHODS = ("auto", "mpmath")
 
 
 def _format(dtype):
+    if dtype is None:  # np.dtype(None) is float64: never guess a format
+        raise ValueError(
+            f"dtype: unknown format None; valid formats: {', '.join(available_formats())}"
+        )
     try:
         return get_format(dtype)
     except ValueError as exc:
         raise ValueError(f"dtype: {exc}") from None
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_real(dt) -> bool:
+    """Real numbers: the float formats, integers and bools (not complex, object, strings)."""
+    return dt.kind in "fiub" or dt == _BF16
+
+
+def _broadcast(x, y, xname, yname):
+    try:
+        return np.broadcast_shapes(x.shape, y.shape)
+    except ValueError:
+        raise ValueError(
+            f"{xname} (shape {x.shape}) and {yname} (shape {y.shape}) do not broadcast together"
+        ) from None
 
 
 def _choice(name, value, allowed):
@@ -127,10 +150,25 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
     ndarray of float64, shape of the broadcast inputs
         0 where both agree (equal infinities of one sign, or both NaN); ``inf`` where exactly
         one side is non-finite or the infinities differ.
+
+    Raises
+    ------
+    TypeError
+        Complex, string or other non-real dtypes.
+    ValueError
+        Shapes that do not broadcast, unknown ``fmt``.
     """
     fmt = _format(fmt)
     c = np.asarray(computed)
     e = np.asarray(exact_values)
+    if not _is_real(c.dtype):
+        raise TypeError(f"computed must be an array of real numbers, got dtype {c.dtype}")
+    if not (_is_real(e.dtype) or e.dtype == object):
+        raise TypeError(
+            f"exact_values must be an array of real numbers or an object array of mpf, got "
+            f"dtype {e.dtype}"
+        )
+    _broadcast(c, e, "computed", "exact_values")
     if e.dtype == object:
         out = np.empty(np.broadcast_shapes(c.shape, e.shape), dtype=np.float64)
         cb, eb = np.broadcast_arrays(c, e)
@@ -148,6 +186,12 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
         _, ex = np.frexp(np.abs(ew))
         ulp = np.ldexp(np.ones_like(ew), np.maximum(ex - 1, fmt.emin) - fmt.precision + 1)
         err = np.abs(cw - ew) / ulp
+        # Opposite huge values: the difference overflows although the ulp count does not.
+        over = np.isinf(err) & np.isfinite(cw) & np.isfinite(ew)
+        if over.any():
+            cb, eb, ub = (np.broadcast_to(v, err.shape)[over] for v in (cw, ew, ulp))
+            err = np.array(err)
+            err[over] = np.abs(cb * 0.5 - eb * 0.5) / ub * 2  # halving is exact up there
         same = (cw == ew) | (np.isnan(cw) & np.isnan(ew))
         err = np.where(same, 0.0, err)
         err = np.where(~same & ~(np.isfinite(cw) & np.isfinite(ew)), np.inf, err)
@@ -191,9 +235,10 @@ def absorbed(a, b, fmt) -> np.ndarray:
         dt = np.asarray(v).dtype
         if dt.kind not in "fiub":
             raise TypeError(f"{name} must be a real numeric array, got dtype {dt}")
-    aq = quantize(np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float32)), fmt)
-    bq = quantize(np.asarray(b, dtype=np.result_type(np.asarray(b).dtype, np.float32)), fmt)
+    _broadcast(np.asarray(a), np.asarray(b), "a", "b")
     with np.errstate(invalid="ignore", over="ignore"):
+        aq = quantize(np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float32)), fmt)
+        bq = quantize(np.asarray(b, dtype=np.result_type(np.asarray(b).dtype, np.float32)), fmt)
         s = quantize(aq + bq, fmt)
     out = (s == aq) & (bq != 0)
     return out[()] if out.ndim == 0 else out
@@ -216,7 +261,7 @@ def sc_fraction(
     kind : {"softmax", "stablemax"}
     order : {"pairwise", "sequential", "wide", "sorted"}
     eps : float
-        StableMax denominator epsilon (the authors' code: 1e-30).
+        StableMax denominator epsilon (the authors' code: 1e-30); finite and ``>= 0``.
 
     Returns
     -------
@@ -226,6 +271,7 @@ def sc_fraction(
     fmt = _format(dtype)
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
+    _check_eps(eps)
     z = _logits(logits)
     if z.shape[0] == 0:
         return float("nan")
@@ -258,6 +304,12 @@ def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
     fmt = _format(dtype)
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    try:
+        float(n_classes - 1)
+    except OverflowError:
+        raise ValueError(
+            f"n_classes must be an integer >= 2 below 2**1024, got {n_classes!r}"
+        ) from None
     u = fmt.unit_roundoff
     p = fmt.precision
     never_below = p * math.log(2) - math.log1p(u)
@@ -271,18 +323,75 @@ def nlm_cosine(params: dict, grads: dict) -> dict:
     Parameters
     ----------
     params, grads : dict of name -> ndarray
-        The same keys and shapes. Computed in float64.
+        The same keys and shapes; arrays (or lists) of real numbers. Computed in float64
+        (longdouble for longdouble tensors), after scaling each side by a power of two (exact)
+        so that neither tiny (subnormal) nor huge (1e300) tensors under- or overflow.
+
+    Returns
+    -------
+    dict of name -> float, plus ``"global"``
+        In [-1, 1] (up to rounding); NaN where a tensor (or every tensor, for ``"global"``)
+        is zero or holds NaN / inf.
+
+    Raises
+    ------
+    TypeError
+        ``params`` / ``grads`` not mappings, or a tensor of a non-real dtype (complex, object,
+        string).
+    ValueError
+        Different keys or shapes (the message names them).
     """
+    if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
+        raise TypeError(
+            f"params and grads must be dicts of name -> array, got {type(params).__name__} "
+            f"and {type(grads).__name__}"
+        )
     missing = set(params) ^ set(grads)
     if missing:
         raise ValueError(f"params and grads must have the same keys; differing: {sorted(missing)}")
+    wide_p, wide_g = {}, {}
     for k in params:
         if np.shape(params[k]) != np.shape(grads[k]):
             raise ValueError(
                 f"shape mismatch for {k!r}: params {np.shape(params[k])}, "
                 f"grads {np.shape(grads[k])}"
             )
-    return param_cosines(params, grads, sign=-1.0)
+        wide_p[k] = _wide_tensor(params[k], f"params[{k!r}]")
+        wide_g[k] = _wide_tensor(grads[k], f"grads[{k!r}]")
+    with np.errstate(all="ignore"):  # NaN / inf tensors give NaN, as documented
+        ep, eg = _pow2_exponent(wide_p.values()), _pow2_exponent(wide_g.values())
+        out = param_cosines(
+            {k: np.ldexp(v, -_pow2_exponent([v])) for k, v in wide_p.items()},
+            {k: np.ldexp(v, -_pow2_exponent([v])) for k, v in wide_g.items()},
+            sign=-1.0,
+        )
+        glob = param_cosines(
+            {k: np.ldexp(v, -ep) for k, v in wide_p.items()},
+            {k: np.ldexp(v, -eg) for k, v in wide_g.items()},
+            sign=-1.0,
+        )
+    out["global"] = glob["global"]
+    return out
+
+
+def _wide_tensor(v, name) -> np.ndarray:
+    """``v`` exactly widened to float64 (longdouble stays longdouble)."""
+    a = np.asarray(v)
+    if not _is_real(a.dtype) or a.dtype.kind == "b":
+        raise TypeError(f"{name} must be an array of real numbers, got dtype {a.dtype}")
+    return a.astype(np.longdouble if a.dtype == np.longdouble else np.float64)
+
+
+def _pow2_exponent(arrays) -> int:
+    """``e`` with ``2**(e-1) <= max |x| < 2**e`` over the finite entries (0 if all are 0)."""
+    e = None
+    for v in arrays:
+        fin = np.abs(v[np.isfinite(v)])
+        m = fin.max() if fin.size else 0
+        if m > 0:
+            ex = int(np.frexp(m)[1])
+            e = ex if e is None else max(e, ex)
+    return 0 if e is None else e
 
 
 # --- the cross-entropy audit --------------------------------------------------------------
@@ -416,7 +525,8 @@ def audit_cross_entropy(
     ------
     ValueError, TypeError
         Logits not 2-D, no classes, non-real dtype; labels of the wrong dtype, length or range;
-        unknown dtype, kind, order or method (each message names the bad value).
+        unknown dtype, kind, order or method; ``eps`` negative, not finite or not a real number
+        (each message names the bad value).
 
     Notes
     -----
@@ -427,10 +537,12 @@ def audit_cross_entropy(
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
     _choice("method", method, AUDIT_METHODS)
+    _check_eps(eps)
     z = _logits(logits)
     y = _labels(labels, z.shape[0], z.shape[1])
     t0 = time.perf_counter()
-    zq = quantize(z, fmt)
+    with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
+        zq = quantize(z, fmt)
     n, _c = zq.shape
     rows = np.arange(n)
 
@@ -634,7 +746,8 @@ def exact_logit_gradient(
     e^{z_k - z_y}``); StableMax: ``s'(z_k)/S`` off target and ``-s'(z_y)(S - s_y)/(S s_y)`` on
     target. Evaluated in float64 from sums of positive terms only, so every entry has a
     relative error below ``(C + max|z_k - max z| + 2**12)·2**-52`` (the bound of
-    :func:`audit_cross_entropy`'s fast path); rows with non-finite logits go through mpmath.
+    :func:`audit_cross_entropy`'s fast path); rows with non-finite logits (or longdouble logits
+    beyond float64's range) go through mpmath.
 
     Returns
     -------
@@ -642,7 +755,10 @@ def exact_logit_gradient(
     """
     fmt = _format(dtype)
     _choice("kind", kind, AUDIT_KINDS)
-    z = quantize(_logits(logits), fmt).astype(np.float64)
+    _check_eps(eps)
+    with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
+        zq = quantize(_logits(logits), fmt)
+        z = zq.astype(np.float64)  # longdouble beyond float64's range: inf, so mpmath below
     n, c = z.shape
     y = _labels(labels, n, c)
     rows = np.arange(n)
@@ -661,13 +777,20 @@ def exact_logit_gradient(
             g[rows, y] = np.where(at_top, -s / (1 + s), g[rows, y] - 1)
         else:
             sv = _stablemax_s_work(zf, eps, np.float64)
-            total = sv.sum(axis=1)
-            deriv = np.where(zf >= 0, 1.0, sv * sv)
-            g = deriv / total[:, None]
-            masked = sv.copy()
+            # Sums of s scaled by 2**-e (exact), so that neither S = Σ s (logits near
+            # 1e308) nor products such as S·s_y overflow, and s_y**2 / S never forms 0 / 0.
+            e = np.frexp(sv.max(axis=1))[1]
+            scaled = np.ldexp(sv, -e[:, None])
+            total = scaled.sum(axis=1)  # S·2**-e
+            share = scaled / total[:, None]  # s_k / S
+            # s'(z_k) / S: 1/S for z_k >= 0, s_k**2 / S = s_k·(s_k / S) for z_k < 0.
+            g = np.where(zf >= 0, np.ldexp(1.0 / total, -e)[:, None], sv * share)
+            masked = scaled.copy()
             masked[rows, y] = 0
-            others = masked.sum(axis=1)
-            g[rows, y] = -deriv[rows, y] * others / (total * sv[rows, y])
+            others = masked.sum(axis=1)  # (S - s_y)·2**-e, summed directly
+            sy = sv[rows, y]
+            ratio = np.where(zf[rows, y] >= 0, 1.0 / sy, sy)  # s'(z_y) / s_y
+            g[rows, y] = -ratio * (others / total)
     if not finite.all():
         idx = np.flatnonzero(~finite)
         fn = (
@@ -675,5 +798,5 @@ def exact_logit_gradient(
             if kind == "softmax"
             else (lambda a, b: exact.stablemax_cross_entropy_grad(a, b, eps=eps))
         )
-        g[idx] = exact.round_exact(fn(z[idx], y[idx]), "float64")
+        g[idx] = exact.round_exact(fn(zq[idx], y[idx]), "float64")  # the exact logits
     return g

@@ -44,6 +44,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -185,7 +186,7 @@ def dense_inputs(
     n_inputs : int, optional
         Input width; must match the dataset's when both are given.
     dtype : dtype, default float32
-        Dtype of the result.
+        Dtype of the result: a real floating or integer dtype (TypeError otherwise).
 
     Returns
     -------
@@ -193,11 +194,14 @@ def dense_inputs(
         For ``"onehot"``: the multi-hot count matrix, ``out[i, x[i, 0]] += 1``,
         ``out[i, x[i, 1]] += 1`` (for modular data, two concatenated one-hots of ``a`` and ``b``),
         so ``out @ W1 == W1[x[:, 0]] + W1[x[:, 1]]``. For ``"binary"``/``"bits"``: ``x`` cast to
-        ``dtype`` (a new array).
+        ``dtype`` (a new array); every value must be 0 or 1 (ValueError naming the first other
+        value, NaN included).
     """
+    if n_inputs is not None:
+        n_inputs = _check_int("n_inputs", n_inputs, minimum=1)
     if isinstance(dataset_or_encoding, Dataset):
         encoding = dataset_or_encoding.encoding
-        if n_inputs is not None and int(n_inputs) != dataset_or_encoding.n_inputs:
+        if n_inputs is not None and n_inputs != dataset_or_encoding.n_inputs:
             raise ValueError(
                 f"n_inputs={n_inputs!r} disagrees with the dataset's "
                 f"n_inputs={dataset_or_encoding.n_inputs}"
@@ -205,8 +209,9 @@ def dense_inputs(
         n_inputs = dataset_or_encoding.n_inputs
     else:
         encoding = dataset_or_encoding
-        if encoding not in ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in ENCODINGS:
             raise ValueError(f"encoding={encoding!r} is unknown; valid: {ENCODINGS}")
+    dtype = _check_dtype(dtype)
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (N, d), got shape {x.shape}")
@@ -214,7 +219,6 @@ def dense_inputs(
     if encoding == "onehot":
         if n_inputs is None:
             raise ValueError("n_inputs is required to densify the 'onehot' encoding")
-        n_inputs = _check_int("n_inputs", n_inputs, minimum=1)
         if not np.issubdtype(x.dtype, np.integer):
             raise TypeError(f"'onehot' inputs must be integer row indices, got dtype {x.dtype}")
         if x.size and (x.min() < 0 or x.max() >= n_inputs):
@@ -227,9 +231,30 @@ def dense_inputs(
             out[rows, x[:, j]] += 1
         return out
 
-    if n_inputs is not None and x.shape[1] != int(n_inputs):
+    if n_inputs is not None and x.shape[1] != n_inputs:
         raise ValueError(f"x has {x.shape[1]} columns but n_inputs={n_inputs}")
+    if x.dtype.kind not in "fiub" and x.dtype != _BF16:
+        raise TypeError(f"{encoding!r} inputs must be real 0/1 values, got dtype {x.dtype}")
+    bad = (x != 0) & (x != 1)  # also catches NaN
+    if bad.any():
+        raise ValueError(
+            f"{encoding!r} inputs must be 0 or 1, got {x[bad][0].item()!r} at index "
+            f"{tuple(int(i) for i in np.argwhere(bad)[0])}"
+        )
     return x.astype(dtype)
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _check_dtype(dtype) -> np.dtype:
+    """The result dtype of :func:`dense_inputs`: a real floating or integer dtype."""
+    if dtype is None:  # np.dtype(None) is float64: never guess
+        raise TypeError("dtype must be a real floating or integer dtype (e.g. float32), got None")
+    dt = np.dtype(dtype)
+    if dt.kind not in "fiu" and dt != _BF16:
+        raise TypeError(f"dtype must be a real floating or integer dtype (e.g. float32), got {dt}")
+    return dt
 
 
 # --------------------------------------------------------------------------------------------

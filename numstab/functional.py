@@ -26,13 +26,16 @@ Losses
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from numstab.backend import array_module
-from numstab.precision import Format, PrecisionPolicy, get_format, quantize
-from numstab.summation import ordered_sum
+from numstab.precision import Format, PrecisionPolicy, available_formats, get_format, quantize
+from numstab.summation import check_order, ordered_sum
 
 __all__ = [
     "LOSS_KINDS",
@@ -64,6 +67,74 @@ def _check_choice(value, allowed, what):
     return value
 
 
+# --- input checks -------------------------------------------------------------------------
+# Cheap on purpose (type, dtype, ndim, shape; never a scan of the data): they run on the
+# training step's hot path. Index ranges are checked once where they are built
+# (GatherPlan.build, the Dataset); here an index >= the axis length raises ValueError
+# (NumPy's IndexError, translated) and a negative one counts from the end, as in NumPy.
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_FLOAT_NAMES = "float16, bfloat16, float32, float64 or longdouble"
+
+
+def _is_float(dt) -> bool:
+    return dt.kind == "f" or dt == _BF16
+
+
+def _check_float_array(x, name: str, ndim: int | None = None):
+    """``x`` must be a NumPy/CuPy array of a floating format (of ``ndim`` dimensions)."""
+    dt = getattr(x, "dtype", None)
+    if dt is None or not hasattr(x, "ndim"):
+        raise TypeError(
+            f"{name} must be a NumPy or CuPy array ({_FLOAT_NAMES}), got {type(x).__name__}"
+        )
+    if not _is_float(dt):
+        raise TypeError(f"{name} must be a floating array ({_FLOAT_NAMES}), got dtype {dt}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_policy(policy) -> PrecisionPolicy:
+    if not isinstance(policy, PrecisionPolicy):
+        raise TypeError(
+            "policy must be a PrecisionPolicy (e.g. PrecisionPolicy.uniform('float32')), "
+            f"got {type(policy).__name__}"
+        )
+    return policy
+
+
+def _check_bias(b, n_out: int):
+    if b is not None:
+        _check_float_array(b, "b", 1)
+        if b.shape[0] != n_out:
+            raise ValueError(f"bias b must have shape ({n_out},) (n_out), got {tuple(b.shape)}")
+    return b
+
+
+def _check_cache(cache, what: str) -> tuple:
+    if not (isinstance(cache, tuple) and len(cache) == 3):
+        raise TypeError(f"cache must be the tuple returned by {what}, got {type(cache).__name__}")
+    return cache
+
+
+def _format(fmt) -> Format:
+    if fmt is None:  # np.dtype(None) is float64: never guess a format
+        raise ValueError(f"unknown format None; valid formats: {', '.join(available_formats())}")
+    return get_format(fmt)
+
+
+def _check_eps(eps):
+    """StableMax's epsilon: a finite real number ``>= 0`` (as :mod:`numstab.exact` requires)."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(
+            f"eps must be a real number >= 0, got eps={eps!r} of type {type(eps).__name__}"
+        )
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got eps={eps!r}")
+    return eps
+
+
 # --- matrix products ----------------------------------------------------------------------
 
 
@@ -82,10 +153,31 @@ def gemm(a, b, policy: PrecisionPolicy):
     Returns
     -------
     ndarray, shape (m, n), storage carrier dtype
+        IEEE results for non-finite operands (``inf · 0`` gives NaN; no warning). Views are
+        handed to BLAS as they are, and BLAS may pick another kernel for them (a transposed
+        operand goes to the transposed gemm, a strided single row to gemv with its stride):
+        the result can then differ from a C-contiguous copy's in the last bits, within the
+        same error bound.
+
+    Raises
+    ------
+    TypeError
+        ``a`` or ``b`` not a floating array, ``policy`` not a :class:`PrecisionPolicy`.
+    ValueError
+        ``a`` or ``b`` not 2-D, or inner dimensions that differ.
     """
+    _check_policy(policy)
+    _check_float_array(a, "a", 2)
+    _check_float_array(b, "b", 2)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"gemm needs a (m, k) and b (k, n) with the same k, got shapes {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
     c = policy.compute.carrier
-    out = a.astype(c, copy=False) @ b.astype(c, copy=False)
-    return quantize(out, policy.storage)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = a.astype(c, copy=False) @ b.astype(c, copy=False)
+        return quantize(out, policy.storage)
 
 
 def linear_forward(x, w, b, policy: PrecisionPolicy):
@@ -103,7 +195,9 @@ def linear_forward(x, w, b, policy: PrecisionPolicy):
     """
     y = gemm(x, w, policy)
     if b is not None:
-        y = quantize(y + b, policy.storage)
+        _check_bias(b, w.shape[1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = quantize(y + b, policy.storage)
     return y, (x, w, b is not None)
 
 
@@ -120,13 +214,22 @@ def linear_backward(dy, cache, policy: PrecisionPolicy, *, need_dx: bool = True)
         ``Σ_i dy_i`` accumulated in the compute format (NumPy pairwise over a contiguous
         axis), rounded once.
     """
-    x, w, has_bias = cache
+    x, w, has_bias = _check_cache(cache, "linear_forward")
+    _check_float_array(dy, "dy", 2)
+    if tuple(dy.shape) != (x.shape[0], w.shape[1]):
+        raise ValueError(
+            f"dy must have shape {(x.shape[0], w.shape[1])} (samples, n_out) to match the "
+            f"forward pass, got {tuple(dy.shape)}"
+        )
     dw = gemm(x.T, dy, policy)
     dx = gemm(dy, w.T, policy) if need_dx else None
     db = None
     if has_bias:
         c = policy.compute.carrier
-        db = quantize(np.ascontiguousarray(dy.astype(c, copy=False).T).sum(axis=-1), policy.storage)
+        with np.errstate(over="ignore", invalid="ignore"):
+            db = quantize(
+                np.ascontiguousarray(dy.astype(c, copy=False).T).sum(axis=-1), policy.storage
+            )
     return dx, dw, db
 
 
@@ -156,11 +259,16 @@ class GatherPlan:
         import scipy.sparse as sparse
 
         idx = np.asarray(idx)
-        if idx.ndim != 2 or idx.dtype.kind not in "iu":
+        if idx.ndim != 2 or idx.dtype.kind not in "iu" or idx.shape[1] < 1:
             raise ValueError(
-                f"gather indices must be a 2-D integer array, got {idx.dtype} with shape "
-                f"{idx.shape}"
+                f"gather indices must be a 2-D integer array with at least one column, got "
+                f"{idx.dtype} with shape {idx.shape}"
             )
+        if isinstance(n_rows, (bool, np.bool_)) or not isinstance(n_rows, numbers.Integral):
+            raise TypeError(f"n_rows must be an integer, got n_rows={n_rows!r}")
+        if not 1 <= n_rows <= np.iinfo(np.int64).max:
+            raise ValueError(f"n_rows must lie in [1, 2**63), got n_rows={n_rows}")
+        n_rows = int(n_rows)
         if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
             raise ValueError(
                 f"gather indices must lie in [0, {n_rows}), got range [{idx.min()}, {idx.max()}]"
@@ -200,15 +308,40 @@ def gather_forward(idx, w, b, policy: PrecisionPolicy):
         bit, since the non-zero part of the product is a single addition; for k >= 3 the
         order of the additions is the slot order, which a BLAS product need not follow.
     cache : tuple
+
+    Raises
+    ------
+    ValueError, TypeError
+        Indices not a 2-D integer array with a column, an index ``>= n_rows``; ``w`` or ``b``
+        not floating arrays of matching shapes; ``policy`` not a PrecisionPolicy. Indices are
+        not scanned on this hot path: a negative index counts from the end, as in NumPy
+        (:meth:`GatherPlan.build` and the Dataset validate indices once).
     """
+    _check_policy(policy)
+    if not hasattr(idx, "dtype"):
+        idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu" or idx.ndim != 2 or idx.shape[1] < 1:
+        raise ValueError(
+            f"gather indices must be a 2-D integer array with at least one column, got "
+            f"{idx.dtype} with shape {tuple(idx.shape)}"
+        )
+    _check_float_array(w, "w", 2)
+    _check_bias(b, w.shape[1])
     c = policy.compute.carrier
-    h = w[idx[:, 0]].astype(c, copy=True)
-    for j in range(1, idx.shape[1]):
-        h += w[idx[:, j]]
-    h += c.type(0.0)
-    h = quantize(h, policy.storage)
-    if b is not None:
-        h = quantize(h + b, policy.storage)
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            h = w[idx[:, 0]].astype(c, copy=True)
+            for j in range(1, idx.shape[1]):
+                h += w[idx[:, j]]
+        except IndexError:
+            raise ValueError(
+                f"gather indices must lie in [0, {w.shape[0]}) (the rows of w), got range "
+                f"[{idx.min()}, {idx.max()}]"
+            ) from None
+        h += c.type(0.0)
+        h = quantize(h, policy.storage)
+        if b is not None:
+            h = quantize(h + b, policy.storage)
     return h, (idx, w.shape[0], b is not None)
 
 
@@ -224,25 +357,35 @@ def gather_backward(dh, cache, plan: GatherPlan, policy: PrecisionPolicy):
     -------
     dw : ndarray, shape (n_rows, n_out); db : ndarray (n_out,) or None
     """
-    _, n_rows, has_bias = cache
+    _, n_rows, has_bias = _check_cache(cache, "gather_forward")
+    if not isinstance(plan, GatherPlan):
+        raise TypeError(f"plan must be a GatherPlan (GatherPlan.build), got {type(plan).__name__}")
+    _check_policy(policy)
+    _check_float_array(dh, "dh", 2)
     if plan.n_rows != n_rows or plan.n_samples != dh.shape[0]:
         raise ValueError(
             f"GatherPlan is for {plan.n_samples} samples into {plan.n_rows} rows, but the "
             f"gradient has {dh.shape[0]} samples and the weight {n_rows} rows"
         )
     c = policy.compute.carrier
-    dw = plan.segment_sum(np.ascontiguousarray(dh.astype(c, copy=False)))
-    db = None
-    if has_bias:
-        db = quantize(np.ascontiguousarray(dh.astype(c, copy=False).T).sum(axis=-1), policy.storage)
-    return quantize(dw, policy.storage), db
+    with np.errstate(over="ignore", invalid="ignore"):
+        dw = plan.segment_sum(np.ascontiguousarray(dh.astype(c, copy=False)))
+        db = None
+        if has_bias:
+            db = quantize(
+                np.ascontiguousarray(dh.astype(c, copy=False).T).sum(axis=-1), policy.storage
+            )
+        return quantize(dw, policy.storage), db
 
 
 # --- ReLU ---------------------------------------------------------------------------------
 
 
 def relu_forward(x):
-    """``max(x, 0)`` (exact in every format; NaN stays NaN). Returns ``(y, y)``."""
+    """``max(x, 0)`` (exact in every format; NaN stays NaN). Returns ``(y, y)``.
+
+    ``x`` must be a floating array (TypeError otherwise)."""
+    _check_float_array(x, "x")
     y = np.maximum(x, 0)
     return y, y
 
@@ -253,8 +396,16 @@ def relu_backward(dy, y):
     A multiplication by the 0/1 mask: exact, and 6x faster than ``np.where`` on the dense,
     unpredictable masks of a hidden layer. (``inf · 0`` would give NaN where ``np.where``
     gives 0; an infinite gradient has already stopped the run before this matters.)
+    ``dy`` and ``y`` must be floating arrays of one shape (TypeError / ValueError otherwise).
     """
-    return dy * (y > 0)
+    _check_float_array(dy, "dy")
+    _check_float_array(y, "y")
+    if dy.shape != y.shape:
+        raise ValueError(
+            f"dy and y must have the same shape, got {tuple(dy.shape)} and {tuple(y.shape)}"
+        )
+    with np.errstate(invalid="ignore"):
+        return dy * (y > 0)
 
 
 # --- losses -------------------------------------------------------------------------------
@@ -264,7 +415,7 @@ def stablemax_s(x, fmt, *, eps: float = 0.0):
     """StableMax's ``s(x)`` in a format: ``x + 1`` for ``x >= 0``, ``1 / (1 - x + eps)`` else.
 
     Each operation is rounded to ``fmt``. ``s`` maps ``-inf`` to 0 and ``+inf`` to ``inf``;
-    NaN gives NaN.
+    NaN gives NaN. ``eps`` must be finite and ``>= 0`` (ValueError / TypeError otherwise).
 
     Returns
     -------
@@ -272,14 +423,15 @@ def stablemax_s(x, fmt, *, eps: float = 0.0):
     d : ndarray
         The rounded denominator ``1 - x + eps`` (1 where ``x >= 0``), reused by the backward.
     """
-    fmt = get_format(fmt)
-    x = quantize(x, fmt)
-    one = x.dtype.type(1)
-    pos = x >= 0
-    d = quantize(one - np.where(pos, 0, x), fmt)
-    if eps:
-        d = quantize(d + quantize(np.asarray(eps, dtype=np.float64), fmt), fmt)
-    with np.errstate(divide="ignore"):
+    fmt = _format(fmt)
+    _check_eps(eps)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        x = quantize(x, fmt)
+        one = x.dtype.type(1)
+        pos = x >= 0
+        d = quantize(one - np.where(pos, 0, x), fmt)
+        if eps:
+            d = quantize(d + quantize(np.asarray(eps, dtype=np.float64), fmt), fmt)
         s = np.where(pos, quantize(x + one, fmt), quantize(one / d, fmt))
     return s, np.where(pos, one, d)
 
@@ -288,8 +440,9 @@ def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps
     """Rows whose max-shifted normaliser is exactly 1 in ``fmt`` (Softmax Collapse).
 
     Softmax: ``Σ_k exp(z_k - max z) == 1``; StableMax: ``Σ_k s(z_k) / s(max z) == 1``; every
-    term and partial sum rounded to ``fmt``, summed in ``order``. A row with a NaN logit is
-    not collapsed (its sum is NaN); a row of one class always is.
+    term and partial sum rounded to ``fmt``, summed in ``order``. A row with a NaN or ``+inf``
+    logit, or with every logit ``-inf``, is not collapsed (its sum is NaN); other ``-inf``
+    logits contribute 0; a row of one finite class always is collapsed.
 
     Parameters
     ----------
@@ -301,17 +454,27 @@ def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps
     -------
     ndarray of bool, shape (N,)
     """
-    fmt = get_format(fmt)
+    fmt = _format(fmt)
     _check_choice(kind, LOSS_KINDS, "loss kind")
-    z = quantize(z, fmt)
-    if kind == "stablemax":
-        s, _ = stablemax_s(z, fmt, eps=eps)
-        smax = s.max(axis=-1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
+    check_order(order)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        z = quantize(z, fmt)
+        _check_logits_shape(z)
+        if kind == "stablemax":
+            s, _ = stablemax_s(z, fmt, eps=eps)
+            smax = s.max(axis=-1, keepdims=True)
             terms = quantize(s / smax, fmt)
-    else:
-        terms = _softmax_terms(z, fmt)[1]
+        else:
+            terms = _softmax_terms(z, fmt)[1]
     return ordered_sum(terms, fmt, order) == 1
+
+
+def _check_logits_shape(z):
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise ValueError(
+            f"logits must be 2-D (samples, classes) with at least one class, got shape "
+            f"{tuple(z.shape)}"
+        )
 
 
 def _softmax_terms(z, fmt: Format):
@@ -372,14 +535,48 @@ def loss_forward(
     -------
     loss : ndarray, shape (N,), carrier dtype of ``fmt``
         ``-log p_y``; exactly 0 for collapsed softmax rows. ``inf``/NaN logits give NaN or inf
-        losses as IEEE arithmetic says (the training loop stops on them).
+        losses as IEEE arithmetic says (the training loop stops on them; no warning).
     cache : LossCache
+
+    Raises
+    ------
+    TypeError
+        Logits of a non-floating dtype, labels not integers, ``eps`` not a real number.
+    ValueError
+        Logits not 2-D or without classes, labels not of shape (N,), a label ``>= C``, an
+        unknown kind / format / order, ``eps`` negative or not finite. Labels are not scanned
+        for negative values on this hot path: a negative label counts from the end, as NumPy
+        indexing does (the Dataset and :mod:`numstab.audit` validate labels).
     """
-    fmt = get_format(fmt)
+    fmt = _format(fmt)
     _check_choice(kind, LOSS_KINDS, "loss kind")
-    z = quantize(z, fmt)
+    check_order(order)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        z = quantize(z, fmt)
+    _check_logits_shape(z)
     labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if labels.shape != (z.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({z.shape[0]},) to match the logits {tuple(z.shape)}, "
+            f"got {labels.shape}"
+        )
     rows = np.arange(z.shape[0])
+    try:
+        loss, total, probs, extra = _loss_forward(z, labels, rows, kind, fmt, order, eps)
+    except IndexError:
+        raise ValueError(
+            f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
+            f"[{labels.min()}, {labels.max()}]"
+        ) from None
+    cache = LossCache(
+        kind=kind, fmt=fmt, order=order, labels=labels, normaliser=total, probs=probs, extra=extra
+    )
+    return loss, cache
+
+
+def _loss_forward(z, labels, rows, kind, fmt, order, eps):
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if kind == "softmax":
             d, e = _softmax_terms(z, fmt)
@@ -408,10 +605,7 @@ def loss_forward(
                 quantize(m - z[rows, labels], fmt) + quantize(np.log1p(total), fmt), fmt
             )
             extra = (top, denom)
-    cache = LossCache(
-        kind=kind, fmt=fmt, order=order, labels=labels, normaliser=total, probs=probs, extra=extra
-    )
-    return loss, cache
+    return loss, total, probs, extra
 
 
 def loss_backward(cache: LossCache, dloss):
@@ -430,11 +624,24 @@ def loss_backward(cache: LossCache, dloss):
         stablemax: ``s'(z_k)·dl·(1/S - δ_ky/s_y)``; softmax_stable: ``p_k·dl`` off target and
         ``-(s/(1+s))·dl`` for a target that is the argmax.
     """
+    if not isinstance(cache, LossCache):
+        raise TypeError(
+            f"cache must be the LossCache returned by loss_forward, got {type(cache).__name__}"
+        )
     fmt = cache.fmt
     n = cache.probs.shape[0]
     rows = np.arange(n)
     y = cache.labels
-    dl = quantize(np.broadcast_to(np.asarray(dloss, dtype=np.float64), (n,)), fmt)[:, None]
+    d = np.asarray(dloss)
+    if not (d.dtype.kind in "fiu" or d.dtype == _BF16):
+        raise TypeError(
+            f"dloss must be a real number or a real array of shape ({n},), got {dloss!r:.80} "
+            f"(dtype {d.dtype})"
+        )
+    if d.shape not in ((), (n,)):
+        raise ValueError(f"dloss must be a scalar or have shape ({n},), got shape {d.shape}")
+    with np.errstate(over="ignore"):
+        dl = quantize(np.broadcast_to(np.asarray(d, dtype=np.float64), (n,)), fmt)[:, None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if cache.kind == "softmax":
             g = quantize(cache.probs * dl, fmt)
@@ -461,9 +668,27 @@ def loss_backward(cache: LossCache, dloss):
 
 def reduce_loss(loss, reduction: str = "mean"):
     """Reduce per-sample losses: ``mean`` (accumulated in float64, as a report; training uses
-    ``dloss = fl(1/N)``) or ``none``."""
+    ``dloss = fl(1/N)``) or ``none``.
+
+    ``loss`` is a 1-D array of real numbers (a list is converted); the mean of no losses is
+    NaN, and NaN / inf losses give NaN / inf, without warnings. Other dtypes raise TypeError,
+    other shapes ValueError."""
     _check_choice(reduction, REDUCTIONS, "reduction")
+    if not hasattr(loss, "dtype"):
+        loss = np.asarray(loss)
+    if not (loss.dtype.kind in "fiu" or loss.dtype == _BF16):
+        raise TypeError(f"loss must be an array of real numbers, got dtype {loss.dtype}")
+    if loss.ndim != 1:
+        raise ValueError(f"loss must be 1-D (per-sample losses), got shape {tuple(loss.shape)}")
     if reduction == "none":
         return loss
     xp = array_module(loss)
-    return xp.mean(loss.astype(np.float64))
+    if loss.shape[0] == 0:
+        return np.float64(np.nan)
+    wide = loss.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = xp.mean(wide)
+        if xp.isinf(mean) and bool(xp.isfinite(wide).all()):
+            # The sum overflowed, not the mean: the same sum scaled by 2**-64 (exactly).
+            mean = xp.mean(wide * 2.0**-64) * 2.0**64
+    return mean
