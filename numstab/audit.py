@@ -45,6 +45,7 @@ from numstab import exact
 from numstab.functional import _check_eps, collapse_mask, loss_backward, loss_forward
 from numstab.metrics import param_cosines
 from numstab.precision import REDUCTION_ORDERS, available_formats, get_format, quantize
+from numstab.summation import wide_format
 
 __all__ = [
     "CrossEntropyAudit",
@@ -98,8 +99,13 @@ def _choice(name, value, allowed):
     return value
 
 
+def _widen16(a: np.ndarray) -> np.ndarray:
+    """bfloat16 (a NumPy 'V'-kind dtype) to float32, exactly; anything else unchanged."""
+    return a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
+
+
 def _logits(logits, *, allow_nonfinite: bool = True) -> np.ndarray:
-    z = np.asarray(logits)
+    z = _widen16(np.asarray(logits))
     if z.dtype.kind not in "fiu":
         raise TypeError(
             f"logits must be a real floating array (float16, bfloat16, float32, float64 or "
@@ -184,6 +190,7 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
     ew = np.asarray(e, dtype=work)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         _, ex = np.frexp(np.abs(ew))
+        ex = np.where(ew == 0, fmt.emin + 1, ex)  # ulp(0) is the smallest subnormal
         ulp = np.ldexp(np.ones_like(ew), np.maximum(ex - 1, fmt.emin) - fmt.precision + 1)
         err = np.abs(cw - ew) / ulp
         # Opposite huge values: the difference overflows although the ulp count does not.
@@ -200,7 +207,12 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
 
 def _ulp_error_mpf(c, e, fmt) -> float:
     ctx = exact.context()
-    ce = exact.to_exact(np.asarray(c))[()] if not isinstance(c, type(ctx.mpf(0))) else c
+    if isinstance(c, type(ctx.mpf(0))):
+        ce = c
+    else:
+        ce = exact.to_exact(np.asarray(c))
+        if isinstance(ce, np.ndarray):
+            ce = ce[()]
     if ctx.isnan(ce) and ctx.isnan(e):
         return 0.0
     if ctx.isnan(ce) or ctx.isnan(e) or ctx.isinf(ce) or ctx.isinf(e):
@@ -231,8 +243,9 @@ def absorbed(a, b, fmt) -> np.ndarray:
     (np.True_, np.False_)
     """
     fmt = _format(fmt)
+    a, b = _widen16(np.asarray(a)), _widen16(np.asarray(b))
     for name, v in (("a", a), ("b", b)):
-        dt = np.asarray(v).dtype
+        dt = v.dtype
         if dt.kind not in "fiub":
             raise TypeError(f"{name} must be a real numeric array, got dtype {dt}")
     _broadcast(np.asarray(a), np.asarray(b), "a", "b")
@@ -287,7 +300,9 @@ def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
 
     - below ``never_below`` no order collapses: even added one at a time to 1, a term
       ``fl(e^{-g}) > u`` survives. ``fl(e^{-g}) <= u`` iff ``e^{-g} <= u(1 + 2**-p)`` (the
-      rounding boundary above the power of two ``u``), so ``never_below = p ln 2 - ln(1 + u)``.
+      rounding boundary above the power of two ``u``), so ``never_below = p ln 2 - ln(1 + u)``;
+      the ``wide`` order rounds ``1 + t`` to the wider format first (unit roundoff ``u_w``), and
+      its sum is 1 for ``t <= u + u_w``, which lowers the bound to ``-ln((u + u_w)(1 + u))``.
     - from ``always_above`` on, every order collapses: any order's computed tail sum is at
       most ``(n-1)·t·(1+u)^(n-2)`` with ``t <= e^{-g}(1+u)``, and it is absorbed once it is
       ``<= u``, so ``always_above = ln(n-1) + p ln 2 + (n-1) ln(1+u)``.
@@ -312,7 +327,11 @@ def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
         ) from None
     u = fmt.unit_roundoff
     p = fmt.precision
-    never_below = p * math.log(2) - math.log1p(u)
+    try:  # the wide order rounds 1 + t to the wider format first: t <= u + u_wide collapses
+        u_wide = wide_format(fmt).unit_roundoff
+    except ValueError:
+        u_wide = 0.0
+    never_below = -math.log(u + u_wide) - math.log1p(u)
     always_above = math.log(n_classes - 1) + p * math.log(2) + (n_classes - 1) * math.log1p(u)
     return never_below, always_above
 
@@ -625,7 +644,9 @@ def _exact_fast(zq, y, kind, fmt, eps):
             s = terms.sum(axis=1)
             dmax = np.max(np.abs(d), axis=1)
             eps_row = (dmax + c + 2.0**12 + 8) * uw
-            tiny_abs = c * math.ldexp(1.0, -1074 if work == np.float64 else -16445)
+            # Terms below the working format's normal range carry an absolute error of up to
+            # one subnormal quantum each (and exp underflows to 0 below it).
+            tiny_abs = c * float(np.finfo(work).smallest_subnormal)
             # Target gradient: -t_y / (1 + t_y) with t_y = Σ_{k≠y} e^{z_k - z_y}.
             at_top = top == y
             py = np.exp(zw[rows, y] - m) / (1 + s)
@@ -637,8 +658,8 @@ def _exact_fast(zq, y, kind, fmt, eps):
             ratio = sv / smax[:, None]
             ratio[rows, top] = 0
             s = ratio.sum(axis=1)
-            eps_row = np.full(n, (c + 8.0) * 4 * uw)
-            tiny_abs = 0.0
+            eps_row = np.full(n, (c + 8.0) * 4 * uw, dtype=work)
+            tiny_abs = c * float(np.finfo(work).smallest_subnormal)
             total = sv.sum(axis=1)
             sy = sv[rows, y]
             others = total - sy
@@ -649,10 +670,14 @@ def _exact_fast(zq, y, kind, fmt, eps):
             deriv = np.where(zw[rows, y] >= 0, 1, sv[rows, y] ** 2)
             tgt = -deriv * others / (total * sy)
             loss = np.log1p(others / sy)
+        eps_row = eps_row.astype(work)  # 1 ± eps must not round to 1 (float64 audits)
         lo = s * (1 - eps_row) - tiny_abs
         hi = s * (1 + eps_row) + tiny_abs
         coll = hi <= u
         undecided = ~finite | ~((hi <= u) | (lo > u))
+        # A tail near the working format's subnormal range has lost relative accuracy: such
+        # rows get their values from mpmath (their verdict is "collapsed" anyway).
+        undecided |= s < tiny_abs * 2.0**40
     bound = (eps_row + 4 * uw).astype(np.float64)
     return loss, tgt, coll, bound, undecided
 
@@ -698,9 +723,11 @@ def _exact_collapse(z, kind, fmt, eps) -> np.ndarray:
     out = np.zeros(z.shape[0], dtype=bool)
     if kind == "stablemax":
         for i, row in enumerate(z):
-            if not np.isfinite(row).all():
-                continue  # NaN/inf rows: the exact tail is undefined, never "collapsed"
-            sv = [_stablemax_fraction(_fraction(v), eps) for v in row]
+            if np.isnan(row).any() or np.isposinf(row).any() or np.isneginf(row).all():
+                continue  # the exact tail is undefined (NaN, inf/inf): never "collapsed"
+            # s(-inf) = 0 exactly: such entries add nothing to the tail.
+            sv = [Fraction(0) if np.isneginf(v) else _stablemax_fraction(_fraction(v), eps)
+                  for v in row]
             k = int(np.argmax(row))
             tail = sum(sv[j] for j in range(len(sv)) if j != k) / sv[k]
             out[i] = tail <= u

@@ -1,0 +1,48 @@
+"""The benchmark suite runs end to end in its smoke mode (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench.py"
+TABLE_HEADER = "sec case"  # the start of the table's column header
+
+
+def run_bench(tmp_path, *extra, block_torch=False):
+    args = ["--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "b.json")]
+    if block_torch:
+        # Simulate an environment without PyTorch: `import torch` raises ImportError.
+        code = (
+            "import runpy, sys; sys.modules['torch'] = None; "
+            f"sys.argv = [{str(BENCH)!r}, *{[*args, *extra]!r}]; "
+            f"runpy.run_path({str(BENCH)!r}, run_name='__main__')"
+        )
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, str(BENCH), *args, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_quick_runs_and_prints_the_table(tmp_path):
+    r = run_bench(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert TABLE_HEADER in out
+    assert "targets (measured / target)" in out
+    for sec in ("1 ", "1b ", "2 ", "3 ", "4 "):
+        assert any(line.startswith(sec) for line in out.splitlines()), sec
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert {"env", "records", "targets", "facts"} <= set(data)
+    assert data["facts"]["audit"]["verdicts_identical"] is True
+    # The checkpoint was cached and is reused by a second run.
+    assert list((tmp_path / "cache").glob("late-*.npz"))
+
+
+def test_quick_without_torch_reports_not_installed(tmp_path):
+    r = run_bench(tmp_path, "--sections", "1", block_torch=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert TABLE_HEADER in r.stdout
+    torch_rows = [line for line in r.stdout.splitlines() if "PyTorch" in line and "step" in line]
+    assert torch_rows and all("not installed" in line for line in torch_rows)
