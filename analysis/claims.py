@@ -1,0 +1,765 @@
+"""The numbers each claim of the paper needs, computed from collected results.
+
+Every ``figN_claims(results)`` returns an ordered ``{claim key: entry}`` dict of plain values
+(JSON-ready). An entry::
+
+    {"key": "fig1a.test95_step",
+     "description": "first logged step with test accuracy >= 0.95",
+     "paper": "what the paper reports (qualitative)",
+     "kind": "step" | "fraction" | "cosine" | "number" | "bool",
+     "rows": [{"group": {"perp_grad": "tensor"},      # the runs' distinguishing fields
+               "n": 3, "n_failed": 0, "n_incomplete": 0,   # runs counted / left out
+               "values": [{"seed": 0, "run_id": "...", "value": 150}, ...],
+               # numbers: n_value (runs with a value, e.g. that reached a step), mean,
+               # std (sample, ddof = 1; None below 2 values), min, max
+               # bool:    n_true, n_false, n_none (undecided)
+               ...}]}
+
+Only runs with status ok are measured; failed and incomplete runs are counted per row. A step
+is a logged step, so its resolution is the run's ``log_every``. :func:`render_markdown` turns
+any such dict into a table; :data:`CLAIMS` maps the names used by the figure SPECs
+(``[reproduce] claims = "fig1"``) to the functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from analysis.stats import first_step, max_after, summarize_values, value_at
+
+__all__ = [
+    "CLAIMS",
+    "GROK_THRESHOLD",
+    "extra_claims",
+    "fig1_claims",
+    "fig2_claims",
+    "fig4_claims",
+    "fig5_claims",
+    "fig6_claims",
+    "fig8_claims",
+    "ordering_holds",
+    "render_markdown",
+]
+
+#: Test accuracy that counts as "generalised" in the ``*.test95_step`` claims.
+GROK_THRESHOLD = 0.95
+#: Fig. 8: test accuracy is "frozen" after the intervention if it never moves more than this.
+FREEZE_THRESHOLD = 0.01
+PRECISION_ORDER = ("float16", "float32", "float64")
+
+
+# --- per-run measurements ------------------------------------------------------------------
+
+
+def final_value(results, rid, metric, split="train", layer=""):
+    _s, v = results.series(rid, metric, split, layer)
+    return float(v[-1]) if v.size else None
+
+
+def max_value(results, rid, metric, split="train", layer=""):
+    _s, v = results.series(rid, metric, split, layer)
+    return float(v.max()) if v.size else None
+
+
+def first_at_least(results, rid, metric, split, threshold, layer=""):
+    s, v = results.series(rid, metric, split, layer)
+    return first_step(s, v, threshold)
+
+
+def output_layer(results, rid, metric="nlm_cos_grad"):
+    """Name of the last weight tensor (``W3`` for a 200-200 MLP) logged for ``metric``."""
+    ws = [n for n in results.layers(rid, metric) if n.startswith("W") and n[1:].isdigit()]
+    return max(ws, key=lambda n: int(n[1:])) if ws else None
+
+
+# --- entries -------------------------------------------------------------------------------
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _row(results, group: dict, ids: list, values: dict, kind: str, counts: dict) -> dict:
+    """A claim row from ``{run_id: value}`` (value None = no value) or ``{run_id: (value,
+    extra dict)}``."""
+    entries = []
+    for rid in ids:
+        got = values.get(rid)
+        extra = {}
+        if isinstance(got, tuple):
+            got, extra = got
+        entries.append(
+            {"seed": results.runs[rid].seed, "run_id": rid, "value": _jsonable(got), **extra}
+        )
+    row = {
+        "group": {k: _jsonable(v) for k, v in group.items()},
+        "n": len(ids),
+        "n_failed": counts.get("failed", 0),
+        "n_incomplete": counts.get("incomplete", 0),
+        "values": entries,
+    }
+    vals = [e["value"] for e in entries]
+    if kind == "bool":
+        row.update(
+            n_true=sum(1 for v in vals if v is True),
+            n_false=sum(1 for v in vals if v is False),
+            n_none=sum(1 for v in vals if v is None),
+        )
+    else:
+        row.update({k: v for k, v in summarize_values(vals).items() if k != "n"})
+    return row
+
+
+def _entry(key, description, paper, kind, rows) -> dict:
+    return {"key": key, "description": description, "paper": paper, "kind": kind, "rows": rows}
+
+
+def _groups(results, match, by):
+    """``[(group dict, ok ids, {status: count of the others})]`` for runs matching ``match``,
+    grouped by the fields ``by``."""
+    all_ids = results.select(match, status=None)
+    out = []
+    for key, ids in results.group(all_ids, by).items():
+        ok = [i for i in ids if results.runs[i].status == "ok"]
+        counts: dict = {}
+        for i in ids:
+            st = results.runs[i].status
+            if st != "ok":
+                counts[st] = counts.get(st, 0) + 1
+        out.append((dict(key), ok, counts))
+    return out
+
+
+def _per_run(results, key, description, paper, kind, match, by, fn) -> dict:
+    rows = []
+    for group, ids, counts in _groups(results, match, by):
+        rows.append(_row(results, group, ids, {r: fn(results, r) for r in ids}, kind, counts))
+    return _entry(key, description, paper, kind, rows)
+
+
+def ordering_holds(values, *, missing_is_inf: bool = False):
+    """Whether ``values`` (in the intended order) are strictly increasing.
+
+    None entries make the answer None (undecided), except with ``missing_is_inf``, where None
+    stands for "later than the budget" (+inf): then ``(1, 2, None)`` holds, ``(None, 2, 3)``
+    fails and two None entries compared with each other are undecided.
+    """
+    vals = list(values)
+    if not missing_is_inf and any(v is None for v in vals):
+        return None
+    undecided = False
+    for a, b in itertools.pairwise(vals):
+        if a is None and b is None:
+            undecided = True
+            continue
+        a = math.inf if a is None else a
+        b = math.inf if b is None else b
+        if not a < b:
+            return False
+    return None if undecided else True
+
+
+def _ordering(
+    results, key, description, paper, match, by, level_field, levels, fn, *, missing_is_inf=False
+):
+    """Per group of ``by`` and per seed: does ``fn`` increase strictly along ``levels`` of
+    ``level_field``? One row per group; a value per seed."""
+    rows = []
+    for group, ids, counts in _groups(results, match, by):
+        by_seed: dict = {}
+        for rid in ids:
+            lvl = results.runs[rid].config.get(level_field)
+            by_seed.setdefault(results.runs[rid].seed, {})[lvl] = rid
+        entries = []
+        for seed in sorted(by_seed, key=lambda s: (s is None, s)):
+            runs = by_seed[seed]
+            if not all(lv in runs for lv in levels):
+                holds, vals = None, {}
+            else:
+                vals = {lv: fn(results, runs[lv]) for lv in levels}
+                holds = ordering_holds([vals[lv] for lv in levels], missing_is_inf=missing_is_inf)
+            entries.append(
+                {
+                    "seed": seed,
+                    "run_id": " ".join(runs[lv] for lv in levels if lv in runs),
+                    "value": holds,
+                    "by_level": {lv: _jsonable(vals.get(lv)) for lv in levels},
+                }
+            )
+        row = {
+            "group": {k: _jsonable(v) for k, v in group.items()},
+            "n": len(entries),
+            "n_failed": counts.get("failed", 0),
+            "n_incomplete": counts.get("incomplete", 0),
+            "values": entries,
+            "n_true": sum(1 for e in entries if e["value"] is True),
+            "n_false": sum(1 for e in entries if e["value"] is False),
+            "n_none": sum(1 for e in entries if e["value"] is None),
+        }
+        rows.append(row)
+    return _entry(key, description, paper, "bool", rows)
+
+
+def _test95(results, rid):
+    return first_at_least(results, rid, "accuracy", "test", GROK_THRESHOLD)
+
+
+def _final_test(results, rid):
+    return final_value(results, rid, "accuracy", "test")
+
+
+def _max_test(results, rid):
+    return max_value(results, rid, "accuracy", "test")
+
+
+def _final_train(results, rid):
+    return final_value(results, rid, "accuracy", "train")
+
+
+def _sc50(results, rid):
+    return first_at_least(results, rid, "sc_fraction", "train", 0.5)
+
+
+def _final_sc(results, rid):
+    return final_value(results, rid, "sc_fraction", "train")
+
+
+_T95 = f"first logged step with test accuracy >= {GROK_THRESHOLD}"
+
+
+# --- the figures ---------------------------------------------------------------------------
+
+
+def fig1_claims(results) -> dict:
+    """Fig. 1: (a) ⊥AdamW generalises fast; (b) StableMax CE in float64 groks; (c) softmax CE
+    in float64 memorises and stops (SC)."""
+    a = {"perp_grad": ["tensor", "global"]}
+    b = {"loss": "stablemax", "perp_grad": "none"}
+    c = {"loss": "softmax", "loss_dtype": "float64", "perp_grad": "none"}
+    by_a = ["perp_grad"]
+    out = [
+        _per_run(
+            results,
+            "fig1a.test95_step",
+            f"(a) ⊥AdamW: {_T95}",
+            "generalises in ~150 steps, no regularisation",
+            "step",
+            a,
+            by_a,
+            _test95,
+        ),
+        _per_run(
+            results,
+            "fig1a.final_test_acc",
+            "(a) ⊥AdamW: final test accuracy",
+            "~100 % within 300 steps",
+            "fraction",
+            a,
+            by_a,
+            _final_test,
+        ),
+        _per_run(
+            results,
+            "fig1b.max_test_acc",
+            "(b) StableMax CE float64: max test accuracy",
+            "groks (test accuracy rises to ~100 %)",
+            "fraction",
+            b,
+            [],
+            _max_test,
+        ),
+        _per_run(
+            results,
+            "fig1b.final_test_acc",
+            "(b) StableMax CE float64: final test acc.",
+            "high at the end of 80 000 steps",
+            "fraction",
+            b,
+            [],
+            _final_test,
+        ),
+        _per_run(
+            results,
+            "fig1b.test95_step",
+            f"(b) StableMax CE float64: {_T95}",
+            "(not stated numerically)",
+            "step",
+            b,
+            [],
+            _test95,
+        ),
+        _per_run(
+            results,
+            "fig1c.max_test_acc",
+            "(c) softmax CE float64: max test accuracy",
+            "stays low: no grokking without regularisation",
+            "fraction",
+            c,
+            [],
+            _max_test,
+        ),
+        _per_run(
+            results,
+            "fig1c.final_train_acc",
+            "(c) softmax CE float64: final train acc.",
+            "100 % (memorised)",
+            "fraction",
+            c,
+            [],
+            _final_train,
+        ),
+        _per_run(
+            results,
+            "fig1c.sc50_step",
+            "(c) softmax CE float64: first step with SC >= 50 %",
+            "SC eventually stops learning",
+            "step",
+            c,
+            [],
+            _sc50,
+        ),
+        _per_run(
+            results,
+            "fig1c.final_sc_fraction",
+            "(c) softmax CE float64: final SC fraction",
+            "high once learning has stopped",
+            "fraction",
+            c,
+            [],
+            _final_sc,
+        ),
+    ]
+    return {e["key"]: e for e in out}
+
+
+def fig2_claims(results) -> dict:
+    """Fig. 2: lower cross-entropy precision → earlier SC and less generalisation."""
+    m = {"loss": "softmax"}
+    by = ["train_fraction", "loss_dtype"]
+    out = [
+        _per_run(
+            results,
+            "fig2.sc50_step",
+            "first step with training SC fraction >= 0.5",
+            "earlier for lower CE precision",
+            "step",
+            m,
+            by,
+            _sc50,
+        ),
+        _per_run(
+            results,
+            "fig2.final_test_acc",
+            "final test accuracy",
+            "float16 < float32 < float64",
+            "fraction",
+            m,
+            by,
+            _final_test,
+        ),
+        _per_run(
+            results,
+            "fig2.max_test_acc",
+            "max test accuracy over the run",
+            "float16 < float32 < float64",
+            "fraction",
+            m,
+            by,
+            _max_test,
+        ),
+        _ordering(
+            results,
+            "fig2.order_final_test_acc",
+            "per seed: final test accuracy float16 < float32 < float64",
+            "holds (the figure's ordering)",
+            m,
+            ["train_fraction"],
+            "loss_dtype",
+            PRECISION_ORDER,
+            _final_test,
+        ),
+        _ordering(
+            results,
+            "fig2.order_sc50_step",
+            "per seed: SC-50 step float16 < float32 < float64 (never = after the run)",
+            "holds: lower precision collapses earlier",
+            m,
+            ["train_fraction"],
+            "loss_dtype",
+            PRECISION_ORDER,
+            _sc50,
+            missing_is_inf=True,
+        ),
+    ]
+    return {e["key"]: e for e in out}
+
+
+def fig4_claims(results) -> dict:
+    """Fig. 4: StableMax CE groks without regularisation on add, mul and sparse parity."""
+    m = {"loss": "stablemax"}
+    by = ["task"]
+    out = [
+        _per_run(
+            results,
+            "fig4.max_test_acc",
+            "max test accuracy",
+            "~100 % on every task",
+            "fraction",
+            m,
+            by,
+            _max_test,
+        ),
+        _per_run(
+            results,
+            "fig4.final_test_acc",
+            "final test accuracy",
+            "~100 % on every task",
+            "fraction",
+            m,
+            by,
+            _final_test,
+        ),
+        _per_run(
+            results, "fig4.test95_step", _T95, "(read off the figure)", "step", m, by, _test95
+        ),
+        _per_run(
+            results,
+            "fig4.final_train_acc",
+            "final train accuracy",
+            "100 %",
+            "fraction",
+            m,
+            by,
+            _final_train,
+        ),
+    ]
+    return {e["key"]: e for e in out}
+
+
+def _nlm(results, rid, layer_of, which):
+    t100 = first_at_least(results, rid, "accuracy", "train", 1.0)
+    layer = layer_of(results, rid)
+    if t100 is None or layer is None:
+        return None
+    s, v = results.series(rid, "nlm_cos_grad", "train", layer)
+    if which == "max_after":
+        return (max_after(s, v, t100), {"train100_step": t100, "layer": layer})
+    _at, val = value_at(s, v, t100)
+    return (val, {"train100_step": t100, "layer": layer})
+
+
+def fig5_claims(results) -> dict:
+    """Fig. 5: after 100 % train accuracy the gradient aligns with the weights (NLM)."""
+    m = {}
+    by = None  # every varying field (one group for the fig5 SPEC)
+
+    def out_layer(r, rid):
+        return output_layer(r, rid)
+
+    def glob(_r, _rid):
+        return "global"
+
+    out = [
+        _per_run(
+            results,
+            "fig5.train100_step",
+            "first logged step with train accuracy 1",
+            "early (memorisation)",
+            "step",
+            m,
+            by,
+            lambda r, i: first_at_least(r, i, "accuracy", "train", 1.0),
+        ),
+        _per_run(
+            results,
+            "fig5.output_cos_at_train100",
+            "output-layer cos(θ, −∇L) at the train-100 % step",
+            "(starting point)",
+            "cosine",
+            m,
+            by,
+            lambda r, i: _nlm(r, i, out_layer, "at"),
+        ),
+        _per_run(
+            results,
+            "fig5.max_output_cos_after_train100",
+            "max output-layer cos(θ, −∇L) after train 100 %",
+            "rises towards 1 (naive loss minimisation)",
+            "cosine",
+            m,
+            by,
+            lambda r, i: _nlm(r, i, out_layer, "max_after"),
+        ),
+        _per_run(
+            results,
+            "fig5.max_global_cos_after_train100",
+            "max global cos(θ, −∇L) after train 100 %",
+            "rises towards 1",
+            "cosine",
+            m,
+            by,
+            lambda r, i: _nlm(r, i, glob, "max_after"),
+        ),
+        _per_run(
+            results,
+            "fig5.sc50_step",
+            "first step with training SC fraction >= 0.5",
+            "NLM drives the logits into SC",
+            "step",
+            m,
+            by,
+            _sc50,
+        ),
+    ]
+    return {e["key"]: e for e in out}
+
+
+def fig6_claims(results, *, at_step: int = 500) -> dict:
+    """Fig. 6b: ⊥AdamW and ⊥SGD generalise within 500 steps, AdamW does not."""
+    m = {}
+    by = ["optimizer", "perp_grad"]
+
+    def at(r, rid):
+        s, v = r.series(rid, "accuracy", "test")
+        step, val = value_at(s, v, at_step)
+        return (val, {"step": step})
+
+    out = [
+        _per_run(
+            results,
+            "fig6.test_acc_at_500",
+            f"test accuracy at step {at_step} (or the last logged step before it)",
+            "high for ⊥AdamW and ⊥SGD, low for AdamW",
+            "fraction",
+            m,
+            by,
+            at,
+        ),
+        _per_run(results, "fig6.test95_step", _T95, "⊥ optimizers only", "step", m, by, _test95),
+        _per_run(
+            results,
+            "fig6.final_train_acc",
+            "final train accuracy",
+            "100 %",
+            "fraction",
+            m,
+            by,
+            _final_train,
+        ),
+    ]
+    return {e["key"]: e for e in out}
+
+
+def fig8_claims(results, *, threshold: float = FREEZE_THRESHOLD) -> dict:
+    """Fig. 8: zeroing the correct-class logit gradient from step s freezes test accuracy.
+
+    For a run with ``zero_target_grad_from = s``: the test accuracy at s (the last logged step
+    <= s), the final one, and the largest ``|acc(t) − acc(s)|`` over logged ``t >= s``;
+    ``frozen`` when that is <= ``threshold``. The runs without intervention get the same
+    numbers at every s used by the others (``group.s``), as the reference. A run whose last
+    logged step is <= s (the intervention never acted) has no value.
+    """
+    steps_used = sorted(
+        {
+            r.config.get("zero_target_grad_from")
+            for r in results.runs.values()
+            if r.config.get("zero_target_grad_from") is not None
+        }
+    )
+
+    def measure(r, rid, s):
+        st, v = r.series(rid, "accuracy", "test")
+        if s is None or not st.size or st[-1] <= s:
+            return None
+        at_s, acc_s = value_at(st, v, s)
+        change = max_after(st, v, s, absolute_change=True)
+        return {"at_step": at_s, "acc_at_s": acc_s, "final": float(v[-1]), "max_change": change}
+
+    def rows_for(what, kind):
+        rows = []
+        for group, ids, counts in _groups(results, {}, ["perp_grad", "zero_target_grad_from"]):
+            s_own = group.get("zero_target_grad_from")
+            for s in [s_own] if s_own is not None else steps_used:
+                vals = {}
+                for rid in ids:
+                    got = measure(results, rid, s)
+                    vals[rid] = None if got is None else (what(got), {"at_step": got["at_step"]})
+                g = dict(group)
+                if s_own is None:
+                    g["s"] = s
+                rows.append(_row(results, g, ids, vals, kind, counts))
+        return rows
+
+    out = [
+        _entry(
+            "fig8.test_acc_at_s",
+            "test accuracy at the intervention step s",
+            "(the level it freezes at)",
+            "fraction",
+            rows_for(lambda m: m["acc_at_s"], "fraction"),
+        ),
+        _entry(
+            "fig8.final_test_acc",
+            "final test accuracy",
+            "≈ the accuracy at s with intervention; higher without",
+            "fraction",
+            rows_for(lambda m: m["final"], "fraction"),
+        ),
+        _entry(
+            "fig8.max_change_after_s",
+            "max |test acc(t) − test acc(s)| over logged t >= s",
+            "≈ 0 with intervention",
+            "fraction",
+            rows_for(lambda m: m["max_change"], "fraction"),
+        ),
+        _entry(
+            "fig8.frozen",
+            f"test accuracy frozen after s (max change <= {threshold})",
+            "true with intervention, false without",
+            "bool",
+            rows_for(lambda m: m["max_change"] <= threshold, "bool"),
+        ),
+    ]
+    return {e["key"]: e for e in out}
+
+
+def extra_claims(results) -> dict:
+    """Beyond the paper: absorption-free softmax, reduction order, 16-bit formats."""
+    m = {}
+    by = ["dtype", "order", "loss", "loss_dtype"]
+    out = [
+        _per_run(
+            results,
+            "extra.sc50_step",
+            "first step with training SC fraction >= 0.5",
+            "(beyond the paper)",
+            "step",
+            m,
+            by,
+            _sc50,
+        ),
+        _per_run(
+            results,
+            "extra.final_sc_fraction",
+            "final training SC fraction",
+            "(beyond the paper)",
+            "fraction",
+            m,
+            by,
+            _final_sc,
+        ),
+        _per_run(
+            results,
+            "extra.max_test_acc",
+            "max test accuracy",
+            "(beyond the paper)",
+            "fraction",
+            m,
+            by,
+            _max_test,
+        ),
+        _per_run(
+            results,
+            "extra.final_test_acc",
+            "final test accuracy",
+            "(beyond the paper)",
+            "fraction",
+            m,
+            by,
+            _final_test,
+        ),
+        _per_run(results, "extra.test95_step", _T95, "(beyond the paper)", "step", m, by, _test95),
+    ]
+    return {e["key"]: e for e in out}
+
+
+#: Claim functions by the name a figure SPEC gives in ``[reproduce] claims``.
+CLAIMS = {
+    "fig1": fig1_claims,
+    "fig2": fig2_claims,
+    "fig4": fig4_claims,
+    "fig5": fig5_claims,
+    "fig6": fig6_claims,
+    "fig8": fig8_claims,
+    "extra": extra_claims,
+}
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def _num(v, kind) -> str:
+    if v is None:
+        return "–"
+    if kind == "step":
+        return f"{v:.0f}"
+    if kind in ("fraction", "cosine"):
+        return f"{v:.4f}"
+    return f"{v:.4g}"
+
+
+def _value_cell(row, kind) -> str:
+    if kind == "bool":
+        s = f"{row['n_true']}/{row['n']} hold"
+        if row["n_none"]:
+            s += f" ({row['n_none']} undecided)"
+        return s
+    if row["n_value"] == 0:
+        return "– (never)" if kind == "step" else "–"
+    s = _num(row["mean"], kind)
+    if row["std"] is not None:
+        s += f" ± {_num(row['std'], kind)}"
+    if row["n_value"] > 1:
+        s += f" [{_num(row['min'], kind)}, {_num(row['max'], kind)}]"
+    if kind == "step" and row["n_value"] < row["n"]:
+        s += f" ({row['n_value']}/{row['n']} reached)"
+    return s
+
+
+def _seed_cell(row, kind) -> str:
+    parts = []
+    for e in row["values"]:
+        v = e["value"]
+        shown = (
+            ("yes" if v else "no") if isinstance(v, bool) else ("–" if v is None else _num(v, kind))
+        )
+        parts.append(f"{e['seed']}: {shown}")
+    return ", ".join(parts)
+
+
+def _group_cell(group: dict) -> str:
+    if not group:
+        return "all"
+    return ", ".join(f"{k}={'none' if v is None else v}" for k, v in group.items())
+
+
+def render_markdown(claims: dict) -> str:
+    """A markdown table of a claims dict: one line per claim row (mean ± std [min, max] over
+    the seeds, how many runs, the per-seed values and the paper's statement)."""
+    lines = [
+        "| claim | runs | n | value (mean ± std [min, max]) | per seed | paper |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, entry in claims.items():
+        kind = entry["kind"]
+        if not entry["rows"]:
+            lines.append(
+                f"| `{key}` {entry['description']} | (no runs) | 0 | – | – | {entry['paper']} |"
+            )
+            continue
+        for row in entry["rows"]:
+            n = str(row["n"])
+            if row.get("n_failed"):
+                n += f" (+{row['n_failed']} failed)"
+            if row.get("n_incomplete"):
+                n += f" (+{row['n_incomplete']} incomplete)"
+            lines.append(
+                f"| `{key}` {entry['description']} | {_group_cell(row['group'])} | {n} | "
+                f"{_value_cell(row, kind)} | {_seed_cell(row, kind)} | {entry['paper']} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,243 @@
+"""Load a collected sweep folder (``numstab.sweep.collect``) into memory for plots and claims.
+
+A :class:`Results` holds, per run id, the run's configuration (``config.json``), its status
+(``summary.json``; ``incomplete`` without one) and its metric series (``collected_metrics.csv``,
+or the runs' own ``metrics.csv`` when the collected file is missing). It can also be built from
+plain rows (:meth:`Results.from_rows`), which is how the tests make synthetic results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.repro import config_matches
+
+__all__ = ["Results", "RunRecord", "load_results", "varying_fields"]
+
+#: Config keys never used to tell runs apart (derived from other fields).
+DERIVED_FIELDS = ("state_format",)
+
+
+@dataclass
+class RunRecord:
+    """One run: id, configuration (``TrainConfig.to_dict()``), status, summary (or None)."""
+
+    id: str
+    config: dict
+    status: str = "ok"
+    summary: dict | None = None
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+
+@dataclass
+class Results:
+    """Runs and their metric series.
+
+    ``series`` maps ``(run_id, split, metric, layer)`` to ``(steps, values)`` arrays sorted by
+    step (``layer`` is ``""`` for the per-split metrics, a tensor name or ``"global"`` for the
+    per-parameter ones).
+    """
+
+    runs: dict
+    series_map: dict = field(default_factory=dict)
+    source: str = "<memory>"
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_rows(cls, configs: dict, rows, *, status: dict | None = None, source="<memory>"):
+        """Build from ``{run_id: config dict}`` and metric rows.
+
+        ``rows``: iterable of ``(run_id, step, split, metric, layer, value)`` (the columns of
+        ``collected_metrics.csv`` without the ``run`` column). ``status``: ``{run_id: status}``
+        (default ``"ok"``).
+        """
+        status = status or {}
+        runs = {
+            rid: RunRecord(rid, dict(cfg), status.get(rid, "ok")) for rid, cfg in configs.items()
+        }
+        acc: dict = {}
+        for rid, step, split, metric, layer, value in rows:
+            acc.setdefault((rid, split, metric, layer or ""), []).append((int(step), float(value)))
+        return cls(runs, _finish(acc), source)
+
+    @classmethod
+    def from_dir(cls, path, ids=None) -> Results:
+        """Load a sweep folder; ``ids`` restricts to those run ids (e.g. the runs of one SPEC
+        when the folder holds more)."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no sweep folder {path!r}")
+        wanted = None if ids is None else set(ids)
+        runs = {}
+        for name in sorted(os.listdir(path)):
+            cfg_path = os.path.join(path, name, "config.json")
+            if (wanted is not None and name not in wanted) or not os.path.isfile(cfg_path):
+                continue
+            cfg = _read_json(cfg_path) or {}
+            summary = _read_json(os.path.join(path, name, "summary.json"))
+            st = summary.get("status") if isinstance(summary, dict) else None
+            runs[name] = RunRecord(
+                name,
+                cfg.get("config", {}),
+                st if st in ("ok", "failed") else "incomplete",
+                summary if isinstance(summary, dict) else None,
+            )
+        acc: dict = {}
+        collected = os.path.join(path, "collected_metrics.csv")
+        if os.path.isfile(collected):
+            _read_metrics(collected, acc, runs, with_run_id=True)
+        else:
+            for rid in runs:
+                mpath = os.path.join(path, rid, "metrics.csv")
+                if os.path.isfile(mpath):
+                    _read_metrics(mpath, acc, runs, with_run_id=False, rid=rid)
+        return cls(runs, _finish(acc), path)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def series(self, run_id: str, metric: str, split: str = "train", layer: str = ""):
+        """``(steps, values)`` of one metric of one run (empty arrays if never logged)."""
+        got = self.series_map.get((run_id, split, metric, layer))
+        if got is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        return got
+
+    def layers(self, run_id: str, metric: str, split: str = "train") -> list:
+        """Layer names logged for a per-parameter metric (``W1 .. WL``, biases, ``global``)."""
+        names = {k[3] for k in self.series_map if k[0] == run_id and k[1:3] == (split, metric)}
+        return sorted(names, key=_layer_key)
+
+    def select(self, match: dict | None = None, *, status: str | None = "ok") -> list:
+        """Run ids whose configuration matches ``match`` (see
+        :func:`analysis.repro.config_matches`) and whose status is ``status`` (None: any),
+        sorted by seed then id."""
+        ids = [
+            r.id
+            for r in self.runs.values()
+            if config_matches(r.config, match) and (status is None or r.status == status)
+        ]
+        return sorted(ids, key=lambda i: (_sortable(self.runs[i].seed), i))
+
+    def group(self, ids, by=None) -> dict:
+        """Group run ids by the values of fields ``by`` (default: :func:`varying_fields` of
+        ``ids``, i.e. every field that differs among them except the seed).
+
+        Returns ``{key: [ids]}`` in a stable order, ``key`` a tuple of ``(field, value)`` pairs.
+        """
+        ids = list(ids)
+        if by is None:
+            by = varying_fields([self.runs[i].config for i in ids])
+        groups: dict = {}
+        for i in ids:
+            cfg = self.runs[i].config
+            key = tuple((f, _hashable(cfg.get(f))) for f in by)
+            groups.setdefault(key, []).append(i)
+        return dict(sorted(groups.items(), key=lambda kv: tuple(_sortable(v) for _f, v in kv[0])))
+
+
+def load_results(path, ids=None) -> Results:
+    """:meth:`Results.from_dir`."""
+    return Results.from_dir(path, ids)
+
+
+def varying_fields(configs) -> list:
+    """Config fields whose value differs among ``configs``, except ``seed`` and derived ones,
+    in the configs' key order."""
+    configs = list(configs)
+    if not configs:
+        return []
+    out = []
+    for k in configs[0]:
+        if k == "seed" or k in DERIVED_FIELDS:
+            continue
+        first = _hashable(configs[0].get(k))
+        if any(_hashable(c.get(k)) != first for c in configs[1:]):
+            out.append(k)
+    return out
+
+
+def group_label(key) -> str:
+    """``perp_grad=tensor loss_dtype=float64`` (``"all runs"`` for the empty key)."""
+    if not key:
+        return "all runs"
+    return " ".join(f"{f}={_show(v)}" for f, v in key)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _show(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _sortable(v):
+    if v is None:
+        return (0, 0)
+    if isinstance(v, (bool, int, float)):
+        return (1, v)
+    if isinstance(v, tuple):
+        return (3, tuple(_sortable(x) for x in v))
+    return (2, str(v))
+
+
+def _layer_key(name: str):
+    if name == "global":
+        return (2, 0, "")
+    kind, num = name[:1], name[1:]
+    return (0 if kind == "W" else 1, int(num) if num.isdigit() else 0, name)
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_metrics(path, acc, runs, *, with_run_id, rid=None):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        col = {h: i for i, h in enumerate(header)}
+        i_step, i_split, i_metric = col["step"], col["split"], col["metric"]
+        i_layer, i_value = col["layer"], col["value"]
+        i_rid = col["run_id"] if with_run_id else None
+        for row in reader:
+            r = row[i_rid] if with_run_id else rid
+            if r not in runs:
+                continue
+            acc.setdefault((r, row[i_split], row[i_metric], row[i_layer]), []).append(
+                (int(row[i_step]), float(row[i_value]))
+            )
+
+
+def _finish(acc: dict) -> dict:
+    out = {}
+    for k, pairs in acc.items():
+        pairs.sort(key=lambda p: p[0])
+        steps = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+        values = np.fromiter((p[1] for p in pairs), dtype=np.float64, count=len(pairs))
+        out[k] = (steps, values)
+    return out

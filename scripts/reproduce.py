@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Reproduce a figure of "Grokking at the Edge of Numerical Stability" (arXiv 2501.04697).
+
+Usage::
+
+    python scripts/reproduce.py --figure {1,2,4,5,6,8,extra} --budget {smoke,short,full}
+        [--seeds N] [--variant authors] [--out DIR] [--workers N] [--threads T]
+        [--plots-dir DIR] [--band minmax|std|none] [--no-plots] [--spec FILE]
+        [--retry-failed] [--dry-run] [--quiet]
+
+Steps:
+
+1. Load ``analysis/specs/fig<N>.toml`` (or ``extra.toml``, or ``--spec FILE``), strip its
+   ``[reproduce]`` table and resolve the rest for the budget (``smoke``: seconds, tiny problem,
+   for CI; ``short``: reduced step counts for a 2-core machine, stated in the SPEC; ``full``:
+   the paper's step counts), the seeds (``--seeds N``: seeds 0 .. N-1) and the variant
+   (``--variant authors``: the authors' released code where it differs from the paper's text).
+   See :mod:`analysis.repro` for the rules.
+2. Run it through ``numstab.sweep.run_sweep`` into ``--out`` (default
+   ``runs/repro/<stem>``, e.g. ``runs/repro/fig1-short``). Resumable: finished runs are
+   skipped when the command is repeated; an interrupted sweep loses only the runs in flight.
+   The resolved SPEC is written to ``<out>/reproduce.json``.
+3. Collect, draw ``<plots-dir>/<stem>.png`` (default ``docs/figures/fig1-short.png``), compute
+   the claims (:mod:`analysis.claims`), print them as a markdown table and write
+   ``<out>/claims.md`` and ``<out>/claims.json``.
+
+Exit codes: 0 every run ok; 1 some run failed (the figure and claims are still made from the
+ok runs); 2 bad arguments or SPEC, or matplotlib missing without ``--no-plots`` (before
+anything runs); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from analysis import claims as C  # noqa: E402
+from analysis import repro as R  # noqa: E402
+from analysis.results import Results  # noqa: E402
+
+PROG = "scripts/reproduce.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a figure's sweep at a budget, then plot it and compute its claims.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--figure", required=True, choices=list(R.FIGURES), help="figure to reproduce")
+    a("--budget", required=True, choices=list(R.BUDGETS), help="step budget")
+    a("--seeds", type=int, default=None, help="number of seeds (0..N-1); default: the budget's")
+    a("--variant", default=None, help="a variant of the SPEC, e.g. 'authors' (released code)")
+    a("--out", default=None, help="sweep folder (default runs/repro/<figure>-<budget>)")
+    a("--workers", type=int, default=1, help="worker processes")
+    a("--threads", type=int, default=1, help="BLAS threads per worker")
+    a("--plots-dir", default=os.path.join("docs", "figures"), help="where the PNG goes")
+    a("--band", default="minmax", choices=["minmax", "std", "none"], help="band over seeds")
+    a("--no-plots", action="store_true", help="skip the figure (no matplotlib needed)")
+    a("--spec", default=None, help="use this figure SPEC file instead of analysis/specs/")
+    a("--retry-failed", action="store_true", help="rerun runs that failed before")
+    a("--dry-run", action="store_true", help="print the resolved runs and exit")
+    a("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from numstab import sweep as S
+
+    try:
+        spec = R.load_figure_spec(args.spec or R.spec_path(args.figure))
+        resolved = R.resolve(spec, args.budget, seeds=args.seeds, variant=args.variant)
+        sweep = S.parse_spec(resolved, source=f"{spec.path} [{args.budget}]")
+        if spec.claims not in C.CLAIMS:
+            raise R.FigureSpecError(f"{spec.path}: unknown claims {spec.claims!r}")
+        if args.workers < 1 or args.threads < 1:
+            raise R.FigureSpecError("--workers and --threads must be >= 1")
+    except (R.FigureSpecError, S.SpecError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    stem = spec.stem(args.budget, args.variant)
+    out = args.out or os.path.join("runs", "repro", stem)
+    if args.dry_run:
+        _dry_run(sweep, out)
+        return 0
+    if not args.no_plots:
+        from analysis.plots import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            print(f"{PROG}: error: {exc}; or pass --no-plots", file=sys.stderr)
+            return 2
+
+    os.makedirs(out, exist_ok=True)
+    record = {
+        "figure": spec.figure,
+        "budget": args.budget,
+        "variant": args.variant,
+        "seeds": args.seeds,
+        "spec_file": os.path.relpath(spec.path),
+        "argv": sys.argv if argv is None else [PROG, *argv],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resolved_spec": resolved,
+        "run_ids": [r.id for r in sweep.runs],
+    }
+    with open(os.path.join(out, "reproduce.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+
+    try:
+        report = S.run_sweep(
+            sweep,
+            out,
+            workers=args.workers,
+            threads=args.threads,
+            retry_failed=args.retry_failed,
+            quiet=args.quiet,
+        )
+    except (S.SpecError, S.UsageError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+    results = Results.from_dir(out, ids=[r.id for r in sweep.runs])
+    if not args.no_plots:
+        from analysis.plots import plot_figure
+
+        png = os.path.join(args.plots_dir, f"{stem}.png")
+        title = (
+            spec.title
+            + f" — budget {args.budget}"
+            + (f", variant {args.variant}" if args.variant else "")
+        )
+        plot_figure(results, spec.panels, png, title=title, band=args.band)
+        print(f"figure: {png}")
+
+    claims = C.CLAIMS[spec.claims](results)
+    doc = {
+        "figure": spec.figure,
+        "budget": args.budget,
+        "variant": args.variant,
+        "out": out,
+        "n_runs": len(sweep.runs),
+        "status": {
+            st: sum(1 for r in results.runs.values() if r.status == st)
+            for st in ("ok", "failed", "incomplete")
+        },
+        "claims": claims,
+    }
+    with open(os.path.join(out, "claims.json"), "w", encoding="utf-8") as f:
+        json.dump(_json_safe(doc), f, indent=2, allow_nan=False)
+        f.write("\n")
+    table = C.render_markdown(claims)
+    header = f"## {spec.title} (budget {args.budget}"
+    header += f", variant {args.variant})" if args.variant else ")"
+    with open(os.path.join(out, "claims.md"), "w", encoding="utf-8") as f:
+        f.write(header + "\n\n" + table)
+    print()
+    print(header)
+    print()
+    print(table)
+    print(f"claims: {os.path.join(out, 'claims.md')}, {os.path.join(out, 'claims.json')}")
+    return report.exit_code
+
+
+def _dry_run(sweep, out) -> None:
+    cols = list(sweep.columns)
+    rows = [[r.id, *(_cell(r.axes[c]) for c in cols), str(r.config.steps)] for r in sweep.runs]
+    header = ["id", *cols, "steps"]
+    widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(header)]
+    print(f"{len(sweep.runs)} runs; output folder {out}")
+    for line in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, list):
+        return json.dumps(v)
+    return str(v)
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""scripts/reproduce.py and the analysis package: figure SPECs, budgets, claims, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from analysis import claims as C  # noqa: E402
+from analysis import repro as R  # noqa: E402
+from analysis.results import Results, varying_fields  # noqa: E402
+from analysis.stats import aggregate, max_after, summarize_values, value_at  # noqa: E402
+from numstab import sweep as S  # noqa: E402
+from numstab.train import TrainConfig  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "reproduce.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIG1_KEYS = {
+    "fig1a.test95_step",
+    "fig1a.final_test_acc",
+    "fig1b.max_test_acc",
+    "fig1b.final_test_acc",
+    "fig1b.test95_step",
+    "fig1c.max_test_acc",
+    "fig1c.final_train_acc",
+    "fig1c.sc50_step",
+    "fig1c.final_sc_fraction",
+}
+
+
+def _run_script(*args, timeout=180):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _png_size(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def test_figure1_smoke_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, plots = tmp_path / "out", tmp_path / "plots"
+    res = _run_script(
+        "--figure",
+        "1",
+        "--budget",
+        "smoke",
+        "--out",
+        str(out),
+        "--plots-dir",
+        str(plots),
+        "--quiet",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    png = plots / "fig1-smoke.png"
+    w, h = _png_size(png)
+    assert w > 200 and h > 200
+    doc = json.loads((out / "claims.json").read_text())
+    assert doc["figure"] == "1" and doc["budget"] == "smoke"
+    assert doc["status"] == {"ok": 4, "failed": 0, "incomplete": 0}
+    assert set(doc["claims"]) == FIG1_KEYS
+    for entry in doc["claims"].values():
+        assert entry["rows"], entry["key"]
+        for row in entry["rows"]:
+            assert row["n"] == 1 and len(row["values"]) == 1
+    a = doc["claims"]["fig1a.final_test_acc"]["rows"]
+    assert sorted(r["group"]["perp_grad"] for r in a) == ["global", "tensor"]
+    assert 0.0 <= a[0]["mean"] <= 1.0
+    # the train accuracy of panel (c) is a real measurement, an exact count / n
+    c = doc["claims"]["fig1c.final_train_acc"]["rows"][0]
+    assert 0.0 < c["mean"] <= 1.0
+    md = (out / "claims.md").read_text()
+    assert "| `fig1a.test95_step`" in md and "fig1c.final_train_acc" in res.stdout
+    rec = json.loads((out / "reproduce.json").read_text())
+    assert len(rec["run_ids"]) == 4
+    assert all(r["p"] == 23 for r in [rec["resolved_spec"]["base"]])
+    for rid in rec["run_ids"]:
+        assert json.loads((out / rid / "summary.json").read_text())["status"] == "ok"
+
+    # resumable: a second invocation runs nothing and gives the same claims
+    again = _run_script(
+        "--figure", "1", "--budget", "smoke", "--out", str(out), "--no-plots", "--quiet"
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 to run, 4 already done" in again.stdout
+    assert json.loads((out / "claims.json").read_text())["claims"] == doc["claims"]
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    res = _run_script(
+        "--figure",
+        "1",
+        "--budget",
+        "smoke",
+        "--variant",
+        "nope",
+        "--out",
+        str(tmp_path / "x"),
+        "--no-plots",
+    )
+    assert res.returncode == 2
+    assert "no variant 'nope'" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_lists_the_resolved_runs(tmp_path):
+    res = _run_script(
+        "--figure",
+        "8",
+        "--budget",
+        "short",
+        "--seeds",
+        "2",
+        "--dry-run",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("12 runs;")
+    assert not (tmp_path / "x").exists()
+
+
+# --- figure SPECs, budgets, seeds, variants ----------------------------------------------------
+
+
+def _resolved(figure, budget, **kw):
+    spec = R.load_figure_spec(R.spec_path(figure))
+    sw = S.parse_spec(R.resolve(spec, budget, **kw))
+    return spec, sw
+
+
+@pytest.mark.parametrize("figure", list(R.FIGURES))
+def test_every_spec_resolves_for_every_budget(figure):
+    spec = R.load_figure_spec(R.spec_path(figure))
+    assert set(R.BUDGETS) <= set(spec.reproduce["budget"])
+    assert spec.claims in C.CLAIMS and spec.panels
+    base = S.parse_spec(dict(spec.sweep))  # the file without [reproduce] is a plain SPEC
+    for budget in R.BUDGETS:
+        for variant in [None, *spec.reproduce.get("variants", {})]:
+            sw = S.parse_spec(R.resolve(spec, budget, variant=variant))
+            seeds = {r.config.seed for r in sw.runs}
+            if budget == "smoke":
+                assert seeds == {0}
+                assert all(r.config.steps <= 60 for r in sw.runs)
+                assert all(r.config.hidden == (32, 32) for r in sw.runs)
+                assert all(r.config.p == 23 for r in sw.runs)
+                assert len(sw.runs) == len(base.runs)
+            else:
+                assert seeds == {0, 1, 2}
+                assert len(sw.runs) == 3 * len(base.runs)
+            if budget == "full":  # the paper's step counts: what the file says
+                assert sorted(r.config.steps for r in sw.runs) == sorted(
+                    r.config.steps for r in base.runs for _ in range(3)
+                )
+            for panel in spec.panels:  # every panel draws something
+                assert any(
+                    R.config_matches(r.config.to_dict(), panel.get("match")) for r in sw.runs
+                ), (figure, budget, panel["name"])
+
+
+def test_fig1_budgets_cap_steps_per_panel():
+    _spec, short = _resolved("1", "short")
+    by_panel = {}
+    for r in short.runs:
+        c = r.config
+        key = c.perp_grad or c.loss
+        by_panel.setdefault(key, set()).add((c.steps, c.log_every))
+    assert by_panel == {
+        "tensor": {(300, 5)},
+        "global": {(300, 5)},
+        "stablemax": {(3000, 25)},
+        "softmax": {(3000, 25)},
+    }
+    _spec, full = _resolved("1", "full")
+    assert {r.config.steps for r in full.runs if r.config.perp_grad is None} == {80000}
+    assert "seed" in full.columns and "perp_grad" in full.columns
+
+
+def test_seeds_option_overrides_the_budget():
+    _spec, sw = _resolved("5", "short", seeds=5)
+    assert sorted(r.config.seed for r in sw.runs) == [0, 1, 2, 3, 4]
+    _spec, sw = _resolved("6", "smoke", seeds=2)
+    assert len(sw.runs) == 10 and {r.config.seed for r in sw.runs} == {0, 1}
+    spec = R.load_figure_spec(R.spec_path("5"))
+    with pytest.raises(R.FigureSpecError):
+        R.resolve(spec, "short", seeds=0)
+    with pytest.raises(R.FigureSpecError, match="no \\[reproduce.budget.huge\\]"):
+        R.resolve(spec, "huge")
+
+
+def test_authors_variant_changes_only_the_perp_adamw_runs():
+    _spec, paper = _resolved("1", "short")
+    _spec, authors = _resolved("1", "short", variant="authors")
+    assert len(paper.runs) == len(authors.runs)
+    for r in authors.runs:
+        c = r.config
+        if c.perp_grad is not None:
+            assert (c.beta1, c.beta2, c.eps) == (0.9, 0.999, 1e-8)
+        elif c.loss == "stablemax":
+            assert (c.beta2, c.eps, c.stablemax_eps) == (0.999, 1e-25, 1e-30)
+        else:
+            assert (c.beta2, c.eps, c.stablemax_eps) == (0.99, 1e-25, 0.0)
+    for r in paper.runs:
+        assert r.config.eps == 1e-25 and r.config.stablemax_eps == 0.0
+    assert {r.id for r in paper.runs}.isdisjoint(
+        {r.id for r in authors.runs if r.config.loss == "stablemax" or r.config.perp_grad}
+    )
+
+
+def test_fig8_smoke_rules_move_the_intervention():
+    _spec, sw = _resolved("8", "smoke")
+    assert sorted((r.config.zero_target_grad_from or -1) for r in sw.runs) == [
+        -1,
+        -1,
+        20,
+        20,
+        40,
+        40,
+    ]
+    _spec, sw = _resolved("8", "full")
+    assert {r.config.zero_target_grad_from for r in sw.runs} == {None, 40, 60}
+
+
+SPEC_TEXT = """
+description = "test"
+[base]
+p = 11
+hidden = [8]
+steps = 100
+log_every = 10
+[axes]
+dtype = ["float32", "float64"]
+[[runs]]
+dtype = "float16"
+lr = 0.5
+[reproduce]
+figure = "9"
+claims = "fig1"
+seeds = 2
+[reproduce.budget.tiny]
+seeds = 1
+max_steps = 20
+lr = 0.25
+[[reproduce.budget.tiny.rules]]
+match = { dtype = ["float16", "float64"] }
+steps = 7
+[reproduce.budget.big]
+max_log_every = 4
+[reproduce.budget.clash]
+dtype = "float32"
+[[reproduce.panels]]
+name = "all"
+match = {}
+"""
+
+
+def _custom(tmp_path, text=SPEC_TEXT):
+    p = tmp_path / "fig9.toml"
+    p.write_text(text)
+    return R.load_figure_spec(p)
+
+
+def test_budget_forced_fields_rules_and_caps(tmp_path):
+    spec = _custom(tmp_path)
+    assert spec.stem("tiny") == "fig9-tiny" and spec.stem("tiny", "authors") == "fig9-authors-tiny"
+    sw = S.parse_spec(R.resolve(spec, "tiny"))
+    got = {r.config.dtype: (r.config.steps, r.config.lr, r.config.seed) for r in sw.runs}
+    # forced lr beats the [[runs]] value; the rule applies to the matching runs only; the cap
+    # applies after the rule (7 < 20 stays)
+    assert got == {"float32": (20, 0.25, 0), "float64": (7, 0.25, 0), "float16": (7, 0.25, 0)}
+    big = S.parse_spec(R.resolve(spec, "big"))
+    assert len(big.runs) == 6  # [reproduce] seeds = 2 replicates grid AND [[runs]]
+    assert {(r.config.dtype, r.config.seed) for r in big.runs} == {
+        (d, s) for d in ("float16", "float32", "float64") for s in (0, 1)
+    }
+    assert {r.config.log_every for r in big.runs} == {4}
+    assert {r.config.lr for r in big.runs if r.config.dtype == "float16"} == {0.5}
+    with pytest.raises(R.FigureSpecError, match="resolve to the same configuration"):
+        R.resolve(spec, "clash")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[reproduce.budget.bad]\nstepz = 3\n", "stepz"),
+        ("[reproduce.budget.bad]\nmax_steps = 0\n", "max_steps"),
+        ("[[reproduce.budget.bad.rules]]\nmatch = { colour = 1 }\n", "colour"),
+    ],
+)
+def test_malformed_reproduce_tables_are_reported(tmp_path, extra, message):
+    with pytest.raises(R.FigureSpecError, match=message):
+        _custom(tmp_path, SPEC_TEXT + extra)
+
+
+def test_config_matches():
+    cfg = TrainConfig(perp_grad="tensor", hidden=(32, 32)).to_dict()
+    assert R.config_matches(cfg, {})
+    assert R.config_matches(cfg, {"perp_grad": ["tensor", "global"]})
+    assert not R.config_matches(cfg, {"perp_grad": "none"})
+    assert R.config_matches(cfg, {"loss_dtype": "none", "lr": 0.01})
+    assert R.config_matches(cfg, {"hidden": [32, 32]})
+    assert R.config_matches(cfg, {"hidden": [[16], [32, 32]]})
+    assert not R.config_matches(cfg, {"hidden": [32]})
+    assert not R.config_matches(cfg, {"bias": 0})  # booleans are not numbers
+
+
+# --- claims on synthetic results ---------------------------------------------------------------
+
+
+def _cfg(**kw):
+    return TrainConfig(**kw).to_dict()
+
+
+def _rows(rid, steps, **series):
+    """Metric rows: series given as name=(split, values) or name=(split, layer, values)."""
+    out = []
+    for metric, spec in series.items():
+        metric = metric.split("__")[0]
+        split, layer, values = spec if len(spec) == 3 else (spec[0], "", spec[1])
+        for s, v in zip(steps, values, strict=True):
+            out.append((rid, s, split, metric, layer, v))
+    return out
+
+
+def _fig2_results(final_by_seed):
+    """fig2-like results: f = 0.6, three loss dtypes, a final test accuracy per seed/dtype."""
+    configs, rows = {}, []
+    for seed, finals in final_by_seed.items():
+        for dt, fin in zip(C.PRECISION_ORDER, finals, strict=True):
+            rid = f"{dt}-{seed}"
+            configs[rid] = _cfg(train_fraction=0.6, loss_dtype=dt, seed=seed, lr=5e-4)
+            sc = {"float16": [0, 0.6, 1.0], "float32": [0, 0.2, 0.7], "float64": [0, 0, 0.1]}
+            rows += _rows(
+                rid,
+                [0, 100, 200],
+                accuracy=("test", [0.0, fin / 2, fin]),
+                sc_fraction=("train", sc[dt]),
+            )
+    return Results.from_rows(configs, rows)
+
+
+def test_fig2_ordering_holds_and_fails_per_seed():
+    res = _fig2_results({0: [0.1, 0.5, 0.9], 1: [0.3, 0.2, 0.9]})
+    out = C.fig2_claims(res)
+    order = out["fig2.order_final_test_acc"]["rows"]
+    assert len(order) == 1 and order[0]["group"] == {"train_fraction": 0.6}
+    assert [(e["seed"], e["value"]) for e in order[0]["values"]] == [(0, True), (1, False)]
+    assert (order[0]["n_true"], order[0]["n_false"], order[0]["n_none"]) == (1, 1, 0)
+    assert order[0]["values"][1]["by_level"] == {"float16": 0.3, "float32": 0.2, "float64": 0.9}
+    # SC-50: float16 at 100, float32 at 200, float64 never (= after the run): holds
+    sc = out["fig2.order_sc50_step"]["rows"][0]
+    assert sc["n_true"] == 2
+    steps = {r["group"]["loss_dtype"]: r for r in out["fig2.sc50_step"]["rows"]}
+    assert steps["float16"]["mean"] == 100 and steps["float32"]["mean"] == 200
+    assert steps["float64"]["n_value"] == 0 and steps["float64"]["mean"] is None
+    fin = {r["group"]["loss_dtype"]: r for r in out["fig2.final_test_acc"]["rows"]}
+    assert fin["float16"]["mean"] == pytest.approx(0.2)
+    assert fin["float16"]["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert fin["float64"]["std"] == 0.0 and fin["float64"]["n"] == 2
+
+
+def test_fig2_ordering_all_hold():
+    res = _fig2_results({0: [0.1, 0.5, 0.9], 1: [0.0, 0.2, 0.3], 2: [0.4, 0.5, 0.6]})
+    row = C.fig2_claims(res)["fig2.order_final_test_acc"]["rows"][0]
+    assert (row["n_true"], row["n"]) == (3, 3)
+    # a missing dtype for a seed makes that seed undecided, not a pass
+    del res.runs["float32-2"]
+    row = C.fig2_claims(res)["fig2.order_final_test_acc"]["rows"][0]
+    assert (row["n_true"], row["n_none"]) == (2, 1)
+
+
+def test_ordering_holds():
+    assert C.ordering_holds([1, 2, 3]) is True
+    assert C.ordering_holds([1, 3, 2]) is False
+    assert C.ordering_holds([1, 1, 2]) is False  # strict
+    assert C.ordering_holds([1, None, 3]) is None
+    assert C.ordering_holds([1, 2, None], missing_is_inf=True) is True
+    assert C.ordering_holds([None, 2, 3], missing_is_inf=True) is False
+    assert C.ordering_holds([1, None, None], missing_is_inf=True) is None
+
+
+def test_fig1_test95_step_mean_std_and_failed_runs():
+    configs, rows = {}, []
+    for seed, hit in ((0, 150), (1, 170)):
+        rid = f"a{seed}"
+        configs[rid] = _cfg(perp_grad="tensor", seed=seed, steps=300)
+        acc = [0.0 if s < hit else 0.97 for s in range(0, 301, 10)]
+        rows += _rows(rid, list(range(0, 301, 10)), accuracy=("test", acc))
+    configs["a2"] = _cfg(perp_grad="tensor", seed=2, steps=300)
+    rows += _rows("a2", [0, 10], accuracy=("test", [0.0, 0.99]))  # failed: never measured
+    configs["a3"] = _cfg(perp_grad="tensor", seed=3, steps=300)
+    rows += _rows("a3", [0, 10, 300], accuracy=("test", [0.0, 0.1, 0.5]))  # never reached
+    res = Results.from_rows(configs, rows, status={"a2": "failed"})
+    row = C.fig1_claims(res)["fig1a.test95_step"]["rows"][0]
+    assert row["group"] == {"perp_grad": "tensor"}
+    assert (row["n"], row["n_value"], row["n_failed"]) == (3, 2, 1)
+    assert row["mean"] == 160 and row["std"] == pytest.approx(np.std([150, 170], ddof=1))
+    assert [e["value"] for e in row["values"]] == [150, 170, None]
+    md = C.render_markdown(C.fig1_claims(res))
+    assert "160 ± 14 [150, 170] (2/3 reached)" in md and "(+1 failed)" in md
+    # panels without runs still give an entry, rendered as "(no runs)"
+    assert C.fig1_claims(res)["fig1b.max_test_acc"]["rows"] == []
+    assert "(no runs)" in md
+
+
+def test_fig8_frozen_vs_reference():
+    steps = list(range(0, 101, 10))
+    configs = {
+        "int": _cfg(perp_grad="tensor", zero_target_grad_from=40),
+        "ref": _cfg(perp_grad="tensor"),
+    }
+    rows = _rows(
+        "int", steps, accuracy=("test", [0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4, 0.405, 0.4, 0.4, 0.4])
+    )
+    rows += _rows(
+        "ref", steps, accuracy=("test", [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    )
+    out = C.fig8_claims(Results.from_rows(configs, rows))
+    frozen = {
+        (r["group"]["zero_target_grad_from"], r["group"].get("s")): r
+        for r in out["fig8.frozen"]["rows"]
+    }
+    assert frozen[(40, None)]["n_true"] == 1
+    assert frozen[(None, 40)]["n_false"] == 1
+    change = {
+        r["group"]["zero_target_grad_from"]: r for r in out["fig8.max_change_after_s"]["rows"]
+    }
+    assert change[40]["mean"] == pytest.approx(0.005)
+    assert change[None]["mean"] == pytest.approx(0.6)
+    at = {r["group"]["zero_target_grad_from"]: r for r in out["fig8.test_acc_at_s"]["rows"]}
+    assert at[40]["mean"] == pytest.approx(0.4) and at[40]["values"][0]["at_step"] == 40
+    # an intervention at or after the last logged step never acted: no value
+    configs["late"] = _cfg(perp_grad="tensor", zero_target_grad_from=100)
+    rows += _rows("late", steps, accuracy=("test", [0.5] * 11))
+    out = C.fig8_claims(Results.from_rows(configs, rows))
+    late = [r for r in out["fig8.frozen"]["rows"] if r["group"]["zero_target_grad_from"] == 100]
+    assert late[0]["n_none"] == 1
+
+
+def test_fig5_nlm_cosine_after_train100():
+    steps = [0, 50, 100, 150, 200]
+    rows = _rows(
+        "r",
+        steps,
+        accuracy=("train", [0.1, 0.9, 1.0, 1.0, 1.0]),
+        nlm_cos_grad__w3=("train", "W3", [0.0, 0.95, 0.2, 0.9, 0.6]),
+        nlm_cos_grad__w1=("train", "W1", [0.0, 0.1, 0.1, 0.3, 0.2]),
+        nlm_cos_grad__g=("train", "global", [0.0, 0.2, 0.1, 0.5, 0.4]),
+    )
+    res = Results.from_rows({"r": _cfg()}, rows)
+    assert res.layers("r", "nlm_cos_grad") == ["W1", "W3", "global"]
+    out = C.fig5_claims(res)
+    row = out["fig5.max_output_cos_after_train100"]["rows"][0]
+    assert row["mean"] == pytest.approx(0.9)  # the 0.95 before train 100 % does not count
+    assert row["values"][0]["layer"] == "W3" and row["values"][0]["train100_step"] == 100
+    assert out["fig5.output_cos_at_train100"]["rows"][0]["mean"] == pytest.approx(0.2)
+    assert out["fig5.max_global_cos_after_train100"]["rows"][0]["mean"] == pytest.approx(0.5)
+    assert out["fig5.train100_step"]["rows"][0]["mean"] == 100
+
+
+def test_fig6_accuracy_at_500_uses_the_last_logged_step():
+    configs = {
+        "adam": _cfg(lr=5e-3, steps=400),
+        "perp": _cfg(lr=5e-3, steps=600, perp_grad="tensor"),
+    }
+    rows = _rows("adam", [0, 200, 400], accuracy=("test", [0.0, 0.1, 0.2]))
+    rows += _rows("perp", [0, 250, 500, 600], accuracy=("test", [0.0, 0.5, 0.97, 0.2]))
+    out = C.fig6_claims(Results.from_rows(configs, rows))
+    got = {r["group"]["perp_grad"]: r["values"][0] for r in out["fig6.test_acc_at_500"]["rows"]}
+    assert (got[None]["value"], got[None]["step"]) == (0.2, 400)
+    assert (got["tensor"]["value"], got["tensor"]["step"]) == (0.97, 500)
+
+
+def test_claims_are_json_serialisable():
+    res = _fig2_results({0: [0.1, 0.5, 0.9]})
+    for fn in C.CLAIMS.values():
+        json.dumps(fn(res), allow_nan=False)
+
+
+# --- results, stats, plots ---------------------------------------------------------------------
+
+
+def test_results_from_a_sweep_folder(tmp_path):
+    out = tmp_path / "sweep"
+    ok = S.parse_spec(
+        {"base": {"p": 7, "hidden": [4], "steps": 4, "log_every": 2}, "axes": {"seed": [0, 1]}}
+    )
+    S.run_sweep(ok, out, quiet=True, stdout=open(os.devnull, "w"))
+    # an incomplete run (config.json only) is listed, not measured
+    (out / "0123456789ab").mkdir()
+    (out / "0123456789ab" / "config.json").write_text(json.dumps({"config": {"seed": 9}}))
+    res = Results.from_dir(out)
+    assert {r.status for r in res.runs.values()} == {"ok", "incomplete"}
+    ids = res.select()
+    assert len(ids) == 2 and [res.runs[i].seed for i in ids] == [0, 1]
+    steps, acc = res.series(ids[0], "accuracy", "test")
+    assert steps.tolist() == [0, 2, 4] and ((acc >= 0) & (acc <= 1)).all()
+    assert res.layers(ids[0], "weight_norm") == ["W1", "W2", "global"]
+    only = Results.from_dir(out, ids=ids[:1])
+    assert list(only.runs) == ids[:1]
+    assert res.group(ids) == {(): ids}
+    assert varying_fields([res.runs[i].config for i in ids]) == []
+
+
+def test_aggregate_and_helpers():
+    agg = aggregate([([0, 10, 20], [0.0, 1.0, 2.0]), ([0, 10], [2.0, 3.0])])
+    assert agg["steps"].tolist() == [0, 10, 20]
+    assert agg["mean"].tolist() == [1.0, 2.0, 2.0]
+    assert agg["n"].tolist() == [2, 2, 1]
+    assert agg["std"][0] == pytest.approx(np.sqrt(2.0)) and agg["std"][2] == 0.0
+    assert agg["min"].tolist() == [0.0, 1.0, 2.0] and agg["max"].tolist() == [2.0, 3.0, 2.0]
+    assert aggregate([])["steps"].size == 0
+    assert value_at([0, 10, 20], [1, 2, 3], 15) == (10, 2.0)
+    assert value_at([10, 20], [1, 2], 5) == (None, None)
+    assert max_after([0, 10, 20], [1, 5, 2], 10) == 5
+    assert max_after([0, 10, 20], [1, 5, 2], 10, absolute_change=True) == 3
+    s = summarize_values([1, None, 3, float("nan")])
+    assert (s["n"], s["n_value"], s["mean"], s["min"], s["max"]) == (4, 2, 2.0, 1.0, 3.0)
+
+
+def test_plot_figure_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from analysis.plots import plot_figure
+
+    res = _fig2_results({0: [0.1, 0.5, 0.9], 1: [0.2, 0.4, 0.8]})
+    path = plot_figure(
+        res,
+        [
+            {"name": "b", "title": "f = 0.6", "match": {"train_fraction": 0.6}},
+            {"name": "none", "match": {"train_fraction": 0.9}, "plots": ["nlm_cosine"]},
+        ],
+        tmp_path / "sub" / "f.png",
+        title="synthetic",
+        band="std",
+    )
+    w, h = _png_size(Path(path))
+    assert w > 100 and h > 100
+    with pytest.raises(ValueError, match="band"):
+        plot_figure(res, [], tmp_path / "g.png", band="wide")
+
+
+def test_missing_matplotlib_names_the_plot_extra(monkeypatch):
+    from analysis import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"numstab\[plot\]"):
+        plots.require_matplotlib()
