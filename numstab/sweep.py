@@ -95,7 +95,10 @@ __all__ = [
 ]
 
 PROG = "python -m numstab.sweep"
-SPEC_SECTIONS = ("description", "base", "axes", "runs")
+SPEC_SECTIONS = ("description", "base", "axes", "runs", "reproduce")
+#: Top-level tables that belong to other tools and are ignored here (``scripts/reproduce.py``
+#: keeps its budgets in ``[reproduce]``).
+IGNORED_SECTIONS = ("reproduce",)
 #: Axis columns left out of the grouping key of ``collected_grouped.csv`` (averaged over).
 GROUP_EXCLUDE = ("seed",)
 #: Columns of ``collected_summary.csv`` after the axes (``None`` written as an empty cell).
