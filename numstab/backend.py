@@ -7,15 +7,37 @@ standard lacks are the named hooks below, with one implementation per backend:
 ============================  ===========================================================
 hook                          why it is needed
 ============================  ===========================================================
-:func:`errstate`              NumPy's floating-point warnings (other backends have none)
+:func:`errstate`              NumPy's floating-point warnings (also those of array_api_strict,
+                              which computes with NumPy; CuPy has none)
+:func:`xp_dtype`              a namespace's dtype object for a NumPy dtype (array-API
+                              libraries have their own dtype objects; NumPy and CuPy take
+                              NumPy dtypes); a clear TypeError where the backend lacks it
+                              (longdouble anywhere but NumPy, float16 on array_api_strict)
 :func:`uint_view`             bit patterns for the rounding emulation of 16-bit formats
+                              (NumPy and CuPy only: the standard has no views)
+:func:`native_sum`            NumPy's own loops for two declared summation orders:
+                              ``numpy.sum`` (the pairwise tree) and ``numpy.add.accumulate``
+                              (left to right). Other backends return None and the caller
+                              evaluates the order explicitly with standard functions
+                              (CuPy's ``sum`` and ``cumsum`` use other orders)
 :func:`take_at`               ``a[i, cols[i]]`` (integer-array indexing is not standard)
 :func:`put_at`                ``a[i, cols[i]] = v[i]``
-:func:`sparse_rows_matrix`    the CSR matrix of the gather layer's segment sum
+:func:`sparse_rows_matrix`    the CSR matrix of the gather layer's segment sum (NumPy: SciPy
+                              CSR, CuPy: ``cupyx`` CSR, others: :class:`SegmentRows`, the
+                              CSR product's order written with standard functions)
 :func:`to_numpy`              device-to-host transfer (only when metrics are logged)
+:func:`inplace_ops`           ``add``, ``subtract``, ``multiply``, ``divide``, ``sqrt`` into
+                              an existing array (NumPy's and CuPy's ``out=``, for the
+                              optimizers' scratch buffers; others: ``out[...] = a op b``)
+:func:`vdot`                  1-D dot product: NumPy's ``einsum`` loop (deterministic, no BLAS
+                              threads), else ``xp.sum(a * b)``; the order, hence the last
+                              bits, differ per backend
 ============================  ===========================================================
 
-``array_module`` remains for code that is NumPy/CuPy-specific by nature.
+``array_module`` remains for code that is NumPy/CuPy-specific by nature: the bit-level
+rounding of :mod:`numstab.precision` works on the integer views :func:`uint_view` returns,
+with the module that owns them (NumPy's and CuPy's ufuncs, ``out=``, boolean masks), one
+function for both.
 """
 
 from __future__ import annotations
@@ -27,16 +49,19 @@ import numpy as np
 
 __all__ = [
     "BACKENDS",
+    "SegmentRows",
     "array_module",
     "errstate",
     "get_backend",
     "is_numpy",
     "namespace",
+    "native_sum",
     "put_at",
     "sparse_rows_matrix",
     "take_at",
     "to_numpy",
     "uint_view",
+    "xp_dtype",
 ]
 
 BACKENDS = ("numpy", "cupy")
@@ -71,11 +96,19 @@ def namespace(*arrays):
 
     NumPy arrays, Python scalars and lists give ``numpy`` itself (NumPy 2 implements the
     standard functions used here, and its own module avoids a wrapper layer on the hot path);
-    CuPy and other array types give ``array_api_compat.array_namespace(...)``.
+    CuPy and other array types give ``array_api_compat.array_namespace(...)``. Anything else
+    that is not an array (a string, ``None``, an object) counts as NumPy input too, so that
+    ``numpy.asarray`` gives it its usual conversion or error message. NumPy arrays next to
+    another backend's arrays give the other backend (host data such as labels is then
+    converted with its ``asarray``).
     """
-    arrs = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool, list,
-                                                                        tuple))]
-    if all(isinstance(a, (np.ndarray, np.generic)) for a in arrs):
+    arrs = [
+        a
+        for a in arrays
+        if not isinstance(a, (np.ndarray, np.generic))
+        and (hasattr(a, "__array_namespace__") or _is_cupy_array(a))
+    ]
+    if not arrs:
         return np
     import array_api_compat
 
@@ -88,10 +121,41 @@ def is_numpy(xp) -> bool:
 
 
 def errstate(xp, **kwargs):
-    """``numpy.errstate(**kwargs)`` for NumPy; a no-op context for other backends."""
-    if is_numpy(xp):
+    """``numpy.errstate(**kwargs)`` for NumPy and for array-API libraries that compute with
+    NumPy underneath (array_api_strict); a no-op context for CuPy (no floating-point
+    warnings)."""
+    if is_numpy(xp) or getattr(xp, "__name__", "").startswith("array_api_strict"):
         return np.errstate(**kwargs)
     return contextlib.nullcontext()
+
+
+def xp_dtype(xp, dtype):
+    """The dtype object of namespace ``xp`` for the NumPy dtype ``dtype``.
+
+    NumPy (and CuPy, whose dtypes are NumPy's) get ``numpy.dtype(dtype)`` back; other
+    array-API namespaces their attribute of the same name (``xp.float32``).
+
+    Raises
+    ------
+    TypeError
+        The backend has no such dtype (longdouble outside NumPy, float16 on
+        array_api_strict): the message names the backend and what it supports.
+    """
+    if xp is np:
+        return np.dtype(dtype)
+    dt = np.dtype(dtype)
+    name = getattr(xp, "__name__", type(xp).__name__)
+    if name in ("cupy", "numpy") and dt != np.longdouble:
+        return dt
+    found = getattr(xp, dt.name, None) if dt != np.longdouble else None
+    if found is None:
+        what = "longdouble" if dt == np.longdouble else dt.name
+        raise TypeError(
+            f"{what} arrays are not available on the {name} backend; formats there are "
+            "float32 and float64 (float16/bfloat16 emulation needs NumPy or CuPy, longdouble "
+            "NumPy)"
+        )
+    return found
 
 
 def uint_view(x, nbits: int):
@@ -101,14 +165,34 @@ def uint_view(x, nbits: int):
     ------
     TypeError
         For backends without views (the array-API standard has none): rounding emulation of
-        float16/bfloat16 needs NumPy or CuPy.
+        float16/bfloat16 needs NumPy or CuPy; other backends support the float32 and float64
+        formats only.
     """
     if not hasattr(x, "view") or type(x).__module__.startswith("array_api_strict"):
         raise TypeError(
-            f"bit-level rounding needs NumPy or CuPy arrays, got {type(x).__module__}."
-            f"{type(x).__name__}; float16/bfloat16 emulation is unavailable on this backend"
+            "float16/bfloat16 emulation rounds bit patterns, which needs NumPy or CuPy arrays; "
+            f"got {type(x).__module__}.{type(x).__name__}, whose backend supports the float32 "
+            "and float64 formats only"
         )
     return x.view({16: np.uint16, 32: np.uint32, 64: np.uint64}[nbits])
+
+
+def native_sum(x, order: str):
+    """Sum along the last axis in ``x.dtype`` by the backend's own loop for ``order``, or None.
+
+    NumPy: ``"pairwise"`` is ``numpy.sum`` over a C-contiguous copy (its pairwise tree along
+    the last axis), ``"sequential"`` is ``numpy.add.accumulate`` (a strict left-to-right
+    loop). Other backends (and other orders) return None: their reductions use other
+    orders (CuPy's ``sum`` and ``cumsum`` are parallel trees and scans), and the caller
+    evaluates the order explicitly with standard functions.
+    """
+    if not isinstance(x, np.ndarray):
+        return None
+    if order == "pairwise":
+        return np.sum(np.ascontiguousarray(x), axis=-1)
+    if order == "sequential":
+        return np.add.accumulate(x, axis=-1)[..., -1].copy()
+    return None
 
 
 def _rows(xp, n):
@@ -127,12 +211,14 @@ def put_at(a, cols, values):
     """Return ``a`` with ``a[i, cols[i]] = values[i]`` (in place where the backend allows).
 
     NumPy and CuPy assign in place and return ``a``; other backends build a new array with
-    ``where`` over a one-hot mask.
+    ``where`` over a one-hot mask. A negative column counts from the end, as in NumPy
+    indexing (and in :func:`take_at`).
     """
     if isinstance(a, np.ndarray) or _is_cupy_array(a):
         a[_rows(array_module(a), a.shape[0]), cols] = values
         return a
     xp = namespace(a)
+    cols = xp.where(cols < 0, cols + a.shape[1], cols)
     mask = xp.reshape(cols, (-1, 1)) == xp.reshape(xp.arange(a.shape[1]), (1, -1))
     return xp.where(mask, xp.reshape(xp.asarray(values, dtype=a.dtype), (-1, 1)), a)
 
@@ -143,7 +229,9 @@ def sparse_rows_matrix(rows, cols, shape, like):
 
     NumPy: a SciPy CSR matrix with sorted indices (its product sums each row's entries in
     column order, accumulating in the output dtype). CuPy: a ``cupyx.scipy.sparse`` CSR
-    matrix. Other backends: a dense array of the namespace of ``like``.
+    matrix. Other backends: a :class:`SegmentRows` of the namespace of ``like``, which
+    evaluates the product in the SciPy CSR kernel's order with standard functions (a dense
+    matrix product would add the same terms in BLAS's blocked order: other last bits).
     """
     rows = np.asarray(rows)
     cols = np.asarray(cols)
@@ -164,10 +252,67 @@ def sparse_rows_matrix(rows, cols, shape, like):
         m.sum_duplicates()
         m.sort_indices()
         return m
-    xp = namespace(like)
-    dense = np.zeros(shape)
-    np.add.at(dense, (rows, cols), 1.0)
-    return xp.asarray(dense)
+    return SegmentRows.build(rows, cols, shape, namespace(like))
+
+
+class SegmentRows:
+    """A sparse 0/1 (count) matrix ``M`` whose product ``M @ dense`` runs in SciPy's CSR order.
+
+    SciPy's CSR kernel computes row ``r`` of ``M @ X`` as ``y = +0; y += M[r, c] * X[c]`` over
+    the stored columns ``c`` of row ``r`` in ascending order, in the output dtype. Here the
+    stored entries sit in a padded ``(n_rows, width)`` table (``width`` the longest row); the
+    product walks its columns, adding ``weight * X[slot]`` for every row at once, where
+    padding points at an appended row of zeros with weight 0 (``y + 0 == y``: ``y`` starts at
+    ``+0`` and so is never ``-0``). Only standard functions: ``take``, ``concat``, ``+=``.
+
+    Attributes
+    ----------
+    shape : (n_rows, n_cols)
+    dtype : the namespace's dtype of the weights
+    """
+
+    def __init__(self, xp, slots, weights, shape):
+        self.xp, self.slots, self.weights, self.shape = xp, slots, weights, tuple(shape)
+
+    @classmethod
+    def build(cls, rows, cols, shape, xp) -> SegmentRows:
+        """From entry coordinates (host integer arrays; duplicates add up, as in CSR)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+        n_rows, n_cols = (int(v) for v in shape)
+        key = rows * n_cols + cols
+        uniq, counts = np.unique(key, return_counts=True)  # sorted: by row, then column
+        r, c = np.divmod(uniq, n_cols) if n_cols else (uniq, uniq)
+        per_row = np.bincount(r, minlength=n_rows)
+        width = int(per_row.max()) if per_row.size else 0
+        slots = np.full((n_rows, width), n_cols, dtype=np.int64)  # padding: the zero row
+        weights = np.zeros((n_rows, width))
+        pos = np.arange(r.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        slots[r, pos] = c
+        weights[r, pos] = counts
+        return cls(xp, xp.asarray(slots), xp.asarray(weights, dtype=xp.float64), shape)
+
+    @property
+    def dtype(self):
+        return self.weights.dtype
+
+    def astype(self, dtype) -> SegmentRows:
+        return SegmentRows(self.xp, self.slots, self.xp.astype(self.weights, dtype), self.shape)
+
+    def __matmul__(self, dense):
+        xp = self.xp
+        n_rows, n_cols = self.shape
+        if dense.ndim != 2 or dense.shape[0] != n_cols:
+            raise ValueError(
+                f"SegmentRows of shape {self.shape} cannot multiply shape {tuple(dense.shape)}"
+            )
+        k = dense.shape[1]
+        ext = xp.concat([dense, xp.zeros((1, k), dtype=dense.dtype)], axis=0)
+        weights = xp.astype(self.weights, dense.dtype)
+        acc = xp.zeros((n_rows, k), dtype=dense.dtype)
+        for j in range(self.slots.shape[1]):
+            acc += weights[:, j : j + 1] * xp.take(ext, self.slots[:, j], axis=0)
+        return acc
 
 
 def get_backend(name: str) -> types.ModuleType:
@@ -212,3 +357,132 @@ def to_numpy(x) -> np.ndarray:
     if get is not None and _is_cupy_array(x):
         return get()
     return np.asarray(x)
+
+
+# --- hooks of the optimizers (numstab.optim) --------------------------------------------------
+
+__all__ += ["inplace_ops", "vdot"]
+
+_INPLACE_OPS: dict = {}
+
+
+class _CupyInplaceOps:
+    """CuPy's ufuncs with ``out=``, the operands first brought to ``out``'s dtype.
+
+    CuPy's promotion of a NumPy scalar against an array of another precision has followed
+    NumPy's changing rules (value-based before NEP 50); widening explicitly makes the
+    compute dtype ``out.dtype`` on every version. Widening float32 to float64 is exact.
+    """
+
+    def __init__(self, cp):
+        self._cp = cp
+
+    def _call(self, name, args, out):
+        dt = out.dtype
+        args = [
+            dt.type(a) if isinstance(a, (int, float)) else a if a.dtype == dt else a.astype(dt)
+            for a in args
+        ]
+        return getattr(self._cp, name)(*args, out=out)
+
+    def add(self, a, b, out):
+        return self._call("add", (a, b), out)
+
+    def subtract(self, a, b, out):
+        return self._call("subtract", (a, b), out)
+
+    def multiply(self, a, b, out):
+        return self._call("multiply", (a, b), out)
+
+    def divide(self, a, b, out):
+        return self._call("divide", (a, b), out)
+
+    def sqrt(self, a, out):
+        return self._call("sqrt", (a,), out)
+
+
+class _ArrayAPIInplaceOps:
+    """The same functions for any array-API namespace: ``out[...] = op(a, b)``.
+
+    A new array is computed and copied into ``out`` (the standard has no ``out=``; arrays
+    such as array_api_strict's allow ``__setitem__``). Array operands of a narrower dtype are
+    widened with ``astype`` (exact); a scalar operand becomes a Python float, which the
+    standard converts to the other operand's dtype -- ``out``'s.
+    """
+
+    def __init__(self, xp):
+        self._xp = xp
+
+    def _prep(self, a, dt):
+        if isinstance(a, (int, float, np.generic)):
+            return float(a)
+        return a if a.dtype == dt else self._xp.astype(a, dt)
+
+    def _binary(self, fn, a, b, out):
+        out[...] = fn(self._prep(a, out.dtype), self._prep(b, out.dtype))
+        return out
+
+    def add(self, a, b, out):
+        return self._binary(lambda x, y: x + y, a, b, out)
+
+    def subtract(self, a, b, out):
+        return self._binary(lambda x, y: x - y, a, b, out)
+
+    def multiply(self, a, b, out):
+        return self._binary(lambda x, y: x * y, a, b, out)
+
+    def divide(self, a, b, out):
+        return self._binary(lambda x, y: x / y, a, b, out)
+
+    def sqrt(self, a, out):
+        out[...] = self._xp.sqrt(self._prep(a, out.dtype))
+        return out
+
+
+def inplace_ops(xp):
+    """Element-wise functions writing into an existing array: ``add``, ``subtract``,
+    ``multiply``, ``divide`` (``f(a, b, out=out)``) and ``sqrt`` (``f(a, out=out)``).
+
+    Contract: the result is evaluated in ``out``'s dtype and stored in ``out`` (which may be
+    ``a`` or ``b``); array operands have ``out``'s dtype or a narrower float dtype (widened
+    exactly), a scalar operand is a NumPy scalar of ``out``'s dtype (so that NumPy's own
+    promotion gives the same compute dtype). Each function also returns ``out``.
+
+    NumPy: the ``numpy`` module itself (its ufuncs, no wrapper on the hot path). CuPy: its
+    ufuncs, after bringing the operands to ``out``'s dtype. Other namespaces:
+    ``out[...] = a op b`` (a temporary, then a copy).
+    """
+    if is_numpy(xp):
+        return np
+    ops = _INPLACE_OPS.get(xp)
+    if ops is None:
+        if getattr(xp, "__name__", "") in ("cupy", "array_api_compat.cupy"):
+            ops = _CupyInplaceOps(_cupy_module())
+        else:
+            ops = _ArrayAPIInplaceOps(xp)
+        _INPLACE_OPS[xp] = ops
+    return ops
+
+
+def vdot(a, b):
+    """``sum_i a[i] * b[i]`` of two 1-D arrays of one float dtype, as a 0-d value of their
+    backend (a NumPy scalar on NumPy; a device array on CuPy: no transfer).
+
+    The summation order is the backend's and so are the last bits of the result:
+
+    * NumPy: ``numpy.einsum("i,i->", a, b)``, NumPy's own single-threaded sum-of-products
+      loop (deterministic; longdouble too). Not ``numpy.dot``: BLAS ``ddot`` changes its
+      order with the thread count and was measured ~700x slower with 2 OpenBLAS threads on a
+      2-core machine.
+    * Other namespaces: ``xp.sum(a * b)``, the backend's reduction (array_api_strict: NumPy's
+      pairwise sum; CuPy: its parallel tree).
+
+    Any order gives ``|computed - exact| <= gamma_n * sum_i |a[i] b[i]|`` with
+    ``gamma_n = n u / (1 - n u)`` (``u`` the unit roundoff of the dtype), so two backends
+    differ by at most twice that; inputs whose partial sums are all exact (e.g. few-bit
+    dyadic values) give identical results everywhere.
+    """
+    if isinstance(a, np.ndarray):
+        return np.einsum("i,i->", a, b)
+    xp = namespace(a, b)
+    return xp.sum(a * b)

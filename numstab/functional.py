@@ -22,6 +22,15 @@ Losses
     the sum, ``loss = (m - z_y) + log1p(s)`` with ``s = Σ_{k≠k*} exp(z_k - m)``, target
     gradient ``-s / (1 + s)`` when the target is the argmax (SciPy's ``logsumexp`` does the
     same). It never collapses while ``s`` is representable.
+
+Backends
+--------
+Every function takes its array namespace from its inputs (:func:`numstab.backend.namespace`)
+and uses array-API standard functions, plus the named hooks of :mod:`numstab.backend` for what
+the standard lacks (``take_at``/``put_at`` for ``a[i, y_i]``, ``errstate``, the gather plan's
+segment-sum matrix). The same code runs on NumPy, on CuPy and on any array-API library such as
+``array_api_strict`` (float32/float64 formats there: float16/bfloat16 emulation needs bit
+views), and gives NumPy's bits wherever the backend's elementary operations do.
 """
 
 from __future__ import annotations
@@ -33,7 +42,15 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
-from numstab.backend import array_module
+from numstab.backend import (
+    errstate,
+    namespace,
+    put_at,
+    sparse_rows_matrix,
+    take_at,
+    to_numpy,
+    xp_dtype,
+)
 from numstab.precision import Format, PrecisionPolicy, available_formats, get_format, quantize
 from numstab.summation import check_order, ordered_sum
 
@@ -77,18 +94,28 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 _FLOAT_NAMES = "float16, bfloat16, float32, float64 or longdouble"
 
 
-def _is_float(dt) -> bool:
-    return dt.kind == "f" or dt == _BF16
+def _is_float(dt, x=None) -> bool:
+    if isinstance(dt, np.dtype):  # NumPy and CuPy
+        return dt.kind == "f" or dt == _BF16
+    return namespace(x).isdtype(dt, "real floating")
+
+
+def _is_int(dt, x=None) -> bool:
+    if isinstance(dt, np.dtype):
+        return dt.kind in "iu"
+    return namespace(x).isdtype(dt, "integral")
 
 
 def _check_float_array(x, name: str, ndim: int | None = None):
-    """``x`` must be a NumPy/CuPy array of a floating format (of ``ndim`` dimensions)."""
+    """``x`` must be an array (NumPy, CuPy or array-API) of a floating format (of ``ndim``
+    dimensions)."""
     dt = getattr(x, "dtype", None)
     if dt is None or not hasattr(x, "ndim"):
         raise TypeError(
-            f"{name} must be a NumPy or CuPy array ({_FLOAT_NAMES}), got {type(x).__name__}"
+            f"{name} must be a NumPy or CuPy array (or an array-API array) of {_FLOAT_NAMES}, "
+            f"got {type(x).__name__}"
         )
-    if not _is_float(dt):
+    if not _is_float(dt, x):
         raise TypeError(f"{name} must be a floating array ({_FLOAT_NAMES}), got dtype {dt}")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
@@ -147,12 +174,12 @@ def gemm(a, b, policy: PrecisionPolicy):
 
     Parameters
     ----------
-    a : ndarray, shape (m, k); b : ndarray, shape (k, n)
-        Storage-format values in the storage carrier dtype.
+    a : array, shape (m, k); b : array, shape (k, n)
+        Storage-format values in the storage carrier dtype (one backend for both).
 
     Returns
     -------
-    ndarray, shape (m, n), storage carrier dtype
+    array, shape (m, n), storage carrier dtype
         IEEE results for non-finite operands (``inf · 0`` gives NaN; no warning). Views are
         handed to BLAS as they are, and BLAS may pick another kernel for them (a transposed
         operand goes to the transposed gemm, a strided single row to gemv with its stride):
@@ -174,9 +201,10 @@ def gemm(a, b, policy: PrecisionPolicy):
             f"gemm needs a (m, k) and b (k, n) with the same k, got shapes {tuple(a.shape)} "
             f"and {tuple(b.shape)}"
         )
-    c = policy.compute.carrier
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = a.astype(c, copy=False) @ b.astype(c, copy=False)
+    xp = namespace(a, b)
+    c = xp_dtype(xp, policy.compute.carrier)
+    with errstate(xp, over="ignore", invalid="ignore"):
+        out = xp.astype(a, c, copy=False) @ xp.astype(b, c, copy=False)
         return quantize(out, policy.storage)
 
 
@@ -196,7 +224,7 @@ def linear_forward(x, w, b, policy: PrecisionPolicy):
     y = gemm(x, w, policy)
     if b is not None:
         _check_bias(b, w.shape[1])
-        with np.errstate(over="ignore", invalid="ignore"):
+        with errstate(namespace(y), over="ignore", invalid="ignore"):
             y = quantize(y + b, policy.storage)
     return y, (x, w, b is not None)
 
@@ -223,14 +251,18 @@ def linear_backward(dy, cache, policy: PrecisionPolicy, *, need_dx: bool = True)
         )
     dw = gemm(x.T, dy, policy)
     dx = gemm(dy, w.T, policy) if need_dx else None
-    db = None
-    if has_bias:
-        c = policy.compute.carrier
-        with np.errstate(over="ignore", invalid="ignore"):
-            db = quantize(
-                np.ascontiguousarray(dy.astype(c, copy=False).T).sum(axis=-1), policy.storage
-            )
+    db = _bias_grad(dy, policy) if has_bias else None
     return dx, dw, db
+
+
+def _bias_grad(dy, policy: PrecisionPolicy):
+    """``Σ_i dy_i``: NumPy's pairwise tree over the sample axis in the compute carrier (the
+    carrier's own additions, as ``numpy.sum`` does), rounded once to storage."""
+    xp = namespace(dy)
+    c = policy.compute.carrier
+    with errstate(xp, over="ignore", invalid="ignore"):
+        total = ordered_sum(xp.astype(dy, xp_dtype(xp, c), copy=False).T, get_format(c))
+        return quantize(total, policy.storage)
 
 
 # --- gather (first layer on index inputs) -------------------------------------------------
@@ -247,18 +279,27 @@ class GatherPlan:
     segment sequentially in sample order, in the dtype of ``dh`` (SciPy's CSR kernel
     accumulates in its output dtype). For the paper's shapes that is 10x faster than
     ``np.add.reduceat`` on the gathered rows and 9x faster than the dense BLAS product.
+
+    The matrix comes from :func:`numstab.backend.sparse_rows_matrix` for the backend of the
+    arrays the plan will multiply (``like``): SciPy CSR for NumPy, ``cupyx`` CSR for CuPy,
+    and for other array-API libraries a :class:`~numstab.backend.SegmentRows`, which adds in
+    the CSR kernel's order with standard functions (the same bits as NumPy's plan).
     """
 
     n_rows: int
     n_samples: int
-    matrix: object = field(repr=False)  # scipy.sparse.csr_matrix (n_rows, n_samples)
+    matrix: object = field(repr=False)  # (n_rows, n_samples): SciPy CSR on NumPy
 
     @classmethod
-    def build(cls, idx, n_rows: int) -> GatherPlan:
-        """Plan for index array ``idx`` of shape (N, k) into a weight with ``n_rows`` rows."""
-        import scipy.sparse as sparse
+    def build(cls, idx, n_rows: int, *, like=None) -> GatherPlan:
+        """Plan for index array ``idx`` of shape (N, k) into a weight with ``n_rows`` rows.
 
-        idx = np.asarray(idx)
+        ``like``: an array of the backend the plan is for (default: the backend of ``idx``).
+        The indices are validated on the host.
+        """
+        if like is None and hasattr(idx, "dtype") and not isinstance(idx, np.ndarray):
+            like = idx
+        idx = to_numpy(idx) if hasattr(idx, "dtype") else np.asarray(idx)
         if idx.ndim != 2 or idx.dtype.kind not in "iu" or idx.shape[1] < 1:
             raise ValueError(
                 f"gather indices must be a 2-D integer array with at least one column, got "
@@ -276,10 +317,9 @@ class GatherPlan:
         n = idx.shape[0]
         flat = idx.reshape(-1)  # sample-major: (i0, slot0), (i0, slot1), (i1, slot0), ...
         samples = np.repeat(np.arange(n), idx.shape[1])
-        ones = np.ones(flat.size, dtype=np.float64)
-        mat = sparse.csr_matrix((ones, (flat, samples)), shape=(n_rows, n))
-        mat.sum_duplicates()  # a sample indexing one row twice contributes twice
-        mat.sort_indices()
+        # Duplicates are summed (a sample indexing one row twice contributes twice) and the
+        # column indices sorted: each segment is added in sample order.
+        mat = sparse_rows_matrix(flat, samples, (n_rows, n), like)
         return cls(n_rows=n_rows, n_samples=n, matrix=mat)
 
     def segment_sum(self, rows):
@@ -287,7 +327,7 @@ class GatherPlan:
         mat = self.matrix
         if mat.dtype != rows.dtype:
             mat = mat.astype(rows.dtype)  # small integer counts: exact in any float format
-        return np.asarray(mat @ rows)
+        return mat @ rows
 
 
 def gather_forward(idx, w, b, policy: PrecisionPolicy):
@@ -320,25 +360,28 @@ def gather_forward(idx, w, b, policy: PrecisionPolicy):
     _check_policy(policy)
     if not hasattr(idx, "dtype"):
         idx = np.asarray(idx)
-    if idx.dtype.kind not in "iu" or idx.ndim != 2 or idx.shape[1] < 1:
+    if not _is_int(idx.dtype, idx) or idx.ndim != 2 or idx.shape[1] < 1:
         raise ValueError(
             f"gather indices must be a 2-D integer array with at least one column, got "
             f"{idx.dtype} with shape {tuple(idx.shape)}"
         )
     _check_float_array(w, "w", 2)
     _check_bias(b, w.shape[1])
-    c = policy.compute.carrier
-    with np.errstate(over="ignore", invalid="ignore"):
+    xp = namespace(w)
+    idx = xp.asarray(idx)  # no copy when it already lives there
+    c = xp_dtype(xp, policy.compute.carrier)
+    with errstate(xp, over="ignore", invalid="ignore"):
         try:
-            h = w[idx[:, 0]].astype(c, copy=True)
+            # ``take`` returns a new array: ``astype(copy=False)`` may keep it as the sum.
+            h = xp.astype(xp.take(w, idx[:, 0], axis=0), c, copy=False)
             for j in range(1, idx.shape[1]):
-                h += w[idx[:, j]]
+                h += xp.take(w, idx[:, j], axis=0)
         except IndexError:
             raise ValueError(
                 f"gather indices must lie in [0, {w.shape[0]}) (the rows of w), got range "
-                f"[{idx.min()}, {idx.max()}]"
+                f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"
             ) from None
-        h += c.type(0.0)
+        h += 0.0  # -0 + +0 = +0, as in a product with a one-hot row
         h = quantize(h, policy.storage)
         if b is not None:
             h = quantize(h + b, policy.storage)
@@ -367,14 +410,11 @@ def gather_backward(dh, cache, plan: GatherPlan, policy: PrecisionPolicy):
             f"GatherPlan is for {plan.n_samples} samples into {plan.n_rows} rows, but the "
             f"gradient has {dh.shape[0]} samples and the weight {n_rows} rows"
         )
-    c = policy.compute.carrier
-    with np.errstate(over="ignore", invalid="ignore"):
-        dw = plan.segment_sum(np.ascontiguousarray(dh.astype(c, copy=False)))
-        db = None
-        if has_bias:
-            db = quantize(
-                np.ascontiguousarray(dh.astype(c, copy=False).T).sum(axis=-1), policy.storage
-            )
+    xp = namespace(dh)
+    c = xp_dtype(xp, policy.compute.carrier)
+    with errstate(xp, over="ignore", invalid="ignore"):
+        dw = plan.segment_sum(xp.astype(dh, c, copy=False))
+        db = _bias_grad(dh, policy) if has_bias else None
         return quantize(dw, policy.storage), db
 
 
@@ -386,16 +426,18 @@ def relu_forward(x):
 
     ``x`` must be a floating array (TypeError otherwise)."""
     _check_float_array(x, "x")
-    y = np.maximum(x, 0)
+    y = namespace(x).maximum(x, 0)
     return y, y
 
 
 def relu_backward(dy, y):
     """``dy · [y > 0]`` (the subgradient 0 is used at 0).
 
-    A multiplication by the 0/1 mask: exact, and 6x faster than ``np.where`` on the dense,
-    unpredictable masks of a hidden layer. (``inf · 0`` would give NaN where ``np.where``
-    gives 0; an infinite gradient has already stopped the run before this matters.)
+    A multiplication by the 0/1 mask (cast to ``dy``'s dtype: the standard does not multiply
+    floats by booleans, and NumPy is faster with the explicit cast): exact, and 6x faster than
+    ``np.where`` on the dense, unpredictable masks of a hidden layer. (``inf · 0`` would give
+    NaN where ``np.where`` gives 0; an infinite gradient has already stopped the run before
+    this matters.)
     ``dy`` and ``y`` must be floating arrays of one shape (TypeError / ValueError otherwise).
     """
     _check_float_array(dy, "dy")
@@ -404,8 +446,9 @@ def relu_backward(dy, y):
         raise ValueError(
             f"dy and y must have the same shape, got {tuple(dy.shape)} and {tuple(y.shape)}"
         )
-    with np.errstate(invalid="ignore"):
-        return dy * (y > 0)
+    xp = namespace(dy, y)
+    with errstate(xp, invalid="ignore"):
+        return dy * xp.astype(y > 0, dy.dtype)
 
 
 # --- losses -------------------------------------------------------------------------------
@@ -425,15 +468,16 @@ def stablemax_s(x, fmt, *, eps: float = 0.0):
     """
     fmt = _format(fmt)
     _check_eps(eps)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    xp = namespace(x)
+    with errstate(xp, over="ignore", invalid="ignore", divide="ignore"):
         x = quantize(x, fmt)
-        one = x.dtype.type(1)
         pos = x >= 0
-        d = quantize(one - np.where(pos, 0, x), fmt)
+        d = quantize(1.0 - xp.where(pos, 0.0, x), fmt)
         if eps:
-            d = quantize(d + quantize(np.asarray(eps, dtype=np.float64), fmt), fmt)
-        s = np.where(pos, quantize(x + one, fmt), quantize(one / d, fmt))
-    return s, np.where(pos, one, d)
+            # eps rounded to fmt, added as a Python float: exact in the carrier dtype.
+            d = quantize(d + float(quantize(np.asarray(eps, dtype=np.float64), fmt)), fmt)
+        s = xp.where(pos, quantize(x + 1.0, fmt), quantize(1.0 / d, fmt))
+    return s, xp.where(pos, 1.0, d)
 
 
 def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps: float = 0.0):
@@ -457,12 +501,13 @@ def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps
     fmt = _format(fmt)
     _check_choice(kind, LOSS_KINDS, "loss kind")
     check_order(order)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    xp = namespace(z)
+    with errstate(xp, over="ignore", invalid="ignore", divide="ignore"):
         z = quantize(z, fmt)
         _check_logits_shape(z)
         if kind == "stablemax":
             s, _ = stablemax_s(z, fmt, eps=eps)
-            smax = s.max(axis=-1, keepdims=True)
+            smax = xp.max(s, axis=-1, keepdims=True)
             terms = quantize(s / smax, fmt)
         else:
             terms = _softmax_terms(z, fmt)[1]
@@ -479,10 +524,11 @@ def _check_logits_shape(z):
 
 def _softmax_terms(z, fmt: Format):
     """``d = fl(z - max z)`` and ``e = fl(exp(d))`` in ``fmt``."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        m = z.max(axis=-1, keepdims=True)
+    xp = namespace(z)
+    with errstate(xp, invalid="ignore", over="ignore"):
+        m = xp.max(z, axis=-1, keepdims=True)
         d = quantize(z - m, fmt)
-        e = quantize(np.exp(d), fmt)
+        e = quantize(xp.exp(d), fmt)
     return d, e
 
 
@@ -551,24 +597,24 @@ def loss_forward(
     fmt = _format(fmt)
     _check_choice(kind, LOSS_KINDS, "loss kind")
     check_order(order)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    xp = namespace(z)
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         z = quantize(z, fmt)
     _check_logits_shape(z)
-    labels = np.asarray(labels)
-    if labels.dtype.kind not in "iu":
+    labels = xp.asarray(labels)  # no copy when it already lives there
+    if not _is_int(labels.dtype, labels):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
-    if labels.shape != (z.shape[0],):
+    if tuple(labels.shape) != (z.shape[0],):
         raise ValueError(
             f"labels must have shape ({z.shape[0]},) to match the logits {tuple(z.shape)}, "
-            f"got {labels.shape}"
+            f"got {tuple(labels.shape)}"
         )
-    rows = np.arange(z.shape[0])
     try:
-        loss, total, probs, extra = _loss_forward(z, labels, rows, kind, fmt, order, eps)
+        loss, total, probs, extra = _loss_forward(z, labels, kind, fmt, order, eps, xp)
     except IndexError:
         raise ValueError(
             f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
-            f"[{labels.min()}, {labels.max()}]"
+            f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
         ) from None
     cache = LossCache(
         kind=kind, fmt=fmt, order=order, labels=labels, normaliser=total, probs=probs, extra=extra
@@ -576,33 +622,33 @@ def loss_forward(
     return loss, cache
 
 
-def _loss_forward(z, labels, rows, kind, fmt, order, eps):
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+def _loss_forward(z, labels, kind, fmt, order, eps, xp):
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if kind == "softmax":
             d, e = _softmax_terms(z, fmt)
             total = ordered_sum(e, fmt, order)
-            lse = quantize(np.log(total), fmt)
+            lse = quantize(xp.log(total), fmt)
             lsm = quantize(d - lse[:, None], fmt)
-            probs = quantize(np.exp(lsm), fmt)
-            loss = 0 - lsm[rows, labels]  # 0 - 0 is +0, where -(0) would print -0
+            probs = quantize(xp.exp(lsm), fmt)
+            loss = 0.0 - take_at(lsm, labels)  # 0 - 0 is +0, where -(0) would print -0
             extra = ()
         elif kind == "stablemax":
             s, _ = stablemax_s(z, fmt, eps=eps)
             total = ordered_sum(s, fmt, order)
             probs = quantize(s / total[:, None], fmt)
-            loss = -quantize(np.log(probs[rows, labels]), fmt)
+            loss = -quantize(xp.log(take_at(probs, labels)), fmt)
             extra = (s, z)
         else:
             _, e = _softmax_terms(z, fmt)
-            top = np.argmax(z, axis=-1)
-            e[rows, top] = 0  # the max term is taken out of the sum exactly
+            top = xp.argmax(z, axis=-1)
+            e = put_at(e, top, 0.0)  # the max term is taken out of the sum exactly
             total = ordered_sum(e, fmt, order)
-            denom = quantize(1 + total, fmt)
+            denom = quantize(1.0 + total, fmt)
             probs = quantize(e / denom[:, None], fmt)
-            probs[rows, top] = quantize(1 / denom, fmt)
-            m = z[rows, top]
+            probs = put_at(probs, top, quantize(1.0 / denom, fmt))
+            m = take_at(z, top)
             loss = quantize(
-                quantize(m - z[rows, labels], fmt) + quantize(np.log1p(total), fmt), fmt
+                quantize(m - take_at(z, labels), fmt) + quantize(xp.log1p(total), fmt), fmt
             )
             extra = (top, denom)
     return loss, total, probs, extra
@@ -630,40 +676,41 @@ def loss_backward(cache: LossCache, dloss):
         )
     fmt = cache.fmt
     n = cache.probs.shape[0]
-    rows = np.arange(n)
     y = cache.labels
-    d = np.asarray(dloss)
-    if not (d.dtype.kind in "fiu" or d.dtype == _BF16):
+    xp = namespace(cache.probs)
+    host = not hasattr(dloss, "dtype") or isinstance(dloss, (np.ndarray, np.generic))
+    d = np.asarray(dloss) if host else dloss
+    if not (_is_float(d.dtype, d) or _is_int(d.dtype, d)):
         raise TypeError(
             f"dloss must be a real number or a real array of shape ({n},), got {dloss!r:.80} "
             f"(dtype {d.dtype})"
         )
-    if d.shape not in ((), (n,)):
-        raise ValueError(f"dloss must be a scalar or have shape ({n},), got shape {d.shape}")
-    with np.errstate(over="ignore"):
-        dl = quantize(np.broadcast_to(np.asarray(d, dtype=np.float64), (n,)), fmt)[:, None]
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    if tuple(d.shape) not in ((), (n,)):
+        raise ValueError(f"dloss must be a scalar or have shape ({n},), got shape {tuple(d.shape)}")
+    with np.errstate(over="ignore"), errstate(xp, over="ignore"):
+        d = np.asarray(d, dtype=np.float64) if host else d
+        d = xp.asarray(d, dtype=xp_dtype(xp, np.float64))
+        dl = quantize(xp.broadcast_to(d, (n,)), fmt)[:, None]
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if cache.kind == "softmax":
             g = quantize(cache.probs * dl, fmt)
-            g[rows, y] = quantize(g[rows, y] - dl[:, 0], fmt)
-            return g
+            return put_at(g, y, quantize(take_at(g, y) - dl[:, 0], fmt))
         if cache.kind == "stablemax":
             s, z = cache.extra
-            inv_total = quantize(1 / cache.normaliser, fmt)[:, None]
-            inv_sy = quantize(1 / s[rows, y], fmt)
-            coef = np.broadcast_to(inv_total, s.shape).copy()
-            coef[rows, y] = quantize(coef[rows, y] - inv_sy, fmt)
+            inv_total = quantize(1.0 / cache.normaliser, fmt)[:, None]
+            inv_sy = quantize(1.0 / take_at(s, y), fmt)
+            coef = xp.asarray(xp.broadcast_to(inv_total, s.shape), copy=True)
+            coef = put_at(coef, y, quantize(take_at(coef, y) - inv_sy, fmt))
             # s'(x) = 1 for x >= 0 and 1/(1-x)**2 = s(x)**2 for x < 0.
-            deriv = np.where(z >= 0, s.dtype.type(1), quantize(s * s, fmt))
+            deriv = xp.where(z >= 0, 1.0, quantize(s * s, fmt))
             return quantize(quantize(deriv * dl, fmt) * coef, fmt)
         top, denom = cache.extra
         g = quantize(cache.probs * dl, fmt)
         at_top = top == y
         # Target is the argmax: p_y - 1 = -s / (1 + s), no cancellation.
         tgt = quantize(-cache.normaliser / denom, fmt)
-        other = quantize(cache.probs[rows, y] - 1, fmt)
-        g[rows, y] = quantize(np.where(at_top, tgt, other) * dl[:, 0], fmt)
-        return g
+        other = quantize(take_at(cache.probs, y) - 1.0, fmt)
+        return put_at(g, y, quantize(xp.where(at_top, tgt, other) * dl[:, 0], fmt))
 
 
 def reduce_loss(loss, reduction: str = "mean"):
@@ -676,19 +723,19 @@ def reduce_loss(loss, reduction: str = "mean"):
     _check_choice(reduction, REDUCTIONS, "reduction")
     if not hasattr(loss, "dtype"):
         loss = np.asarray(loss)
-    if not (loss.dtype.kind in "fiu" or loss.dtype == _BF16):
+    if not (_is_float(loss.dtype, loss) or _is_int(loss.dtype, loss)):
         raise TypeError(f"loss must be an array of real numbers, got dtype {loss.dtype}")
     if loss.ndim != 1:
         raise ValueError(f"loss must be 1-D (per-sample losses), got shape {tuple(loss.shape)}")
     if reduction == "none":
         return loss
-    xp = array_module(loss)
+    xp = namespace(loss)
     if loss.shape[0] == 0:
         return np.float64(np.nan)
-    wide = loss.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
+    wide = xp.astype(loss, xp_dtype(xp, np.float64))
+    with errstate(xp, over="ignore", invalid="ignore"):
         mean = xp.mean(wide)
-        if xp.isinf(mean) and bool(xp.isfinite(wide).all()):
+        if bool(xp.isinf(mean)) and bool(xp.all(xp.isfinite(wide))):
             # The sum overflowed, not the mean: the same sum scaled by 2**-64 (exactly).
             mean = xp.mean(wide * 2.0**-64) * 2.0**64
     return mean

@@ -3,11 +3,19 @@
 Everything here is a measurement, computed in float64 from the run's own arrays (which are
 exact in float64 for every format but longdouble, whose norms are taken in longdouble), so the
 metrics themselves add no rounding that could be mistaken for the phenomenon.
+
+The functions take their array namespace from their inputs (NumPy, CuPy or an array-API
+library) and use standard functions only; scalar results are Python floats (a CuPy input
+costs one device-to-host transfer of each scalar).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from numstab.backend import errstate, namespace, put_at, take_at, xp_dtype
 
 __all__ = [
     "accuracy",
@@ -31,9 +39,10 @@ def accuracy(logits, labels) -> float:
     n = labels.shape[0]
     if n == 0:
         return float("nan")
-    ok = np.argmax(logits, axis=-1) == labels
-    ok &= ~np.isnan(logits).any(axis=-1)
-    return int(np.count_nonzero(ok)) / n
+    xp = namespace(logits)
+    ok = xp.argmax(logits, axis=-1) == xp.asarray(labels)
+    ok &= ~xp.any(xp.isnan(logits), axis=-1)
+    return int(xp.count_nonzero(ok)) / n
 
 
 def logit_gaps(logits, labels):
@@ -42,31 +51,40 @@ def logit_gaps(logits, labels):
     ``gap_i = z_{i,y} - max_{k≠y} z_{i,k}``; positive when the row is classified correctly.
     One class gives ``+inf``.
     """
-    z = logits.astype(np.float64)
-    rows = np.arange(z.shape[0])
-    correct = z[rows, labels].copy()
-    z[rows, labels] = -np.inf
-    with np.errstate(invalid="ignore"):
-        return correct - z.max(axis=-1)
+    xp = namespace(logits)
+    z = xp.astype(logits, xp_dtype(xp, np.float64))  # a copy: written below
+    labels = xp.asarray(labels)
+    correct = take_at(z, labels)
+    z = put_at(z, labels, -math.inf)
+    with errstate(xp, invalid="ignore"):
+        return correct - xp.max(z, axis=-1)
 
 
 def _flat64(a):
-    return np.asarray(a).astype(np.longdouble if a.dtype == np.longdouble else np.float64).ravel()
+    """``a`` flattened in float64 (longdouble for longdouble input), in its own namespace."""
+    xp = namespace(a)
+    a = xp.asarray(a)
+    wide = np.longdouble if isinstance(a.dtype, np.dtype) and a.dtype == np.longdouble else None
+    return xp.reshape(xp.astype(a, xp_dtype(xp, wide or np.float64)), (-1,))
 
 
 def cosine(a, b) -> float:
     """``⟨a, b⟩ / (‖a‖ ‖b‖)`` in float64 (longdouble for longdouble input); NaN if either is 0."""
     a, b = _flat64(a), _flat64(b)
-    na, nb = np.sqrt(a @ a), np.sqrt(b @ b)
-    if na == 0 or nb == 0 or not np.isfinite(na * nb):
+    xp = namespace(a, b)
+    na, nb = xp.sqrt(a @ a), xp.sqrt(b @ b)
+    if na == 0 or nb == 0 or not xp.isfinite(na * nb):
         return float("nan")
     return float((a @ b) / (na * nb))
 
 
 def param_norms(params: dict) -> dict:
     """L2 norm of each tensor and of their concatenation (key ``"global"``)."""
-    out = {k: float(np.sqrt(_flat64(v) @ _flat64(v))) for k, v in params.items()}
-    out["global"] = float(np.sqrt(sum(v * v for v in out.values())))
+    out = {}
+    for k, v in params.items():
+        f = _flat64(v)
+        out[k] = float(namespace(f).sqrt(f @ f))
+    out["global"] = math.sqrt(sum(v * v for v in out.values()))
     return out
 
 
@@ -81,6 +99,8 @@ def param_cosines(params: dict, other: dict, *, sign: float = 1.0) -> dict:
     for k, v in params.items():
         a, b = _flat64(v), sign * _flat64(other[k])
         d, na2, nb2 = float(a @ b), float(a @ a), float(b @ b)
+        # Host scalars from here on (np.sqrt of a Python float: the np.float64 results of
+        # before).
         out[k] = d / np.sqrt(na2 * nb2) if na2 > 0 and nb2 > 0 else float("nan")
         dot_total += d
         nt += na2

@@ -8,6 +8,10 @@ All arithmetic follows a :class:`~numstab.precision.PrecisionPolicy`: parameters
 activations in ``policy.storage``, matrix products accumulated in ``policy.compute`` and rounded
 once. For a bias-free network the output is positively homogeneous of degree L (the number of
 linear layers): ``f(cθ) = c^L f(θ)`` for ``c > 0``.
+
+The arithmetic is backend-generic (see :mod:`numstab.functional`): parameters and inputs of
+one backend (NumPy, CuPy, or an array-API library for float32/float64) give results of that
+backend, with NumPy's bits wherever the backend's elementary operations agree.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from numstab.backend import namespace
 from numstab.functional import (
     GatherPlan,
     gather_backward,
@@ -108,27 +113,32 @@ def param_names(config: MLPConfig) -> list[str]:
     return names
 
 
-def init_params(config: MLPConfig, seed, fmt="float32") -> dict[str, np.ndarray]:
+def init_params(config: MLPConfig, seed, fmt="float32", *, xp=None) -> dict[str, np.ndarray]:
     """PyTorch ``nn.Linear`` default initialisation, rounded to ``fmt``.
 
     ``W, b ~ U(-1/√fan_in, 1/√fan_in)`` (what ``kaiming_uniform_(a=√5)`` amounts to), drawn in
     float64 from ``np.random.default_rng(seed)`` layer by layer (weight, then bias), then
     rounded to the storage format. The distribution matches PyTorch; the random stream does not.
 
+    ``xp``: the array namespace of the parameters (default NumPy). The draws are always made
+    on the host, then moved to ``xp`` and rounded there, so every backend starts from the
+    same values.
+
     Returns
     -------
-    dict of name -> ndarray in the carrier dtype of ``fmt``
+    dict of name -> array in the carrier dtype of ``fmt``
     """
     fmt = get_format(fmt)
+    move = (lambda a: a) if xp is None or xp is np else xp.asarray
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     params = {}
     widths = config.widths
     for i in range(config.n_layers):
         fan_in, fan_out = widths[i], widths[i + 1]
         bound = 1.0 / np.sqrt(fan_in)
-        params[f"W{i + 1}"] = quantize(rng.uniform(-bound, bound, (fan_in, fan_out)), fmt)
+        params[f"W{i + 1}"] = quantize(move(rng.uniform(-bound, bound, (fan_in, fan_out))), fmt)
         if config.bias:
-            params[f"b{i + 1}"] = quantize(rng.uniform(-bound, bound, fan_out), fmt)
+            params[f"b{i + 1}"] = quantize(move(rng.uniform(-bound, bound, fan_out)), fmt)
     return params
 
 
@@ -137,8 +147,8 @@ def forward(params, x, config: MLPConfig, policy: PrecisionPolicy):
 
     Parameters
     ----------
-    params : dict of name -> ndarray (storage carrier dtype)
-    x : ndarray, shape (N, k) int for ``index`` inputs, (N, n_inputs) float for ``dense``
+    params : dict of name -> array (storage carrier dtype), one backend
+    x : array, shape (N, k) int for ``index`` inputs, (N, n_inputs) float for ``dense``
     config : MLPConfig
     policy : PrecisionPolicy
 
@@ -162,7 +172,7 @@ def forward(params, x, config: MLPConfig, policy: PrecisionPolicy):
         h, c = linear_forward(h, params[f"W{i}"], params.get(f"b{i}"), policy)
         caches.append(c)
     if config.alpha != 1.0:
-        h = quantize(h * h.dtype.type(config.alpha), policy.storage)
+        h = quantize(h * namespace(h).asarray(config.alpha, dtype=h.dtype), policy.storage)
     return h, caches
 
 
@@ -188,7 +198,7 @@ def backward(
     L = config.n_layers
     g = quantize(dlogits, policy.storage)
     if config.alpha != 1.0:
-        g = quantize(g * g.dtype.type(config.alpha), policy.storage)
+        g = quantize(g * namespace(g).asarray(config.alpha, dtype=g.dtype), policy.storage)
     for i in range(L, 1, -1):
         dx, dw, db = linear_backward(g, caches[2 * (i - 1)], policy)
         grads[f"W{i}"] = dw

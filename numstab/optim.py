@@ -57,12 +57,35 @@ Differences from PyTorch
   correctly rounded ``math.sqrt`` by one ulp for about 0.1 % of arguments.
 * Not implemented: ``amsgrad``, ``maximize``, ``foreach``/``fused``, parameter groups.
 
+Backends
+--------
+The same code runs on NumPy, on CuPy (a GPU) and on any array-API namespace (tested with
+``array_api_strict``): the namespace comes from the parameters and gradients
+(:func:`numstab.backend.namespace`), the state and scratch buffers are created beside them, and
+the arithmetic is standard functions plus two hooks of :mod:`numstab.backend`:
+:func:`~numstab.backend.inplace_ops` (NumPy's and CuPy's ``out=`` ufuncs into the
+preallocated buffers; elsewhere ``out[...] = a op b``) and :func:`~numstab.backend.vdot`.
+
+* Every element-wise operation is IEEE round-to-nearest in the same dtype on every backend, so
+  SGD, Adam and AdamW give bit-identical results on NumPy, CuPy and array_api_strict.
+* The dot products of ⊥Grad and of :func:`global_grad_norm` are :func:`~numstab.backend.vdot`:
+  NumPy's ``einsum`` loop there, ``xp.sum(a * b)`` elsewhere. The summation order differs, so
+  ⊥Grad and :class:`NormalizedLR` agree across backends only up to the dot products' rounding
+  (``|difference| <= 2 gamma_n sum |a_i b_i|`` per dot product, propagated; below half an ulp
+  of float32 almost everywhere, so float32 runs usually agree bit for bit).
+* On CuPy the step and ⊥Grad stay on the device: no transfer, no synchronisation (⊥Grad's
+  ``θᵀθ = 0`` case is a ``where``). :class:`NormalizedLR` reads two scalars back per step
+  (the largest ``|g|`` and the sum of squares: the learning rate is a Python float and a zero
+  norm skips the step); :func:`state_arrays` copies the state to the host.
+* float16/bfloat16 (rounding on bit patterns) need NumPy or CuPy; longdouble needs NumPy. Other
+  backends raise TypeError for them.
+
 Checkpoints
 -----------
 :func:`state_arrays` flattens an :class:`OptState` to ``{"W1/exp_avg": ndarray, ...}`` (host
 copies in the state carrier dtype, savable with ``numpy.savez`` and loadable with
 ``allow_pickle=False``); ``optimizer.load_state_arrays(arrays, step)`` rebuilds it exactly, so a
-restored run continues bit for bit.
+restored run continues bit for bit (``like=params`` puts it back on the parameters' backend).
 * ``state_format`` different from the storage format has no PyTorch counterpart (PyTorch keeps the
   state in the parameter dtype); the rules above define it.
 
@@ -79,6 +102,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -88,7 +112,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from numstab.backend import array_module, to_numpy
+from numstab.backend import (
+    array_module,
+    inplace_ops,
+    is_numpy,
+    namespace,
+    to_numpy,
+    vdot,
+    xp_dtype,
+)
 from numstab.precision import Format, get_format, quantize
 
 __all__ = [
@@ -128,7 +160,8 @@ class OptState:
     tensors : dict[str, dict[str, ndarray]]
         Per parameter name, the state tensors by name (``"momentum_buffer"`` for SGD with
         momentum; ``"exp_avg"`` and ``"exp_avg_sq"`` for Adam/AdamW), in the state format's
-        carrier dtype. SGD without momentum has an empty dict per parameter.
+        carrier dtype, on the parameters' backend and device. SGD without momentum has an
+        empty dict per parameter.
     storage_format, state_format : str
         Formats of the parameters and of the state tensors (canonical names).
     scratch : dict
@@ -155,12 +188,12 @@ class OptState:
 
     def buffer(self, name: str, key: str, like, dtype) -> np.ndarray:
         """A scratch array shaped like ``like`` for parameter ``name`` (allocated once, on
-        ``like``'s backend; contents undefined)."""
+        ``like``'s backend and device; ``dtype`` a NumPy dtype; contents undefined)."""
         dtype = np.dtype(dtype)
         k = (name, key, dtype.str, tuple(like.shape))
         buf = self.scratch.get(k)
         if buf is None:
-            buf = self.scratch[k] = array_module(like).empty(like.shape, dtype=dtype)
+            buf = self.scratch[k] = _new_array("empty", like, dtype)
         return buf
 
 
@@ -199,9 +232,21 @@ def load_state_arrays(
 # --- arithmetic helpers -----------------------------------------------------------------------
 
 
+_EMULATED: dict[str, bool] = {}
+
+
+def _emulated(fmt: Format) -> bool:
+    """``fmt.is_emulated``, cached by name (the property costs more than a NumPy op on the
+    small tensors of the hot path)."""
+    e = _EMULATED.get(fmt.name)
+    if e is None:
+        e = _EMULATED[fmt.name] = bool(fmt.is_emulated)
+    return e
+
+
 def _round_inplace(x: np.ndarray, fmt: Format) -> None:
     """Round ``x`` (in ``fmt``'s carrier) to ``fmt`` in place; nothing to do for native formats."""
-    if fmt.is_emulated:
+    if _emulated(fmt):
         x[...] = quantize(x, fmt)
 
 
@@ -209,10 +254,12 @@ def _assign(dest: np.ndarray, src: np.ndarray, fmt: Format) -> None:
     """``dest <- round(src, fmt)``: one rounding of an operation's result to the destination."""
     if src is dest:
         _round_inplace(dest, fmt)
-    elif fmt.is_emulated:
+    elif _emulated(fmt):
         dest[...] = quantize(src, fmt)
-    else:
+    elif isinstance(dest, np.ndarray) or src.dtype == dest.dtype:
         dest[...] = src  # NumPy's cast: round to nearest even (exact when src is narrower)
+    else:  # the standard's __setitem__ wants one dtype: the same cast, explicitly
+        dest[...] = namespace(dest).astype(src, dest.dtype)
 
 
 def _target(dest: np.ndarray, tmp: np.ndarray) -> np.ndarray:
@@ -221,23 +268,93 @@ def _target(dest: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     return dest if dest.dtype == tmp.dtype else tmp
 
 
-def _dot(a, b):
-    """``a . b`` of two 1-D arrays with NumPy's own sum-of-products loop (``einsum``).
-
-    Not ``numpy.dot``: its BLAS ``ddot`` changes its summation with the thread count and, with
-    2 OpenBLAS threads on a 2-core machine, was measured ~700x slower (6 ms vs 8 us for 45 000
-    elements). ``einsum`` is single-threaded, deterministic, and ~20 us here.
-    """
-    return np.einsum("i,i->", a, b)
-
-
-def _apply_update(name: str, p: np.ndarray, upd: np.ndarray, state: OptState, sto: Format):
+def _apply_update(name: str, p, upd, state: OptState, sto: Format, ops, cd: np.dtype):
     """``p <- round(p + upd, storage)`` (the last primitive of ``add_``/``addcdiv_``), keeping
-    ``upd`` intact and recording it as ``state.last_update[name]``."""
-    out = p if p.dtype == upd.dtype else state.buffer(name, "sum", p, upd.dtype)
-    np.add(p, upd, out=out)
+    ``upd`` (dtype ``cd``) intact and recording it as ``state.last_update[name]``."""
+    out = p if p.dtype == upd.dtype else state.buffer(name, "sum", p, cd)
+    ops.add(p, upd, out=out)
     _assign(p, out, sto)
     state.last_update[name] = upd
+
+
+def _scalar(xp, value, dtype: np.dtype):
+    """A scalar operand for array arithmetic in ``dtype``: a NumPy scalar on NumPy (strong:
+    it keeps ``dtype`` against any array), a Python float elsewhere (the standard converts it
+    to the other operand's dtype, which is ``dtype`` wherever this is used)."""
+    return dtype.type(value) if is_numpy(xp) else float(value)
+
+
+def _new_array(kind: str, like, dtype: np.dtype):
+    """``zeros``/``empty`` shaped like ``like``, NumPy dtype ``dtype``, on ``like``'s backend
+    and device."""
+    xp = namespace(like)
+    if is_numpy(xp):
+        return getattr(np, kind)(like.shape, dtype=dtype)
+    import array_api_compat
+
+    return getattr(xp, kind)(
+        like.shape, dtype=xp_dtype(xp, dtype), device=array_api_compat.device(like)
+    )
+
+
+def _xp(*arrays):
+    """The namespace of ``arrays``: :func:`numstab.backend.namespace` after a plain type test
+    for all-NumPy input (the hot path, ~20x cheaper)."""
+    if all(type(a) is np.ndarray for a in arrays):
+        return np
+    return namespace(*arrays)
+
+
+def _astype(xp, a, dtype: np.dtype):
+    """``a`` as a new array of NumPy dtype ``dtype`` (the method on NumPy: the function
+    ``numpy.astype`` costs 4x more per call)."""
+    if isinstance(a, np.ndarray):
+        return a.astype(dtype)
+    return xp.astype(a, xp_dtype(xp, dtype))
+
+
+def _reshape(xp, a, shape):
+    if isinstance(a, np.ndarray):
+        return a.reshape(shape)
+    return xp.reshape(a, tuple(shape))
+
+
+def _flat(xp, a, acc: np.dtype):
+    """``a`` converted to ``acc`` (a new array, exact for a wider ``acc``) and flattened."""
+    return _reshape(xp, _astype(xp, a, acc), (-1,))
+
+
+def _host_scalar(x, dtype: np.dtype):
+    """A 0-d value as a NumPy scalar of ``dtype`` (read back from a device if need be)."""
+    return x if isinstance(x, np.generic) else dtype.type(to_numpy(x)[()])
+
+
+def _has_bit_views(xp) -> bool:
+    """Whether float16/bfloat16 emulation can run on ``xp`` (NumPy, CuPy)."""
+    return is_numpy(xp) or getattr(xp, "__name__", "") in ("cupy", "array_api_compat.cupy")
+
+
+def _array_namespace(*dicts):
+    """The one namespace of all arrays in ``dicts`` (dicts of arrays; other values skipped).
+
+    All-NumPy is checked with a plain type test (the hot path); anything else goes through
+    :func:`numstab.backend.namespace`. A mix of backends (NumPy arrays included) is a
+    TypeError.
+    """
+    arrays = [a for d in dicts if isinstance(d, dict) for a in d.values()]
+    if all(type(a) is np.ndarray for a in arrays):
+        return np
+    why = "NumPy arrays among them"
+    try:
+        xp = namespace(*arrays)  # (which lets NumPy arrays join any other backend)
+    except TypeError as exc:
+        xp, why = None, str(exc)
+    if xp is None or (not is_numpy(xp) and any(isinstance(a, np.ndarray) for a in arrays)):
+        raise TypeError(
+            "params, grads and optimizer state must be arrays of one backend (a state "
+            f"rebuilt from host arrays goes to the parameters' with like=params): {why}"
+        )
+    return xp
 
 
 def _acc_dtype(*fmts: Format) -> np.dtype:
@@ -349,7 +466,7 @@ class _Optimizer:
     def _check_hazards(self, storage: Format, state: Format) -> None:
         raise NotImplementedError
 
-    def _update(self, name, p, g, tensors, state, storage, st_fmt, lr) -> None:
+    def _update(self, name, p, g, tensors, state, storage, st_fmt, lr, ops, dts) -> None:
         raise NotImplementedError
 
     def _post_init_formats(self) -> None:
@@ -402,24 +519,37 @@ class _Optimizer:
         Parameters
         ----------
         params : dict[str, ndarray]
-            Parameters in the storage format's carrier dtype.
+            Parameters in the storage format's carrier dtype. The state tensors are created
+            on their backend and device (NumPy, CuPy, or an array-API namespace).
         storage_format : str or Format, optional
             Needed only when the optimizer was built without one.
         """
         sto, st = self._resolve(storage_format)
         _check_arrays("params", params, sto)
+        _check_backend(_array_namespace(params), st, "optimizer state")
         tensors = {
-            name: {
-                t: array_module(p).zeros(p.shape, dtype=st.carrier) for t in self._tensor_names()
-            }
+            name: {t: _new_array("zeros", p, st.carrier) for t in self._tensor_names()}
             for name, p in params.items()
         }
         return OptState(0, tensors, sto.name, st.name)
 
     def load_state_arrays(
-        self, arrays: dict[str, np.ndarray], step: int, storage_format=None
+        self, arrays: dict[str, np.ndarray], step: int, storage_format=None, *, like=None
     ) -> OptState:
         """Rebuild a state from :func:`state_arrays` output and its step count (exact).
+
+        Parameters
+        ----------
+        arrays : dict[str, array]
+            ``"<param>/<tensor>"`` -> tensor (NumPy arrays from a checkpoint, or arrays of
+            any backend); copied, never kept.
+        step : int
+        storage_format : str or Format, optional
+            Needed only when the optimizer was built without one.
+        like : array or dict of arrays, optional
+            Put the state tensors on this array's backend and device (pass the parameters
+            to continue a CuPy or array-API run from a host checkpoint). Default: each
+            tensor stays on the backend it comes from.
 
         Raises
         ------
@@ -431,6 +561,8 @@ class _Optimizer:
         sto, st = self._resolve(storage_format)
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if isinstance(like, dict):
+            like = next(iter(like.values()), None)
         names = self._tensor_names()
         tensors: dict[str, dict[str, np.ndarray]] = {}
         for key, arr in arrays.items():
@@ -440,19 +572,20 @@ class _Optimizer:
                     f"unexpected state array {key!r}: {type(self).__name__} keeps "
                     f"{', '.join(names) or 'no tensors'} per parameter, keyed '<param>/<tensor>'"
                 )
-            arr = np.asarray(arr)
-            if arr.dtype != st.carrier:
+            xs = namespace(arr)  # NumPy for NumPy arrays and anything else it converts
+            arr = xs.asarray(arr)
+            if arr.dtype != xp_dtype(xs, st.carrier):
                 raise ValueError(
                     f"state array {key!r} has dtype {arr.dtype}, expected {st.carrier} "
                     f"(carrier of state format {st.name})"
                 )
-            if st.is_emulated:
+            if _emulated(st):
                 q = quantize(arr, st)
-                if not np.array_equal(q, arr, equal_nan=True):
+                if not array_module(arr).array_equal(q, arr, equal_nan=True):
                     raise ValueError(
                         f"state array {key!r} holds values not representable in {st.name}"
                     )
-            tensors.setdefault(pname, {})[tname] = np.array(arr, copy=True)
+            tensors.setdefault(pname, {})[tname] = _copy_array(arr, xs, like)
         for pname, ts in tensors.items():
             missing = [t for t in names if t not in ts]
             if missing:
@@ -495,13 +628,20 @@ class _Optimizer:
                 f"state was made for state format {st.name}, the optimizer's is "
                 f"{(self.state_format or sto).name}"
             )
-        _check_arrays("params", params, sto)
-        _check_arrays("grads", grads, sto, like=params)
+        xp = _array_namespace(params, grads, *state.tensors.values())
+        _check_arrays("params", params, sto, xp=xp)
+        _check_arrays("grads", grads, sto, like=params, xp=xp)
+        _check_backend(xp, st, "optimizer state")
+        ops = inplace_ops(xp)
+        # NumPy dtypes of the parameters (and gradients), of the state, and of operations that
+        # mix them (the checks above make these the arrays' own dtypes)
+        pdt, sdt = sto.carrier, st.carrier
+        dts = (pdt, sdt, pdt if pdt == sdt else np.result_type(pdt, sdt))
         for name, p in params.items():
             tensors = state.tensors.get(name)
             if tensors is None and self._tensor_names():
                 raise KeyError(f"optimizer state has no tensors for parameter {name!r}")
-            self._update(name, p, grads[name], tensors, state, sto, st, lr)
+            self._update(name, p, grads[name], tensors, state, sto, st, lr, ops, dts)
         state.step += 1
 
     def _format_dict(self) -> dict[str, Any]:
@@ -513,15 +653,42 @@ class _Optimizer:
         }
 
 
-def _check_arrays(what: str, arrays, fmt: Format, like=None) -> None:
+def _copy_array(arr, xs, like):
+    """A copy of ``arr`` (namespace ``xs``) on ``like``'s backend and device (``xs`` if None)."""
+    xt = xs if like is None else namespace(like)
+    if xt is xs:
+        return np.array(arr, copy=True) if is_numpy(xs) else xs.asarray(arr, copy=True)
+    host = to_numpy(arr)
+    if is_numpy(xt):
+        return np.array(host, copy=True)
+    import array_api_compat
+
+    return xt.asarray(host, copy=True, device=array_api_compat.device(like))
+
+
+def _check_backend(xp, fmt: Format, what: str) -> None:
+    """TypeError if ``fmt`` is emulated and ``xp`` cannot round on bit patterns."""
+    if _emulated(fmt) and not _has_bit_views(xp):
+        raise TypeError(
+            f"format {fmt.name} (of the {what}) is emulated by rounding on the bit pattern, "
+            f"which needs NumPy or CuPy arrays; these are {getattr(xp, '__name__', xp)} "
+            "arrays (float32 and float64 work on every backend)"
+        )
+
+
+def _check_arrays(what: str, arrays, fmt: Format, like=None, xp=None) -> None:
     if not isinstance(arrays, dict):
         raise TypeError(f"{what} must be a dict of arrays, got {type(arrays).__name__}")
     if like is not None and arrays.keys() != like.keys():
         extra = sorted(set(arrays) - set(like))
         missing = sorted(set(like) - set(arrays))
         raise ValueError(f"{what} keys differ from params: missing {missing}, extra {extra}")
+    if xp is None:
+        xp = _array_namespace(arrays)
+    _check_backend(xp, fmt, what)
+    carrier = xp_dtype(xp, fmt.carrier)
     for name, a in arrays.items():
-        if getattr(a, "dtype", None) != fmt.carrier:
+        if getattr(a, "dtype", None) != carrier:
             raise TypeError(
                 f"{what}[{name!r}] has dtype {getattr(a, 'dtype', type(a).__name__)}, expected "
                 f"{fmt.carrier} (carrier of storage format {fmt.name})"
@@ -608,44 +775,45 @@ class SGD(_Optimizer):
                 "the momentum buffer accumulates gradients but never decays",
             )
 
-    def _update(self, name, p, g, tensors, state, sto, st, lr):
+    def _update(self, name, p, g, tensors, state, sto, st, lr, ops, dts):
+        # dts: NumPy dtypes of params/grads, of the state, and their promotion (``wide``)
+        pdt, sdt, wide = dts
         if self.weight_decay != 0:
             # grad = grad.add(param, alpha=weight_decay)
-            gw = state.buffer(name, "grad", p, p.dtype)
-            np.multiply(p, p.dtype.type(self.weight_decay), out=gw)
-            np.add(g, gw, out=gw)
+            gw = state.buffer(name, "grad", p, pdt)
+            ops.multiply(p, pdt.type(self.weight_decay), out=gw)
+            ops.add(g, gw, out=gw)
             _round_inplace(gw, sto)
             g = gw
+        cd = pdt  # the update's compute dtype: promotion of the param's and the direction's
         if self.momentum != 0:
             buf = tensors["momentum_buffer"]
             if state.step == 0:
                 _assign(buf, g, st)  # buf = torch.clone(grad)
             else:
                 # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                np.multiply(buf, buf.dtype.type(self.momentum), out=buf)
+                ops.multiply(buf, sdt.type(self.momentum), out=buf)
                 _round_inplace(buf, st)
-                cd = np.result_type(buf.dtype, g.dtype)
-                t = state.buffer(name, "t", p, cd)
-                np.multiply(g, cd.type(1 - self.dampening), out=t)
+                t = state.buffer(name, "t", p, wide)
+                ops.multiply(g, wide.type(1 - self.dampening), out=t)
                 out = _target(buf, t)
-                np.add(buf, t, out=out)
+                ops.add(buf, t, out=out)
                 _assign(buf, out, st)
             if self.nesterov:
                 # grad = grad.add(buf, alpha=momentum), a temporary in the gradient's format
-                cd = np.result_type(buf.dtype, g.dtype)
-                t = state.buffer(name, "t", p, cd)
-                np.multiply(buf, cd.type(self.momentum), out=t)
-                np.add(g, t, out=t)
-                gn = state.buffer(name, "nesterov", p, p.dtype)
+                t = state.buffer(name, "t", p, wide)
+                ops.multiply(buf, wide.type(self.momentum), out=t)
+                ops.add(g, t, out=t)
+                gn = state.buffer(name, "nesterov", p, pdt)
                 _assign(gn, t, sto)
                 g = gn
             else:
                 g = buf
+                cd = wide
         # param.add_(grad, alpha=-lr)
-        cd = np.result_type(p.dtype, g.dtype)
         upd = state.buffer(name, "update", p, cd)
-        np.multiply(g, cd.type(-lr), out=upd)
-        _apply_update(name, p, upd, state, sto)
+        ops.multiply(g, cd.type(-lr), out=upd)
+        _apply_update(name, p, upd, state, sto, ops, cd)
 
     def to_dict(self) -> dict[str, Any]:
         """All hyperparameters as plain JSON."""
@@ -707,7 +875,10 @@ class _AdamMixin(_Optimizer):
                 "decoupled weight decay has (almost) no effect",
             )
 
-    def _update(self, name, p, g, tensors, state, sto, st, lr):
+    def _update(self, name, p, g, tensors, state, sto, st, lr, ops, dts):
+        # dts: NumPy dtypes of params/grads, of the state, and their promotion: the compute
+        # dtype ``cd`` of every operation that mixes them
+        pdt, sdt, cd = dts
         beta1, beta2 = self.betas
         wd = self.weight_decay
         m, v = tensors["exp_avg"], tensors["exp_avg_sq"]
@@ -715,36 +886,35 @@ class _AdamMixin(_Optimizer):
         if wd != 0:
             if self.decoupled:
                 # param.mul_(1 - lr * weight_decay)
-                np.multiply(p, p.dtype.type(1 - lr * wd), out=p)
+                ops.multiply(p, pdt.type(1 - lr * wd), out=p)
                 _round_inplace(p, sto)
             else:
                 # grad = grad.add(param, alpha=weight_decay)
-                gw = state.buffer(name, "grad", p, p.dtype)
-                np.multiply(p, p.dtype.type(wd), out=gw)
-                np.add(g, gw, out=gw)
+                gw = state.buffer(name, "grad", p, pdt)
+                ops.multiply(p, pdt.type(wd), out=gw)
+                ops.add(g, gw, out=gw)
                 _round_inplace(gw, sto)
                 g = gw
-        cd = np.result_type(m.dtype, g.dtype)
         t = state.buffer(name, "t", p, cd)
         # exp_avg.lerp_(grad, 1 - beta1), PyTorch's two-sided formula
         w = cd.type(1 - beta1)
-        np.subtract(g, m, out=t)
+        ops.subtract(g, m, out=t)
         if abs(w) < 0.5:
-            np.multiply(t, w, out=t)
+            ops.multiply(t, w, out=t)
             out = _target(m, t)
-            np.add(m, t, out=out)  # self + weight * (end - self)
+            ops.add(m, t, out=out)  # self + weight * (end - self)
         else:
-            np.multiply(t, cd.type(1) - w, out=t)
+            ops.multiply(t, cd.type(1) - w, out=t)
             out = _target(m, t)
-            np.subtract(g, t, out=out)  # end - (end - self) * (1 - weight)
+            ops.subtract(g, t, out=out)  # end - (end - self) * (1 - weight)
         _assign(m, out, st)
         # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        np.multiply(v, v.dtype.type(beta2), out=v)
+        ops.multiply(v, sdt.type(beta2), out=v)
         _round_inplace(v, st)
-        np.multiply(g, cd.type(1 - beta2), out=t)
-        np.multiply(t, g, out=t)
+        ops.multiply(g, cd.type(1 - beta2), out=t)
+        ops.multiply(t, g, out=t)
         out = _target(v, t)
-        np.add(v, t, out=out)
+        ops.add(v, t, out=out)
         _assign(v, out, st)
         # scalars in Python float64, as PyTorch
         bias_correction1 = 1 - beta1 ** float(step)
@@ -752,19 +922,18 @@ class _AdamMixin(_Optimizer):
         step_size = lr / bias_correction1
         bias_correction2_sqrt = bias_correction2**0.5
         # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        d = state.buffer(name, "denom", p, v.dtype)
-        np.sqrt(v, out=d)
+        d = state.buffer(name, "denom", p, sdt)
+        ops.sqrt(v, out=d)
         _round_inplace(d, st)
-        np.divide(d, d.dtype.type(bias_correction2_sqrt), out=d)
+        ops.divide(d, sdt.type(bias_correction2_sqrt), out=d)
         _round_inplace(d, st)
-        np.add(d, d.dtype.type(self.eps), out=d)
+        ops.add(d, sdt.type(self.eps), out=d)
         _round_inplace(d, st)
         # param.addcdiv_(exp_avg, denom, value=-step_size): param + (value * exp_avg) / denom
-        cd = np.result_type(p.dtype, m.dtype)
         upd = state.buffer(name, "update", p, cd)
-        np.multiply(m, cd.type(-step_size), out=upd)
-        np.divide(upd, d, out=upd)
-        _apply_update(name, p, upd, state, sto)
+        ops.multiply(m, cd.type(-step_size), out=upd)
+        ops.divide(upd, d, out=upd)
+        _apply_update(name, p, upd, state, sto, ops, cd)
 
     def to_dict(self) -> dict[str, Any]:
         """All hyperparameters as plain JSON."""
@@ -906,16 +1075,17 @@ def perp_grad_tensor(w, g, *, eps: float = 1e-30, rescale: bool = True, acc_dtyp
     instead of ~1e-7 before the final rounding to the gradient's format. NaN/inf propagate.
     """
     acc = np.dtype(acc_dtype)
-    xp = array_module(w, g)
-    wf = xp.asarray(w).astype(acc).ravel()
-    gf = xp.asarray(g).astype(acc).ravel()
-    e = acc.type(eps)
-    proj = _dot(wf, gf) / (_dot(wf, wf) + e)
+    xp = _xp(w, g)
+    w, g = xp.asarray(w), xp.asarray(g)
+    wf = _flat(xp, w, acc)
+    gf = _flat(xp, g, acc)
+    e = _scalar(xp, eps, acc)
+    proj = vdot(wf, gf) / (vdot(wf, wf) + e)
     g_orth = gf - proj * wf
     if rescale:
-        scale = np.sqrt(_dot(gf, gf)) / (np.sqrt(_dot(g_orth, g_orth)) + e)
+        scale = xp.sqrt(vdot(gf, gf)) / (xp.sqrt(vdot(g_orth, g_orth)) + e)
         g_orth *= scale
-    return g_orth.reshape(np.shape(g))
+    return _reshape(xp, g_orth, g.shape)
 
 
 def perp_grad_global(params: dict, grads: dict, *, acc_dtype=np.float64) -> dict:
@@ -931,20 +1101,26 @@ def perp_grad_global(params: dict, grads: dict, *, acc_dtype=np.float64) -> dict
         Same keys and shapes, dtype ``acc_dtype``.
     """
     acc = np.dtype(acc_dtype)
-    xp = array_module(*params.values(), *grads.values())
-    flat = {
-        k: (xp.asarray(params[k]).astype(acc).ravel(), xp.asarray(grads[k]).astype(acc).ravel())
-        for k in params
-    }
-    tg = acc.type(0)
-    tt = acc.type(0)
+    xp = _xp(*params.values(), *grads.values())
+    flat = {k: (_flat(xp, params[k], acc), _flat(xp, grads[k], acc)) for k in params}
+    shapes = {k: xp.asarray(grads[k]).shape for k in params}
+    tg = _scalar(xp, 0, acc)
+    tt = _scalar(xp, 0, acc)
     for wf, gf in flat.values():
-        tg += _dot(wf, gf)
-        tt += _dot(wf, wf)
-    if tt == 0:
-        return {k: gf.reshape(np.shape(grads[k])) for k, (_, gf) in flat.items()}
-    c = tg / tt
-    return {k: (gf - c * wf).reshape(np.shape(grads[k])) for k, (wf, gf) in flat.items()}
+        tg = tg + vdot(wf, gf)
+        tt = tt + vdot(wf, wf)
+    if isinstance(tt, (float, np.generic, np.ndarray)):  # a host value: branch on it
+        if tt == 0:
+            return {k: _reshape(xp, gf, shapes[k]) for k, (_, gf) in flat.items()}
+        c = tg / tt
+        return {k: _reshape(xp, gf - c * wf, shapes[k]) for k, (wf, gf) in flat.items()}
+    # a device value (CuPy): select instead of reading it back (c is NaN where tt == 0)
+    zero = tt == 0
+    with np.errstate(divide="ignore", invalid="ignore"):  # NumPy-backed namespaces warn
+        c = tg / tt
+    return {
+        k: xp.reshape(xp.where(zero, gf, gf - c * wf), shapes[k]) for k, (wf, gf) in flat.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -961,6 +1137,12 @@ class PerpGrad:
     final rounding: ``|cos(w, g⊥)| <= u`` of the format plus float64 error. This deliberately
     differs from the authors' code, which does the arithmetic in float32. (The dot products are
     not scaled: float64 parameters or gradients beyond ~1e154 would overflow them.)
+
+    The dot products are :func:`numstab.backend.vdot`, whose summation order is the backend's
+    (NumPy's ``einsum`` loop; ``xp.sum(a * b)`` on CuPy and array-API namespaces): ``g⊥``
+    differs between backends by the propagated rounding of the dot products, each within
+    ``gamma_n sum |a_i b_i|`` of the exact value (``gamma_n = n u / (1 - n u)``, ``u = 2**-53``);
+    after the rounding to float32 that is at most one ulp, mostly nothing.
 
     Parameters
     ----------
@@ -1010,10 +1192,10 @@ class PerpGrad:
             }
         else:
             raw = perp_grad_global(params, grads, acc_dtype=acc)
-        return {
-            k: quantize(r, sto) if sto.is_emulated else r.astype(sto.carrier)
-            for k, r in raw.items()
-        }
+        if _emulated(sto):
+            return {k: quantize(r, sto) for k, r in raw.items()}
+        xp = _xp(*raw.values())
+        return {k: _astype(xp, r, sto.carrier) for k, r in raw.items()}
 
     def step(self, params, grads, state: OptState) -> None:
         """Project the gradients, then one base step (``grads`` are not modified)."""
@@ -1050,29 +1232,40 @@ def global_grad_norm(grads: dict, *, acc_dtype=None) -> float:
     Returns
     -------
     float (or longdouble)
-        0 for all-zero gradients, inf if a gradient is inf, NaN if one is NaN.
+        A host NumPy scalar on every backend: 0 for all-zero gradients, inf if a gradient is
+        inf, NaN if one is NaN.
+
+    Notes
+    -----
+    On a GPU two scalars come back to the host (the largest ``|g|``, whose exponent sets the
+    scaling, and the sum of squares). The squares are summed by :func:`numstab.backend.vdot`,
+    in the backend's order: results differ between backends by at most ``gamma_N + 2u``
+    relative (``N`` elements, ``u = 2**-53``).
     """
-    xp = array_module(*grads.values())
+    xp = _xp(*grads.values())
     arrays = [xp.asarray(g) for g in grads.values()]
     if acc_dtype is None:
-        acc_dtype = np.longdouble if any(a.dtype == np.longdouble for a in arrays) else np.float64
+        wide = any(is_numpy(xp) and a.dtype == np.longdouble for a in arrays)
+        acc_dtype = np.longdouble if wide else np.float64
     acc = np.dtype(acc_dtype)
-    amax = acc.type(0)
-    for a in arrays:
-        if a.size:
-            m = np.max(np.abs(a.astype(acc)))
-            if np.isnan(m):
-                return acc.type(np.nan)
-            amax = max(amax, m)
+    # max |g| of every tensor, then of all: one scalar read back (exact, NaN propagates)
+    maxes = [xp.max(xp.abs(_astype(xp, a, acc))) for a in arrays if a.size]
+    if not maxes:
+        return acc.type(0)
+    amax = _host_scalar(functools.reduce(xp.maximum, maxes), acc)
+    if np.isnan(amax):
+        return acc.type(np.nan)
     if amax == 0 or not np.isfinite(amax):
         return amax
     _, e = np.frexp(amax)
     scale = np.ldexp(acc.type(1), -int(e))
-    total = acc.type(0)
+    total = _scalar(xp, 0, acc)
+    s = _scalar(xp, scale, acc)
     for a in arrays:
-        f = a.astype(acc).ravel() * scale
-        total += _dot(f, f)
-    return np.sqrt(total) / scale
+        f = _flat(xp, a, acc) * s
+        total = total + vdot(f, f)
+    # the sum of squares read back: the square root and the division on the host
+    return np.sqrt(_host_scalar(total, acc)) / scale
 
 
 @dataclass(frozen=True)
@@ -1088,6 +1281,9 @@ class NormalizedLR:
     step counter does not advance) since the direction is undefined. A non-finite norm is passed
     through (``lr = 0`` for inf, NaN for NaN): the base step then propagates the non-finite
     gradient as it would without the schedule.
+
+    On a GPU the norm is read back to the host each step (two scalars, see
+    :func:`global_grad_norm`): the learning rate is a Python float, and the skip a branch.
 
     Parameters
     ----------

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
-from numstab.backend import array_module
+from numstab.backend import array_module, errstate, namespace, uint_view, xp_dtype
 
 __all__ = [
     "FORMAT_NAMES",
@@ -221,6 +221,13 @@ def carrier_dtype(fmt) -> np.dtype:
 
 
 # --- rounding -----------------------------------------------------------------------------
+#
+# ``quantize`` and ``round_to`` take their namespace from their input (numstab.backend):
+# formats that need no emulation (float32, float64, longdouble) are a standard ``astype`` on
+# every backend; float16/bfloat16 emulation rounds on the bit pattern (``uint_view``), which
+# exists on NumPy and CuPy only. ``_round_bits`` is one function for both: it uses the
+# methods those two array types share (``view``, ufuncs with ``out=``, boolean masks) and
+# the module that owns its input, and never asks which one it is.
 
 _UINT = {np.dtype(np.float32): (np.uint32, 23), np.dtype(np.float64): (np.uint64, 52)}
 
@@ -229,6 +236,13 @@ def _float_source(x, xp):
     """``x`` as a float32/float64/longdouble array, widening 16-bit formats exactly."""
     x = xp.asarray(x)
     dt = x.dtype
+    if not isinstance(dt, np.dtype):  # another array-API library: its own dtype objects
+        if xp.isdtype(dt, "real floating"):
+            return x
+        raise TypeError(
+            f"cannot round an array of dtype {dt}: expected a real floating dtype "
+            "(float32 or float64 on this backend)"
+        )
     if dt == np.float16 or dt == ml_dtypes.bfloat16:
         return x.astype(np.float32)
     if dt in (np.float32, np.float64, np.longdouble):
@@ -244,8 +258,11 @@ def _float_source(x, xp):
     )
 
 
-def _round_bits(x, fmt: Format, xp):
-    """Round float32/float64 ``x`` to ``fmt`` (RNE), keeping ``x``'s dtype.
+def _round_bits(x, fmt: Format):
+    """Round float32/float64 ``x`` (1-D) to ``fmt`` (RNE), keeping ``x``'s dtype.
+
+    NumPy and CuPy arrays (the bit view comes from :func:`numstab.backend.uint_view`, which
+    raises TypeError for other backends); the same code runs on both.
 
     One branch-free formula covers normal and subnormal targets: with
     ``q = 2**(max(e, emin) - p + 1)`` the target's quantum at ``|x|``'s binade ``e``, the
@@ -256,15 +273,16 @@ def _round_bits(x, fmt: Format, xp):
     value (rare: overflow, inf, NaN) are fixed afterwards on a sparse mask, because NumPy's
     masked and ``where`` operations are slow on dense unpredictable masks.
     """
+    bits = namespace(x).finfo(x.dtype).bits
+    u = uint_view(x, bits)  # TypeError on backends without views, before anything else
+    xp = array_module(x)
     uint, src_mant = _UINT[x.dtype]
-    bits = 8 * x.dtype.itemsize
     sign_mask = uint(1 << (bits - 1))
     exp_mask = uint(((1 << (bits - 1 - src_mant)) - 1) << src_mant)
     bias = (1 << (bits - 2 - src_mant)) - 1
     shift = uint((src_mant - (fmt.precision - 1)) << src_mant)
     floor_exp = uint((bias + fmt.emin) << src_mant)
 
-    u = x.view(uint)
     a_bits = u & ~sign_mask
     finfo = np.finfo(x.dtype)
     if fmt.emin == finfo.minexp and fmt.emax == finfo.maxexp - 1:
@@ -273,7 +291,7 @@ def _round_bits(x, fmt: Format, xp):
     xp.maximum(magic, floor_exp, out=magic)
     magic += shift
     magic_f = magic.view(x.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with errstate(xp, over="ignore", invalid="ignore"):
         r = a_bits.view(x.dtype) + magic_f
         r -= magic_f
     r_bits = r.view(uint)
@@ -286,7 +304,7 @@ def _round_bits(x, fmt: Format, xp):
         # overflow to inf from the midpoint on (max is odd, so the tie goes up), NaN stays NaN.
         xs = x[special]
         half_ulp = x.dtype.type(math.ldexp(1.0, fmt.emax - fmt.precision))
-        with np.errstate(invalid="ignore"):
+        with errstate(xp, invalid="ignore"):
             fixed = xp.where(xp.abs(xs) < top + half_ulp, top, x.dtype.type(np.inf))
         fixed = xp.where(xp.isnan(xs), x.dtype.type(np.nan), fixed)
         r[special] = xp.copysign(fixed, xs)
@@ -321,14 +339,23 @@ def quantize(x, fmt):
     Parameters
     ----------
     x : array_like of float16, bfloat16, float32, float64 or longdouble, any shape
+        A NumPy or CuPy array (or anything NumPy converts), or an array of another array-API
+        library (float32/float64 there); the result belongs to the same backend.
     fmt : str or Format
 
     Returns
     -------
-    ndarray, shape of ``x``, dtype ``carrier_dtype(fmt)``
+    array, shape of ``x``, dtype ``carrier_dtype(fmt)``
         Every element is exactly representable in ``fmt`` and is the round-to-nearest-even value
         of the input element. Values beyond the format's range become ``±inf``; values below
         half the smallest subnormal become ``±0``; NaN stays NaN (quiet, sign kept).
+
+    Raises
+    ------
+    TypeError
+        Non-floating input; float16/bfloat16 on a backend without bit views (the array-API
+        standard has none: such backends support float32 and float64 only); longdouble
+        outside NumPy.
 
     Notes
     -----
@@ -342,18 +369,18 @@ def quantize(x, fmt):
     array([1.    , 1.0019531], dtype=float32)
     """
     fmt = get_format(fmt)
-    xp = array_module(x)
+    xp = namespace(x)
     x = _float_source(x, xp)
     carrier = carrier_dtype(fmt)
     if not fmt.is_emulated:
-        return x.astype(carrier, copy=False)
-    if x.dtype == np.longdouble:
+        return xp.astype(x, xp_dtype(xp, carrier), copy=False)
+    if isinstance(x.dtype, np.dtype) and x.dtype == np.longdouble:
         raise TypeError(
             f"rounding longdouble input to {fmt.name} is not supported; "
             "convert it to float64 first (which is itself a rounding)"
         )
     shape = x.shape
-    out = _round_bits(xp.reshape(x, (-1,)), fmt, xp)  # 1-D: ufunc results stay arrays
+    out = _round_bits(xp.reshape(x, (-1,)), fmt)  # 1-D: ufunc results stay arrays
     # ``out`` holds values representable in fmt, hence exactly in float32.
     return xp.reshape(out.astype(np.float32, copy=False), shape)
 
@@ -368,10 +395,12 @@ def round_to(x, fmt):
 
     Returns
     -------
-    ndarray, shape of ``x``, dtype ``get_format(fmt).dtype``
+    array, shape of ``x``, dtype ``get_format(fmt).dtype``
         Bit-identical to NumPy's / ml_dtypes' ``astype`` for every finite and infinite input
         (verified exhaustively over all 16-bit patterns and their midpoints); NaN input gives a
         NaN of the same sign. Overflow gives ``±inf``, subnormals are rounded exactly.
+        float16 results on CuPy are CuPy arrays; bfloat16 arrays exist only in NumPy
+        (ml_dtypes), so a bfloat16 result of a CuPy input is TypeError (use :func:`quantize`).
 
     Examples
     --------
@@ -380,13 +409,18 @@ def round_to(x, fmt):
     np.float16(1.192e-07)
     """
     fmt = get_format(fmt)
-    xp = array_module(x)
     q = quantize(x, fmt)
     if not fmt.is_emulated:
         return q
+    xp = array_module(q)
     scalar = q.ndim == 0
-    q = xp.atleast_1d(q)
+    q = xp.reshape(q, (1,)) if scalar else q
     if fmt.name == "bfloat16":
+        if xp is not np:
+            raise TypeError(
+                "bfloat16 arrays exist only in NumPy (ml_dtypes); on this backend use "
+                "quantize(x, 'bfloat16'), which returns the values in float32"
+            )
         # quantize() leaves NaN as the quiet pattern, whose upper half is still a NaN.
         out = (q.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
     else:
@@ -400,7 +434,8 @@ def _float32_to_float16_exact(q, xp):
     Scaling by ``2**-112`` moves float16's exponent range onto float32's (exactly: the
     products are representable, float16 subnormals landing on float32 subnormals), after which
     the float16 pattern is the float32 pattern shifted right by 13. Infinities and NaN do not
-    survive the shift and are patched on a sparse mask.
+    survive the shift and are patched on a sparse mask. NumPy or CuPy arrays (``xp`` their
+    module).
     """
     scaled = (q * np.float32(2.0**-112)).view(np.uint32)
     sign = scaled >> 16

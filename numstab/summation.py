@@ -21,13 +21,16 @@ order explicitly:
 ``sorted``
     Sequential after sorting each row by ascending magnitude (the smallest terms first: the
     order that absorbs least).
+
+Every order is written with array-API standard functions on the input's namespace, so it
+gives the same bits on NumPy, CuPy or any array-API library; NumPy's own loops
+(``numpy.sum``, ``numpy.add.accumulate``) are used where they evaluate exactly the declared
+order (:func:`numstab.backend.native_sum`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from numstab.backend import array_module
+from numstab.backend import errstate, namespace, native_sum, xp_dtype
 from numstab.precision import REDUCTION_ORDERS, Format, get_format, quantize
 
 __all__ = ["REDUCTION_ORDERS", "check_order", "ordered_sum", "wide_format"]
@@ -73,18 +76,22 @@ def ordered_sum(x, fmt, order: str = "pairwise"):
 
     Parameters
     ----------
-    x : ndarray, shape (..., n)
+    x : array, shape (..., n)
         Values representable in ``fmt``, in its carrier dtype (see
-        :func:`numstab.precision.quantize`). Not modified.
+        :func:`numstab.precision.quantize`); any backend (float32/float64 formats outside
+        NumPy and CuPy). Not modified.
     fmt : str or Format
         The format every partial sum is rounded to.
     order : {"pairwise", "sequential", "wide", "sorted"}
 
     Returns
     -------
-    ndarray, shape (...)
-        The sums, in the carrier dtype of ``fmt``. An empty last axis sums to ``-0.0``
-        for ``pairwise`` (as NumPy's tree starts from ``-0.0``) and ``0.0`` otherwise.
+    array of the input's namespace, shape (...)
+        The sums, in the carrier dtype of ``fmt``. Signed zeros: an empty last axis sums to
+        ``+0.0``; all-``-0.0`` terms sum to ``-0.0`` for ``sequential`` and ``sorted`` (the
+        first term starts the sum) and to ``+0.0`` for ``pairwise`` and ``wide`` (NumPy's
+        reduction starts from its identity ``+0``), except for bfloat16 ``pairwise``, whose
+        explicit tree starts from ``-0.0`` (``-0.0`` in both cases).
         ``inf`` and ``NaN`` propagate as IEEE addition says.
 
     Examples
@@ -98,20 +105,20 @@ def ordered_sum(x, fmt, order: str = "pairwise"):
     """
     fmt = get_format(fmt)
     check_order(order)
-    xp = array_module(x)
+    xp = namespace(x)
     x = xp.asarray(x)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN propagate as IEEE says
+    with errstate(xp, invalid="ignore", over="ignore"):  # inf and NaN propagate as IEEE says
         return _ordered_sum(x, fmt, order, xp)
 
 
 def _ordered_sum(x, fmt: Format, order: str, xp):
     if order == "wide":
         wide = wide_format(fmt)
-        return quantize(_pairwise(x.astype(wide.carrier), wide, xp), fmt)
+        return quantize(_pairwise(xp.astype(x, xp_dtype(xp, wide.carrier)), wide, xp), fmt)
     if order == "pairwise":
         return _pairwise(x, fmt, xp)
     if order == "sorted":
-        idx = xp.argsort(xp.abs(x), axis=-1, kind="stable")
+        idx = xp.argsort(xp.abs(x), axis=-1, stable=True)
         x = xp.take_along_axis(x, idx, axis=-1)
     return _sequential(x, fmt, xp)
 
@@ -119,11 +126,13 @@ def _ordered_sum(x, fmt: Format, order: str, xp):
 def _sequential(x, fmt: Format, xp):
     n = x.shape[-1]
     if n == 0:
-        return xp.zeros(x.shape[:-1], dtype=fmt.carrier)
-    if not fmt.is_emulated and xp.__name__ == "numpy":
-        # add.accumulate is a strict left-to-right loop in the array's own dtype.
-        return xp.add.accumulate(x, axis=-1)[..., -1].copy()
-    acc = x[..., 0].copy()
+        return xp.zeros(x.shape[:-1], dtype=xp_dtype(xp, fmt.carrier))
+    if not fmt.is_emulated:
+        # A strict left-to-right loop in the array's own dtype, where the backend has one.
+        fast = native_sum(x, "sequential")
+        if fast is not None:
+            return fast
+    acc = xp.asarray(x[..., 0], copy=True)
     for j in range(1, n):
         acc = quantize(acc + x[..., j], fmt)
     return acc
@@ -133,10 +142,15 @@ def _pairwise(x, fmt: Format, xp):
     n = x.shape[-1]
     if fmt.name == "float16":
         # NumPy's HALF_pairwise_sum keeps float32 partial sums and rounds once.
-        return quantize(_pairwise(x.astype("float32"), get_format("float32"), xp), fmt)
-    if not fmt.is_emulated and xp.__name__ == "numpy" and x.dtype == fmt.carrier:
-        # NumPy's own reduction runs exactly this tree along a contiguous last axis.
-        return xp.sum(xp.ascontiguousarray(x), axis=-1)
+        f32 = get_format("float32")
+        return quantize(_pairwise(xp.astype(x, xp_dtype(xp, f32.carrier)), f32, xp), fmt)
+    if not fmt.is_emulated and x.dtype == xp_dtype(xp, fmt.carrier):
+        # NumPy's own reduction runs exactly this tree along a contiguous last axis, ...
+        fast = native_sum(x, "pairwise")
+        if fast is not None:
+            return fast
+        # ... added to its identity +0 (which turns a -0 sum, and an empty one, into +0).
+        return _pairwise_tree(x, n, fmt, xp) + 0.0
     return _pairwise_tree(x, n, fmt, xp)
 
 
@@ -147,12 +161,12 @@ def _pairwise_tree(x, n: int, fmt: Format, xp):
         return quantize(a + b, fmt)
 
     if n < _UNROLL:
-        res = xp.full(x.shape[:-1], -0.0, dtype=fmt.carrier)
+        res = xp.full(x.shape[:-1], -0.0, dtype=xp_dtype(xp, fmt.carrier))
         for i in range(n):
             res = add(res, x[..., i])
         return res
     if n <= _PAIRWISE_BLOCK:
-        r = x[..., :_UNROLL].copy()
+        r = x[..., :_UNROLL]
         i = _UNROLL
         while i < n - (n % _UNROLL):
             r = add(r, x[..., i : i + _UNROLL])
