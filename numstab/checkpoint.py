@@ -29,6 +29,7 @@ import numpy as np
 
 import numstab
 from numstab.atomic import atomic_open
+from numstab.backend import namespace, to_numpy
 
 __all__ = [
     "MANIFEST",
@@ -76,7 +77,7 @@ def _sha256(a: np.ndarray) -> str:
 def _run_arrays(name: str, run) -> tuple[dict, dict]:
     from numstab.optim import state_arrays
 
-    arrays = {f"{name}/param/{k}": np.array(v, copy=True) for k, v in run.params.items()}
+    arrays = {f"{name}/param/{k}": np.array(to_numpy(v), copy=True) for k, v in run.params.items()}
     for k, v in state_arrays(run.opt_state).items():
         arrays[f"{name}/opt/{k}"] = v
     meta = {
@@ -266,7 +267,7 @@ def restore_run(run, ckpt: Checkpoint, name: str) -> None:
             f"checkpoint parameters {sorted(params)} do not match the model's {sorted(run.params)}"
         )
     for k, v in params.items():
-        if v.dtype != run.params[k].dtype or v.shape != run.params[k].shape:
+        if v.dtype != to_numpy(run.params[k][:0]).dtype or v.shape != run.params[k].shape:
             raise CheckpointError(
                 f"checkpoint parameter {k!r} is {v.dtype} {v.shape}, the "
                 f"model needs {run.params[k].dtype} {run.params[k].shape}"
@@ -274,13 +275,14 @@ def restore_run(run, ckpt: Checkpoint, name: str) -> None:
     oprefix = f"{name}/opt/"
     opt = {k[len(oprefix) :]: v for k, v in ckpt.arrays.items() if k.startswith(oprefix)}
     try:
-        state = run.optimizer.load_state_arrays(opt, int(meta["opt_step"]))
+        state = run.optimizer.load_state_arrays(opt, int(meta["opt_step"]), like=run.params)
     except ValueError as exc:
         raise CheckpointError(
             f"checkpoint optimizer state of run {name!r} is invalid: {exc}"
         ) from None
+    xp = namespace(*run.params.values())
     for k, v in params.items():
-        run.params[k][...] = v
+        run.params[k][...] = v if xp is np else xp.asarray(v)
     run.opt_state = state
     run.batch_rng.bit_generator.state = meta["rng_state"]
     run.step = int(meta["step"])

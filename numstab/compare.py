@@ -29,6 +29,7 @@ import numpy as np
 
 from numstab import audit as A
 from numstab import cli
+from numstab.backend import namespace, to_numpy
 from numstab.checkpoint import CheckpointError
 from numstab.cli import UsageError
 from numstab.driver import Stopped, drive, graceful_stop, resume_runs
@@ -130,7 +131,11 @@ class Auditor:
     def __call__(self, run: Run, ev, grads) -> None:
         t0 = time.perf_counter()
         c = run.config
-        y = ev.cache.labels
+        y = to_numpy(ev.cache.labels)
+        logits = to_numpy(ev.logits)
+        # Measured collapse is what the run itself computed, in the order its backend used
+        # (NumPy's pairwise sum, or CUB's tree on a GPU); the audit supplies the exact verdict.
+        measured = to_numpy(run.collapse(ev)).astype(bool)
         n = y.shape[0]
         rows = None
         if self.samples is not None and self.samples < n:
@@ -139,24 +144,26 @@ class Auditor:
                     n, self.samples, replace=False
                 )
             )
-        z = ev.logits if rows is None else ev.logits[rows]
+        z = logits if rows is None else logits[rows]
         ya = y if rows is None else y[rows]
+        meas = measured if rows is None else measured[rows]
         kind = "stablemax" if c.loss == "stablemax" else "softmax"
         fmt = run.policy.loss.name
         rep = A.audit_cross_entropy(
             z, ya, dtype=fmt, kind=kind, order=run.policy.order, eps=c.stablemax_eps
         )
         s = rep.summary()
-        if c.loss == "softmax_stable":
-            # The loss does not collapse; what the audit measures is the softmax sum in the
-            # same format, which training never evaluates.
-            s["sc_fraction_measured"] = A.sc_fraction(z, dtype=fmt, order=run.policy.order)
+        s["sc_fraction_measured"] = float(np.mean(meas)) if meas.size else float("nan")
+        s["agreement"] = float(np.mean(meas == rep.collapsed_exact)) if meas.size else 1.0
         # Exact NLM: the exact logit gradient of all training logits, backpropagated in
         # float64 through the run's own activations (relative error of each entry of the
         # exact logit gradient < 2**-39; the float64 backward adds < (depth·width)·2**-53).
-        dz = A.exact_logit_gradient(ev.logits, y, dtype=fmt, kind=kind, eps=c.stablemax_eps)
+        dz = A.exact_logit_gradient(logits, y, dtype=fmt, kind=kind, eps=c.stablemax_eps)
         dz /= n
-        g64 = backward(dz, ev.model_cache, run.model, PrecisionPolicy.uniform("float64"), run.plan)
+        xp = namespace(*run.params.values())
+        g64 = backward(
+            xp.asarray(dz), ev.model_cache, run.model, PrecisionPolicy.uniform("float64"), run.plan
+        )
         cos_exact = param_cosines(run.params, g64, sign=-1.0)
         cos_meas = param_cosines(run.params, grads, sign=-1.0)
         self.records.append(

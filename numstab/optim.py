@@ -220,13 +220,13 @@ def state_arrays(state: OptState) -> dict[str, np.ndarray]:
 
 
 def load_state_arrays(
-    optimizer, arrays: dict[str, np.ndarray], step: int, storage_format=None
+    optimizer, arrays: dict[str, np.ndarray], step: int, storage_format=None, *, like=None
 ) -> OptState:
     """Rebuild an :class:`OptState` from :func:`state_arrays` output (exact round trip).
 
     Same as ``optimizer.load_state_arrays(arrays, step, storage_format)``.
     """
-    return optimizer.load_state_arrays(arrays, step, storage_format=storage_format)
+    return optimizer.load_state_arrays(arrays, step, storage_format=storage_format, like=like)
 
 
 # --- arithmetic helpers -----------------------------------------------------------------------
@@ -1178,8 +1178,8 @@ class PerpGrad:
         """The base optimizer's state (⊥Grad keeps none)."""
         return self.base.init_state(params, storage_format)
 
-    def load_state_arrays(self, arrays, step, storage_format=None) -> OptState:
-        return self.base.load_state_arrays(arrays, step, storage_format=storage_format)
+    def load_state_arrays(self, arrays, step, storage_format=None, *, like=None) -> OptState:
+        return self.base.load_state_arrays(arrays, step, storage_format=storage_format, like=like)
 
     def project(self, params: dict, grads: dict, state: OptState) -> dict:
         """``g⊥`` for every tensor, rounded to the storage format (new arrays)."""
@@ -1313,8 +1313,8 @@ class NormalizedLR:
     def init_state(self, params, storage_format=None) -> OptState:
         return self.base.init_state(params, storage_format)
 
-    def load_state_arrays(self, arrays, step, storage_format=None) -> OptState:
-        return self.base.load_state_arrays(arrays, step, storage_format=storage_format)
+    def load_state_arrays(self, arrays, step, storage_format=None, *, like=None) -> OptState:
+        return self.base.load_state_arrays(arrays, step, storage_format=storage_format, like=like)
 
     def lr_for(self, grads: dict, lr0: float | None = None):
         """``lr0 / ||∇L||`` (a Python float), or None when the norm is 0 (skip)."""

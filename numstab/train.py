@@ -23,6 +23,7 @@ import numpy as np
 
 from numstab import metrics as M
 from numstab.atomic import atomic_open
+from numstab.backend import BACKENDS, get_backend, namespace, put_at, take_at, to_numpy
 from numstab.data import ENCODINGS, TASKS, Dataset, get_dataset
 from numstab.functional import (
     LOSS_KINDS,
@@ -89,6 +90,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     zero_target_grad_from: int | None = None
+    backend: str = "numpy"
 
     def __post_init__(self):
         try:
@@ -110,6 +112,7 @@ class TrainConfig:
         _choice("loss", self.loss, LOSS_KINDS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("perp_grad", self.perp_grad, PERP_SCOPES)
+        _choice("backend", self.backend, BACKENDS)
         ints = {
             "p": 2,
             "parity_bits": 1,
@@ -315,12 +318,20 @@ class Run:
             alpha=c.alpha,
             input_kind="index" if d.encoding == "onehot" else "dense",
         )
-        self.x_train, self.y_train = self._inputs(d.x_train), np.asarray(d.y_train)
-        self.x_test, self.y_test = self._inputs(d.x_test), np.asarray(d.y_test)
-        self.plan = (
-            GatherPlan.build(d.x_train, d.n_inputs) if self.model.input_kind == "index" else None
+        # Arrays live on the backend's device; everything below the loop takes its namespace
+        # from them. Host copies of the indices build the gather plan and mini-batches.
+        self.xp = get_backend(c.backend)
+        self._x_host = {"train": np.asarray(d.x_train), "test": np.asarray(d.x_test)}
+        self.x_train, self.y_train = self._inputs(d.x_train), self._device(d.y_train)
+        self.x_test, self.y_test = self._inputs(d.x_test), self._device(d.y_test)
+        self.params = init_params(
+            self.model, c.seed, self.policy.storage, xp=None if c.backend == "numpy" else self.xp
         )
-        self.params = init_params(self.model, c.seed, self.policy.storage)
+        self.plan = (
+            GatherPlan.build(self._x_host["train"], d.n_inputs, like=self.params["W1"])
+            if self.model.input_kind == "index"
+            else None
+        )
         self.optimizer = make_optimizer(
             c.optimizer,
             lr=c.lr,
@@ -337,8 +348,12 @@ class Run:
         self.batch_rng = np.random.default_rng([c.seed, 1])
         self.step = 0
 
-    def _inputs(self, x):
+    def _device(self, x):
         x = np.asarray(x)
+        return x if self.config.backend == "numpy" else self.xp.asarray(x)
+
+    def _inputs(self, x):
+        x = self._device(x)
         if self.model.input_kind == "index":
             return x
         return quantize(x, self.policy.storage)
@@ -353,7 +368,8 @@ class Run:
         """
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         if rows is not None:
-            x, y = x[rows], y[rows]
+            r = self._device(rows)
+            x, y = x[r], y[r]
         z, mcache = forward(self.params, x, self.model, self.policy)
         loss, lcache = loss_forward(
             z,
@@ -371,12 +387,12 @@ class Run:
         dz = ev.dz
         c = self.config
         if c.zero_target_grad_from is not None and self.step >= c.zero_target_grad_from:
-            dz = dz.copy()
-            labels = ev.cache.labels
-            dz[np.arange(labels.shape[0]), labels] = 0
+            dz = put_at(dz.copy(), ev.cache.labels, 0.0)
         plan = self.plan
         if rows is not None and plan is not None:
-            plan = GatherPlan.build(self.x_train[rows], self.model.n_inputs)
+            plan = GatherPlan.build(
+                self._x_host["train"][rows], self.model.n_inputs, like=self.params["W1"]
+            )
         return backward(dz, ev.model_cache, self.model, self.policy, plan)
 
     def advance(self, *, log: bool | None = None, final: bool = False, inspect=None):
@@ -417,7 +433,7 @@ class Run:
             self._log_params(grads)
         if inspect is not None:
             inspect(self, ev, grads)
-        if not np.isfinite(ev.loss).all():
+        if not _all_finite(ev.loss):
             self.log.flush()
             raise NonFiniteError(self.name, t, "the training loss")
         if final:
@@ -430,7 +446,7 @@ class Run:
             self._log_update(before)
         self.log.flush()
         for k, v in self.params.items():
-            if not np.isfinite(v).all():
+            if not _all_finite(v):
                 raise NonFiniteError(self.name, self.step, f"parameter {k}")
 
     # --- metrics -------------------------------------------------------------------------
@@ -449,24 +465,19 @@ class Run:
         )
 
     def _log_split(self, split: str, ev: _Eval) -> None:
+        """Metrics of one split, reduced on the device; only scalars cross to the host."""
         t, add = self.step, self.log.add
+        xp = namespace(ev.logits)
         y = ev.cache.labels
         n = y.shape[0]
-        rows = np.arange(n)
-        add(t, self.name, split, "loss", np.mean(ev.loss.astype(np.float64)))
+        add(t, self.name, split, "loss", float(xp.mean(xp.astype(ev.loss, xp.float64))))
         add(t, self.name, split, "accuracy", M.accuracy(ev.logits, y))
-        add(t, self.name, split, "sc_fraction", np.count_nonzero(self.collapse(ev)) / n)
-        add(t, self.name, split, "zero_loss_fraction", np.count_nonzero(ev.loss == 0) / n)
-        add(
-            t,
-            self.name,
-            split,
-            "zero_target_grad_fraction",
-            np.count_nonzero(ev.dz[rows, y] == 0) / n,
-        )
-        z64 = ev.logits.astype(np.float64)
-        add(t, self.name, split, "logit_norm", float(np.mean(np.sqrt((z64 * z64).sum(axis=1)))))
-        gaps = M.logit_gaps(ev.logits, y)
+        add(t, self.name, split, "sc_fraction", _count(self.collapse(ev)) / n)
+        add(t, self.name, split, "zero_loss_fraction", _count(ev.loss == 0) / n)
+        add(t, self.name, split, "zero_target_grad_fraction", _count(take_at(ev.dz, y) == 0) / n)
+        z64 = xp.astype(ev.logits, xp.float64)
+        add(t, self.name, split, "logit_norm", float(xp.mean(xp.sqrt(xp.sum(z64 * z64, axis=1)))))
+        gaps = to_numpy(M.logit_gaps(ev.logits, y))  # the median is not an array-API function
         add(t, self.name, split, "logit_gap_median", float(np.median(gaps)))
         add(t, self.name, split, "logit_gap_max", float(np.max(gaps)))
 
@@ -481,8 +492,10 @@ class Run:
 
     def _log_update(self, before: dict) -> None:
         t, add = self.step - 1, self.log.add
+        xp = namespace(*self.params.values())
         delta = {
-            k: self.params[k].astype(np.float64) - before[k].astype(np.float64) for k in before
+            k: xp.astype(self.params[k], xp.float64) - xp.astype(before[k], xp.float64)
+            for k in before
         }
         for k, v in M.param_cosines(before, delta).items():
             add(t, self.name, "train", "nlm_cos_update", v, k)
@@ -497,11 +510,11 @@ class Run:
                     self.name,
                     "train",
                     "absorbed_update_fraction",
-                    np.count_nonzero(lost) / max(np.count_nonzero(want), 1),
+                    _count(lost) / max(_count(want), 1),
                     k,
                 )
-                total += np.count_nonzero(want)
-                absorbed += np.count_nonzero(lost)
+                total += _count(want)
+                absorbed += _count(lost)
             add(
                 t,
                 self.name,
@@ -510,6 +523,17 @@ class Run:
                 absorbed / max(total, 1),
                 "global",
             )
+
+
+def _count(mask) -> int:
+    """Number of true entries, as a host integer."""
+    xp = namespace(mask)
+    return int(xp.sum(xp.astype(mask, xp.int64)))
+
+
+def _all_finite(a) -> bool:
+    xp = namespace(a)
+    return bool(xp.all(xp.isfinite(a)))
 
 
 def make_dataset(config: TrainConfig) -> Dataset:
