@@ -1,0 +1,1390 @@
+#!/usr/bin/env python
+"""Benchmark suite: numstab's training step, late phase, exact audit, compare run and memory,
+against PyTorch CPU where it is installed.
+
+Usage::
+
+    python scripts/bench.py                    # everything, BLAS threads 1 and 2
+    python scripts/bench.py --threads 1 --repeats 30 --json bench.json
+    python scripts/bench.py --quick            # smoke mode (seconds; used by the tests)
+    python scripts/bench.py --profile          # also profile the float32/float64 step
+
+Sections (``--sections``, default all):
+
+``1``  One full-batch training step of the paper's configuration (p = 113, f = 0.4,
+       226-200-200-113 bias-free MLP, 5107 samples, softmax cross-entropy, AdamW lr 0.01,
+       betas (0.9, 0.99), eps 1e-25): ``Run.advance(log=False)`` in float32, float64, float16
+       and bfloat16 storage; the same step's six matrix products alone (the floor); PyTorch
+       doing the authors' step (one-hot float input, ``nn.Linear`` without bias,
+       ``log_softmax`` + ``nll_loss``, ``torch.optim.AdamW``) in float32 and float64.
+``1b`` The late phase: a float32 checkpoint after Softmax Collapse (trained once, cached as a
+       ``.npz``), the step timed at step-0 weights ("early") and at the checkpoint ("late") for
+       numstab and PyTorch, and the fraction of subnormal values in the step's tensors.
+``2``  Exact audit of the checkpoint's full training batch: ``audit_cross_entropy`` with
+       ``method="auto"`` against ``method="mpmath"`` and a plain float64 recomputation.
+``3``  ``python -m numstab.compare --dtype float32 --quiet`` end to end (skipped by --quick).
+``4``  Peak RSS of a training run (a child process) at two step counts.
+
+Timing: every case is warmed up, then timed ``--repeats`` times; the cases of one section and
+thread count are interleaved round by round (so a change in machine load hits all of them
+alike), numstab and PyTorch in separate halves of a round with a 0.3 s pause between them (so
+one library's idle-spinning worker threads do not steal the other's core). Reported: median,
+interquartile range, min–max, and process-CPU / wall time (below 1 × threads means the process
+waited for a core: other load). Garbage collection is off while timing.
+
+Threads: ``threadpoolctl`` limits NumPy's BLAS and ``torch.set_num_threads`` PyTorch, both to
+the block's count, set once per block. With 2 threads on a 2-core machine any other running
+process (or a BLAS worker still spinning: hence the 0.3 s pause between the halves of a round)
+stalls the worker threads at their barriers: read ``cpu/wall`` (about 2 when the 2-thread rows
+are clean) before trusting a 2-thread row.
+
+The suite runs without PyTorch: its rows read "not installed". Install the CPU wheel with
+``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`` (a plain
+``pip install -e '.[bench]'`` may pull a multi-GB CUDA build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+
+from numstab.runtime import tune_allocator  # noqa: E402
+
+#: The table's column header (the test looks for it).
+HEADER = (
+    f"{'sec':<4}{'case':<40}{'thr':>4}{'median':>11}{'IQR':>21}{'min–max':>21}"
+    f"{'n':>4}{'cpu/wall':>9}  note"
+)
+PAPER_DTYPES = ("float32", "float64", "float16", "bfloat16")
+TORCH_DTYPES = ("float32", "float64")
+ALL_SECTIONS = ("1", "1b", "2", "3", "4")
+RSS_LIMIT_MB = 300.0
+RSS_GROWTH_TOL_MB = 5.0
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+class Report:
+    """Collects records, facts and target verdicts; prints rows as they arrive."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.facts: dict = {}
+        self.targets: list[dict] = []
+        self.env: dict = {}
+
+    def row(self, sec, case, threads, stat=None, note=""):
+        rec = {"section": sec, "case": case, "threads": threads, "note": note}
+        if stat is not None:
+            rec.update(stat)
+        self.records.append(rec)
+        thr = "-" if threads is None else str(threads)
+        if stat is None:
+            print(f"{sec:<4}{case:<40}{thr:>4}{'—':>11}{'':>21}{'':>21}{'':>4}{'':>9}  {note}")
+        else:
+            iqr = f"{_fmt_s(stat['q1'])}–{_fmt_s(stat['q3'])}"
+            mm = f"{_fmt_s(stat['min'])}–{_fmt_s(stat['max'])}"
+            cw = stat.get("cpu_per_wall")
+            cws = "" if cw is None else f"{cw:.2f}"
+            print(
+                f"{sec:<4}{case:<40}{thr:>4}{_fmt_s(stat['median']):>11}{iqr:>21}{mm:>21}"
+                f"{stat['n']:>4}{cws:>9}  {note}"
+            )
+        sys.stdout.flush()
+        return rec
+
+    def fact(self, key, value, text=None):
+        self.facts[key] = value
+        if text is not None:
+            print(f"    # {text}")
+            sys.stdout.flush()
+
+    def target(self, name, measured, limit, *, kind="<=", unit="", detail=""):
+        """Record ``measured`` against ``limit`` (kind "<=" or ">="; None measured -> n/a)."""
+        if measured is None or (isinstance(measured, float) and not np.isfinite(measured)):
+            verdict = "n/a"
+        elif kind == "<=":
+            verdict = "PASS" if measured <= limit else "MISS"
+        else:
+            verdict = "PASS" if measured >= limit else "MISS"
+        self.targets.append(
+            {
+                "target": name,
+                "measured": measured,
+                "limit": limit,
+                "kind": kind,
+                "unit": unit,
+                "verdict": verdict,
+                "detail": detail,
+            }
+        )
+
+    def print_targets(self):
+        print()
+        print("targets (measured / target)")
+        width = max((len(t["target"]) for t in self.targets), default=10) + 2
+        for t in self.targets:
+            m = t["measured"]
+            ms = "—" if m is None else (f"{m:.3g}" if isinstance(m, float) else str(m))
+            lim = f"{t['kind'].replace('<=', '≤').replace('>=', '≥')} {t['limit']:g}{t['unit']}"
+            ms = ms + t["unit"] if m is not None else ms
+            line = f"  {t['target']:<{width}}{ms:>10} / {lim:<12} {t['verdict']:<5}"
+            if t["detail"]:
+                line += f"  {t['detail']}"
+            print(line)
+        sys.stdout.flush()
+
+
+def _fmt_s(s):
+    if s is None or not np.isfinite(s):
+        return "—"
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def _stat(wall, cpu=None, threads=1):
+    w = np.asarray(wall, dtype=np.float64)
+    out = {
+        "median": float(np.median(w)),
+        "q1": float(np.percentile(w, 25)),
+        "q3": float(np.percentile(w, 75)),
+        "min": float(w.min()),
+        "max": float(w.max()),
+        "n": int(w.size),
+        "samples": [float(v) for v in w],
+    }
+    if cpu is not None:
+        c = np.asarray(cpu, dtype=np.float64)
+        out["cpu_median"] = float(np.median(c))
+        out["cpu_per_wall"] = float(np.sum(c) / np.sum(w)) if np.sum(w) > 0 else None
+    return out
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _gc_off():
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def timed(fn):
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    c1 = time.process_time()
+    return t1 - t0, c1 - c0
+
+
+#: Pause between the numstab and the PyTorch half of a round: longer than OpenBLAS's idle-spin
+#: timeout. Measured here: a 2-thread PyTorch step started within 0.05 s of NumPy's 2-thread
+#: GEMMs took 61-73 ms, after a 0.3 s pause 28 ms (22 ms back to back with itself), because
+#: OpenBLAS's worker keeps spinning on the second core for ~0.1 s after its last call.
+PAUSE_S = 0.3
+
+
+def measure_rounds(groups, repeats, warmup, pause=PAUSE_S):
+    """Time interleaved cases.
+
+    ``groups``: list of (context factory, {case: fn}); each round runs every group once (its
+    cases in order, inside its context), pausing ``pause`` s between groups. Returns
+    {case: (wall list, cpu list)}.
+    """
+    res = {case: ([], []) for _, cases in groups for case in cases}
+    with _gc_off():
+        for r in range(warmup + repeats):
+            for ctx, cases in groups:
+                with ctx():
+                    for case, fn in cases.items():
+                        w, c = timed(fn)
+                        if r >= warmup:
+                            res[case][0].append(w)
+                            res[case][1].append(c)
+                if pause and len(groups) > 1:
+                    time.sleep(pause)
+    return res
+
+
+class Threads:
+    """Sets the thread counts of NumPy's BLAS (threadpoolctl) and PyTorch together, once per
+    thread-count block (both libraries get the block's count; each is idle while the other
+    is timed, and ``PAUSE_S`` separates them)."""
+
+    def __init__(self, torch_mod):
+        self.torch = torch_mod
+
+    @contextlib.contextmanager
+    def block(self, n):
+        with threadpool_limits(limits=n, user_api="blas"):
+            old = None
+            if self.torch is not None:
+                old = self.torch.get_num_threads()
+                self.torch.set_num_threads(n)
+            try:
+                yield
+            finally:
+                if old is not None:
+                    self.torch.set_num_threads(old)
+
+
+def blas_threads_now():
+    return [
+        (i.get("internal_api"), i.get("num_threads"))
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+def load_torch(disabled: bool):
+    if disabled:
+        return None, "disabled (--no-torch)"
+    try:
+        import torch
+    except ImportError:
+        return None, "not installed"
+    return torch, torch.__version__
+
+
+def cpu_model():
+    """``model name`` (with family/model numbers and the SIMD level) from /proc/cpuinfo."""
+    try:
+        info = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = info.get("flags", "").split()
+    simd = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "?")
+    hyp = ", hypervisor" if "hypervisor" in flags else ""
+    return (
+        f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model "
+        f"{info.get('model', '?')}, {simd}{hyp})"
+    )
+
+
+def uptime_line():
+    exe = shutil.which("uptime")
+    if exe:
+        try:
+            return subprocess.run([exe], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    la = os.getloadavg()
+    return f"load average: {la[0]:.2f}, {la[1]:.2f}, {la[2]:.2f}"
+
+
+def environment(torch_mod, torch_status, allocator):
+    import mpmath
+    import scipy
+
+    import numstab
+
+    def ver(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # report, never fail, on an odd install
+            return "not installed"
+
+    blas = [
+        {
+            k: i.get(k)
+            for k in ("internal_api", "version", "architecture", "threading_layer", "num_threads")
+        }
+        | {"file": os.path.basename(i.get("filepath", ""))}
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+    env = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "mpmath": mpmath.__version__,
+        "mpmath_backend": mpmath.libmp.BACKEND,
+        "gmpy2": ver("gmpy2"),
+        "ml_dtypes": ver("ml_dtypes"),
+        "threadpoolctl": ver("threadpoolctl"),
+        "numstab": numstab.__version__,
+        "torch": torch_status,
+        "numpy_blas": blas,
+        "allocator": allocator,
+        "load_start": list(os.getloadavg()),
+        "uptime_start": uptime_line(),
+    }
+    if torch_mod is not None:
+        env["torch_blas"] = "MKL" if torch_mod.backends.mkl.is_available() else "other"
+        env["torch_mkldnn"] = bool(torch_mod.backends.mkldnn.is_available())
+        env["torch_cpu_capability"] = torch_mod.backends.cpu.get_cpu_capability()
+        env["torch_default_threads"] = torch_mod.get_num_threads()
+    return env
+
+
+def print_environment(env, args):
+    print(
+        "numstab benchmark suite"
+        + (" (--quick: smoke sizes, not a measurement)" if args.quick else "")
+    )
+    print(f"  cpu        {env['cpu']} × {env['cpus']} logical")
+    print(f"  platform   {env['platform']}, Python {env['python']}")
+    print(
+        f"  versions   numpy {env['numpy']}, scipy {env['scipy']}, mpmath {env['mpmath']} "
+        f"({env['mpmath_backend']} backend), gmpy2 {env['gmpy2']}, ml_dtypes {env['ml_dtypes']}, "
+        f"threadpoolctl {env['threadpoolctl']}, numstab {env['numstab']}, torch {env['torch']}"
+    )
+    for b in env["numpy_blas"]:
+        print(
+            f"  numpy BLAS {b['internal_api']} {b['version']} ({b['architecture']}, "
+            f"{b['threading_layer']} threading, default {b['num_threads']} threads, {b['file']})"
+        )
+    if "torch_blas" in env:
+        print(
+            f"  torch BLAS {env['torch_blas']} (mkldnn {env['torch_mkldnn']}, "
+            f"{env['torch_cpu_capability']}, default {env['torch_default_threads']} threads); "
+            "flush-to-zero off (IEEE subnormals) in both libraries"
+        )
+    print(f"  allocator  numstab.runtime.tune_allocator() -> {env['allocator']}")
+    print(f"  load       {env['uptime_start']}")
+    if env["load_start"][0] > 0.5:
+        print(
+            f"  WARNING    1-minute load {env['load_start'][0]:.2f} > 0.5: other processes share "
+            "the cores; wall times include contention (see cpu/wall)"
+        )
+    print(
+        f"  timing     warm-up {args.warmup} rounds, {args.repeats} timed repeats per case, "
+        "interleaved; median, IQR (25–75 %), min–max; cpu/wall = process CPU / wall"
+    )
+    print()
+    print(HEADER)
+    print("-" * len(HEADER))
+    sys.stdout.flush()
+
+
+# --- the paper's step: numstab ----------------------------------------------------------------
+
+
+def paper_config(dtype="float32"):
+    from numstab.train import TrainConfig
+
+    return TrainConfig(dtype=dtype)
+
+
+def new_run(dtype="float32", data=None):
+    from numstab.train import Run
+
+    return Run(paper_config(dtype), name=f"bench-{dtype}", data=data)
+
+
+def numstab_step(run):
+    return lambda: run.advance(log=False)
+
+
+def gemm_operands(run):
+    """The operands of the step's six matrix products at the run's current parameters,
+    in the compute carrier (what ``numstab.functional.gemm`` multiplies)."""
+    c = run.policy.compute.carrier
+    p = run.params
+    x = run.x_train
+    w1, w2, w3 = (p[k].astype(c, copy=False) for k in ("W1", "W2", "W3"))
+    h1 = np.maximum(w1[x[:, 0]] + w1[x[:, 1]], 0)
+    h2 = np.maximum(h1 @ w2, 0)
+    ev = run.evaluate("train")
+    dz = np.ascontiguousarray(ev.dz.astype(c))
+    dh2 = (dz @ w3.T) * (h2 > 0)
+    return {"h1": h1, "W2": w2, "h2": h2, "W3": w3, "dz": dz, "dh2": dh2}
+
+
+def gemm_floor(ops):
+    """forward h1@W2, h2@W3; backward dW3 = h2ᵀ dz, dh2 = dz W3ᵀ, dW2 = h1ᵀ dh2, dh1 = dh2 W2ᵀ
+    (the layouts ``linear_forward``/``linear_backward`` use; gather and segment sum not
+    counted)."""
+    h1, w2, h2, w3, dz, dh2 = (ops[k] for k in ("h1", "W2", "h2", "W3", "dz", "dh2"))
+
+    def fn():
+        h1 @ w2
+        h2 @ w3
+        h2.T @ dz
+        dz @ w3.T
+        h1.T @ dh2
+        dh2 @ w2.T
+
+    return fn
+
+
+# --- the paper's step: PyTorch ----------------------------------------------------------------
+
+
+class TorchStep:
+    """The authors' step in PyTorch CPU: one-hot (N, 226) float input, bias-free nn.Linear
+    layers with ReLU, log_softmax + nll_loss (mean), AdamW(lr 0.01, betas (0.9, 0.99),
+    eps 1e-25, weight_decay 0), default (single-tensor for-loop) implementation on CPU."""
+
+    def __init__(self, torch, run, dtype):
+        import torch.nn as nn
+
+        from numstab.data import dense_inputs
+
+        self.torch = torch
+        tdt = getattr(torch, dtype)
+        self.dtype = tdt
+        x = dense_inputs(run.x_train, run.data)
+        self.x = torch.from_numpy(np.asarray(x, dtype=np.float64)).to(tdt).contiguous()
+        self.y = torch.from_numpy(np.array(run.y_train, dtype=np.int64, copy=True))
+        widths = run.model.widths
+        layers = []
+        for i in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[i], widths[i + 1], bias=False))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        self.model = nn.Sequential(*layers).to(tdt)
+        self.linears = [m for m in self.model if isinstance(m, nn.Linear)]
+        self.set_params(run.params)
+        c = run.config
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=c.lr,
+            betas=(c.beta1, c.beta2),
+            eps=c.eps,
+            weight_decay=0.0,
+        )
+
+    def set_params(self, params):
+        with self.torch.no_grad():
+            for i, lin in enumerate(self.linears):
+                w = np.asarray(params[f"W{i + 1}"], dtype=np.float64).T
+                lin.weight.copy_(self.torch.from_numpy(np.ascontiguousarray(w)).to(self.dtype))
+
+    def load_adam_state(self, state_arrays, step):
+        torch = self.torch
+        for i, lin in enumerate(self.linears):
+            name = f"W{i + 1}"
+            self.opt.state[lin.weight] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.from_numpy(
+                    np.ascontiguousarray(np.asarray(state_arrays[f"{name}/exp_avg"]).T)
+                ).to(self.dtype),
+                "exp_avg_sq": torch.from_numpy(
+                    np.ascontiguousarray(np.asarray(state_arrays[f"{name}/exp_avg_sq"]).T)
+                ).to(self.dtype),
+            }
+
+    def step(self):
+        F = self.torch.nn.functional
+        self.opt.zero_grad(set_to_none=True)
+        out = self.model(self.x)
+        loss = F.nll_loss(F.log_softmax(out, dim=-1), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def logit_grad(self):
+        """Probabilities and logit gradient of the current parameters (for subnormal counts)."""
+        F = self.torch.nn.functional
+        out = self.model(self.x).detach().requires_grad_(True)
+        lsm = F.log_softmax(out, dim=-1)
+        loss = F.nll_loss(lsm, self.y)
+        loss.backward()
+        return lsm.detach().exp().numpy(), out.grad.numpy()
+
+
+# --- section 1 --------------------------------------------------------------------------------
+
+
+def section_step(rep, args, torch_mod, thr):
+    for n in args.threads:
+        runs = {dt: new_run(dt) for dt in PAPER_DTYPES}
+        # The floors: operands at step 0 of the float32 / float64 runs (float16/bfloat16 are
+        # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
+        floor32 = gemm_floor(gemm_operands(runs["float32"]))
+        floor64 = gemm_floor(gemm_operands(runs["float64"]))
+        cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
+        cases["numstab float32 GEMMs alone (floor)"] = floor32
+        cases["numstab float64 GEMMs alone (floor)"] = floor64
+        groups = [(contextlib.nullcontext, cases)]
+        tsteps = {}
+        if torch_mod is not None:
+            tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
+            groups.append(
+                (contextlib.nullcontext, {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()})
+            )
+        with thr.block(n):
+            blas_now = blas_threads_now()
+            if torch_mod is not None:
+                blas_now.append(("torch", torch_mod.get_num_threads()))
+            res = measure_rounds(groups, args.repeats, args.warmup)
+        st = {case: _stat(*res[case]) for case in res}
+        blas_note = ",".join(f"{a}={k}" for a, k in blas_now)
+        for dt in PAPER_DTYPES:
+            case = f"numstab {dt} step"
+            floor = st[f"numstab {'float64' if dt == 'float64' else 'float32'} GEMMs alone (floor)"]
+            ratio = st[case]["median"] / floor["median"]
+            note = f"{ratio:.2f}× own GEMMs"
+            if dt in ("float16", "bfloat16"):
+                rel = st[case]["median"] / st["numstab float32 step"]["median"]
+                note += f", {rel:.2f}× float32"
+            st[case]["gemm_ratio"] = ratio
+            rep.row("1", case, n, st[case], note + f" [{blas_note}]")
+        for dt in ("float32", "float64"):
+            case = f"numstab {dt} GEMMs alone (floor)"
+            rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
+        for dt in TORCH_DTYPES:
+            case = f"PyTorch {dt} step"
+            if torch_mod is None:
+                rep.row("1", case, n, None, f"torch {args.torch_status}")
+                continue
+            ratio = st[f"numstab {dt} step"]["median"] / st[case]["median"]
+            st[case]["numstab_ratio"] = ratio
+            rep.row("1", case, n, st[case], f"numstab/PyTorch = {ratio:.2f} [{blas_note}]")
+        # targets
+        for dt in TORCH_DTYPES:
+            ratio = st.get(f"PyTorch {dt} step", {}).get("numstab_ratio")
+            rep.target(
+                f"{dt} step / PyTorch {dt} step [{n} thr]",
+                ratio,
+                0.8,
+                detail="" if torch_mod is not None else f"torch {args.torch_status}",
+            )
+        for dt in ("float32", "float64"):
+            rep.target(
+                f"{dt} step / its own GEMMs [{n} thr]", st[f"numstab {dt} step"]["gemm_ratio"], 1.3
+            )
+        for dt in ("float16", "bfloat16"):
+            rep.target(
+                f"{dt} step / float32 step [{n} thr]",
+                st[f"numstab {dt} step"]["median"] / st["numstab float32 step"]["median"],
+                1.5,
+            )
+        rep.facts.setdefault("step", {})[str(n)] = {
+            k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in st.items()
+        }
+
+
+# --- section 1b: the late phase --------------------------------------------------------------
+
+
+def _source_hash():
+    h = hashlib.sha256()
+    for name in ("data", "functional", "mlp", "optim", "precision", "summation", "train"):
+        h.update((ROOT / "numstab" / f"{name}.py").read_bytes())
+    h.update(np.__version__.encode())
+    return h.hexdigest()[:12]
+
+
+def late_checkpoint(rep, args):
+    """Train float32 (paper config) for ``args.late_steps`` steps once; cache params + AdamW
+    state in a .npz keyed by the step count and a hash of the engine sources."""
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"late-float32-p113-seed0-steps{args.late_steps}-{_source_hash()}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            ck = {k: f[k] for k in f.files}
+        rep.fact(
+            "checkpoint", {"path": str(path), "cached": True}, f"late checkpoint: reused {path}"
+        )
+        return ck
+    t0 = time.perf_counter()
+    run = new_run("float32")
+    with threadpool_limits(limits=max(args.threads), user_api="blas"):
+        for _ in range(args.late_steps):
+            run.advance(log=False)
+    ck = {f"param/{k}": v for k, v in run.params.items()}
+    ck.update({f"state/{k}": v for k, v in run.opt_state.arrays().items()})
+    ck["step"] = np.asarray(run.step, dtype=np.int64)
+    ck["opt_step"] = np.asarray(run.opt_state.step, dtype=np.int64)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **ck)
+    os.replace(tmp, path)
+    dt = time.perf_counter() - t0
+    rep.fact(
+        "checkpoint",
+        {"path": str(path), "cached": False, "seconds": dt},
+        f"late checkpoint: trained {args.late_steps} float32 steps in {dt:.1f} s, saved {path}",
+    )
+    return ck
+
+
+def run_from_checkpoint(ck, data=None):
+    run = new_run("float32", data=data)
+    for k in list(run.params):
+        run.params[k] = np.array(ck[f"param/{k}"], copy=True)
+    state = {
+        k[len("state/") :]: np.array(v, copy=True) for k, v in ck.items() if k.startswith("state/")
+    }
+    run.opt_state = run.optimizer.load_state_arrays(state, int(ck["opt_step"]))
+    run.step = int(ck["step"])
+    return run
+
+
+def _subnormal_fraction(a):
+    a = np.asarray(a)
+    tiny = np.finfo(a.dtype).tiny
+    mag = np.abs(a)
+    return float(np.count_nonzero((mag > 0) & (mag < tiny)) / a.size)
+
+
+def step_tensors(run):
+    """The float32 step's tensors: probabilities, logit gradient, hidden-layer gradients,
+    parameter gradients and the Adam second moment."""
+    ev = run.evaluate("train", with_grads=True)
+    grads = run.gradients(ev)
+    ops = gemm_operands(run)
+    dh1 = (ops["dh2"] @ ops["W2"].T) * (ops["h1"] > 0)
+    out = {
+        "softmax probabilities": ev.cache.probs,
+        "logit gradient dz": ev.dz,
+        "hidden-2 gradient dh2": ops["dh2"],
+        "hidden-1 gradient dh1": dh1,
+    }
+    for k, g in grads.items():
+        out[f"param gradient d{k}"] = g
+    for k, t in run.opt_state.tensors.items():
+        out[f"AdamW exp_avg_sq {k}"] = t["exp_avg_sq"]
+    return ev, out
+
+
+def section_late(rep, args, torch_mod, thr, ck):
+    late = run_from_checkpoint(ck)
+    ev, tensors = step_tensors(late)
+    y = ev.cache.labels
+    n = y.shape[0]
+    acc = float(np.count_nonzero(np.argmax(ev.logits, axis=1) == y) / n)
+    sc = float(np.count_nonzero(ev.cache.normaliser == 1) / n)
+    zl = float(np.count_nonzero(ev.loss == 0) / n)
+    rep.fact(
+        "late_state",
+        {"step": late.step, "train_acc": acc, "sc_fraction": sc, "zero_loss_fraction": zl},
+        f"late checkpoint at step {late.step}: train acc {acc:.4f}, SC fraction {sc:.3f}, "
+        f"zero-loss fraction {zl:.3f}",
+    )
+    early_run = new_run("float32")
+    _, early_tensors = step_tensors(early_run)
+    fr = {}
+    for k, v in tensors.items():
+        fr[k] = {"late": _subnormal_fraction(v), "early": _subnormal_fraction(early_tensors[k])}
+    rep.fact("subnormal_fraction", fr)
+    print("    # subnormal fraction of float32 step tensors (early -> late):")
+    for k, v in fr.items():
+        print(f"    #   {k:<28} {v['early']:.4f} -> {v['late']:.4f}")
+    if torch_mod is not None:
+        ts = TorchStep(torch_mod, late, "float32")
+        ts.load_adam_state(
+            {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")},
+            int(ck["opt_step"]),
+        )
+        probs_t, dz_t = ts.logit_grad()
+        rep.fact(
+            "torch_subnormal_fraction",
+            {
+                "softmax probabilities": _subnormal_fraction(probs_t),
+                "logit gradient dz": _subnormal_fraction(dz_t),
+            },
+            "PyTorch float32 at the late checkpoint: subnormal probabilities "
+            f"{_subnormal_fraction(probs_t):.4f}, logit gradient "
+            f"{_subnormal_fraction(dz_t):.4f}",
+        )
+    sys.stdout.flush()
+
+    for nthr in args.threads:
+        early = new_run("float32")
+        late = run_from_checkpoint(ck, data=early.data)
+        cases = {
+            "numstab float32 step, early": numstab_step(early),
+            "numstab float32 step, late": numstab_step(late),
+            "numstab float32 GEMMs, early": gemm_floor(gemm_operands(early)),
+            "numstab float32 GEMMs, late": gemm_floor(gemm_operands(late)),
+        }
+        groups = [(contextlib.nullcontext, cases)]
+        if torch_mod is not None:
+            t_early = TorchStep(torch_mod, early, "float32")
+            t_late = TorchStep(torch_mod, late, "float32")
+            t_late.load_adam_state(
+                {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")},
+                int(ck["opt_step"]),
+            )
+            groups.append(
+                (
+                    contextlib.nullcontext,
+                    {
+                        "PyTorch float32 step, early": t_early.step,
+                        "PyTorch float32 step, late": t_late.step,
+                    },
+                )
+            )
+        with thr.block(nthr):
+            res = measure_rounds(groups, args.repeats, args.warmup)
+        st = {case: _stat(*res[case]) for case in res}
+        ratios = {}
+        for who in ("numstab float32 step", "numstab float32 GEMMs", "PyTorch float32 step"):
+            if f"{who}, early" not in st:
+                rep.row("1b", f"{who}, early", nthr, None, f"torch {args.torch_status}")
+                rep.row("1b", f"{who}, late", nthr, None, f"torch {args.torch_status}")
+                continue
+            r = st[f"{who}, late"]["median"] / st[f"{who}, early"]["median"]
+            ratios[who] = r
+            rep.row("1b", f"{who}, early", nthr, st[f"{who}, early"], "step-0 weights")
+            rep.row(
+                "1b",
+                f"{who}, late",
+                nthr,
+                st[f"{who}, late"],
+                f"late/early = {r:.2f} (step {int(ck['step'])} weights + AdamW state)",
+            )
+        rep.facts.setdefault("late_ratio", {})[str(nthr)] = ratios
+        pt = ratios.get("PyTorch float32 step")
+        rep.target(
+            f"late/early: numstab ≤ PyTorch [{nthr} thr]",
+            ratios["numstab float32 step"] if pt is not None else None,
+            pt if pt is not None else float("nan"),
+            detail=("" if pt is not None else f"torch {args.torch_status}; ")
+            + f"numstab {ratios['numstab float32 step']:.2f}×",
+        )
+
+
+# --- section 2: the exact audit ----------------------------------------------------------------
+
+
+def ce_float64(z, y):
+    """Plain float64 softmax cross-entropy: per-sample loss and logit gradient (the floor)."""
+    z = z.astype(np.float64)
+    rows = np.arange(z.shape[0])
+    m = z.max(axis=1, keepdims=True)
+    d = z - m
+    e = np.exp(d)
+    s = e.sum(axis=1)
+    loss = np.log(s) - d[rows, y]
+    g = e / s[:, None]
+    g[rows, y] -= 1
+    return loss, g
+
+
+def section_audit(rep, args, ck):
+    from numstab.audit import audit_cross_entropy
+
+    run = run_from_checkpoint(ck)
+    ev = run.evaluate("train")
+    z, y = ev.logits, ev.cache.labels
+    n = z.shape[0]
+    with threadpool_limits(limits=1, user_api="blas"):
+        res = measure_rounds(
+            [
+                (
+                    contextlib.nullcontext,
+                    {
+                        "audit auto": lambda: audit_cross_entropy(
+                            z, y, dtype="float32", method="auto"
+                        ),
+                        "float64 recompute": lambda: ce_float64(z, y),
+                    },
+                )
+            ],
+            args.audit_repeats,
+            1,
+        )
+        auto_full = audit_cross_entropy(z, y, dtype="float32", method="auto")
+        k = n if args.mpmath_rows in (0, None) or args.mpmath_rows >= n else args.mpmath_rows
+        rng = np.random.default_rng(12345)
+        sub = np.arange(n) if k == n else np.sort(rng.choice(n, k, replace=False))
+        zs, ys = z[sub], y[sub]
+        t0, c0 = time.perf_counter(), time.process_time()
+        mp = audit_cross_entropy(zs, ys, dtype="float32", method="mpmath")
+        mp_wall, mp_cpu = time.perf_counter() - t0, time.process_time() - c0
+        auto_sub = audit_cross_entropy(zs, ys, dtype="float32", method="auto")
+    st_auto = _stat(*res["audit auto"])
+    st_f64 = _stat(*res["float64 recompute"])
+    scale = n / k
+    mp_full = mp_wall * scale
+    extrap = k < n
+    same = bool(np.array_equal(mp.collapsed_exact, auto_sub.collapsed_exact))
+    same_full = bool(np.array_equal(auto_full.collapsed_exact[sub], mp.collapsed_exact))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel_loss = np.abs(auto_sub.loss_exact - mp.loss_exact) / np.abs(mp.loss_exact)
+        rel_loss = np.where(auto_sub.loss_exact == mp.loss_exact, 0.0, rel_loss)
+        rel_g = np.abs(auto_sub.target_grad_exact - mp.target_grad_exact) / np.abs(
+            mp.target_grad_exact
+        )
+        rel_g = np.where(auto_sub.target_grad_exact == mp.target_grad_exact, 0.0, rel_g)
+    s = auto_full.summary()
+    rep.row(
+        "2",
+        f"audit auto, {n}×{z.shape[1]} logits",
+        1,
+        st_auto,
+        f"{s['mpmath_rows']} rows fell back to mpmath; SC exact {s['sc_fraction_exact']:.3f}",
+    )
+    mp_stat = _stat([mp_full], [mp_cpu * scale])
+    rep.row(
+        "2",
+        f"audit mpmath, {n}×{z.shape[1]} logits",
+        1,
+        mp_stat,
+        (
+            f"EXTRAPOLATED from {k} random rows ({_fmt_s(mp_wall)} measured once) × {scale:.2f}"
+            if extrap
+            else "measured once, full batch"
+        ),
+    )
+    rep.row("2", "float64 loss+grad recompute (floor)", 1, st_f64, "plain NumPy, no error bound")
+    print(
+        f"    # verdicts auto vs mpmath on {k} rows: "
+        f"{'identical' if same and same_full else 'DIFFERENT'} "
+        f"({int(np.count_nonzero(mp.collapsed_exact))} collapsed exactly); "
+        f"max rel. difference of exact loss {np.nanmax(rel_loss):.2e}, target grad "
+        f"{np.nanmax(rel_g):.2e} (auto bound ≤ {float(np.max(auto_sub.exact_rel_bound)):.2e})"
+    )
+    rep.fact(
+        "audit",
+        {
+            "rows": n,
+            "classes": int(z.shape[1]),
+            "mpmath_rows_measured": int(k),
+            "mpmath_extrapolated": extrap,
+            "mpmath_measured_s": mp_wall,
+            "mpmath_full_s": mp_full,
+            "verdicts_identical": same and same_full,
+            "max_rel_diff_loss": float(np.nanmax(rel_loss)),
+            "max_rel_diff_target_grad": float(np.nanmax(rel_g)),
+            "auto_summary": s,
+        },
+    )
+    speed = mp_full / st_auto["median"]
+    rep.target(
+        "audit: mpmath time / auto time",
+        speed,
+        20.0,
+        kind=">=",
+        detail="mpmath extrapolated" if extrap else "mpmath full batch",
+    )
+    rep.target("audit: auto time / float64 recompute", st_auto["median"] / st_f64["median"], 5.0)
+    rep.target(
+        "audit: verdicts auto == mpmath",
+        1.0 if same and same_full else 0.0,
+        1.0,
+        kind=">=",
+        detail=f"on {k} rows",
+    )
+
+
+# --- section 3: compare ------------------------------------------------------------------------
+
+
+def _run_child(cmd, env=None):
+    """Run ``cmd``; return (wall s, child CPU s from wait4, returncode, stdout, stderr)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return wall, ru.ru_utime + ru.ru_stime, p.returncode, out.read(), err.read()
+
+
+def section_compare(rep, args):
+    """The default compare command, and the same with one BLAS thread (informational)."""
+    base = [sys.executable, "-m", "numstab.compare", "--dtype", "float32", "--quiet"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    runs = {}
+    for label, extra in (("default", []), ("--threads 1", ["--threads", "1"])):
+        wall, cpu, rc, out, err = _run_child(base + extra, env)
+        runs[label] = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "returncode": rc,
+            "stdout_tail": out[-2000:],
+            "stderr_tail": err[-2000:],
+        }
+        case = "python -m numstab.compare --dtype float32"
+        if extra:
+            case = "  ... --threads 1"
+        rep.row(
+            "3",
+            case,
+            None if not extra else 1,
+            _stat([wall], [cpu]),
+            f"exit {rc}; {'library-default BLAS threads' if not extra else 'informational'}; "
+            "wall incl. interpreter start",
+        )
+        if label == "default":
+            rep.target("default compare wall time", wall if rc == 0 else None, 90.0, unit=" s")
+    rep.fact("compare", runs)
+
+
+# --- section 4: memory -------------------------------------------------------------------------
+
+_RSS_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+from numstab.runtime import tune_allocator
+alloc = tune_allocator()
+from threadpoolctl import threadpool_limits
+from numstab.train import TrainConfig, train
+n = int(sys.argv[1])
+t0 = time.perf_counter()
+with threadpool_limits(limits=1, user_api="blas"):
+    train(TrainConfig(steps=n))
+wall = time.perf_counter() - t0
+hwm = None
+with open("/proc/self/status") as f:
+    for line in f:
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+print(json.dumps({"steps": n, "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "vmhwm_kb": hwm, "wall_s": wall, "allocator": alloc["allocator"]}))
+"""
+
+
+def _rss_child(steps):
+    p = subprocess.Popen(
+        [sys.executable, "-c", _RSS_CHILD, str(steps), str(ROOT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"RSS child ({steps} steps) failed: {err[-2000:]}")
+    info = json.loads(out.strip().splitlines()[-1])
+    info["wait4_maxrss_kb"] = ru.ru_maxrss
+    return info
+
+
+def section_memory(rep, args):
+    # The measure is the child's VmHWM (peak RSS of its own address space, read from
+    # /proc/self/status just before it exits). ru_maxrss (getrusage in the child, wait4 /
+    # RUSAGE_CHILDREN in the parent) is not used: Linux carries the pre-exec high-water mark
+    # of the forked parent (hundreds of MB once torch is imported) into the child's maxrss.
+    results = [_rss_child(s) for s in args.rss_steps]
+    for r in results:
+        mb = r["vmhwm_kb"] / 1024
+        rep.row(
+            "4",
+            f"peak RSS, train() {r['steps']} steps",
+            1,
+            None,
+            f"{mb:.1f} MB (child VmHWM; {r['wall_s']:.1f} s, default logging, {r['allocator']})",
+        )
+    rep.fact("rss", results)
+    peak = max(r["vmhwm_kb"] for r in results) / 1024
+    growth = (results[-1]["vmhwm_kb"] - results[0]["vmhwm_kb"]) / 1024
+    rep.target("training peak RSS", peak, RSS_LIMIT_MB, unit=" MB")
+    rep.target(
+        f"RSS growth {args.rss_steps[0]} -> {args.rss_steps[-1]} steps",
+        growth,
+        RSS_GROWTH_TOL_MB,
+        unit=" MB",
+        detail="tolerance for allocator noise",
+    )
+
+
+# --- profile -----------------------------------------------------------------------------------
+
+
+def section_profile(args):
+    import cProfile
+    import io
+    import pstats
+
+    from numstab import functional, optim
+
+    print()
+    print(f"profile: {args.profile_steps} steps per format, 1 BLAS thread")
+    _in_situ_breakdown(args)
+    print("\n  cProfile (deterministic; adds overhead per Python call):")
+    for dt in PROFILE_DTYPES:
+        run = new_run(dt)
+        with threadpool_limits(limits=1, user_api="blas"):
+            for _ in range(2):
+                run.advance(log=False)
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(args.profile_steps):
+                run.advance(log=False)
+            pr.disable()
+        buf = io.StringIO()
+        ps = pstats.Stats(pr, stream=buf).sort_stats("tottime")
+        total = ps.total_tt
+        print(f"\n  {dt}: {total / args.profile_steps * 1e3:.1f} ms per step under cProfile")
+        _print_profile_groups(ps, total, args.profile_steps)
+        print("    top functions by own time:")
+        rows = sorted(ps.stats.items(), key=lambda kv: -kv[1][2])[:14]
+        for (file, line, fn), (_cc, nc, tt, _ct, _callers) in rows:
+            where = f"{Path(file).name}:{line}({fn})" if line else fn
+            print(
+                f"    {tt / total * 100:5.1f}%  {tt / args.profile_steps * 1e3:7.2f} ms/step  "
+                f"{nc // args.profile_steps:>4} calls/step  {where}"
+            )
+    try:
+        from line_profiler import LineProfiler
+    except ImportError:
+        print("\n  (line_profiler not installed: pip install line_profiler for the line view)")
+        return
+    for dt in PROFILE_DTYPES:
+        run = new_run(dt)
+        lp = LineProfiler()
+        targets = [
+            getattr(functional, name)
+            for name in (
+                "loss_forward",
+                "_loss_forward",
+                "loss_backward",
+                "gather_forward",
+                "gather_backward",
+                "relu_backward",
+            )
+            if hasattr(functional, name)
+        ]
+        for f in (*targets, optim._AdamMixin._update):
+            lp.add_function(f)
+        with threadpool_limits(limits=1, user_api="blas"):
+            run.advance(log=False)
+            lp.enable_by_count()
+            for _ in range(args.profile_steps):
+                run.advance(log=False)
+            lp.disable_by_count()
+        buf = io.StringIO()
+        lp.print_stats(stream=buf, output_unit=1e-3, stripzeros=True)
+        print(
+            f"\n  line_profiler, {dt}, {args.profile_steps} steps (ms totals); lines ≥ 2 % of a "
+            "function:"
+        )
+        _print_line_profile(buf.getvalue())
+
+
+#: Storage formats profiled by --profile.
+PROFILE_DTYPES = ("float32", "float64", "float16")
+
+#: Functions timed inside the step by ``_in_situ_breakdown``: (label, module, attribute).
+IN_SITU_PARTS = (
+    ("six GEMMs (functional.gemm)", "numstab.functional", "gemm"),
+    ("gather forward (layer 1)", "numstab.mlp", "gather_forward"),
+    ("ReLU forward", "numstab.mlp", "relu_forward"),
+    ("loss forward (softmax CE)", "numstab.train", "loss_forward"),
+    ("loss backward", "numstab.train", "loss_backward"),
+    ("ReLU backward", "numstab.mlp", "relu_backward"),
+    ("segment-sum backward (layer 1)", "numstab.mlp", "gather_backward"),
+)
+
+
+def _in_situ_breakdown(args):
+    """Where a real step's time goes, without a profiler: the step's parts are wrapped with
+    ``perf_counter`` (a few µs of overhead per call), and the GEMMs are compared with the
+    same products on hot, reused operands (the floor of section 1)."""
+    import importlib
+
+    print("  where the time goes (perf_counter wrappers, medians over steps; no profiler):")
+    for dt in PROFILE_DTYPES:
+        run = new_run(dt)
+        floor = gemm_floor(gemm_operands(run))
+        spent = {label: [] for label, _, _ in IN_SITU_PARTS}
+        spent["AdamW update"] = []
+        saved = []
+
+        def wrap(fn, label, spent=spent):
+            def inner(*a, **k):
+                t0 = time.perf_counter()
+                out = fn(*a, **k)
+                spent[label][-1] += time.perf_counter() - t0
+                return out
+
+            return inner
+
+        for label, mod, attr in IN_SITU_PARTS:
+            m = importlib.import_module(mod)
+            saved.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, wrap(getattr(m, attr), label))
+        opt = run.optimizer
+        object.__setattr__(opt, "step", wrap(type(opt).step.__get__(opt), "AdamW update"))
+        steps, floors = [], []
+        try:
+            with threadpool_limits(limits=1, user_api="blas"), _gc_off():
+                for i in range(args.profile_steps + 2):
+                    for v in spent.values():
+                        v.append(0.0)
+                    w, _ = timed(numstab_step(run))
+                    f, _ = timed(floor)
+                    if i >= 2:
+                        steps.append(w)
+                        floors.append(f)
+                    else:
+                        for v in spent.values():
+                            v.pop()
+        finally:
+            for m, attr, fn in saved:
+                setattr(m, attr, fn)
+            object.__delattr__(opt, "step")
+        st = float(np.median(steps))
+        print(f"    {dt}: step {st * 1e3:.2f} ms (1 BLAS thread)")
+        acc = 0.0
+        for label, v in spent.items():
+            t = float(np.median(v))
+            acc += t
+            print(f"      {t / st * 100:5.1f}%  {t * 1e3:7.2f} ms  {label}")
+        print(
+            f"      {(st - acc) / st * 100:5.1f}%  {(st - acc) * 1e3:7.2f} ms  rest (advance "
+            "glue, logit-gradient cast, finiteness checks)"
+        )
+        g, fl = float(np.median(spent["six GEMMs (functional.gemm)"])), float(np.median(floors))
+        print(
+            f"      GEMMs in the step / the same GEMMs on hot operands: {g * 1e3:.2f} / "
+            f"{fl * 1e3:.2f} ms = {g / fl:.2f}; step / floor = {st / fl:.2f}"
+        )
+
+
+#: Parts of the step, by (module file, function) whose cumulative time they are.
+PROFILE_GROUPS = (
+    ("six GEMMs (functional.gemm)", (("functional.py", "gemm"),)),
+    ("loss forward (softmax CE)", (("functional.py", "loss_forward"),)),
+    ("loss backward", (("functional.py", "loss_backward"),)),
+    ("gather forward (layer 1)", (("functional.py", "gather_forward"),)),
+    ("segment-sum backward (layer 1)", (("functional.py", "gather_backward"),)),
+    (
+        "ReLU forward + backward",
+        (("functional.py", "relu_forward"), ("functional.py", "relu_backward")),
+    ),
+    ("AdamW update", (("optim.py", "step"),)),
+)
+
+
+def _print_profile_groups(ps, total, steps):
+    """Cumulative time of the step's parts (nested calls counted once, in their part)."""
+    cum = {}
+    for (file, _line, fn), (_cc, _nc, _tt, ct, _callers) in ps.stats.items():
+        key = (Path(file).name, fn)
+        cum[key] = cum.get(key, 0.0) + ct
+    print("    where the time goes (cumulative per part):")
+    acc = 0.0
+    for label, keys in PROFILE_GROUPS:
+        t = sum(cum.get(k, 0.0) for k in keys)
+        acc += t
+        print(f"      {t / total * 100:5.1f}%  {t / steps * 1e3:7.2f} ms/step  {label}")
+    rest = total - acc
+    print(
+        f"      {rest / total * 100:5.1f}%  {rest / steps * 1e3:7.2f} ms/step  "
+        "rest (Run.advance glue, evaluate/gradients bookkeeping, checks)"
+    )
+
+
+def _print_line_profile(text):
+    """Keep each function's header and its heaviest lines."""
+    block = []
+    for line in [*text.splitlines(), "Total time:"]:
+        if line.startswith("Total time:") and block:
+            _emit_block(block)
+            block = []
+        block.append(line)
+
+
+def _emit_block(block):
+    fn = next((b for b in block if b.startswith("Function:")), None)
+    tot = next((b for b in block if b.startswith("Total time:")), None)
+    if fn is None:
+        return
+    print(f"    {fn.split(' at ')[0]} — {tot.replace('Total time: ', '') if tot else ''}")
+    for b in block:
+        parts = b.split()
+        if len(parts) >= 6 and parts[0].isdigit():
+            try:
+                pct = float(parts[4])
+            except ValueError:
+                continue
+            if pct >= 2.0:
+                code = b[b.find(parts[4]) + len(parts[4]) :].strip()
+                print(f"      {pct:5.1f}%  {float(parts[2]):9.1f} ms  {code[:90]}")
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python scripts/bench.py",
+        description="numstab vs PyTorch CPU: training step, late phase, exact audit, compare "
+        "run, memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="BLAS / torch thread counts to measure (default 1 2; --quick: 1)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per case (default 20; --quick: 3)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed warm-up rounds (default 3; --quick: 1)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: few repeats, a short 'late' checkpoint, small subsets, no compare run",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument(
+        "--sections",
+        nargs="*",
+        default=list(ALL_SECTIONS),
+        choices=ALL_SECTIONS,
+        help="sections to run",
+    )
+    p.add_argument(
+        "--late-steps",
+        type=int,
+        default=None,
+        help="float32 steps to the late checkpoint (default 2000; --quick: 40)",
+    )
+    p.add_argument(
+        "--mpmath-rows",
+        type=int,
+        default=None,
+        help="rows audited with pure mpmath, extrapolated to the batch; 0 = the full "
+        "batch (default 0; --quick: 16)",
+    )
+    p.add_argument(
+        "--rss-steps",
+        type=int,
+        nargs=2,
+        default=None,
+        help="step counts of the two RSS runs (default 100 500; --quick: 3 12)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the late checkpoint is cached (default: $TMPDIR/numstab-bench)",
+    )
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the float32 and float64 step (cProfile, line_profiler)",
+    )
+    p.add_argument("--profile-steps", type=int, default=20, help="steps per profile")
+    return p
+
+
+def resolve_args(args):
+    q = args.quick
+    if args.threads is None:
+        args.threads = [1] if q else [1, 2]
+    if args.repeats is None:
+        args.repeats = 3 if q else 20
+    if args.warmup is None:
+        args.warmup = 1 if q else 3
+    if args.late_steps is None:
+        args.late_steps = 40 if q else 2000
+    if args.mpmath_rows is None:
+        args.mpmath_rows = 16 if q else 0
+    if args.rss_steps is None:
+        args.rss_steps = [3, 12] if q else [100, 500]
+    if args.cache_dir is None:
+        args.cache_dir = os.path.join(tempfile.gettempdir(), "numstab-bench")
+    args.audit_repeats = 2 if q else 7
+    if q and "3" in args.sections:
+        args.sections = [s for s in args.sections if s != "3"]
+        args.compare_skipped = True
+    else:
+        args.compare_skipped = False
+    if min(args.threads) < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("threads and repeats must be >= 1, warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    args = resolve_args(build_parser().parse_args(argv))
+    allocator = tune_allocator()
+    torch_mod, torch_status = load_torch(args.no_torch)
+    args.torch_status = torch_status
+    rep = Report()
+    rep.env = environment(torch_mod, torch_status, allocator)
+    print_environment(rep.env, args)
+    thr = Threads(torch_mod)
+    t_start = time.perf_counter()
+    if "1" in args.sections:
+        section_step(rep, args, torch_mod, thr)
+    ck = None
+    if "1b" in args.sections or "2" in args.sections:
+        ck = late_checkpoint(rep, args)
+    if "1b" in args.sections:
+        section_late(rep, args, torch_mod, thr, ck)
+    if "2" in args.sections:
+        section_audit(rep, args, ck)
+    if "3" in args.sections:
+        section_compare(rep, args)
+    elif args.compare_skipped:
+        rep.row("3", "python -m numstab.compare --dtype float32", None, None, "skipped (--quick)")
+    if "4" in args.sections:
+        section_memory(rep, args)
+    rep.print_targets()
+    rep.env["load_end"] = list(os.getloadavg())
+    rep.env["uptime_end"] = uptime_line()
+    rep.env["suite_wall_s"] = time.perf_counter() - t_start
+    print(f"\nload at end: {rep.env['uptime_end']}  (suite {rep.env['suite_wall_s']:.0f} s)")
+    if args.profile:
+        section_profile(args)
+    if args.json:
+        payload = {
+            "args": {k: v for k, v in vars(args).items()},
+            "env": rep.env,
+            "records": rep.records,
+            "targets": rep.targets,
+            "facts": rep.facts,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
