@@ -56,7 +56,7 @@ where and why the two part.
 
 The built-in default is the paper's modular-addition setup (p = 113, f = 0.4, bias-free
 200-200 ReLU MLP, AdamW with betas (0.9, 0.99), eps 1e-25, no weight decay, softmax
-cross-entropy) with a learning rate of 0.07 and 1300 steps: at that learning rate the float32
+cross-entropy) with a learning rate of 0.07 and 1200 steps: at that learning rate the float32
 run passes 50 % Softmax Collapse within the budget (at lr 0.01, as in the paper's Fig. 1, the
 float32 SC fraction peaks at about 0.25-0.33 around step 1900 here before an Adam instability
 resets it; lr 0.02, 0.035 and 0.05 peak at 0.32, 0.40 and 0.47).
