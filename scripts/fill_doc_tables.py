@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Refresh the generated blocks of a markdown page from run outputs (never retyped).
+
+Usage::
+
+    python scripts/fill_doc_tables.py docs/reproduction.md [--runs runs/repro]
+
+A block is delimited by two HTML comments::
+
+    <!-- BEGIN claims fig1-short -->
+    ... replaced ...
+    <!-- END claims fig1-short -->
+
+``claims STEM`` takes ``<runs>/STEM/claims.md`` (written by ``scripts/reproduce.py``) without its
+heading line. ``file PATH`` takes a file relative to the repository root verbatim, inside a
+fenced block. Everything outside the blocks is left as it is. A block whose source is missing is
+an error naming the file (nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(
+    r"(?P<begin><!-- BEGIN (?P<kind>claims|file) (?P<arg>\S+) -->\n)"
+    r"(?P<body>.*?)"
+    r"(?P<end><!-- END (?P=kind) (?P=arg) -->)",
+    re.DOTALL,
+)
+
+
+def block_text(kind: str, arg: str, runs: Path) -> str:
+    if kind == "claims":
+        src = runs / arg / "claims.md"
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no claims (run scripts/reproduce.py for {arg} first)")
+        lines = src.read_text().splitlines()
+        if lines and lines[0].startswith("#"):
+            lines = lines[1:]
+        return "\n".join(lines).strip() + "\n"
+    src = ROOT / arg
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such file")
+    return "```\n" + src.read_text().rstrip() + "\n```\n"
+
+
+def fill(text: str, runs: Path) -> tuple[str, int]:
+    count = 0
+
+    def sub(m: re.Match) -> str:
+        nonlocal count
+        count += 1
+        return m["begin"] + block_text(m["kind"], m["arg"], runs) + m["end"]
+
+    return BLOCK.sub(sub, text), count
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("page", type=Path, help="markdown page to refresh in place")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=ROOT / "runs" / "repro",
+        help="folder with one sub-folder per reproduced figure",
+    )
+    args = p.parse_args(argv)
+    try:
+        new, n = fill(args.page.read_text(), args.runs)
+    except (FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.page.write_text(new)
+    print(f"{args.page}: {n} block(s) refreshed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
