@@ -14,11 +14,16 @@ working format (float64, or x87 longdouble for float64 audits), i.e. within half
 So ``|fast - mp| <= bound·|exact| + ulp_w(mp)/2 <= bound·|mp|·(1 + bound) + ulp_w(mp)``.
 The module docstring also states that terms which underflow in the working format add an
 absolute ``C·2**-1074`` (``C·2**-16445`` in longdouble) to the tail; that enters as an absolute
-slack. (That ``exact_rel_bound`` alone is not a bound for such rows is a bug: see
-``test_fast_values_with_subnormal_working_tail_BUG``.)
+slack. The fast path keeps a row only while its computed tail is at least ``2**40`` times that
+absolute term: smaller tails (subnormal in the working format) go to mpmath, so on the rows it
+keeps the absolute term is at most ``2**-40`` of the tail
+(``test_fast_values_with_subnormal_working_tail``).
 
-Known bugs are pinned by ``xfail(strict=True)`` tests whose names end in ``_BUG``; the general
-property tests exclude exactly the inputs of those bugs, and say so where they do.
+No test here is marked xfail. The audit bugs these tests found (bfloat16 arrays, ulp(0), mpf
+references, the float64 StableMax margin, subnormal working tails, ``-inf`` StableMax rows, the
+``wide`` gap window) were pinned by strict xfail tests until 8569db5 fixed them; those tests are
+plain tests now (listed in docs/reliability.md, "Bugs the tests found, and their fixes"), and no
+property test excludes an input because of a known bug.
 """
 
 from __future__ import annotations
