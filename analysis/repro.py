@@ -54,6 +54,7 @@ __all__ = [
     "BUDGETS",
     "FIGURES",
     "FigureSpec",
+    "config_dict",
     "config_matches",
     "load_figure_spec",
     "resolve",
@@ -280,6 +281,11 @@ def _apply_rules(runs: list, rules: list) -> list:
                 new.update({k: _norm(v) for k, v in r.items() if k != "match"})
         out.append(new)
     return out
+
+
+def config_dict(config) -> dict:
+    """A TrainConfig as the plain dict :func:`config_matches` tests (tuples as lists)."""
+    return _kwargs(config)
 
 
 def _kwargs(config) -> dict:

@@ -6,7 +6,7 @@ Usage::
     python scripts/reproduce.py --figure {1,2,4,5,6,8,extra} --budget {smoke,short,full}
         [--seeds N] [--variant authors] [--out DIR] [--workers N] [--threads T]
         [--plots-dir DIR] [--band minmax|std|none] [--no-plots] [--spec FILE]
-        [--retry-failed] [--dry-run] [--quiet]
+        [--panels NAME [NAME ...]] [--retry-failed] [--dry-run] [--quiet]
 
 Steps:
 
@@ -32,6 +32,7 @@ anything runs); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--band", default="minmax", choices=["minmax", "std", "none"], help="band over seeds")
     a("--no-plots", action="store_true", help="skip the figure (no matplotlib needed)")
     a("--spec", default=None, help="use this figure SPEC file instead of analysis/specs/")
+    a(
+        "--panels",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run, plot and assess only these panels of the figure (default: all); the runs "
+        "go to the same folder, so a later run of all panels reuses them",
+    )
     a("--retry-failed", action="store_true", help="rerun runs that failed before")
     a("--dry-run", action="store_true", help="print the resolved runs and exit")
     a("--quiet", action="store_true", help="no progress bar")
@@ -85,6 +94,9 @@ def main(argv=None) -> int:
             raise R.FigureSpecError(f"{spec.path}: unknown claims {spec.claims!r}")
         if args.workers < 1 or args.threads < 1:
             raise R.FigureSpecError("--workers and --threads must be >= 1")
+        panels = _select_panels(spec, args.panels)
+        if args.panels:
+            sweep = dataclasses.replace(sweep, runs=_runs_in_panels(sweep.runs, panels))
     except (R.FigureSpecError, S.SpecError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -108,6 +120,7 @@ def main(argv=None) -> int:
         "budget": args.budget,
         "variant": args.variant,
         "seeds": args.seeds,
+        "panels": args.panels,
         "spec_file": os.path.relpath(spec.path),
         "argv": sys.argv if argv is None else [PROG, *argv],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -140,8 +153,9 @@ def main(argv=None) -> int:
             spec.title
             + f" — budget {args.budget}"
             + (f", variant {args.variant}" if args.variant else "")
+            + (f", panels {' '.join(args.panels)}" if args.panels else "")
         )
-        plot_figure(results, spec.panels, png, title=title, band=args.band)
+        plot_figure(results, panels, png, title=title, band=args.band)
         print(f"figure: {png}")
 
     claims = C.CLAIMS[spec.claims](results)
@@ -162,7 +176,8 @@ def main(argv=None) -> int:
         f.write("\n")
     table = C.render_markdown(claims)
     header = f"## {spec.title} (budget {args.budget}"
-    header += f", variant {args.variant})" if args.variant else ")"
+    header += f", variant {args.variant}" if args.variant else ""
+    header += f", panels {' '.join(args.panels)})" if args.panels else ")"
     with open(os.path.join(out, "claims.md"), "w", encoding="utf-8") as f:
         f.write(header + "\n\n" + table)
     print()
@@ -171,6 +186,30 @@ def main(argv=None) -> int:
     print(table)
     print(f"claims: {os.path.join(out, 'claims.md')}, {os.path.join(out, 'claims.json')}")
     return report.exit_code
+
+
+def _select_panels(spec, names) -> list:
+    """The figure's panels named in ``names`` (all of them for None), in the figure's order."""
+    panels = spec.panels
+    if names is None:
+        return panels
+    known = [p.get("name") for p in panels]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise R.FigureSpecError(
+            f"unknown panel {unknown[0]!r} for figure {spec.figure}; its panels are "
+            f"{', '.join(map(str, known)) or '(none)'}"
+        )
+    return [p for p in panels if p.get("name") in names]
+
+
+def _runs_in_panels(runs, panels) -> list:
+    """The planned runs that appear in at least one of ``panels`` (a panel's ``match``)."""
+    return [
+        r
+        for r in runs
+        if any(R.config_matches(R.config_dict(r.config), p.get("match")) for p in panels)
+    ]
 
 
 def _dry_run(sweep, out) -> None:

@@ -141,6 +141,35 @@ def test_dry_run_lists_the_resolved_runs(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_panels_select_the_runs_of_those_panels(tmp_path):
+    # Fig. 2: panels b and c are the 6-run grid (f = 0.6, 0.7 x three loss formats), panel a
+    # the three f = 0.4 runs; 3 seeds each.
+    res = _run_script("--figure", "2", "--budget", "short", "--panels", "b", "c", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("18 runs;")
+    rows = res.stdout.splitlines()[2:]
+    assert len(rows) == 18 and not any(" 0.4 " in r for r in rows)
+    res = _run_script("--figure", "2", "--budget", "short", "--panels", "a", "--dry-run")
+    assert res.stdout.startswith("9 runs;") and res.stdout.count(" 0.4 ") == 9
+
+
+def test_unknown_panel_is_refused_before_anything_runs(tmp_path):
+    res = _run_script(
+        "--figure",
+        "2",
+        "--budget",
+        "smoke",
+        "--panels",
+        "z",
+        "--out",
+        str(tmp_path / "x"),
+        "--no-plots",
+    )
+    assert res.returncode == 2
+    assert "unknown panel 'z'" in res.stderr and "a, b, c" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
 # --- figure SPECs, budgets, seeds, variants ----------------------------------------------------
 
 
