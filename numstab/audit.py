@@ -726,8 +726,10 @@ def _exact_collapse(z, kind, fmt, eps) -> np.ndarray:
             if np.isnan(row).any() or np.isposinf(row).any() or np.isneginf(row).all():
                 continue  # the exact tail is undefined (NaN, inf/inf): never "collapsed"
             # s(-inf) = 0 exactly: such entries add nothing to the tail.
-            sv = [Fraction(0) if np.isneginf(v) else _stablemax_fraction(_fraction(v), eps)
-                  for v in row]
+            sv = [
+                Fraction(0) if np.isneginf(v) else _stablemax_fraction(_fraction(v), eps)
+                for v in row
+            ]
             k = int(np.argmax(row))
             tail = sum(sv[j] for j in range(len(sv)) if j != k) / sv[k]
             out[i] = tail <= u

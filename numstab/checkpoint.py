@@ -243,8 +243,12 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
-def restore_run(run, ckpt: Checkpoint, name: str) -> None:
+def restore_run(run, ckpt: Checkpoint, name: str, *, allow_more_steps: bool = False) -> None:
     """Load a run's parameters, optimizer state, RNG and step from a checkpoint, in place.
+
+    With ``allow_more_steps`` the configurations may differ in ``steps`` alone, as long as the
+    new ``steps`` is not below the checkpoint's step (continuing a run for longer: nothing
+    else in a step depends on the total).
 
     Raises
     ------
@@ -255,7 +259,10 @@ def restore_run(run, ckpt: Checkpoint, name: str) -> None:
     meta = ckpt.manifest["runs"].get(name)
     if meta is None:
         raise CheckpointError(f"checkpoint has no run {name!r} (it has {ckpt.runs()})")
-    diff = config_differences(_normalise(meta["config"]), _normalise(run.config.to_dict()))
+    saved = _normalise(meta["config"])
+    if allow_more_steps and run.config.steps >= int(meta["step"]):
+        saved["steps"] = run.config.steps
+    diff = config_differences(saved, _normalise(run.config.to_dict()))
     if diff:
         raise CheckpointError(
             f"checkpoint run {name!r} was made with a different configuration: " + "; ".join(diff)

@@ -75,8 +75,10 @@ class DriveResult:
     checkpoints: list = field(default_factory=list)
 
 
-def resume_runs(directory, runs: dict, log) -> dict:
+def resume_runs(directory, runs: dict, log, *, allow_more_steps: bool = False) -> dict:
     """Restore ``runs`` and ``log`` from the checkpoint in ``directory``; return its ``extra``.
+
+    ``allow_more_steps``: see :func:`numstab.checkpoint.restore_run`.
 
     Raises :class:`~numstab.checkpoint.CheckpointError` if the checkpoint is missing, corrupted,
     from another version, or was made with a different configuration.
@@ -88,7 +90,7 @@ def resume_runs(directory, runs: dict, log) -> dict:
 
         raise CheckpointError(f"checkpoint has runs {ckpt.runs()}, not {sorted(missing)}")
     for name, run in runs.items():
-        restore_run(run, ckpt, name)
+        restore_run(run, ckpt, name, allow_more_steps=allow_more_steps)
     restore_log(log, ckpt)
     return dict(ckpt.extra)
 

@@ -619,7 +619,9 @@ def train(
         Where checkpoints go (every ``checkpoint_every`` steps, and at the end).
     resume : bool
         Continue from the checkpoint in ``checkpoint_dir`` (its configuration must equal
-        ``config``); the result is bit-identical to an uninterrupted run.
+        ``config``, except that ``config.steps`` may be larger: a finished run is then
+        continued to the new length); the result is bit-identical to an uninterrupted run of
+        ``config``.
     stop : numstab.driver.StopFlag, optional
         Checked between steps; when set, a checkpoint is written and
         :class:`numstab.driver.Stopped` raised.
@@ -637,8 +639,14 @@ def train(
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        if resume_runs(checkpoint_dir, {name: run}, run.log).get("finished"):
-            return run
+        state = resume_runs(checkpoint_dir, {name: run}, run.log, allow_more_steps=True)
+        if state.get("finished"):
+            if run.step >= config.steps:
+                return run
+            # Continuing a finished run: its last rows are the final evaluation at run.step,
+            # which an uninterrupted longer run logs as an ordinary step (with the update's
+            # metrics): drop them and let the step run again.
+            run.log.reset([r for r in run.log.rows if r[0] < run.step])
     drive(
         {name: run},
         run.log,

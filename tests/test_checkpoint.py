@@ -72,6 +72,40 @@ def test_resuming_a_finished_run_adds_nothing(tmp_path):
     assert again.log.rows == first.log.rows
 
 
+@pytest.mark.parametrize(
+    "short_steps, long_steps",
+    [(24, 40), (22, 40), (24, 24)],
+    ids=["at-a-log-step", "between-log-steps", "same-length"],
+)
+def test_a_finished_run_continued_for_longer_is_bit_identical(short_steps, long_steps, tmp_path):
+    # A finished run resumed with a larger `steps` continues to the new length; its metrics
+    # and parameters equal those of one uninterrupted run of the longer configuration (the
+    # short run's final-evaluation rows are replaced by the ordinary step's).
+    longer = BASE.replace(steps=long_steps)
+    ref = train(longer)
+    csv_path = tmp_path / "metrics.csv"
+    log = MetricLog(csv_path)
+    train(BASE.replace(steps=short_steps), log=log, checkpoint_dir=tmp_path)
+    log.close()
+    log2 = MetricLog(csv_path)
+    run = train(longer, log=log2, checkpoint_dir=tmp_path, resume=True)
+    log2.close()
+    assert run.step == long_steps and run.log.rows == ref.log.rows
+    for k in ref.params:
+        np.testing.assert_array_equal(run.params[k].view(np.uint8), ref.params[k].view(np.uint8))
+    assert len(csv_path.read_text().splitlines()) - 1 == len(ref.log.rows)
+    assert load_checkpoint(tmp_path).manifest["runs"]["run"]["step"] == long_steps
+
+
+def test_continuing_to_fewer_steps_than_done_is_refused(tmp_path):
+    train(BASE, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="steps: checkpoint 24, now 20"):
+        train(BASE.replace(steps=20), checkpoint_dir=tmp_path, resume=True)
+    # Any other difference is still refused, whatever `steps` says.
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.02, now 0.03"):
+        train(BASE.replace(steps=40, lr=0.03), checkpoint_dir=tmp_path, resume=True)
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     flag = StopFlag()
