@@ -596,3 +596,65 @@ def test_missing_matplotlib_names_the_plot_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"numstab\[plot\]"):
         plots.require_matplotlib()
+
+
+# --- scripts/plot_runs.py ----------------------------------------------------------------------
+
+
+def test_plot_runs_draws_training_output_folders(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "run"
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "numstab.train",
+            "--modulus",
+            "7",
+            "--hidden",
+            "8",
+            "8",
+            "--steps",
+            "6",
+            "--log-every",
+            "2",
+            "--out",
+            str(run_dir),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert train.returncode == 0, train.stderr
+    png = tmp_path / "fig" / "run.png"
+    script = ROOT / "scripts" / "plot_runs.py"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(run_dir),
+            "--out",
+            str(png),
+            "--plots",
+            "accuracy",
+            "nlm_cosine",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    w, h = _png_size(png)
+    assert w > h > 100  # one row, two plots side by side
+    bad = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "x.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "not a training output folder" in bad.stderr
+    assert not (tmp_path / "x.png").exists()
