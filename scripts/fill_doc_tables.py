@@ -12,9 +12,10 @@ A block is delimited by two HTML comments::
     <!-- END claims fig1-short -->
 
 ``claims STEM`` takes ``<runs>/STEM/claims.md`` (written by ``scripts/reproduce.py``) without its
-heading line. ``file PATH`` takes a file relative to the repository root verbatim, inside a
-fenced block. Everything outside the blocks is left as it is. A block whose source is missing is
-an error naming the file (nothing is written).
+heading line; ``claims STEM/FILE.md`` takes that file instead (e.g. the
+``claims-panels-b.md`` of a panel subset). ``file PATH`` takes a file relative to the
+repository root verbatim, inside a fenced block. Everything outside the blocks is left as it
+is. A block whose source is missing is an error naming the file (nothing is written).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ BLOCK = re.compile(
 
 def block_text(kind: str, arg: str, runs: Path) -> str:
     if kind == "claims":
-        src = runs / arg / "claims.md"
+        src = runs / arg if arg.endswith(".md") else runs / arg / "claims.md"
         if not src.is_file():
             raise FileNotFoundError(f"{src}: no claims (run scripts/reproduce.py for {arg} first)")
         lines = src.read_text().splitlines()

@@ -22,7 +22,9 @@ Steps:
    The resolved SPEC is written to ``<out>/reproduce.json``.
 3. Collect, draw ``<plots-dir>/<stem>.png`` (default ``docs/figures/fig1-short.png``), compute
    the claims (:mod:`analysis.claims`), print them as a markdown table and write
-   ``<out>/claims.md`` and ``<out>/claims.json``.
+   ``<out>/claims.md`` and ``<out>/claims.json``. With ``--panels b c`` only those panels'
+   runs are run (in the same folder) and the files are ``<stem>-panels-b-c.png`` and
+   ``claims-panels-b-c.md`` / ``.json``.
 
 Exit codes: 0 every run ok; 1 some run failed (the figure and claims are still made from the
 ok runs); 2 bad arguments or SPEC, or matplotlib missing without ``--no-plots`` (before
@@ -102,6 +104,9 @@ def main(argv=None) -> int:
         return 2
     stem = spec.stem(args.budget, args.variant)
     out = args.out or os.path.join("runs", "repro", stem)
+    # A panel subset shares the figure's run folder (its runs are reused) but gets its own
+    # PNG and claims files, so it never overwrites the whole figure's.
+    part = "-panels-" + "-".join(args.panels) if args.panels else ""
     if args.dry_run:
         _dry_run(sweep, out)
         return 0
@@ -148,7 +153,7 @@ def main(argv=None) -> int:
     if not args.no_plots:
         from analysis.plots import plot_figure
 
-        png = os.path.join(args.plots_dir, f"{stem}.png")
+        png = os.path.join(args.plots_dir, f"{stem}{part}.png")
         title = (
             spec.title
             + f" — budget {args.budget}"
@@ -171,20 +176,23 @@ def main(argv=None) -> int:
         },
         "claims": claims,
     }
-    with open(os.path.join(out, "claims.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, f"claims{part}.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(doc), f, indent=2, allow_nan=False)
         f.write("\n")
     table = C.render_markdown(claims)
     header = f"## {spec.title} (budget {args.budget}"
     header += f", variant {args.variant}" if args.variant else ""
     header += f", panels {' '.join(args.panels)})" if args.panels else ")"
-    with open(os.path.join(out, "claims.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, f"claims{part}.md"), "w", encoding="utf-8") as f:
         f.write(header + "\n\n" + table)
     print()
     print(header)
     print()
     print(table)
-    print(f"claims: {os.path.join(out, 'claims.md')}, {os.path.join(out, 'claims.json')}")
+    print(
+        f"claims: {os.path.join(out, f'claims{part}.md')}, "
+        f"{os.path.join(out, f'claims{part}.json')}"
+    )
     return report.exit_code
 
 

@@ -64,3 +64,11 @@ def test_file_block_is_fenced(tmp_path):
 )
 def test_unmatched_or_absent_markers_are_left_alone(tmp_path, marker):
     assert fdt.fill(marker, tmp_path) == (marker, 0)
+
+
+def test_claims_block_can_name_a_file(tmp_path):
+    runs = _runs(tmp_path)
+    (runs / "figX-short" / "claims-panels-b.md").write_text("## head\n\n| b only |\n")
+    marker = "claims figX-short/claims-panels-b.md -->\n"
+    text, n = fdt.fill(f"<!-- BEGIN {marker}<!-- END {marker}", runs)
+    assert n == 1 and "| b only |" in text and "| 1 | 2 |" not in text

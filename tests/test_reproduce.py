@@ -153,6 +153,23 @@ def test_panels_select_the_runs_of_those_panels(tmp_path):
     assert res.stdout.startswith("9 runs;") and res.stdout.count(" 0.4 ") == 9
 
 
+def test_a_panel_subset_writes_its_own_files_in_the_shared_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, plots = tmp_path / "out", tmp_path / "plots"
+    args = ["--figure", "8", "--budget", "smoke", "--out", str(out), "--plots-dir", str(plots)]
+    res = _run_script(*args, "--panels", "global")
+    assert res.returncode == 0, res.stderr
+    assert (out / "claims-panels-global.md").is_file()
+    assert (plots / "fig8-smoke-panels-global.png").is_file()
+    assert not (out / "claims.md").exists() and not (plots / "fig8-smoke.png").exists()
+    # The whole figure afterwards reuses the panel's runs and runs only the rest.
+    res = _run_script(*args)
+    assert res.returncode == 0, res.stderr
+    assert (out / "claims.md").is_file() and (plots / "fig8-smoke.png").is_file()
+    done = [line for line in res.stdout.splitlines() if "already done" in line]
+    assert done and " 0 already done" not in done[0]
+
+
 def test_unknown_panel_is_refused_before_anything_runs(tmp_path):
     res = _run_script(
         "--figure",
