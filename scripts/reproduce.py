@@ -19,7 +19,8 @@ Steps:
 2. Run it through ``numstab.sweep.run_sweep`` into ``--out`` (default
    ``runs/repro/<stem>``, e.g. ``runs/repro/fig1-short``). Resumable: finished runs are
    skipped when the command is repeated; an interrupted sweep loses only the runs in flight.
-   The resolved SPEC is written to ``<out>/reproduce.json``.
+   The resolved SPEC is written to ``<out>/reproduce.json`` (``reproduce-panels-….json``
+   for a panel subset).
 3. Collect, draw ``<plots-dir>/<stem>.png`` (default ``docs/figures/fig1-short.png``), compute
    the claims (:mod:`analysis.claims`), print them as a markdown table and write
    ``<out>/claims.md`` and ``<out>/claims.json``. With ``--panels b c`` only those panels'
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         "resolved_spec": resolved,
         "run_ids": [r.id for r in sweep.runs],
     }
-    with open(os.path.join(out, "reproduce.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, f"reproduce{part}.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
 
