@@ -618,60 +618,26 @@ def test_missing_matplotlib_names_the_plot_extra(monkeypatch):
 # --- scripts/plot_runs.py ----------------------------------------------------------------------
 
 
+def _python(*args):
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_plot_runs_draws_training_output_folders(tmp_path):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"
-    train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "numstab.train",
-            "--modulus",
-            "7",
-            "--hidden",
-            "8",
-            "8",
-            "--steps",
-            "6",
-            "--log-every",
-            "2",
-            "--out",
-            str(run_dir),
-            "--quiet",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    train = _python(
+        "-m", "numstab.train", "--modulus", 7, "--hidden", 8, 8, "--steps", 6, "--log-every", 2,
+        "--out", run_dir, "--quiet",
+    )  # fmt: skip
     assert train.returncode == 0, train.stderr
     png = tmp_path / "fig" / "run.png"
     script = ROOT / "scripts" / "plot_runs.py"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(run_dir),
-            "--out",
-            str(png),
-            "--plots",
-            "accuracy",
-            "nlm_cosine",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = _python(script, run_dir, "--out", png, "--plots", "accuracy", "nlm_cosine")
     assert res.returncode == 0, res.stderr
     w, h = _png_size(png)
     assert w > h > 100  # one row, two plots side by side
-    bad = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "x.png")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = _python(script, tmp_path, "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "not a training output folder" in bad.stderr
     assert not (tmp_path / "x.png").exists()
