@@ -134,18 +134,9 @@ def load_figure_spec(path) -> FigureSpec:
 
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise FigureSpecError(f"cannot read {path!r}: {exc.strerror or exc}") from None
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise FigureSpecError(f"{path}: not valid TOML: {exc}") from None
+        doc = S.read_toml(path)
+    except S.SpecError as exc:
+        raise FigureSpecError(str(exc)) from None
     rep = doc.pop("reproduce", None)
     if not isinstance(rep, dict):
         raise FigureSpecError(f"{path}: no [reproduce] table")

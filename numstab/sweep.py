@@ -90,6 +90,7 @@ __all__ = [
     "load_spec",
     "main",
     "parse_spec",
+    "read_toml",
     "run_id",
     "run_sweep",
 ]
@@ -359,15 +360,24 @@ def _toml_loads(text: str, source: str) -> dict:
         raise SpecError(f"{source}: {dup or f'not valid TOML: {exc}'}") from None
 
 
-def load_spec(path) -> Sweep:
-    """Read and validate a SPEC file (see the module docstring); raises :class:`SpecError`."""
+def read_toml(path) -> dict:
+    """Read and parse a TOML file (a SPEC, or a figure SPEC of :mod:`analysis.repro`).
+
+    Raises :class:`SpecError` naming the file when it cannot be read, is not valid TOML, or
+    repeats a key.
+    """
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise SpecError(f"cannot read SPEC {path!r}: {exc.strerror or exc}") from None
-    return parse_spec(_toml_loads(text, path), source=path)
+    return _toml_loads(text, path)
+
+
+def load_spec(path) -> Sweep:
+    """Read and validate a SPEC file (see the module docstring); raises :class:`SpecError`."""
+    return parse_spec(read_toml(path), source=os.fspath(path))
 
 
 def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
