@@ -714,6 +714,14 @@ def within_bound(fast, mp, bound, n_classes, dtype):
         return same_ | (np.abs(fast - mp) <= tol + under)
 
 
+def _case(data, fmt):
+    """``(logits, labels)``: a pinned ``@example`` tuple, or drawn from ``data`` (few rows)."""
+    if isinstance(data, tuple):
+        return data[0], np.array(data[1], dtype=np.int64)
+    z = data.draw(logits_any(fmt, max_rows=3, max_cols=5))
+    return z, data.draw(hnp.arrays(np.int64, z.shape[0], elements=st.integers(0, z.shape[1] - 1)))
+
+
 @pytest.mark.parametrize("fmt", AUDIT_FORMATS)
 @pytest.mark.parametrize(("kind", "eps"), [("softmax", 0.0), ("stablemax", 1e-30)])
 @FEW
@@ -726,11 +734,7 @@ def within_bound(fast, mp, bound, n_classes, dtype):
 # path must hand to mpmath (tests/test_audit.py::test_float64_stablemax_margin).
 @example(data=(np.array([[0.0, -(2.0**53), -(2.0**106)]]), [0]))
 def test_audit_cross_entropy_hostile_logits_match_pure_mpmath(fmt, kind, eps, data):
-    if isinstance(data, tuple):
-        z, y = data[0], np.array(data[1], dtype=np.int64)
-    else:
-        z = data.draw(logits_any(fmt, max_rows=3, max_cols=5))
-        y = data.draw(hnp.arrays(np.int64, z.shape[0], elements=st.integers(0, z.shape[1] - 1)))
+    z, y = _case(data, fmt)
     fast = call(audit_cross_entropy, z, y, dtype=fmt, kind=kind, eps=eps)
     pure = call(audit_cross_entropy, z, y, dtype=fmt, kind=kind, eps=eps, method="mpmath")
     assert len(fast) == z.shape[0]
@@ -766,11 +770,7 @@ def test_audit_cross_entropy_hostile_logits_match_pure_mpmath(fmt, kind, eps, da
 @example(data=(np.array([[0.0, -200.0, np.inf]]), [0]))
 @example(data=(np.array([[1e308, -1e308]]), [1]))
 def test_exact_logit_gradient_against_mpmath(fmt, kind, eps, data):
-    if isinstance(data, tuple):
-        z, y = data[0], np.array(data[1], dtype=np.int64)
-    else:
-        z = data.draw(logits_any(fmt, max_rows=3, max_cols=5))
-        y = data.draw(hnp.arrays(np.int64, z.shape[0], elements=st.integers(0, z.shape[1] - 1)))
+    z, y = _case(data, fmt)
     g = call(exact_logit_gradient, z, y, dtype=fmt, kind=kind, eps=eps)
     assert g.dtype == np.float64 and g.shape == z.shape
     with np.errstate(over="ignore"):
