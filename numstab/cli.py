@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -20,12 +19,10 @@ import numpy as np
 
 import numstab
 from numstab.atomic import write_text
-from numstab.precision import REDUCTION_ORDERS, available_formats
+from numstab.options import add_arguments, flag_of, options_of
 from numstab.train import TrainConfig
 
 __all__ = [
-    "LOSS_NAMES",
-    "TASKS",
     "UsageError",
     "add_output_options",
     "add_run_options",
@@ -37,106 +34,60 @@ __all__ = [
     "write_atomic",
 ]
 
-LOSS_NAMES = {"softmax": "softmax", "stablemax": "stablemax", "softmax-stable": "softmax_stable"}
-TASKS = ("add", "sub", "mul", "div", "parity")
-
-
 class UsageError(Exception):
     """Bad input detected after parsing (exit 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with bad input reported as one line (``prog: error: ...``) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_run_options(
     p: argparse.ArgumentParser, *, steps: int, lr: float, log_every: int, test_run: bool = False
 ) -> None:
-    """The options of one training run (the fields of :class:`~numstab.train.TrainConfig`)."""
-    fmts = [*available_formats()]
-    a = p.add_argument
+    """The options of one training run, derived from :class:`~numstab.train.TrainConfig`'s
+    declarations (:mod:`numstab.options`): parsed values are validated and canonical."""
     which = "the test run" if test_run else "the run"
-    a(
-        "--dtype",
-        default="float32",
-        choices=fmts,
-        help=f"format of {which}: parameters, GEMMs and loss",
+    add_arguments(
+        p,
+        TrainConfig,
+        defaults={"steps": steps, "lr": lr, "log_every": log_every},
+        help_overrides={"dtype": f"format of {which}: parameters, GEMMs and loss"},
     )
-    a(
-        "--loss-dtype",
-        default=None,
-        choices=fmts,
-        help=f"loss format of {which} alone (the paper's softmax_precision); default: --dtype",
-    )
-    a(
-        "--state-dtype",
-        default=None,
-        choices=fmts,
-        help="optimizer-state format; default float32 for float16/bfloat16, else --dtype",
-    )
-    a(
-        "--loss",
-        default="softmax",
-        choices=list(LOSS_NAMES),
-        help="cross-entropy: framework softmax, StableMax, or the absorption-free softmax",
-    )
-    a(
-        "--stablemax-eps",
-        type=float,
-        default=0.0,
-        help="epsilon in StableMax's 1/(1 - x + eps) (the authors' code: 1e-30)",
-    )
-    a("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="optimizer")
-    a("--lr", type=float, default=lr, help="learning rate")
-    a("--beta1", type=float, default=0.9, help="Adam beta1")
-    a("--beta2", type=float, default=0.99, help="Adam beta2 (paper: 0.99)")
-    a("--eps", type=float, default=1e-25, help="Adam epsilon (paper: 1e-25)")
-    a("--weight-decay", type=float, default=0.0, help="weight decay (decoupled for AdamW)")
-    a("--momentum", type=float, default=0.0, help="SGD momentum")
-    a(
-        "--perp-grad",
-        default=None,
-        choices=["tensor", "global"],
-        help="⊥Grad: per tensor with rescaling (authors' code) or global (paper); default off",
-    )
-    a(
-        "--normalized-lr",
-        action="store_true",
-        help="learning rate lr / ||grad|| each step (the paper's normalized schedule)",
-    )
-    a("--task", default="add", choices=TASKS, help="modular op or sparse parity")
-    a("--modulus", type=int, default=113, help="p of the modular task")
-    a("--train-fraction", type=float, default=0.4, help="fraction of pairs used for training")
-    a("--hidden", type=int, nargs="+", default=[200, 200], help="hidden layer widths")
-    a("--bias", action="store_true", help="give the linear layers biases")
-    a("--alpha", type=float, default=1.0, help="logit multiplier")
-    a("--steps", type=int, default=steps, help="training steps")
-    a("--log-every", type=int, default=log_every, help="metric logging interval")
-    a(
-        "--order",
-        default="pairwise",
-        choices=list(REDUCTION_ORDERS),
-        help="summation order of the loss's normaliser",
-    )
-    a("--seed", type=int, default=0, help="seed of data split, initialisation and batches")
-    a(
-        "--zero-target-grad-from",
-        type=int,
-        default=None,
-        help="from this step on, zero the correct-class logit gradient (the paper's Fig. 8)",
-    )
+
+
+def _count(lo: int):
+    """An argparse ``type=`` for an integer >= ``lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
 
 
 def add_output_options(p: argparse.ArgumentParser, *, what: str) -> None:
-    """Threads, backend, output directory, checkpoints, resume, JSON, quiet."""
+    """Threads, output directory, checkpoints, resume, JSON, quiet."""
     a = p.add_argument
     a(
         "--threads",
-        type=int,
+        type=_count(1),
         default=None,
         help="BLAS threads (threadpoolctl); default: the library's own setting",
     )
-    a("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
     a("--out", default=None, help=f"directory for {what}")
     a(
         "--checkpoint-every",
-        type=int,
+        type=_count(1),
         default=None,
         help="write a checkpoint every N steps into --out (one is always written at the end)",
     )
@@ -150,65 +101,14 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str) -> None:
     a("--quiet", action="store_true", help="no progress bar")
 
 
-def _check_range(name, v, lo):
-    if v is not None and v < lo:
-        raise UsageError(f"{name} must be >= {lo}, got {v}")
-
-
 def config_from_args(args, **overrides) -> TrainConfig:
-    """A validated :class:`TrainConfig` from parsed run options (``UsageError`` if invalid)."""
-    _check_range("--steps", args.steps, 0)
-    _check_range("--log-every", args.log_every, 1)
-    _check_range("--modulus", args.modulus, 2)
-    _check_range("--threads", getattr(args, "threads", None), 1)
-    _check_range("--checkpoint-every", getattr(args, "checkpoint_every", None), 1)
-    if not 0 < args.train_fraction < 1:
-        raise UsageError(f"--train-fraction must lie in (0, 1), got {args.train_fraction}")
-    if any(h < 1 for h in args.hidden):
-        raise UsageError(f"--hidden widths must be >= 1, got {args.hidden}")
-    for name in (
-        "lr",
-        "eps",
-        "beta1",
-        "beta2",
-        "weight_decay",
-        "momentum",
-        "alpha",
-        "stablemax_eps",
-    ):
-        v = getattr(args, name)
-        if not math.isfinite(v):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be a positive finite number, got {args.lr}")
-    fields = dict(
-        task=args.task,
-        p=args.modulus,
-        train_fraction=args.train_fraction,
-        hidden=tuple(args.hidden),
-        bias=args.bias,
-        alpha=args.alpha,
-        dtype=args.dtype,
-        loss_dtype=args.loss_dtype,
-        state_dtype=args.state_dtype,
-        order=args.order,
-        loss=LOSS_NAMES[args.loss],
-        stablemax_eps=args.stablemax_eps,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        eps=args.eps,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        perp_grad=args.perp_grad,
-        normalized_lr=args.normalized_lr,
-        steps=args.steps,
-        log_every=args.log_every,
-        seed=args.seed,
-        zero_target_grad_from=args.zero_target_grad_from,
-        backend=getattr(args, "backend", "numpy"),
-    )
+    """A validated :class:`TrainConfig` from parsed run options (``UsageError`` if invalid).
+
+    Single values were checked by the parser; this adds the checks across options (e.g. an
+    Adam eps that underflows in the optimizer-state format), from ``TrainConfig`` itself.
+    """
+    names = [n for n, spec in options_of(TrainConfig).items() if flag_of(n, spec) is not None]
+    fields = {n: getattr(args, n) for n in names if hasattr(args, n)}
     fields.update(overrides)
     try:
         return TrainConfig(**fields)
@@ -308,7 +208,7 @@ def progress_bar(total: int, desc: str, quiet: bool, initial: int = 0):
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m numstab.train",
         description="Train one run of the paper's setup and log its metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -52,7 +52,7 @@ DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m numstab.compare",
         description="Train the paper's setup in one floating-point format beside a reference "
         "format, audit it against exact arithmetic, and report where and why they part.",
@@ -549,7 +549,7 @@ def _print_report(summary, log, ref_cfg, why, args) -> None:
     test = runs["test"]
     ref = runs.get("reference")
     print(
-        f"numstab.compare: {args.task} mod {args.modulus}, f = {args.train_fraction}, "
+        f"numstab.compare: {args.task} mod {args.p}, f = {args.train_fraction}, "
         f"hidden {'-'.join(map(str, args.hidden))}, {args.optimizer} lr {args.lr}, "
         f"loss {args.loss}, order {args.order}, {args.steps} steps, seed {args.seed}"
     )

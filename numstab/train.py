@@ -17,6 +17,7 @@ import dataclasses
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from numstab import metrics as M
 from numstab.atomic import atomic_open
 from numstab.backend import BACKENDS, get_backend, namespace, put_at, take_at, to_numpy
-from numstab.data import ENCODINGS, TASKS, Dataset, get_dataset
+from numstab.data import ENCODINGS, MODULAR_ENCODINGS, TASKS, Dataset, get_dataset
 from numstab.functional import (
     LOSS_KINDS,
     GatherPlan,
@@ -33,8 +34,15 @@ from numstab.functional import (
     loss_forward,
 )
 from numstab.mlp import MLPConfig, backward, forward, init_params
-from numstab.optim import make_optimizer
-from numstab.precision import REDUCTION_ORDERS, PrecisionPolicy, get_format, quantize
+from numstab.optim import OPTIMIZER_NAMES, PERP_GRAD_SCOPES, make_optimizer
+from numstab.options import coerce, option, options_of
+from numstab.precision import (
+    REDUCTION_ORDERS,
+    PrecisionPolicy,
+    available_formats,
+    get_format,
+    quantize,
+)
 
 __all__ = [
     "CSV_HEADER",
@@ -47,8 +55,12 @@ __all__ = [
 ]
 
 CSV_HEADER = ("step", "run", "split", "metric", "layer", "value")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-PERP_SCOPES = (None, "tensor", "global")
+_FORMATS = available_formats()
+
+
+def _format_name(name: str) -> str:
+    """Canonical format name of an alias (``fp16`` -> ``float16``); ValueError if unknown."""
+    return get_format(name).name
 
 
 @dataclass(frozen=True)
@@ -58,108 +70,121 @@ class TrainConfig:
     Defaults are the paper's modular-addition setup: p = 113, f = 0.4, bias-free 200-200 ReLU
     MLP, AdamW lr 0.01, betas (0.9, 0.99), eps 1e-25, no weight decay, softmax cross-entropy in
     float32, full batch.
+
+    Each field is declared once with :func:`numstab.options.option` (type, allowed values,
+    aliases, help); construction validates and canonicalises every field from that
+    declaration (``dtype="fp16"`` becomes ``"float16"``, ``lr=1`` becomes ``1.0``) and checks
+    the combinations (e.g. an Adam eps that underflows in the optimizer-state format), raising
+    ``ValueError`` that names the field. The command-line options and sweep SPECs are derived
+    from the same declarations.
     """
 
-    task: str = "add"
-    p: int = 113
-    train_fraction: float = 0.4
-    encoding: str = "onehot"
-    parity_bits: int = 43
-    parity_k: int = 3
-    parity_samples: int = 2000
-    hidden: tuple[int, ...] = (200, 200)
-    bias: bool = False
-    alpha: float = 1.0
-    dtype: str = "float32"
-    loss_dtype: str | None = None
-    order: str = "pairwise"
-    loss: str = "softmax"
-    stablemax_eps: float = 0.0
-    optimizer: str = "adamw"
-    state_dtype: str | None = None
-    lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-25
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    perp_grad: str | None = None
-    normalized_lr: bool = False
-    steps: int = 1000
-    batch_size: int | None = None
-    log_every: int = 10
-    seed: int = 0
-    zero_target_grad_from: int | None = None
-    backend: str = "numpy"
+    task: str = option("add", "str", "modular operation or sparse parity", choices=TASKS)
+    p: int = option(
+        113, "int", "p of the modular task (residues 0..p-1)", low=2, flag="--modulus"
+    )
+    train_fraction: float = option(
+        0.4, "float", "fraction of the pairs used for training", low=0, high=1,
+        low_open=True, high_open=True,
+    )
+    encoding: str = option(
+        "onehot", "str", "input encoding of the modular task (bits: parity only)",
+        choices=ENCODINGS,
+    )
+    parity_bits: int = option(43, "int", "input bits of the sparse-parity task", low=1)
+    parity_k: int = option(3, "int", "relevant bits of the sparse-parity task", low=1)
+    parity_samples: int = option(2000, "int", "samples of the sparse-parity task", low=2)
+    hidden: tuple[int, ...] = option((200, 200), "ints", "hidden layer widths", low=1)
+    bias: bool = option(False, "bool", "give the linear layers biases")
+    alpha: float = option(1.0, "float", "logit multiplier (non-zero)")
+    dtype: str = option(
+        "float32", "str", "format of parameters, GEMMs and loss", choices=_FORMATS,
+        aliases=_format_name,
+    )
+    loss_dtype: str | None = option(
+        None, "str", "loss format alone (the paper's softmax_precision); none: --dtype",
+        choices=(*_FORMATS, None), aliases=_format_name,
+    )
+    order: str = option(
+        "pairwise", "str", "summation order of the loss's normaliser", choices=REDUCTION_ORDERS
+    )
+    loss: str = option(
+        "softmax", "str",
+        "cross-entropy: framework softmax, StableMax, or the absorption-free softmax",
+        choices=LOSS_KINDS, aliases={"softmax-stable": "softmax_stable"},
+    )
+    stablemax_eps: float = option(
+        0.0, "float", "epsilon in StableMax's 1/(1 - x + eps) (the authors' code: 1e-30)", low=0
+    )
+    optimizer: str = option("adamw", "str", "optimizer", choices=OPTIMIZER_NAMES)
+    state_dtype: str | None = option(
+        None, "str",
+        "optimizer-state format; none: float32 for float16/bfloat16, else --dtype",
+        choices=(*_FORMATS, None), aliases=_format_name,
+    )
+    lr: float = option(0.01, "float", "learning rate", low=0, low_open=True)
+    beta1: float = option(0.9, "float", "Adam beta1", low=0, high=1, high_open=True)
+    beta2: float = option(0.99, "float", "Adam beta2 (paper: 0.99)", low=0, high=1, high_open=True)
+    eps: float = option(1e-25, "float", "Adam epsilon (paper: 1e-25)", low=0)
+    weight_decay: float = option(0.0, "float", "weight decay (decoupled for AdamW)", low=0)
+    momentum: float = option(0.0, "float", "SGD momentum (Adam's is beta1)", low=0)
+    perp_grad: str | None = option(
+        None, "str",
+        "⊥Grad: per tensor with rescaling (authors' code) or global (paper); none: off",
+        choices=(None, *PERP_GRAD_SCOPES),
+    )
+    normalized_lr: bool = option(
+        False, "bool", "learning rate lr / ||grad|| each step (the paper's normalized schedule)"
+    )
+    steps: int = option(1000, "int", "training steps", low=0)
+    batch_size: int | None = option(
+        None, "int", "rows per step drawn without replacement; none: full batch", low=1,
+        nullable=True,
+    )
+    log_every: int = option(10, "int", "metric logging interval in steps", low=1)
+    seed: int = option(0, "int", "seed of data split, initialisation and batches", low=0)
+    zero_target_grad_from: int | None = option(
+        None, "int", "from this step on, zero the correct-class logit gradient (Fig. 8)", low=0,
+        nullable=True,
+    )
+    backend: str = option("numpy", "str", "array backend", choices=BACKENDS)
 
     def __post_init__(self):
-        try:
-            hidden = tuple(self.hidden)
-        except TypeError:
-            raise ValueError(
-                f"hidden must be a list of positive integers, got {self.hidden!r}"
-            ) from None
-        for h in hidden:
-            if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
-                raise ValueError(f"hidden widths must be positive integers, got {hidden!r}")
-        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
-        for name in ("dtype", "loss_dtype", "state_dtype"):
-            if getattr(self, name) is not None:
-                get_format(getattr(self, name))
-        _choice("task", self.task, TASKS)
-        _choice("encoding", self.encoding, ENCODINGS)
-        _choice("order", self.order, REDUCTION_ORDERS)
-        _choice("loss", self.loss, LOSS_KINDS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("perp_grad", self.perp_grad, PERP_SCOPES)
-        _choice("backend", self.backend, BACKENDS)
-        ints = {
-            "p": 2,
-            "parity_bits": 1,
-            "parity_k": 1,
-            "parity_samples": 2,
-            "steps": 0,
-            "log_every": 1,
-            "seed": 0,
-        }
-        for name, lo in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-            object.__setattr__(self, name, int(v))
-        for name in ("batch_size", "zero_target_grad_from"):
-            v = getattr(self, name)
-            if v is not None and (
-                isinstance(v, bool)
-                or not isinstance(v, (int, np.integer))
-                or v < (1 if name == "batch_size" else 0)
-            ):
-                raise ValueError(f"{name} must be a non-negative integer or None, got {v!r}")
-        for name in (
-            "train_fraction",
-            "alpha",
-            "stablemax_eps",
-            "lr",
-            "beta1",
-            "beta2",
-            "eps",
-            "weight_decay",
-            "momentum",
-        ):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float, np.number))
-                or not math.isfinite(v)
-            ):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-            object.__setattr__(self, name, float(v))  # canonical: 1 and 1.0 are one config
-        if not 0 < self.train_fraction < 1:
-            raise ValueError(f"train_fraction must lie in (0, 1), got {self.train_fraction!r}")
-        if self.lr < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        for name, spec in options_of(TrainConfig).items():
+            object.__setattr__(self, name, coerce(name, spec, getattr(self, name)))
         if self.alpha == 0:
-            raise ValueError("alpha (the logit multiplier) must be non-zero")
+            raise ValueError("alpha (the logit multiplier) must be non-zero, got 0.0")
+        if self.task == "parity":
+            if self.parity_k > self.parity_bits:
+                raise ValueError(
+                    f"parity_k must be <= parity_bits ({self.parity_bits}), got {self.parity_k}"
+                )
+        elif self.encoding not in MODULAR_ENCODINGS:
+            raise ValueError(
+                f"encoding {self.encoding!r} is for the parity task; the modular tasks take "
+                f"one of: {', '.join(MODULAR_ENCODINGS)}"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # hazard warnings come again when it runs
+                self.make_optimizer()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"optimizer: {exc}") from None
+
+    def make_optimizer(self):
+        """The optimizer this config names (:func:`numstab.optim.make_optimizer`)."""
+        return make_optimizer(
+            self.optimizer,
+            lr=self.lr,
+            betas=(self.beta1, self.beta2),  # (SGD ignores betas and eps)
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            perp_grad=self.perp_grad,
+            normalized_lr=self.normalized_lr,
+            storage_format=self.dtype,
+            state_format=self.state_format,
+        )
 
     @property
     def state_format(self) -> str:
@@ -183,12 +208,6 @@ class TrainConfig:
         d["hidden"] = list(self.hidden)
         d["state_format"] = self.state_format  # the resolved default, for the record
         return d
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        shown = ", ".join("none" if a is None else str(a) for a in allowed)
-        raise ValueError(f"unknown {name} {value!r}; valid: {shown}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -332,18 +351,7 @@ class Run:
             if self.model.input_kind == "index"
             else None
         )
-        self.optimizer = make_optimizer(
-            c.optimizer,
-            lr=c.lr,
-            betas=(c.beta1, c.beta2),
-            eps=c.eps,
-            weight_decay=c.weight_decay,
-            momentum=c.momentum,
-            perp_grad=c.perp_grad,
-            normalized_lr=c.normalized_lr,
-            storage_format=self.policy.storage.name,
-            state_format=c.state_format,
-        )
+        self.optimizer = c.make_optimizer()
         self.opt_state = self.optimizer.init_state(self.params)
         self.batch_rng = np.random.default_rng([c.seed, 1])
         self.step = 0

@@ -46,7 +46,7 @@ def test_outputs_exist_and_parse(tmp_path, capsys):
                           "nlm_cosine_measured", "nlm_cosine_exact"}
     # Every option's value goes into the outputs.
     for opt in ("dtype", "loss_dtype", "reference", "loss", "optimizer", "lr", "beta1", "beta2",
-                "eps", "weight_decay", "perp_grad", "task", "modulus", "train_fraction",
+                "eps", "weight_decay", "perp_grad", "task", "p", "train_fraction",
                 "hidden", "bias", "steps", "log_every", "audit_every", "audit_samples", "order",
                 "seed", "threads", "backend"):
         assert opt in s["config"], opt

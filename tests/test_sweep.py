@@ -353,7 +353,10 @@ def test_ids_are_stable_and_change_with_every_field():
                 changed[f.name] = d + 1
     ids = {sweep.run_id(base)}
     for k, v in changed.items():
-        ids.add(sweep.run_id(base.replace(**{k: v})))
+        # Momentum applies to SGD alone (Adam's is beta1); optimizer="sgd" by itself is in
+        # the set too, so the momentum run must still get an id of its own.
+        extra = {"optimizer": "sgd"} if k == "momentum" else {}
+        ids.add(sweep.run_id(base.replace(**extra, **{k: v})))
     assert len(ids) == len(changed) + 1
 
 
