@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 
@@ -39,7 +40,16 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """``argparse`` with bad input reported as one line (``prog: error: ...``) and exit 2."""
+    """``argparse`` with bad input reported as one line (``prog: error: ...``) and exit 2.
+
+    Negative numbers in any spelling (``-1e-3``, ``-inf``) are values, not options.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE
+        )
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -195,13 +205,132 @@ def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, default=json_default) + "\n"
 
 
-def progress_bar(total: int, desc: str, quiet: bool, initial: int = 0):
-    """A tqdm bar on stderr, or None with ``quiet`` or when stderr is not a terminal."""
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def progress_bar(total: int, desc: str, quiet: bool, initial: int = 0, **kw):
+    """Progress on stderr (:func:`numstab.progress.progress`): a tqdm bar on a terminal, a
+    plain line every 10 s or 5 % of the steps elsewhere; None with ``quiet``. ``kw``:
+    ``interval_s``, ``fraction``, ``stream``."""
+    from numstab.progress import progress
 
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, unit="step")
+    return progress(total, desc, quiet=quiet, initial=initial, **kw)
+
+
+def fmt_value(v, spec: str = ".3f") -> str:
+    """A number for a report: ``format(v, spec)``, or ``"-"`` for None and NaN."""
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def fmt_step(v) -> str:
+    """The step an event happened at, or ``"never"``."""
+    return "never" if v is None else str(v)
+
+
+def _default_text(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    return str(v)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` that states each option's default once.
+
+    ``(default: X)`` is appended unless the help already states a default, or X is None or
+    False (an unset option, a flag that is off). ``argparse.ArgumentDefaultsHelpFormatter``
+    appends it in those cases too ("(default: None)", defaults stated twice). Some Python
+    versions' ``BooleanOptionalAction`` appends its own ``(default: %(default)s)``; it is
+    dropped when the help already states the default.
+    """
+
+    _SUFFIX = " (default: %(default)s)"
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if text.endswith(self._SUFFIX) and "default" in text[: -len(self._SUFFIX)].lower():
+            text = text[: -len(self._SUFFIX)]
+        d = action.default
+        if (
+            "default" in text.lower()
+            or d is None
+            or d is False
+            or d is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: {_default_text(d).replace('%', '%%')})"
+
+
+def given_options(parser: argparse.ArgumentParser, argv, args) -> set[str]:
+    """Destinations of the options given explicitly in ``argv`` (``args``: its parse).
+
+    ``argv`` is parsed again into a namespace whose every attribute holds a marker: argparse
+    applies a default only to a missing attribute, so an attribute that no longer holds the
+    marker was given on the command line (even when given with its default value).
+    """
+    marker = object()
+    ns = argparse.Namespace(**{k: marker for k in vars(args)})
+    parser.parse_args(argv, namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not marker}
+
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
+    for a in parser._actions:  # the parser's own table of options (no public accessor)
+        if a.dest == dest and a.option_strings:
+            return max(a.option_strings, key=len)
+    return "--" + dest.replace("_", "-")
+
+
+def _json_value(v):
+    return json.loads(json.dumps(v, default=json_default))
+
+
+def adopt_saved_options(
+    parser: argparse.ArgumentParser, args, given: set[str], saved: dict, free: dict | None = None
+) -> None:
+    """Continue a checkpointed run with its own options, in place on ``args``.
+
+    Each option in ``saved`` (destination -> value, as JSON) that was not given on the command
+    line takes the saved value; one given explicitly must equal it. ``UsageError`` names every
+    given option that differs (nothing is changed then). Options in ``free`` (which do not
+    change what is computed, e.g. the checkpoint interval) take the saved value when not given
+    and may differ.
+    """
+    for k, v in (free or {}).items():
+        if hasattr(args, k) and k not in given and k not in saved:
+            setattr(args, k, v)
+    now = {k: _json_value(getattr(args, k)) for k in saved if hasattr(args, k)}
+    diff = [
+        f"{_flag(parser, k)} {_default_text(now[k])} (checkpoint: {_default_text(saved[k])})"
+        for k in sorted(now)
+        if k in given and now[k] != saved[k]
+    ]
+    if diff:
+        raise UsageError(
+            "cannot resume: options differ from the checkpointed run's: "
+            + "; ".join(diff)
+            + " (drop them to continue that run as it was)"
+        )
+    for k in now:
+        if k not in given:
+            setattr(args, k, saved[k])
+
+
+def wall_legs(extra: dict) -> list[float]:
+    """Wall seconds of the earlier legs of a resumed run (a checkpoint's
+    ``extra["wall_seconds_legs"]``; ``UsageError`` if malformed)."""
+    legs = extra.get("wall_seconds_legs", [])
+    ok = isinstance(legs, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
+        for x in legs
+    )
+    if not ok:
+        raise UsageError(
+            f"cannot resume: checkpoint extra 'wall_seconds_legs' must be a list of seconds "
+            f">= 0, got {legs!r}"
+        )
+    return [float(x) for x in legs]
 
 
 # --- python -m numstab.train ----------------------------------------------------------------
@@ -211,15 +340,56 @@ def build_train_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m numstab.train",
         description="Train one run of the paper's setup and log its metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_run_options(p, steps=1000, lr=0.01, log_every=10)
     add_output_options(p, what="metrics.csv, summary.json and checkpoints")
     return p
 
 
+def _adopt_train_checkpoint(parser, argv, args) -> dict:
+    """``--resume DIR``: the run's options from its checkpoint, in place on ``args``.
+
+    The configuration is the checkpointed run's (options given explicitly must equal it,
+    except ``--steps``: a finished run continues to a larger one); ``--threads`` must equal
+    the checkpoint's, ``--checkpoint-every`` defaults to it. Returns the checkpoint's step and
+    the wall seconds of the earlier legs. ``UsageError`` when the checkpoint is unusable or an
+    explicit option differs (no file is touched).
+    """
+    from numstab.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(args.resume)
+    except CheckpointError as exc:
+        raise UsageError(f"cannot resume: {exc}") from None
+    runs = ckpt.manifest.get("runs")
+    meta = runs.get("run") if isinstance(runs, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise UsageError(
+            f"cannot resume: the checkpoint in {args.resume!r} holds no numstab.train run "
+            f"(runs: {sorted(runs) if isinstance(runs, dict) else runs!r})"
+        )
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    saved = {k: v for k, v in meta["config"].items() if k != "steps"}
+    options = extra.get("options", {})
+    saved.update(options if isinstance(options, dict) else {})
+    free = extra.get("free_options", {})
+    given = given_options(parser, argv, args)
+    adopt_saved_options(parser, args, given, saved, free if isinstance(free, dict) else {})
+    if "steps" not in given:
+        args.steps = meta["config"].get("steps", args.steps)
+    step = meta.get("step")
+    return {
+        "step": step if isinstance(step, int) and not isinstance(step, bool) else 0,
+        "legs": wall_legs(extra),
+    }
+
+
 def train_main(argv=None) -> int:
-    """``python -m numstab.train``: one run; exit codes as in the module docstring."""
+    """``python -m numstab.train``: one run; exit codes as in the module docstring.
+
+    ``--resume DIR`` alone continues the run in DIR with its own options.
+    """
     import time
 
     from threadpoolctl import threadpool_limits
@@ -231,7 +401,10 @@ def train_main(argv=None) -> int:
 
     parser = build_train_parser()
     args = parser.parse_args(argv)
+    before = {"step": 0, "legs": []}
     try:
+        if args.resume is not None:
+            before = _adopt_train_checkpoint(parser, argv, args)
         config = config_from_args(args)
         check_backend(args.backend)
         resolve_out(args)
@@ -240,9 +413,18 @@ def train_main(argv=None) -> int:
         return 2
     tune_allocator()
     log = MetricLog(os.path.join(args.out, "metrics.csv") if args.out else None)
-    bar = progress_bar(config.steps, config.dtype, args.quiet)
+    bar = progress_bar(config.steps, config.dtype, args.quiet, initial=before["step"])
     error, code = None, 0
     t0 = time.perf_counter()
+
+    def extra() -> dict:
+        # Saved in every checkpoint: what `--resume DIR` alone needs besides the config.
+        return {
+            "options": {"threads": args.threads},
+            "free_options": {"checkpoint_every": args.checkpoint_every},
+            "wall_seconds_legs": [*before["legs"], time.perf_counter() - t0],
+        }
+
     try:
         with threadpool_limits(limits=args.threads), graceful_stop() as stop:
             train(
@@ -253,6 +435,7 @@ def train_main(argv=None) -> int:
                 resume=args.resume is not None,
                 stop=stop,
                 progress=(lambda t: bar.update(1)) if bar is not None else None,
+                extra=extra,
             )
     except CheckpointError as exc:
         print(f"{parser.prog}: error: cannot resume: {exc}", file=sys.stderr)
@@ -263,20 +446,23 @@ def train_main(argv=None) -> int:
             3,
         )
     except Stopped as exc:
+        message = str(exc) + (f"; continue with --resume {args.out}" if args.out else "")
         error, code = (
-            {"kind": "interrupted", "signal": exc.signum, "step": exc.step, "message": str(exc)},
+            {"kind": "interrupted", "signal": exc.signum, "step": exc.step, "message": message},
             exc.exit_code,
         )
     finally:
         if bar is not None:
             bar.close()
         log.close()
+    legs = extra()["wall_seconds_legs"]
     summary = {
         "config": {**vars(args), "resolved": config.to_dict()},
         "versions": versions(),
         "runtime": runtime_info(),
         "run": summarize(log, "run"),
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": sum(legs),
+        "wall_seconds_legs": legs,
         "status": "ok" if error is None else error,
     }
     if args.out:
@@ -284,20 +470,29 @@ def train_main(argv=None) -> int:
     if args.json:
         print(dump_json(summary), end="")
     else:
-        r = summary["run"]
-        print(
-            f"numstab.train: {config.dtype}, {config.task} mod {config.p}, {config.optimizer} "
-            f"lr {config.lr}, {config.steps} steps"
-        )
-        print(
-            f"  SC onset {r['sc_onset_step']}, SC-50 % {r['sc50_step']}, train 100 % "
-            f"{r['train100_step']}, grokking (test >= 0.9) {r['grok_step']}"
-        )
-        f = r["final"]
-        print(
-            f"  final train/test accuracy {f['train_acc']}/{f['test_acc']}, SC fraction "
-            f"{f['sc_fraction']}, wall {summary['wall_seconds']:.1f} s"
-        )
+        _print_train_report(summary, config, error)
     if error is not None:
         print(f"{parser.prog}: {error['message']}", file=sys.stderr)
     return code
+
+
+def _print_train_report(summary: dict, config: TrainConfig, error: dict | None) -> None:
+    r = summary["run"]
+    f = r["final"]
+    stopped = "" if error is None else f" (stopped at step {error['step']})"
+    print(
+        f"numstab.train: {config.dtype}, {config.task} mod {config.p}, {config.optimizer} "
+        f"lr {config.lr}, {config.steps} steps{stopped}"
+    )
+    print(
+        f"  SC onset {fmt_step(r['sc_onset_step'])}, SC-50 % {fmt_step(r['sc50_step'])}, "
+        f"train 100 % {fmt_step(r['train100_step'])}, grokking (test >= 0.9) "
+        f"{fmt_step(r['grok_step'])}"
+    )
+    legs = summary["wall_seconds_legs"]
+    print(
+        f"  final train/test accuracy {fmt_value(f['train_acc'])}/{fmt_value(f['test_acc'])} "
+        f"(step {fmt_step(f['step'])}), SC fraction {fmt_value(f['sc_fraction'])}, wall "
+        f"{summary['wall_seconds']:.1f} s"
+        + (f" ({len(legs)} legs)" if len(legs) > 1 else "")
+    )

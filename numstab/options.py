@@ -45,6 +45,8 @@ class Option:
     low, high : float, optional
         Range of a number (or of each entry of ``ints``); ``low_open``/``high_open`` exclude
         the end point.
+    nonzero : bool
+        0 is not allowed (a number option).
     nullable : bool
         ``None`` is allowed (means "off" or "the default rule"; the help says which).
     flag : str or None
@@ -61,6 +63,7 @@ class Option:
     low_open: bool = False
     high_open: bool = False
     nullable: bool = False
+    nonzero: bool = False
     flag: str | None = ""
     metavar: str | None = None
 
@@ -91,6 +94,9 @@ def describe(spec: Option) -> str:
         text = "one of: " + ", ".join("none" if c is None else c for c in spec.choices or ())
     else:
         what = {"int": "an integer", "float": "a finite number", "ints": "integers"}[spec.kind]
+        if spec.nonzero:
+            what = what.replace("a finite", "a non-zero finite")
+            what = what.replace("an integer", "a non-zero integer")
         text = what + _range_text(spec)
         if spec.kind == "ints":
             text = "a list of " + text
@@ -117,6 +123,8 @@ def _num(v: float) -> str:
 
 
 def _in_range(spec: Option, v) -> bool:
+    if spec.nonzero and v == 0:
+        return False
     if spec.low is not None and (v <= spec.low if spec.low_open else v < spec.low):
         return False
     return not (spec.high is not None and (v >= spec.high if spec.high_open else v > spec.high))

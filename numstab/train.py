@@ -96,7 +96,7 @@ class TrainConfig:
     parity_samples: int = option(2000, "int", "samples of the sparse-parity task", low=2)
     hidden: tuple[int, ...] = option((200, 200), "ints", "hidden layer widths", low=1)
     bias: bool = option(False, "bool", "give the linear layers biases")
-    alpha: float = option(1.0, "float", "logit multiplier (non-zero)")
+    alpha: float = option(1.0, "float", "logit multiplier", nonzero=True)
     dtype: str = option(
         "float32", "str", "format of parameters, GEMMs and loss", choices=_FORMATS,
         aliases=_format_name,
@@ -152,8 +152,6 @@ class TrainConfig:
     def __post_init__(self):
         for name, spec in options_of(TrainConfig).items():
             object.__setattr__(self, name, coerce(name, spec, getattr(self, name)))
-        if self.alpha == 0:
-            raise ValueError("alpha (the logit multiplier) must be non-zero, got 0.0")
         if self.task == "parity":
             if self.parity_k > self.parity_bits:
                 raise ValueError(
@@ -612,6 +610,7 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool = False,
     stop=None,
+    extra=None,
 ) -> Run:
     """Run ``config`` to completion and return the finished :class:`Run`.
 
@@ -633,6 +632,9 @@ def train(
     stop : numstab.driver.StopFlag, optional
         Checked between steps; when set, a checkpoint is written and
         :class:`numstab.driver.Stopped` raised.
+    extra : callable, optional
+        ``extra() -> dict`` of caller state saved in each checkpoint (see
+        :func:`numstab.driver.drive`).
 
     Raises
     ------
@@ -662,6 +664,7 @@ def train(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         progress=progress,
+        extra=extra,
         stop=stop,
     )
     return run
