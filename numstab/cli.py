@@ -42,11 +42,14 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """``argparse`` with bad input reported as one line (``prog: error: ...``) and exit 2.
 
-    Negative numbers in any spelling (``-1e-3``, ``-inf``) are values, not options.
+    Every command has ``--version``. Negative numbers in any spelling (``-1e-3``, ``-inf``) are values, not options.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--version", action="version", version=f"%(prog)s {numstab.__version__}"
+        )
         self._negative_number_matcher = re.compile(
             r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE
         )
