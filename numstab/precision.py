@@ -522,3 +522,40 @@ class PrecisionPolicy:
             "loss": self.loss.name,
             "order": self.order,
         }
+
+
+# --- the format an array carries ----------------------------------------------------------
+
+__all__ += ["format_of"]
+
+
+def format_of(x) -> Format | None:
+    """The format of an array's own floating dtype; None when the dtype has no format.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, NumPy scalar or numpy.dtype
+        Anything with a NumPy ``dtype`` (or a dtype). Byte order does not matter: ``>f4`` is
+        float32 (its values, read in native order, are the same numbers).
+
+    Returns
+    -------
+    Format or None
+        float16, bfloat16 (ml_dtypes), float32, float64 or longdouble; None for integer, bool
+        and every other non-floating dtype (complex, strings, objects, fp8), so that a caller
+        picks its own default and its own error message.
+
+    Raises
+    ------
+    ValueError
+        A floating dtype that is no supported format (``longdouble`` where it is not x87).
+
+    Examples
+    --------
+    >>> format_of(np.zeros(2, dtype=">f2")).name, format_of(np.arange(3))
+    ('float16', None)
+    """
+    dt = np.dtype(getattr(x, "dtype", x))
+    if dt != np.dtype(ml_dtypes.bfloat16) and dt.kind != "f":
+        return None
+    return get_format(dt if dt.isnative else dt.newbyteorder("="))
