@@ -161,7 +161,7 @@ def plot_figure(results, panels, path, *, title: str = "", band: str = "minmax",
     results : Results
     panels : list of dict
         ``name``, ``title``, ``match`` (runs to draw, see
-        :func:`analysis.repro.config_matches`), ``plots`` (keys of :data:`PLOTS`, default
+        :func:`analysis.match.config_matches`), ``plots`` (keys of :data:`PLOTS`, default
         accuracy, SC fraction, weight norm), optional ``log_x`` (bool) and ``group_by`` (list of
         fields; default: the fields that vary among the panel's runs, except the seed).
     path : str

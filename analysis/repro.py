@@ -50,6 +50,12 @@ import copy
 import dataclasses
 import os
 
+from analysis.match import config_matches, norm_value, values_equal
+from analysis.plots import PLOTS
+from numstab import sweep as S
+from numstab.options import options_of
+from numstab.train import TrainConfig
+
 __all__ = [
     "BUDGETS",
     "FIGURES",
@@ -130,8 +136,6 @@ def spec_path(figure: str, specs_dir: str | None = None) -> str:
 def load_figure_spec(path) -> FigureSpec:
     """Read a figure SPEC; checks the ``[reproduce]`` table and that numstab.sweep accepts the
     rest (raises :class:`FigureSpecError`)."""
-    from numstab import sweep as S
-
     path = os.fspath(path)
     try:
         doc = S.read_toml(path)
@@ -166,8 +170,6 @@ def load_figure_spec(path) -> FigureSpec:
         _check_overrides(f"{path}: reproduce.variants.{name}", v, ("rules", "description"))
         if set(v) - {"rules", "description"}:
             raise FigureSpecError(f"{path}: reproduce.variants.{name}: only rules may set fields")
-    from analysis.plots import PLOTS
-
     for i, p in enumerate(spec.panels):
         where = f"{path}: reproduce.panels[{i}]"
         if not isinstance(p, dict) or not isinstance(p.get("name"), str):
@@ -180,13 +182,8 @@ def load_figure_spec(path) -> FigureSpec:
 
 
 def _fields() -> dict:
-    """TrainConfig field name -> type hint."""
-    import typing
-
-    from numstab.train import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+    """TrainConfig field name -> its declared option (:mod:`numstab.options`)."""
+    return options_of(TrainConfig)
 
 
 def _check_match(where: str, match) -> None:
@@ -226,50 +223,13 @@ def _check_overrides(where: str, table, reserved) -> None:
 # --- matching and resolution ----------------------------------------------------------------
 
 
-def _norm(v):
-    """A config or SPEC value in comparable form: "none" -> None, tuples -> lists."""
-    if isinstance(v, str) and v == "none":
-        return None
-    if isinstance(v, tuple):
-        return list(v)
-    return v
-
-
-def _equal(a, b) -> bool:
-    a, b = _norm(a), _norm(b)
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    return a == b
-
-
-def config_matches(config: dict, match: dict | None) -> bool:
-    """Whether a configuration (a dict of TrainConfig fields) matches a ``match`` table.
-
-    Each key must equal the value, or one of the values when a list is given (for ``hidden``,
-    a list of integers is one value and a list of lists the alternatives); ``"none"`` matches
-    None. An empty or missing table matches everything.
-    """
-    for k, want in (match or {}).items():
-        have = config.get(k)
-        if isinstance(want, list) and not (
-            k == "hidden" and all(isinstance(x, int) and not isinstance(x, bool) for x in want)
-        ):
-            if not any(_equal(have, w) for w in want):
-                return False
-        elif not _equal(have, want):
-            return False
-    return True
-
-
 def _apply_rules(runs: list, rules: list) -> list:
     out = []
     for kw in runs:
         new = dict(kw)
         for r in rules:
             if config_matches(kw, r.get("match")):
-                new.update({k: _norm(v) for k, v in r.items() if k != "match"})
+                new.update({k: norm_value(v) for k, v in r.items() if k != "match"})
         out.append(new)
     return out
 
@@ -317,9 +277,6 @@ def resolve(
     FigureSpecError
         Unknown budget or variant, or two runs resolving to the same configuration.
     """
-    from numstab import sweep as S
-    from numstab.train import TrainConfig
-
     b = spec.budget(budget)
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         raise FigureSpecError(f"seeds must be a positive integer, got {seeds!r}")
@@ -328,7 +285,7 @@ def resolve(
     if variant is not None:
         runs = _apply_rules(runs, spec.variant(variant).get("rules", []))
     runs = _apply_rules(runs, b.get("rules", []))
-    forced = {k: _norm(v) for k, v in b.items() if k not in _BUDGET_KEYS}
+    forced = {k: norm_value(v) for k, v in b.items() if k not in _BUDGET_KEYS}
     for kw in runs:
         kw.update(forced)
         if b.get("max_steps") is not None:
@@ -353,7 +310,7 @@ def resolve(
                 + f", runs {seen[rid]} and {i} resolve to the same configuration ({rid})"
             )
         seen[rid] = i
-    varying = [n for n in names if any(not _equal(kw[n], runs[0][n]) for kw in runs[1:])]
+    varying = [n for n in names if any(not values_equal(kw[n], runs[0][n]) for kw in runs[1:])]
     columns = [c for c in sw0.columns if c != "seed"]
     columns += [n for n in varying if n not in columns and n != "seed"]
     columns.append("seed")

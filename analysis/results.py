@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.repro import config_matches
+from analysis.match import config_matches
 
 __all__ = ["Results", "RunRecord", "load_results", "varying_fields"]
 
@@ -118,7 +118,7 @@ class Results:
 
     def select(self, match: dict | None = None, *, status: str | None = "ok") -> list:
         """Run ids whose configuration matches ``match`` (see
-        :func:`analysis.repro.config_matches`) and whose status is ``status`` (None: any),
+        :func:`analysis.match.config_matches`) and whose status is ``status`` (None: any),
         sorted by seed then id."""
         ids = [
             r.id
