@@ -5,89 +5,11 @@ Every optimizer reproduces the *operation order* of PyTorch's single-tensor CPU 
 operation at a time, so that a float32 or float64 run follows the same rounding sequence as
 ``torch.optim`` on the same inputs (see *Differences from PyTorch* below for what cannot match).
 
-Arithmetic model
-----------------
-Parameters are a ``dict[str, ndarray]`` in the **storage format**'s carrier dtype (float32 arrays
-for float16 / bfloat16, see :func:`numstab.precision.quantize`); gradients have the same keys,
-shapes and dtypes. Optimizer state (momentum buffers, Adam moments) lives in the **state format**
-(default: the storage format).
-
-* Python scalars (``1 - beta1``, ``lr / bias_correction1``, ...) are computed in Python float64
-  exactly as PyTorch computes them, then converted to the operation's *compute dtype*: the carrier
-  of the operation's tensors (float32 for float16/bfloat16 -- PyTorch's ``opmath_type`` -- float32,
-  float64 or longdouble otherwise; the wider carrier when state and storage differ).
-* One PyTorch operation (``mul_``, ``lerp_``, ``addcmul_``, ``sqrt``, ``div``, ``add_``,
-  ``addcdiv_``) is evaluated in the compute dtype, each primitive (``+ - * / sqrt``) rounded to that
-  dtype, and the operation's result is then rounded **once** to the destination's format
-  (:func:`~numstab.precision.quantize`). This is what PyTorch's CPU kernels do for Half and
-  BFloat16 (they compute in float and round the result), and for native formats there is no
-  extra rounding at all. State tensors are rounded to the state format, parameters and
-  gradient-like temporaries (``grad + wd * param``, the Nesterov direction) to the storage format.
-* Special values follow IEEE arithmetic, as in PyTorch: ``x / 0 = ±inf``, ``0 / 0 = NaN``, NaN
-  propagates. Nothing is masked or clamped; NumPy reports such operations through its usual
-  ``RuntimeWarning`` (governed by :func:`numpy.errstate` of the caller).
-
-Precision hazards are reported when the optimizer is built (or when :meth:`init_state` first learns
-the storage format) with a :class:`UserWarning` that names the value, the format and the
-consequence:
-
-* ``eps`` that rounds to 0 in the state format (Adam's ``1e-8``, ``1e-25``, ``1e-30`` all do in
-  float16): ``sqrt(v_hat) + eps`` rounds to exactly 0 wherever ``v`` is 0, and the update
-  ``m / 0`` is NaN where the gradient history is 0 (``m = 0``) and ±inf where the gradient is
-  non-zero but ``(1 - beta2) g²`` underflowed (float16: ``|g| < sqrt(2**-25 / (1 - beta2))``,
-  1.7e-3 for ``beta2 = 0.99``). Such parameters become NaN / inf; the step does not hide it.
-* ``lr`` that rounds to 0 in the storage format: updates of size ~lr lie below the format's
-  smallest subnormal and below half an ulp of every non-zero parameter, so they are absorbed.
-* decay factors too close to 1 for the format: ``p * (1 - lr * weight_decay)`` (AdamW),
-  ``v * beta2`` (Adam) and ``buf * momentum`` (SGD) round back to their input for part of the
-  values when ``1 - factor`` is below the format's unit roundoff ``u = 2**-p``, and for every
-  value when it is at most ``u / 2``: the decay silently stops. With ``lr = 1e-3`` and
-  ``weight_decay = 1e-2``, AdamW's decoupled decay does nothing at all in bfloat16 or float16.
-
-Differences from PyTorch
-------------------------
-* PyTorch's vectorized CPU kernels for ``lerp`` (and, in recent versions, ``add`` with
-  ``alpha``) use a fused multiply-add (``vec::fmadd``) on AVX2/AVX-512 builds, and compilers
-  may contract ``a + b * c`` elsewhere; NumPy has no FMA, so here every product is rounded
-  before the addition, as the scalar formulas are written. Expect ulp-level differences from
-  PyTorch in those operations (none in the first moment's first step, where ``m = 0``).
-  CUDA's division by a Python scalar multiplies by the reciprocal; here (as on CPU) it is a
-  true division.
-* ``bias_correction2 ** 0.5`` is kept as PyTorch writes it: C ``pow``, which differs from the
-  correctly rounded ``math.sqrt`` by one ulp for about 0.1 % of arguments.
-* Not implemented: ``amsgrad``, ``maximize``, ``foreach``/``fused``, parameter groups.
-
-Backends
---------
-The same code runs on NumPy, on CuPy (a GPU) and on any array-API namespace (tested with
-``array_api_strict``): the namespace comes from the parameters and gradients
-(:func:`numstab.backend.namespace`), the state and scratch buffers are created beside them, and
-the arithmetic is standard functions plus two hooks of :mod:`numstab.backend`:
-:func:`~numstab.backend.inplace_ops` (NumPy's and CuPy's ``out=`` ufuncs into the
-preallocated buffers; elsewhere ``out[...] = a op b``) and :func:`~numstab.backend.vdot`.
-
-* Every element-wise operation is IEEE round-to-nearest in the same dtype on every backend, so
-  SGD, Adam and AdamW give bit-identical results on NumPy, CuPy and array_api_strict.
-* The dot products of ⊥Grad and of :func:`global_grad_norm` are :func:`~numstab.backend.vdot`:
-  NumPy's ``einsum`` loop there, ``xp.sum(a * b)`` elsewhere. The summation order differs, so
-  ⊥Grad and :class:`NormalizedLR` agree across backends only up to the dot products' rounding
-  (``|difference| <= 2 gamma_n sum |a_i b_i|`` per dot product, propagated; below half an ulp
-  of float32 almost everywhere, so float32 runs usually agree bit for bit).
-* On CuPy the step and ⊥Grad stay on the device: no transfer, no synchronisation (⊥Grad's
-  ``θᵀθ = 0`` case is a ``where``). :class:`NormalizedLR` reads two scalars back per step
-  (the largest ``|g|`` and the sum of squares: the learning rate is a Python float and a zero
-  norm skips the step); :func:`state_arrays` copies the state to the host.
-* float16/bfloat16 (rounding on bit patterns) need NumPy or CuPy; longdouble needs NumPy. Other
-  backends raise TypeError for them.
-
-Checkpoints
------------
-:func:`state_arrays` flattens an :class:`OptState` to ``{"W1/exp_avg": ndarray, ...}`` (host
-copies in the state carrier dtype, savable with ``numpy.savez`` and loadable with
-``allow_pickle=False``); ``optimizer.load_state_arrays(arrays, step)`` rebuilds it exactly, so a
-restored run continues bit for bit (``like=params`` puts it back on the parameters' backend).
-* ``state_format`` different from the storage format has no PyTorch counterpart (PyTorch keeps the
-  state in the parameter dtype); the rules above define it.
+Short version: each PyTorch operation is evaluated in its compute dtype and rounded once to
+its destination's format; Python scalars are formed as PyTorch forms them; special values follow
+IEEE. An Adam ``eps`` that underflows in the state format is refused (``ValueError``); an ``lr``
+or decay factor lost to rounding gives a ``UserWarning``. The arithmetic model, the hazards,
+the differences from PyTorch, backends and checkpoints are described in ``docs/optim.md``.
 
 Examples
 --------
@@ -974,7 +896,7 @@ _ADAM_DOC = r"""{title}
     betas : (float, float), default (0.9, 0.999)
         Each in [0, 1).
     eps : float, default 1e-8
-        >= 0. If it rounds to 0 in the state format a ``UserWarning`` says so (see below).
+        >= 0. If it rounds to 0 in the state format, ``ValueError`` (see Notes).
     weight_decay : float, default {wd}
         >= 0. {wd_text}
     storage_format, state_format : str or Format, optional
@@ -983,7 +905,7 @@ _ADAM_DOC = r"""{title}
     Notes
     -----
     Special values: where ``v == 0`` the denominator is ``eps`` rounded to the state format; if
-    that is 0 (``eps`` underflow, reported at construction), the update is ``0/0 = NaN`` where
+    that is 0 (``eps`` underflow, refused at construction), the update is ``0/0 = NaN`` where
     ``m == 0`` and ``±inf`` where ``m != 0``, and the parameter becomes NaN / inf (IEEE, as
     PyTorch). A NaN/inf gradient makes ``m``, ``v`` and the parameter NaN.
 """
