@@ -27,6 +27,7 @@ import numpy as np
 from numstab.backend import array_module, errstate, namespace, uint_view, xp_dtype
 
 __all__ = [
+    "ELEMENTARY_MODES",
     "FORMAT_NAMES",
     "REDUCTION_ORDERS",
     "Format",
@@ -43,6 +44,10 @@ FORMAT_NAMES = ("float16", "bfloat16", "float32", "float64", "longdouble")
 
 #: Summation orders a :class:`PrecisionPolicy` may declare (see :mod:`numstab.summation`).
 REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
+
+#: Evaluation modes of exp/log/log1p/expm1 a :class:`PrecisionPolicy` may declare (see
+#: :mod:`numstab.elementary`, which re-exports this tuple).
+ELEMENTARY_MODES = ("correct", "libm")
 
 _ALIASES = {
     "float16": "float16",
@@ -472,6 +477,10 @@ class PrecisionPolicy:
         ``softmax_precision``).
     order : str
         Summation order of the loss's reductions, one of :data:`REDUCTION_ORDERS`.
+    elementary : str
+        How ``exp``/``log``/``log1p``/``expm1`` are evaluated (:mod:`numstab.elementary`):
+        ``"correct"`` (correctly rounded in the format, the default) or ``"libm"`` (the array
+        library's own functions, as before; reproduces older runs bit for bit).
 
     Examples
     --------
@@ -485,6 +494,7 @@ class PrecisionPolicy:
     compute: Format
     loss: Format
     order: str = "pairwise"
+    elementary: str = "correct"
 
     def __post_init__(self):
         for attr in ("storage", "compute", "loss"):
@@ -492,6 +502,9 @@ class PrecisionPolicy:
         if self.order not in REDUCTION_ORDERS:
             valid = ", ".join(REDUCTION_ORDERS)
             raise ValueError(f"unknown reduction order {self.order!r}; valid orders: {valid}")
+        if self.elementary not in ELEMENTARY_MODES:
+            valid = ", ".join(ELEMENTARY_MODES)
+            raise ValueError(f"unknown elementary mode {self.elementary!r}; valid: {valid}")
         if self.compute.precision < self.storage.precision:
             raise ValueError(
                 f"compute format {self.compute.name} is narrower than storage format "
@@ -499,20 +512,32 @@ class PrecisionPolicy:
             )
 
     @classmethod
-    def uniform(cls, fmt, *, loss=None, order: str = "pairwise") -> PrecisionPolicy:
+    def uniform(
+        cls, fmt, *, loss=None, order: str = "pairwise", elementary: str = "correct"
+    ) -> PrecisionPolicy:
         """Everything in ``fmt``; GEMMs of 16-bit formats accumulate in float32.
 
         ``loss`` overrides the loss format alone (the paper's ``softmax_precision``).
         """
         fmt = get_format(fmt)
         compute = get_format("float32") if fmt.is_emulated else fmt
-        return cls(storage=fmt, compute=compute, loss=get_format(loss or fmt), order=order)
+        return cls(
+            storage=fmt,
+            compute=compute,
+            loss=get_format(loss or fmt),
+            order=order,
+            elementary=elementary,
+        )
 
     @classmethod
-    def paper(cls, train_precision, softmax_precision=None, *, order="pairwise") -> PrecisionPolicy:
+    def paper(
+        cls, train_precision, softmax_precision=None, *, order="pairwise", elementary="correct"
+    ) -> PrecisionPolicy:
         """The paper's pair: parameters and GEMMs in ``train_precision``, loss in
         ``softmax_precision`` (default: the same)."""
-        return cls.uniform(train_precision, loss=softmax_precision, order=order)
+        return cls.uniform(
+            train_precision, loss=softmax_precision, order=order, elementary=elementary
+        )
 
     def to_dict(self) -> dict:
         """Plain-JSON description, for run outputs."""
@@ -521,6 +546,7 @@ class PrecisionPolicy:
             "compute": self.compute.name,
             "loss": self.loss.name,
             "order": self.order,
+            "elementary": self.elementary,
         }
 
 
