@@ -7,7 +7,12 @@ and every ``--audit-every`` steps audits the test run's logits with
 :func:`numstab.audit.audit_cross_entropy` and recomputes its gradient from the exact logit
 gradient (float64 backward through the run's own activations) to give the exact NLM alignment
 ``cos(θ, -∇L)`` for the same weights. It prints a table over the audited steps and a summary
-with one plain sentence per finding.
+with one plain sentence per finding; the table's rows are printed as their audits finish.
+
+Outputs with ``--out DIR``: ``metrics.csv`` (the runs' metrics and, as run ``test`` split
+``train``, every audited quantity: :data:`AUDIT_METRICS`), ``summary.json``, ``compare.png``
+(:func:`build_figure`) and a checkpoint. ``--resume DIR`` alone continues an interrupted run
+with its own options (given options must equal them).
 
 Exit codes: 0 success; 2 bad option, unavailable backend, unwritable output directory or
 unusable checkpoint (before any training); 3 a run produced NaN/inf (outputs up to that step
@@ -29,8 +34,9 @@ import numpy as np
 
 from numstab import audit as A
 from numstab import cli
+from numstab.atomic import atomic_open
 from numstab.backend import namespace, to_numpy
-from numstab.checkpoint import CheckpointError
+from numstab.checkpoint import CheckpointError, load_checkpoint
 from numstab.cli import UsageError
 from numstab.driver import Stopped, drive, graceful_stop, resume_runs
 from numstab.metrics import param_cosines
@@ -39,7 +45,7 @@ from numstab.precision import PrecisionPolicy, available_formats, get_format
 from numstab.runtime import runtime_info, tune_allocator
 from numstab.train import MetricLog, NonFiniteError, Run, TrainConfig, summarize
 
-__all__ = ["DEFAULTS", "build_parser", "main"]
+__all__ = ["AUDIT_METRICS", "DEFAULTS", "build_figure", "build_parser", "main"]
 
 #: The built-in default: the paper's modular-addition setup with a learning rate high enough
 #: that float32 collapses (>= 50 % SC) within the step budget on a laptop.
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m numstab.compare",
         description="Train the paper's setup in one floating-point format beside a reference "
         "format, audit it against exact arithmetic, and report where and why they part.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     cli.add_run_options(
         p,
@@ -117,6 +123,36 @@ def _resolve(args) -> tuple[TrainConfig, TrainConfig | None, str | None]:
 
 
 # --- the audits ---------------------------------------------------------------------------
+
+#: The audited quantities written to metrics.csv (run ``test``, split ``train``): audit record
+#: key -> (metric, layer). A key that already names a training metric gets an ``audit_``
+#: prefix; ``nlm_cosine_exact`` also has one row per parameter tensor (layer = its name).
+#: Not written: ``weight_norm`` (the run logs it) and ``audit_seconds`` (a timing: the CSV of a
+#: resumed run must equal an uninterrupted run's byte for byte).
+AUDIT_METRICS = {
+    "sc_fraction_measured": ("sc_fraction_measured", ""),
+    "sc_fraction_exact": ("sc_fraction_exact", ""),
+    "agreement": ("sc_agreement", ""),
+    "zero_loss_fraction": ("audit_zero_loss_fraction", ""),
+    "zero_target_grad_fraction": ("audit_zero_target_grad_fraction", ""),
+    "target_grad_100pct_wrong_fraction": ("target_grad_100pct_wrong_fraction", ""),
+    "loss_max_ulp_error": ("loss_max_ulp_error", ""),
+    "target_grad_rel_error_median": ("target_grad_rel_error_median", ""),
+    "nlm_cosine_measured": ("nlm_cosine_measured", "global"),
+    "nlm_cosine_exact": ("nlm_cosine_exact", "global"),
+    "audited_samples": ("audited_samples", ""),
+    "mpmath_rows": ("mpmath_rows", ""),
+}
+
+
+def _log_audit(log: MetricLog, record: dict) -> None:
+    """Append an audit record's quantities to the metric log (see :data:`AUDIT_METRICS`)."""
+    t = record["step"]
+    for key, (metric, layer) in AUDIT_METRICS.items():
+        v = record[key]
+        log.add(t, "test", "train", metric, math.nan if v is None else v, layer)
+    for layer, v in record["nlm_cosine_exact_layers"].items():
+        log.add(t, "test", "train", "nlm_cosine_exact", v, layer)
 
 
 @dataclass
@@ -190,68 +226,82 @@ class Auditor:
                 "audit_seconds": s["seconds"],
             }
         )
+        _log_audit(run.log, self.records[-1])
         self.seconds += time.perf_counter() - t0
 
 
 # --- report -------------------------------------------------------------------------------
 
 
-def _fmt(v, spec=".3f"):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
+_fmt = cli.fmt_value
+
+#: Columns of the report table and the width of their values (a wider value widens its row).
+_COLUMNS = (
+    ("acc tr/te", 9),
+    ("ref tr/te", 9),
+    ("SC meas", 7),
+    ("SC exact", 8),
+    ("agree", 5),
+    ("zero-loss", 9),
+    ("tgt-grad err", 12),
+    ("NLM meas", 8),
+    ("NLM exact", 9),
+    ("|θ|", 7),
+)
 
 
-def _table(records, log: MetricLog, ref_name: str | None) -> str:
-    head = [
-        "step",
-        "acc tr/te",
-        "ref tr/te",
-        "SC meas",
-        "SC exact",
-        "agree",
-        "zero-loss",
-        "tgt-grad err",
-        "NLM meas",
-        "NLM exact",
-        "|θ|",
-    ]
-    lines = []
-    for r in records:
+class _Table:
+    """The report table, printed a row at a time as the audits finish.
+
+    Widths are fixed up front (no later row can re-align earlier ones). Row ``t`` needs both
+    runs' metrics at step ``t``, so it is printed once both have done step ``t``.
+    """
+
+    def __init__(self, records: list, log: MetricLog, ref_name: str | None, steps: int, emit):
+        self.records, self.log, self.ref_name, self.emit = records, log, ref_name, emit
+        self.widths = [max(4, len(str(steps)))] + [max(len(h), w) for h, w in _COLUMNS]
+        self.printed = 0
+
+    def _line(self, cells) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, self.widths, strict=True))
+
+    def header(self) -> None:
+        self.emit(self._line(["step", *(h for h, _ in _COLUMNS)]))
+
+    def print_ready(self, upto: int | None = None) -> None:
+        """Print the rows not yet printed of steps <= ``upto`` (all with None)."""
+        while self.printed < len(self.records):
+            r = self.records[self.printed]
+            if upto is not None and r["step"] > upto:
+                return
+            self.emit(self._line(self._cells(r)))
+            self.printed += 1
+
+    def _acc(self, run: str, split: str, t: int):
+        s, v = self.log.series("accuracy", run=run, split=split)
+        hit = np.flatnonzero(s == t)
+        return float(v[hit[0]]) if hit.size else None
+
+    def _cells(self, r: dict) -> list[str]:
         t = r["step"]
 
-        def acc(run, split, t=t):
-            s, v = log.series("accuracy", run=run, split=split)
-            hit = np.flatnonzero(s == t)
-            return float(v[hit[0]]) if hit.size else None
+        def acc(run):
+            tr, te = self._acc(run, "train", t), self._acc(run, "test", t)
+            return f"{_fmt(tr, '.2f')}/{_fmt(te, '.2f')}"
 
-        lines.append(
-            [
-                str(t),
-                f"{_fmt(acc('test', 'train'), '.2f')}/{_fmt(acc('test', 'test'), '.2f')}",
-                (
-                    f"{_fmt(acc('reference', 'train'), '.2f')}/"
-                    f"{_fmt(acc('reference', 'test'), '.2f')}"
-                    if ref_name
-                    else "-"
-                ),
-                _fmt(r["sc_fraction_measured"]),
-                _fmt(r["sc_fraction_exact"]),
-                _fmt(r["agreement"]),
-                _fmt(r["zero_loss_fraction"]),
-                _fmt(r["target_grad_rel_error_median"], ".2e"),
-                _fmt(r["nlm_cosine_measured"]),
-                _fmt(r["nlm_cosine_exact"]),
-                _fmt(r["weight_norm"], ".1f"),
-            ]
-        )
-    widths = [
-        max(len(h), *(len(row[i]) for row in lines)) if lines else len(h)
-        for i, h in enumerate(head)
-    ]
-    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in lines]
-    return "\n".join(out)
+        return [
+            str(t),
+            acc("test"),
+            acc("reference") if self.ref_name else "-",
+            _fmt(r["sc_fraction_measured"]),
+            _fmt(r["sc_fraction_exact"]),
+            _fmt(r["agreement"]),
+            _fmt(r["zero_loss_fraction"]),
+            _fmt(r["target_grad_rel_error_median"], ".2e"),
+            _fmt(r["nlm_cosine_measured"]),
+            _fmt(r["nlm_cosine_exact"]),
+            _fmt(r["weight_norm"], ".1f"),
+        ]
 
 
 def _findings(summary: dict) -> list[str]:
@@ -260,7 +310,13 @@ def _findings(summary: dict) -> list[str]:
     ref = runs.get("reference")
     tname = test["dtype"]
     out = []
-    steps = summary["config"]["steps"]
+    steps = summary["steps_run"]  # fewer than requested when the run stopped early
+    status = summary["status"]
+    if isinstance(status, dict):
+        out.append(
+            f"The run stopped at step {steps} of {summary['config']['steps']} "
+            f"({status['kind']}): what follows covers the steps run."
+        )
     t50 = test["sc50_step"]
     if ref is not None:
         r50 = ref["sc50_step"]
@@ -285,7 +341,10 @@ def _findings(summary: dict) -> list[str]:
                 f"{_fmt(ref['final']['sc_fraction'])})."
             )
         elif r50 is not None:
-            out.append(f"{rname} reaches 50 % Softmax Collapse at step {r50}; {tname} does not.")
+            out.append(
+                f"{rname} reaches 50 % Softmax Collapse at step {r50}; {tname} does not within "
+                f"{steps} steps."
+            )
         else:
             out.append(f"Neither run reaches 50 % Softmax Collapse within {steps} steps.")
     if audits:
@@ -336,7 +395,9 @@ def _findings(summary: dict) -> list[str]:
     return out
 
 
-def _summary(args, test_cfg, ref_cfg, why, log, auditor, error, wall) -> dict:
+def _summary(args, test_cfg, ref_cfg, why, log, auditor, error, legs, steps_run) -> dict:
+    """The summary.json document; ``legs``: wall seconds of each leg (resumed runs have
+    several), ``steps_run``: the steps the test run actually did."""
     runs = {}
     for name, cfg in (("test", test_cfg), ("reference", ref_cfg)):
         if cfg is None:
@@ -383,53 +444,163 @@ def _summary(args, test_cfg, ref_cfg, why, log, auditor, error, wall) -> dict:
         "nlm_cosine_exact_at_onset": nlm_at_onset,
         "audit": audits,
         "audit_seconds": auditor.seconds,
-        "wall_seconds": wall,
+        "wall_seconds": sum(legs),
+        "wall_seconds_legs": legs,
+        "steps_run": steps_run,
         "status": "ok" if error is None else error,
     }
     summary["findings"] = _findings(summary)
     return summary
 
 
-def _plot(path, log, summary) -> str | None:
-    try:
-        import matplotlib
+def _config_line(cfg: dict) -> str:
+    """The configuration in one line (report header, figure title)."""
+    return (
+        f"{cfg['task']} mod {cfg['p']}, f = {cfg['train_fraction']}, hidden "
+        f"{'-'.join(map(str, cfg['hidden']))}, {cfg['optimizer']} lr {cfg['lr']}, loss "
+        f"{cfg['loss']}, order {cfg['order']}, {cfg['steps']} steps, seed {cfg['seed']}"
+    )
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "compare.png skipped: matplotlib is not installed (pip install -e '.[plot]')"
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    panels = [
-        ("accuracy", "accuracy", ""),
-        ("sc_fraction", "SC fraction (train)", ""),
-        ("nlm_cos_grad", "NLM cos(θ, -∇L)", "global"),
-        ("weight_norm", "weight norm", "global"),
-    ]
-    for ax, (metric, title, layer) in zip(axes.ravel(), panels, strict=True):
-        for name, info in summary["runs"].items():
-            splits = ["train", "test"] if metric == "accuracy" else ["train"]
-            for split in splits:
-                s, v = log.series(metric, run=name, split=split, layer=layer)
-                ls = "-" if split == "train" else ":"
-                ax.plot(
-                    s, v, ls, label=f"{info['dtype']} {split}" if len(splits) > 1 else info["dtype"]
+
+#: One colour per run on every panel. The reference is drawn first, wide and pale, and the test
+#: run over it, thin and opaque: where the two coincide the test curve stays visible inside
+#: the reference's band.
+_RUN_STYLE = {
+    "reference": {"color": "tab:orange", "lw": 4.0, "alpha": 0.45, "zorder": 2},
+    "test": {"color": "tab:blue", "lw": 1.4, "alpha": 1.0, "zorder": 3},
+}
+
+
+def build_figure(log: MetricLog, summary: dict):
+    """The compare figure: accuracy, SC fraction, NLM alignment and weight norm over steps.
+
+    Each run has one colour on every panel; the test run's exact audits are markers beside
+    its measured SC fraction and NLM cosine; dashed and dotted vertical lines mark each run's
+    SC onset and SC-50 step (labelled in the SC panel's legend); the title states the
+    configuration. Returns a :class:`matplotlib.figure.Figure` (not attached to pyplot).
+    """
+    from matplotlib.figure import Figure
+
+    runs = summary["runs"]
+    cfg = summary["config"]
+    names = [n for n in ("reference", "test") if n in runs]
+    audits = summary["audit"]
+    a_steps = [a["step"] for a in audits]
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    ax_acc, ax_sc, ax_nlm, ax_norm = fig.subplots(2, 2).ravel()
+
+    def curve(ax, name, metric, split="train", layer="", label=None, ls="-"):
+        s, v = log.series(metric, run=name, split=split, layer=layer)
+        ax.plot(s, v, ls, label=label, **_RUN_STYLE[name])
+
+    for name in names:
+        d = runs[name]["dtype"]
+        curve(ax_acc, name, "accuracy", "train", label=f"{d} train")
+        curve(ax_acc, name, "accuracy", "test", label=f"{d} test", ls="--")
+        curve(ax_sc, name, "sc_fraction", label=f"{d} measured")
+        curve(ax_nlm, name, "nlm_cos_grad", layer="global", label=f"{d} measured")
+        curve(ax_norm, name, "weight_norm", layer="global", label=d)
+    tdtype = runs["test"]["dtype"]
+    exact = {
+        "color": _RUN_STYLE["test"]["color"],
+        "ls": "none",
+        "marker": "o",
+        "mfc": "none",
+        "ms": 7,
+        "mew": 1.5,
+        "zorder": 4,
+    }
+    ax_sc.plot(
+        a_steps, [a["sc_fraction_exact"] for a in audits], label=f"{tdtype} exact audit", **exact
+    )
+    ax_nlm.plot(
+        a_steps, [a["nlm_cosine_exact"] for a in audits], label=f"{tdtype} exact audit", **exact
+    )
+    for name in names:
+        r, color = runs[name], _RUN_STYLE[name]["color"]
+        for key, what, ls in (("sc_onset_step", "SC onset", "--"), ("sc50_step", "SC-50", ":")):
+            if r[key] is None:
+                continue
+            for ax in (ax_acc, ax_sc, ax_nlm, ax_norm):
+                ax.axvline(
+                    r[key],
+                    color=color,
+                    ls=ls,
+                    lw=1.2,
+                    zorder=1,
+                    label=f"{r['dtype']} {what} (step {r[key]})" if ax is ax_sc else None,
                 )
-            if info["sc_onset_step"] is not None:
-                ax.axvline(info["sc_onset_step"], color="grey", lw=0.6, ls="--")
+    panels = (
+        (ax_acc, "accuracy", "accuracy (fraction correct)"),
+        (ax_sc, "Softmax Collapse (training samples)", "SC fraction"),
+        (ax_nlm, "NLM alignment", "cos(θ, −∇L), all parameters"),
+        (ax_norm, "weight norm", "‖θ‖₂, all parameters"),
+    )
+    for ax, title, ylabel in panels:
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    ref = f" vs {runs['reference']['dtype']}" if "reference" in runs else " (no reference run)"
+    status = summary["status"]
+    stopped = (
+        f" — stopped at step {summary['steps_run']} ({status['kind']})"
+        if isinstance(status, dict)
+        else ""
+    )
+    fig.suptitle(f"numstab.compare: {tdtype}{ref}{stopped}\n{_config_line(cfg)}")
+    return fig
+
+
+def _plot(path, log, summary) -> str | None:
+    """Write compare.png atomically; a note instead when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "compare.png skipped: matplotlib is not installed (pip install -e '.[plot]')"
+    fig = build_figure(log, summary)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return None
+
+
+def _adopt_checkpoint_options(parser, argv, args) -> dict:
+    """``--resume DIR``: the options of the run in DIR, in place on ``args``.
+
+    Options not given take the checkpoint's values; options given must equal them
+    (``UsageError`` naming those that differ). Returns the checkpoint's ``extra``.
+    """
+    try:
+        extra = load_checkpoint(args.resume).extra
+    except CheckpointError as exc:
+        raise UsageError(f"cannot resume: {exc}") from None
+    saved = extra.get("options") if isinstance(extra, dict) else None
+    if not isinstance(saved, dict):
+        raise UsageError(
+            f"cannot resume: the checkpoint in {args.resume!r} was not written by "
+            "numstab.compare (its extra has no 'options')"
+        )
+    free = extra.get("free_options", {})
+    cli.adopt_saved_options(
+        parser,
+        args,
+        cli.given_options(parser, argv, args),
+        saved,
+        free if isinstance(free, dict) else {},
+    )
+    cli.wall_legs(extra)  # checked before anything is written
+    return extra
 
 
 def main(argv=None) -> int:
     """Run the comparison; returns the exit code (see :mod:`numstab.cli`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    before: dict = {}
     try:
+        if args.resume is not None:
+            before = _adopt_checkpoint_options(parser, argv, args)
         test_cfg, ref_cfg, why = _resolve(args)
         cli.check_backend(args.backend)
         cli.resolve_out(args)
@@ -442,8 +613,10 @@ def main(argv=None) -> int:
     tune_allocator()
     log = MetricLog(os.path.join(args.out, "metrics.csv") if args.out else None)
     auditor = Auditor(samples=args.audit_samples, seed=args.seed)
+    legs = cli.wall_legs(before)
     error, code = None, 0
     t0 = time.perf_counter()
+    ref_name = ref_cfg.dtype if ref_cfg else None
     with threadpool_limits(limits=args.threads):
         runs = {"test": Run(test_cfg, name="test", log=log)}
         if ref_cfg is not None:
@@ -458,16 +631,45 @@ def main(argv=None) -> int:
                 log.close()
                 return 2
             auditor.records = list(state.get("audit", []))
+            auditor.seconds = float(state.get("audit_seconds", 0.0))
             finished = bool(state.get("finished"))
         bar = cli.progress_bar(
             args.steps,
-            f"{args.dtype} vs {ref_cfg.dtype if ref_cfg else '-'}",
+            f"{args.dtype} vs {ref_name or '-'}",
             args.quiet,
             initial=runs["test"].step,
         )
 
+        def emit(line: str) -> None:
+            if bar is not None:
+                bar.write(line)  # keeps a terminal bar intact
+            else:
+                print(line, flush=True)
+
+        table = None
+        if not args.json:
+            _print_header(args, test_cfg, ref_name, why)
+            table = _Table(auditor.records, log, ref_name, args.steps, emit)
+            table.header()
+            table.print_ready(runs["test"].step - 1)  # the rows of earlier legs
+
+        def on_step(t):
+            if bar is not None:
+                bar.update(1)
+            if table is not None:
+                table.print_ready(t - 1)  # both runs have now done step t - 1
+
         def due(t):
             return t % args.audit_every == 0 or t == args.steps
+
+        def extra():
+            return {
+                "audit": auditor.records,
+                "audit_seconds": auditor.seconds,
+                "options": _resume_options(args),
+                "free_options": {"checkpoint_every": args.checkpoint_every},
+                "wall_seconds_legs": [*legs, time.perf_counter() - t0],
+            }
 
         try:
             if not finished:
@@ -480,8 +682,8 @@ def main(argv=None) -> int:
                         checkpoint_every=args.checkpoint_every,
                         inspect=lambda name, run, t: auditor if name == "test" and due(t) else None,
                         log_policy=lambda t: True if due(t) else None,
-                        progress=(lambda t: bar.update(1)) if bar is not None else None,
-                        extra=lambda: {"audit": auditor.records, "options": _resume_options(args)},
+                        progress=on_step,
+                        extra=extra,
                         stop=stop,
                     )
         except NonFiniteError as exc:
@@ -503,11 +705,22 @@ def main(argv=None) -> int:
             }
             code = 130
         finally:
+            if table is not None:
+                table.print_ready()
             if bar is not None:
                 bar.close()
             log.close()
-    wall = time.perf_counter() - t0
-    summary = _summary(args, test_cfg, ref_cfg, why, log, auditor, error, wall)
+    summary = _summary(
+        args,
+        test_cfg,
+        ref_cfg,
+        why,
+        log,
+        auditor,
+        error,
+        extra()["wall_seconds_legs"],
+        runs["test"].step,
+    )
     note = None
     if args.out:
         cli.write_atomic(os.path.join(args.out, "summary.json"), cli.dump_json(summary))
@@ -515,7 +728,7 @@ def main(argv=None) -> int:
     if args.json:
         print(cli.dump_json(summary), end="")
     else:
-        _print_report(summary, log, ref_cfg, why, args)
+        _print_report(summary)
     if note:
         print(note, file=sys.stderr)
     if error is not None:
@@ -544,35 +757,35 @@ def _check_resumable(state: dict, args) -> None:
         raise UsageError("the options differ from the checkpointed run's: " + "; ".join(diff))
 
 
-def _print_report(summary, log, ref_cfg, why, args) -> None:
+def _print_header(args, test_cfg, ref_name, why) -> None:
+    print(f"numstab.compare: {_config_line(vars(args))}")
+    loss = test_cfg.loss_dtype or test_cfg.dtype
+    print(f"test run: {test_cfg.dtype} (loss {loss}); reference: {ref_name or why}")
+    print(flush=True)
+
+
+def _print_report(summary) -> None:
+    """The summary and findings (the table was printed row by row)."""
     runs = summary["runs"]
-    test = runs["test"]
-    ref = runs.get("reference")
-    print(
-        f"numstab.compare: {args.task} mod {args.p}, f = {args.train_fraction}, "
-        f"hidden {'-'.join(map(str, args.hidden))}, {args.optimizer} lr {args.lr}, "
-        f"loss {args.loss}, order {args.order}, {args.steps} steps, seed {args.seed}"
-    )
-    print(
-        f"test run: {test['dtype']} (loss {test['loss_dtype']}); reference: "
-        f"{ref['dtype'] if ref else why}"
-    )
-    print()
-    print(_table(summary["audit"], log, ref_cfg.dtype if ref_cfg else None))
     print()
     print("summary")
     for name, r in runs.items():
         print(
-            f"  {name:9s} {r['dtype']:>10s}: SC onset {_fmt(r['sc_onset_step'], 'd')}, "
-            f"SC-50 % {_fmt(r['sc50_step'], 'd')}, train 100 % {_fmt(r['train100_step'], 'd')}"
-            f", final train/test acc {_fmt(r['final']['train_acc'])}/"
-            f"{_fmt(r['final']['test_acc'])}"
+            f"  {name:9s} {r['dtype']:>10s}: SC onset {cli.fmt_step(r['sc_onset_step'])}, "
+            f"SC-50 % {cli.fmt_step(r['sc50_step'])}, train 100 % "
+            f"{cli.fmt_step(r['train100_step'])}, final train/test acc "
+            f"{_fmt(r['final']['train_acc'])}/{_fmt(r['final']['test_acc'])}"
         )
     print(
-        f"  exact-predicted SC onset (test run): {_fmt(summary['exact_sc_onset_step'], 'd')}; "
-        f"exact NLM cos at onset: {_fmt(summary['nlm_cosine_exact_at_onset'])}"
+        f"  exact-predicted SC onset (test run): {cli.fmt_step(summary['exact_sc_onset_step'])}"
+        f"; exact NLM cos at onset: {_fmt(summary['nlm_cosine_exact_at_onset'])}"
     )
-    print(f"  wall time {summary['wall_seconds']:.1f} s (audits {summary['audit_seconds']:.2f} s)")
+    legs = summary["wall_seconds_legs"]
+    print(
+        f"  wall time {summary['wall_seconds']:.1f} s"
+        + (f" over {len(legs)} legs" if len(legs) > 1 else "")
+        + f" (audits {summary['audit_seconds']:.2f} s)"
+    )
     print()
     print("findings")
     for f in summary["findings"]:

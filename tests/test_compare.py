@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -221,3 +222,140 @@ def test_interrupted_compare_resumes_bit_identically(tmp_path, monkeypatch):
     assert a["runs"] == b["runs"]
     # A resume with different options is refused before training.
     assert compare.main([*SMALL, "--resume", str(part), "--lr", "0.01"]) == 2
+
+
+# --- what compare writes and shows ------------------------------------------------------------
+
+
+def _csv_values(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))[1:]
+    return {(int(r[0]), *r[1:5]): float(r[5]) for r in rows}
+
+
+def test_metrics_csv_holds_every_audited_quantity(tmp_path):
+    code, out = run_main(tmp_path, "--dtype", "float16")
+    assert code == 0
+    audits = json.loads((out / "summary.json").read_text())["audit"]
+    table = _csv_values(out / "metrics.csv")
+    metrics = {k[3] for k in table}
+    assert {"sc_fraction_exact", "target_grad_rel_error_median", "nlm_cosine_exact"} <= metrics
+    # Every quantity of an audit record is in the CSV, except the weight norm (logged by the
+    # run as weight_norm/global) and the audit's own timing (not reproducible).
+    not_in_csv = {"step", "weight_norm", "audit_seconds", "nlm_cosine_exact_layers"}
+    assert set(audits[0]) - not_in_csv == set(compare.AUDIT_METRICS)
+    for a in audits:
+        for key, (metric, layer) in compare.AUDIT_METRICS.items():
+            v = table[(a["step"], "test", "train", metric, layer)]
+            assert v == a[key] or (a[key] is None and math.isnan(v)), (a["step"], key)
+        for layer, v in a["nlm_cosine_exact_layers"].items():
+            assert table[(a["step"], "test", "train", "nlm_cosine_exact", layer)] == v
+    # Audit metric names never shadow a training metric's rows.
+    assert not {m for m, _ in compare.AUDIT_METRICS.values()} & {
+        k[3] for k in table if k[1] == "reference"}
+
+
+def test_compare_png_shows_measured_and_exact_sc(tmp_path, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    figs = []
+    real = compare.build_figure
+
+    def keep(log, summary):
+        figs.append(real(log, summary))
+        return figs[-1]
+
+    monkeypatch.setattr(compare, "build_figure", keep)
+    code, out = run_main(tmp_path, "--dtype", "float16")
+    assert code == 0
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = json.loads((out / "summary.json").read_text())
+    fig = figs[0]
+    assert len(fig.axes) == 4
+    dtypes = {name: r["dtype"] for name, r in s["runs"].items()}  # test float16, ref float64
+    colours = {d: set() for d in dtypes.values()}
+    for ax in fig.axes:
+        assert ax.get_xlabel() and ax.get_ylabel()
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        for d in dtypes.values():
+            assert any(t.startswith(d) for t in legend), (ax.get_title(), legend)
+        for line in ax.get_lines():
+            for d in colours:
+                if line.get_label().startswith(d + " "):
+                    colours[d].add(to_hex(line.get_color()))
+        # The test run's curves are drawn over the reference's, which are wider: both stay
+        # visible where they coincide.
+        curves = [ln for ln in ax.get_lines() if "SC" not in ln.get_label()]  # not the markers
+        test = [ln for ln in curves if ln.get_label().startswith(dtypes["test"])]
+        ref = [ln for ln in curves if ln.get_label().startswith(dtypes["reference"])]
+        assert min(ln.get_zorder() for ln in test) > max(ln.get_zorder() for ln in ref)
+        assert max(ln.get_linewidth() for ln in ref) > max(ln.get_linewidth() for ln in test)
+    # One colour per run, on every panel, and the runs' colours differ.
+    assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 2
+    # The exact-audit SC fraction is plotted at the audited steps, beside the measured one.
+    steps = [a["step"] for a in s["audit"]]
+    exact = [a["sc_fraction_exact"] for a in s["audit"]]
+    plotted = [
+        (list(ln.get_xdata()), list(ln.get_ydata()))
+        for ax in fig.axes for ln in ax.get_lines() if "exact audit" in ln.get_label()
+    ]
+    assert (steps, exact) in plotted
+    # Labelled markers of SC onset and SC-50 (float16 collapses in this setup).
+    r = s["runs"]["test"]
+    assert r["sc50_step"] is not None
+    labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
+    assert f"float16 SC onset (step {r['sc_onset_step']})" in labels
+    assert f"float16 SC-50 (step {r['sc50_step']})" in labels
+    title = fig.get_suptitle()
+    assert "float16 vs float64" in title and "mod 23" in title and "lr 0.05" in title
+
+
+def test_interrupted_report_and_resume_from_the_directory_alone(tmp_path, monkeypatch, capsys):
+    import contextlib
+    import signal as sig
+
+    from numstab.checkpoint import load_checkpoint
+    from numstab.driver import StopFlag
+
+    class StopAt(StopFlag):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def __bool__(self):
+            self.n -= 1
+            if self.n < 0:
+                self.signum = sig.SIGTERM
+            return self.n < 0
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert compare.main([*SMALL, "--out", str(full)]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(compare, "graceful_stop", contextlib.contextmanager(lambda: (yield StopAt(27))))
+        assert compare.main([*SMALL, "--out", str(part), "--checkpoint-every", "10"]) == 143
+    first = json.loads((part / "summary.json").read_text())
+    ran = load_checkpoint(part).manifest["runs"]["test"]["step"]
+    assert ran == 27
+    # The findings speak of the steps run, not of the 60 requested.
+    text = " ".join(first["findings"])
+    assert f"within {ran} steps" in text and "within 60 steps" not in text, text
+    assert first["steps_run"] == ran
+    assert "stopped at step 27 of 60" in text
+    capsys.readouterr()
+    # An explicit option that differs from the checkpoint's: refused in one line naming it,
+    # before anything is written.
+    before = {p.name: p.read_bytes() for p in part.iterdir()}
+    assert compare.main(["--resume", str(part), "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lr 0.01 (checkpoint: 0.05)" in err, err
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == before
+    # `--resume DIR` alone continues the run bit for bit, audit rows included.
+    assert compare.main(["--resume", str(part), "--quiet"]) == 0
+    assert (part / "metrics.csv").read_bytes() == (full / "metrics.csv").read_bytes()
+    assert "sc_fraction_exact" in (part / "metrics.csv").read_text()
+    s = json.loads((part / "summary.json").read_text())
+    assert s["steps_run"] == 60 and s["status"] == "ok"
+    legs = s["wall_seconds_legs"]
+    assert len(legs) == 2 and s["wall_seconds"] == sum(legs)
+    assert 0 < legs[0] <= first["wall_seconds"]  # the first leg as checkpointed at its stop
+    assert load_checkpoint(part).extra["free_options"] == {"checkpoint_every": 10}
