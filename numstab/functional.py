@@ -23,6 +23,15 @@ Losses
     gradient ``-s / (1 + s)`` when the target is the argmax (SciPy's ``logsumexp`` does the
     same). It never collapses while ``s`` is representable.
 
+Elementary functions
+--------------------
+``exp``, ``log`` and ``log1p`` go through :mod:`numstab.elementary` in the mode the caller
+declares (``elementary=``, a :class:`~numstab.precision.PrecisionPolicy`'s ``elementary``):
+``"correct"`` (default) rounds each once, correctly, to the loss format; ``"libm"`` calls the
+array library's function in the carrier dtype and rounds its result (older runs' bits). The
+two backward fixes below (one rounding of the target entry, no ``s**2`` in StableMax's
+backward) apply in both modes.
+
 Backends
 --------
 Every function takes its array namespace from its inputs (:func:`numstab.backend.namespace`)
@@ -51,6 +60,8 @@ from numstab.backend import (
     to_numpy,
     xp_dtype,
 )
+from numstab.elementary import _evaluate as _elementary
+from numstab.elementary import check_mode
 from numstab.precision import Format, PrecisionPolicy, available_formats, get_format, quantize
 from numstab.summation import check_order, ordered_sum
 
@@ -480,7 +491,15 @@ def stablemax_s(x, fmt, *, eps: float = 0.0):
     return s, xp.where(pos, 1.0, d)
 
 
-def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps: float = 0.0):
+def collapse_mask(
+    z,
+    fmt,
+    *,
+    kind: str = "softmax",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    elementary: str = "correct",
+):
     """Rows whose max-shifted normaliser is exactly 1 in ``fmt`` (Softmax Collapse).
 
     Softmax: ``Σ_k exp(z_k - max z) == 1``; StableMax: ``Σ_k s(z_k) / s(max z) == 1``; every
@@ -493,6 +512,8 @@ def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps
     z : ndarray, shape (N, C)
     fmt : str or Format
     kind : {"softmax", "stablemax"} ("softmax_stable" measures the softmax sum)
+    elementary : {"correct", "libm"}
+        How ``exp`` is evaluated (:mod:`numstab.elementary`).
 
     Returns
     -------
@@ -501,6 +522,7 @@ def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps
     fmt = _format(fmt)
     _check_choice(kind, LOSS_KINDS, "loss kind")
     check_order(order)
+    check_mode(elementary)
     xp = namespace(z)
     with errstate(xp, over="ignore", invalid="ignore", divide="ignore"):
         z = quantize(z, fmt)
@@ -510,7 +532,7 @@ def collapse_mask(z, fmt, *, kind: str = "softmax", order: str = "pairwise", eps
             smax = xp.max(s, axis=-1, keepdims=True)
             terms = quantize(s / smax, fmt)
         else:
-            terms = _softmax_terms(z, fmt)[1]
+            terms = _softmax_terms(z, fmt, elementary)[1]
     return ordered_sum(terms, fmt, order) == 1
 
 
@@ -522,13 +544,13 @@ def _check_logits_shape(z):
         )
 
 
-def _softmax_terms(z, fmt: Format):
-    """``d = fl(z - max z)`` and ``e = fl(exp(d))`` in ``fmt``."""
+def _softmax_terms(z, fmt: Format, elementary: str):
+    """``d = fl(z - max z)`` and ``e = RN(exp(d))`` in ``fmt`` (``libm``: ``fl(exp_libm(d))``)."""
     xp = namespace(z)
     with errstate(xp, invalid="ignore", over="ignore"):
         m = xp.max(z, axis=-1, keepdims=True)
         d = quantize(z - m, fmt)
-        e = quantize(xp.exp(d), fmt)
+        e = _elementary("exp", d, fmt, elementary, xp)
     return d, e
 
 
@@ -539,6 +561,7 @@ class LossCache:
     Attributes
     ----------
     kind, fmt, order : the loss, its format and reduction order
+    elementary : how exp / log / log1p were evaluated ("correct" or "libm")
     labels : int ndarray (N,)
     normaliser : ndarray (N,)
         The computed sum: ``Σ exp(z - m)`` (softmax), ``Σ s(z)`` (StableMax) or the tail
@@ -556,10 +579,18 @@ class LossCache:
     normaliser: np.ndarray
     probs: np.ndarray
     extra: tuple
+    elementary: str = "correct"
 
 
 def loss_forward(
-    z, labels, *, kind: str = "softmax", fmt="float32", order: str = "pairwise", eps: float = 0.0
+    z,
+    labels,
+    *,
+    kind: str = "softmax",
+    fmt="float32",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    elementary: str = "correct",
 ):
     """Per-sample cross-entropy loss in a format.
 
@@ -576,12 +607,20 @@ def loss_forward(
         Summation order of the normaliser.
     eps : float
         StableMax denominator epsilon (``softmax`` kinds ignore it).
+    elementary : {"correct", "libm"}
+        How ``exp``/``log``/``log1p`` are evaluated (:mod:`numstab.elementary`): correctly
+        rounded to ``fmt``, or the array library's functions (older runs' bits).
 
     Returns
     -------
     loss : ndarray, shape (N,), carrier dtype of ``fmt``
-        ``-log p_y``; exactly 0 for collapsed softmax rows. ``inf``/NaN logits give NaN or inf
-        losses as IEEE arithmetic says (the training loop stops on them; no warning).
+        ``-log p_y``; exactly 0 for collapsed softmax rows. Rounding, per op (``RN``: one
+        correct rounding to ``fmt``): softmax ``d = RN(z - m)``, ``e = RN(exp d)``, ``S`` the
+        ordered sum, ``lse = RN(log S)``, ``lsm = RN(d - lse)``, ``p = RN(exp lsm)``, loss
+        ``-lsm_y``; StableMax ``p = RN(s / S)``, loss ``-RN(log p_y)``; softmax_stable
+        ``loss = RN(RN(m - z_y) + RN(log1p s))``, ``p = RN(e / RN(1 + s))``. ``inf``/NaN
+        logits give NaN or inf losses as IEEE arithmetic says (the training loop stops on
+        them; no warning).
     cache : LossCache
 
     Raises
@@ -597,6 +636,7 @@ def loss_forward(
     fmt = _format(fmt)
     _check_choice(kind, LOSS_KINDS, "loss kind")
     check_order(order)
+    check_mode(elementary)
     xp = namespace(z)
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         z = quantize(z, fmt)
@@ -610,36 +650,48 @@ def loss_forward(
             f"got {tuple(labels.shape)}"
         )
     try:
-        loss, total, probs, extra = _loss_forward(z, labels, kind, fmt, order, eps, xp)
+        loss, total, probs, extra = _loss_forward(
+            z, labels, kind, fmt, order, eps, elementary, xp
+        )
     except IndexError:
         raise ValueError(
             f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
             f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
         ) from None
     cache = LossCache(
-        kind=kind, fmt=fmt, order=order, labels=labels, normaliser=total, probs=probs, extra=extra
+        kind=kind,
+        fmt=fmt,
+        order=order,
+        labels=labels,
+        normaliser=total,
+        probs=probs,
+        extra=extra,
+        elementary=elementary,
     )
     return loss, cache
 
 
-def _loss_forward(z, labels, kind, fmt, order, eps, xp):
+def _loss_forward(z, labels, kind, fmt, order, eps, elementary, xp):
+    def elem(name, x):
+        return _elementary(name, x, fmt, elementary, xp)
+
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if kind == "softmax":
-            d, e = _softmax_terms(z, fmt)
+            d, e = _softmax_terms(z, fmt, elementary)
             total = ordered_sum(e, fmt, order)
-            lse = quantize(xp.log(total), fmt)
+            lse = elem("log", total)
             lsm = quantize(d - lse[:, None], fmt)
-            probs = quantize(xp.exp(lsm), fmt)
+            probs = elem("exp", lsm)
             loss = 0.0 - take_at(lsm, labels)  # 0 - 0 is +0, where -(0) would print -0
             extra = ()
         elif kind == "stablemax":
             s, _ = stablemax_s(z, fmt, eps=eps)
             total = ordered_sum(s, fmt, order)
             probs = quantize(s / total[:, None], fmt)
-            loss = -quantize(xp.log(take_at(probs, labels)), fmt)
+            loss = -elem("log", take_at(probs, labels))
             extra = (s, z)
         else:
-            _, e = _softmax_terms(z, fmt)
+            _, e = _softmax_terms(z, fmt, elementary)
             top = xp.argmax(z, axis=-1)
             e = put_at(e, top, 0.0)  # the max term is taken out of the sum exactly
             total = ordered_sum(e, fmt, order)
@@ -648,7 +700,7 @@ def _loss_forward(z, labels, kind, fmt, order, eps, xp):
             probs = put_at(probs, top, quantize(1.0 / denom, fmt))
             m = take_at(z, top)
             loss = quantize(
-                quantize(m - take_at(z, labels), fmt) + quantize(xp.log1p(total), fmt), fmt
+                quantize(m - take_at(z, labels), fmt) + elem("log1p", total), fmt
             )
             extra = (top, denom)
     return loss, total, probs, extra
@@ -666,9 +718,22 @@ def loss_backward(cache: LossCache, dloss):
     Returns
     -------
     ndarray, shape (N, C), loss carrier dtype
-        softmax: ``fl(exp(lsm_k)·dl) - δ_ky·dl`` (as PyTorch's ``log_softmax`` backward);
-        stablemax: ``s'(z_k)·dl·(1/S - δ_ky/s_y)``; softmax_stable: ``p_k·dl`` off target and
-        ``-(s/(1+s))·dl`` for a target that is the argmax.
+        With ``dl = RN(dloss)`` and ``p`` the forward's rounded probabilities, each entry is
+        one correct rounding ``RN`` to the loss format unless stated:
+
+        * softmax (PyTorch's ``log_softmax`` backward): ``RN(p_k·dl)`` off target and
+          ``RN(dl·(p_y - 1))`` at the target -- one rounding of the exact value, not
+          ``RN(RN(p_y·dl) - dl)`` (which halves the gradient of a row about to collapse);
+        * stablemax: ``g_k = dl·(p_k - δ_ky)·c_k`` with ``c_k = s'(z_k)/s_k``, i.e. ``s_k`` for
+          ``z_k < 0`` (``s' = s**2``) and ``1/s_k`` for ``z_k >= 0``: ``t_k = RN(dl·p_k)``
+          (target: ``RN(dl·(p_y - 1))``), then ``RN(t_k·s_k)`` or ``RN(t_k/s_k)``. ``s**2``
+          is never formed, so logits down to ``-1/(smallest normal)`` keep their gradient;
+        * softmax_stable: ``RN(p_k·dl)`` off target; at a target that is the argmax
+          ``RN(RN(-s/(1+s))·dl)`` (two roundings, no cancellation), elsewhere
+          ``RN(dl·(p_y - 1))``.
+
+        These two fixes hold in both elementary modes (no exp/log is evaluated here).
+        Non-finite ``dloss`` gives NaN where the exact product is not defined.
     """
     if not isinstance(cache, LossCache):
         raise TypeError(
@@ -692,25 +757,73 @@ def loss_backward(cache: LossCache, dloss):
         d = xp.asarray(d, dtype=xp_dtype(xp, np.float64))
         dl = quantize(xp.broadcast_to(d, (n,)), fmt)[:, None]
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        p_y = take_at(cache.probs, y)
+        g = quantize(cache.probs * dl, fmt)
         if cache.kind == "softmax":
-            g = quantize(cache.probs * dl, fmt)
-            return put_at(g, y, quantize(take_at(g, y) - dl[:, 0], fmt))
+            return put_at(g, y, _times_p_minus_one(p_y, dl[:, 0], fmt, xp))
         if cache.kind == "stablemax":
             s, z = cache.extra
-            inv_total = quantize(1.0 / cache.normaliser, fmt)[:, None]
-            inv_sy = quantize(1.0 / take_at(s, y), fmt)
-            coef = xp.asarray(xp.broadcast_to(inv_total, s.shape), copy=True)
-            coef = put_at(coef, y, quantize(take_at(coef, y) - inv_sy, fmt))
-            # s'(x) = 1 for x >= 0 and 1/(1-x)**2 = s(x)**2 for x < 0.
-            deriv = xp.where(z >= 0, 1.0, quantize(s * s, fmt))
-            return quantize(quantize(deriv * dl, fmt) * coef, fmt)
+            g = put_at(g, y, _times_p_minus_one(p_y, dl[:, 0], fmt, xp))
+            # s'(x)/s(x) is s(x) for x < 0 (s' = s**2) and 1/s(x) for x >= 0 (s' = 1).
+            return xp.where(z < 0, quantize(g * s, fmt), quantize(g / s, fmt))
         top, denom = cache.extra
-        g = quantize(cache.probs * dl, fmt)
-        at_top = top == y
         # Target is the argmax: p_y - 1 = -s / (1 + s), no cancellation.
-        tgt = quantize(-cache.normaliser / denom, fmt)
-        other = quantize(take_at(cache.probs, y) - 1.0, fmt)
-        return put_at(g, y, quantize(xp.where(at_top, tgt, other) * dl[:, 0], fmt))
+        tgt = quantize(quantize(-cache.normaliser / denom, fmt) * dl[:, 0], fmt)
+        other = _times_p_minus_one(p_y, dl[:, 0], fmt, xp)
+        return put_at(g, y, xp.where(top == y, tgt, other))
+
+
+# --- one rounding of dl * (p - 1) -----------------------------------------------------------
+
+
+def _two_sum(a, b):
+    """``a + b = s + e`` exactly (Knuth's TwoSum; ``s = fl(a + b)``)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _two_prod(a, b, split: float):
+    """``a · b = p + e`` exactly (Dekker; ``split = 2**ceil(t/2) + 1`` for ``t``-bit floats)."""
+    p = a * b
+    ca, cb = a * split, b * split
+    ah = ca - (ca - a)
+    bh = cb - (cb - b)
+    al, bl = a - ah, b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _round_odd(s, e, xp):
+    """Round to odd of ``s + e`` (``s = fl(s + e)``, ``e`` the exact remainder): ``s`` when
+    exact or when its last significand bit is 1, else its neighbour towards ``s + e``."""
+    a = xp.abs(s)
+    ulp = xp.nextafter(a, xp.asarray(xp.inf, dtype=a.dtype)) - a
+    odd = (a / ulp) % 2 == 1  # a / ulp: the integral significand, exactly
+    step = xp.nextafter(s, xp.where(e > 0, xp.inf, -xp.inf))
+    return xp.where((e != 0) & ~odd, step, s)
+
+
+def _times_p_minus_one(p, dl, fmt: Format, xp):
+    """``RN_fmt(dl · (p - 1))`` with one rounding, for ``p``, ``dl`` values of ``fmt``.
+
+    float16/bfloat16/float32: ``dl·p`` is exact in float64 (<= 48 bits), ``dl·p - dl`` is
+    an exact float64 pair (TwoSum), rounded to odd in float64 and then to nearest in ``fmt``:
+    with ``53 >= p_fmt + 2`` bits the double rounding is innocuous (Boldo--Melquiond).
+    float64/longdouble: ``dl·p = ph + pl`` exactly (Dekker), and the sum of the three terms
+    ``-dl + ph + pl`` is rounded correctly by Boldo--Melquiond's algorithm (two TwoSums, one
+    addition rounded to odd, one to nearest).
+    """
+    if fmt.precision <= 24:
+        f64 = xp_dtype(xp, np.float64)
+        p64, d64 = xp.astype(p, f64), xp.astype(dl, f64)
+        s, e = _two_sum(p64 * d64, -d64)
+        return quantize(_round_odd(s, e, xp), fmt)
+    split = 134217729.0 if fmt.precision == 53 else 4294967297.0  # 2**27 + 1, 2**32 + 1
+    ph, pl = _two_prod(p, dl, split)
+    uh, ul = _two_sum(ph, pl)
+    th, tl = _two_sum(-dl, uh)
+    v, ve = _two_sum(tl, ul)
+    return th + _round_odd(v, ve, xp)
 
 
 def reduce_loss(loss, reduction: str = "mean"):

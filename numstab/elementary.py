@@ -1,0 +1,442 @@
+"""Correctly rounded ``exp``, ``log``, ``log1p`` and ``expm1`` in every format.
+
+Each function returns ``RN_fmt(f(x))``: the exact value of the function at the exact input,
+rounded once to nearest (ties to even) in the declared format, with subnormals, overflow to
+``±inf`` and IEEE / C99 Annex F special values. ``mode="libm"`` instead gives what the array
+library's own functions give (the project's behaviour before this module: NumPy's SIMD float32
+``exp`` is not correctly rounded, e.g. ``exp(-2**-23)`` is ``0.99999994`` where the correctly
+rounded value is ``1 - 2**-23``), so that old runs stay reproducible bit for bit.
+
+How the correct result is obtained (``docs/elementary.md`` has the full account)
+------------------------------------------------------------------------------
+No installable library fitted (CRlibm's Python binding is from 2016 with no wheels and scalar
+calls; ``crival`` ships CORE-MATH only as interval functions): the result is computed in a wider
+format with a stated error bound, rounded, and the rare inputs whose wide value lies too close to
+a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
+
+* float16, bfloat16, float32: the function in float64 (NumPy's / CuPy's float64 functions,
+  error below 1 ulp: measured max 0.66 ulp here; the argument is exact in float64). A wide value
+  ``w`` is decided when ``w (1 - 2**-44)`` and ``w (1 + 2**-44)`` round to the same target value
+  (rounding is monotone, and the exact value lies in between as long as the float64 error is
+  below 2**8 ulps: a margin of more than 2**7 over the measured error). About one input in 2**19
+  (float32) needs mpmath.
+* float64, ``exp``: a double-double evaluation written with array operations (Cody--Waite
+  reduction ``x = (256 m + j) ln2/256 + r`` with a two-constant ``ln2/256``, a 256-entry table of
+  ``2**(j/256)`` as double-doubles, a degree-6 polynomial, Dekker's exact product) whose
+  relative error is below ``2**-69``; decided when the window ``2**-66`` around it rounds to one
+  float64 (mpmath for about 1 input in 2**12, and for results in the subnormal range or at the
+  overflow threshold).
+* float64, ``log``, ``log1p``, ``expm1``: x87 ``long double`` functions (glibc, 64-bit
+  significand; measured max error below 1 ulp of long double), window ``2**-60`` (at least 8
+  long-double ulps); about 3 % of inputs need mpmath. These run on the host (NumPy); on other
+  backends the array is copied to the host and back.
+* longdouble: no wider hardware format exists, so every element is evaluated with mpmath (a Ziv
+  loop): correctly rounded, about 10 µs per element. ``mode="libm"`` gives glibc's x87 result
+  (not proven correctly rounded, nor faithful).
+* ``sqrt`` and ``+ - * /`` need nothing here: IEEE 754 makes them correctly rounded.
+
+Backends: NumPy (chunked, with reused buffers), and any array-API namespace with the same
+algorithm through standard functions (CuPy; array_api_strict in the tests). mpmath resolution
+always runs on the host. Correctly rounded results are the same bits on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+
+from numstab import exact
+from numstab.backend import errstate, namespace, to_numpy, xp_dtype
+from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
+
+__all__ = [
+    "ELEMENTARY_MODES",
+    "FUNCTIONS",
+    "check_mode",
+    "evaluate",
+    "exact_round",
+    "exp",
+    "expm1",
+    "log",
+    "log1p",
+]
+
+# ELEMENTARY_MODES (from numstab.precision, which validates policies with it): ``correct``
+# (correctly rounded) or ``libm`` (the array library's own functions).
+#: The functions this module provides.
+FUNCTIONS = ("exp", "log", "log1p", "expm1")
+
+_CHUNK = 1 << 13  # elements per NumPy block: the temporaries stay in the L2 cache
+_REL_NARROW = 2.0**-44  # window around a float64 value (>= 2**8 float64 ulps)
+_REL_LD = 2.0**-60  # window around a long double value (>= 8 long double ulps)
+_REL_DD = 2.0**-68  # window around the double-double exp (error < 2**-72)
+
+
+def check_mode(mode) -> str:
+    """Return ``mode`` if it is one of :data:`ELEMENTARY_MODES`, else raise ``ValueError``."""
+    if mode not in ELEMENTARY_MODES:
+        raise ValueError(
+            f"unknown elementary mode {mode!r}; valid: {', '.join(ELEMENTARY_MODES)}"
+        )
+    return mode
+
+
+def _check_name(name) -> str:
+    if name not in FUNCTIONS:
+        raise ValueError(f"unknown elementary function {name!r}; valid: {', '.join(FUNCTIONS)}")
+    return name
+
+
+def evaluate(name: str, x, fmt=None, *, mode: str = "correct"):
+    """``name(x)`` rounded to ``fmt``: the public entry of the four functions.
+
+    Parameters
+    ----------
+    name : {"exp", "log", "log1p", "expm1"}
+    x : array of any shape (NumPy, CuPy or array-API), values representable in ``fmt``
+        (a value that is not is first rounded to ``fmt``).
+    fmt : str or Format, optional
+        Default: the format of ``x.dtype`` (float16, bfloat16, float32, float64, longdouble).
+    mode : {"correct", "libm"}
+
+    Returns
+    -------
+    array, shape of ``x``, carrier dtype of ``fmt`` (float32 for float16/bfloat16)
+        ``correct``: ``RN_fmt(f(x))``. Special values as C99 Annex F: ``exp(-inf) = +0``,
+        ``exp(+inf) = +inf``, ``log(±0) = -inf``, ``log(x < 0) = NaN``, ``log(+inf) = +inf``,
+        ``log1p(-1) = -inf``, ``log1p(x < -1) = NaN``, ``expm1(-inf) = -1``, ``log1p(±0)``
+        and ``expm1(±0)`` keep the sign of zero, NaN gives NaN. No floating-point warnings.
+        ``libm``: ``fl_fmt(libm_f(x))`` in the carrier dtype (float16/bfloat16 through float32).
+    """
+    _check_name(name)
+    check_mode(mode)
+    xp = namespace(x)
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    f = get_format(x.dtype if fmt is None else fmt)
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        x = quantize(x, f)
+    return _evaluate(name, x, f, mode, xp)
+
+
+def exp(x, fmt=None, *, mode: str = "correct"):
+    """``e**x`` rounded to ``fmt`` (see :func:`evaluate`)."""
+    return evaluate("exp", x, fmt, mode=mode)
+
+
+def log(x, fmt=None, *, mode: str = "correct"):
+    """Natural logarithm rounded to ``fmt`` (see :func:`evaluate`)."""
+    return evaluate("log", x, fmt, mode=mode)
+
+
+def log1p(x, fmt=None, *, mode: str = "correct"):
+    """``log(1 + x)`` rounded to ``fmt``, without forming ``1 + x`` (see :func:`evaluate`)."""
+    return evaluate("log1p", x, fmt, mode=mode)
+
+
+def expm1(x, fmt=None, *, mode: str = "correct"):
+    """``e**x - 1`` rounded to ``fmt``, without cancellation (see :func:`evaluate`)."""
+    return evaluate("expm1", x, fmt, mode=mode)
+
+
+def _evaluate(name: str, x, fmt: Format, mode: str, xp):
+    """The computation behind :func:`evaluate` for ``x`` already in ``fmt``'s carrier dtype
+    (no validation: the engine's hot path calls this)."""
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        if mode == "libm":
+            return quantize(getattr(xp, name)(x), fmt)
+        if fmt.name in ("float16", "bfloat16", "float32"):
+            return _narrow(name, x, fmt, xp)
+        if fmt.name == "float64":
+            if name == "exp":
+                return _exp64(x, xp)
+            return _via_longdouble(name, x, xp)
+        return _all_exact(name, x, fmt)
+
+
+# --- exact resolution (mpmath, Ziv loop) ---------------------------------------------------
+
+
+def exact_round(name: str, values, fmt) -> np.ndarray:
+    """``RN_fmt(name(v))`` for every element of a host array, by mpmath (a Ziv loop).
+
+    Each value is taken exactly (float16 ... longdouble, via :func:`numstab.exact.to_exact`);
+    ``f(v)`` is evaluated at ``P`` bits, whose error mpmath keeps below ``2**(1 - P)`` relative,
+    and accepted when ``f(v) (1 ± 2**(3 - P))`` round to one value; otherwise ``P`` doubles. The
+    loop ends because the results are transcendental except at the trivial exact points
+    (``exp(0)``, ``log(1)``, ...), which are never midpoints. About 5--10 µs per element.
+
+    Returns
+    -------
+    numpy.ndarray of ``fmt``'s dtype, shape of ``values``
+    """
+    _check_name(name)
+    f = get_format(fmt)
+    values = np.asarray(values)
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape, dtype=f.dtype)
+    with np.errstate(all="ignore"):
+        fast = getattr(np, name)(flat.astype(np.float64) if f.dtype != np.longdouble else flat)
+    for i in range(flat.size):
+        v = flat[i]
+        if not np.isfinite(v) or (name == "log" and v <= 0) or (name == "log1p" and v <= -1):
+            # Special values (inf, NaN, the poles and the NaN domain): IEEE results, exact.
+            out[i] = np.asarray(fast[i]).astype(f.dtype)
+            continue
+        if v == 0:  # exp(0) = 1; log1p(±0), expm1(±0) = ±0 exactly (sign kept)
+            out[i] = np.asarray(fast[i]).astype(f.dtype)
+            continue
+        out[i] = _ziv_one(name, v, f)
+    return out.reshape(values.shape)
+
+
+def _ziv_one(name, v, f: Format):
+    prec = f.precision + 40
+    while prec <= 1 << 14:
+        ctx = exact.context(prec)
+        t = exact.to_exact(v, prec=prec)
+        y = getattr(ctx, name)(t)
+        wide = exact.context(2 * prec + 8)
+        tol = wide.mpf(2) ** (3 - prec)
+        ends = exact.round_exact(
+            np.array([wide.mpf(y) * (1 - tol), wide.mpf(y) * (1 + tol)], dtype=object), f
+        )
+        if ends[0] == ends[1]:
+            return ends[0]
+        prec *= 2
+    raise RuntimeError(f"{name}({v!r}) could not be rounded to {f.name} within 16384 bits")
+
+
+def _resolve(name, x, r, amb, fmt: Format, xp):
+    """Replace ``r`` where ``amb`` by the mpmath result for ``x`` (same backend as ``r``)."""
+    if xp is np:
+        idx = np.flatnonzero(amb)
+        if idx.size:
+            flat = r.reshape(-1)
+            flat[idx] = exact_round(name, x.reshape(-1)[idx], fmt)
+        return r
+    amb_h = to_numpy(amb).reshape(-1)
+    if not amb_h.any():
+        return r
+    idx = np.flatnonzero(amb_h)
+    r_h = np.array(to_numpy(r)).reshape(-1)  # a writable host copy
+    r_h[idx] = exact_round(name, np.asarray(to_numpy(x)).reshape(-1)[idx], fmt)
+    return xp.reshape(xp.asarray(r_h.astype(fmt.carrier)), r.shape)
+
+
+def _all_exact(name, x, fmt: Format):
+    """longdouble (NumPy only): every element by mpmath."""
+    return exact_round(name, np.asarray(x), fmt)
+
+
+# --- float16, bfloat16, float32: float64 evaluation ------------------------------------------
+
+_HALF29 = np.uint64(1 << 28)
+_MASK29 = np.uint64((1 << 29) - 1)
+_K64 = 1 << 9  # float64 ulps on each side of a float32 midpoint: 2**9 * 2**-52 >= 2**-44
+
+
+def _bracket_ambiguous(w, fmt: Format, rel: float, xp):
+    """``w (1 - rel)`` and ``w (1 + rel)`` round to different values of ``fmt``."""
+    lo = quantize(w * (1.0 - rel), fmt)
+    hi = quantize(w * (1.0 + rel), fmt)
+    return (lo != hi) & xp.isfinite(w)
+
+
+def _narrow(name, x, fmt: Format, xp):
+    f64 = xp_dtype(xp, np.float64)
+    if xp is not np:
+        w = getattr(xp, name)(xp.astype(x, f64))
+        r = quantize(w, fmt)
+        return _resolve(name, x, r, _bracket_ambiguous(w, fmt, _REL_NARROW, xp), fmt, xp)
+    fn = getattr(np, name)
+    out = np.empty(x.shape, dtype=np.float32)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    n = xf.size
+    wbuf = np.empty(min(n, _CHUNK), dtype=np.float64)
+    ubuf = np.empty(min(n, _CHUNK), dtype=np.uint64)
+    amb_idx = []
+    for s in range(0, n, _CHUNK):
+        xs = xf[s : s + _CHUNK]
+        k = xs.size
+        w, u = wbuf[:k], ubuf[:k]
+        fn(xs, out=w, dtype=np.float64)
+        if fmt.name == "float32":
+            of[s : s + k] = w  # one rounding, float64 -> float32 (RN)
+            # Near a float32 midpoint the low 29 bits of w are near 2**28: ambiguous when
+            # within _K64 float64 ulps of it. Valid where the float32 quantum is 2**-23
+            # relative, i.e. |w| >= 2**-126; the subnormal range is checked by the bracket.
+            np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
+            np.bitwise_and(u, _MASK29, out=u)
+            amb = u <= np.uint64(2 * _K64)
+            amb &= np.isfinite(w)
+            small = np.abs(w) < 2.0**-126
+            if small.any():
+                sel = np.flatnonzero(small)
+                amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+        else:
+            of[s : s + k] = quantize(w, fmt)
+            amb = _bracket_ambiguous(w, fmt, _REL_NARROW, np)
+        if amb.any():
+            amb_idx.append(np.flatnonzero(amb) + s)
+    if amb_idx:
+        idx = np.concatenate(amb_idx)
+        of[idx] = exact_round(name, xf[idx], fmt).astype(np.float32)
+    return out
+
+
+# --- float64 log, log1p, expm1: x87 long double evaluation ----------------------------------
+
+
+def _via_longdouble(name, x, xp):
+    f64 = get_format("float64")
+    if xp is not np:
+        r = _via_longdouble(name, np.asarray(to_numpy(x)), np)
+        return xp.asarray(r)
+    w = getattr(np, name)(x.astype(np.longdouble))
+    r = w.astype(np.float64)
+    amb = _bracket_ambiguous(w, f64, _REL_LD, np)
+    return _resolve(name, x, r, amb, f64, np)
+
+
+# --- float64 exp: double-double evaluation ---------------------------------------------------
+
+_N = 1024  # table size: x = (1024 m + j) ln2/1024 + r, |r| <= ln2/2048 < 2**-11.5
+_MAGIC_R1 = 1.5 * 2.0**14  # (r + M) - M rounds r to a multiple of 2**-38 (<= 27 bits here)
+_EXP_TABLES: dict = {}
+
+
+def _exp_tables(xp):
+    """Constants of the float64 exp for namespace ``xp`` (built once per namespace)."""
+    tabs = _EXP_TABLES.get(xp)
+    if tabs is not None:
+        return tabs
+    ctx = mpmath.MPContext()
+    ctx.prec = 200
+    c = ctx.log(2) / _N
+    c1 = _round_bits(c, 32)  # kf * c1 is exact for |kf| < 2**21
+    c2 = float(c - c1)
+    th = np.empty(_N)
+    tl = np.empty(_N)
+    for j in range(_N):
+        t = ctx.power(2, ctx.mpf(j) / _N)
+        th[j] = float(t)
+        tl[j] = float(t - th[j])
+    split = th * 134217729.0  # Dekker's split (2**27 + 1): th = tha + thb, <= 26 bits each
+    tha = split - (split - th)
+    thb = th - tha
+    pow2 = np.ldexp(1.0, np.arange(-520, 521))
+    f64 = xp_dtype(xp, np.float64)
+    tabs = {
+        "inv_l": float(_N / ctx.log(2)),
+        "c1": c1,
+        "c2": c2,
+        "th": xp.asarray(th, dtype=f64),
+        "tl": xp.asarray(tl, dtype=f64),
+        "tha": xp.asarray(tha, dtype=f64),
+        "thb": xp.asarray(thb, dtype=f64),
+        "pow2": xp.asarray(pow2, dtype=f64),
+    }
+    _EXP_TABLES[xp] = tabs
+    return tabs
+
+
+def _round_bits(v, bits: int) -> float:
+    """``v`` (an mpf) rounded to ``bits`` significant bits, as a float."""
+    m, e = mpmath.frexp(v)
+    return math.ldexp(round(float(mpmath.ldexp(m, bits))), int(e) - bits)
+
+
+# Range of the double-double path: results normal and finite. exp(x) < 2**-1022 below
+# ln(2**-1022) = -708.3964..., exp(x) >= max + ulp/2 (-> inf) above 709.78271289338...
+_LOW, _HIGH = -708.39, 709.78
+_ZERO_BELOW, _INF_ABOVE = -745.14, 709.79  # exp < 2**-1075 (rounds to +0) / overflow
+
+
+def _exp64(x, xp):
+    if xp is not np:
+        r, amb = _exp64_block(x, xp)
+        return _resolve("exp", x, r, amb, get_format("float64"), xp)
+    out = np.empty(x.shape, dtype=np.float64)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    amb_idx = []
+    for s in range(0, xf.size, _CHUNK):
+        r, amb = _exp64_block(xf[s : s + _CHUNK], np)
+        of[s : s + r.size] = r
+        if amb.any():
+            amb_idx.append(np.flatnonzero(amb) + s)
+    if amb_idx:
+        idx = np.concatenate(amb_idx)
+        of[idx] = exact_round("exp", xf[idx], "float64")
+    return out
+
+
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _exp64_block(x, xp):
+    """Double-double ``exp`` of a float64 block: ``(result, needs_mpmath)``.
+
+    ``e**x = 2**m T_j e**r`` with ``T_j = 2**(j/1024) = th + tl`` (double-double) and
+    ``r = rh + rl``; ``e**r - 1 = r + q(r)``, ``q`` of degree 5. ``th * r1`` (``r1``: ``rh``
+    rounded to 27 bits) is the exact sum ``tha r1 + thb r1``; the rest is small.
+
+    Error budget (relative, of ``s + lo`` against ``e**x``): reduction ``2**-73.5`` (``c2``'s
+    rounding and truncation times ``|kf| < 2**21``), polynomial truncation ``2**-78.5`` and
+    evaluation ``2**-75.4``, the small terms' roundings ``2**-75``, the last addition
+    ``2**-77``: below ``2**-72`` in all, against the window ``2**-68``.
+    """
+    t = _exp_tables(xp)
+    lo_x, hi_x = xp.min(x), xp.max(x)
+    plain = bool(lo_x >= _LOW) and bool(hi_x <= _HIGH)  # False with a NaN
+    if plain:
+        inside, xc = None, x
+    else:
+        inside = (x >= _LOW) & (x <= _HIGH)
+        xc = xp.where(inside, x, 0.0)
+    kf = xp.round(xc * t["inv_l"])
+    a = xc - kf * t["c1"]  # exact: kf * c1 has <= 53 bits and is within a factor 2 of x
+    rh, rl = _two_sum(a, -(kf * t["c2"]))
+    ki = xp.astype(kf, xp_dtype(xp, np.int64))
+    j = ki & (_N - 1)
+    m = ki >> 10
+    tha, thb, tl = xp.take(t["tha"], j), xp.take(t["thb"], j), xp.take(t["tl"], j)
+    th = tha + thb  # exact
+    r1 = (rh + _MAGIC_R1) - _MAGIC_R1
+    small = (rh - r1) + rl  # r2 + rl, |.| <= 2**-38
+    q = rh * (1 / 24 + rh * (1 / 120))
+    q += 1 / 6
+    q *= rh
+    q += 0.5
+    q *= rh
+    q *= rh
+    small += q
+    small *= th
+    small += tl + tl * rh
+    small += thb * r1  # exact product
+    big = tha * r1  # exact product
+    s = th + big
+    lo = s - th
+    lo -= big
+    lo = small - lo  # Fast2Sum error of th + big, plus the small terms
+    y = s + lo
+    eps = s * _REL_DD
+    amb = (s + (lo - eps)) != (s + (lo + eps))
+    if xp is np:
+        # y in [0.999, 2.002) and the result normal: scaling adds m to the exponent field.
+        r = (y.view(np.int64) + (m << 52)).view(np.float64)
+    else:
+        m1 = m >> 1
+        p2 = t["pow2"]
+        r = (y * xp.take(p2, m1 + 520)) * xp.take(p2, (m - m1) + 520)
+    if plain:
+        return r, amb
+    edge = ~inside & (x > _ZERO_BELOW) & (x < _INF_ABOVE)
+    r = xp.where(x >= _INF_ABOVE, xp.inf, xp.where(x <= _ZERO_BELOW, 0.0, r))
+    r = xp.where(xp.isnan(x), x, r)
+    return r, (amb & inside) | edge
