@@ -3,13 +3,15 @@
     python scripts/make_cli_doc.py            # runs the default compare (a minute or two)
 
 It runs ``python -m numstab.compare --dtype float32`` with its built-in defaults, times it,
-captures ``--help`` of compare and train, and writes docs/cli.md.
+captures ``--help`` of compare and train, copies the run's compare.png to
+docs/figures/cli-compare.png, and writes docs/cli.md.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -84,16 +86,45 @@ cosine between the weights and the negative gradient, measured and recomputed fr
 logit gradient (float64 backward through the run's own activations); `|θ|` the global weight
 norm.
 
-With `--out DIR`: `metrics.csv` (long format `step,run,split,metric,layer,value`, written as
-the runs go), `summary.json` (every option resolved, versions, per-run SC onset / SC-50 % /
-final metrics, every audit), `compare.png` (with the `plot` extra), and a checkpoint
-(`checkpoint.json` + `checkpoint-NNNNNN.npz`; `--resume DIR` continues an interrupted run bit
-for bit).
+Each row of the table is printed (and flushed) as soon as both runs have passed its step, so
+a long run shows its audits as they finish; the summary and findings follow at the end. On a
+terminal a progress bar runs on stderr; where stderr is a file or a pipe (CI logs, `nohup`,
+`> log 2>&1`) a plain line is printed every 10 s or 5 % of the steps, whichever comes first
+(`float32 vs float64: step 300/1200 (25 %), 41.2 steps/s, ETA 22 s`). `--quiet` silences the
+progress, `--json` prints the summary JSON instead of the report.
+
+With `--out DIR`:
+
+- `metrics.csv`, long format `step,run,split,metric,layer,value`, written as the runs go:
+  every training metric of both runs and, as run `test` split `train` at the audited steps,
+  every audited quantity: `sc_fraction_measured`, `sc_fraction_exact`, `sc_agreement`,
+  `audit_zero_loss_fraction`, `audit_zero_target_grad_fraction`,
+  `target_grad_100pct_wrong_fraction`, `loss_max_ulp_error`, `target_grad_rel_error_median`,
+  `nlm_cosine_measured` (layer `global`), `nlm_cosine_exact` (layer `global` and one row per
+  parameter tensor), `audited_samples`, `mpmath_rows`;
+- `summary.json`: every option resolved, versions, per-run SC onset / SC-50 % / final metrics,
+  every audit, `steps_run`, and `wall_seconds` (all legs of a resumed run) with
+  `wall_seconds_legs` (one entry per leg);
+- `compare.png` (with the `plot` extra): accuracy, SC fraction, NLM alignment and weight norm
+  over steps, one colour per run on every panel (the reference wide and pale beneath, the test
+  run thin on top, so both show where they coincide), the exact-audit SC fraction and NLM
+  cosine as markers beside the measured curves, labelled vertical lines at each run's SC onset
+  and SC-50 step, and the configuration in the title;
+- a checkpoint (`checkpoint.json` + `checkpoint-NNNNNN.npz`). `--resume DIR` alone continues
+  an interrupted run bit for bit with the options stored in the checkpoint; an option given
+  explicitly must equal the stored one (otherwise the command exits 2 naming it, and nothing
+  is written). The findings of an interrupted run speak of the steps it actually ran.
+
+The default run's figure (`docs/figures/cli-compare.png`):
+
+![compare.png of the default run](figures/cli-compare.png)
 
 Exit codes: 0 success; 2 bad input before any training (an option, an unavailable backend, an
-unwritable output directory, an unusable checkpoint); 3 a run produced NaN/inf (what was
-logged is kept and the summary names the run and step); 130 SIGINT, 143 SIGTERM (a checkpoint,
-partial outputs and the summary are written first).
+unwritable output directory or one another numstab process is writing to, an unusable
+checkpoint); 3 a run produced NaN/inf (what was logged is kept and the summary names the run
+and step); 4 an output could not be written (disk full: the rows logged and the last
+checkpoint are kept); 130 SIGINT, 143 SIGTERM (a checkpoint, partial outputs and the summary
+are written first).
 
 ### Options
 
@@ -103,10 +134,20 @@ partial outputs and the summary are written first).
 
 ## `python -m numstab.train`: one run
 
+It prints the run's SC onset, SC-50 %, train-100 % and grokking steps (`never` when not
+reached) and the final accuracies and SC fraction with three digits. Progress, `--quiet`,
+`--json`, `--out` and exit codes are as for compare; `--resume DIR` alone continues the run in
+DIR with its configuration from the checkpoint (explicit options must equal it, except
+`--steps`: a finished run resumed with a larger `--steps` continues to the new length, bit for
+bit as one longer run).
+
 ```
 {train_help.rstrip()}
 ```
 """
+    figure = out_dir / "compare.png"
+    if figure.exists():
+        shutil.copyfile(figure, ROOT / "docs" / "figures" / "cli-compare.png")
     (ROOT / "docs" / "cli.md").write_text(text)
     print(f"wrote docs/cli.md (default compare: {wall:.1f} s)")
     return 0
