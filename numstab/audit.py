@@ -33,6 +33,7 @@ add an absolute ``n·2**-1074`` (float64) term. ``log1p`` and the final subtract
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,9 +43,17 @@ import ml_dtypes
 import numpy as np
 
 from numstab import exact
+from numstab.backend import to_numpy
 from numstab.functional import _check_eps, collapse_mask, loss_backward, loss_forward
 from numstab.metrics import param_cosines
-from numstab.precision import REDUCTION_ORDERS, available_formats, get_format, quantize
+from numstab.precision import (
+    REDUCTION_ORDERS,
+    Format,
+    available_formats,
+    format_of,
+    get_format,
+    quantize,
+)
 from numstab.summation import wide_format
 
 __all__ = [
@@ -63,20 +72,132 @@ AUDIT_METHODS = ("auto", "mpmath")
 
 
 # --- input checking -----------------------------------------------------------------------
-
-
-def _format(dtype):
-    if dtype is None:  # np.dtype(None) is float64: never guess a format
-        raise ValueError(
-            f"dtype: unknown format None; valid formats: {', '.join(available_formats())}"
-        )
-    try:
-        return get_format(dtype)
-    except ValueError as exc:
-        raise ValueError(f"dtype: {exc}") from None
-
+#
+# Every public function reads its array arguments with ``_array`` (NumPy arrays in native byte
+# order; torch tensors in their own format; a bad entry of a list named with its index) and
+# takes its format from ``_format`` (an explicit one) or ``_own_format`` (the array's own).
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_FLOAT32 = get_format("float32")
+
+
+def _line(text: str, limit: int) -> str:
+    """``text`` on one line, cut to at most ``limit`` characters."""
+    t = " ".join(text.split())
+    return t if len(t) <= limit else t[: limit - 3] + "..."
+
+
+def _show(value, limit: int = 60) -> str:
+    """A one-line ``repr`` of at most ``limit`` characters, for error messages."""
+    return _line(repr(value), limit)
+
+
+def _format(value, name: str = "dtype"):
+    """An explicit format: a name or alias, a NumPy dtype (any byte order), a torch dtype,
+    or a :class:`~numstab.precision.Format`; the error names the argument."""
+    valid = ", ".join(available_formats())
+    if value is None:
+        raise ValueError(f"{name}: unknown format None; valid formats: {valid}")
+    if type(value).__module__ == "torch" and str(value).startswith("torch."):
+        try:  # torch.float16 (torch.half too) is "float16"
+            return get_format(str(value)[len("torch.") :])
+        except ValueError:
+            raise ValueError(f"{name}: unknown format {value}; valid formats: {valid}") from None
+    if isinstance(value, (str, Format)):
+        try:
+            return get_format(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    try:
+        dt = np.dtype(value) if isinstance(value, (np.dtype, type)) else None
+    except TypeError:
+        dt = None
+    fmt = format_of(dt) if dt is not None else None
+    if fmt is None:
+        raise ValueError(f"{name}: unknown format {_show(value)}; valid formats: {valid}")
+    return fmt
+
+
+def _own_format(arrays, name: str, weak=()):
+    """The format the arrays carry: their own floating format (float16, bfloat16, float32,
+    float64, longdouble); float32 for integers and bools, which carry none.
+
+    ``arrays`` are ``(argument name, array)`` pairs; those named in ``weak`` came from Python
+    scalars, which take the others' format (as in NumPy's promotion) and count only when no
+    other operand has one (a Python float is float64). Two different formats are refused:
+    the caller must say which one it means (``name`` is that argument).
+    """
+    owned = []
+    for arg, a in arrays:
+        try:
+            f = format_of(a)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {arg} has dtype {a.dtype}, and {exc}") from None
+        if f is not None:
+            owned.append((arg, f))
+    if any(arg not in weak for arg, _ in owned):
+        owned = [(arg, f) for arg, f in owned if arg not in weak]
+    names = {f.name for _, f in owned}
+    if len(names) > 1:
+        which = " and ".join(f"{arg} is {f.name}" for arg, f in owned)
+        raise ValueError(f"{name}: {which}; pass {name} to say which format to use")
+    if owned:
+        return owned[0][1]
+    return _FLOAT32
+
+
+def _python_scalar(x) -> bool:
+    """Python ints and floats (not bools): "weak" operands without a format of their own."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_number(v) -> bool:
+    """A real number: Python / NumPy ints, floats and bools, ml_dtypes floats, mpf."""
+    if isinstance(v, (numbers.Real, np.bool_)) or hasattr(v, "_mpf_"):
+        return True
+    return isinstance(v, np.generic) and _is_real(v.dtype)
+
+
+def _from_torch(x, name: str):
+    """A torch tensor as a NumPy array of the same format (bfloat16 through ml_dtypes);
+    anything else unchanged. torch is never imported here."""
+    if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
+        return x
+    try:
+        t = x.detach().cpu()  # a tensor that requires grad, or lives on a GPU
+        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen exactly, and back
+            return t.float().numpy().astype(_BF16)
+        return t.numpy()
+    except (RuntimeError, TypeError) as exc:  # sparse, meta, or dtypes NumPy lacks (fp8)
+        raise TypeError(f"{name}: cannot read this torch tensor: {_line(str(exc), 120)}") from None
+
+
+def _array(x, name: str) -> np.ndarray:
+    """``x`` as a NumPy array in native byte order (values unchanged).
+
+    Raises ValueError for nested sequences that do not form an array, and TypeError naming
+    the first entry that is not a real number (``logits[1, 2]: None is not a real number``)
+    in an object array or in a list that NumPy turned into strings or complex numbers.
+    Arrays of other dtypes are returned for the caller to check.
+    """
+    x = _from_torch(x, name)
+    try:
+        a = to_numpy(x)  # NumPy as is, CuPy copied to the host, anything else np.asarray
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, mostly
+        raise ValueError(f"{name}: not an array of numbers: {_line(str(exc), 200)}") from None
+    from_python = type(x).__module__ == "builtins"  # a list or a scalar: its entries matter
+    if a.dtype == object or (from_python and a.dtype.kind in "USc"):
+        objs = a if a.dtype == object else np.asarray(x, dtype=object)
+        for idx in np.ndindex(objs.shape):
+            v = objs[idx]
+            if not _is_number(v):
+                where = f"[{', '.join(map(str, idx))}]" if idx else ""
+                raise TypeError(
+                    f"{name}{where}: {_show(v)} is not a real number ({type(v).__name__})"
+                )
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
 
 
 def _is_real(dt) -> bool:
@@ -94,9 +215,18 @@ def _broadcast(x, y, xname, yname):
 
 
 def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, allowed))}")
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"unknown {name} {_show(value)}; valid: {', '.join(map(str, allowed))}")
     return value
+
+
+def _eps(eps):
+    """:func:`numstab.functional._check_eps`, its message on one line (an array's repr spans
+    several)."""
+    try:
+        return _check_eps(eps)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(_line(str(exc), 200)) from None
 
 
 def _widen16(a: np.ndarray) -> np.ndarray:
@@ -104,9 +234,10 @@ def _widen16(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
 
 
-def _logits(logits, *, allow_nonfinite: bool = True) -> np.ndarray:
-    z = _widen16(np.asarray(logits))
-    if z.dtype.kind not in "fiu":
+def _logits(z: np.ndarray) -> np.ndarray:
+    """Checked 2-D logits (from :func:`_array`), widened: bfloat16 to float32, integers to
+    float64 (both exact for the values a format can round)."""
+    if not (z.dtype.kind in "fiu" or z.dtype == _BF16):
         raise TypeError(
             f"logits must be a real floating array (float16, bfloat16, float32, float64 or "
             f"longdouble), got dtype {z.dtype}"
@@ -116,26 +247,35 @@ def _logits(logits, *, allow_nonfinite: bool = True) -> np.ndarray:
     if z.shape[1] == 0:
         raise ValueError(f"logits need at least one class, got shape {z.shape}")
     if z.dtype.kind in "iu":
-        z = z.astype(np.float64)
-    return z
+        return z.astype(np.float64)
+    return _widen16(z)
+
+
+def _logits_and_format(logits, dtype):
+    """The entry of the logit audits: the checked, widened array, and its format (``dtype``,
+    or the array's own)."""
+    z = _array(logits, "logits")
+    zw = _logits(z)  # a bad array is refused before its format is asked for
+    fmt = _format(dtype) if dtype is not None else _own_format([("logits", z)], "dtype")
+    return zw, fmt
 
 
 def _labels(labels, n: int, c: int) -> np.ndarray:
-    y = np.asarray(labels)
+    y = _array(labels, "labels")
     if y.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got dtype {y.dtype}")
     if y.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) to match the logits, got {y.shape}")
     if n and (y.min() < 0 or y.max() >= c):
-        bad = y[(y < 0) | (y >= c)][0]
-        raise ValueError(f"label {bad} is out of range: labels must lie in [0, {c})")
+        i = int(np.flatnonzero((y < 0) | (y >= c))[0])
+        raise ValueError(f"labels[{i}]: {y[i]} is out of range; labels must lie in [0, {c})")
     return y.astype(np.int64)
 
 
 # --- elementwise utilities ----------------------------------------------------------------
 
 
-def ulp_error(computed, exact_values, fmt) -> np.ndarray:
+def ulp_error(computed, exact_values, fmt=None) -> np.ndarray:
     """Absolute error in units in the last place of ``fmt``, per element.
 
     ``|computed - exact| / ulp(exact)``, where ``ulp(x) = 2**(max(e, emin) - p + 1)`` for
@@ -145,11 +285,16 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
     Parameters
     ----------
     computed : array_like
-        Values in (or rounded to) ``fmt``.
-    exact_values : array_like of float or object array of mpf
-        The reference. mpf values are used exactly; float64 is adequate for formats up to
-        float32 (error ≤ 2**-29 ulp).
-    fmt : str or Format
+        Values in (or rounded to) ``fmt``: an array of a float format, a torch tensor, a
+        (nested) list of numbers, or a scalar.
+    exact_values : array_like of float, or of mpf (object array or list)
+        The reference. mpf values, ints and floats are used exactly (rationals to 256 bits);
+        float64 is adequate for formats up to float32 (error ≤ 2**-29 ulp).
+    fmt : str, dtype, Format or None
+        The format whose ulps count. None (default): the format of ``computed``'s own dtype
+        (float16, bfloat16, float32, float64, longdouble; any byte order); float64 for Python
+        floats; float32 for integers and bools, which carry no format. numstab's float16 and
+        bfloat16 results come in float32 carriers: pass ``fmt`` for them.
 
     Returns
     -------
@@ -160,13 +305,18 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
     Raises
     ------
     TypeError
-        Complex, string or other non-real dtypes.
+        Complex, string or other non-real dtypes; an entry that is not a real number (the
+        message names it: ``exact_values[3]: None is not a real number``).
     ValueError
-        Shapes that do not broadcast, unknown ``fmt``.
+        Shapes that do not broadcast, ragged nested lists, unknown ``fmt``.
+
+    Examples
+    --------
+    >>> float(ulp_error(np.float16(1 + 2**-10), 1.0))  # one float16 ulp (the array's format)
+    1.0
     """
-    fmt = _format(fmt)
-    c = np.asarray(computed)
-    e = np.asarray(exact_values)
+    c = _array(computed, "computed")
+    e = _array(exact_values, "exact_values")
     if not _is_real(c.dtype):
         raise TypeError(f"computed must be an array of real numbers, got dtype {c.dtype}")
     if not (_is_real(e.dtype) or e.dtype == object):
@@ -174,7 +324,9 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
             f"exact_values must be an array of real numbers or an object array of mpf, got "
             f"dtype {e.dtype}"
         )
+    fmt = _format(fmt, "fmt") if fmt is not None else _own_format([("computed", c)], "fmt")
     _broadcast(c, e, "computed", "exact_values")
+    c = _widen16(c)
     if e.dtype == object:
         out = np.empty(np.broadcast_shapes(c.shape, e.shape), dtype=np.float64)
         cb, eb = np.broadcast_arrays(c, e)
@@ -205,14 +357,24 @@ def ulp_error(computed, exact_values, fmt) -> np.ndarray:
     return err.astype(np.float64)
 
 
+def _exact_scalar(v):
+    """The mpf of a real number (checked by :func:`_is_number`): exact for floats of every
+    format and for ints; a rational to 256 bits."""
+    if hasattr(v, "_mpf_"):
+        return v
+    if isinstance(v, (bool, np.bool_, numbers.Integral)):
+        return exact.to_exact(int(v))
+    if isinstance(v, numbers.Rational):
+        ctx = exact.context()
+        return ctx.mpf(v.numerator) / v.denominator
+    if isinstance(v, (float, np.generic)):
+        return exact.to_exact(v)
+    return exact.context().mpf(float(v))
+
+
 def _ulp_error_mpf(c, e, fmt) -> float:
     ctx = exact.context()
-    if isinstance(c, type(ctx.mpf(0))):
-        ce = c
-    else:
-        ce = exact.to_exact(np.asarray(c))
-        if isinstance(ce, np.ndarray):
-            ce = ce[()]
+    ce, e = _exact_scalar(c), _exact_scalar(e)
     if ctx.isnan(ce) and ctx.isnan(e):
         return 0.0
     if ctx.isnan(ce) or ctx.isnan(e) or ctx.isinf(ce) or ctx.isinf(e):
@@ -230,25 +392,42 @@ def _ulp_error_mpf(c, e, fmt) -> float:
     return float(abs(ce - e) / q)
 
 
-def absorbed(a, b, fmt) -> np.ndarray:
+def absorbed(a, b, fmt=None) -> np.ndarray:
     """Elementwise mask of ``fl(a + b) == a`` with ``b != 0``: ``b`` is lost when added to ``a``.
 
     Both operands are first rounded to ``fmt`` (so pass values already in the format to ask
     about exactly those values); the sum is correctly rounded in ``fmt``. NaN operands are
     never absorbed (NaN compares unequal); ``a = ±inf`` absorbs every finite ``b``.
 
+    Parameters
+    ----------
+    a, b : array_like of real numbers (arrays of any format, torch tensors, lists, scalars)
+        Broadcast together.
+    fmt : str, dtype, Format or None
+        None (default): the operands' own format. A Python int or float takes the other
+        operand's format (as in NumPy's promotion); two Python floats, or lists of floats,
+        are float64; integers and bools alone are float32. Operands of two different
+        formats are refused (ValueError): pass ``fmt``.
+
     Examples
     --------
     >>> absorbed(1.0, 2.0**-24, "float32"), absorbed(1.0, 2.0**-23, "float32")
     (np.True_, np.False_)
+    >>> absorbed(np.float16(1), 2.0**-11), absorbed(1.0, 2.0**-11)  # float16, float64
+    (np.True_, np.False_)
     """
-    fmt = _format(fmt)
-    a, b = _widen16(np.asarray(a)), _widen16(np.asarray(b))
+    weak = [_python_scalar(a), _python_scalar(b)]
+    a, b = _array(a, "a"), _array(b, "b")
     for name, v in (("a", a), ("b", b)):
-        dt = v.dtype
-        if dt.kind not in "fiub":
-            raise TypeError(f"{name} must be a real numeric array, got dtype {dt}")
-    _broadcast(np.asarray(a), np.asarray(b), "a", "b")
+        if not _is_real(v.dtype):
+            raise TypeError(f"{name} must be a real numeric array, got dtype {v.dtype}")
+    if fmt is not None:
+        fmt = _format(fmt, "fmt")
+    else:
+        scalars = [n for n, w in zip("ab", weak, strict=True) if w]
+        fmt = _own_format([("a", a), ("b", b)], "fmt", weak=scalars)
+    a, b = _widen16(a), _widen16(b)
+    _broadcast(a, b, "a", "b")
     with np.errstate(invalid="ignore", over="ignore"):
         aq = quantize(np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float32)), fmt)
         bq = quantize(np.asarray(b, dtype=np.result_type(np.asarray(b).dtype, np.float32)), fmt)
@@ -258,7 +437,7 @@ def absorbed(a, b, fmt) -> np.ndarray:
 
 
 def sc_fraction(
-    logits, *, dtype="float32", kind: str = "softmax", order: str = "pairwise", eps: float = 0.0
+    logits, *, dtype=None, kind: str = "softmax", order: str = "pairwise", eps: float = 0.0
 ) -> float:
     """Fraction of rows in Softmax Collapse in a format and summation order.
 
@@ -268,9 +447,13 @@ def sc_fraction(
 
     Parameters
     ----------
-    logits : ndarray, shape (N, C)
-    dtype : str
-        float16, bfloat16, float32, float64 or longdouble (aliases accepted).
+    logits : array_like, shape (N, C)
+        An array of a float format or of integers, a torch tensor, or nested lists.
+    dtype : str, dtype, Format or None
+        The format. None (default): the logits' own format (float16, ml_dtypes bfloat16,
+        float32, float64 or longdouble, in any byte order; a torch tensor's dtype); float64
+        for lists of Python floats; float32 for integer logits, which carry no format.
+        numstab's float16 / bfloat16 logits come in float32 carriers: pass ``dtype`` for them.
     kind : {"softmax", "stablemax"}
     order : {"pairwise", "sequential", "wide", "sorted"}
     eps : float
@@ -280,12 +463,17 @@ def sc_fraction(
     -------
     float
         In [0, 1]; NaN for zero rows. Rows containing NaN never count as collapsed.
+
+    Examples
+    --------
+    >>> z16 = np.array([[0.0, -10.0], [0.0, -2.0]], dtype=np.float16)
+    >>> sc_fraction(z16), sc_fraction(z16, dtype="float32")  # e^-10 is absorbed in float16
+    (0.5, 0.0)
     """
-    fmt = _format(dtype)
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
-    _check_eps(eps)
-    z = _logits(logits)
+    _eps(eps)
+    z, fmt = _logits_and_format(logits, dtype)
     if z.shape[0] == 0:
         return float("nan")
     return (
@@ -313,12 +501,13 @@ def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
 
     Parameters
     ----------
-    dtype : str
+    dtype : str, dtype or Format
+        Required: there is no array to take a format from.
     n_classes : int, >= 2
     """
     fmt = _format(dtype)
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+        raise ValueError(f"n_classes must be an integer >= 2, got {_show(n_classes)}")
     try:
         float(n_classes - 1)
     except OverflowError:
@@ -367,16 +556,16 @@ def nlm_cosine(params: dict, grads: dict) -> dict:
         )
     missing = set(params) ^ set(grads)
     if missing:
-        raise ValueError(f"params and grads must have the same keys; differing: {sorted(missing)}")
+        differing = sorted(missing, key=repr)
+        raise ValueError(f"params and grads must have the same keys; differing: {differing}")
     wide_p, wide_g = {}, {}
     for k in params:
-        if np.shape(params[k]) != np.shape(grads[k]):
-            raise ValueError(
-                f"shape mismatch for {k!r}: params {np.shape(params[k])}, "
-                f"grads {np.shape(grads[k])}"
-            )
         wide_p[k] = _wide_tensor(params[k], f"params[{k!r}]")
         wide_g[k] = _wide_tensor(grads[k], f"grads[{k!r}]")
+        if wide_p[k].shape != wide_g[k].shape:
+            raise ValueError(
+                f"shape mismatch for {k!r}: params {wide_p[k].shape}, grads {wide_g[k].shape}"
+            )
     with np.errstate(all="ignore"):  # NaN / inf tensors give NaN, as documented
         ep, eg = _pow2_exponent(wide_p.values()), _pow2_exponent(wide_g.values())
         out = param_cosines(
@@ -395,7 +584,7 @@ def nlm_cosine(params: dict, grads: dict) -> dict:
 
 def _wide_tensor(v, name) -> np.ndarray:
     """``v`` exactly widened to float64 (longdouble stays longdouble)."""
-    a = np.asarray(v)
+    a = _array(v, name)
     if not _is_real(a.dtype) or a.dtype.kind == "b":
         raise TypeError(f"{name} must be an array of real numbers, got dtype {a.dtype}")
     return a.astype(np.longdouble if a.dtype == np.longdouble else np.float64)
@@ -509,7 +698,7 @@ def audit_cross_entropy(
     logits,
     labels,
     *,
-    dtype="float32",
+    dtype=None,
     kind: str = "softmax",
     order: str = "pairwise",
     eps: float = 0.0,
@@ -519,12 +708,17 @@ def audit_cross_entropy(
 
     Parameters
     ----------
-    logits : ndarray, shape (N, C)
+    logits : array_like, shape (N, C)
         Rounded to ``dtype`` first; the exact reference uses the same rounded values, so the
-        audit measures the loss computation, not the rounding of its input.
-    labels : int ndarray, shape (N,)
-    dtype : str
-        Format of the loss computation.
+        audit measures the loss computation, not the rounding of its input. An array of a
+        float format or of integers, a torch tensor, or nested lists.
+    labels : int array_like, shape (N,)
+    dtype : str, dtype, Format or None
+        Format of the loss computation. None (default): the logits' own format (float16,
+        ml_dtypes bfloat16, float32, float64 or longdouble, in any byte order; a torch
+        tensor's dtype); float64 for lists of Python floats; float32 for integer logits, which
+        carry no format. numstab's float16 / bfloat16 logits come in float32 carriers: pass
+        ``dtype`` for them.
     kind : {"softmax", "stablemax"}
         Softmax cross-entropy as frameworks compute it, or StableMax cross-entropy.
     order : {"pairwise", "sequential", "wide", "sorted"}
@@ -543,21 +737,21 @@ def audit_cross_entropy(
     Raises
     ------
     ValueError, TypeError
-        Logits not 2-D, no classes, non-real dtype; labels of the wrong dtype, length or range;
-        unknown dtype, kind, order or method; ``eps`` negative, not finite or not a real number
-        (each message names the bad value).
+        Logits not 2-D, no classes, non-real dtype, an entry that is not a number; labels of
+        the wrong dtype, length or range; unknown dtype, kind, order or method; ``eps``
+        negative, not finite or not a real number (each message names the argument and the
+        bad value).
 
     Notes
     -----
     Rows with NaN or ±inf logits are audited too: the computed side does what IEEE arithmetic
     does, the exact side follows mpmath's inf/NaN rules, and such rows always use mpmath.
     """
-    fmt = _format(dtype)
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
     _choice("method", method, AUDIT_METHODS)
-    _check_eps(eps)
-    z = _logits(logits)
+    _eps(eps)
+    z, fmt = _logits_and_format(logits, dtype)
     y = _labels(labels, z.shape[0], z.shape[1])
     t0 = time.perf_counter()
     with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
@@ -767,7 +961,7 @@ def _stablemax_fraction(x: Fraction, eps: float) -> Fraction:
 
 
 def exact_logit_gradient(
-    logits, labels, *, dtype="float32", kind: str = "softmax", eps: float = 0.0
+    logits, labels, *, dtype=None, kind: str = "softmax", eps: float = 0.0
 ) -> np.ndarray:
     """The exact per-sample logit gradient ``∂L_i/∂z_i`` of the logits as rounded to ``dtype``.
 
@@ -778,15 +972,29 @@ def exact_logit_gradient(
     :func:`audit_cross_entropy`'s fast path); rows with non-finite logits (or longdouble logits
     beyond float64's range) go through mpmath.
 
+    Parameters
+    ----------
+    logits : array_like, shape (N, C)
+    labels : int array_like, shape (N,)
+    dtype : str, dtype, Format or None
+        The format the logits are rounded to first. None (default): the logits' own format
+        (float16, ml_dtypes bfloat16, float32, float64 or longdouble, in any byte order; a
+        torch tensor's dtype); float64 for lists of Python floats; float32 for integer
+        logits, which carry no format. numstab's float16 / bfloat16 logits come in float32
+        carriers: pass ``dtype`` for them.
+    kind : {"softmax", "stablemax"}
+    eps : float
+        StableMax denominator epsilon.
+
     Returns
     -------
     ndarray, float64, shape (N, C)
     """
-    fmt = _format(dtype)
     _choice("kind", kind, AUDIT_KINDS)
-    _check_eps(eps)
+    _eps(eps)
+    z, fmt = _logits_and_format(logits, dtype)
     with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
-        zq = quantize(_logits(logits), fmt)
+        zq = quantize(z, fmt)
         z = zq.astype(np.float64)  # longdouble beyond float64's range: inf, so mpmath below
     n, c = z.shape
     y = _labels(labels, n, c)
