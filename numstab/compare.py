@@ -633,12 +633,7 @@ def main(argv=None) -> int:
             auditor.records = list(state.get("audit", []))
             auditor.seconds = float(state.get("audit_seconds", 0.0))
             finished = bool(state.get("finished"))
-        bar = cli.progress_bar(
-            args.steps,
-            f"{args.dtype} vs {ref_name or '-'}",
-            args.quiet,
-            initial=runs["test"].step,
-        )
+        bar = None
 
         def emit(line: str) -> None:
             if bar is not None:
@@ -647,11 +642,17 @@ def main(argv=None) -> int:
                 print(line, flush=True)
 
         table = None
-        if not args.json:
+        if not args.json:  # the header first: a terminal bar then stays below it
             _print_header(args, test_cfg, ref_name, why)
             table = _Table(auditor.records, log, ref_name, args.steps, emit)
             table.header()
             table.print_ready(runs["test"].step - 1)  # the rows of earlier legs
+        bar = cli.progress_bar(
+            args.steps,
+            f"{args.dtype} vs {ref_name or '-'}",
+            args.quiet,
+            initial=runs["test"].step,
+        )
 
         def on_step(t):
             if bar is not None:
