@@ -240,8 +240,9 @@ _K64 = 1 << 9  # float64 ulps on each side of a float32 midpoint: 2**9 * 2**-52 
 
 def _bracket_ambiguous(w, fmt: Format, rel: float, xp):
     """``w (1 - rel)`` and ``w (1 + rel)`` round to different values of ``fmt``."""
-    lo = quantize(w * (1.0 - rel), fmt)
-    hi = quantize(w * (1.0 + rel), fmt)
+    d = w * rel  # exact (a power of two); 1 - rel would round to 1 in float64 for 2**-60
+    lo = quantize(w - d, fmt)
+    hi = quantize(w + d, fmt)
     return (lo != hi) & xp.isfinite(w)
 
 
