@@ -108,10 +108,11 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str) -> None:
         "--resume",
         default=None,
         metavar="DIR",
-        help="continue the run whose outputs and checkpoint are in DIR (implies --out DIR)",
+        help="continue the run whose outputs and checkpoint are in DIR (implies --out DIR), "
+        "with its options from the checkpoint (options given must equal them)",
     )
     a("--json", action="store_true", help="print the summary JSON instead of the report")
-    a("--quiet", action="store_true", help="no progress bar")
+    a("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
 def config_from_args(args, **overrides) -> TrainConfig:

@@ -81,12 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit-every",
         type=int,
         default=DEFAULTS["audit_every"],
+        metavar="N",
         help="exact-audit interval (steps)",
     )
     p.add_argument(
         "--audit-samples",
         type=int,
         default=None,
+        metavar="N",
         help="audit a seeded subset of this many training samples (default: all)",
     )
     cli.add_output_options(p, what="metrics.csv, summary.json, compare.png and checkpoints")
