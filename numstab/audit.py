@@ -251,17 +251,30 @@ def _logits(z: np.ndarray) -> np.ndarray:
     return _widen16(z)
 
 
+def _round(x: np.ndarray, fmt) -> np.ndarray:
+    """:func:`~numstab.precision.quantize`, and for longdouble input to float16 / bfloat16
+    (which it refuses: x87 values have no exact bit view, and going through float64 would
+    round twice) the exact rounding of :func:`numstab.exact.round_exact` (mpmath, per element)."""
+    if x.dtype == np.longdouble and fmt.is_emulated:
+        return exact.round_exact(x, fmt).astype(np.float32)  # exact: the values are in fmt
+    return quantize(x, fmt)
+
+
 def _logits_and_format(logits, dtype):
     """The entry of the logit audits: the checked, widened array, and its format (``dtype``,
-    or the array's own)."""
+    or the array's own). longdouble logits audited in float16 / bfloat16 come rounded."""
     z = _array(logits, "logits")
     zw = _logits(z)  # a bad array is refused before its format is asked for
     fmt = _format(dtype) if dtype is not None else _own_format([("logits", z)], "dtype")
+    if zw.dtype == np.longdouble and fmt.is_emulated:
+        zw = _round(zw, fmt)
     return zw, fmt
 
 
 def _labels(labels, n: int, c: int) -> np.ndarray:
     y = _array(labels, "labels")
+    if y.size == 0 and type(labels).__module__ == "builtins":
+        y = y.astype(np.int64)  # an empty list: NumPy makes it float64
     if y.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got dtype {y.dtype}")
     if y.shape != (n,):
@@ -429,8 +442,8 @@ def absorbed(a, b, fmt=None) -> np.ndarray:
     a, b = _widen16(a), _widen16(b)
     _broadcast(a, b, "a", "b")
     with np.errstate(invalid="ignore", over="ignore"):
-        aq = quantize(np.asarray(a, dtype=np.result_type(np.asarray(a).dtype, np.float32)), fmt)
-        bq = quantize(np.asarray(b, dtype=np.result_type(np.asarray(b).dtype, np.float32)), fmt)
+        aq = _round(np.asarray(a, dtype=np.result_type(a.dtype, np.float32)), fmt)
+        bq = _round(np.asarray(b, dtype=np.result_type(b.dtype, np.float32)), fmt)
         s = quantize(aq + bq, fmt)
     out = (s == aq) & (bq != 0)
     return out[()] if out.ndim == 0 else out

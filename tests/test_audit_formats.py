@@ -231,6 +231,38 @@ def test_sc_gap_window_still_needs_a_format():
         sc_gap_window(None, 3)
 
 
+@pytest.mark.skipif(not HAS_LD, reason="longdouble is not x87 80-bit here")
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_longdouble_input_to_16_bit_formats_is_rounded_once(fmt):
+    """x = 1 + 2**-p + 2**-60 (64 bits) rounds correctly up to 1 + 2**(1-p); through float64
+    it would first become the tie 1 + 2**-p and then 1 (ties to even). These calls used to
+    raise TypeError ("rounding longdouble input to float16 is not supported")."""
+    f = get_format(fmt)
+    one = np.longdouble(1)
+    x = one + np.ldexp(one, -f.precision) + np.ldexp(one, -60)
+    up = 1 + 2.0 ** (1 - f.precision)  # the correct rounding, by hand
+    z = np.array([[x, 0]], dtype=np.longdouble)
+    want = audit_cross_entropy(np.array([[up, 0.0]]), [1], dtype=fmt)
+    got = audit_cross_entropy(z, [1], dtype=fmt)
+    assert got.loss_exact.tolist() == want.loss_exact.tolist()
+    assert got.loss.tolist() == want.loss.tolist()
+    g = exact_logit_gradient(z, [1], dtype=fmt)
+    assert g.tolist() == exact_logit_gradient(np.array([[up, 0.0]]), [1], dtype=fmt).tolist()
+    ref = exact.round_exact(exact.cross_entropy_grad(np.array([[up, 0.0]]), [1]), "float64")
+    np.testing.assert_allclose(g, ref.astype(float), rtol=(2 + 1 + 2**12) * 2.0**-52)
+    assert sc_fraction(z, dtype=fmt) == 0.0
+    # fl(up + 2**-p) is the tie between up and up + 2**(1-p): even is the latter, so 2**-p
+    # is not absorbed; from the wrongly rounded 1 it would be.
+    b = np.array([np.ldexp(one, -f.precision)])
+    assert absorbed(np.array([x]), b, fmt).tolist() == [False]
+    assert absorbed(np.array([one]), b, fmt).tolist() == [True]
+
+
+def test_empty_label_list_for_no_rows():
+    assert len(audit_cross_entropy(np.zeros((0, 3)), [])) == 0
+    assert exact_logit_gradient(np.zeros((0, 3)), []).shape == (0, 3)
+
+
 # --- 2. byte order ------------------------------------------------------------------------------
 
 
