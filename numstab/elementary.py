@@ -77,9 +77,7 @@ _REL_DD = 2.0**-68  # window around the double-double exp (error < 2**-72)
 def check_mode(mode) -> str:
     """Return ``mode`` if it is one of :data:`ELEMENTARY_MODES`, else raise ``ValueError``."""
     if mode not in ELEMENTARY_MODES:
-        raise ValueError(
-            f"unknown elementary mode {mode!r}; valid: {', '.join(ELEMENTARY_MODES)}"
-        )
+        raise ValueError(f"unknown elementary mode {mode!r}; valid: {', '.join(ELEMENTARY_MODES)}")
     return mode
 
 

@@ -650,9 +650,7 @@ def loss_forward(
             f"got {tuple(labels.shape)}"
         )
     try:
-        loss, total, probs, extra = _loss_forward(
-            z, labels, kind, fmt, order, eps, elementary, xp
-        )
+        loss, total, probs, extra = _loss_forward(z, labels, kind, fmt, order, eps, elementary, xp)
     except IndexError:
         raise ValueError(
             f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
@@ -699,9 +697,7 @@ def _loss_forward(z, labels, kind, fmt, order, eps, elementary, xp):
             probs = quantize(e / denom[:, None], fmt)
             probs = put_at(probs, top, quantize(1.0 / denom, fmt))
             m = take_at(z, top)
-            loss = quantize(
-                quantize(m - take_at(z, labels), fmt) + elem("log1p", total), fmt
-            )
+            loss = quantize(quantize(m - take_at(z, labels), fmt) + elem("log1p", total), fmt)
             extra = (top, denom)
     return loss, total, probs, extra
 

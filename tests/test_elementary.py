@@ -377,7 +377,7 @@ def test_longdouble_sample(name):
 def test_array_api_strict_gives_the_same_bits(name, fmt):
     xps = pytest.importorskip("array_api_strict")
     x = (float32_inputs if fmt == "float32" else float64_inputs)(name)
-    x = x[: 1200] if fmt == "float64" else x
+    x = x[:1200] if fmt == "float64" else x
     x = x.astype(get_format(fmt).dtype)
     host = el.evaluate(name, x, fmt)
     dev = el.evaluate(name, xps.asarray(x), fmt)

@@ -8,8 +8,10 @@ exact integer / ``math.fsum`` arithmetic.
 Error model behind every tolerance (float64 unless stated)
 ----------------------------------------------------------
 * ``u = 2**-53``; ``+ - * /`` are correctly rounded (relative error <= u).
-* NumPy's float64 ``exp``, ``log`` and ``log1p`` are within 2 ulps, i.e. relative error
-  ``EXP = 4u`` (an ulp is at most ``2u`` relative); ``test_libm_accuracy_assumption`` checks it.
+* ``elementary="correct"`` (the default): ``exp``, ``log`` and ``log1p`` are correctly
+  rounded (``tests/test_elementary.py``), relative error ``u``. ``elementary="libm"``: NumPy's
+  float64 functions are within 2 ulps, i.e. relative error ``EXP = 4u`` (an ulp is at most
+  ``2u`` relative); ``test_libm_accuracy_assumption`` checks it.
 * A sum or dot product of ``n`` terms, in any order, is within ``γ_n · Σ|terms|`` of the exact
   value, ``γ_n = n·u / (1 - n·u)``.
 * The loss bounds are first order; the factor ``SLACK = 1.01`` covers the second-order terms
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
@@ -39,6 +42,7 @@ from numstab import exact as ex
 from numstab.functional import (
     LOSS_KINDS,
     GatherPlan,
+    LossCache,
     collapse_mask,
     gather_backward,
     gather_forward,
@@ -417,9 +421,10 @@ def test_gather_forward_adds_three_indices_in_slot_order(fmt):
     np.testing.assert_array_equal(bits(h), bits(ref))
     # Pinned: [1, 2**-24, 2**-24] left to right is 1 (each tiny term absorbed).
     W1 = np.array([[1.0], [2.0**-24], [2.0**-24]], np.float32)
-    assert gather_forward(np.array([[0, 1, 2]]), W1, None, PrecisionPolicy.uniform("float32"))[
-        0
-    ][0, 0] == 1.0
+    assert (
+        gather_forward(np.array([[0, 1, 2]]), W1, None, PrecisionPolicy.uniform("float32"))[0][0, 0]
+        == 1.0
+    )
 
 
 def test_gather_forward_signed_zero_matches_onehot_gemm():
@@ -567,7 +572,8 @@ def softmax_bounds(z, y, dl, U=U, EXP=EXP):
     ``ρ + EXP·log C``; ``lsm_k = fl(d_k - lse)``: abs
     ``Δ_k = u·gap_k + ρ + EXP·log C + u·|lsm_k|`` with ``|lsm_k| <= gap_k + log C``.
     loss = -lsm_y. ``p_k = fl(exp lsm_k)``: rel ``Δ_k + EXP``; ``g_k = fl(p_k·dl)``: +u;
-    target ``fl(g_y - dl)``: + u|g_y|. ETA covers results that underflow.
+    target ``RN(dl·(p_y - 1))``: ``dl·p_y·rel(p_y)`` + u|g_y|. ETA covers results that
+    underflow.
     """
     N, C = z.shape
     rows = np.arange(N)
@@ -591,9 +597,9 @@ def stablemax_bounds(z, y, dl, eps, U=U, EXP=EXP):
     ``s_k``: ``fl(z+1)`` (rel u) or ``fl(1/fl(1 - z (+ eps)))`` (rel 2u; eps shifts the exact
     value by a relative ``eps`` at most); ``S = Σ s``: rel ``ρ_S = ρ_s + (C-1)u``;
     ``p = fl(s/S)``: rel ``ρ_p = ρ_s + ρ_S + u``; loss ``-fl(log p_y)``: abs
-    ``ρ_p + EXP·loss``. Gradient ``fl(fl(s'·dl)·coef)``: ``coef_k = fl(1/S)`` (abs
-    ``(ρ_S+u)/S``), ``coef_y = fl(1/S - fl(1/s_y))`` (+ ``(ρ_s+u)/s_y + u|coef_y|``),
-    ``s' = 1`` or ``fl(s·s)`` (rel ``2ρ_s + u``), two more roundings.
+    ``ρ_p + EXP·loss``. Gradient ``g_k = dl·(p_k - δ_ky)·c_k``, ``c = s`` (z < 0) or ``1/s``:
+    ``t_k = RN(dl·(p_k - δ))`` (abs ``dl·p_k·ρ_p + u·|t_k|``), then ``RN(t·s)`` or
+    ``RN(t/s)`` (``s`` rel ``ρ_s``, one rounding ``u``).
     """
     N, C = z.shape
     rows = np.arange(N)
@@ -604,13 +610,12 @@ def stablemax_bounds(z, y, dl, eps, U=U, EXP=EXP):
     rho_p = rho_s + rho_S + U
     loss_mag = -np.log(s[rows, y] / S[:, 0])
     loss_err = rho_p + EXP * loss_mag + ETA
-    coef = np.broadcast_to(1 / S, z.shape).copy()
-    coef[rows, y] -= 1 / s[rows, y]
-    coef_err = np.broadcast_to((rho_S + U) / S, z.shape).copy()
-    coef_err[rows, y] += (rho_s + U) / s[rows, y] + U * np.abs(coef[rows, y])
-    deriv = np.where(z >= 0, 1.0, s * s)
+    p = s / S
+    pm = p.copy()
+    pm[rows, y] -= 1  # p_k - δ_ky
+    c = np.where(z >= 0, 1 / s, s)
     dl = np.abs(np.broadcast_to(dl, (N,)))[:, None]
-    grad_err = dl * deriv * (coef_err + np.abs(coef) * (2 * rho_s + 3 * U)) + ETA
+    grad_err = dl * c * (p * rho_p + np.abs(pm) * (rho_s + 2 * U)) + ETA
     return loss_err, grad_err
 
 
@@ -621,8 +626,9 @@ def softmax_stable_bounds(z, y, dl, U=U, EXP=EXP):
     ``ρ·t/(1+t) + EXP·log1p t``; loss = fl(gap_y + that) (+ u·gap_y + u·loss: both terms are
     >= 0, no cancellation). ``denom = fl(1 + t)``: rel ``δ = u + ρ·t/(1+t)``;
     ``p_k = fl(e_k/denom)``: rel ``EXP + u·gap_k + δ + u``; ``p_top = fl(1/denom)``: rel
-    ``δ + u``. Target at top: ``fl(-t/denom)``: rel ``ρ + δ + u``; otherwise ``fl(p_y - 1)``:
-    abs ``p_y·rel(p_y) + u(1-p_y)``. Every entry is then multiplied by dl (+u).
+    ``δ + u``. Target at top: ``fl(-t/denom)``: rel ``ρ + δ + u``, then times dl (+u);
+    otherwise ``RN(dl·(p_y - 1))``: abs ``dl·(p_y·rel(p_y) + u(1-p_y))``. Off-target entries
+    are multiplied by dl (+u).
     """
     N, C = z.shape
     rows = np.arange(N)
@@ -655,12 +661,12 @@ def softmax_stable_bounds(z, y, dl, U=U, EXP=EXP):
 LOSS_CASES = [("softmax", 0.0), ("stablemax", 0.0), ("stablemax", 1e-30), ("softmax_stable", 0.0)]
 
 
-def bounds_for(kind, eps, z, y, dl):
+def bounds_for(kind, eps, z, y, dl, U=U, EXP=EXP):
     if kind == "softmax":
-        return softmax_bounds(z, y, dl)
+        return softmax_bounds(z, y, dl, U=U, EXP=EXP)
     if kind == "stablemax":
-        return stablemax_bounds(z, y, dl, eps)
-    return softmax_stable_bounds(z, y, dl)
+        return stablemax_bounds(z, y, dl, eps, U=U, EXP=EXP)
+    return softmax_stable_bounds(z, y, dl, U=U, EXP=EXP)
 
 
 def exact_loss_and_grad(kind, eps, z, y):
@@ -755,17 +761,19 @@ def _with_nasty(test):
     return test
 
 
+@pytest.mark.parametrize("elementary", ["correct", "libm"])
 @pytest.mark.parametrize(("kind", "eps"), LOSS_CASES)
 @given(zy=logit_batches())
 @_with_nasty
-def test_float64_loss_and_gradient_match_exact(kind, eps, zy):
-    """Loss and logit gradient within the derived first-order bounds of the mpmath values."""
+def test_float64_loss_and_gradient_match_exact(kind, eps, elementary, zy):
+    """Loss and logit gradient within the derived first-order bounds of the mpmath values;
+    correctly rounded elementary functions enter the bounds with ``u``, NumPy's with 4u."""
     z, y = zy
     z_before, y_before = z.copy(), y.copy()
-    loss, cache = loss_forward(z, y, kind=kind, fmt="float64", eps=eps)
+    loss, cache = loss_forward(z, y, kind=kind, fmt="float64", eps=eps, elementary=elementary)
     g = loss_backward(cache, 1.0)
     ex_loss, ex_grad = exact_loss_and_grad(kind, eps, z, y)
-    loss_err, grad_err = bounds_for(kind, eps, z, y, 1.0)
+    loss_err, grad_err = bounds_for(kind, eps, z, y, 1.0, EXP=U if elementary == "correct" else EXP)
     assert np.all(mp_abs_err(loss, ex_loss) <= SLACK * (loss_err + U * np.abs(loss)))
     assert np.all(mp_abs_err(g, ex_grad) <= SLACK * grad_err)
     np.testing.assert_array_equal(z, z_before)  # inputs untouched
@@ -1024,3 +1032,161 @@ def test_16_bit_outputs_are_representable(kind, eps, fmt, zy, scale, order):
     for out in (loss, cache.normaliser, cache.probs, g):
         assert out.dtype == np.float32
         assert representable(out, fmt)
+
+
+# --- the target entry of the gradient: one rounding of the exact value ----------------------
+
+TARGET_FORMATS = FORMATS + (["longdouble"] if HAS_LD else [])
+
+# Pairs (p_y, dl) where the former two-rounding formula RN(RN(p_y·dl) - dl) differs from the
+# single rounding RN(dl·(p_y - 1)) (found by a random search, checked with fractions).
+DOUBLE_ROUNDING_TRAPS = {
+    "float32": [("0x1.9a40a6p-1", "0x1.950892p-1"), ("0x1.2305a2p-2", "0x1.a60730p-1")],
+    "float16": [("0x1.c88p-1", "0x1.95cp-1"), ("0x1.71cp-1", "0x1.38p-1")],
+    "float64": [("0x1.5d97d186026aep-1", "0x1.d1f07bff39a12p-1")],
+}
+
+
+def as_fraction(v) -> Fraction:
+    """The exact binary rational of a float of any of the five formats."""
+    t = ex.to_exact(np.asarray(v))
+    man, e = int(t.man), int(t.exp)
+    return Fraction(man) * Fraction(2) ** e
+
+
+def target_cases(fmt, rng):
+    """(p_y, dloss) in ``fmt``: random, near 1 and 0, ties, tiny products, and the traps."""
+    f = get_format(fmt)
+    n = 300
+    p = np.concatenate(
+        [
+            rng.uniform(0, 1, n),
+            1 - 2.0 ** -rng.integers(1, f.precision + 2, 60),
+            2.0 ** -rng.integers(1, 60, 40),
+            [0.0, 1.0, 0.5, 0.25, 0.75],
+        ]
+    )
+    dl = np.concatenate(
+        [
+            rng.uniform(0.5, 1, p.size - 45) * 2.0 ** rng.integers(-30, 4, p.size - 45),
+            2.0 ** -rng.integers(f.precision, 2 * f.precision, 45) * rng.uniform(1, 2, 45),
+        ]
+    )
+    traps = DOUBLE_ROUNDING_TRAPS.get(fmt, [])
+    p = np.concatenate([p, [float.fromhex(a) for a, _ in traps]])
+    dl = np.concatenate([dl, [float.fromhex(b) for _, b in traps]])
+    dt = np.longdouble if fmt == "longdouble" else np.float64
+    return quantize(np.asarray(p, dt), fmt), quantize(np.asarray(dl, dt), fmt)
+
+
+def _cache(kind, fmt, p):
+    """A LossCache whose target column (0) holds ``p`` (label 0 for every row)."""
+    f = get_format(fmt)
+    n = p.shape[0]
+    probs = np.stack([p, np.zeros_like(p)], axis=1).astype(f.carrier)
+    labels = np.zeros(n, dtype=np.int64)
+    extra = (np.ones(n, dtype=np.int64), np.ones(n, dtype=f.carrier)) if kind != "softmax" else ()
+    return LossCache(
+        kind=kind, fmt=f, order="pairwise", labels=labels, normaliser=np.ones(n), probs=probs,
+        extra=extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["softmax", "softmax_stable"])
+@pytest.mark.parametrize("fmt", TARGET_FORMATS)
+def test_target_gradient_is_one_rounding_of_the_exact_value(fmt, kind):
+    """``g_y = RN(dl·(p_y - 1))`` exactly (fractions), for random and nasty ``(p_y, dl)``: ties,
+    ``p_y`` near 1 and 0, products in the subnormal range, and pairs where rounding ``p_y·dl``
+    first gives another value (softmax_stable: a target that is not the argmax)."""
+    rng = np.random.default_rng(11)
+    p, dl = target_cases(fmt, rng)
+    if fmt == "longdouble":
+        dl = dl.astype(np.float64).astype(np.longdouble)  # dloss arrives as float64
+    g = loss_backward(_cache(kind, fmt, p), dl.astype(np.float64))[:, 0]
+    want = ex.round_exact(
+        np.array(
+            [as_fraction(d) * (as_fraction(q) - 1) for q, d in zip(p, dl, strict=True)],
+            dtype=object,
+        ),
+        fmt,
+    )
+    got = np.asarray(g).astype(get_format(fmt).dtype)
+    bad = ~((got == want) & (np.signbit(got) == np.signbit(want)))
+    assert not bad.any(), (fmt, p[bad][:4], dl[bad][:4], got[bad][:4], want[bad][:4])
+
+
+def test_near_collapse_softmax_gradient_regression():
+    """Logits [0, -16] in float32 (a row about to collapse: S = 1 + 2**-23). The declared
+    arithmetic, each operation correctly rounded (evaluated here step by step with mpmath),
+    gives g_0 = -2**-23; the libm exp gave p_0 = 1 - 2**-24 and half that gradient. The exact
+    gradient is -1.1254e-07: |g_0 - exact| stays within one float32 ulp of p_0 (2**-24)."""
+    z = np.array([[0.0, -16.0]], dtype=np.float32)
+    _, cache = loss_forward(z, np.array([0]), kind="softmax", fmt="float32")
+    g = loss_backward(cache, 1.0)
+    ctx = ex.context(200)
+
+    def rn(v):
+        return ctx.mpf(float(ex.round_exact(v, "float32")))
+
+    e1 = rn(ctx.exp(-16))
+    total = rn(1 + e1)
+    lse = rn(ctx.log(total))
+    p0 = rn(ctx.exp(-lse))
+    want = float(ex.round_exact(p0 - 1, "float32"))
+    assert want == -(2.0**-23)
+    assert g[0, 0] == np.float32(want)
+    exact = float(ex.cross_entropy_grad(z, np.array([0]))[0, 0])
+    assert abs(float(g[0, 0]) - exact) <= 2.0**-24
+
+
+@pytest.mark.parametrize(("fmt", "big"), [("float32", -1e23), ("float64", -1e160)])
+def test_stablemax_backward_keeps_tiny_gradients_regression(fmt, big):
+    """Three equal logits far below zero: s = 1/(1 - z) ~ 1e-23 (float32), 1e-160 (float64),
+    p = 1/3, exact gradient s·(p - δ) = (-2s/3, s/3, s/3). Forming s**2 first underflowed to
+    0 (-0 at the target). Bound: ``stablemax_bounds`` in the format's unit roundoff
+    (s: 2u, S: 2u more, p: u, t: u, the product: u; first order)."""
+    z = np.full((1, 3), big, dtype=get_format(fmt).dtype)
+    y = np.array([0])
+    _, cache = loss_forward(z, y, kind="stablemax", fmt=fmt)
+    g = loss_backward(cache, 1.0)
+    want = ex.stablemax_cross_entropy_grad(z.astype(np.float64), y)
+    u = get_format(fmt).unit_roundoff
+    _, grad_err = stablemax_bounds(z.astype(np.float64), y, 1.0, 0.0, U=u, EXP=u)
+    assert np.all(g != 0)
+    assert np.all(mp_abs_err(g, want) <= SLACK * grad_err)
+
+
+@pytest.mark.parametrize(("kind", "eps"), LOSS_CASES)
+@given(zy=logit_batches(lo=-60.0, hi=60.0))
+def test_float32_loss_and_gradient_match_exact(kind, eps, zy):
+    """float32 with correctly rounded exp/log/log1p: loss and gradient within the same
+    first-order bounds in float32's unit roundoff (``EXP = u``), plus float32's subnormal
+    quantum for results that underflow."""
+    z, y = zy
+    z = z.astype(np.float32).astype(np.float64)  # the exact inputs the float32 loss sees
+    u = 2.0**-24
+    eta32 = 4 * 2.0**-149
+    loss, cache = loss_forward(z.astype(np.float32), y, kind=kind, fmt="float32", eps=eps)
+    g = loss_backward(cache, 1.0)
+    ex_loss, ex_grad = exact_loss_and_grad(kind, eps, z, y)
+    loss_err, grad_err = bounds_for(kind, eps, z, y, 1.0, U=u, EXP=u)
+    assert np.all(mp_abs_err(loss, ex_loss) <= SLACK * (loss_err + u * np.abs(loss)) + eta32)
+    assert np.all(mp_abs_err(g, ex_grad) <= SLACK * grad_err + eta32)
+
+
+def test_libm_mode_reproduces_the_former_softmax_forward():
+    """``elementary="libm"``: the forward is NumPy's float32 exp/log rounded as before, bit for
+    bit (formula written out here)."""
+    rng = np.random.default_rng(5)
+    z = (rng.standard_normal((50, 13)) * 8).astype(np.float32)
+    y = rng.integers(0, 13, 50)
+    loss, cache = loss_forward(z, y, kind="softmax", fmt="float32", elementary="libm")
+    d = z - z.max(axis=1, keepdims=True)
+    total = np.sum(np.exp(d), axis=1)
+    lsm = d - np.log(total)[:, None]
+    np.testing.assert_array_equal(loss, 0.0 - lsm[np.arange(50), y])
+    np.testing.assert_array_equal(cache.probs, np.exp(lsm))
+    np.testing.assert_array_equal(cache.normaliser, total)
+    assert cache.elementary == "libm"
+    with pytest.raises(ValueError, match="unknown elementary mode"):
+        loss_forward(z, y, elementary="exact")
