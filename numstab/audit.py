@@ -11,6 +11,17 @@
 >>> float(report.loss_exact[0]) > 0            # the exact loss is 2 e^-30, not 0
 True
 
+Which format
+------------
+Every audit that takes a format (``dtype`` or ``fmt``) defaults to the format its array
+carries: float16, ml_dtypes bfloat16, float32, float64 or longdouble, in either byte order,
+torch tensors included (``report.dtype`` says which one was used). Lists of Python floats are
+float64; integer and bool arrays carry no format and are audited in float32. numstab's own
+float16 / bfloat16 values live in float32 carriers: pass the format for them.
+:func:`sc_gap_window` has no array and always needs one. A bad argument is refused with a
+one-line ValueError or TypeError that names it (``labels[1]: None is not a real number``,
+``unknown kind 'softmin'``).
+
 How the exact audit stays fast
 ------------------------------
 :func:`audit_cross_entropy` needs, per row, exact values (loss, target-class gradient) and
