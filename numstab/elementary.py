@@ -20,16 +20,16 @@ a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
   (rounding is monotone, and the exact value lies in between as long as the float64 error is
   below 2**8 ulps: a margin of more than 2**7 over the measured error). About one input in 2**19
   (float32) needs mpmath.
-* float64, ``exp``: a double-double evaluation written with array operations (Cody--Waite
-  reduction ``x = (256 m + j) ln2/256 + r`` with a two-constant ``ln2/256``, a 256-entry table of
-  ``2**(j/256)`` as double-doubles, a degree-6 polynomial, Dekker's exact product) whose
-  relative error is below ``2**-69``; decided when the window ``2**-66`` around it rounds to one
-  float64 (mpmath for about 1 input in 2**12, and for results in the subnormal range or at the
-  overflow threshold).
+* float64, ``exp``: Cody--Waite reduction ``x = (4096 m + j) ln2/4096 + r`` (``ln2/4096`` as
+  two constants), a table of ``2**(j/4096)`` as double-doubles and a degree-4 polynomial. A
+  fast pass in plain float64 (relative error below ``2**-63.9``) decides all but about 0.3 %
+  of the inputs (window ``2**-61.5``); those are redone in double-double arithmetic (Dekker's
+  exact product; error below ``2**-70.5``, window ``2**-68``), and about one input in 2**14
+  (plus results in the subnormal range and at the overflow threshold) goes to mpmath.
 * float64, ``log``, ``log1p``, ``expm1``: x87 ``long double`` functions (glibc, 64-bit
-  significand; measured max error below 1 ulp of long double), window ``2**-60`` (at least 8
-  long-double ulps); about 3 % of inputs need mpmath. These run on the host (NumPy); on other
-  backends the array is copied to the host and back.
+  significand; measured relative error below ``2**-63.5``), window ``2**-61`` (at least 4
+  long-double ulps, 5x the measured error); about 0.6 % of inputs need mpmath. These run on the
+  host (NumPy); on other backends the array is copied to the host and back.
 * longdouble: no wider hardware format exists, so every element is evaluated with mpmath (a Ziv
   loop): correctly rounded, about 10 µs per element. ``mode="libm"`` gives glibc's x87 result
   (not proven correctly rounded, nor faithful).
@@ -70,7 +70,7 @@ FUNCTIONS = ("exp", "log", "log1p", "expm1")
 
 _CHUNK = 1 << 13  # elements per NumPy block: the temporaries stay in the L2 cache
 _REL_NARROW = 2.0**-44  # window around a float64 value (>= 2**8 float64 ulps)
-_REL_LD = 2.0**-60  # window around a long double value (>= 8 long double ulps)
+_REL_LD = 2.0**-61  # window around a long double value (>= 4 long double ulps)
 _REL_DD = 2.0**-68  # window around the double-double exp (error < 2**-72)
 
 
@@ -174,37 +174,32 @@ def exact_round(name: str, values, fmt) -> np.ndarray:
     f = get_format(fmt)
     values = np.asarray(values)
     flat = values.reshape(-1)
-    out = np.empty(flat.shape, dtype=f.dtype)
     with np.errstate(all="ignore"):
-        fast = getattr(np, name)(flat.astype(np.float64) if f.dtype != np.longdouble else flat)
-    for i in range(flat.size):
-        v = flat[i]
-        if not np.isfinite(v) or (name == "log" and v <= 0) or (name == "log1p" and v <= -1):
-            # Special values (inf, NaN, the poles and the NaN domain): IEEE results, exact.
-            out[i] = np.asarray(fast[i]).astype(f.dtype)
-            continue
-        if v == 0:  # exp(0) = 1; log1p(±0), expm1(±0) = ±0 exactly (sign kept)
-            out[i] = np.asarray(fast[i]).astype(f.dtype)
-            continue
-        out[i] = _ziv_one(name, v, f)
-    return out.reshape(values.shape)
-
-
-def _ziv_one(name, v, f: Format):
+        # Special values (inf, NaN, the poles, the NaN domain) and the exact results at 0
+        # (exp(0) = 1; log1p(±0), expm1(±0) = ±0, sign kept): IEEE results, exact.
+        out = getattr(np, name)(flat.astype(np.float64) if f.dtype != np.longdouble else flat)
+        out = np.asarray(out).astype(f.dtype)
+        regular = np.isfinite(flat) & (flat != 0)
+        if name == "log":
+            regular &= flat > 0
+        elif name == "log1p":
+            regular &= flat > -1
+    todo = np.flatnonzero(regular)
     prec = f.precision + 40
-    while prec <= 1 << 14:
-        ctx = exact.context(prec)
-        t = exact.to_exact(v, prec=prec)
-        y = getattr(ctx, name)(t)
-        wide = exact.context(2 * prec + 8)
+    while todo.size:
+        if prec > 1 << 14:
+            raise RuntimeError(f"{name}({flat[todo[0]]!r}) not decided within 16384 bits")
+        ctx, wide = exact.context(prec), exact.context(2 * prec + 8)
+        fn = getattr(ctx, name)
         tol = wide.mpf(2) ** (3 - prec)
-        ends = exact.round_exact(
-            np.array([wide.mpf(y) * (1 - tol), wide.mpf(y) * (1 + tol)], dtype=object), f
-        )
-        if ends[0] == ends[1]:
-            return ends[0]
+        ys = [wide.mpf(fn(t)) for t in exact.to_exact(flat[todo], prec=prec)]
+        lo = exact.round_exact(np.array([y * (1 - tol) for y in ys], dtype=object), f)
+        hi = exact.round_exact(np.array([y * (1 + tol) for y in ys], dtype=object), f)
+        done = lo == hi  # never NaN here; a zero cannot be an end (the results are nonzero)
+        out[todo[done]] = lo[done]
+        todo = todo[~done]
         prec *= 2
-    raise RuntimeError(f"{name}({v!r}) could not be rounded to {f.name} within 16384 bits")
+    return out.reshape(values.shape)
 
 
 def _resolve(name, x, r, amb, fmt: Format, xp):
@@ -256,6 +251,13 @@ def _narrow(name, x, fmt: Format, xp):
     n = xf.size
     wbuf = np.empty(min(n, _CHUNK), dtype=np.float64)
     ubuf = np.empty(min(n, _CHUNK), dtype=np.uint64)
+    abuf = np.empty(min(n, _CHUNK), dtype=bool)
+    # float32 results below 2**-126 (subnormal) need the bracket test: only exp of x < -87.3
+    # and log1p / expm1 of tiny x produce them (log's smallest non-zero |result| is ~2**-24).
+    tiny_out = n > 0 and (
+        (name == "exp" and not float(np.min(xf)) >= -87.3)
+        or (name in ("log1p", "expm1") and not float(np.min(np.abs(xf))) >= 2.0**-125)
+    )
     amb_idx = []
     for s in range(0, n, _CHUNK):
         xs = xf[s : s + _CHUNK]
@@ -267,13 +269,12 @@ def _narrow(name, x, fmt: Format, xp):
             # Near a float32 midpoint the low 29 bits of w are near 2**28: ambiguous when
             # within _K64 float64 ulps of it. Valid where the float32 quantum is 2**-23
             # relative, i.e. |w| >= 2**-126; the subnormal range is checked by the bracket.
+            # inf and NaN (input NaNs widened, or the default NaN) have low bits 0: decided.
             np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
             np.bitwise_and(u, _MASK29, out=u)
-            amb = u <= np.uint64(2 * _K64)
-            amb &= np.isfinite(w)
-            small = np.abs(w) < 2.0**-126
-            if small.any():
-                sel = np.flatnonzero(small)
+            amb = np.less_equal(u, np.uint64(2 * _K64), out=abuf[:k])
+            if tiny_out:
+                sel = np.flatnonzero(np.abs(w) < 2.0**-126)
                 amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
         else:
             of[s : s + k] = quantize(w, fmt)
@@ -302,8 +303,10 @@ def _via_longdouble(name, x, xp):
 
 # --- float64 exp: double-double evaluation ---------------------------------------------------
 
-_N = 1024  # table size: x = (1024 m + j) ln2/1024 + r, |r| <= ln2/2048 < 2**-11.5
-_MAGIC_R1 = 1.5 * 2.0**14  # (r + M) - M rounds r to a multiple of 2**-38 (<= 27 bits here)
+_N = 4096  # table size: x = (4096 m + j) ln2/4096 + r, |r| <= ln2/8192 < 2**-13.5
+_LOG2N = 12
+_MAGIC_R1 = 1.5 * 2.0**12  # (r + M) - M rounds r to a multiple of 2**-40 (<= 27 bits here)
+_SPLIT = 134217729.0  # Dekker's 2**27 + 1
 _EXP_TABLES: dict = {}
 
 
@@ -315,7 +318,7 @@ def _exp_tables(xp):
     ctx = mpmath.MPContext()
     ctx.prec = 200
     c = ctx.log(2) / _N
-    c1 = _round_bits(c, 32)  # kf * c1 is exact for |kf| < 2**21
+    c1 = _round_bits(c, 30)  # kf * c1 is exact for |kf| < 2**23
     c2 = float(c - c1)
     th = np.empty(_N)
     tl = np.empty(_N)
@@ -323,7 +326,7 @@ def _exp_tables(xp):
         t = ctx.power(2, ctx.mpf(j) / _N)
         th[j] = float(t)
         tl[j] = float(t - th[j])
-    split = th * 134217729.0  # Dekker's split (2**27 + 1): th = tha + thb, <= 26 bits each
+    split = th * _SPLIT  # Dekker's split: th = tha + thb, <= 26 bits each
     tha = split - (split - th)
     thb = th - tha
     pow2 = np.ldexp(1.0, np.arange(-520, 521))
@@ -352,6 +355,10 @@ def _round_bits(v, bits: int) -> float:
 # ln(2**-1022) = -708.3964..., exp(x) >= max + ulp/2 (-> inf) above 709.78271289338...
 _LOW, _HIGH = -708.39, 709.78
 _ZERO_BELOW, _INF_ABOVE = -745.14, 709.79  # exp < 2**-1075 (rounds to +0) / overflow
+# Window of the rounding test, absolute on the scaled value s + lo in [0.999, 2.002): at least
+# 2**-68 relative, against an error below 2**-70.5.
+_EPS_DD = 2.0**-67
+_C3, _C4 = 1 / 6, 1 / 24
 
 
 def _exp64(x, xp):
@@ -360,15 +367,21 @@ def _exp64(x, xp):
         return _resolve("exp", x, r, amb, get_format("float64"), xp)
     out = np.empty(x.shape, dtype=np.float64)
     xf, of = x.reshape(-1), out.reshape(-1)
-    amb_idx = []
+    kernel = _Exp64Kernel(min(xf.size, _CHUNK))
+    refine = []  # undecided by the fast pass: refined with the double-double, all at once
     for s in range(0, xf.size, _CHUNK):
-        r, amb = _exp64_block(xf[s : s + _CHUNK], np)
-        of[s : s + r.size] = r
-        if amb.any():
-            amb_idx.append(np.flatnonzero(amb) + s)
-    if amb_idx:
-        idx = np.concatenate(amb_idx)
-        of[idx] = exact_round("exp", xf[idx], "float64")
+        xs = xf[s : s + _CHUNK]
+        if kernel.run(xs, of[s : s + xs.size]):
+            refine.append(np.arange(s, s + xs.size))  # out-of-range values or NaN here
+        elif kernel.amb[: xs.size].any():
+            refine.append(np.flatnonzero(kernel.amb[: xs.size]) + s)
+    if refine:
+        idx = np.concatenate(refine)
+        r, amb = _exp64_block(xf[idx], np)
+        of[idx] = r
+        idx = idx[amb]
+        if idx.size:
+            of[idx] = exact_round("exp", xf[idx], "float64")
     return out
 
 
@@ -381,61 +394,108 @@ def _two_sum(a, b):
 def _exp64_block(x, xp):
     """Double-double ``exp`` of a float64 block: ``(result, needs_mpmath)``.
 
-    ``e**x = 2**m T_j e**r`` with ``T_j = 2**(j/1024) = th + tl`` (double-double) and
-    ``r = rh + rl``; ``e**r - 1 = r + q(r)``, ``q`` of degree 5. ``th * r1`` (``r1``: ``rh``
+    ``e**x = 2**m T_j e**r`` with ``T_j = 2**(j/4096) = th + tl`` (double-double) and
+    ``r = rh + rl``; ``e**r - 1 = r + q(r)``, ``q`` of degree 4. ``th * r1`` (``r1``: ``rh``
     rounded to 27 bits) is the exact sum ``tha r1 + thb r1``; the rest is small.
 
-    Error budget (relative, of ``s + lo`` against ``e**x``): reduction ``2**-73.5`` (``c2``'s
-    rounding and truncation times ``|kf| < 2**21``), polynomial truncation ``2**-78.5`` and
-    evaluation ``2**-75.4``, the small terms' roundings ``2**-75``, the last addition
-    ``2**-77``: below ``2**-72`` in all, against the window ``2**-68``.
+    Error budget (relative, of ``s + lo`` against ``e**x``): reduction ``2**-71.5``
+    (``kf * c2``'s rounding and ``c``'s truncation, times ``|kf| < 2**23``), polynomial
+    truncation ``2**-74.4`` and evaluation ``2**-79``, the small terms' roundings ``2**-77``,
+    the last addition ``2**-79``: below ``2**-70.5`` in all, against the window ``2**-68``.
+    :class:`_Exp64Kernel` runs the same operations in the same order (same bits).
     """
     t = _exp_tables(xp)
-    lo_x, hi_x = xp.min(x), xp.max(x)
-    plain = bool(lo_x >= _LOW) and bool(hi_x <= _HIGH)  # False with a NaN
-    if plain:
-        inside, xc = None, x
-    else:
-        inside = (x >= _LOW) & (x <= _HIGH)
-        xc = xp.where(inside, x, 0.0)
+    inside = (x >= _LOW) & (x <= _HIGH)
+    xc = xp.where(inside, x, 0.0)
     kf = xp.round(xc * t["inv_l"])
     a = xc - kf * t["c1"]  # exact: kf * c1 has <= 53 bits and is within a factor 2 of x
-    rh, rl = _two_sum(a, -(kf * t["c2"]))
+    rh, rl = _two_sum(a, kf * -t["c2"])
     ki = xp.astype(kf, xp_dtype(xp, np.int64))
     j = ki & (_N - 1)
-    m = ki >> 10
+    m = ki >> _LOG2N
     tha, thb, tl = xp.take(t["tha"], j), xp.take(t["thb"], j), xp.take(t["tl"], j)
     th = tha + thb  # exact
     r1 = (rh + _MAGIC_R1) - _MAGIC_R1
-    small = (rh - r1) + rl  # r2 + rl, |.| <= 2**-38
-    q = rh * (1 / 24 + rh * (1 / 120))
-    q += 1 / 6
-    q *= rh
-    q += 0.5
-    q *= rh
-    q *= rh
-    small += q
-    small *= th
-    small += tl + tl * rh
-    small += thb * r1  # exact product
-    big = tha * r1  # exact product
+    small = (rh - r1) + rl  # r2 + rl, |.| <= 2**-40
+    q = (rh * _C4 + _C3) * rh + 0.5
+    q = q * (rh * rh)
+    small = (small + q) * th + (tl + tl * rh) + thb * r1  # thb * r1: exact
+    big = tha * r1  # exact
     s = th + big
-    lo = s - th
-    lo -= big
-    lo = small - lo  # Fast2Sum error of th + big, plus the small terms
+    lo = small - ((s - th) - big)  # Fast2Sum error of th + big, plus the small terms
     y = s + lo
-    eps = s * _REL_DD
-    amb = (s + (lo - eps)) != (s + (lo + eps))
-    if xp is np:
-        # y in [0.999, 2.002) and the result normal: scaling adds m to the exponent field.
-        r = (y.view(np.int64) + (m << 52)).view(np.float64)
-    else:
-        m1 = m >> 1
-        p2 = t["pow2"]
-        r = (y * xp.take(p2, m1 + 520)) * xp.take(p2, (m - m1) + 520)
-    if plain:
-        return r, amb
+    amb = (s + (lo - _EPS_DD)) != (s + (lo + _EPS_DD))
+    m1 = m >> 1
+    p2 = t["pow2"]
+    r = (y * xp.take(p2, m1 + 520)) * xp.take(p2, (m - m1) + 520)
     edge = ~inside & (x > _ZERO_BELOW) & (x < _INF_ABOVE)
     r = xp.where(x >= _INF_ABOVE, xp.inf, xp.where(x <= _ZERO_BELOW, 0.0, r))
     r = xp.where(xp.isnan(x), x, r)
     return r, (amb & inside) | edge
+
+
+# The fast path's window, absolute on the scaled value s + lo in [0.999, 2.002): its error is
+# below 2**-63.9 relative (see _Exp64Kernel), so 2**-61.5 leaves a margin of 2.7.
+_EPS_FAST = 2.0**-61.5
+
+
+class _Exp64Kernel:
+    """A fast first pass of the float64 ``exp`` on NumPy, with reused buffers (no
+    temporaries): the same reduction and table as :func:`_exp64_block`, but single-double
+    arithmetic where that one is exact.
+
+    ``e**x ~ 2**m (th + (th·p + tl))``, ``p = rh + q(rh)``, ``rh = fl(a + b)`` (no TwoSum).
+    Error budget (relative): ``rh``'s rounding ``2**-67``, ``kf·c2`` ``2**-71.5``, ``q``'s
+    truncation ``2**-74.4``, ``p``'s rounding ``2**-67``, ``th·p`` and ``+ tl`` ``2**-65.5``
+    each, the dropped ``tl·p`` ``2**-66.5``: below ``2**-63.9``. About 0.3 % of the values
+    fall in the window and go to :func:`_exp64_block`.
+    """
+
+    def __init__(self, n: int):
+        self.t = _exp_tables(np)
+        self.f = [np.empty(n) for _ in range(5)]
+        self.i = [np.empty(n, dtype=np.int64) for _ in range(2)]
+        self.amb = np.empty(n, dtype=bool)
+
+    def run(self, x, out) -> bool:
+        """Write ``exp(x)`` to ``out`` and the undecided mask to ``self.amb``; return True
+        (and write nothing) when some element needs :func:`_exp64_block` instead."""
+        k = x.size
+        if not (x.min() >= _LOW and x.max() <= _HIGH):  # a NaN fails both comparisons
+            return True
+        t = self.t
+        f0, f1, f2, f3, f4 = (b[:k] for b in self.f)
+        ki, j = (b[:k] for b in self.i)
+        np.multiply(x, t["inv_l"], out=f0)
+        np.rint(f0, out=f0)  # kf (xp.round: to nearest, ties to even)
+        np.multiply(f0, t["c1"], out=f1)
+        np.subtract(x, f1, out=f1)  # a (exact)
+        np.multiply(f0, -t["c2"], out=f2)  # b
+        np.add(f1, f2, out=f1)  # rh = fl(a + b)
+        np.copyto(ki, f0, casting="unsafe")
+        np.bitwise_and(ki, _N - 1, out=j)
+        np.right_shift(ki, _LOG2N, out=ki)  # m
+        np.multiply(f1, _C4, out=f0)
+        np.add(f0, _C3, out=f0)
+        np.multiply(f0, f1, out=f0)
+        np.add(f0, 0.5, out=f0)
+        np.multiply(f1, f1, out=f2)
+        np.multiply(f0, f2, out=f0)  # q
+        np.add(f1, f0, out=f1)  # p = rh + q
+        np.take(t["th"], j, out=f0, mode="clip")  # th (0 <= j < _N: no bounds check)
+        np.take(t["tl"], j, out=f2, mode="clip")  # tl
+        np.multiply(f0, f1, out=f1)
+        np.add(f1, f2, out=f1)  # th·p + tl
+        np.add(f0, f1, out=f3)  # s
+        np.subtract(f3, f0, out=f2)
+        np.subtract(f1, f2, out=f1)  # lo (Fast2Sum error, exact)
+        np.add(f3, f1, out=f4)  # y
+        np.subtract(f1, _EPS_FAST, out=f0)
+        np.add(f3, f0, out=f0)
+        np.add(f1, _EPS_FAST, out=f2)
+        np.add(f3, f2, out=f2)
+        np.not_equal(f0, f2, out=self.amb[:k])
+        # y in [0.999, 2.002) and the result normal: scaling adds m to the exponent field.
+        np.left_shift(ki, 52, out=ki)
+        np.add(f4.view(np.int64), ki, out=out.view(np.int64))
+        return False
