@@ -135,6 +135,9 @@ def check(name: str, start: int, stop: int, chunk: int) -> dict:
             n_bad += int(np.count_nonzero(~same))
             bad.extend(zip(x[~same][:10].tolist(), got[~same][:10].tolist(), strict=True))
         checked += x.size
+        if (s - start) // chunk % 64 == 63:  # progress, to stderr
+            print(f"{name}: {checked} of {stop - start} checked, {n_bad} mismatches",
+                  file=sys.stderr, flush=True)  # fmt: skip
     return {
         "function": name,
         "inputs": checked,
