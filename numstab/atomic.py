@@ -33,7 +33,9 @@ def atomic_open(path, mode: str = "w"):
 
     On normal exit the file is flushed, fsynced, given mode 0644 and renamed over ``path``, and
     the folder is fsynced; on an exception the temporary file is removed and ``path`` is left
-    as it was.
+    as it was. An ``OSError`` (disk full, file too large) names ``path``, not the temporary.
+    The temporary's name is ``.tmp-XXXXXXXX-<name of path>`` (removed by
+    :func:`numstab.outdir.claim` if a kill leaves it behind).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -48,9 +50,12 @@ def atomic_open(path, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            # Writes through a descriptor carry no file name (or the temporary's).
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
     fsync_dir(d)
 

@@ -2,23 +2,27 @@
 
 Exit codes of every numstab command: 0 success; 2 bad input (an option, an unavailable backend,
 an unwritable output directory, an unusable checkpoint), detected before any training;
-3 a run produced NaN/inf (everything logged so far is kept); 130 SIGINT, 143 SIGTERM (a final
-checkpoint and partial outputs are written first).
+3 a run produced NaN/inf (everything logged so far is kept); 4 an output could not be written
+(disk full, file too large: every row logged before and the last checkpoint are kept, and the
+summary, if it can be written, says where the run stopped); 130 SIGINT, 143 SIGTERM (a final
+checkpoint and partial outputs are written first). One process at a time writes to an output
+directory: a second one is refused with 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import re
 import sys
-import tempfile
 
 import numpy as np
 
 import numstab
+from numstab import outdir
 from numstab.atomic import write_text
 from numstab.options import add_arguments, flag_of, options_of
 from numstab.train import TrainConfig
@@ -30,6 +34,7 @@ __all__ = [
     "check_backend",
     "check_out_dir",
     "config_from_args",
+    "holds_out_dir",
     "json_default",
     "versions",
     "write_atomic",
@@ -143,7 +148,9 @@ def check_backend(name: str) -> None:
 
 
 def resolve_out(args) -> str | None:
-    """``--resume DIR`` implies ``--out DIR``; a different ``--out`` is an error."""
+    """``--resume DIR`` implies ``--out DIR``; a different ``--out`` is an error. The output
+    directory is then claimed (:func:`check_out_dir`) until the command returns (the command's
+    entry point is wrapped by :func:`holds_out_dir`)."""
     if args.resume is not None:
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise UsageError(
@@ -154,18 +161,35 @@ def resolve_out(args) -> str | None:
     if args.checkpoint_every is not None and args.out is None:
         raise UsageError("--checkpoint-every needs --out DIR (where the checkpoints go)")
     if args.out is not None:
-        check_out_dir(args.out)
+        check_out_dir(args.out, resume=args.resume is not None)
     return args.out
 
 
-def check_out_dir(path: str) -> None:
-    """``UsageError`` unless ``path`` exists or can be created, and can be written."""
+def check_out_dir(path: str, *, resume: bool = False):
+    """Claim ``path`` for this process (:func:`numstab.outdir.claim`); ``UsageError`` unless it
+    exists or can be created (to resume: exists and holds a checkpoint, and nothing is
+    created otherwise), can be written, and no other numstab process is writing to it.
+
+    Returns the :class:`~numstab.outdir.Claim` (released by :func:`holds_out_dir`).
+    """
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--out {path!r} cannot be written: {exc.strerror or exc}") from None
+        return outdir.claim(path, resume=resume)
+    except outdir.DirectoryBusy as exc:
+        raise UsageError(str(exc)) from None
+    except outdir.OutDirError as exc:  # the message starts with the path
+        raise UsageError(f"{'--resume' if resume else '--out'} {exc}") from None
+
+
+def holds_out_dir(main):
+    """Decorate a command's ``main(argv)``: the output directory it claims is released when
+    it returns or raises (also when called in-process, e.g. by tests)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        with outdir.scope():
+            return main(*args, **kwargs)
+
+    return wrapper
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -389,6 +413,7 @@ def _adopt_train_checkpoint(parser, argv, args) -> dict:
     }
 
 
+@holds_out_dir
 def train_main(argv=None) -> int:
     """``python -m numstab.train``: one run; exit codes as in the module docstring.
 
@@ -399,7 +424,7 @@ def train_main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     from numstab.checkpoint import CheckpointError
-    from numstab.driver import Stopped, graceful_stop
+    from numstab.driver import OutputError, Stopped, graceful_stop
     from numstab.runtime import runtime_info, tune_allocator
     from numstab.train import MetricLog, NonFiniteError, summarize, train
 
@@ -455,6 +480,11 @@ def train_main(argv=None) -> int:
             {"kind": "interrupted", "signal": exc.signum, "step": exc.step, "message": message},
             exc.exit_code,
         )
+    except OutputError as exc:
+        if exc.before_training:  # the outputs are still the previous command's: keep them
+            print(f"{parser.prog}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        error, code = exc.status(args.out), exc.exit_code
     finally:
         if bar is not None:
             bar.close()
@@ -470,7 +500,12 @@ def train_main(argv=None) -> int:
         "status": "ok" if error is None else error,
     }
     if args.out:
-        write_atomic(os.path.join(args.out, "summary.json"), dump_json(summary))
+        try:
+            write_atomic(os.path.join(args.out, "summary.json"), dump_json(summary))
+        except OSError as exc:
+            failed = OutputError(exc, summary["run"]["final"]["step"])
+            print(f"{parser.prog}: {failed}", file=sys.stderr)
+            code = code or OutputError.exit_code
     if args.json:
         print(dump_json(summary), end="")
     else:

@@ -14,10 +14,12 @@ Outputs with ``--out DIR``: ``metrics.csv`` (the runs' metrics and, as run ``tes
 (:func:`build_figure`) and a checkpoint. ``--resume DIR`` alone continues an interrupted run
 with its own options (given options must equal them).
 
-Exit codes: 0 success; 2 bad option, unavailable backend, unwritable output directory or
-unusable checkpoint (before any training); 3 a run produced NaN/inf (outputs up to that step
-are kept); 130 SIGINT, 143 SIGTERM (a checkpoint, partial outputs and the summary are written;
-``--resume DIR`` continues bit for bit).
+Exit codes: 0 success; 2 bad option, unavailable backend, unwritable output directory, an
+output directory another numstab process is writing to, or unusable checkpoint (before any
+training); 3 a run produced NaN/inf (outputs up to that step are kept); 4 an output could not
+be written (disk full: the rows logged and the last checkpoint are kept); 130 SIGINT, 143
+SIGTERM (a checkpoint, partial outputs and the summary are written; ``--resume DIR`` continues
+bit for bit).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from numstab.atomic import atomic_open
 from numstab.backend import namespace, to_numpy
 from numstab.checkpoint import CheckpointError, load_checkpoint
 from numstab.cli import UsageError
-from numstab.driver import Stopped, drive, graceful_stop, resume_runs
+from numstab.driver import OutputError, Stopped, drive, graceful_stop, restore_runs
 from numstab.metrics import param_cosines
 from numstab.mlp import backward
 from numstab.precision import PrecisionPolicy, available_formats, get_format
@@ -595,6 +597,7 @@ def _adopt_checkpoint_options(parser, argv, args) -> dict:
     return extra
 
 
+@cli.holds_out_dir
 def main(argv=None) -> int:
     """Run the comparison; returns the exit code (see :mod:`numstab.cli`)."""
     parser = build_parser()
@@ -626,12 +629,18 @@ def main(argv=None) -> int:
         finished = False
         if args.resume:
             try:
-                state = resume_runs(args.resume, runs, log)
+                resumed = restore_runs(args.resume, runs)
+                state = resumed.extra
+                _check_saved_state(state)
                 _check_resumable(state, args)
             except (CheckpointError, UsageError) as exc:
                 print(f"{parser.prog}: error: cannot resume: {exc}", file=sys.stderr)
-                log.close()
                 return 2
+            try:  # the CSV is rebuilt only now, once every check has passed
+                log.reset(resumed.rows)
+            except OSError as exc:
+                print(f"{parser.prog}: {OutputError(exc, runs['test'].step)}", file=sys.stderr)
+                return OutputError.exit_code
             auditor.records = list(state.get("audit", []))
             auditor.seconds = float(state.get("audit_seconds", 0.0))
             finished = bool(state.get("finished"))
@@ -707,6 +716,8 @@ def main(argv=None) -> int:
                 "message": "interrupted by user",
             }
             code = 130
+        except OutputError as exc:
+            error, code = exc.status(args.out), exc.exit_code
         finally:
             if table is not None:
                 table.print_ready()
@@ -726,8 +737,12 @@ def main(argv=None) -> int:
     )
     note = None
     if args.out:
-        cli.write_atomic(os.path.join(args.out, "summary.json"), cli.dump_json(summary))
-        note = _plot(os.path.join(args.out, "compare.png"), log, summary)
+        try:
+            cli.write_atomic(os.path.join(args.out, "summary.json"), cli.dump_json(summary))
+            note = _plot(os.path.join(args.out, "compare.png"), log, summary)
+        except OSError as exc:
+            note = f"{parser.prog}: {OutputError(exc, runs['test'].step)}"
+            code = code or OutputError.exit_code
     if args.json:
         print(cli.dump_json(summary), end="")
     else:
@@ -746,6 +761,20 @@ _RESUME_FREE = ("out", "resume", "quiet", "json", "checkpoint_every")
 
 def _resume_options(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_FREE}
+
+
+def _check_saved_state(state: dict) -> None:
+    """``CheckpointError`` unless the compare command's own ``extra`` fields are well formed."""
+    if not isinstance(state.get("options", {}), dict):
+        raise CheckpointError("extra.options: must be a JSON object")
+    audit = state.get("audit", [])
+    if not isinstance(audit, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("step"), int) for r in audit
+    ):
+        raise CheckpointError("extra.audit: must be a list of audit records with a step each")
+    seconds = state.get("audit_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise CheckpointError(f"extra.audit_seconds: must be a number >= 0, got {seconds!r}")
 
 
 def _check_resumable(state: dict, args) -> None:

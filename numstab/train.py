@@ -12,6 +12,7 @@ are logged.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -219,8 +220,14 @@ class NonFiniteError(FloatingPointError):
 class MetricLog:
     """Long-format metric rows ``(step, run, split, metric, layer, value)``.
 
-    Rows are kept in memory and, when a path or stream is given, appended to a CSV file as
-    they arrive (flushed after every logged step), so a crash loses nothing already logged.
+    Rows are kept in memory. With a ``stream`` they are written to it as they arrive. With a
+    ``path`` they go to a CSV file, and only whole rows ever do: nothing touches the file until
+    the first :meth:`flush` after rows arrived (it then creates it, header first) or a
+    :meth:`reset` (which replaces it atomically); each flush appends the rows since the last
+    one in one write. If a write fails (disk full, file too large) the file is cut back to its
+    last whole row, the ``OSError`` (naming the file) is raised, and the file is not written
+    again; the rows stay in memory. So a log made for a resume that is then refused leaves the
+    old CSV as it was, and a crash leaves every row flushed before it.
     """
 
     def __init__(
@@ -231,42 +238,99 @@ class MetricLog:
     ):
         self.rows: list[tuple] = []
         self.path = None if path is None else os.fspath(path)
-        self._own = None
-        if self.path is not None:
-            self._own = stream = open(self.path, "w", newline="")
+        self._file: io.FileIO | None = None  # the CSV, once created or reset
+        self._size = 0  # its length after the last complete write
+        self._failed = False
+        self._started = False  # the file was created (or reset) by this log
+        self._pending = io.StringIO()  # formatted rows not yet in the file
+        self._pending_writer = csv.writer(self._pending)
         if stream is not None:
             csv.writer(stream).writerow(CSV_HEADER)
         self._writer = csv.writer(stream) if stream is not None else None
         self._stream = stream
 
+    @staticmethod
+    def _csv_text(rows, *, header: bool) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        if header:
+            w.writerow(CSV_HEADER)
+        for row in rows:
+            w.writerow((*row[:5], repr(row[5])))
+        return buf.getvalue()
+
     def reset(self, rows) -> None:
-        """Replace the rows (e.g. by a checkpoint's) and rewrite the CSV file atomically."""
+        """Replace the rows (e.g. by a checkpoint's) and the CSV file, atomically.
+
+        The file is left alone when it already holds exactly these rows. Raises ``OSError``
+        if it cannot be written; the old file is then intact.
+        """
         self.rows = [tuple(r) for r in rows]
+        self._pending = io.StringIO()
+        self._pending_writer = csv.writer(self._pending)
         if self.path is None:
             return
         self.close()
-        with atomic_open(self.path) as f:
-            w = csv.writer(f)
-            w.writerow(CSV_HEADER)
-            for row in self.rows:
-                w.writerow((*row[:5], repr(row[5])))
-        self._own = self._stream = open(self.path, "a", newline="")
-        self._writer = csv.writer(self._stream)
+        data = self._csv_text(self.rows, header=True).encode()
+        try:
+            with open(self.path, "rb") as f:
+                same = f.read() == data
+        except OSError:
+            same = False
+        if not same:
+            with atomic_open(self.path, "wb") as f:
+                f.write(data)
+        self._file = io.FileIO(self.path, "a")
+        self._size = os.fstat(self._file.fileno()).st_size
+        self._failed = False
+        self._started = True
 
     def add(self, step: int, run: str, split: str, metric: str, value, layer: str = ""):
         row = (int(step), run, split, metric, layer, float(value))
         self.rows.append(row)
+        line = (*row[:5], repr(row[5]))
         if self._writer is not None:
-            self._writer.writerow((*row[:5], repr(row[5])))
+            self._writer.writerow(line)
+        if self.path is not None:
+            self._pending_writer.writerow(line)
 
     def flush(self):
+        """Write the rows added since the last flush (and flush the stream)."""
         if self._stream is not None:
             self._stream.flush()
+        text = self._pending.getvalue()
+        if self.path is None or not text or self._failed:
+            return
+        if self._file is None and not self._started:
+            self._file = io.FileIO(self.path, "w")
+            self._size = 0
+            text = self._csv_text([], header=True) + text
+        elif self._file is None:  # reopened after close()
+            self._file = io.FileIO(self.path, "a")
+            self._size = os.fstat(self._file.fileno()).st_size
+        data = memoryview(text.encode())
+        done = 0
+        try:
+            while done < len(data):
+                done += self._file.write(data[done:])
+        except OSError as exc:
+            self._failed = True
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), self._size)
+            raise OSError(exc.errno, exc.strerror, self.path) from exc
+        self._started = True
+        self._size += len(data)
+        self._pending = io.StringIO()
+        self._pending_writer = csv.writer(self._pending)
 
     def close(self):
-        if self._own is not None:
-            self._own.close()
-            self._own = None
+        """Flush, then close the CSV file (``OSError`` as in :meth:`flush`)."""
+        try:
+            self.flush()
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def series(
         self, metric: str, *, run: str | None = None, split: str | None = None, layer: str = ""
@@ -641,22 +705,31 @@ def train(
     NonFiniteError
         After logging, if the run diverges.
     numstab.checkpoint.CheckpointError
-        ``resume`` with a missing, corrupted or mismatched checkpoint.
+        ``resume`` with a missing, corrupted or mismatched checkpoint (nothing written).
+    numstab.driver.OutputError
+        The metrics CSV or a checkpoint could not be written (disk full); the last
+        checkpoint and every row logged before are intact.
     """
-    from numstab.driver import drive, resume_runs
+    from numstab.driver import OutputError, drive, restore_runs
 
     run = Run(config, name=name, log=log or MetricLog())
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        state = resume_runs(checkpoint_dir, {name: run}, run.log, allow_more_steps=True)
-        if state.get("finished"):
-            if run.step >= config.steps:
-                return run
+        resumed = restore_runs(checkpoint_dir, {name: run}, allow_more_steps=True)
+        rows = resumed.rows
+        finished = resumed.extra.get("finished")
+        if finished and run.step < config.steps:
             # Continuing a finished run: its last rows are the final evaluation at run.step,
             # which an uninterrupted longer run logs as an ordinary step (with the update's
             # metrics): drop them and let the step run again.
-            run.log.reset([r for r in run.log.rows if r[0] < run.step])
+            rows = [r for r in rows if r[0] < run.step]
+        try:  # the CSV is rebuilt only now, once every check has passed
+            run.log.reset(rows)
+        except OSError as exc:
+            raise OutputError(exc, run.step, before_training=True) from exc
+        if finished and run.step >= config.steps:
+            return run
     drive(
         {name: run},
         run.log,

@@ -1,7 +1,9 @@
 """Checkpoints: exact resume, refusal of anything corrupted or different, signals."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from numstab import checkpoint as ckpt_module
 from numstab.checkpoint import MANIFEST, CheckpointError, load_checkpoint
 from numstab.driver import StopFlag, Stopped
 from numstab.train import MetricLog, TrainConfig, train
@@ -61,8 +64,10 @@ def test_interrupt_and_resume_is_bit_identical(cfg, stop_at, tmp_path):
 def test_periodic_checkpoints_keep_only_the_latest_arrays(tmp_path):
     train(BASE, checkpoint_dir=tmp_path, checkpoint_every=5)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["checkpoint-000024.npz", MANIFEST]
+    assert len(files) == 2 and files[1] == MANIFEST
+    assert re.fullmatch(r"checkpoint-000024-[0-9a-f]{8}\.npz", files[0])
     ck = load_checkpoint(tmp_path)
+    assert ck.manifest["arrays_file"] == files[0]
     assert ck.manifest["runs"]["run"]["step"] == 24 and ck.extra["finished"] is True
 
 
@@ -95,6 +100,43 @@ def test_a_finished_run_continued_for_longer_is_bit_identical(short_steps, long_
         np.testing.assert_array_equal(run.params[k].view(np.uint8), ref.params[k].view(np.uint8))
     assert len(csv_path.read_text().splitlines()) - 1 == len(ref.log.rows)
     assert load_checkpoint(tmp_path).manifest["runs"]["run"]["step"] == long_steps
+
+
+def _arrays(directory):
+    return {k: (a.dtype.str, a.shape, a.tobytes())
+            for k, a in load_checkpoint(directory).arrays.items()}
+
+
+def test_death_between_arrays_file_and_manifest_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A finished 24-step run continued to 40 steps and stopped at its first step boundary
+    writes a checkpoint of step 24 again. The process dies after that checkpoint's arrays
+    file is renamed into place and before its manifest is (the manifest write raises): the
+    directory must still hold the finished run's checkpoint, byte for byte."""
+    train(BASE, checkpoint_dir=tmp_path)
+    before = _arrays(tmp_path)
+
+    class Death(BaseException):
+        pass
+
+    real = ckpt_module.atomic_open
+
+    @contextlib.contextmanager
+    def dying(path, mode="w"):
+        if os.path.basename(path) == MANIFEST:
+            raise Death
+        with real(path, mode) as f:
+            yield f
+
+    monkeypatch.setattr(ckpt_module, "atomic_open", dying)
+    flag = StopFlag()
+    flag.signum = signal.SIGTERM
+    with pytest.raises(Death):
+        train(BASE.replace(steps=40), checkpoint_dir=tmp_path, resume=True, stop=flag)
+    monkeypatch.undo()
+    assert _arrays(tmp_path) == before
+    assert len(list(tmp_path.glob("checkpoint-*.npz"))) == 2  # the new file did land
+    ck = load_checkpoint(tmp_path)
+    assert ck.manifest["runs"]["run"]["step"] == 24 and ck.extra["finished"] is True
 
 
 def test_continuing_to_fewer_steps_than_done_is_refused(tmp_path):
