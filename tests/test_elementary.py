@@ -383,3 +383,45 @@ def test_array_api_strict_gives_the_same_bits(name, fmt):
     dev = el.evaluate(name, xps.asarray(x), fmt)
     assert type(dev).__module__.startswith("array_api_strict")
     np.testing.assert_array_equal(np.asarray(dev).view(np.uint8), host.view(np.uint8))
+
+
+# --- the audit: rounding_fidelity -----------------------------------------------------------
+
+
+def test_rounding_fidelity_counts_wrong_results_and_their_ulps():
+    """A function that is the oracle except for k results moved by one ulp: exactly k wrong,
+    worst error between 0.5 and 1.5 ulps, and a correctly rounded function scores 1.0 with at
+    most half an ulp."""
+    from numstab.fidelity import rounding_fidelity
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-20, 5, 400).astype(np.float32)
+    ref = oracle("exp", x, "float32")
+    bumped = ref.copy()
+    k = np.arange(0, 400, 37)
+    bumped[k] = np.nextafter(ref[k], np.float32(np.inf))
+    r = rounding_fidelity(lambda v: bumped, x, "exp")
+    assert (r.n, r.n_correct) == (400, 400 - k.size)
+    assert 0.5 < r.max_ulp_error <= 1.5
+    assert r.worst_input in x[k].tolist()
+    good = rounding_fidelity(el.exp, x, "exp")
+    assert good.fraction_correct == 1.0 and good.max_ulp_error <= 0.5
+    assert good.worst_input is None
+
+
+def test_rounding_fidelity_specials_callables_and_errors():
+    from numstab.fidelity import rounding_fidelity
+
+    x = np.array([0.0, -0.0, 1.0, -1.0, np.inf, np.nan], dtype=np.float64)
+    r = rounding_fidelity(lambda v: el.log1p(v), x, "log1p")
+    assert r.n_correct == 6 and r.max_ulp_error <= 0.5
+    wrong_zero = rounding_fidelity(lambda v: np.abs(el.expm1(v)) * 0 + 0.0, x[:2], "expm1")
+    assert wrong_zero.n_correct == 1  # +0 for expm1(-0) = -0 is wrong
+    t = rounding_fidelity(np.tanh, np.float32([0.25, -3.0]), lambda ctx, v: ctx.tanh(v))
+    assert t.n == 2 and t.format == "float32"
+    with pytest.raises(ValueError, match="unknown exact function"):
+        rounding_fidelity(np.exp, x, "sin")
+    with pytest.raises(TypeError, match="fn must be callable"):
+        rounding_fidelity("exp", x)
+    with pytest.raises(ValueError, match="returned 1 values"):
+        rounding_fidelity(lambda v: v[:1], x, "exp")
