@@ -72,8 +72,10 @@ def assert_same(got, want, what=""):
         nan = np.isnan(want)
         assert (np.isnan(g) == nan).all(), what
         bad = g[~nan].view(ui) != want[~nan].view(ui)
-        assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.size} differ ({g[~nan][bad][:4]} "
-        f"vs {want[~nan][bad][:4]})"
+        assert not bad.any(), (
+            f"{what}: {int(bad.sum())} of {bad.size} differ ({g[~nan][bad][:4]} "
+            f"vs {want[~nan][bad][:4]})"
+        )
     else:
         np.testing.assert_array_equal(g, want, err_msg=what)
 
@@ -98,6 +100,16 @@ def logits(rng, fmt, n=24, c=37):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20250117)
+
+
+def test_assert_same_reports_both_sides_of_a_difference():
+    """A failure names what differs on both sides (the message was once cut after the first
+    half: its second f-string stood alone as a statement of its own)."""
+    got = strict(np.array([1.0, 2.0, np.nan], np.float32))
+    want = np.array([1.0, 3.0, np.nan], np.float32)
+    with pytest.raises(AssertionError) as info:
+        assert_same(got, want, "probe")
+    assert str(info.value).startswith("probe: 1 of 2 differ ([2.] vs [3.])"), str(info.value)
 
 
 # --- summation ----------------------------------------------------------------------------
@@ -185,7 +197,10 @@ def test_round_bits_is_the_one_bfloat16_emulation_and_matches_ml_dtypes(src):
     masks). So the CuPy path *is* this code path, run here on NumPy arrays: it must equal
     ml_dtypes' conversion on all 65 536 bfloat16 patterns and on every midpoint between
     neighbouring finite values (ties to even), from float32 and from float64 sources.
-    (``tests/test_gpu.py`` runs the same comparison on a device when one is present.)"""
+    (``tests/test_gpu.py`` runs the same comparison on a device when one is present.)
+    Every input has at most 9 significant bits, so it is exact in float32: a cast that goes
+    from float64 through float32 (as some ml_dtypes releases do) rounds only once here, and
+    ml_dtypes is a valid reference on these inputs whichever way it converts."""
     with np.errstate(invalid="ignore"):  # NaN patterns
         x = _all_bfloat16_patterns_and_midpoints().astype(src)
     fmt = get_format("bfloat16")
