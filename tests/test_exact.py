@@ -123,8 +123,8 @@ def test_round_exact_all_16bit_patterns_match_astype(name, dtype):
 @pytest.mark.parametrize("name, dtype", [("float16", np.float16), ("bfloat16", BF16)])
 def test_round_exact_all_16bit_midpoints_match_astype(name, dtype):
     # Midpoints between neighbours (and between max and 2**(emax+1), the overflow threshold)
-    # have p + 1 <= 12 significant bits: exact in float64, and in float32, so even ml_dtypes'
-    # double rounding through float32 gives the correctly rounded bfloat16 here.
+    # have p + 1 <= 12 significant bits: exact in float64, and in float32, so even a cast that
+    # goes through float32 (as some ml_dtypes releases do) rounds only once here.
     f = get_format(name)
     lo = _all_finite_nonneg(dtype).astype(np.float64)
     hi = np.append(lo[1:], math.ldexp(1.0, f.emax + 1))

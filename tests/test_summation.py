@@ -2,7 +2,6 @@
 
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -69,8 +68,9 @@ def test_bfloat16_pairwise_tree_rounds_every_addition():
     assert ordered_sum(x, "bfloat16", "pairwise")[0] == 1 + 3 * 2.0**-7
     assert ordered_sum(x, "bfloat16", "wide")[0] == 1 + 4 * 2.0**-7
     assert ordered_sum(x, "bfloat16", "sequential")[0] == 1  # each 2**-9 absorbed
-    # ml_dtypes' own sum is sequential in bfloat16: 10 000 ones give 256.
-    assert float(np.sum(np.ones(10_000, dtype=ml_dtypes.bfloat16))) == 256
+    # Adding ones one at a time in bfloat16 stops at 256: 256 + 1 is the midpoint of 256 and 258
+    # (8 significant bits) and ties to the even 256. (ml_dtypes' own np.sum of bfloat16 ones gave
+    # 256 too when measured; a library's behaviour, not asserted here.)
     assert ordered_sum(np.ones((1, 10_000), np.float32), "bfloat16", "sequential")[0] == 256
 
 
