@@ -425,3 +425,24 @@ def test_rounding_fidelity_specials_callables_and_errors():
         rounding_fidelity("exp", x)
     with pytest.raises(ValueError, match="returned 1 values"):
         rounding_fidelity(lambda v: v[:1], x, "exp")
+
+
+def test_check_script_on_a_range(capsys):
+    """scripts/check_elementary.py over 2**14 float32 patterns around 1.0 and -87.3 (the
+    subnormal-result threshold of exp) reports no mismatch; a bad range exits 2."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "check_elementary.py"
+    spec = importlib.util.spec_from_file_location("check_elementary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    one = int(np.float32(1.0).view(np.uint32))
+    assert mod.main(["all", "--start", str(one - 4096), "--stop", str(one + 4096)]) == 0
+    edge = int(np.float32(-87.3365).view(np.uint32))
+    assert mod.main(["exp", "--start", str(edge - 4096), "--stop", str(edge + 4096)]) == 0
+    out = capsys.readouterr().out
+    assert "exp: 8192 inputs" in out and "0 mismatches" in out
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["exp", "--start", "10", "--stop", "5"])
+    assert exc.value.code == 2
