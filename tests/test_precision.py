@@ -243,7 +243,11 @@ def test_policy_uniform_and_paper():
         "compute": "float32",
         "loss": "float64",
         "order": "pairwise",
+        "elementary": "correct",
     }
+    assert PrecisionPolicy.uniform("float32", elementary="libm").elementary == "libm"
+    with pytest.raises(ValueError, match="unknown elementary mode 'fast'"):
+        PrecisionPolicy.uniform("float32", elementary="fast")
 
 
 def test_policy_rejects_bad_values():
