@@ -233,13 +233,14 @@ def test_resume_of_a_missing_or_checkpointless_directory_touches_nothing(module,
 
 
 def test_resume_with_a_full_disk_keeps_the_metrics(reference, tmp_path):
-    # Continuing the finished 60-step run to 80 steps rebuilds the CSV without its final rows;
-    # with room for no file above 4 kB that rewrite fails: exit 4, and the CSV is as it was.
+    # Continuing the finished 60-step run to 80 steps rebuilds the CSV without its final rows
+    # (all but the last few hundred bytes); with room for no file above half the CSV that
+    # rewrite fails: exit 4, and every file is as it was (no summary of a run that never ran).
     d = tmp_path / "run"
     shutil.copytree(reference["train"], d)
     before = snapshot(d)
-    assert len(before["metrics.csv"][0]) > 4000
-    proc = cli("train", "--resume", d, "--steps", "80", limit_bytes=4000)
+    limit = len(before["metrics.csv"][0]) // 2
+    proc = cli("train", "--resume", d, "--steps", "80", limit_bytes=limit)
     assert proc.returncode == 4
     line = one_line_error(proc)
     assert "metrics.csv" in line and os.strerror(errno.EFBIG) in line
@@ -250,11 +251,17 @@ def test_resume_with_a_full_disk_keeps_the_metrics(reference, tmp_path):
 
 
 def test_full_disk_mid_run_exits_4_and_the_last_checkpoint_resumes(reference, tmp_path):
-    # The arrays file grows with the logged rows (from ~22 kB at step 0 to ~43 kB at step 60):
-    # with a 30 kB limit a checkpoint write fails mid-run, while metrics.csv (< 10 kB) and
-    # summary.json (~3 kB) still fit.
+    # The arrays file grows with the logged rows (measured: 8 kB at step 0, 14 kB at step 1,
+    # +6 kB per logged step, 45 kB at step 60). A limit halfway between the final CSV and the
+    # final arrays file lets the CSV and the summary be written and fails a checkpoint write
+    # mid-run.
+    ref = reference["train"]
+    npz = (ref / load_checkpoint(ref).manifest["arrays_file"]).stat().st_size
+    csv_size = (ref / "metrics.csv").stat().st_size
+    limit = (npz + csv_size) // 2
+    assert (ref / "summary.json").stat().st_size < limit
     d = tmp_path / "run"
-    proc = cli("train", *TRAIN, "--out", d, limit_bytes=30_000)
+    proc = cli("train", *TRAIN, "--out", d, limit_bytes=limit)
     assert proc.returncode == 4, proc.stderr
     line = one_line_error(proc)
     assert os.strerror(errno.EFBIG) in line and ".npz" in line and "--resume" in line
@@ -272,10 +279,11 @@ def test_full_disk_mid_run_exits_4_and_the_last_checkpoint_resumes(reference, tm
     assert arrays_bytes(d) == arrays_bytes(reference["train"])
 
 
-def test_full_disk_while_logging_leaves_only_whole_rows(tmp_path):
-    # Logging every step without checkpoints, the CSV is the first file to outgrow 6 kB.
+def test_full_disk_while_logging_leaves_only_whole_rows(reference, tmp_path):
+    # Logging every step without checkpoints, the CSV (~10 kB per 6 logged steps) is the first
+    # file to outgrow twice the size of a summary; the summary itself fits.
     d = tmp_path / "run"
-    limit = 6000
+    limit = 2 * (reference["train"] / "summary.json").stat().st_size
     proc = cli("train", *TINY, "--steps", "60", "--log-every", "1", "--out", d,
                limit_bytes=limit)
     assert proc.returncode == 4, proc.stderr
@@ -322,6 +330,24 @@ def test_a_second_writer_is_refused_and_the_first_is_unharmed(tmp_path):
     assert {r[1] for r in rows[1:]} == {"run"}
     ck = load_checkpoint(d)
     assert len(rows) - 1 == len(ck.arrays["metrics/step"])
+
+
+def test_the_claim_ends_with_the_command_in_process(tmp_path, capsys):
+    """Called in-process, a command releases its directory when it returns, and is refused
+    while another claim holds it (flock locks belong to open files, not processes)."""
+    from numstab import compare, outdir
+    from numstab.cli import train_main
+
+    d = tmp_path / "run"
+    assert train_main([*TINY, "--steps", "3", "--out", str(d)]) == 0
+    assert train_main(["--resume", str(d), "--quiet"]) == 0
+    with outdir.claim(d):
+        capsys.readouterr()
+        assert compare.main([*TINY, "--steps", "3", "--out", str(d)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"python -m numstab.compare: error: another numstab process is writing "
+                       f"to {str(d)!r}"]
+    assert compare.main([*TINY, "--steps", "3", "--out", str(d)]) == 0
 
 
 def test_leftovers_of_killed_writers_are_removed_on_the_next_start(reference, tmp_path):
