@@ -15,7 +15,7 @@ format with a stated error bound, rounded, and the rare inputs whose wide value 
 a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
 
 * float16, bfloat16, float32: the function in float64 (NumPy's / CuPy's float64 functions,
-  error below 1 ulp: measured max 0.66 ulp here; the argument is exact in float64). A wide value
+  a few ulps at most: measured max 0.66 ulp here; the argument is exact in float64). A wide value
   ``w`` is decided when ``w (1 - 2**-44)`` and ``w (1 + 2**-44)`` round to the same target value
   (rounding is monotone, and the exact value lies in between as long as the float64 error is
   below 2**8 ulps: a margin of more than 2**7 over the measured error). About one input in 2**19
@@ -31,7 +31,7 @@ a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
   long-double ulps, 5x the measured error); about 0.6 % of inputs need mpmath. These run on the
   host (NumPy); on other backends the array is copied to the host and back.
 * longdouble: no wider hardware format exists, so every element is evaluated with mpmath (a Ziv
-  loop): correctly rounded, about 10 µs per element. ``mode="libm"`` gives glibc's x87 result
+  loop): correctly rounded, tens of µs per element. ``mode="libm"`` gives glibc's x87 result
   (not proven correctly rounded, nor faithful).
 * ``sqrt`` and ``+ - * /`` need nothing here: IEEE 754 makes them correctly rounded.
 
@@ -164,7 +164,7 @@ def exact_round(name: str, values, fmt) -> np.ndarray:
     ``f(v)`` is evaluated at ``P`` bits, whose error mpmath keeps below ``2**(1 - P)`` relative,
     and accepted when ``f(v) (1 ± 2**(3 - P))`` round to one value; otherwise ``P`` doubles. The
     loop ends because the results are transcendental except at the trivial exact points
-    (``exp(0)``, ``log(1)``, ...), which are never midpoints. About 5--10 µs per element.
+    (``exp(0)``, ``log(1)``, ...), which are never midpoints. Tens of µs per element.
 
     Returns
     -------
