@@ -363,8 +363,10 @@ _C3, _C4 = 1 / 6, 1 / 24
 
 def _exp64(x, xp):
     if xp is not np:
-        r, amb = _exp64_block(x, xp)
-        return _resolve("exp", x, r, amb, get_format("float64"), xp)
+        flat = xp.reshape(x, (-1,))  # the standard's take wants 1-D indices
+        r, amb = _exp64_block(flat, xp)
+        r = _resolve("exp", flat, r, amb, get_format("float64"), xp)
+        return xp.reshape(r, x.shape)
     out = np.empty(x.shape, dtype=np.float64)
     xf, of = x.reshape(-1), out.reshape(-1)
     kernel = _Exp64Kernel(min(xf.size, _CHUNK))

@@ -793,9 +793,10 @@ def _round_odd(s, e, xp):
     """Round to odd of ``s + e`` (``s = fl(s + e)``, ``e`` the exact remainder): ``s`` when
     exact or when its last significand bit is 1, else its neighbour towards ``s + e``."""
     a = xp.abs(s)
-    ulp = xp.nextafter(a, xp.asarray(xp.inf, dtype=a.dtype)) - a
+    inf = xp.asarray(xp.inf, dtype=a.dtype)
+    ulp = xp.nextafter(a, inf) - a
     odd = (a / ulp) % 2 == 1  # a / ulp: the integral significand, exactly
-    step = xp.nextafter(s, xp.where(e > 0, xp.inf, -xp.inf))
+    step = xp.nextafter(s, xp.where(e > 0, inf, -inf))
     return xp.where((e != 0) & ~odd, step, s)
 
 

@@ -379,6 +379,7 @@ def test_array_api_strict_gives_the_same_bits(name, fmt):
     x = (float32_inputs if fmt == "float32" else float64_inputs)(name)
     x = x[:1200] if fmt == "float64" else x
     x = x.astype(get_format(fmt).dtype)
+    x = x[: x.size // 2 * 2].reshape(2, -1)  # 2-D, as the losses pass them
     host = el.evaluate(name, x, fmt)
     dev = el.evaluate(name, xps.asarray(x), fmt)
     assert type(dev).__module__.startswith("array_api_strict")
