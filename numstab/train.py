@@ -38,6 +38,7 @@ from numstab.mlp import MLPConfig, backward, forward, init_params
 from numstab.optim import OPTIMIZER_NAMES, PERP_GRAD_SCOPES, make_optimizer
 from numstab.options import coerce, option, options_of
 from numstab.precision import (
+    ELEMENTARY_MODES,
     REDUCTION_ORDERS,
     PrecisionPolicy,
     available_formats,
@@ -57,6 +58,11 @@ __all__ = [
 
 CSV_HEADER = ("step", "run", "split", "metric", "layer", "value")
 _FORMATS = available_formats()
+
+
+#: Fields added to :class:`TrainConfig` after runs were recorded, with the value that
+#: reproduces those runs: a record without the field was computed that way.
+RECORDED_BEFORE = {"elementary": "libm"}
 
 
 def _format_name(name: str) -> str:
@@ -108,6 +114,12 @@ class TrainConfig:
     )
     order: str = option(
         "pairwise", "str", "summation order of the loss's normaliser", choices=REDUCTION_ORDERS
+    )
+    elementary: str = option(
+        "correct", "str",
+        "exp/log/log1p/expm1: correctly rounded in the declared format, or the platform's libm "
+        "(NumPy's; runs recorded before this option existed)",
+        choices=ELEMENTARY_MODES,
     )
     loss: str = option(
         "softmax", "str",
@@ -197,10 +209,31 @@ class TrainConfig:
 
     @property
     def policy(self) -> PrecisionPolicy:
-        return PrecisionPolicy.paper(self.dtype, self.loss_dtype, order=self.order)
+        return PrecisionPolicy.paper(
+            self.dtype, self.loss_dtype, order=self.order, elementary=self.elementary
+        )
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The config a recorded ``to_dict()`` describes (a checkpoint's, a run folder's).
+
+        Fields added after a record was written take :data:`RECORDED_BEFORE`'s value, the one
+        that reproduces what was computed then (not today's default); derived keys such as
+        ``state_format`` are ignored. ``ValueError`` for unknown fields or bad values.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a table of fields, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"state_format"})
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        fields = {**RECORDED_BEFORE, **{k: v for k, v in d.items() if k in names}}
+        if isinstance(fields.get("hidden"), list):
+            fields["hidden"] = tuple(fields["hidden"])
+        return cls(**fields)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
