@@ -455,7 +455,7 @@ class _Exp64Kernel:
 
     def __init__(self, n: int):
         self.t = _exp_tables(np)
-        self.f = [np.empty(n) for _ in range(5)]
+        self.f = [np.empty(n) for _ in range(4)]
         self.i = [np.empty(n, dtype=np.int64) for _ in range(2)]
         self.amb = np.empty(n, dtype=bool)
 
@@ -466,7 +466,7 @@ class _Exp64Kernel:
         if not (x.min() >= _LOW and x.max() <= _HIGH):  # a NaN fails both comparisons
             return True
         t = self.t
-        f0, f1, f2, f3, f4 = (b[:k] for b in self.f)
+        f0, f1, f2, f3 = (b[:k] for b in self.f)
         ki, j = (b[:k] for b in self.i)
         np.multiply(x, t["inv_l"], out=f0)
         np.rint(f0, out=f0)  # kf (xp.round: to nearest, ties to even)
@@ -488,10 +488,9 @@ class _Exp64Kernel:
         np.take(t["tl"], j, out=f2, mode="clip")  # tl
         np.multiply(f0, f1, out=f1)
         np.add(f1, f2, out=f1)  # th·p + tl
-        np.add(f0, f1, out=f3)  # s
+        np.add(f0, f1, out=f3)  # s = y: s + lo is exactly th + (th·p + tl), already rounded
         np.subtract(f3, f0, out=f2)
         np.subtract(f1, f2, out=f1)  # lo (Fast2Sum error, exact)
-        np.add(f3, f1, out=f4)  # y
         np.subtract(f1, _EPS_FAST, out=f0)
         np.add(f3, f0, out=f0)
         np.add(f1, _EPS_FAST, out=f2)
@@ -499,5 +498,5 @@ class _Exp64Kernel:
         np.not_equal(f0, f2, out=self.amb[:k])
         # y in [0.999, 2.002) and the result normal: scaling adds m to the exponent field.
         np.left_shift(ki, 52, out=ki)
-        np.add(f4.view(np.int64), ki, out=out.view(np.int64))
+        np.add(f3.view(np.int64), ki, out=out.view(np.int64))
         return False
