@@ -54,6 +54,7 @@ from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
 __all__ = [
     "ELEMENTARY_MODES",
     "FUNCTIONS",
+    "apply",
     "check_mode",
     "evaluate",
     "exact_round",
@@ -116,7 +117,7 @@ def evaluate(name: str, x, fmt=None, *, mode: str = "correct"):
     f = get_format(x.dtype if fmt is None else fmt)
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         x = quantize(x, f)
-    return _evaluate(name, x, f, mode, xp)
+    return apply(name, x, f, mode, xp)
 
 
 def exp(x, fmt=None, *, mode: str = "correct"):
@@ -139,9 +140,10 @@ def expm1(x, fmt=None, *, mode: str = "correct"):
     return evaluate("expm1", x, fmt, mode=mode)
 
 
-def _evaluate(name: str, x, fmt: Format, mode: str, xp):
-    """The computation behind :func:`evaluate` for ``x`` already in ``fmt``'s carrier dtype
-    (no validation: the engine's hot path calls this)."""
+def apply(name: str, x, fmt: Format, mode: str, xp):
+    """:func:`evaluate` without its checks, for the engine's hot path: ``name`` and ``mode``
+    already valid, ``fmt`` a :class:`~numstab.precision.Format`, ``x`` in ``fmt``'s carrier
+    dtype (values of ``fmt``), ``xp`` its namespace."""
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if mode == "libm":
             return quantize(getattr(xp, name)(x), fmt)

@@ -60,7 +60,7 @@ from numstab.backend import (
     to_numpy,
     xp_dtype,
 )
-from numstab.elementary import _evaluate as _elementary
+from numstab.elementary import apply as _elementary
 from numstab.elementary import check_mode
 from numstab.precision import Format, PrecisionPolicy, available_formats, get_format, quantize
 from numstab.summation import check_order, ordered_sum
