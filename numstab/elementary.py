@@ -22,7 +22,7 @@ a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
   (float32) needs mpmath.
 * float64, ``exp``: Cody--Waite reduction ``x = (4096 m + j) ln2/4096 + r`` (``ln2/4096`` as
   two constants), a table of ``2**(j/4096)`` as double-doubles and a degree-4 polynomial. A
-  fast pass in plain float64 (relative error below ``2**-63.9``) decides all but about 0.3 %
+  fast pass in plain float64 (relative error below ``2**-63.5``) decides all but about 0.3 %
   of the inputs (window ``2**-61.5``); those are redone in double-double arithmetic (Dekker's
   exact product; error below ``2**-70.5``, window ``2**-68``), and about one input in 2**14
   (plus results in the subnormal range and at the overflow threshold) goes to mpmath.
@@ -439,7 +439,7 @@ def _exp64_block(x, xp):
 
 
 # The fast path's window, absolute on the scaled value s + lo in [0.999, 2.002): its error is
-# below 2**-63.9 relative (see _Exp64Kernel), so 2**-61.5 leaves a margin of 2.7.
+# below 2**-63.5 (see _Exp64Kernel), so 2**-61.5 leaves a margin of 4.
 _EPS_FAST = 2.0**-61.5
 
 
@@ -449,10 +449,13 @@ class _Exp64Kernel:
     arithmetic where that one is exact.
 
     ``e**x ~ 2**m (th + (th·p + tl))``, ``p = rh + q(rh)``, ``rh = fl(a + b)`` (no TwoSum).
-    Error budget (relative): ``rh``'s rounding ``2**-67``, ``kf·c2`` ``2**-71.5``, ``q``'s
-    truncation ``2**-74.4``, ``p``'s rounding ``2**-67``, ``th·p`` and ``+ tl`` ``2**-65.5``
-    each, the dropped ``tl·p`` ``2**-66.5``: below ``2**-63.9``. About 0.3 % of the values
-    fall in the window and go to :func:`_exp64_block`.
+    Error budget, absolute on the scaled value ``th (1 + p) in [0.999, 2.002)``: errors of
+    ``p`` are multiplied by ``th < 2``: ``rh``'s rounding (``|rh| < 2**-13.5``) ``2**-66``,
+    ``p``'s rounding ``2**-66``, ``kf·c2``'s rounding and ``c``'s truncation ``2**-73.5``,
+    ``q``'s truncation ``2**-73.5``; then ``th·p`` and ``+ tl`` (``< 2**-12.5``) ``2**-66``
+    each and the dropped ``tl·p`` ``2**-65.5``: below ``2**-63.5`` in all, against the window
+    ``2**-61.5`` (a margin of 4). About 0.3 % of the values fall in the window and go to
+    :func:`_exp64_block`.
     """
 
     def __init__(self, n: int):
