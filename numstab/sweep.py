@@ -60,29 +60,42 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import re
+import selectors
+import signal
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
 import traceback
-import types
-import typing
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from numstab.atomic import atomic_open
+from numstab.cli import (
+    HelpFormatter,
+    Parser,
+    UsageError,
+    check_backend,
+    check_out_dir,
+    json_default,
+    versions,
+)
+from numstab.driver import graceful_stop
+from numstab.footprint import estimate_run_memory, format_bytes, physical_memory
 
 __all__ = [
     "GROUP_EXCLUDE",
+    "MAX_RUNS",
     "NUMERIC_FIELDS",
     "PlannedRun",
     "SpecError",
     "Sweep",
     "SweepReport",
+    "UsageError",
     "build_parser",
     "canonical_json",
     "collect",
@@ -131,42 +144,42 @@ NUMERIC_FIELDS = (
 )
 GROK_THRESHOLD = 0.9
 _ID_RE = re.compile(r"^[0-9a-f]{12}$")
+#: Most runs a SPEC may describe without ``allow_large`` (``--allow-large``).
+MAX_RUNS = 10_000
+#: Default per-run memory limit, as a fraction of the physical memory.
+MEMORY_FRACTION = 0.5
+#: Exit code when the reader of stdout goes away (128 + SIGPIPE, as the shell reports it).
+EXIT_BROKEN_PIPE = 141
+#: Seconds a stopped worker gets between SIGTERM and SIGKILL.
+STOP_GRACE_S = 2.0
+#: Seconds between checks for a signal while waiting on workers.
+POLL_S = 0.2
 
 
 class SpecError(ValueError):
     """A malformed SPEC (exit 2); the message names the offending key."""
 
 
-class UsageError(Exception):
-    """Bad command-line input or environment detected before anything runs (exit 2)."""
-
-
 # --- configuration identity -----------------------------------------------------------------
 
 
-def _field_hints() -> dict:
+def _options() -> dict:
+    """TrainConfig field -> its :class:`numstab.options.Option` (the one declaration of what
+    each run option accepts)."""
+    from numstab.options import options_of
     from numstab.train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
-
-
-def _float_fields() -> set:
-    return {k for k, h in _field_hints().items() if h is float}
+    return options_of(TrainConfig)
 
 
 def canonical_json(config) -> str:
     """The canonical JSON of a :class:`~numstab.train.TrainConfig` that :func:`run_id` hashes.
 
-    ``config.to_dict()`` with sorted keys and no whitespace; integers given to float fields are
-    written as floats, so ``lr=1`` and ``lr=1.0`` are the same run.
+    ``config.to_dict()`` of the validated config, sorted keys, no whitespace. TrainConfig
+    stores every field canonically (``dtype="fp16"`` as ``"float16"``, ``lr=1`` as ``1.0``),
+    so spellings of one configuration share one id.
     """
-    d = config.to_dict()
-    for k in _float_fields():
-        v = d.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
-            d[k] = float(v)
-    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 def run_id(config) -> str:
@@ -208,7 +221,9 @@ class Sweep:
     """A parsed SPEC: base overrides, axes, explicit runs and the resolved list of runs.
 
     ``columns`` are the axis names (in SPEC order) followed by any key set in ``[[runs]]`` that
-    is not an axis: the columns identifying a run in the collected tables.
+    is not an axis: the columns identifying a run in the collected tables. ``notes`` say which
+    entries of the SPEC were merged because they name the same run (format aliases, a
+    ``[[runs]]`` entry equal to a grid run).
     """
 
     source: str
@@ -218,6 +233,7 @@ class Sweep:
     extra: list
     columns: tuple
     runs: list = field(default_factory=list)
+    notes: tuple = ()
 
     def to_dict(self) -> dict:
         return {
@@ -228,91 +244,51 @@ class Sweep:
             "runs": self.extra,
             "columns": list(self.columns),
             "ids": [r.id for r in self.runs],
+            "notes": list(self.notes),
         }
 
 
-def _type_name(hint) -> str:
-    if hint is int:
-        return "an integer"
-    if hint is float:
-        return "a number"
-    if hint is str:
-        return "a string"
-    if hint is bool:
-        return "true or false"
-    if typing.get_origin(hint) is tuple:
-        return "a list of positive integers"
-    return str(hint)
+def _coerce(where: str, name: str, value):
+    """One SPEC value, validated and canonicalised by its option's declaration
+    (:func:`numstab.options.coerce`: ``"fp16"`` -> ``"float16"``, ``1`` -> ``1.0`` for a
+    number); ``"none"`` stands for None where the option allows None (TOML has no null)."""
+    from numstab.options import coerce
+
+    spec = _options()[name]
+    if value == "none":
+        with contextlib.suppress(ValueError):
+            return coerce(name, spec, None)
+    try:
+        return coerce(name, spec, value)
+    except ValueError as exc:
+        raise SpecError(f"{where}: {exc}") from None
 
 
-def _optional_inner(hint):
-    """``X`` for ``X | None`` (either spelling), else None."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(hint)) == 2:
-            return args[0]
-    return None
-
-
-def _coerce(where: str, hint, value):
-    """Check one SPEC value against a TrainConfig field type; return it normalised."""
-    inner = _optional_inner(hint)
-    if inner is not None:
-        if value == "none":
-            return None
-        try:
-            return _coerce(where, inner, value)
-        except SpecError:
-            raise SpecError(
-                f'{where}: expected {_type_name(inner)} or "none", got {value!r} '
-                f"({type(value).__name__})"
-            ) from None
-    bad = SpecError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
-        ):
-            raise bad
-        return list(value)
-    raise SpecError(f"{where}: the field's type {hint} cannot be given in a SPEC")
-
-
-def _check_table(where: str, table, hints: dict) -> dict:
+def _check_table(where: str, table) -> dict:
     if not isinstance(table, dict):
         raise SpecError(f"{where} must be a table of TrainConfig fields, got {table!r}")
     out = {}
     for k, v in table.items():
-        if k not in hints:
+        if k not in _options():
             raise SpecError(f"{where}.{k}: unknown key (not a TrainConfig field){_suggest(k)}")
-        out[k] = _coerce(f"{where}.{k}", hints[k], v)
+        out[k] = _coerce(f"{where}.{k}", k, v)
     return out
 
 
 def _suggest(key: str) -> str:
     import difflib
 
-    near = difflib.get_close_matches(key, list(_field_hints()), n=3)
+    near = difflib.get_close_matches(key, list(_options()), n=3)
     return f"; did you mean {', '.join(near)}?" if near else ""
 
 
 def _freeze(v):
-    return tuple(v) if isinstance(v, list) else v
+    """A hashable stand-in for a value read from a SPEC or a run folder."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=repr)
+    return v
 
 
 def _find_duplicate_key(text: str) -> str | None:
@@ -368,27 +344,85 @@ def read_toml(path) -> dict:
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as exc:
         raise SpecError(f"cannot read SPEC {path!r}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+            "a TOML file must be UTF-8"
+        ) from None
     return _toml_loads(text, path)
 
 
-def load_spec(path) -> Sweep:
-    """Read and validate a SPEC file (see the module docstring); raises :class:`SpecError`."""
-    return parse_spec(read_toml(path), source=os.fspath(path))
+def load_spec(path, **limits) -> Sweep:
+    """Read and validate a SPEC file (see the module docstring); raises :class:`SpecError`.
+
+    ``limits``: ``max_runs`` and ``max_run_bytes``, as for :func:`parse_spec`.
+    """
+    return parse_spec(read_toml(path), source=os.fspath(path), **limits)
 
 
-def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
+def default_max_run_bytes() -> int | None:
+    """The default per-run memory limit: :data:`MEMORY_FRACTION` of the physical memory
+    (None, no limit, where the OS does not report it)."""
+    total = physical_memory()
+    return None if total is None else int(MEMORY_FRACTION * total)
+
+
+def _count_runs(axes: dict, extra: list) -> int:
+    """Runs a SPEC describes, from the axis lengths (the grid is not expanded)."""
+    grid = math.prod(len(v) for v in axes.values()) if axes or not extra else 0
+    return grid + len(extra)
+
+
+def _merge_aliases(where: str, values: list, raw: list) -> tuple[list, list]:
+    """An axis with values equal after canonicalisation kept once; notes naming them."""
+    kept, notes, first = [], [], {}
+    for v, r in zip(values, raw, strict=True):
+        key = _freeze(v)
+        if key in first:
+            notes.append(
+                f"{where}: {_spec_value(r)} and {_spec_value(first[key])} are both "
+                f"{_spec_value(v)}: run once"
+            )
+            continue
+        first[key] = r
+        kept.append(v)
+    return kept, notes
+
+
+def parse_spec(
+    spec: dict,
+    *,
+    source: str = "<spec>",
+    max_runs: int | None = MAX_RUNS,
+    max_run_bytes: int | str | None = "default",
+) -> Sweep:
     """Validate a SPEC given as a dict (as ``tomllib`` returns it) and resolve its runs.
 
-    Every configuration is constructed (TrainConfig's own checks) and every distinct dataset is
-    generated once, so invalid values are reported here, before anything runs. Raises
-    :class:`SpecError` naming the key (``axes.dtype``, ``runs[1].lr``, ...).
+    Every configuration is constructed (TrainConfig's own checks), its memory estimated
+    (:func:`numstab.footprint.estimate_run_memory`) and every distinct dataset generated once,
+    so invalid values are reported here, before anything runs. Raises :class:`SpecError`
+    naming the key (``axes.dtype``, ``runs[1].lr``, ...).
+
+    Parameters
+    ----------
+    max_runs : int or None
+        Refuse a SPEC of more runs (counted from the axis lengths before the grid is
+        expanded); None: no limit (``--allow-large``).
+    max_run_bytes : int, None or "default"
+        Refuse a run whose estimated memory exceeds this; ``"default"``:
+        :func:`default_max_run_bytes`; None: no limit.
     """
     from numstab.train import TrainConfig
 
+    if max_run_bytes == "default":
+        max_run_bytes = default_max_run_bytes()
     if not isinstance(spec, dict):
         raise SpecError(f"{source}: a SPEC is a TOML table, got {type(spec).__name__}")
     for k in spec:
@@ -400,8 +434,8 @@ def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise SpecError(f"{source}: description must be a string")
-    hints = _field_hints()
-    base = _check_table("base", spec.get("base", {}), hints)
+    base = _check_table("base", spec.get("base", {}))
+    notes: list[str] = []
 
     raw_axes = spec.get("axes", {})
     if not isinstance(raw_axes, dict):
@@ -409,7 +443,7 @@ def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
     axes: dict = {}
     for k, values in raw_axes.items():
         where = f"axes.{k}"
-        if k not in hints:
+        if k not in _options():
             raise SpecError(f"{where}: unknown key (not a TrainConfig field){_suggest(k)}")
         if not isinstance(values, list):
             raise SpecError(
@@ -418,21 +452,30 @@ def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
             )
         if not values:
             raise SpecError(f"{where}: empty axis (give at least one value)")
-        checked = [_coerce(f"{where}[{i}]", hints[k], v) for i, v in enumerate(values)]
+        checked = [_coerce(f"{where}[{i}]", k, v) for i, v in enumerate(values)]
         seen = {}
-        for i, v in enumerate(checked):
+        for i, v in enumerate(values):  # a value written twice (spellings are merged below)
             if _freeze(v) in seen:
                 raise SpecError(
-                    f"{where}: the value {v!r} is listed twice (positions {seen[_freeze(v)]} "
-                    f"and {i})"
+                    f"{where}: the value {_spec_value(v)} is listed twice (positions "
+                    f"{seen[_freeze(v)]} and {i})"
                 )
             seen[_freeze(v)] = i
-        axes[k] = checked
+        axes[k], merged = _merge_aliases(where, checked, values)
+        notes += merged
 
     raw_runs = spec.get("runs", [])
     if not isinstance(raw_runs, list) or not all(isinstance(r, dict) for r in raw_runs):
         raise SpecError("runs must be an array of tables ([[runs]] sections)")
-    extra = [_check_table(f"runs[{i}]", r, hints) for i, r in enumerate(raw_runs)]
+    extra = [_check_table(f"runs[{i}]", r) for i, r in enumerate(raw_runs)]
+
+    n_runs = _count_runs(axes, extra)
+    if max_runs is not None and n_runs > max_runs:
+        shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items()) or "no axes"
+        raise SpecError(
+            f"{source}: {n_runs:,} runs ({shape}; {len(extra)} in [[runs]]) is more than "
+            f"{max_runs:,}; give --allow-large to run it anyway"
+        )
 
     columns = list(axes)
     for r in extra:
@@ -448,6 +491,7 @@ def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
             config = TrainConfig(**kwargs)
         except (ValueError, TypeError) as exc:
             raise SpecError(_blame(kwargs, origin, exc, lambda kw: TrainConfig(**kw))) from None
+        _check_memory(config, name, origin, max_run_bytes)
         data_key = _data_key(config)
         if data_key not in data_checked:
             from numstab.train import make_dataset
@@ -461,9 +505,8 @@ def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
             data_checked.add(data_key)
         rid = run_id(config)
         if rid in by_id:
-            raise SpecError(
-                f"{name} resolves to the same configuration as {by_id[rid]} (id {rid}); remove one"
-            )
+            notes.append(f"{name} is the same run as {by_id[rid]} (id {rid}): run once")
+            return
         by_id[rid] = name
         values = {c: _jsonable(getattr(config, c)) for c in columns}
         planned.append(PlannedRun(rid, config, source_name, values))
@@ -490,11 +533,53 @@ def parse_spec(spec: dict, *, source: str = "<spec>") -> Sweep:
         extra=extra,
         columns=tuple(columns),
         runs=planned,
+        notes=tuple(notes),
+    )
+
+
+#: The fields behind each term of a run's memory estimate (named when it is over the limit).
+_SIZE_FIELDS = {
+    "data": ("task", "p", "encoding", "parity_bits", "parity_samples"),
+    "params": ("task", "p", "encoding", "parity_bits", "hidden", "bias", "dtype"),
+    "optimizer": ("task", "p", "encoding", "parity_bits", "hidden", "optimizer", "state_dtype"),
+    "activations": (
+        "task",
+        "p",
+        "encoding",
+        "parity_bits",
+        "parity_samples",
+        "train_fraction",
+        "hidden",
+        "dtype",
+        "loss_dtype",
+        "batch_size",
+    ),
+    "metrics": ("steps", "log_every", "hidden", "bias"),
+}
+
+
+def _check_memory(config, name: str, origin: dict, limit: int | None) -> None:
+    """SpecError when the run's estimated memory is over ``limit`` bytes; the message names
+    the SPEC keys behind the largest term."""
+    if limit is None:
+        return
+    need = estimate_run_memory(config)
+    if need.total <= limit:
+        return
+    terms = {k: getattr(need, k) for k in _SIZE_FIELDS}
+    largest = max(terms, key=terms.get)
+    keys = [k for k in _SIZE_FIELDS[largest] if k in origin]
+    values = ", ".join(f"{origin[k]} = {_spec_value(_jsonable(getattr(config, k)))}" for k in keys)
+    raise SpecError(
+        (f"{values}: " if values else "")
+        + f"{name} needs about {format_bytes(need.total)} of memory ({need.describe()}), more "
+        f"than the limit of {format_bytes(limit)} per run; make it smaller or raise "
+        "--max-run-gib"
     )
 
 
 def _top_hint(k: str) -> str:
-    if k in _field_hints():
+    if k in _options():
         return f" (TrainConfig fields go in [base] or [axes]: [base] {k} = ...)"
     return ""
 
@@ -589,14 +674,12 @@ def _text_table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(o):
-    """Replace non-finite floats by None (strict JSON) and numpy scalars by Python ones."""
+def _finite_or_none(o):
+    """Plain JSON data with every non-finite float replaced by None (strict JSON)."""
     if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
-        o = o.item()
+        return {k: _finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite_or_none(v) for v in o]
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return o
@@ -609,8 +692,11 @@ _atomic_open = atomic_open
 
 
 def _write_json(path: str, obj) -> None:
+    # NumPy scalars and tuples become JSON types first (the CLI's encoder hook), then
+    # non-finite numbers become null.
+    plain = json.loads(json.dumps(obj, default=json_default))
     with _atomic_open(path) as f:
-        f.write(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+        f.write(json.dumps(_finite_or_none(plain), indent=2, allow_nan=False) + "\n")
 
 
 def _read_json(path: str):
@@ -680,47 +766,29 @@ def execute(task: dict) -> dict:
         "host": platform.node(),
         "pid": os.getpid(),
         "executor": task.get("executor"),
-        "versions": _versions(),
+        "versions": versions(),
         "runtime": runtime_info(),
         "metrics_csv": buf.getvalue(),
     }
 
 
-def _versions() -> dict:
-    """Versions of everything that can change a result: the shared helper of the numstab
-    commands when present (``numstab.cli.versions``), else the same facts gathered here."""
-    try:
-        from numstab.cli import versions
-    except ImportError:
-        versions = None
-    if versions is not None:
-        return versions()
-    import mpmath
-    import numpy as np
-
-    import numstab
-    from numstab.runtime import runtime_info
-
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "mpmath": mpmath.__version__,
-        "numstab": numstab.__version__,
-        "blas": runtime_info()["blas"],
-        "platform": platform.platform(),
-    }
-
-
 def _crash_result(task: dict, exc: BaseException) -> dict:
-    """Result of a task whose worker failed outside training (pool broken, worker killed)."""
-    return {
-        "id": task["id"],
-        "status": "failed",
-        "error": {
+    """Result of a task whose worker failed outside training (worker died, result lost)."""
+    return _failed_result(
+        task,
+        {
             "type": type(exc).__name__,
             "message": str(exc) or type(exc).__name__,
             "traceback": "".join(traceback.format_exception(exc)),
         },
+    )
+
+
+def _failed_result(task: dict, error: dict) -> dict:
+    return {
+        "id": task["id"],
+        "status": "failed",
+        "error": error,
         "sc_onset_step": None,
         "sc50_step": None,
         "train100_step": None,
@@ -735,27 +803,185 @@ def _crash_result(task: dict, exc: BaseException) -> dict:
 # --- executors -------------------------------------------------------------------------------
 
 
-def _iter_local(tasks: list, workers: int) -> Iterator[tuple[dict, dict]]:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+# The local executor: worker processes of our own. Each is a fresh interpreter running
+# _worker_main (never the caller's __main__, so a script without an `if __name__ ==
+# "__main__":` guard works), trains one run at a time, and talks JSON lines over its
+# stdin/stdout: {"ready": pid} once, then one result per task. The client knows which run each
+# worker holds, so a worker that dies fails exactly that run and is replaced.
 
-    ctx = multiprocessing.get_context("spawn")  # no inherited threads or locks
-    pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(tasks))), mp_context=ctx)
+_WORKER_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from numstab.sweep import _worker_main; _worker_main()"
+)
+
+
+class WorkerStartError(RuntimeError):
+    """A local worker process exited before it could take a run (its stderr says why)."""
+
+
+def _worker_command() -> list[str]:
+    """The command of a local worker: this interpreter, importing this very numstab."""
+    import numstab
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(numstab.__file__)))
+    return [sys.executable, "-c", _WORKER_CODE, root]
+
+
+def _worker_main() -> None:
+    """Body of a local worker process (see the comment above :func:`_iter_local`)."""
+    import queue
+    import threading
+
+    # Stopping is the client's decision (it sends SIGTERM); Ctrl-C at a terminal reaches the
+    # client only, since workers run in their own session, but a stray SIGINT must not kill a
+    # run either.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # anything printed while training goes to stderr, not into the channel
+    inbox: queue.Queue = queue.Queue()
+
+    def read_tasks():
+        for line in sys.stdin:
+            inbox.put(line)
+        # The client closed the pipe (done, or stopping) or died: leave at once, even in
+        # the middle of a run, so that no worker outlives its sweep.
+        os._exit(0)
+
+    threading.Thread(target=read_tasks, daemon=True).start()
+    import numstab.train  # noqa: F401  (an import error shows before "ready")
+
+    def send(obj) -> None:
+        channel.write(json.dumps(obj, default=json_default) + "\n")
+        channel.flush()
+
+    send({"ready": os.getpid()})
+    while True:
+        task = json.loads(inbox.get())
+        try:
+            result = execute(task)
+            send(result)
+        except Exception as exc:  # the result could not be encoded: still answer
+            send(_crash_result(task, exc))
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen
+    buf: bytearray = field(default_factory=bytearray)
+    ready: bool = False
+    task: dict | None = None
+
+
+def _died_result(task: dict, pid: int, returncode: int) -> dict:
+    if returncode < 0:
+        try:
+            how = f"was killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+    else:
+        how = f"exited with code {returncode}"
+    return _failed_result(
+        task,
+        {
+            "type": "WorkerDied",
+            "message": f"the worker process (pid {pid}) training this run {how}",
+            "traceback": None,
+        },
+    )
+
+
+def _stop_workers(procs: list, grace: float = STOP_GRACE_S) -> None:
+    """Close the workers' input (idle ones leave), SIGTERM the rest, SIGKILL after ``grace``."""
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.stdin.close()
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        with contextlib.suppress(OSError):
+            p.stdout.close()
+
+
+def _iter_local(tasks: list, workers: int, stop=None) -> Iterator[tuple[dict, dict]]:
+    """Run ``tasks`` on ``workers`` local worker processes; yield ``(task, result)`` as they
+    finish. Returns early, with every worker stopped, once ``stop`` is true (a signal)."""
+    pending = deque(tasks)
+    sel = selectors.DefaultSelector()
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        proc = subprocess.Popen(
+            _worker_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        sel.register(proc.stdout, selectors.EVENT_READ, _Worker(proc))
+
+    def assign(w: _Worker) -> None:
+        if not pending:
+            with contextlib.suppress(OSError):
+                w.proc.stdin.close()  # nothing left: the worker leaves
+            return
+        w.task = pending.popleft()
+        try:
+            w.proc.stdin.write((json.dumps(w.task) + "\n").encode())
+            w.proc.stdin.flush()
+        except OSError:  # it died meanwhile: the run goes back, its death is seen below
+            pending.appendleft(w.task)
+            w.task = None
+
     try:
-        futures = {pool.submit(execute, t): t for t in tasks}
-        for fut in as_completed(futures):
-            task = futures[fut]
-            try:
-                yield task, fut.result()
-            except Exception as exc:
-                yield task, _crash_result(task, exc)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        # Stop the pool's own processes (concurrent.futures keeps no public handle on them).
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            with contextlib.suppress(Exception):
-                proc.terminate()
-        raise
-    pool.shutdown(wait=True)
+        for _ in range(min(workers, len(pending))):
+            start()
+        while sel.get_map():
+            if stop:
+                return
+            for key, _ in sel.select(timeout=POLL_S):
+                w = key.data
+                chunk = os.read(key.fd, 1 << 20)
+                if not chunk:  # the worker exited
+                    sel.unregister(key.fileobj)
+                    code = w.proc.wait()
+                    if not w.ready:
+                        raise WorkerStartError(
+                            f"a local worker process exited with code {code} before taking a "
+                            "run; its messages are above"
+                        )
+                    if w.task is not None:
+                        task, w.task = w.task, None
+                        yield task, _died_result(task, w.proc.pid, code)
+                    if pending and not stop:
+                        start()
+                    continue
+                w.buf += chunk
+                while b"\n" in w.buf:
+                    line, _, rest = bytes(w.buf).partition(b"\n")
+                    w.buf = bytearray(rest)
+                    try:
+                        msg = json.loads(line)
+                    except ValueError as exc:
+                        msg = {"unreadable": str(exc)}
+                    if not w.ready:
+                        w.ready = True
+                    elif w.task is not None:
+                        task, w.task = w.task, None
+                        if "unreadable" in msg:
+                            msg = _crash_result(task, ValueError(msg["unreadable"]))
+                        yield task, msg
+                    assign(w)
+    finally:
+        sel.close()
+        _stop_workers(procs)
 
 
 def _dask_modules():
@@ -796,7 +1022,9 @@ def _dask_client(scheduler: str, workers: int, threads: int):
             cluster.close()
 
 
-def _iter_dask(tasks: list, client) -> Iterator[tuple[dict, dict]]:
+def _iter_dask(tasks: list, client, stop=None) -> Iterator[tuple[dict, dict]]:
+    """Submit ``tasks`` to a Dask client; yield ``(task, result)`` as they finish. Returns
+    early, with the tasks cancelled, once ``stop`` is true (a signal)."""
     distributed = _dask_modules()
     futures = {}
     for t in tasks:
@@ -804,17 +1032,26 @@ def _iter_dask(tasks: list, client) -> Iterator[tuple[dict, dict]]:
             execute, t, pure=False, key=f"numstab-sweep-{t['id']}-{os.getpid()}-{time.time_ns()}"
         )
         futures[fut] = t
+    done = distributed.as_completed(list(futures))
     try:
-        for fut in distributed.as_completed(list(futures)):
-            task = futures[fut]
-            try:
-                yield task, fut.result()
-            except Exception as exc:
-                yield task, _crash_result(task, exc)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            client.cancel(list(futures))
-        raise
+        while not done.is_empty():
+            if stop:
+                return
+            batch = done.next_batch(block=False)
+            if not batch:
+                time.sleep(POLL_S / 2)
+                continue
+            for fut in batch:
+                task = futures[fut]
+                try:
+                    result = fut.result()
+                except Exception as exc:
+                    result = _crash_result(task, exc)
+                yield task, result
+    finally:
+        if not done.is_empty():
+            with contextlib.suppress(Exception):
+                client.cancel(list(futures))
 
 
 # --- the sweep -------------------------------------------------------------------------------
@@ -828,7 +1065,9 @@ class SweepReport:
     alone (already ok, or failed before and not retried); ``failed``: one dict per run of the
     SPEC whose status is failed after this invocation (``id``, ``label``, ``error``,
     ``previous``: True if it failed in an earlier invocation and was not rerun);
-    ``collected``: what :func:`collect` returned; ``exit_code``: 0, 1 or 130.
+    ``collected``: what :func:`collect` returned; ``interrupted``: stopped by ``signal``
+    (SIGINT or SIGTERM); ``error``: why the sweep stopped early otherwise (a local worker
+    could not start); ``exit_code``: 0, 1, 130 (SIGINT) or 143 (SIGTERM).
     """
 
     planned: list
@@ -838,12 +1077,14 @@ class SweepReport:
     wall_seconds: float = 0.0
     collected: dict | None = None
     interrupted: bool = False
+    signal: int | None = None
+    error: str | None = None
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
-        return 1 if self.failed else 0
+            return 128 + (self.signal or signal.SIGINT)
+        return 1 if self.failed or self.error else 0
 
 
 def _state(run_dir: str) -> tuple[str, dict | None]:
@@ -865,35 +1106,6 @@ def _plan(sweep: Sweep, out: str | None, force: bool, retry_failed: bool):
         else:
             skip.append((r, state, s))
     return todo, skip
-
-
-@contextlib.contextmanager
-def _lock(out: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    f = open(os.path.join(out, ".sweep.lock"), "w")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UsageError(
-                f"another sweep is writing to {out!r} (it holds .sweep.lock)"
-            ) from None
-        yield
-    finally:
-        f.close()
-
-
-def _check_out(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--out {out!r} cannot be written: {exc.strerror or exc}") from None
 
 
 def _write_run_result(run_dir: str, result: dict, planned: PlannedRun) -> dict:
@@ -930,6 +1142,8 @@ def _progress_line(k: int, n: int, r: PlannedRun, s: dict) -> str:
 def _error_text(error) -> str:
     if not error:
         return ""
+    if not isinstance(error, dict):
+        return str(error).replace("\n", " ")
     return f"{error.get('type')}: {error.get('message')}".replace("\n", " ")
 
 
@@ -944,6 +1158,8 @@ def run_sweep(
     force: bool = False,
     retry_failed: bool = False,
     quiet: bool = False,
+    max_runs: int | None = MAX_RUNS,
+    max_run_bytes: int | str | None = "default",
     stdout=None,
     stderr=None,
 ) -> SweepReport:
@@ -957,7 +1173,7 @@ def run_sweep(
         The sweep folder ``DIR``.
     executor : {"local", "dask"}
     workers : int
-        Pool processes (local) or LocalCluster workers (``scheduler="local"``).
+        Local worker processes, or LocalCluster workers (``scheduler="local"``).
     threads : int or None
         BLAS threads pinned in each worker (None: leave the library's setting).
     scheduler : str
@@ -966,6 +1182,12 @@ def run_sweep(
         Rerun every run / the failed runs too.
     quiet : bool
         No progress bar (it is also off when stderr is not a terminal).
+    max_runs, max_run_bytes
+        Limits of :func:`parse_spec` for a SPEC given as a path or dict.
+
+    SIGINT and SIGTERM (in the main thread) stop the sweep: the workers are stopped (runs in
+    flight stay incomplete), finished runs are kept and collected, and the report's
+    ``exit_code`` is 130 or 143.
 
     Raises
     ------
@@ -974,19 +1196,21 @@ def run_sweep(
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    limits = {"max_runs": max_runs, "max_run_bytes": max_run_bytes}
     sweep = (
         spec
         if isinstance(spec, Sweep)
-        else (parse_spec(spec) if isinstance(spec, dict) else load_spec(spec))
+        else (parse_spec(spec, **limits) if isinstance(spec, dict) else load_spec(spec, **limits))
     )
     _check_options(executor, workers, threads, scheduler)
     if executor == "dask":
         _dask_modules()
+    _check_backends(sweep, executor, scheduler)
     out = os.fspath(out)
-    _check_out(out)
+    claim = check_out_dir(out)  # one writer per folder: a second sweep is refused (exit 2)
     report = SweepReport(planned=[r.id for r in sweep.runs])
     t0 = time.perf_counter()
-    with _lock(out):
+    with claim, graceful_stop() as stop:
         todo, skip = _plan(sweep, out, force, retry_failed)
         report.skipped = [r.id for r, _s, _x in skip]
         n_ok = sum(1 for _r, st, _x in skip if st == "ok")
@@ -1003,6 +1227,8 @@ def run_sweep(
             file=stdout,
             flush=True,
         )
+        for note in sweep.notes:
+            print(f"note: {note}", file=stdout, flush=True)
         exec_info = {
             "kind": executor,
             "workers": workers,
@@ -1050,9 +1276,9 @@ def run_sweep(
                 if not tasks:
                     results = iter(())
                 elif client is None:
-                    results = _iter_local(tasks, workers)
+                    results = _iter_local(tasks, workers, stop)
                 else:
-                    results = _iter_dask(tasks, client)
+                    results = _iter_dask(tasks, client, stop)
                 if tasks:  # on an interrupt, stop the executor before the client goes away
                     stack.callback(results.close)
                 for k, (task, result) in enumerate(results, 1):
@@ -1066,10 +1292,14 @@ def run_sweep(
                     else:
                         print(line, file=stdout, flush=True)
         except KeyboardInterrupt:
-            report.interrupted = True
+            report.interrupted, report.signal = True, signal.SIGINT
+        except WorkerStartError as exc:
+            report.error = str(exc)
         finally:
             if bar is not None:
                 bar.close()
+        if stop and not report.interrupted:
+            report.interrupted, report.signal = True, stop.signum
         report.wall_seconds = time.perf_counter() - t0
         for r in sweep.runs:
             state, s = _state(os.path.join(out, r.id))
@@ -1093,18 +1323,34 @@ def run_sweep(
         file=stdout,
         flush=True,
     )
+    _print_skipped(report.collected, stderr)
     if report.interrupted:
+        name = signal.Signals(report.signal).name
         print(
-            f"{PROG}: interrupted after {done} of {len(tasks)} runs; invoke the same command "
-            "again to resume",
+            f"{PROG}: interrupted ({name}) after {done} of {len(tasks)} runs; the runs in "
+            "flight were stopped; invoke the same command again to resume",
             file=stderr,
         )
+    if report.error:
+        print(f"{PROG}: error: {report.error}", file=stderr)
     if report.failed:
         print(f"{PROG}: {len(report.failed)} run(s) failed:", file=stderr)
         for f in report.failed:
             when = " (earlier invocation; --retry-failed reruns it)" if f["previous"] else ""
             print(f"  {f['id']}  {f['label']}  {_error_text(f['error'])}{when}", file=stderr)
     return report
+
+
+def _check_backends(sweep: Sweep, executor: str, scheduler: str | None) -> None:
+    """UsageError when a run asks for a backend this machine cannot run (CuPy without CuPy or
+    a GPU). Runs on a remote Dask cluster are not checked here: its workers may have GPUs."""
+    if executor == "dask" and scheduler != "local":
+        return
+    for name in sorted({r.config.backend for r in sweep.runs} - {"numpy"}):
+        try:
+            check_backend(name)
+        except UsageError as exc:
+            raise UsageError(f'the SPEC asks for backend = "{name}": {exc}') from None
 
 
 def _prepare_run_dir(run_dir: str, r: PlannedRun, columns) -> None:
@@ -1157,6 +1403,44 @@ def _run_dirs(out: str) -> list[str]:
     ]
 
 
+def _read_run_config(path: str) -> tuple[dict | None, str | None]:
+    """A run's ``config.json`` as written by the sweep, or ``(None, why it is unusable)``."""
+    try:
+        with open(path, "rb") as f:
+            cfg = json.loads(f.read().decode("utf-8"))
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+    except ValueError as exc:
+        return None, f"is not valid JSON ({exc})"
+    if not isinstance(cfg, dict):
+        return None, f"is not a JSON object (a {type(cfg).__name__})"
+    if not isinstance(cfg.get("axes", {}), dict):
+        return None, '"axes" is not an object'
+    if not isinstance(cfg.get("config", {}), dict):
+        return None, '"config" is not an object'
+    cols = cfg.get("columns", [])
+    if not isinstance(cols, list) or not all(isinstance(c, str) for c in cols):
+        return None, '"columns" is not a list of names'
+    return cfg, None
+
+
+def _read_metrics(path: str) -> tuple[list, str | None]:
+    """The data rows of a run's ``metrics.csv`` (read whole, so that a bad file adds no row to
+    the collected table), or ``([], why it is unusable)``."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except OSError as exc:
+        return [], f"cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        return [], "is not UTF-8 text"
+    except csv.Error as exc:
+        return [], f"is not valid CSV ({exc})"
+    return rows[1:], None
+
+
 def _summary_row(rid: str, cfg: dict, s: dict | None, columns: list) -> dict:
     conf = cfg.get("config", {})
     row = {"run_id": rid}
@@ -1166,7 +1450,8 @@ def _summary_row(rid: str, cfg: dict, s: dict | None, columns: list) -> dict:
         row.update({k: None for k in SUMMARY_FIELDS})
         row["status"] = "incomplete"
         return row
-    fin = s.get("final") or {}
+    fin = s.get("final")
+    fin = fin if isinstance(fin, dict) else {}
     row.update(
         status=s.get("status"),
         error=_error_text(s.get("error")) or None,
@@ -1201,12 +1486,16 @@ def _group(rows: list, columns: list) -> list:
         g["n_failed"] = sum(1 for m in members if m["status"] == "failed")
         g["n_incomplete"] = sum(1 for m in members if m["status"] == "incomplete")
         for f in NUMERIC_FIELDS:
-            vals = [float(m[f]) for m in ok if m[f] is not None]
+            vals = [float(m[f]) for m in ok if _is_number(m[f])]
             g[f"{f}_n"] = len(vals)
             g[f"{f}_mean"] = statistics.fmean(vals) if vals else None
             g[f"{f}_std"] = statistics.stdev(vals) if len(vals) >= 2 else None
         out.append(g)
     return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _write_csv(path: str, header: list, rows: list, axis_cols: list) -> None:
@@ -1234,17 +1523,27 @@ def collect(out) -> dict:
       < 2). Failed and incomplete runs are counted, never averaged.
 
     Axis values are written in SPEC syntax (``none``, ``true``, ``[16, 16]``); empty cells are
-    None. Returns ``{"columns", "summary", "grouped", "metrics_rows", "paths"}`` with the two
-    tables as lists of dicts (None for missing values; the metrics are only counted, not
-    loaded).
+    None. Returns ``{"columns", "summary", "grouped", "metrics_rows", "paths", "skipped"}``
+    with the two tables as lists of dicts (None for missing values; the metrics are only
+    counted, not loaded).
+
+    A folder whose ``config.json`` is unusable (not UTF-8, not JSON, not the object the sweep
+    writes) is left out of every table, and a ``metrics.csv`` that cannot be read adds no
+    metrics rows (its run keeps its summary row); each is listed in ``skipped`` as
+    ``{"path", "reason"}``. Nothing here raises on a malformed folder.
     """
     from numstab.train import CSV_HEADER
 
     out = os.fspath(out)
     entries = []
     columns: list = []
+    skipped: list = []
     for rid in _run_dirs(out):
-        cfg = _read_json(os.path.join(out, rid, "config.json")) or {}
+        path = os.path.join(out, rid, "config.json")
+        cfg, why = _read_run_config(path)
+        if cfg is None:
+            skipped.append({"path": path, "reason": why})
+            continue
         for c in cfg.get("columns", list(cfg.get("axes", {}))):
             if c not in columns:
                 columns.append(c)
@@ -1263,12 +1562,12 @@ def collect(out) -> dict:
             mpath = os.path.join(out, row["run_id"], "metrics.csv")
             if row["status"] == "incomplete" or not os.path.exists(mpath):
                 continue
-            with open(mpath, newline="", encoding="utf-8") as mf:
-                reader = csv.reader(mf)
-                next(reader, None)
-                for r in reader:
-                    w.writerow((row["run_id"], *r))
-                    n_metrics += 1
+            data, why = _read_metrics(mpath)
+            if why is not None:
+                skipped.append({"path": mpath, "reason": why})
+            for r in data:
+                w.writerow((row["run_id"], *r))
+                n_metrics += 1
     _write_csv(paths["summary"], ["run_id", *columns, *SUMMARY_FIELDS], rows, columns)
     gcols = list(grouped[0]) if grouped else [c for c in columns if c not in GROUP_EXCLUDE]
     _write_csv(paths["grouped"], gcols, grouped, [c for c in columns if c not in GROUP_EXCLUDE])
@@ -1278,7 +1577,13 @@ def collect(out) -> dict:
         "grouped": grouped,
         "metrics_rows": n_metrics,
         "paths": paths,
+        "skipped": skipped,
     }
+
+
+def _print_skipped(res: dict | None, stderr) -> None:
+    for sk in (res or {}).get("skipped", []):
+        print(f"{PROG}: warning: skipped {sk['path']}: {sk['reason']}", file=stderr)
 
 
 def _print_collected(res: dict, stdout) -> None:
@@ -1321,18 +1626,18 @@ def _print_collected(res: dict, stdout) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         description="Run a grid of training runs described by a TOML SPEC (resumable; local "
         "processes or a Dask cluster), then collect the results. "
         f"'{PROG} collect DIR' only collects.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("spec", metavar="SPEC", help="TOML file: [base], [axes], [[runs]]")
     a("--out", metavar="DIR", default=None, help="sweep folder (one subfolder per run)")
     a("--executor", choices=["local", "dask"], default="local", help="where runs execute")
-    a("--workers", type=int, default=1, help="pool processes / LocalCluster workers")
+    a("--workers", type=int, default=1, help="local worker processes / LocalCluster workers")
     a("--threads", type=int, default=1, help="BLAS threads pinned in each worker")
     a(
         "--scheduler",
@@ -1344,11 +1649,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--retry-failed", action="store_true", help="rerun runs that failed before")
     a("--dry-run", action="store_true", help="list the runs (id, axes, state) and exit")
     a("--quiet", action="store_true", help="no progress bar")
+    a(
+        "--allow-large",
+        action="store_true",
+        help=f"accept a SPEC of more than {MAX_RUNS:,} runs",
+    )
+    a(
+        "--max-run-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="refuse a run whose estimated memory exceeds this many GiB "
+        f"(default: {MEMORY_FRACTION:g} of the physical memory)",
+    )
     return p
 
 
 def build_collect_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"{PROG} collect",
         description="Collect every run of a sweep folder into collected_metrics.csv, "
         "collected_summary.csv and collected_grouped.csv.",
@@ -1379,51 +1697,119 @@ def _dry_run(sweep: Sweep, out: str | None, force: bool, retry_failed: bool, std
         f"run" + (f" into {out}" if out else ""),
         file=stdout,
     )
+    for note in sweep.notes:
+        print(f"note: {note}", file=stdout)
     print(_text_table(header, rows), file=stdout)
+
+
+class _PipeGuard:
+    """A text stream that goes quiet once its reader has gone (EPIPE, as after ``| head``).
+
+    Python's recommended handling of a closed pipe: stop writing, and point the descriptor at
+    ``os.devnull`` so that the interpreter's last flush of stdout cannot fail again.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def _silence(self) -> None:
+        self.broken = True
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+def _limits(args) -> dict:
+    gib = args.max_run_gib
+    if gib is not None and not (math.isfinite(gib) and gib > 0):
+        raise UsageError(f"--max-run-gib must be a positive number of GiB, got {gib}")
+    return {
+        "max_runs": None if args.allow_large else MAX_RUNS,
+        "max_run_bytes": "default" if gib is None else int(gib * 2**30),
+    }
+
+
+def _collect_main(argv: list, stdout: _PipeGuard, stderr) -> int:
+    args = build_collect_parser().parse_args(argv)
+    if not os.path.isdir(args.dir):
+        print(f"{PROG} collect: error: {args.dir!r} is not a folder", file=stderr)
+        return 2
+    res = collect(args.dir)
+    if not args.quiet:
+        _print_collected(res, stdout)
+    print(f"{len(res['summary'])} runs collected into {args.dir}", file=stdout)
+    stdout.flush()
+    _print_skipped(res, stderr)
+    if stdout.broken:
+        return EXIT_BROKEN_PIPE
+    return 1 if res["skipped"] else 0
 
 
 def main(argv=None, *, stdout=None, stderr=None) -> int:
     """The command line; returns the exit code (see the module docstring)."""
-    stdout = stdout or sys.stdout
+    stdout = _PipeGuard(stdout or sys.stdout)
     stderr = stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "collect":
-        args = build_collect_parser().parse_args(argv[1:])
-        if not os.path.isdir(args.dir):
-            print(f"{PROG} collect: error: {args.dir!r} is not a folder", file=stderr)
-            return 2
-        res = collect(args.dir)
-        if not args.quiet:
-            _print_collected(res, stdout)
-        print(f"{len(res['summary'])} runs collected into {args.dir}", file=stdout)
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        sweep = load_spec(args.spec)
-        _check_options(args.executor, args.workers, args.threads, args.scheduler)
-        if args.dry_run:
-            _dry_run(sweep, args.out, args.force, args.retry_failed, stdout)
-            return 0
-        if args.out is None:
-            raise UsageError("--out DIR is required (except with --dry-run)")
-        report = run_sweep(
-            sweep,
-            args.out,
-            executor=args.executor,
-            workers=args.workers,
-            threads=args.threads,
-            scheduler=args.scheduler,
-            force=args.force,
-            retry_failed=args.retry_failed,
-            quiet=args.quiet,
-            stdout=stdout,
-            stderr=stderr,
-        )
-    except (SpecError, UsageError) as exc:
-        print(f"{PROG}: error: {exc}", file=stderr)
-        return 2
-    return report.exit_code
+        if argv and argv[0] == "collect":
+            return _collect_main(argv[1:], stdout, stderr)
+        args = build_parser().parse_args(argv)
+        try:
+            sweep = load_spec(args.spec, **_limits(args))
+            _check_options(args.executor, args.workers, args.threads, args.scheduler)
+            if args.dry_run:
+                _dry_run(sweep, args.out, args.force, args.retry_failed, stdout)
+                stdout.flush()
+                return EXIT_BROKEN_PIPE if stdout.broken else 0
+            if args.out is None:
+                raise UsageError("--out DIR is required (except with --dry-run)")
+            report = run_sweep(
+                sweep,
+                args.out,
+                executor=args.executor,
+                workers=args.workers,
+                threads=args.threads,
+                scheduler=args.scheduler,
+                force=args.force,
+                retry_failed=args.retry_failed,
+                quiet=args.quiet,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        except (SpecError, UsageError) as exc:
+            print(f"{PROG}: error: {exc}", file=stderr)
+            return 2
+        # A closed stdout never stops a sweep: its record is the files, not the progress lines.
+        stdout.flush()
+        return report.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+        print(f"{PROG}: interrupted", file=stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,12 +7,16 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from numstab import sweep
+from numstab.footprint import estimate_run_memory
 from numstab.train import CSV_HEADER, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GRID = """
 description = "test grid"
@@ -291,14 +295,17 @@ def test_bad_options_exit_2(tmp_path, capsys):
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
     import fcntl
 
+    from numstab.outdir import LOCK_NAME
+
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / ".sweep.lock", "w") as f:
+    # Another writer (a sweep, or any numstab command) holds the folder's lock.
+    with open(out / LOCK_NAME, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert sweep.main([spec, "--out", str(out), "--quiet"]) == 2
-    assert "another sweep" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == [".sweep.lock"]
+    assert "is writing to" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [LOCK_NAME]
 
 
 # --- ids and dry run -------------------------------------------------------------------------
@@ -386,6 +393,281 @@ def test_dry_run_shows_what_resume_would_do(local_grid, tmp_path, capsys):
     assert sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert text.count(" skip") == 4 and "0 would run" in text
+
+
+# --- SPEC robustness: refused in one line before anything runs ------------------------------
+
+
+def run_cli(args, timeout=120):
+    """``python -m numstab.sweep ARGS`` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "numstab.sweep", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_refused(proc, *words):
+    """Exit 2 with exactly one line on stderr, naming ``words``, and no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_a_spec_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_bytes(b"[base]\nsteps = 10\n# caf\xe9 (latin-1)\n")
+    out = tmp_path / "out"
+    assert_refused(run_cli([spec, "--out", out]), str(spec), "UTF-8", "0xe9", "line 3")
+    assert not out.exists()
+
+
+TINY = {"base": {"p": 11, "hidden": [16, 16], "steps": 5, "log_every": 5}}
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        # 10**12 training pairs: the dataset alone would need tens of TiB.
+        ("[base]\np = 1000000\n", ["grid run (base)", "base.p = 1000000", "TiB", "data"]),
+        # A 10**6 x 10**6 weight matrix: 10**12 parameters.
+        (
+            "[base]\np = 11\n[axes]\nhidden = [[16], [1000000, 1000000]]\n",
+            ["hidden=[1000000, 1000000]", "axes.hidden = [1000000, 1000000]", "parameters"],
+        ),
+    ],
+)
+def test_a_run_too_large_for_memory_is_refused_before_anything_runs(tmp_path, text, words):
+    spec = write(tmp_path, text)
+    out = tmp_path / "out"
+    proc = run_cli([spec, "--out", out])
+    assert_refused(proc, *words, "needs about", "per run", "--max-run-gib")
+    assert not out.exists()
+
+
+# Trains a config given as JSON in a fresh interpreter, as a local sweep worker does (the
+# worker's function, then the result encoded for the client); prints by how much the peak
+# resident memory rose above the resident memory just before the run. Linux's VmHWM, reset
+# just before the run (clear_refs 5): getrusage's ru_maxrss would not do, since it also counts
+# the pages of the forking parent (here pytest) that the child held before exec.
+MEASURE_PEAK = """
+import json, sys
+from numstab.sweep import _config_kwargs, execute, run_id
+from numstab.train import TrainConfig
+
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+config = TrainConfig(**json.loads(sys.argv[1]))
+task = {"id": run_id(config), "config": _config_kwargs(config), "threads": 1}
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_kib("VmRSS")
+result = execute(task)
+assert result["status"] == "ok", result["error"]
+message = json.dumps(result)
+print((status_kib("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/clear_refs"), reason="measures with Linux's /proc/self"
+)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"p": 150, "steps": 2},  # activations dominate (float32)
+        {"p": 113, "steps": 2, "dtype": "float64"},
+        {"p": 97, "steps": 2, "encoding": "binary", "dtype": "float16"},
+        {"p": 11, "hidden": [16, 16], "steps": 5000, "log_every": 1},  # metrics dominate
+    ],
+)
+def test_the_memory_estimate_bounds_a_real_run(kw):
+    from numstab.footprint import OVERHEAD_BYTES
+
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE_PEAK, json.dumps(kw)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    measured = int(proc.stdout)
+    estimate = estimate_run_memory(TrainConfig(**kw)).total
+    # The documented claim (numstab/footprint.py): an upper bound of the measured growth, and
+    # at most twice it plus the fixed overhead term.
+    assert measured <= estimate <= 2 * measured + OVERHEAD_BYTES, (measured, estimate)
+
+
+def test_the_memory_limit_is_a_parameter(tmp_path):
+    need = estimate_run_memory(TrainConfig(**TINY["base"])).total
+    with pytest.raises(sweep.SpecError, match="needs about"):
+        sweep.parse_spec(TINY, max_run_bytes=need - 1)
+    assert len(sweep.parse_spec(TINY, max_run_bytes=need).runs) == 1
+    assert len(sweep.parse_spec(TINY, max_run_bytes=None).runs) == 1
+    spec = write(tmp_path, "[base]\np = 11\nhidden = [16, 16]\nsteps = 5\n")
+    assert_refused(run_cli([spec, "--dry-run", "--max-run-gib", 1e-6]), "needs about")
+    assert_refused(run_cli([spec, "--dry-run", "--max-run-gib", 0]), "--max-run-gib", "0")
+    assert run_cli([spec, "--dry-run", "--max-run-gib", 1]).returncode == 0
+
+
+def test_the_default_memory_limit_is_half_the_physical_memory():
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # The smallest modulus whose run needs more than half of this machine's memory.
+    p = 2
+    while estimate_run_memory(TrainConfig(p=p, steps=1)).total <= physical // 2:
+        p *= 2
+    lo, hi = p // 2, p
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        fits = estimate_run_memory(TrainConfig(p=mid, steps=1)).total <= physical // 2
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    assert len(sweep.parse_spec({"base": {"p": lo, "steps": 1}}).runs) == 1
+    with pytest.raises(sweep.SpecError, match=f"base.p = {hi}"):
+        sweep.parse_spec({"base": {"p": hi, "steps": 1}})
+
+
+def test_a_huge_grid_is_refused_from_its_axis_lengths(tmp_path):
+    # 10**9 valid runs: expanding the grid would take hours and gigabytes; the count is a
+    # product of the axis lengths.
+    fields = ["seed", "steps", "log_every", "lr", "beta1", "beta2", "eps", "alpha", "weight_decay"]
+    axes = {
+        "seed": range(10),
+        "steps": range(1, 11),
+        "log_every": range(1, 11),
+        "lr": [0.01 * (i + 1) for i in range(10)],
+        "beta1": [0.5 + 0.01 * i for i in range(10)],
+        "beta2": [0.9 + 0.001 * i for i in range(10)],
+        "eps": [10.0 ** -(i + 5) for i in range(10)],
+        "alpha": [1.0 + i for i in range(10)],
+        "weight_decay": [0.1 * i for i in range(10)],
+    }
+    assert list(axes) == fields
+    text = "[base]\np = 11\nhidden = [16, 16]\n\n[axes]\n" + "".join(
+        f"{k} = [{', '.join(repr(v) for v in vs)}]\n" for k, vs in axes.items()
+    )
+    spec = write(tmp_path, text)
+    proc = run_cli([spec, "--dry-run"], timeout=60)
+    assert_refused(proc, "1,000,000,000 runs", "more than 10,000", "--allow-large")
+
+
+def test_allow_large_lifts_the_run_count_limit(tmp_path):
+    three = {**TINY, "axes": {"seed": [0, 1, 2]}}
+    with pytest.raises(sweep.SpecError, match="3 runs .* more than 2"):
+        sweep.parse_spec(three, max_runs=2)
+    assert len(sweep.parse_spec(three, max_runs=3).runs) == 3
+    assert len(sweep.parse_spec(three, max_runs=None).runs) == 3
+    n = sweep.MAX_RUNS + 1
+    lrs = ", ".join(repr((i + 1) * 1e-5) for i in range(n))
+    spec = write(
+        tmp_path, f"[base]\np = 11\nhidden = [16, 16]\nsteps = 5\n\n[axes]\nlr = [{lrs}]\n"
+    )
+    assert_refused(run_cli([spec, "--dry-run"]), f"{n:,} runs", "--allow-large")
+    proc = run_cli([spec, "--dry-run", "--allow-large"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{n} runs in ")
+
+
+def test_backend_cupy_is_checked_before_the_sweep_starts(tmp_path):
+    from numstab.backend import get_backend
+
+    try:
+        get_backend("cupy")
+        usable = True
+    except RuntimeError:
+        usable = False
+    spec = write(tmp_path, '[base]\np = 11\nhidden = [16, 16]\nsteps = 5\nbackend = "cupy"\n')
+    out = tmp_path / "out"
+    proc = run_cli([spec, "--out", out, "--quiet"], timeout=300)
+    if usable:  # a GPU machine: the run trains there
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert_refused(proc, 'backend = "cupy"', "CuPy" if "CuPy" in proc.stderr else "GPU")
+        assert not out.exists()
+
+
+# --- format aliases and duplicates --------------------------------------------------------------
+
+
+def test_format_aliases_are_one_run_and_the_dry_run_says_so(tmp_path):
+    base = {"p": 11, "hidden": [16, 16], "steps": 5}
+    aliased = sweep.parse_spec(
+        {
+            "base": {**base, "loss_dtype": "double"},
+            "axes": {"dtype": ["fp16", "float16", "f32", "float32", "FP64"]},
+        }
+    )
+    canonical = sweep.parse_spec(
+        {
+            "base": {**base, "loss_dtype": "float64"},
+            "axes": {"dtype": ["float16", "float32", "float64"]},
+        }
+    )
+    assert [r.id for r in aliased.runs] == [r.id for r in canonical.runs]
+    assert [r.axes["dtype"] for r in aliased.runs] == ["float16", "float32", "float64"]
+    assert aliased.runs[0].config.loss_dtype == "float64"
+    assert aliased.notes == (
+        'axes.dtype: "float16" and "fp16" are both "float16": run once',
+        'axes.dtype: "float32" and "f32" are both "float32": run once',
+    )
+
+    # The other aliased choices too (state_dtype, the loss name), and across [[runs]].
+    sw = sweep.parse_spec(
+        {
+            "base": base,
+            "runs": [
+                {"state_dtype": "single", "loss": "softmax-stable"},
+                {"state_dtype": "float32", "loss": "softmax_stable"},
+            ],
+        }
+    )
+    assert len(sw.runs) == 1 and sw.runs[0].config.state_dtype == "float32"
+    assert sw.notes == (f"runs[1] is the same run as runs[0] (id {sw.runs[0].id}): run once",)
+
+    spec = write(
+        tmp_path,
+        '[base]\np = 11\nhidden = [16, 16]\nsteps = 5\n[axes]\ndtype = ["fp16", "float16"]\n',
+    )
+    proc = run_cli([spec, "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("1 runs in ")
+    assert 'note: axes.dtype: "float16" and "fp16" are both "float16": run once' in proc.stdout
+
+
+def test_a_worker_that_cannot_start_stops_the_sweep_with_one_message(tmp_path, monkeypatch):
+    # A real process that exits at once, as a worker whose imports fail would.
+    monkeypatch.setattr(
+        sweep, "_worker_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"]
+    )
+    spec = write(tmp_path, GRID)
+    out = tmp_path / "out"
+    err = []
+    report = sweep.run_sweep(spec, out, workers=2, quiet=True, stderr=_Lines(err))
+    assert report.exit_code == 1 and report.executed == [] and report.failed == []
+    assert "exited with code 3 before taking a run" in report.error
+    assert [r["status"] for r in report.collected["summary"]] == ["incomplete"] * 4
+    assert any("exited with code 3" in line for line in err)
+
+
+class _Lines:
+    """A text stream that keeps what is printed to it, line by line."""
+
+    def __init__(self, lines):
+        self.lines = lines
+
+    def write(self, text):
+        self.lines.extend(text.splitlines())
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
 
 
 # --- collect ---------------------------------------------------------------------------------
