@@ -526,12 +526,15 @@ def build_figure(log: MetricLog, summary: dict):
             if r[key] is None:
                 continue
             for ax in (ax_acc, ax_sc, ax_nlm, ax_norm):
+                # Styled like the run's curves, so a reference marker at the same step stays
+                # visible as a pale band around the test run's.
                 ax.axvline(
                     r[key],
                     color=color,
                     ls=ls,
-                    lw=1.2,
-                    zorder=1,
+                    lw=3.0 if name == "reference" else 1.2,
+                    alpha=_RUN_STYLE[name]["alpha"],
+                    zorder=_RUN_STYLE[name]["zorder"] - 1.5,
                     label=f"{r['dtype']} {what} (step {r[key]})" if ax is ax_sc else None,
                 )
     panels = (

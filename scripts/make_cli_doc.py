@@ -67,7 +67,8 @@ resets it; lr 0.02, 0.035 and 0.05 peak at 0.32, 0.40 and 0.47).
 
 Produced by `python scripts/make_cli_doc.py`, which ran
 `python -m numstab.compare --dtype float32 --quiet --out runs/cli-doc` on this machine
-({cpu_model()}, {os.cpu_count()} cores, load average {load:.2f} at the end) in
+({cpu_model()}, {os.cpu_count()} cores, load average {load:.2f} at the end, niceness
+{os.nice(0)}) in
 **{wall:.1f} s** wall time:
 
 ```
