@@ -549,7 +549,12 @@ def restore_run(run, ckpt: Checkpoint, name: str, *, allow_more_steps: bool = Fa
     meta = ckpt.manifest["runs"].get(name)
     if meta is None:
         raise CheckpointError(f"checkpoint has no run {name!r} (it has {ckpt.runs()})")
-    saved = _normalise(meta["config"])
+    try:
+        # Read as a config, so fields added since the checkpoint was written take the value
+        # that reproduces it (TrainConfig.from_dict), not today's default.
+        saved = _normalise(type(run.config).from_dict(meta["config"]).to_dict())
+    except ValueError as exc:
+        raise CheckpointError(f"runs.{name}.config: {exc} ({MANIFEST})") from None
     if allow_more_steps and run.config.steps >= int(meta["step"]):
         saved["steps"] = run.config.steps
     diff = config_differences(saved, _normalise(run.config.to_dict()))

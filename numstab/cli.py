@@ -47,7 +47,8 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """``argparse`` with bad input reported as one line (``prog: error: ...``) and exit 2.
 
-    Every command has ``--version``. Negative numbers in any spelling (``-1e-3``, ``-inf``) are values, not options.
+    Every command has ``--version``. Negative numbers in any spelling (``-1e-3``, ``-inf``) are
+    values, not options.
     """
 
     def __init__(self, *args, **kwargs):

@@ -252,3 +252,30 @@ def test_sigint_in_a_subprocess_leaves_a_loadable_checkpoint(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"]["kind"] == "interrupted"
     assert os.path.getsize(out / "metrics.csv") > 0
+
+
+def test_a_checkpoint_from_before_the_elementary_option_resumes_as_libm(tmp_path):
+    # Checkpoints written before TrainConfig had `elementary` were computed with the
+    # platform's libm exp/log. Such a record (the field removed, the manifest's checksum
+    # recomputed) must resume as libm -- bit-identical to an uninterrupted libm run -- and
+    # must not be refused as "elementary: checkpoint <absent>, now 'correct'".
+    libm = BASE.replace(elementary="libm")
+    ref = train(libm)
+    stop = StopFlag()
+
+    def progress(t):
+        if t == 12:
+            stop.signum = signal.SIGTERM
+
+    with pytest.raises(Stopped):
+        train(libm, checkpoint_dir=tmp_path, progress=progress, stop=stop)
+    path = tmp_path / MANIFEST
+    m = json.loads(path.read_text())
+    del m["runs"]["run"]["config"]["elementary"]
+    m["manifest_sha256"] = ckpt_module._manifest_digest(m)
+    path.write_text(json.dumps(m))
+    run = train(libm, checkpoint_dir=tmp_path, resume=True)
+    assert run.log.rows == ref.log.rows
+    # Today's default (correct) is a different computation: refused, naming the field.
+    with pytest.raises(CheckpointError, match="elementary"):
+        train(BASE.replace(steps=30), checkpoint_dir=tmp_path, resume=True)
