@@ -14,12 +14,19 @@ A *SPEC* is a TOML file with three optional parts::
     optimizer = "sgd"
     lr = 0.1
 
-Keys are :class:`numstab.train.TrainConfig` field names; ``"none"`` stands for ``None`` in the
-optional fields (``perp_grad``, ``loss_dtype``, ``state_dtype``, ``batch_size``,
-``zero_target_grad_from``), since TOML has no null. Without ``[axes]`` the grid is the single
-base run, or nothing when ``[[runs]]`` are given (the SPEC is then exactly those runs). A key
-both in ``[base]`` and ``[axes]`` takes the axis values. Two runs resolving to the same
-configuration, or a value listed twice in an axis, are errors.
+Keys are :class:`numstab.train.TrainConfig` field names, and every value is validated and
+canonicalised by the field's one declaration (:mod:`numstab.options`; ``"fp16"`` is
+``"float16"``); ``"none"`` stands for ``None`` in the optional fields (``perp_grad``,
+``loss_dtype``, ``state_dtype``, ``batch_size``, ``zero_target_grad_from``), since TOML has no
+null. Without ``[axes]`` the grid is the single base run, or nothing when ``[[runs]]`` are given
+(the SPEC is then exactly those runs). A key both in ``[base]`` and ``[axes]`` takes the axis
+values. A value written twice in an axis is an error; entries that resolve to the same run (two
+spellings of a value, a ``[[runs]]`` entry equal to a grid run) run once, with a note.
+
+Limits, checked before anything runs or is written: at most :data:`MAX_RUNS` runs unless
+``--allow-large`` (counted from the axis lengths, without expanding the grid), and no run whose
+estimated memory (:func:`numstab.footprint.estimate_run_memory`) exceeds ``--max-run-gib``
+(default: half of the physical memory).
 
 Every run gets a stable id, :func:`run_id`: the first 12 hex digits of the SHA-256 of its
 canonical configuration (``TrainConfig.to_dict()`` as JSON with sorted keys), and its own folder
@@ -28,25 +35,29 @@ and ``summary.json`` (written when it ends, in that order; every file atomically
 file, fsync, rename). ``summary.json`` is the commit marker: a run whose ``summary.json`` says
 ``"status": "ok"`` is skipped when the sweep is invoked again, so an interrupted sweep resumes
 and loses only unfinished runs. A run that raised (``NonFiniteError`` on divergence, or any
-other exception) is recorded with ``"status": "failed"`` and its traceback; it is *not* rerun on
-a plain re-invocation (a deterministic failure would just fail again) but with
+other exception), or whose worker process died, is recorded with ``"status": "failed"``; it is
+*not* rerun on a plain re-invocation (a deterministic failure would just fail again) but with
 ``--retry-failed``; ``--force`` reruns everything.
 
-Executors: ``local`` (a ``ProcessPoolExecutor`` with ``--workers`` spawned processes) and
-``dask`` (an existing ``dask.distributed`` cluster at ``--scheduler ADDRESS``, or an in-process
-``LocalCluster`` with ``--scheduler local``). In both, each task pins BLAS to ``--threads``
-threads (threadpoolctl) and tunes the allocator (:func:`numstab.runtime.tune_allocator`) in the
-process that trains; the trained metrics travel back to the client, which writes every file, so
-Dask workers need no shared file system (they need numstab installed at the same version: the
-worker checks the run id).
+Executors: ``local`` (``--workers`` worker processes of our own: fresh interpreters that never
+import the caller's ``__main__``, one run at a time each; a worker that dies fails only its run
+and is replaced) and ``dask`` (an existing ``dask.distributed`` cluster at ``--scheduler
+ADDRESS``, or an in-process ``LocalCluster`` with ``--scheduler local``). In both, each task pins
+BLAS to ``--threads`` threads (threadpoolctl) and tunes the allocator
+(:func:`numstab.runtime.tune_allocator`) in the process that trains; the trained metrics travel
+back to the client, which writes every file, so Dask workers need no shared file system (they
+need numstab installed at the same version: the worker checks the run id).
 
 After the runs, :func:`collect` writes ``collected_metrics.csv``, ``collected_summary.csv`` and
-``collected_grouped.csv`` in ``DIR``.
+``collected_grouped.csv`` in ``DIR``; a malformed run folder is skipped with a warning.
 
 Exit codes: 0 every run of the SPEC is ok; 1 at least one run failed (now or in an earlier
-invocation; they are listed); 2 bad SPEC or option (before anything runs or is written), dask
-missing or its scheduler unreachable, or another sweep holds ``DIR``; 130 interrupted (finished
-runs are kept; invoke again to resume).
+invocation; they are listed), or a local worker could not start; 2 bad SPEC or option (one
+line, before anything runs or is written), dask missing or its scheduler unreachable, CuPy or a
+GPU missing for ``backend = "cupy"``, or another numstab process writes to ``DIR``; 130 SIGINT,
+143 SIGTERM (workers stopped, finished runs kept and collected; invoke again to resume); 141
+``--dry-run`` or ``collect`` whose stdout was closed early (``| head``). ``collect DIR``: 0, or
+1 when a file of a run folder was skipped as malformed.
 """
 
 from __future__ import annotations
@@ -965,8 +976,7 @@ def _iter_local(tasks: list, workers: int, stop=None) -> Iterator[tuple[dict, di
                     continue
                 w.buf += chunk
                 while b"\n" in w.buf:
-                    line, _, rest = bytes(w.buf).partition(b"\n")
-                    w.buf = bytearray(rest)
+                    line, _, w.buf = w.buf.partition(b"\n")
                     try:
                         msg = json.loads(line)
                     except ValueError as exc:
