@@ -24,6 +24,7 @@ import numpy as np
 import numstab
 from numstab import outdir
 from numstab.atomic import write_text
+from numstab.footprint import check_fits
 from numstab.options import add_arguments, flag_of, options_of
 from numstab.train import TrainConfig
 
@@ -131,9 +132,11 @@ def config_from_args(args, **overrides) -> TrainConfig:
     fields = {n: getattr(args, n) for n in names if hasattr(args, n)}
     fields.update(overrides)
     try:
-        return TrainConfig(**fields)
+        config = TrainConfig(**fields)
+        check_fits(config)  # a MemoryError an hour in is worse than a refusal now
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return config
 
 
 def check_backend(name: str) -> None:

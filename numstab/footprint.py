@@ -32,7 +32,15 @@ import math
 import os
 from dataclasses import dataclass
 
-__all__ = ["Footprint", "estimate_run_memory", "format_bytes", "physical_memory"]
+__all__ = [
+    "MEMORY_FRACTION",
+    "Footprint",
+    "check_fits",
+    "default_max_run_bytes",
+    "estimate_run_memory",
+    "format_bytes",
+    "physical_memory",
+]
 
 #: Bytes per logged metric row: the in-memory tuple (~150) and its CSV text, held by the
 #: worker and again by the process that writes the files.
@@ -132,6 +140,33 @@ def estimate_run_memory(config) -> Footprint:
         activations=rows * per_row,
         metrics=logged * metric_rows * METRIC_ROW_BYTES,
     )
+
+
+#: Default per-run memory limit, as a fraction of the physical memory (sweeps and commands).
+MEMORY_FRACTION = 0.5
+
+
+def default_max_run_bytes() -> int | None:
+    """The default per-run memory limit: :data:`MEMORY_FRACTION` of the physical memory
+    (None, no limit, where the OS does not report it)."""
+    total = physical_memory()
+    return None if total is None else int(MEMORY_FRACTION * total)
+
+
+def check_fits(config, limit: int | str | None = "default") -> None:
+    """``ValueError`` if the run's estimated memory exceeds ``limit`` bytes ("default":
+    :func:`default_max_run_bytes`; None: no limit), naming the need and its largest parts."""
+    if limit == "default":
+        limit = default_max_run_bytes()
+    if limit is None:
+        return
+    need = estimate_run_memory(config)
+    if need.total > limit:
+        raise ValueError(
+            f"the run needs about {format_bytes(need.total)} of memory ({need.describe()}), "
+            f"more than the limit of {format_bytes(limit)} ({MEMORY_FRACTION:g} of this "
+            "machine's memory); make it smaller (--modulus, --hidden, --steps/--log-every)"
+        )
 
 
 def physical_memory() -> int | None:

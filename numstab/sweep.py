@@ -96,7 +96,12 @@ from numstab.cli import (
     versions,
 )
 from numstab.driver import graceful_stop
-from numstab.footprint import estimate_run_memory, format_bytes, physical_memory
+from numstab.footprint import (
+    MEMORY_FRACTION,
+    default_max_run_bytes,
+    estimate_run_memory,
+    format_bytes,
+)
 
 __all__ = [
     "GROUP_EXCLUDE",
@@ -157,8 +162,6 @@ GROK_THRESHOLD = 0.9
 _ID_RE = re.compile(r"^[0-9a-f]{12}$")
 #: Most runs a SPEC may describe without ``allow_large`` (``--allow-large``).
 MAX_RUNS = 10_000
-#: Default per-run memory limit, as a fraction of the physical memory.
-MEMORY_FRACTION = 0.5
 #: Exit code when the reader of stdout goes away (128 + SIGPIPE, as the shell reports it).
 EXIT_BROKEN_PIPE = 141
 #: Seconds a stopped worker gets between SIGTERM and SIGKILL.
@@ -376,13 +379,6 @@ def load_spec(path, **limits) -> Sweep:
     ``limits``: ``max_runs`` and ``max_run_bytes``, as for :func:`parse_spec`.
     """
     return parse_spec(read_toml(path), source=os.fspath(path), **limits)
-
-
-def default_max_run_bytes() -> int | None:
-    """The default per-run memory limit: :data:`MEMORY_FRACTION` of the physical memory
-    (None, no limit, where the OS does not report it)."""
-    total = physical_memory()
-    return None if total is None else int(MEMORY_FRACTION * total)
 
 
 def _count_runs(axes: dict, extra: list) -> int:

@@ -51,6 +51,8 @@ BAD = [
     (["--task", "parity", "--parity-k", "50"], "parity_k"),
     (["--encoding", "bits"], "encoding"),
     (["--alpha", "0"], "alpha"),
+    # A run that cannot fit in memory: refused at once (it was a MemoryError traceback).
+    (["--modulus", "1000000"], "memory"),
 ]
 
 
