@@ -2,7 +2,7 @@
 
 Modules (importable from the repository root; matplotlib only when a plot is drawn):
 
-- :mod:`analysis.repro`: figure SPECs (``analysis/specs/*.toml``): a numstab.sweep SPEC plus a
+- :mod:`analysis.repro`: figure SPECs (``numstab/specs/*.toml``): a numstab.sweep SPEC plus a
   ``[reproduce]`` table of budgets, variants and panels; :func:`~analysis.repro.resolve` turns
   one into a plain SPEC for a budget.
 - :mod:`analysis.results`: :class:`~analysis.results.Results`, a collected sweep folder in

@@ -1,6 +1,6 @@
 """Figure SPECs: a sweep SPEC plus a ``[reproduce]`` table of budgets, variants and panels.
 
-A figure SPEC (``analysis/specs/fig1.toml`` ...) is a :mod:`numstab.sweep` SPEC (``description``,
+A figure SPEC (``numstab/specs/fig1.toml`` ...) is a :mod:`numstab.sweep` SPEC (``description``,
 ``[base]``, ``[axes]``, ``[[runs]]``) describing the paper's full-length configuration for one
 seed, plus one extra top-level table that :func:`numstab.sweep.parse_spec` would reject and that
 this module strips before handing the rest over::
@@ -69,7 +69,7 @@ __all__ = [
 
 #: Budgets every figure SPEC defines.
 BUDGETS = ("smoke", "short", "full")
-#: Figure ids and their SPEC files (in analysis/specs/).
+#: Figure ids and their SPEC files (in numstab/specs/, shipped with the package).
 FIGURES = {
     "1": "fig1.toml",
     "2": "fig2.toml",
@@ -79,7 +79,7 @@ FIGURES = {
     "8": "fig8.toml",
     "extra": "extra.toml",
 }
-SPECS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
+SPECS_DIR = S.BUNDLED_SPECS
 _BUDGET_KEYS = ("seeds", "max_steps", "max_log_every", "rules", "description")
 _REPRODUCE_KEYS = ("figure", "title", "claims", "seeds", "budget", "variants", "panels")
 

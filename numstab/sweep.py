@@ -361,7 +361,10 @@ def read_toml(path) -> dict:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
-        raise SpecError(f"cannot read SPEC {path!r}: {exc.strerror or exc}") from None
+        hint = ""
+        if isinstance(exc, FileNotFoundError):
+            hint = f" (bundled SPECs, by name: {', '.join(bundled_specs())})"
+        raise SpecError(f"cannot read SPEC {path!r}: {exc.strerror or exc}{hint}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -373,12 +376,38 @@ def read_toml(path) -> dict:
     return _toml_loads(text, path)
 
 
+#: Folder of the SPECs that ship with numstab (the paper's figures, ``example``).
+BUNDLED_SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
+
+
+def bundled_specs() -> dict[str, str]:
+    """Name -> path of the SPECs that ship with numstab (``example``, ``fig1``, ``fig2``, ...)."""
+    names = sorted(f for f in os.listdir(BUNDLED_SPECS) if f.endswith(".toml"))
+    return {f[: -len(".toml")]: os.path.join(BUNDLED_SPECS, f) for f in names}
+
+
+def spec_file(spec) -> str:
+    """The file a SPEC argument names: an existing file, else a bundled SPEC's name
+    (``"fig2"`` or ``"fig2.toml"``); a path that exists in neither is returned as given (reading
+    it then fails, naming it and the bundled names)."""
+    path = os.fspath(spec)
+    if os.path.exists(path):
+        return path
+    return bundled_specs().get(os.path.basename(path).removesuffix(".toml"), path)
+
+
 def load_spec(path, **limits) -> Sweep:
-    """Read and validate a SPEC file (see the module docstring); raises :class:`SpecError`.
+    """Read and validate a SPEC file, or a bundled SPEC by name (:func:`bundled_specs`); see the
+    module docstring. Raises :class:`SpecError`.
 
     ``limits``: ``max_runs`` and ``max_run_bytes``, as for :func:`parse_spec`.
     """
-    return parse_spec(read_toml(path), source=os.fspath(path), **limits)
+    path = spec_file(path)
+    doc = read_toml(path)
+    # A figure SPEC's [reproduce] table (budgets, panels, claims) is scripts/reproduce.py's;
+    # the rest is an ordinary SPEC: the figure's default grid.
+    doc.pop("reproduce", None)
+    return parse_spec(doc, source=path, **limits)
 
 
 def _count_runs(axes: dict, extra: list) -> int:

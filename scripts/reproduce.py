@@ -10,7 +10,7 @@ Usage::
 
 Steps:
 
-1. Load ``analysis/specs/fig<N>.toml`` (or ``extra.toml``, or ``--spec FILE``), strip its
+1. Load ``numstab/specs/fig<N>.toml`` (or ``extra.toml``, or ``--spec FILE``), strip its
    ``[reproduce]`` table and resolve the rest for the budget (``smoke``: seconds, tiny problem,
    for CI; ``short``: reduced step counts for a 2-core machine, stated in the SPEC; ``full``:
    the paper's step counts), the seeds (``--seeds N``: seeds 0 .. N-1) and the variant
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--plots-dir", default=os.path.join("docs", "figures"), help="where the PNG goes")
     a("--band", default="minmax", choices=["minmax", "std", "none"], help="band over seeds")
     a("--no-plots", action="store_true", help="skip the figure (no matplotlib needed)")
-    a("--spec", default=None, help="use this figure SPEC file instead of analysis/specs/")
+    a("--spec", default=None, help="use this figure SPEC file instead of numstab/specs/")
     a(
         "--panels",
         nargs="+",

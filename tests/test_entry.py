@@ -60,3 +60,23 @@ def test_every_command_is_a_module_with_main():
 
 def test_package_is_typed():
     assert importlib.resources.files("numstab").joinpath("py.typed").is_file()
+
+
+def test_the_wheel_ships_the_specs_and_the_type_marker(tmp_path):
+    # What an installed (not editable) numstab holds: build the wheel and read its file list.
+    import pathlib
+    import zipfile
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("numstab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "numstab/py.typed" in names
+    for spec in ("example", "fig1", "fig2", "fig4", "fig5", "fig6", "fig8", "extra"):
+        assert f"numstab/specs/{spec}.toml" in names, spec
+    assert any(n.endswith("entry_points.txt") for n in names)

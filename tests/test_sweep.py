@@ -765,3 +765,18 @@ def test_collect_command(local_grid, capsys):
     text = capsys.readouterr().out
     assert all(rid in text for rid in report.planned) and "4 runs collected" in text
     assert sweep.main(["collect", str(out / "nope")]) == 2
+
+
+def test_bundled_specs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    # The SPECs ship inside the package (an installed numstab has them): every bundled name
+    # loads from a folder that holds no SPEC, and a figure SPEC's [reproduce] table is left
+    # to scripts/reproduce.py.
+    monkeypatch.chdir(tmp_path)
+    names = sweep.bundled_specs()
+    assert {"example", "fig1", "fig2", "extra"} <= set(names)
+    for name, path in names.items():
+        assert os.path.dirname(path) == os.path.join(os.path.dirname(sweep.__file__), "specs")
+        sw = sweep.load_spec(name)
+        assert sw.runs and sweep.load_spec(name + ".toml").runs == sw.runs
+    with pytest.raises(sweep.SpecError, match="bundled SPECs, by name: .*example"):
+        sweep.load_spec("no-such-spec")

@@ -208,7 +208,7 @@ def test_the_documented_api_runs_as_a_script_without_a_main_guard(tmp_path):
     tmp.mkdir()
     proc = subprocess.run(
         [sys.executable, str(script)],
-        cwd=ROOT,  # the example reads analysis/specs/example.toml
+        cwd=tmp_path,  # the example loads the bundled SPEC "example" by name, from any folder
         capture_output=True,
         text=True,
         timeout=600,
