@@ -687,7 +687,9 @@ def direct_cosines(params, grads):
 @given(st.data())
 def test_nlm_cosine_against_direct_float64(data):
     shapes = {"w1": (3, 4), "b1": (4,), "w2": (4, 2)}
-    el = st.floats(-10, 10, allow_nan=False).filter(lambda v: abs(v) > 1e-3)
+    # 1e-3 < |v| <= 10 drawn directly: filtering out the small values made older hypothesis
+    # releases (6.100) give up (Unsatisfiable) on most runs.
+    el = st.builds(math.copysign, st.floats(1e-3, 10, exclude_min=True), st.sampled_from([1, -1]))
     params, grads = {}, {}
     for k, shp in shapes.items():
         n = int(np.prod(shp))
