@@ -55,6 +55,7 @@ import numpy as np
 
 from numstab import exact
 from numstab.backend import to_numpy
+from numstab.fidelity import FidelityReport, rounding_fidelity
 from numstab.functional import _check_eps, collapse_mask, loss_backward, loss_forward
 from numstab.metrics import param_cosines
 from numstab.precision import (
@@ -69,10 +70,12 @@ from numstab.summation import wide_format
 
 __all__ = [
     "CrossEntropyAudit",
+    "FidelityReport",
     "absorbed",
     "audit_cross_entropy",
     "exact_logit_gradient",
     "nlm_cosine",
+    "rounding_fidelity",
     "sc_fraction",
     "sc_gap_window",
     "ulp_error",

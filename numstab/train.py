@@ -481,6 +481,7 @@ class Run:
             fmt=self.policy.loss,
             order=self.policy.order,
             eps=self.config.stablemax_eps,
+            elementary=self.policy.elementary,
         )
         dz = loss_backward(lcache, 1.0 / y.shape[0])
         return _Eval(z, loss, dz, lcache, mcache if with_grads else None)
@@ -565,6 +566,7 @@ class Run:
             kind=kind,
             order=self.policy.order,
             eps=self.config.stablemax_eps,
+            elementary=self.policy.elementary,
         )
 
     def _log_split(self, split: str, ev: _Eval) -> None:
