@@ -295,7 +295,10 @@ def _labels(labels, n: int, c: int) -> np.ndarray:
         raise ValueError(f"labels must have shape ({n},) to match the logits, got {y.shape}")
     if n and (y.min() < 0 or y.max() >= c):
         i = int(np.flatnonzero((y < 0) | (y >= c))[0])
-        raise ValueError(f"labels[{i}]: {y[i]} is out of range; labels must lie in [0, {c})")
+        raise ValueError(
+            f"labels[{i}]: {y[i]} is out of range for logits of {c} classes; labels must lie "
+            f"in [0, {c})"
+        )
     return y.astype(np.int64)
 
 

@@ -519,13 +519,15 @@ ARGS = [(fn, arg) for fn, (_, pos, kw) in CALLS.items() for arg in [*pos, *kw]]
 def names(arg, msg) -> bool:
     """The message is about ``arg``: "eps must ...", "labels[1]: ...", "dtype: ...",
     "unknown kind ...", the second operand of "a (shape ...) and b (shape ...) ...", or the
-    other side of "labels must have shape (2,) to match the logits"."""
+    other side of "labels must have shape (2,) to match the logits" and of "labels[1]: 1 is
+    out of range for logits of 1 classes"."""
     a = re.escape(arg)
     return bool(
         re.match(rf"{a}[\[: ]", msg)
         or re.match(rf"unknown {a} ", msg)
         or re.search(rf" and {a} \(shape", msg)
         or re.search(rf"to match the {a}\b", msg)
+        or re.search(rf"for {a} of ", msg)  # a label out of range for the logits' width
     )
 
 
