@@ -67,6 +67,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
+from numstab.cli import HelpFormatter  # noqa: E402
 from numstab.runtime import tune_allocator  # noqa: E402
 
 #: The table's column header (the test looks for it).
@@ -1242,7 +1243,7 @@ def build_parser():
         prog="python scripts/bench.py",
         description="numstab vs PyTorch CPU: training step, late phase, exact audit, compare "
         "run, memory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--threads",

@@ -49,6 +49,7 @@ if ROOT not in sys.path:
 from analysis import claims as C  # noqa: E402
 from analysis import repro as R  # noqa: E402
 from analysis.results import Results  # noqa: E402
+from numstab.cli import HelpFormatter  # noqa: E402
 
 PROG = "scripts/reproduce.py"
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Run a figure's sweep at a budget, then plot it and compute its claims.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("--figure", required=True, choices=list(R.FIGURES), help="figure to reproduce")
