@@ -7,9 +7,9 @@ float64).
 Arithmetic in float16 and bfloat16 is *emulated*: values are held in a float32 **carrier** array
 and every operation is one float32 operation followed by one rounding to the format. For
 ``+ - * / sqrt`` this equals the correctly rounded float16/bfloat16 result (float32 has more than
-``2p + 2`` significand bits for both formats, so double rounding is innocuous); for ``exp`` and
-``log`` it is within about half an ulp of the format plus float32's own error (NumPy's float32
-``exp``/``log`` are accurate to a few float32 ulps, i.e. ~2**-21 ulp of float16).
+``2p + 2`` significand bits for both formats, so double rounding is innocuous). ``exp``,
+``log``, ``log1p`` and ``expm1`` are correctly rounded in every format by
+:mod:`numstab.elementary` (a policy's ``elementary="libm"`` keeps NumPy's own, which are not).
 
 Rounding here is done with integer operations on the bit pattern: NumPy's own float32 -> float16
 cast is about 25x slower than an add for values in the float16 subnormal range, which is exactly
