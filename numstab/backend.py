@@ -47,6 +47,10 @@ import types
 
 import numpy as np
 
+# At import, not on first use: SciPy before 1.16 loads its own OpenBLAS with scipy.sparse, and
+# a threadpool_limits() set before that load would not cover it (a sweep worker's --threads).
+import scipy.sparse as sparse
+
 __all__ = [
     "BACKENDS",
     "SegmentRows",
@@ -236,8 +240,6 @@ def sparse_rows_matrix(rows, cols, shape, like):
     rows = np.asarray(rows)
     cols = np.asarray(cols)
     if isinstance(like, np.ndarray) or like is None:
-        import scipy.sparse as sparse
-
         m = sparse.csr_matrix((np.ones(rows.size), (rows, cols)), shape=shape)
         m.sum_duplicates()
         m.sort_indices()
