@@ -6,16 +6,15 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
+from helpers import StopAfter
 
 from numstab import cli, compare, driver, progress
 from numstab import train as train_mod
 from numstab.checkpoint import load_checkpoint
-from numstab.driver import StopFlag
 
 # Tiny and fast: p = 11, one 8-wide layer.
 TINY = ["--modulus", "11", "--hidden", "8", "--steps", "40", "--log-every", "5", "--lr", "0.05"]
@@ -28,20 +27,6 @@ LINE = re.compile(
 
 def progress_lines(text):
     return [m for m in (LINE.search(line) for line in text.splitlines()) if m]
-
-
-class StopAfter(StopFlag):
-    """A stop request (SIGTERM) at the ``n``-th step boundary."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.n = n
-
-    def __bool__(self):
-        self.n -= 1
-        if self.n < 0:
-            self.signum = signal.SIGTERM
-        return self.n < 0
 
 
 def stop_after(n):

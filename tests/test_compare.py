@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import StopAfter
 
 from numstab import compare
 from numstab.train import CSV_HEADER
@@ -185,24 +186,11 @@ def test_subprocess_run(tmp_path):
 
 def test_interrupted_compare_resumes_bit_identically(tmp_path, monkeypatch):
     import contextlib
-    import signal as sig
 
-    from numstab.driver import StopFlag
 
     full = tmp_path / "full"
     part = tmp_path / "part"
     assert compare.main([*SMALL, "--out", str(full)]) == 0
-
-    class StopAfter(StopFlag):
-        def __init__(self, n):
-            super().__init__()
-            self.n = n
-
-        def __bool__(self):
-            self.n -= 1
-            if self.n < 0:
-                self.signum = sig.SIGTERM
-            return self.n < 0
 
     @contextlib.contextmanager
     def fake_stop():
@@ -312,26 +300,14 @@ def test_compare_png_shows_measured_and_exact_sc(tmp_path, monkeypatch):
 
 def test_interrupted_report_and_resume_from_the_directory_alone(tmp_path, monkeypatch, capsys):
     import contextlib
-    import signal as sig
 
     from numstab.checkpoint import load_checkpoint
-    from numstab.driver import StopFlag
-
-    class StopAt(StopFlag):
-        def __init__(self, n):
-            super().__init__()
-            self.n = n
-
-        def __bool__(self):
-            self.n -= 1
-            if self.n < 0:
-                self.signum = sig.SIGTERM
-            return self.n < 0
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert compare.main([*SMALL, "--out", str(full)]) == 0
     with monkeypatch.context() as m:
-        m.setattr(compare, "graceful_stop", contextlib.contextmanager(lambda: (yield StopAt(27))))
+        stop = contextlib.contextmanager(lambda: (yield StopAfter(27)))
+        m.setattr(compare, "graceful_stop", stop)
         assert compare.main([*SMALL, "--out", str(part), "--checkpoint-every", "10"]) == 143
     first = json.loads((part / "summary.json").read_text())
     ran = load_checkpoint(part).manifest["runs"]["test"]["step"]
