@@ -24,7 +24,7 @@ def test_console_script_points_at_the_dispatcher():
     assert ep.load() is main
 
 
-@pytest.mark.parametrize("command", ["compare", "train"])
+@pytest.mark.parametrize("command", ["compare", "train", "sweep"])
 def test_version_everywhere(command):
     for args in (["numstab", "--version"], ["numstab", command, "--version"],
                  [f"numstab.{command}", "--version"]):
