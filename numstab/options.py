@@ -75,9 +75,8 @@ class Option:
 def option(default, kind: str, help: str, **rules):
     """A dataclass field carrying an :class:`Option` (``rules``: its other attributes)."""
     spec = Option(kind=kind, help=help, **rules)
-    if isinstance(default, (list, tuple)):
-        value = tuple(default)
-        return dataclasses.field(default=value, metadata={"option": spec})
+    if isinstance(default, list):
+        default = tuple(default)  # a dataclass default must be immutable
     return dataclasses.field(default=default, metadata={"option": spec})
 
 
@@ -87,7 +86,7 @@ def options_of(cls) -> dict[str, Option]:
 
 
 def describe(spec: Option) -> str:
-    """What ``spec`` allows, as a phrase ("a number in (0, 1)", "one of: a, b")."""
+    """What ``spec`` allows, as a phrase ("a finite number in (0, 1)", "one of: a, b")."""
     if spec.kind == "bool":
         text = "true or false"
     elif spec.kind == "str":
