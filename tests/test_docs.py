@@ -6,8 +6,9 @@ that leans on an earlier one fails here with a NameError. Blocks that are not me
 (shell sessions, output) are fenced as something other than ``python``.
 
 Each block runs in a new temporary directory, so whatever it writes lands there. The pages are
-written for a checkout's root and read a few repository files by relative path
-(``analysis/specs/...``): the temporary directory holds a link to each folder of ``LINKED``.
+written to run anywhere numstab is installed (bundled SPECs are loaded by name); a page that
+must read repository files by relative path names their folders in ``LINKED``, and the
+temporary directory holds a link to each.
 The code is compiled with the page's path and padded to its line numbers, so a traceback
 points into the Markdown. Blocks run in parallel (``WORKERS`` processes), once per session,
 only those selected.
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
-LINKED = ("analysis",)  # repository folders the pages read by relative path
+LINKED = ()  # repository folders the pages read by relative path (none today)
 WORKERS = 2
 TIMEOUT_S = 300  # a hung block fails; the slowest (docs/sweep.md's) takes ~5 s on an idle core
 
