@@ -1088,7 +1088,7 @@ def _cache(kind, fmt, p):
     extra = (np.ones(n, dtype=np.int64), np.ones(n, dtype=f.carrier)) if kind != "softmax" else ()
     return LossCache(
         kind=kind, fmt=f, order="pairwise", labels=labels, normaliser=np.ones(n), probs=probs,
-        extra=extra,
+        state=extra,
     )  # fmt: skip
 
 

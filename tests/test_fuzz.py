@@ -1326,7 +1326,7 @@ def exact_loss_and_grad(zq, y, kind, eps):
 def stablemax_overflow(cache, y):
     """Rows whose StableMax normaliser S overflows the loss format, or whose backward needs
     1/S or 1/s_y beyond its range."""
-    s, _ = cache.extra
+    s, _ = cache.state
     rows = np.arange(len(y))
     with np.errstate(all="ignore"):
         inv = [quantize(1 / carrier64(v), cache.fmt) for v in (cache.normaliser, s[rows, y])]

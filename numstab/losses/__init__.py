@@ -1,0 +1,321 @@
+"""Cross-entropy losses in a declared format: one module per loss, forward beside backward.
+
+Each loss module (:mod:`~numstab.losses.softmax`, :mod:`~numstab.losses.stablemax`,
+:mod:`~numstab.losses.softmax_stable`) writes its formula over a
+:class:`~numstab.losses.rounding.Rounding` and provides::
+
+    forward(z, labels, r, eps) -> (loss (N,), normaliser (N,), probs (N, C), state tuple)
+    backward(cache, dl (N, 1), r) -> logit gradient (N, C)
+    collapse_terms(z, r, eps) -> (N, C) terms whose ordered sum is 1 in a collapsed row
+
+The entries here (:func:`loss_forward`, :func:`loss_backward`, :func:`collapse_mask`) check
+their arguments once and dispatch through :data:`LOSSES`; adding a loss is one new module and
+one line in :data:`LOSSES` (docs/architecture.md).
+
+Elementary functions: ``exp``, ``log`` and ``log1p`` go through :mod:`numstab.elementary` in
+the declared mode: ``"correct"`` (default) rounds each once, correctly, to the loss format;
+``"libm"`` calls the array library's function in the carrier dtype and rounds its result
+(older runs' bits). The backward's single rounding of the target entry and StableMax's
+backward without ``s**2`` hold in both modes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from numstab.backend import errstate, namespace, xp_dtype
+from numstab.checks import check_choice, check_eps, check_format, is_float, is_int
+from numstab.elementary import check_mode
+from numstab.losses import softmax, softmax_stable, stablemax
+from numstab.losses.rounding import Rounding
+from numstab.precision import Format, quantize
+from numstab.summation import check_order, ordered_sum
+
+__all__ = [
+    "LOSSES",
+    "LOSS_KINDS",
+    "REDUCTIONS",
+    "LossCache",
+    "collapse_mask",
+    "loss_backward",
+    "loss_forward",
+    "reduce_loss",
+    "stablemax_s",
+]
+
+#: Loss name -> its module (``forward``, ``backward``, ``collapse_terms``).
+LOSSES = {
+    "softmax": softmax,
+    "stablemax": stablemax,
+    "softmax_stable": softmax_stable,
+}
+#: Loss kinds understood by :func:`loss_forward`.
+LOSS_KINDS = tuple(LOSSES)
+#: Reductions understood by :func:`reduce_loss`.
+REDUCTIONS = ("mean", "none")
+
+
+@dataclass(frozen=True)
+class LossCache:
+    """What a loss forward keeps for its backward and for the collapse metrics.
+
+    Attributes
+    ----------
+    kind, fmt, order : the loss, its format and reduction order
+    labels : int array (N,)
+    normaliser : array (N,)
+        The computed sum: ``Σ exp(z - m)`` (softmax), ``Σ s(z)`` (StableMax) or the tail
+        ``s`` (absorption-free softmax), in ``fmt``.
+    probs : array (N, C)
+        The probabilities the backward uses (``exp(lsm)``, ``s / S`` or ``e / (1 + s)``).
+    state : tuple
+        The loss's own arrays: ``()`` (softmax), ``(s, z)`` (stablemax), ``(argmax,
+        RN(1 + s))`` (softmax_stable).
+    elementary : how exp / log / log1p were evaluated ("correct" or "libm")
+    """
+
+    kind: str
+    fmt: Format
+    order: str
+    labels: np.ndarray
+    normaliser: np.ndarray
+    probs: np.ndarray
+    state: tuple = ()
+    elementary: str = "correct"
+
+    @property
+    def extra(self) -> tuple:
+        """Deprecated name of :attr:`state`."""
+        warnings.warn(
+            "LossCache.extra is deprecated; use LossCache.state", DeprecationWarning, stacklevel=2
+        )
+        return self.state
+
+
+def stablemax_s(x, fmt, *, eps: float = 0.0):
+    """StableMax's ``s(x)`` in a format: ``x + 1`` for ``x >= 0``, ``1 / (1 - x + eps)`` else.
+
+    ``x`` is rounded to ``fmt`` first, then each operation. ``s`` maps ``-inf`` to 0 and
+    ``+inf`` to ``inf``; NaN gives NaN. ``eps`` must be finite and ``>= 0`` (ValueError /
+    TypeError otherwise).
+
+    Returns
+    -------
+    s : ndarray, shape of ``x``
+    d : ndarray
+        The rounded denominator ``1 - x + eps`` (1 where ``x >= 0``), reused by the backward.
+    """
+    fmt = check_format(fmt)
+    check_eps(eps)
+    xp = namespace(x)
+    with errstate(xp, over="ignore", invalid="ignore", divide="ignore"):
+        return stablemax.s(quantize(x, fmt), Rounding(fmt, xp=xp), eps)
+
+
+def collapse_mask(
+    z,
+    fmt,
+    *,
+    kind: str = "softmax",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    elementary: str = "correct",
+):
+    """Rows whose max-shifted normaliser is exactly 1 in ``fmt`` (Softmax Collapse).
+
+    Softmax: ``Σ_k exp(z_k - max z) == 1``; StableMax: ``Σ_k s(z_k) / s(max z) == 1``; every
+    term and partial sum rounded to ``fmt``, summed in ``order``. A row with a NaN or ``+inf``
+    logit, or with every logit ``-inf``, is not collapsed (its sum is NaN); other ``-inf``
+    logits contribute 0; a row of one finite class always is collapsed.
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, C)
+    fmt : str or Format
+    kind : {"softmax", "stablemax"} ("softmax_stable" measures the softmax sum)
+    elementary : {"correct", "libm"}
+        How ``exp`` is evaluated (:mod:`numstab.elementary`).
+
+    Returns
+    -------
+    ndarray of bool, shape (N,)
+    """
+    fmt = check_format(fmt)
+    check_choice(kind, LOSS_KINDS, "loss kind")
+    check_order(order)
+    check_mode(elementary)
+    if kind == "stablemax":
+        check_eps(eps)
+    xp = namespace(z)
+    r = Rounding(fmt, order, elementary, xp)
+    with errstate(xp, over="ignore", invalid="ignore", divide="ignore"):
+        z = quantize(z, fmt)
+        _check_logits_shape(z)
+        terms = LOSSES[kind].collapse_terms(z, r, eps)
+    return ordered_sum(terms, fmt, order) == 1
+
+
+def _check_logits_shape(z):
+    if z.ndim != 2 or z.shape[1] == 0:
+        raise ValueError(
+            f"logits must be 2-D (samples, classes) with at least one class, got shape "
+            f"{tuple(z.shape)}"
+        )
+
+
+def loss_forward(
+    z,
+    labels,
+    *,
+    kind: str = "softmax",
+    fmt="float32",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    elementary: str = "correct",
+):
+    """Per-sample cross-entropy loss in a format.
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, C)
+        Logits (any float dtype; rounded to ``fmt`` first, exactly widened if narrower).
+    labels : int ndarray, shape (N,)
+    kind : {"softmax", "stablemax", "softmax_stable"}
+        The loss module of :data:`LOSSES` (its docstring has the formula and each rounding).
+    fmt : str or Format
+        Loss format (the paper's ``softmax_precision``).
+    order : {"pairwise", "sequential", "wide", "sorted"}
+        Summation order of the normaliser.
+    eps : float
+        StableMax denominator epsilon (``softmax`` kinds ignore it).
+    elementary : {"correct", "libm"}
+        How ``exp``/``log``/``log1p`` are evaluated (:mod:`numstab.elementary`): correctly
+        rounded to ``fmt``, or the array library's functions (older runs' bits).
+
+    Returns
+    -------
+    loss : ndarray, shape (N,), carrier dtype of ``fmt``
+        ``-log p_y``; exactly 0 for collapsed softmax rows. ``inf``/NaN logits give NaN or inf
+        losses as IEEE arithmetic says (the training loop stops on them; no warning).
+    cache : LossCache
+
+    Raises
+    ------
+    TypeError
+        Logits of a non-floating dtype, labels not integers, ``eps`` not a real number.
+    ValueError
+        Logits not 2-D or without classes, labels not of shape (N,), a label ``>= C``, an
+        unknown kind / format / order, ``eps`` negative or not finite. Labels are not scanned
+        for negative values on this hot path: a negative label counts from the end, as NumPy
+        indexing does (the Dataset and :mod:`numstab.audit` validate labels).
+    """
+    fmt = check_format(fmt)
+    check_choice(kind, LOSS_KINDS, "loss kind")
+    check_order(order)
+    check_mode(elementary)
+    if kind == "stablemax":
+        check_eps(eps)
+    xp = namespace(z)
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        z = quantize(z, fmt)
+    _check_logits_shape(z)
+    labels = xp.asarray(labels)  # no copy when it already lives there
+    if not is_int(labels.dtype, labels):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (z.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({z.shape[0]},) to match the logits {tuple(z.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    r = Rounding(fmt, order, elementary, xp)
+    try:
+        with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+            loss, total, probs, state = LOSSES[kind].forward(z, labels, r, eps)
+    except IndexError:
+        raise ValueError(
+            f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
+            f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
+        ) from None
+    cache = LossCache(
+        kind=kind,
+        fmt=fmt,
+        order=order,
+        labels=labels,
+        normaliser=total,
+        probs=probs,
+        state=state,
+        elementary=elementary,
+    )
+    return loss, cache
+
+
+def loss_backward(cache: LossCache, dloss):
+    """Logit gradient of :func:`loss_forward`, scaled by the upstream per-sample gradient.
+
+    Parameters
+    ----------
+    cache : LossCache
+    dloss : float or ndarray (N,)
+        ``∂(total)/∂loss_i``: ``1/N`` for a mean (rounded to the loss format), 1 for a sum.
+
+    Returns
+    -------
+    ndarray, shape (N, C), loss carrier dtype
+        With ``dl = RN(dloss)`` and ``p`` the forward's rounded probabilities: the loss
+        module's ``backward`` (each entry one correct rounding of the exact value unless its
+        docstring says otherwise). Non-finite ``dloss`` gives NaN where the exact product is
+        not defined.
+    """
+    if not isinstance(cache, LossCache):
+        raise TypeError(
+            f"cache must be the LossCache returned by loss_forward, got {type(cache).__name__}"
+        )
+    n = cache.probs.shape[0]
+    xp = namespace(cache.probs)
+    host = not hasattr(dloss, "dtype") or isinstance(dloss, (np.ndarray, np.generic))
+    d = np.asarray(dloss) if host else dloss
+    if not (is_float(d.dtype, d) or is_int(d.dtype, d)):
+        raise TypeError(
+            f"dloss must be a real number or a real array of shape ({n},), got {dloss!r:.80} "
+            f"(dtype {d.dtype})"
+        )
+    if tuple(d.shape) not in ((), (n,)):
+        raise ValueError(f"dloss must be a scalar or have shape ({n},), got shape {tuple(d.shape)}")
+    with np.errstate(over="ignore"), errstate(xp, over="ignore"):
+        d = np.asarray(d, dtype=np.float64) if host else d
+        d = xp.asarray(d, dtype=xp_dtype(xp, np.float64))
+        dl = quantize(xp.broadcast_to(d, (n,)), cache.fmt)[:, None]
+    r = Rounding(cache.fmt, cache.order, cache.elementary, xp)
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        return LOSSES[cache.kind].backward(cache, dl, r)
+
+
+def reduce_loss(loss, reduction: str = "mean"):
+    """Reduce per-sample losses: ``mean`` (accumulated in float64, as a report; training uses
+    ``dloss = fl(1/N)``) or ``none``.
+
+    ``loss`` is a 1-D array of real numbers (a list is converted); the mean of no losses is
+    NaN, and NaN / inf losses give NaN / inf, without warnings. Other dtypes raise TypeError,
+    other shapes ValueError."""
+    check_choice(reduction, REDUCTIONS, "reduction")
+    if not hasattr(loss, "dtype"):
+        loss = np.asarray(loss)
+    if not (is_float(loss.dtype, loss) or is_int(loss.dtype, loss)):
+        raise TypeError(f"loss must be an array of real numbers, got dtype {loss.dtype}")
+    if loss.ndim != 1:
+        raise ValueError(f"loss must be 1-D (per-sample losses), got shape {tuple(loss.shape)}")
+    if reduction == "none":
+        return loss
+    xp = namespace(loss)
+    if loss.shape[0] == 0:
+        return np.float64(np.nan)
+    wide = xp.astype(loss, xp_dtype(xp, np.float64))
+    with errstate(xp, over="ignore", invalid="ignore"):
+        mean = xp.mean(wide)
+        if bool(xp.isinf(mean)) and bool(xp.all(xp.isfinite(wide))):
+            # The sum overflowed, not the mean: the same sum scaled by 2**-64 (exactly).
+            mean = xp.mean(wide * 2.0**-64) * 2.0**64
+    return mean
