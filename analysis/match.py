@@ -1,6 +1,6 @@
 """Matching run configurations against a figure's ``match`` tables.
 
-A configuration is a dict of :class:`numstab.train.TrainConfig` fields (tuples as lists);
+A configuration is a dict of :class:`numstab.run.TrainConfig` fields (tuples as lists);
 a ``match`` table maps fields to a value or a list of alternatives, ``"none"`` for None.
 """
 

@@ -53,8 +53,8 @@ import os
 from analysis.match import config_matches, norm_value, values_equal
 from analysis.plots import PLOTS
 from numstab import sweep as S
-from numstab.options import options_of
-from numstab.train import TrainConfig
+from numstab.run.options import options_of
+from numstab.run import TrainConfig
 
 __all__ = [
     "BUDGETS",
@@ -182,7 +182,7 @@ def load_figure_spec(path) -> FigureSpec:
 
 
 def _fields() -> dict:
-    """TrainConfig field name -> its declared option (:mod:`numstab.options`)."""
+    """TrainConfig field name -> its declared option (:mod:`numstab.run.options`)."""
     return options_of(TrainConfig)
 
 

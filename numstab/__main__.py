@@ -15,8 +15,8 @@ __all__ = ["COMMANDS", "main"]
 
 #: Subcommand -> (module whose ``main(argv)`` runs it, one-line description).
 COMMANDS = {
-    "compare": ("numstab.compare", "train a format beside a reference and audit it (main job)"),
-    "train": ("numstab.train", "train one run and log its metrics"),
+    "compare": ("numstab.cli.compare", "train a format beside a reference and audit it (main job)"),
+    "train": ("numstab.cli.train", "train one run and log its metrics"),
     "sweep": ("numstab.sweep", "run a grid of runs from a SPEC file, or collect its tables"),
 }
 

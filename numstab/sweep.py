@@ -14,8 +14,8 @@ A *SPEC* is a TOML file with three optional parts::
     optimizer = "sgd"
     lr = 0.1
 
-Keys are :class:`numstab.train.TrainConfig` field names, and every value is validated and
-canonicalised by the field's one declaration (:mod:`numstab.options`; ``"fp16"`` is
+Keys are :class:`numstab.run.TrainConfig` field names, and every value is validated and
+canonicalised by the field's one declaration (:mod:`numstab.run.options`; ``"fp16"`` is
 ``"float16"``); ``"none"`` stands for ``None`` in the optional fields (``perp_grad``,
 ``loss_dtype``, ``state_dtype``, ``batch_size``, ``zero_target_grad_from``), since TOML has no
 null. Without ``[axes]`` the grid is the single base run, or nothing when ``[[runs]]`` are given
@@ -25,7 +25,7 @@ spellings of a value, a ``[[runs]]`` entry equal to a grid run) run once, with a
 
 Limits, checked before anything runs or is written: at most :data:`MAX_RUNS` runs unless
 ``--allow-large`` (counted from the axis lengths, without expanding the grid), and no run whose
-estimated memory (:func:`numstab.footprint.estimate_run_memory`) exceeds ``--max-run-gib``
+estimated memory (:func:`numstab.run.footprint.estimate_run_memory`) exceeds ``--max-run-gib``
 (default: half of the physical memory).
 
 Every run gets a stable id, :func:`run_id`: the first 12 hex digits of the SHA-256 of its
@@ -44,7 +44,7 @@ import the caller's ``__main__``, one run at a time each; a worker that dies fai
 and is replaced) and ``dask`` (an existing ``dask.distributed`` cluster at ``--scheduler
 ADDRESS``, or an in-process ``LocalCluster`` with ``--scheduler local``). In both, each task pins
 BLAS to ``--threads`` threads (threadpoolctl) and tunes the allocator
-(:func:`numstab.runtime.tune_allocator`) in the process that trains; the trained metrics travel
+(:func:`numstab.run.runtime.tune_allocator`) in the process that trains; the trained metrics travel
 back to the client, which writes every file, so Dask workers need no shared file system (they
 need numstab installed at the same version: the worker checks the run id).
 
@@ -85,7 +85,6 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from numstab.atomic import atomic_open
 from numstab.cli import (
     HelpFormatter,
     Parser,
@@ -95,8 +94,9 @@ from numstab.cli import (
     json_default,
     versions,
 )
-from numstab.driver import graceful_stop
-from numstab.footprint import (
+from numstab.run.atomic import atomic_open
+from numstab.run.driver import graceful_stop
+from numstab.run.footprint import (
     MEMORY_FRACTION,
     default_max_run_bytes,
     estimate_run_memory,
@@ -178,16 +178,16 @@ class SpecError(ValueError):
 
 
 def _options() -> dict:
-    """TrainConfig field -> its :class:`numstab.options.Option` (the one declaration of what
+    """TrainConfig field -> its :class:`numstab.run.options.Option` (the one declaration of what
     each run option accepts)."""
-    from numstab.options import options_of
-    from numstab.train import TrainConfig
+    from numstab.run import TrainConfig
+    from numstab.run.options import options_of
 
     return options_of(TrainConfig)
 
 
 def canonical_json(config) -> str:
-    """The canonical JSON of a :class:`~numstab.train.TrainConfig` that :func:`run_id` hashes.
+    """The canonical JSON of a :class:`~numstab.run.TrainConfig` that :func:`run_id` hashes.
 
     ``config.to_dict()`` of the validated config, sorted keys, no whitespace. TrainConfig
     stores every field canonically (``dtype="fp16"`` as ``"float16"``, ``lr=1`` as ``1.0``),
@@ -205,7 +205,7 @@ def run_id(config) -> str:
 
     Examples
     --------
-    >>> from numstab.train import TrainConfig
+    >>> from numstab.run import TrainConfig
     >>> run_id(TrainConfig(seed=1)) == run_id(TrainConfig(seed=1))
     True
     >>> run_id(TrainConfig(seed=1)) == run_id(TrainConfig(seed=2))
@@ -264,9 +264,9 @@ class Sweep:
 
 def _coerce(where: str, name: str, value):
     """One SPEC value, validated and canonicalised by its option's declaration
-    (:func:`numstab.options.coerce`: ``"fp16"`` -> ``"float16"``, ``1`` -> ``1.0`` for a
+    (:func:`numstab.run.options.coerce`: ``"fp16"`` -> ``"float16"``, ``1`` -> ``1.0`` for a
     number); ``"none"`` stands for None where the option allows None (TOML has no null)."""
-    from numstab.options import coerce
+    from numstab.run.options import coerce
 
     spec = _options()[name]
     if value == "none":
@@ -442,7 +442,7 @@ def parse_spec(
     """Validate a SPEC given as a dict (as ``tomllib`` returns it) and resolve its runs.
 
     Every configuration is constructed (TrainConfig's own checks), its memory estimated
-    (:func:`numstab.footprint.estimate_run_memory`) and every distinct dataset generated once,
+    (:func:`numstab.run.footprint.estimate_run_memory`) and every distinct dataset generated once,
     so invalid values are reported here, before anything runs. Raises :class:`SpecError`
     naming the key (``axes.dtype``, ``runs[1].lr``, ...).
 
@@ -455,7 +455,7 @@ def parse_spec(
         Refuse a run whose estimated memory exceeds this; ``"default"``:
         :func:`default_max_run_bytes`; None: no limit.
     """
-    from numstab.train import TrainConfig
+    from numstab.run import TrainConfig
 
     if max_run_bytes == "default":
         max_run_bytes = default_max_run_bytes()
@@ -530,7 +530,7 @@ def parse_spec(
         _check_memory(config, name, origin, max_run_bytes)
         data_key = _data_key(config)
         if data_key not in data_checked:
-            from numstab.train import make_dataset
+            from numstab.run import make_dataset
 
             try:
                 make_dataset(config)
@@ -757,8 +757,8 @@ def execute(task: dict) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from numstab.runtime import runtime_info, tune_allocator
-    from numstab.train import MetricLog, NonFiniteError, TrainConfig, summarize, train
+    from numstab.run import MetricLog, NonFiniteError, TrainConfig, summarize, train
+    from numstab.run.runtime import runtime_info, tune_allocator
 
     started = time.time()
     tune_allocator()
@@ -1567,7 +1567,7 @@ def collect(out) -> dict:
     metrics rows (its run keeps its summary row); each is listed in ``skipped`` as
     ``{"path", "reason"}``. Nothing here raises on a malformed folder.
     """
-    from numstab.train import CSV_HEADER
+    from numstab.run import CSV_HEADER
 
     out = os.fspath(out)
     entries = []

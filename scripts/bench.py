@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from numstab.cli import HelpFormatter  # noqa: E402
-from numstab.runtime import tune_allocator  # noqa: E402
+from numstab.run.runtime import tune_allocator  # noqa: E402
 
 #: The table's column header (the test looks for it).
 HEADER = (
@@ -380,7 +380,7 @@ def print_environment(env, args):
             f"{env['torch_cpu_capability']}, default {env['torch_default_threads']} threads); "
             "flush-to-zero off (IEEE subnormals) in both libraries"
         )
-    print(f"  allocator  numstab.runtime.tune_allocator() -> {env['allocator']}")
+    print(f"  allocator  numstab.run.runtime.tune_allocator() -> {env['allocator']}")
     print(f"  load       {env['uptime_start']}")
     if env["load_start"][0] > 0.5:
         print(
@@ -401,13 +401,13 @@ def print_environment(env, args):
 
 
 def paper_config(dtype="float32"):
-    from numstab.train import TrainConfig
+    from numstab.run import TrainConfig
 
     return TrainConfig(dtype=dtype)
 
 
 def new_run(dtype="float32", data=None):
-    from numstab.train import Run
+    from numstab.run import Run
 
     return Run(paper_config(dtype), name=f"bench-{dtype}", data=data)
 
@@ -954,10 +954,10 @@ def section_compare(rep, args):
 _RSS_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[2])
-from numstab.runtime import tune_allocator
+from numstab.run.runtime import tune_allocator
 alloc = tune_allocator()
 from threadpoolctl import threadpool_limits
-from numstab.train import TrainConfig, train
+from numstab.run import TrainConfig, train
 n = int(sys.argv[1])
 t0 = time.perf_counter()
 with threadpool_limits(limits=1, user_api="blas"):

@@ -86,7 +86,7 @@ def compare_step(fmt: str, cp) -> dict:
     import numpy as np
 
     from numstab.backend import to_numpy
-    from numstab.train import Run, TrainConfig
+    from numstab.run import Run, TrainConfig
 
     cfg = TrainConfig(dtype=fmt, steps=1)
     host = Run(cfg)
@@ -117,7 +117,7 @@ def time_steps(run, n: int, sync) -> list[float]:
 
 
 def time_backends(fmt: str, cp, n_gpu: int, n_cpu: int) -> dict:
-    from numstab.train import Run, TrainConfig
+    from numstab.run import Run, TrainConfig
 
     cfg = TrainConfig(dtype=fmt, steps=10**6)
     dev = Run(cfg.replace(backend="cupy"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from numstab.driver import StopFlag
+from numstab.run.driver import StopFlag
 
 
 class StopAfter(StopFlag):

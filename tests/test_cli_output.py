@@ -12,9 +12,10 @@ import sys
 import pytest
 from helpers import StopAfter
 
-from numstab import cli, compare, driver, progress
-from numstab import train as train_mod
-from numstab.checkpoint import load_checkpoint
+from numstab.cli import compare, progress
+from numstab.cli import train as train_cli
+from numstab.run import loop as train_mod
+from numstab.run.checkpoint import load_checkpoint
 
 # Tiny and fast: p = 11, one 8-wide layer.
 TINY = ["--modulus", "11", "--hidden", "8", "--steps", "40", "--log-every", "5", "--lr", "0.05"]
@@ -107,7 +108,7 @@ def test_compare_prints_progress_lines_without_a_terminal_and_quiet_silences_the
 
 
 def test_train_prints_progress_lines_without_a_terminal(capsys):
-    assert cli.train_main([*TINY]) == 0
+    assert train_cli.main([*TINY]) == 0
     lines = progress_lines(capsys.readouterr().err)
     assert [int(m[1]) for m in lines] == list(range(2, 41, 2))
 
@@ -184,7 +185,7 @@ def test_compare_rows_are_printed_as_their_audits_finish(monkeypatch):
 
 # --- help ------------------------------------------------------------------------------------
 
-PARSERS = {"train": cli.build_train_parser, "compare": compare.build_parser}
+PARSERS = {"train": train_cli.build_train_parser, "compare": compare.build_parser}
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
@@ -208,7 +209,7 @@ def test_help_states_each_default_once(name, monkeypatch):
 
 
 def test_train_prints_formatted_numbers(capsys):
-    assert cli.train_main([*TINY, "--quiet"]) == 0
+    assert train_cli.main([*TINY, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"final train/test accuracy \d\.\d{3}/\d\.\d{3} \(step 40\)", out), out
     assert re.search(r"SC fraction \d\.\d{3},", out), out
@@ -220,22 +221,22 @@ def test_train_prints_formatted_numbers(capsys):
 
 def test_train_resume_dir_alone_continues_the_run(tmp_path, monkeypatch, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert cli.train_main([*TINY, "--quiet", "--out", str(full)]) == 0
+    assert train_cli.main([*TINY, "--quiet", "--out", str(full)]) == 0
     with monkeypatch.context() as m:
-        m.setattr(driver, "graceful_stop", stop_after(17))
-        code = cli.train_main([*TINY, "--quiet", "--out", str(part), "--checkpoint-every", "5"])
+        m.setattr(train_cli, "graceful_stop", stop_after(17))
+        code = train_cli.main([*TINY, "--quiet", "--out", str(part), "--checkpoint-every", "5"])
     assert code == 143
     first = json.loads((part / "summary.json").read_text())
     capsys.readouterr()
     # An explicit option that differs from the checkpoint's is refused, naming it; nothing
     # is written.
     before = {p.name: p.read_bytes() for p in part.iterdir()}
-    assert cli.train_main(["--resume", str(part), "--lr", "0.02"]) == 2
+    assert train_cli.main(["--resume", str(part), "--lr", "0.02"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--lr 0.02 (checkpoint: 0.05)" in err, err
     assert {p.name: p.read_bytes() for p in part.iterdir()} == before
     # Alone (or with an option equal to the checkpoint's), it continues bit for bit.
-    assert cli.train_main(["--resume", str(part), "--quiet", "--lr", "0.05"]) == 0
+    assert train_cli.main(["--resume", str(part), "--quiet", "--lr", "0.05"]) == 0
     assert (part / "metrics.csv").read_bytes() == (full / "metrics.csv").read_bytes()
     s = json.loads((part / "summary.json").read_text())
     assert s["config"]["hidden"] == [8] and s["config"]["steps"] == 40
@@ -249,7 +250,7 @@ def test_train_resume_dir_alone_continues_the_run(tmp_path, monkeypatch, capsys)
 def test_train_resume_of_a_finished_run_with_more_steps_continues(tmp_path):
     longer, part = tmp_path / "longer", tmp_path / "part"
     tiny60 = [*TINY, "--steps", "60", "--quiet"]
-    assert cli.train_main([*tiny60, "--out", str(longer)]) == 0
-    assert cli.train_main([*TINY, "--quiet", "--out", str(part)]) == 0
-    assert cli.train_main(["--resume", str(part), "--steps", "60", "--quiet"]) == 0
+    assert train_cli.main([*tiny60, "--out", str(longer)]) == 0
+    assert train_cli.main([*TINY, "--quiet", "--out", str(part)]) == 0
+    assert train_cli.main(["--resume", str(part), "--steps", "60", "--quiet"]) == 0
     assert (part / "metrics.csv").read_bytes() == (longer / "metrics.csv").read_bytes()

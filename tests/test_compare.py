@@ -10,8 +10,8 @@ import sys
 import pytest
 from helpers import StopAfter
 
-from numstab import compare
-from numstab.train import CSV_HEADER
+from numstab.cli import compare
+from numstab.run import CSV_HEADER
 
 # Small and overfitting: p = 23, two 32-wide layers, a large learning rate so that logits grow
 # fast enough for float16 to collapse within the budget.
@@ -139,7 +139,7 @@ def test_divergence_exits_3_and_keeps_what_was_logged(tmp_path):
 
 
 def test_interrupt_exits_130_with_partial_outputs(tmp_path, monkeypatch):
-    from numstab import train as train_mod
+    from numstab.run import loop as train_mod
 
     real = train_mod.Run.advance
     calls = {"n": 0}
@@ -301,7 +301,7 @@ def test_compare_png_shows_measured_and_exact_sc(tmp_path, monkeypatch):
 def test_interrupted_report_and_resume_from_the_directory_alone(tmp_path, monkeypatch, capsys):
     import contextlib
 
-    from numstab.checkpoint import load_checkpoint
+    from numstab.run.checkpoint import load_checkpoint
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert compare.main([*SMALL, "--out", str(full)]) == 0

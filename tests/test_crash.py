@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numstab.checkpoint import MANIFEST, load_checkpoint
+from numstab.run.checkpoint import MANIFEST, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run of ~60 small steps: 11 classes, 8-wide layers; a checkpoint at every step, so most of
@@ -335,8 +335,9 @@ def test_a_second_writer_is_refused_and_the_first_is_unharmed(tmp_path):
 def test_the_claim_ends_with_the_command_in_process(tmp_path, capsys):
     """Called in-process, a command releases its directory when it returns, and is refused
     while another claim holds it (flock locks belong to open files, not processes)."""
-    from numstab import compare, outdir
-    from numstab.cli import train_main
+    from numstab.cli import compare
+    from numstab.cli.train import train_main
+    from numstab.run import outdir
 
     d = tmp_path / "run"
     assert train_main([*TINY, "--steps", "3", "--out", str(d)]) == 0

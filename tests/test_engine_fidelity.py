@@ -21,7 +21,7 @@ from numstab.fidelity import op_fidelity, rounding_fidelity
 from numstab.functional import loss_backward, loss_forward
 from numstab.losses.rounding import Op, recording
 from numstab.precision import get_format, quantize
-from numstab.train import Run, TrainConfig
+from numstab.run import Run, TrainConfig
 
 FORMATS = ["float16", "bfloat16", "float32", "float64", "longdouble"]
 

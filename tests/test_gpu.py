@@ -46,7 +46,7 @@ def test_step_on_gpu_matches_numpy(fmt):
     parameters live on the device."""
     from numstab.backend import to_numpy
     from numstab.precision import get_format
-    from numstab.train import Run, TrainConfig
+    from numstab.run import Run, TrainConfig
 
     cfg = TrainConfig(dtype=fmt, p=59, hidden=(64, 64), steps=3)
     host, dev = Run(cfg), Run(cfg.replace(backend="cupy"))

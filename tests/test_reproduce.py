@@ -21,7 +21,7 @@ from analysis import repro as R  # noqa: E402
 from analysis.results import Results, varying_fields  # noqa: E402
 from analysis.stats import aggregate, max_after, summarize_values, value_at  # noqa: E402
 from numstab import sweep as S  # noqa: E402
-from numstab.train import TrainConfig  # noqa: E402
+from numstab.run import TrainConfig  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "reproduce.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ Thresholds leave room for seeds: each was set well inside the range measured ove
 
 import pytest
 
-from numstab.train import TrainConfig, summarize, train
+from numstab.run import TrainConfig, summarize, train
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from numstab import sweep
-from numstab.footprint import estimate_run_memory
-from numstab.train import CSV_HEADER, TrainConfig
+from numstab.run.footprint import estimate_run_memory
+from numstab.run import CSV_HEADER, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,7 +208,7 @@ def test_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
 
 
 def test_an_exception_in_one_run_is_recorded_with_its_traceback(tmp_path, monkeypatch):
-    import numstab.train as train_mod
+    import numstab.run.loop as train_mod
 
     real = train_mod.train
 
@@ -295,7 +295,7 @@ def test_bad_options_exit_2(tmp_path, capsys):
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
     import fcntl
 
-    from numstab.outdir import LOCK_NAME
+    from numstab.run.outdir import LOCK_NAME
 
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
@@ -456,7 +456,7 @@ def test_a_run_too_large_for_memory_is_refused_before_anything_runs(tmp_path, te
 MEASURE_PEAK = """
 import json, sys
 from numstab.sweep import _config_kwargs, execute, run_id
-from numstab.train import TrainConfig
+from numstab.run import TrainConfig
 
 def status_kib(key):
     with open("/proc/self/status") as f:
@@ -487,7 +487,7 @@ print((status_kib("VmHWM") - before) * 1024)
     ],
 )
 def test_the_memory_estimate_bounds_a_real_run(kw):
-    from numstab.footprint import OVERHEAD_BYTES
+    from numstab.run.footprint import OVERHEAD_BYTES
 
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE_PEAK, json.dumps(kw)],

@@ -8,7 +8,7 @@ import pytest
 
 from numstab import metrics as M
 from numstab.functional import collapse_mask
-from numstab.train import CSV_HEADER, MetricLog, NonFiniteError, Run, TrainConfig, summarize, train
+from numstab.run import CSV_HEADER, MetricLog, NonFiniteError, Run, TrainConfig, summarize, train
 
 SMALL = TrainConfig(p=23, hidden=(32, 32), steps=30, log_every=10, lr=0.01)
 

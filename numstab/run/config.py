@@ -1,0 +1,213 @@
+"""The configuration of one training run: every option declared once, with its validation.
+
+:class:`TrainConfig`'s fields are declared with :func:`numstab.run.options.option` (type,
+range, choices, aliases, help); the command-line options, the SPEC coercion of sweeps and
+the run ids are derived from these declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+from numstab.backend import BACKENDS
+from numstab.data import ENCODINGS, MODULAR_ENCODINGS, TASKS
+from numstab.functional import (
+    LOSS_KINDS,
+)
+from numstab.optim import OPTIMIZER_NAMES, PERP_GRAD_SCOPES, make_optimizer
+from numstab.precision import (
+    ELEMENTARY_MODES,
+    REDUCTION_ORDERS,
+    PrecisionPolicy,
+    available_formats,
+    get_format,
+)
+from numstab.run.options import coerce, option, options_of
+
+__all__ = ["RECORDED_BEFORE", "TrainConfig"]
+
+_FORMATS = available_formats()
+
+
+#: Fields added to :class:`TrainConfig` after runs were recorded, with the value that
+#: reproduces those runs: a record without the field was computed that way.
+RECORDED_BEFORE = {"elementary": "libm"}
+
+
+def _format_name(name: str) -> str:
+    """Canonical format name of an alias (``fp16`` -> ``float16``); ValueError if unknown."""
+    return get_format(name).name
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (and so is recorded with its results).
+
+    Defaults are the paper's modular-addition setup: p = 113, f = 0.4, bias-free 200-200 ReLU
+    MLP, AdamW lr 0.01, betas (0.9, 0.99), eps 1e-25, no weight decay, softmax cross-entropy in
+    float32, full batch.
+
+    Each field is declared once with :func:`numstab.options.option` (type, allowed values,
+    aliases, help); construction validates and canonicalises every field from that
+    declaration (``dtype="fp16"`` becomes ``"float16"``, ``lr=1`` becomes ``1.0``) and checks
+    the combinations (e.g. an Adam eps that underflows in the optimizer-state format), raising
+    ``ValueError`` that names the field. The command-line options and sweep SPECs are derived
+    from the same declarations.
+    """
+
+    task: str = option("add", "str", "modular operation or sparse parity", choices=TASKS)
+    p: int = option(
+        113, "int", "p of the modular task (residues 0..p-1)", low=2, flag="--modulus"
+    )
+    train_fraction: float = option(
+        0.4, "float", "fraction of the pairs used for training", low=0, high=1,
+        low_open=True, high_open=True,
+    )
+    encoding: str = option(
+        "onehot", "str", "input encoding of the modular task (bits: parity only)",
+        choices=ENCODINGS,
+    )
+    parity_bits: int = option(43, "int", "input bits of the sparse-parity task", low=1)
+    parity_k: int = option(3, "int", "relevant bits of the sparse-parity task", low=1)
+    parity_samples: int = option(2000, "int", "samples of the sparse-parity task", low=2)
+    hidden: tuple[int, ...] = option((200, 200), "ints", "hidden layer widths", low=1)
+    bias: bool = option(False, "bool", "give the linear layers biases")
+    alpha: float = option(1.0, "float", "logit multiplier", nonzero=True)
+    dtype: str = option(
+        "float32", "str", "format of parameters, GEMMs and loss", choices=_FORMATS,
+        aliases=_format_name,
+    )
+    loss_dtype: str | None = option(
+        None, "str", "loss format alone (the paper's softmax_precision); none: --dtype",
+        choices=(*_FORMATS, None), aliases=_format_name,
+    )
+    order: str = option(
+        "pairwise", "str", "summation order of the loss's normaliser", choices=REDUCTION_ORDERS
+    )
+    elementary: str = option(
+        "correct", "str",
+        "exp/log/log1p/expm1: correctly rounded in the declared format, or the platform's libm "
+        "(NumPy's; runs recorded before this option existed)",
+        choices=ELEMENTARY_MODES,
+    )
+    loss: str = option(
+        "softmax", "str",
+        "cross-entropy: framework softmax, StableMax, or the absorption-free softmax",
+        choices=LOSS_KINDS, aliases={"softmax-stable": "softmax_stable"},
+    )
+    stablemax_eps: float = option(
+        0.0, "float", "epsilon in StableMax's 1/(1 - x + eps) (the authors' code: 1e-30)", low=0
+    )
+    optimizer: str = option("adamw", "str", "optimizer", choices=OPTIMIZER_NAMES)
+    state_dtype: str | None = option(
+        None, "str",
+        "optimizer-state format; none: float32 for float16/bfloat16, else --dtype",
+        choices=(*_FORMATS, None), aliases=_format_name,
+    )
+    lr: float = option(0.01, "float", "learning rate", low=0, low_open=True)
+    beta1: float = option(0.9, "float", "Adam beta1", low=0, high=1, high_open=True)
+    beta2: float = option(0.99, "float", "Adam beta2 (paper: 0.99)", low=0, high=1, high_open=True)
+    eps: float = option(1e-25, "float", "Adam epsilon (paper: 1e-25)", low=0)
+    weight_decay: float = option(0.0, "float", "weight decay (decoupled for AdamW)", low=0)
+    momentum: float = option(0.0, "float", "SGD momentum (Adam's is beta1)", low=0)
+    perp_grad: str | None = option(
+        None, "str",
+        "⊥Grad: per tensor with rescaling (authors' code) or global (paper); none: off",
+        choices=(None, *PERP_GRAD_SCOPES),
+    )
+    normalized_lr: bool = option(
+        False, "bool", "learning rate lr / ||grad|| each step (the paper's normalized schedule)"
+    )
+    steps: int = option(1000, "int", "training steps", low=0)
+    batch_size: int | None = option(
+        None, "int", "rows per step drawn without replacement; none: full batch", low=1,
+        nullable=True,
+    )
+    log_every: int = option(10, "int", "metric logging interval in steps", low=1)
+    seed: int = option(0, "int", "seed of data split, initialisation and batches", low=0)
+    zero_target_grad_from: int | None = option(
+        None, "int", "from this step on, zero the correct-class logit gradient (Fig. 8)", low=0,
+        nullable=True,
+    )
+    backend: str = option("numpy", "str", "array backend", choices=BACKENDS)
+
+    def __post_init__(self):
+        for name, spec in options_of(TrainConfig).items():
+            object.__setattr__(self, name, coerce(name, spec, getattr(self, name)))
+        if self.task == "parity":
+            if self.parity_k > self.parity_bits:
+                raise ValueError(
+                    f"parity_k must be <= parity_bits ({self.parity_bits}), got {self.parity_k}"
+                )
+        elif self.encoding not in MODULAR_ENCODINGS:
+            raise ValueError(
+                f"encoding {self.encoding!r} is for the parity task; the modular tasks take "
+                f"one of: {', '.join(MODULAR_ENCODINGS)}"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # hazard warnings come again when it runs
+                self.make_optimizer()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"optimizer: {exc}") from None
+
+    def make_optimizer(self):
+        """The optimizer this config names (:func:`numstab.optim.make_optimizer`)."""
+        return make_optimizer(
+            self.optimizer,
+            lr=self.lr,
+            betas=(self.beta1, self.beta2),  # (SGD ignores betas and eps)
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            perp_grad=self.perp_grad,
+            normalized_lr=self.normalized_lr,
+            storage_format=self.dtype,
+            state_format=self.state_format,
+        )
+
+    @property
+    def state_format(self) -> str:
+        """Format of the optimizer state: ``state_dtype``, or by default float32 for 16-bit
+        storage (float16 cannot hold the paper's eps = 1e-25, and its squared gradients
+        underflow) and the storage format otherwise."""
+        if self.state_dtype is not None:
+            return get_format(self.state_dtype).name
+        storage = get_format(self.dtype)
+        return "float32" if storage.is_emulated else storage.name
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy.paper(
+            self.dtype, self.loss_dtype, order=self.order, elementary=self.elementary
+        )
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The config a recorded ``to_dict()`` describes (a checkpoint's, a run folder's).
+
+        Fields added after a record was written take :data:`RECORDED_BEFORE`'s value, the one
+        that reproduces what was computed then (not today's default); derived keys such as
+        ``state_format`` are ignored. ``ValueError`` for unknown fields or bad values.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a table of fields, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"state_format"})
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        fields = {**RECORDED_BEFORE, **{k: v for k, v in d.items() if k in names}}
+        if isinstance(fields.get("hidden"), list):
+            fields["hidden"] = tuple(fields["hidden"])
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["state_format"] = self.state_format  # the resolved default, for the record
+        return d
