@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 __all__ = ["LineProgress", "bar_columns", "format_duration", "progress", "terminal_columns"]
 
 #: Below this width a bar plus its statistics does not fit; tqdm would cut the line short.
@@ -145,8 +147,6 @@ class _Bar:
     """A tqdm bar sized for the terminal, with the same interface as :class:`LineProgress`."""
 
     def __init__(self, total: int, desc: str, *, initial: int, stream):
-        from tqdm import tqdm
-
         self._bar = tqdm(
             total=total,
             initial=initial,
