@@ -147,7 +147,7 @@ def apply(name: str, x, fmt: Format, mode: str, xp):
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if mode == "libm":
             return quantize(getattr(xp, name)(x), fmt)
-        if fmt.name in ("float16", "bfloat16", "float32"):
+        if fmt.precision <= 24 and fmt.emax <= 127:  # float32 and everything it holds
             return _narrow(name, x, fmt, xp)
         if fmt.name == "float64":
             if name == "exp":

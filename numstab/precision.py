@@ -39,9 +39,6 @@ __all__ = [
     "round_to",
 ]
 
-#: Canonical format names, narrowest first.
-FORMAT_NAMES = ("float16", "bfloat16", "float32", "float64", "longdouble")
-
 #: Summation orders a :class:`PrecisionPolicy` may declare (see :mod:`numstab.summation`).
 REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
 
@@ -49,26 +46,6 @@ REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
 #: :mod:`numstab.elementary`, which re-exports this tuple).
 ELEMENTARY_MODES = ("correct", "libm")
 
-_ALIASES = {
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "f16": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "single": "float32",
-    "f32": "float32",
-    "float64": "float64",
-    "fp64": "float64",
-    "double": "float64",
-    "f64": "float64",
-    "longdouble": "longdouble",
-    "extended": "longdouble",
-    "float80": "longdouble",
-    "x87": "longdouble",
-}
 
 
 @dataclass(frozen=True)
@@ -151,14 +128,41 @@ def _longdouble_is_extended() -> bool:
     return np.finfo(np.longdouble).nmant >= 63
 
 
+#: Every format numstab knows, narrowest first: name, dtype, precision p, emin, emax. Adding
+#: a format is one entry here (docs/architecture.md).
+_ALL_FORMATS = (
+    Format("float16", np.dtype(np.float16), 11, -14, 15),
+    Format("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127),
+    Format("float32", np.dtype(np.float32), 24, -126, 127),
+    Format("float64", np.dtype(np.float64), 53, -1022, 1023),
+    # x87 extended where long double is it (not on aarch64 / MSVC, where it is float64)
+    Format("longdouble", np.dtype(np.longdouble), 64, -16382, 16383),
+)
+
+#: Canonical format names, narrowest first.
+FORMAT_NAMES = tuple(f.name for f in _ALL_FORMATS)
+
 _FORMATS: dict[str, Format] = {
-    "float16": Format("float16", np.dtype(np.float16), 11, -14, 15),
-    "bfloat16": Format("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127),
-    "float32": Format("float32", np.dtype(np.float32), 24, -126, 127),
-    "float64": Format("float64", np.dtype(np.float64), 53, -1022, 1023),
+    f.name: f for f in _ALL_FORMATS if f.name != "longdouble" or _longdouble_is_extended()
 }
-if _longdouble_is_extended():
-    _FORMATS["longdouble"] = Format("longdouble", np.dtype(np.longdouble), 64, -16382, 16383)
+
+#: Other names of the formats (each format's own name is accepted too).
+_ALIASES = {
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "single": "float32",
+    "f32": "float32",
+    "fp64": "float64",
+    "double": "float64",
+    "f64": "float64",
+    "extended": "longdouble",
+    "float80": "longdouble",
+    "x87": "longdouble",
+}
+_ALIASES.update({name: name for name in FORMAT_NAMES})
 
 
 def available_formats() -> tuple[str, ...]:
@@ -218,9 +222,12 @@ def get_format(name) -> Format:
 
 
 def carrier_dtype(fmt) -> np.dtype:
-    """Dtype holding a format's values during arithmetic: float32 for float16 and bfloat16."""
+    """Dtype holding a format's values during arithmetic: float32 for the formats narrower than
+    32 bits (float16, bfloat16, and any narrower format: float32 holds their values exactly and
+    one float32 operation then one rounding is their correctly rounded ``+ - × ÷ √``), else
+    the format's own dtype."""
     fmt = get_format(fmt)
-    if fmt.name in ("float16", "bfloat16"):
+    if fmt.dtype.itemsize < 4:
         return np.dtype(np.float32)
     return fmt.dtype
 
@@ -248,8 +255,8 @@ def _float_source(x, xp):
             f"cannot round an array of dtype {dt}: expected a real floating dtype "
             "(float32 or float64 on this backend)"
         )
-    if dt == np.float16 or dt == ml_dtypes.bfloat16:
-        return x.astype(np.float32)
+    if dt.itemsize < 4 and dt.kind in "fV":  # float16, bfloat16, ml_dtypes' narrower floats
+        return x.astype(np.float32)  # exact: float32 holds every value of these formats
     if dt in (np.float32, np.float64, np.longdouble):
         return x
     if dt.kind in "iub":
@@ -428,8 +435,10 @@ def round_to(x, fmt):
             )
         # quantize() leaves NaN as the quiet pattern, whose upper half is still a NaN.
         out = (q.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
-    else:
+    elif fmt.name == "float16":
         out = _float32_to_float16_exact(q, xp)
+    else:  # ml_dtypes' narrower formats: q holds values of fmt, so the cast is exact
+        out = q.astype(fmt.dtype)
     return out[0] if scalar else out
 
 

@@ -57,12 +57,10 @@ def wide_format(fmt) -> Format:
         For float64 where no x87 longdouble exists, and for longdouble (nothing is wider).
     """
     fmt = get_format(fmt)
-    wider = {
-        "float16": "float32",
-        "bfloat16": "float32",
-        "float32": "float64",
-        "float64": "longdouble",
-    }.get(fmt.name)
+    # formats narrower than float32 are carried in float32, which is their wide format
+    wider = "float32" if fmt.is_emulated else {"float32": "float64", "float64": "longdouble"}.get(
+        fmt.name
+    )
     if wider is None:
         raise ValueError("order 'wide' is undefined for longdouble: no wider format exists")
     try:
