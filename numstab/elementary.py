@@ -70,6 +70,9 @@ __all__ = [
 FUNCTIONS = ("exp", "log", "log1p", "expm1")
 
 _CHUNK = 1 << 13  # elements per NumPy block: the temporaries stay in the L2 cache
+#: Block of the float32-and-narrower path: fewer NumPy calls per element; measured fastest
+#: (2**13 .. 2**17 tried) on a (5107, 113) softmax batch.
+_CHUNK_NARROW = 1 << 15
 _REL_NARROW = 2.0**-44  # window around a float64 value (>= 2**8 float64 ulps)
 _REL_LD = 2.0**-61  # window around a long double value (>= 4 long double ulps)
 _REL_DD = 2.0**-68  # window around the double-double exp (error < 2**-72)
@@ -251,9 +254,9 @@ def _narrow(name, x, fmt: Format, xp):
     out = np.empty(x.shape, dtype=np.float32)
     xf, of = x.reshape(-1), out.reshape(-1)
     n = xf.size
-    wbuf = np.empty(min(n, _CHUNK), dtype=np.float64)
-    ubuf = np.empty(min(n, _CHUNK), dtype=np.uint64)
-    abuf = np.empty(min(n, _CHUNK), dtype=bool)
+    wbuf = np.empty(min(n, _CHUNK_NARROW), dtype=np.float64)
+    ubuf = np.empty(min(n, _CHUNK_NARROW), dtype=np.uint64)
+    abuf = np.empty(min(n, _CHUNK_NARROW), dtype=bool)
     # float32 results below 2**-126 (subnormal) need the bracket test: only exp of x < -87.3
     # and log1p / expm1 of tiny x produce them (log's smallest non-zero |result| is ~2**-24).
     tiny_out = n > 0 and (
@@ -261,8 +264,8 @@ def _narrow(name, x, fmt: Format, xp):
         or (name in ("log1p", "expm1") and not float(np.min(np.abs(xf))) >= 2.0**-125)
     )
     amb_idx = []
-    for s in range(0, n, _CHUNK):
-        xs = xf[s : s + _CHUNK]
+    for s in range(0, n, _CHUNK_NARROW):
+        xs = xf[s : s + _CHUNK_NARROW]
         k = xs.size
         w, u = wbuf[:k], ubuf[:k]
         fn(xs, out=w, dtype=np.float64)
@@ -276,7 +279,9 @@ def _narrow(name, x, fmt: Format, xp):
             np.bitwise_and(u, _MASK29, out=u)
             amb = np.less_equal(u, np.uint64(2 * _K64), out=abuf[:k])
             if tiny_out:
-                sel = np.flatnonzero(np.abs(w) < 2.0**-126)
+                # exp(x) >= exp(-87.33) > 2**-126 elsewhere: a test on the (narrower) input
+                tiny = xs < -87.33 if name == "exp" else np.abs(w) < 2.0**-126
+                sel = np.flatnonzero(tiny)
                 amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
         else:
             of[s : s + k] = quantize(w, fmt)
