@@ -49,6 +49,7 @@ from numstab.losses import (
     reduce_loss,
     stablemax_s,
 )
+from numstab.losses.rounding import Rounding
 from numstab.precision import PrecisionPolicy, get_format, quantize
 from numstab.summation import ordered_sum
 
@@ -106,11 +107,20 @@ def gemm(a, b, policy: PrecisionPolicy):
     _check_policy(policy)
     _check_float_array(a, "a", 2)
     _check_float_array(b, "b", 2)
+    _check_inner(a, b)
+    return _gemm(a, b, policy)
+
+
+def _check_inner(a, b) -> None:
     if a.shape[1] != b.shape[0]:
         raise ValueError(
             f"gemm needs a (m, k) and b (k, n) with the same k, got shapes {tuple(a.shape)} "
             f"and {tuple(b.shape)}"
         )
+
+
+def _gemm(a, b, policy: PrecisionPolicy):
+    """:func:`gemm` on checked arguments."""
     xp = namespace(a, b)
     c = xp_dtype(xp, policy.compute.carrier)
     with errstate(xp, over="ignore", invalid="ignore"):
@@ -131,11 +141,16 @@ def linear_forward(x, w, b, policy: PrecisionPolicy):
         The product is rounded once to storage, then the bias is added (one more rounding).
     cache : tuple
     """
-    y = gemm(x, w, policy)
+    _check_policy(policy)
+    _check_float_array(x, "x", 2)
+    _check_float_array(w, "w", 2)
+    _check_inner(x, w)
+    _check_bias(b, w.shape[1])
+    y = _gemm(x, w, policy)
     if b is not None:
-        _check_bias(b, w.shape[1])
-        with errstate(namespace(y), over="ignore", invalid="ignore"):
-            y = quantize(y + b, policy.storage)
+        xp = namespace(y)
+        with errstate(xp, over="ignore", invalid="ignore"):
+            y = Rounding(policy.storage, xp=xp).add(y, b)  # one rounding, recorded
     return y, (x, w, b is not None)
 
 
@@ -152,6 +167,7 @@ def linear_backward(dy, cache, policy: PrecisionPolicy, *, need_dx: bool = True)
         ``Σ_i dy_i`` accumulated in the compute format (NumPy pairwise over a contiguous
         axis), rounded once.
     """
+    _check_policy(policy)
     x, w, has_bias = _check_cache(cache, "linear_forward")
     _check_float_array(dy, "dy", 2)
     if tuple(dy.shape) != (x.shape[0], w.shape[1]):
@@ -159,8 +175,8 @@ def linear_backward(dy, cache, policy: PrecisionPolicy, *, need_dx: bool = True)
             f"dy must have shape {(x.shape[0], w.shape[1])} (samples, n_out) to match the "
             f"forward pass, got {tuple(dy.shape)}"
         )
-    dw = gemm(x.T, dy, policy)
-    dx = gemm(dy, w.T, policy) if need_dx else None
+    dw = _gemm(x.T, dy, policy)
+    dx = _gemm(dy, w.T, policy) if need_dx else None
     db = _bias_grad(dy, policy) if has_bias else None
     return dx, dw, db
 

@@ -26,11 +26,11 @@ from numstab.run import Run, TrainConfig
 FORMATS = ["float16", "bfloat16", "float32", "float64", "longdouble"]
 
 
-def _recorded_step(dtype: str, loss: str, elementary: str = "correct") -> list[Op]:
+def _recorded_step(dtype: str, loss: str, elementary: str = "correct", bias=False) -> list[Op]:
     """The operations of one training step, taken after a few steps of a small run (large
     learning rate: rows near collapse, where the roundings near 1 matter)."""
     cfg = TrainConfig(p=23, hidden=(32, 32), steps=40, log_every=10, lr=0.05, dtype=dtype,
-                      loss=loss, elementary=elementary, seed=1)  # fmt: skip
+                      loss=loss, elementary=elementary, seed=1, bias=bias)  # fmt: skip
     run = Run(cfg)
     for _ in range(12):
         run.advance(log=False)
@@ -56,6 +56,16 @@ def test_other_losses_are_correctly_rounded_op_by_op(dtype, loss):
     assert {"div", "mul", "dl_p_minus_one"} <= set(reports)
     for name, r in reports.items():
         assert r.n_correct == r.n, (dtype, loss, name, r)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_bias_additions_are_correctly_rounded(dtype):
+    """With biases the layers' ``y + b`` is recorded too (one rounding to the storage
+    format): every sampled sum is the correctly rounded exact sum."""
+    reports = op_fidelity(_recorded_step(dtype, "softmax", bias=True), samples=64, seed=2)
+    assert "add" in reports
+    for name, r in reports.items():
+        assert r.n_correct == r.n, (dtype, name, r)
 
 
 @settings(max_examples=25, deadline=None)
