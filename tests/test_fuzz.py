@@ -43,6 +43,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import frac, gamma
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -291,13 +292,6 @@ def wild(draw, shape):
         st.floats(width=64), st.sampled_from([1e308, -1e308, 1e38, -1e38, 5e-324, 1e-45, 0.0])
     )
     return draw(hnp.arrays(np.float64, shape, elements=el))
-
-
-def frac(v) -> Fraction:
-    """The exact rational value of a finite float of any format."""
-    if isinstance(v, np.longdouble):
-        return Fraction(*v.as_integer_ratio())
-    return Fraction(float(v))
 
 
 def u_of(fmt) -> float:
@@ -872,10 +866,6 @@ def test_bad_options_are_named(kw, pattern):
 # =============================================================================================
 # numstab.functional
 # =============================================================================================
-
-
-def gamma(n, u):
-    return n * u / (1 - n * u)
 
 
 def quantum(fmt) -> Fraction:
