@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
+from hypothesis import HealthCheck, settings
 
 from numstab.driver import StopFlag
 from numstab.precision import quantize
@@ -20,6 +21,20 @@ U = 2.0**-53  #: unit roundoff of float64
 BITS = 20  #: dyadic test points are multiples of 2**-BITS
 _UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
 _PATTERN_DTYPE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# Example budgets for slow properties, scaled with the loaded hypothesis profile (conftest:
+# ci = 60, thorough = 600).
+_BASE = settings().max_examples
+SOME = settings(
+    max_examples=max(8, _BASE // 4),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+FEW = settings(
+    max_examples=max(5, _BASE // 8),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 class StopAfter(StopFlag):

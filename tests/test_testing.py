@@ -14,8 +14,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers import U, dyadic, frac, gamma
-from hypothesis import HealthCheck, given, settings
+from helpers import FEW, SOME, U, dyadic, frac, gamma
+from hypothesis import given
 from hypothesis import strategies as st
 
 from numstab import exact
@@ -24,19 +24,6 @@ from numstab.audit import sc_gap_window
 from numstab.precision import available_formats, get_format, quantize
 
 ALL_FORMATS = list(available_formats())
-
-# Example budgets scale with the loaded hypothesis profile (conftest: ci = 60, thorough = 600).
-_BASE = settings().max_examples
-SOME = settings(
-    max_examples=max(8, _BASE // 4),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-FEW = settings(
-    max_examples=max(5, _BASE // 8),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
 
 
 def representable(z, fmt):
