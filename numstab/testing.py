@@ -39,8 +39,10 @@ numstab rounds to longdouble only from float64.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 try:
     from hypothesis import reject
@@ -59,7 +61,9 @@ from numstab import exact
 from numstab.precision import available_formats, get_format, quantize, round_to
 
 __all__ = [
+    "VJPCheck",
     "adversarial_logits",
+    "check_vjp",
     "formats",
     "labels_for",
     "logits",
@@ -89,10 +93,6 @@ _GRID = {
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def _fmt(fmt):
-    return get_format(fmt)
 
 
 def _count(value, name: str, minimum: int):
@@ -133,6 +133,33 @@ def _to_array(rows, fmt, native: bool):
     a = np.asarray(rows, dtype=np.float64)
     out = quantize(a, fmt)  # exact: a no-op on representable values, fixes the dtype
     return round_to(out, fmt) if native and fmt.is_emulated else out
+
+
+def _rows_of(fmt, n_classes, n_rows, native, draw_row, *, min_classes: int = 2):
+    """The skeleton of every logit strategy: validate, draw ``C`` and ``N``, draw the rows.
+
+    ``draw_row(draw, C)`` returns one row of ``C`` float64 values, each representable in
+    ``fmt``; the result is the ``(N, C)`` carrier array (or the format's dtype, ``native``).
+    """
+    f = get_format(fmt)
+    cols = _count(n_classes, "n_classes", min_classes)
+    rows = _count(n_rows, "n_rows", 0)
+
+    @st.composite
+    def build(draw):
+        n, k = draw(cols), draw(rows)
+        out = np.empty((k, n))
+        for i in range(k):
+            out[i] = draw_row(draw, n)
+        return _to_array(out, f, native)
+
+    return build()
+
+
+def _with_max(draw, vals, m):
+    """``vals`` with the maximum ``m`` inserted at a random position."""
+    pos = draw(st.integers(0, len(vals)))
+    return [*vals[:pos], m, *vals[pos:]]
 
 
 def _float_in(draw, lo: float, hi: float) -> float:
@@ -314,9 +341,7 @@ def logits(
             p = my_softmax(z)
             np.testing.assert_allclose(p.sum(axis=1), 1, rtol=2**-6)
     """
-    fmt = _fmt(dtype)
-    rows = _count(n_rows, "n_rows", 0)
-    cols = _count(n_classes, "n_classes", 1)
+    fmt = get_format(dtype)
     top = _finite_max(fmt)
     lo = -top if min_value is None else float(min_value)
     hi = top if max_value is None else float(max_value)
@@ -326,13 +351,10 @@ def logits(
     if allow_nonfinite:
         elements = st.one_of(elements, st.sampled_from([np.nan, np.inf, -np.inf]))
 
-    @st.composite
-    def build(draw):
-        shape = (draw(rows), draw(cols))
-        a = draw(hnp.arrays(np.float64, shape, elements=elements))
-        return _to_array(a, fmt, native)
+    def draw_row(draw, n):
+        return draw(hnp.arrays(np.float64, (n,), elements=elements))
 
-    return build()
+    return _rows_of(fmt, n_classes, n_rows, native, draw_row, min_classes=1)
 
 
 # --- rows at the collapse boundary --------------------------------------------------------
@@ -407,9 +429,7 @@ def logits_near_collapse(
             s = exact.tail_sum(z)                        # every s <= 2**-11
             assert all(v <= 2.0**-11 for v in s)
     """
-    f = _fmt(fmt)
-    cols = _count(n_classes, "n_classes", 2)
-    rows = _count(n_rows, "n_rows", 0)
+    f = get_format(fmt)
     _choice("side", side, _SIDES)
     _choice("kind", kind, _KINDS)
     if not (isinstance(rel_band, (int, float)) and 0 < rel_band < 1):
@@ -419,8 +439,7 @@ def logits_near_collapse(
     tail_cls = _SoftmaxTail if kind == "softmax" else _StableTail
     band = float(rel_band)
 
-    @st.composite
-    def row(draw, n):
+    def draw_row(draw, n):
         m = _shift(draw, f, max_shift)
         tail = tail_cls(m, f, eps)
         u = tail.u
@@ -487,17 +506,9 @@ def logits_near_collapse(
         ok = (u - b <= total < u) if below else (u < total <= u + b)
         if not ok or any(v >= m for v in vals):
             reject()
-        vals = draw(st.permutations(vals))
-        pos = draw(st.integers(0, n_tail))
-        return [*vals[:pos], m, *vals[pos:]]
+        return _with_max(draw, draw(st.permutations(vals)), m)
 
-    @st.composite
-    def build(draw):
-        n = draw(cols)
-        k = draw(rows)
-        return _to_array(np.array([draw(row(n)) for _ in range(k)]).reshape(k, n), f, native)
-
-    return build()
+    return _rows_of(f, n_classes, n_rows, native, draw_row)
 
 
 def logits_in_gap_window(
@@ -535,28 +546,22 @@ def logits_in_gap_window(
     """
     from numstab.audit import sc_gap_window  # numstab.audit imports no testing code
 
-    f = _fmt(fmt)
-    cols = _count(n_classes, "n_classes", 2)
-    rows = _count(n_rows, "n_rows", 0)
+    f = get_format(fmt)
     if not (math.isfinite(jitter) and jitter >= 0):
         raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")
+    window = functools.lru_cache(maxsize=None)(lambda n: sc_gap_window(f.name, n))
 
-    @st.composite
-    def build(draw):
-        n, k = draw(cols), draw(rows)
-        lo, hi = sc_gap_window(f.name, n)
+    def draw_row(draw, n):
+        lo, hi = window(n)
         pad = 0.1 * (hi - lo) + 1e-3
-        out = np.empty((k, n))
-        for i in range(k):
-            m = _shift(draw, f, max_shift)
-            g = _float_in(draw, lo - pad, hi + pad)
-            j = draw(st.lists(st.floats(0.0, jitter), min_size=n, max_size=n))
-            r = np.array([_q(m - g - jj, f) for jj in j])
-            r[draw(st.integers(0, n - 1))] = m
-            out[i] = r
-        return _to_array(out, f, native)
+        m = _shift(draw, f, max_shift)
+        g = _float_in(draw, lo - pad, hi + pad)
+        j = draw(st.lists(st.floats(0.0, jitter), min_size=n, max_size=n))
+        r = np.array([_q(m - g - jj, f) for jj in j])
+        r[draw(st.integers(0, n - 1))] = m
+        return r
 
-    return build()
+    return _rows_of(f, n_classes, n_rows, native, draw_row)
 
 
 # --- other adversarial rows ---------------------------------------------------------------
@@ -582,24 +587,17 @@ def logits_with_ties(fmt, n_classes, *, n_rows=1, max_abs: float = 100.0, native
     -------
     SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
     """
-    f = _fmt(fmt)
-    cols = _count(n_classes, "n_classes", 2)
-    rows = _count(n_rows, "n_rows", 0)
+    f = get_format(fmt)
     val = st.floats(-max_abs, max_abs, allow_nan=False).map(lambda x: _q(x, f))
 
-    @st.composite
-    def build(draw):
-        n, k = draw(cols), draw(rows)
-        out = np.empty((k, n))
-        for i in range(k):
-            pool = draw(st.lists(val, min_size=1, max_size=3, unique=True))
-            m = max(pool)
-            n_top = draw(st.integers(2, n))
-            rest = draw(st.lists(st.sampled_from(pool), min_size=n - n_top, max_size=n - n_top))
-            out[i] = draw(st.permutations([m] * n_top + rest))
-        return _to_array(out, f, native)
+    def draw_row(draw, n):
+        pool = draw(st.lists(val, min_size=1, max_size=3, unique=True))
+        m = max(pool)
+        n_top = draw(st.integers(2, n))
+        rest = draw(st.lists(st.sampled_from(pool), min_size=n - n_top, max_size=n - n_top))
+        return draw(st.permutations([m] * n_top + rest))
 
-    return build()
+    return _rows_of(f, n_classes, n_rows, native, draw_row)
 
 
 def logits_huge_gap(
@@ -634,9 +632,7 @@ def logits_huge_gap(
     -------
     SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
     """
-    f = _fmt(fmt)
-    cols = _count(n_classes, "n_classes", 2)
-    rows = _count(n_rows, "n_rows", 0)
+    f = get_format(fmt)
     top = _finite_max(f)
     if not (0 < min_gap and min_gap + max_shift < top):
         raise ValueError(
@@ -652,21 +648,14 @@ def logits_huge_gap(
     # drawing g >= min_gap (1 + 2**(2-p)) keeps the rounded gap >= min_gap.
     lo_gap = min_gap * (1 + 2.0 ** (2 - min(f.precision, 53)))  # longdouble: float64 grid
 
-    @st.composite
-    def build(draw):
-        n, k = draw(cols), draw(rows)
-        out = np.empty((k, n))
-        for i in range(k):
-            m = _shift(draw, f, max_shift)
-            gaps = draw(
-                st.lists(st.floats(lo_gap, max(lo_gap, hi_gap)), min_size=n - 1, max_size=n - 1)
-            )
-            vals = [_q(m - g, f) for g in gaps]
-            pos = draw(st.integers(0, n - 1))
-            out[i] = [*vals[:pos], m, *vals[pos:]]
-        return _to_array(out, f, native)
+    gap = st.floats(lo_gap, max(lo_gap, hi_gap))
 
-    return build()
+    def draw_row(draw, n):
+        m = _shift(draw, f, max_shift)
+        gaps = draw(st.lists(gap, min_size=n - 1, max_size=n - 1))
+        return _with_max(draw, [_q(m - g, f) for g in gaps], m)
+
+    return _rows_of(f, n_classes, n_rows, native, draw_row)
 
 
 def logits_subnormal_tail(
@@ -691,37 +680,29 @@ def logits_subnormal_tail(
     -------
     SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
     """
-    f = _fmt(fmt)
-    cols = _count(n_classes, "n_classes", 2)
-    rows = _count(n_rows, "n_rows", 0)
+    f = get_format(fmt)
     ctx = exact.context(_PREC)
     lo_term = ctx.ldexp(ctx.mpf(1), f.emin - f.precision + 1)
     hi_term = ctx.ldexp(ctx.mpf(1), f.emin) - lo_term
     lo_d, hi_d = float(ctx.log(lo_term)), float(ctx.log(hi_term))
 
-    @st.composite
-    def build(draw):
-        n, k = draw(cols), draw(rows)
-        out = np.empty((k, n))
-        for i in range(k):
-            m = _shift(draw, f, max_shift)
-            mm = ctx.mpf(m)
-            vals = []
-            for _ in range(n - 1):
-                v = _q(m + _float_in(draw, lo_d, hi_d), f)
-                # Rounding may step just outside: walk back inside on the grid.
-                while ctx.exp(ctx.mpf(v) - mm) < lo_term:
-                    v = _step(v, f, up=True)
-                while ctx.exp(ctx.mpf(v) - mm) > hi_term:
-                    v = _step(v, f, up=False)
-                if not lo_term <= ctx.exp(ctx.mpf(v) - mm) <= hi_term:
-                    reject()  # the grid is too coarse here (only with a large shift)
-                vals.append(v)
-            pos = draw(st.integers(0, n - 1))
-            out[i] = [*vals[:pos], m, *vals[pos:]]
-        return _to_array(out, f, native)
+    def draw_row(draw, n):
+        m = _shift(draw, f, max_shift)
+        mm = ctx.mpf(m)
+        vals = []
+        for _ in range(n - 1):
+            v = _q(m + _float_in(draw, lo_d, hi_d), f)
+            # Rounding may step just outside: walk back inside on the grid.
+            while ctx.exp(ctx.mpf(v) - mm) < lo_term:
+                v = _step(v, f, up=True)
+            while ctx.exp(ctx.mpf(v) - mm) > hi_term:
+                v = _step(v, f, up=False)
+            if not lo_term <= ctx.exp(ctx.mpf(v) - mm) <= hi_term:
+                reject()  # the grid is too coarse here (only with a large shift)
+            vals.append(v)
+        return _with_max(draw, vals, m)
 
-    return build()
+    return _rows_of(f, n_classes, n_rows, native, draw_row)
 
 
 def one_class_logits(fmt, *, n_rows=st.integers(0, 8), native: bool = False):  # noqa: B008
@@ -755,23 +736,17 @@ def nonfinite_logits(fmt, n_classes, *, n_rows=1, native: bool = False):
     -------
     SearchStrategy[numpy.ndarray], shape ``(n_rows, n_classes)``
     """
-    f = _fmt(fmt)
-    cols = _count(n_classes, "n_classes", 1)
-    rows = _count(n_rows, "n_rows", 0)
+    f = get_format(fmt)
     special = st.sampled_from([np.nan, np.inf, -np.inf])
+    finite = st.floats(-100.0, 100.0, allow_nan=False, allow_infinity=False)
 
-    @st.composite
-    def build(draw):
-        n, k = draw(cols), draw(rows)
-        base = draw(logits(n_rows=k, n_classes=n, dtype=f, min_value=-100.0, max_value=100.0))
-        out = base.astype(np.float64)
-        for i in range(k):
-            idx = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
-            for j in idx:
-                out[i, j] = draw(special)
-        return _to_array(out, f, native)
+    def draw_row(draw, n):
+        row = [_q(draw(finite), f) for _ in range(n)]
+        for j in draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True)):
+            row[j] = draw(special)
+        return row
 
-    return build()
+    return _rows_of(f, n_classes, n_rows, native, draw_row, min_classes=1)
 
 
 def adversarial_logits(fmt, n_classes, *, n_rows=1, native: bool = False):
@@ -867,3 +842,215 @@ def logits_and_labels(logits_strategy=None, *, target: str = "mixed"):
         return z, draw(labels_for(z, target=target))
 
     return build()
+
+
+# --- gradient checks ----------------------------------------------------------------------
+
+
+class VJPCheck(NamedTuple):
+    """What :func:`check_vjp` compared: ``|fd - vjp| <= tol`` held, and ``tol`` was sharp."""
+
+    fd: float  #: central difference of ``F(t) = <R, f(x + t v)>`` at 0
+    vjp: float  #: ``<vjp(x, R), v>``
+    tol: float  #: the derived bound on ``|fd - vjp|``
+    scale: float  #: ``<|vjp(x, R)|, |v|>``, the size at which a wrong gradient shows
+
+
+def _leaves(tree) -> dict:
+    """An array, or a dict of arrays, as a dict of float64 arrays (key ``None`` for one)."""
+    if isinstance(tree, dict):
+        return {k: np.asarray(a, dtype=np.float64) for k, a in tree.items()}
+    return {None: np.asarray(tree, dtype=np.float64)}
+
+
+def _unleaves(leaves: dict, like):
+    return leaves if isinstance(like, dict) else leaves[None]
+
+
+def _fsum_dot(a, b) -> float:
+    """``sum(a * b)``: each product rounded once (float64), the sum rounded once."""
+    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
+
+
+def _abs_dot(a, b) -> float:
+    return _fsum_dot(np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64)))
+
+
+def _dyadic(rng, shape, bits: int) -> np.ndarray:
+    """Standard normal draws rounded to multiples of ``2**-bits``."""
+    return np.round(rng.standard_normal(shape) * 2.0**bits) / 2.0**bits
+
+
+def _shifted(x, v, h, bits):
+    """``x + h v`` and ``x - h v``, refused unless both are exact in float64."""
+    q = 2.0**-bits
+    if not (np.all(np.mod(x, q) == 0) and np.all(np.mod(v, q) == 0)):
+        raise ValueError(
+            f"check_vjp needs x and the direction on multiples of 2**-{bits} (so that x ± h v "
+            f"is exact); round x first: np.round(x * 2**{bits}) / 2**{bits}"
+        )
+    if not np.all(np.abs(x) + h * np.abs(v) < 2.0 ** (53 - bits) * h):
+        raise ValueError(f"x ± h v is not exact in float64 for h = {h!r}: use a larger h")
+    return x + h * v, x - h * v
+
+
+def _same_structure(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
+def check_vjp(
+    f,
+    vjp,
+    x,
+    *,
+    direction=None,
+    cotangent=None,
+    rng=None,
+    h=None,
+    fmt="float64",
+    rel_err=None,
+    f_err=None,
+    vjp_err=None,
+    third=0.0,
+    bits: int = 20,
+    max_rel_tol=None,
+    slack: float = 1.01,
+) -> VJPCheck:
+    """Check a hand-written vector-Jacobian product against central finite differences.
+
+    The dot-product test of HIPS/autograd's ``check_grads`` with a tolerance derived from an
+    error model instead of a fixed one: along a direction ``v``, with a cotangent ``R``,
+    ``F(t) = <R, f(x + t v)>`` has ``F'(0) = <vjp(x, R), v>``. Both sides are evaluated in
+    float64 and must agree within the bound of the Notes; the bound itself must be *sharp*
+    (``tol <= max_rel_tol * scale``), so that a wrong gradient cannot hide inside it.
+
+    Parameters
+    ----------
+    f : callable, ``f(x) -> array``
+        The function (any output shape; its values are taken as float64).
+    vjp : callable, ``vjp(x, R) -> like x``
+        The gradient of ``<R, f(x)>`` with respect to ``x``.
+    x : array or dict of arrays
+        The point; entries must be multiples of ``2**-bits`` (so that ``x ± h v`` is exact).
+    direction : like ``x``, optional
+        ``v``; default standard normal draws rounded to multiples of ``2**-bits``. Pass one to
+        stay where ``f`` is smooth (e.g. a fixed ReLU pattern on ``[x - h v, x + h v]``).
+    cotangent : array shaped like ``f(x)``, optional
+        ``R``; default drawn like ``direction``.
+    rng : numpy.random.Generator, optional
+        Draws ``v`` and ``R`` (default ``numpy.random.default_rng(0)``).
+    h : float, optional
+        Step, a power of two in ``(0, 1]``; default ``2**round(log2(u) / 3)``, ``u = 2**-p``
+        of ``fmt`` (balances the truncation ``h**2`` against the rounding ``u / h``).
+    fmt : str or Format
+        The format ``f`` and ``vjp`` compute in; sets ``u`` of the default error model.
+    rel_err : float, optional
+        Default error model: each output of ``f`` and each entry of ``vjp`` is within
+        ``rel_err * |value|`` of the exact one (default ``4u``: a few correctly rounded
+        operations without cancellation). Sums that can cancel need ``f_err`` / ``vjp_err``.
+    f_err : callable, ``f_err(p) -> array like f(p)``, optional
+        Bound on the absolute error of each output of ``f`` at the point ``p`` (``x ± h v``).
+    vjp_err : callable, ``vjp_err(R) -> like x``, optional
+        Bound on the absolute error of each entry of ``vjp(x, R)``.
+    third : float or callable ``third(v, R) -> float``
+        Bound on ``|F'''(t)|`` for ``|t| <= h`` (0: ``f`` is at most quadratic along lines).
+    bits : int
+        Grid of ``x`` and of the drawn ``v`` and ``R``.
+    max_rel_tol : float, optional
+        Largest ``tol / scale`` accepted (default ``100 sqrt(u)``, about ``1e-6`` in float64).
+    slack : float
+        Factor on the first-order bound, for second-order terms (default 1.01).
+
+    Returns
+    -------
+    VJPCheck
+        ``(fd, vjp, tol, scale)`` with ``scale = <|vjp(x, R)|, |v|>``.
+
+    Raises
+    ------
+    AssertionError
+        ``|fd - vjp| > tol`` (the gradient is wrong), or ``tol > max_rel_tol * scale`` (the
+        error model is too loose to tell), or ``vjp`` returned other shapes than ``x``'s.
+    ValueError
+        ``x ± h v`` would not be exact, or ``h`` is not a power of two.
+
+    Notes
+    -----
+    With ``u64 = 2**-53``: ``F(p) = fsum(R * f(p))`` (each product rounded once, the sum
+    once) is within ``e(p) = <|R|, f_err(p)> + u64 <|R|, |f(p)|> + u64 |F(p)|`` of its exact
+    value. ``fd = (F(x + h v) - F(x - h v)) / (2h)`` (exact points; division by a power of
+    two is exact) is within ``h**2 / 6 * third + (e(x + h v) + e(x - h v)) / (2h) + u64 |fd|``
+    of ``F'(0)``. ``vjp = fsum(g * v)`` over all entries is within
+    ``<vjp_err(R), |v|> + u64 <|g|, |v|> + u64 |vjp|`` of ``<exact g, v>``. ``tol`` is
+    ``slack`` times the sum of the two bounds.
+
+    Examples
+    --------
+    A linear map is free of truncation error, so a large step makes the check sharp:
+
+    >>> import numpy as np
+    >>> W = np.array([[1.0, -2.0], [0.5, 3.0], [-1.25, 0.75]])
+    >>> x = np.array([[1.0, 2.0, -0.5]])
+    >>> rep = check_vjp(lambda x: x @ W, lambda x, R: R @ W.T, x, h=0.25)
+    >>> bool(abs(rep.fd - rep.vjp) <= rep.tol < 1e-12 * rep.scale)
+    True
+    >>> check_vjp(lambda x: x @ W, lambda x, R: 1.001 * (R @ W.T), x, h=0.25)
+    Traceback (most recent call last):
+    ...
+    AssertionError: vjp disagrees with central differences: ...
+    """
+    u = 2.0 ** -get_format(fmt).precision
+    u64 = 2.0**-53
+    rng = np.random.default_rng(0) if rng is None else rng
+    h = 2.0 ** round(math.log2(u) / 3) if h is None else float(h)
+    if not (0 < h <= 1 and h == 2.0 ** round(math.log2(h))):
+        raise ValueError(f"h must be a power of two in (0, 1], got {h!r}")
+    rel = 4 * u if rel_err is None else float(rel_err)
+    max_rel = 100 * math.sqrt(u) if max_rel_tol is None else float(max_rel_tol)
+    xs = _leaves(x)
+    if direction is None:
+        vs = {k: _dyadic(rng, a.shape, bits) for k, a in xs.items()}
+    else:
+        vs = _leaves(direction)
+        if not _same_structure(vs, xs):
+            raise ValueError("direction must have the structure and shapes of x")
+    plus, minus = {}, {}
+    for k in xs:
+        plus[k], minus[k] = _shifted(xs[k], vs[k], h, bits)
+    if cotangent is None:
+        R = _dyadic(rng, np.shape(f(x)), bits)
+    else:
+        R = np.asarray(cotangent, dtype=np.float64)
+
+    def value_and_err(p):
+        p = _unleaves(p, x)
+        y = np.asarray(f(p), dtype=np.float64)
+        value = _fsum_dot(R, y)
+        err_y = rel * np.abs(y) if f_err is None else f_err(p)
+        return value, _abs_dot(R, err_y) + u64 * _abs_dot(R, y) + u64 * abs(value)
+
+    (Fp, ep), (Fm, em) = value_and_err(plus), value_and_err(minus)
+    fd = (Fp - Fm) / (2 * h)
+    g = _leaves(vjp(x, R))
+    assert _same_structure(g, xs), "vjp(x, R) must have the structure and shapes of x"
+    flat_g = np.concatenate([g[k].ravel() for k in xs])
+    flat_v = np.concatenate([vs[k].ravel() for k in xs])
+    analytic = _fsum_dot(flat_g, flat_v)
+    scale = _abs_dot(flat_g, flat_v)
+    if vjp_err is None:
+        g_err = rel * np.abs(flat_g)
+    else:
+        errs = _leaves(vjp_err(R))
+        g_err = np.concatenate([np.broadcast_to(errs[k], xs[k].shape).ravel() for k in xs])
+    analytic_err = _abs_dot(g_err, flat_v) + u64 * scale + u64 * abs(analytic)
+    trunc = h**2 / 6 * (third(_unleaves(vs, x), R) if callable(third) else float(third))
+    tol = slack * (trunc + (ep + em) / (2 * h) + u64 * abs(fd) + analytic_err)
+    assert abs(fd - analytic) <= tol, (
+        f"vjp disagrees with central differences: <vjp, v> = {analytic!r}, fd = {fd!r}, "
+        f"|difference| {abs(fd - analytic):.3e} > tol {tol:.3e}"
+    )
+    assert tol <= max_rel * scale, (
+        f"tolerance {tol:.3e} is not sharp: above {max_rel:.1e} x scale {scale:.3e}; "
+        "tighten f_err / vjp_err / third or change h"
+    )
+    return VJPCheck(fd, analytic, tol, scale)

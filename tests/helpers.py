@@ -1,10 +1,40 @@
-"""Helpers shared by several test modules (imported as ``from helpers import ...``)."""
+"""Helpers shared by several test modules (imported as ``from helpers import ...``).
+
+Exact arithmetic (``frac``, ``fsum_dot``), Higham's ``gamma``, dyadic test points for
+finite differences, bit patterns, and the modular-addition index inputs.
+"""
 
 from __future__ import annotations
 
+import math
 import signal
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+from hypothesis import HealthCheck, settings
 
 from numstab.run.driver import StopFlag
+from numstab.precision import quantize
+
+U = 2.0**-53  #: unit roundoff of float64
+BITS = 20  #: dyadic test points are multiples of 2**-BITS
+_UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+_PATTERN_DTYPE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# Example budgets for slow properties, scaled with the loaded hypothesis profile (conftest:
+# ci = 60, thorough = 600).
+_BASE = settings().max_examples
+SOME = settings(
+    max_examples=max(8, _BASE // 4),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+FEW = settings(
+    max_examples=max(5, _BASE // 8),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 class StopAfter(StopFlag):
@@ -19,3 +49,78 @@ class StopAfter(StopFlag):
         if self.n < 0:
             self.signum = signal.SIGTERM
         return self.n < 0
+
+
+def gamma(n, u=U):
+    """Higham's ``γ_n = n u / (1 - n u)``: an ``n``-term sum or dot product, in any order, is
+    within ``γ_n · Σ|terms|`` of the exact value."""
+    return n * u / (1 - n * u)
+
+
+def frac(v) -> Fraction:
+    """Exact Fraction of a finite mpf (any context) or float / NumPy scalar of any format."""
+    t = getattr(v, "_mpf_", None)
+    if t is not None:
+        sign, man, exp, _ = t
+        assert man or exp == 0, f"{v} is not finite"
+        f = Fraction(int(man)) * Fraction(2) ** int(exp)
+        return -f if sign else f
+    if isinstance(v, np.longdouble):
+        return Fraction(*v.as_integer_ratio())
+    return Fraction(float(v))
+
+
+def fsum_dot(a, b) -> float:
+    """``Σ a·b`` in float64: each product rounded once (u), then an exactly rounded sum (u)."""
+    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
+
+
+def abs_dot(a, b) -> float:
+    """``Σ |a·b|`` in float64 (products rounded once, exactly rounded sum)."""
+    return math.fsum(np.abs(np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
+
+
+def dyadic(rng, shape, scale=1.0):
+    """Random multiples of 2**-BITS (so that x ± h·v is exact for power-of-two h)."""
+    return np.round(rng.standard_normal(shape) * scale * 2.0**BITS) / 2.0**BITS
+
+
+def shifted(x, v, h):
+    """``x + h v`` and ``x - h v``, asserting both are exact: x, v multiples of 2**-BITS, h a
+    power of two, and |x| + h|v| below 2**53 quanta of 2**-BITS·h."""
+    assert h <= 1 and h == 2.0 ** round(math.log2(h))
+    assert np.all(np.mod(x, 2.0**-BITS) == 0) and np.all(np.mod(v, 2.0**-BITS) == 0)
+    assert np.all(np.abs(x) + h * np.abs(v) < 2.0 ** (53 - BITS) * h)
+    return x + h * v, x - h * v
+
+
+def bits(x):
+    """Bit patterns of a float32 / float64 array (bit-for-bit comparisons, signed zeros too)."""
+    x = np.ascontiguousarray(x)
+    return x.view(_UINT[x.dtype])
+
+
+def representable(x, fmt) -> bool:
+    """True where every element is a value of ``fmt`` (NaN counts as representable)."""
+    x = np.asarray(x)
+    q = quantize(x, fmt)
+    return bool(np.all((q == x) | (np.isnan(q) & np.isnan(x))))
+
+
+def all_patterns(fmt) -> np.ndarray:
+    """All 65 536 values of a 16-bit format (name or dtype), every NaN payload included."""
+    dt = _PATTERN_DTYPE.get(fmt, fmt) if isinstance(fmt, str) else fmt
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dt)
+
+
+def modular_idx(p):
+    """Index inputs ``(a, p + b)`` of all ``p²`` pairs of the modular-addition task."""
+    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    return np.stack([a.ravel(), p + b.ravel()], axis=1)
+
+
+def onehot_counts(idx, n_rows):
+    """Dense multi-hot matrix of index inputs (counts), built independently of the module."""
+    out = np.zeros((idx.shape[0], n_rows))
+    np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
+    return out

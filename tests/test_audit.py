@@ -29,9 +29,7 @@ property test excludes an input because of a known bug.
 from __future__ import annotations
 
 import doctest
-import importlib
 import math
-import sys
 from fractions import Fraction
 
 import ml_dtypes
@@ -334,23 +332,6 @@ def test_one_class_rows(fmt):
     assert (rep.loss == 0).all() and (rep.loss_exact == 0).all()
     assert (rep.target_grad_exact == 0).all() and rep.zero_target_grad.all()
     assert (rep.target_grad_rel_error == 0).all()  # 0 == 0: no error
-
-
-@pytest.mark.parametrize("kind", ["softmax", "stablemax"])
-def test_exact_logit_gradient_against_mpmath(kind):
-    rng = np.random.default_rng(7)
-    z = (rng.standard_normal((6, 9)) * 8).astype(np.float32)
-    z[0, 3] = np.inf
-    y = rng.integers(0, 9, 6)
-    g = exact_logit_gradient(z, y, dtype="float32", kind=kind)
-    fn = exact.cross_entropy_grad if kind == "softmax" else exact.stablemax_cross_entropy_grad
-    ref = exact.round_exact(fn(z.astype(np.float64), y), "float64")
-    # Stated bound: (C + max|z_k - max z| + 2**12)·2**-52 relative, per entry.
-    fin = np.isfinite(z).all(axis=1)
-    d = np.abs(z[fin] - z[fin].max(axis=1, keepdims=True)).max()
-    bound = (9 + d + 2**12) * 2.0**-52
-    np.testing.assert_allclose(g[fin], ref[fin], rtol=bound, atol=0)
-    np.testing.assert_array_equal(np.isnan(g[~fin]), np.isnan(ref[~fin]))
 
 
 @pytest.mark.parametrize(
@@ -863,153 +844,3 @@ def test_collapse_example_float32():
 def test_module_docstring_examples_run():
     res = doctest.testmod(numstab.audit, optionflags=doctest.ELLIPSIS)
     assert res.attempted >= 8 and res.failed == 0
-
-
-# =============================================================================================
-# numstab.testing: the strategies deliver what they promise
-# =============================================================================================
-
-
-def representable(z, fmt):
-    return np.array_equal(quantize(z, fmt), z, equal_nan=True)
-
-
-@pytest.mark.parametrize("fmt", ALL_FORMATS)
-@FEW
-@given(data=st.data())
-def test_logits_strategy(fmt, data):
-    f = get_format(fmt)
-    native = data.draw(st.booleans())
-    z = data.draw(nt.logits(dtype=fmt, n_rows=3, n_classes=st.integers(1, 5), native=native))
-    assert z.shape[0] == 3 and 1 <= z.shape[1] <= 5
-    assert z.dtype == (f.dtype if native else f.carrier)
-    zc = z.astype(f.carrier)
-    assert np.isfinite(zc).all() and representable(zc, fmt)
-    w = data.draw(
-        nt.logits(dtype=fmt, n_rows=2, n_classes=4, allow_nonfinite=True, min_value=-5, max_value=5)
-    )
-    fin = w[np.isfinite(w)]
-    assert representable(w, fmt) and (np.abs(fin) <= 5 + 1e-2).all()
-
-
-@pytest.mark.parametrize("fmt", ALL_FORMATS)
-@pytest.mark.parametrize("side", ["below", "above"])
-@FEW
-@given(data=st.data())
-def test_near_collapse_strategy_band(fmt, side, data):
-    band = data.draw(st.sampled_from([0.25, 1e-9, 1e-18]))
-    z = data.draw(
-        nt.logits_near_collapse(fmt, st.integers(2, 60), n_rows=2, side=side, rel_band=band)
-    )
-    assert representable(z, fmt) and z.dtype == get_format(fmt).carrier
-    u = exact.context().ldexp(1, -get_format(fmt).precision)
-    for s, row in zip(exact.tail_sum(z), z, strict=True):
-        assert (row == row.max()).sum() == 1  # a unique maximum
-        if side == "below":
-            assert u - u * band <= s < u
-        else:
-            assert u < s <= u + u * band
-
-
-@pytest.mark.parametrize("fmt", [f for f in ALL_FORMATS if f != "float16"])
-@FEW
-@given(data=st.data())
-def test_near_collapse_strategy_stablemax(fmt, data):
-    eps = data.draw(st.sampled_from([0.0, 1e-30]))
-    z = data.draw(
-        nt.logits_near_collapse(
-            fmt,
-            st.integers(2, 60),
-            n_rows=2,
-            side="below",
-            rel_band=1e-9,
-            kind="stablemax",
-            eps=eps,
-        )
-    )
-    u = Fraction(1, 2 ** get_format(fmt).precision)
-    for row in z:
-        assert u * (1 - Fraction(1e-9)) <= stablemax_tail(row, eps) < u
-
-
-@pytest.mark.parametrize("fmt", ALL_FORMATS)
-@FEW
-@given(data=st.data())
-def test_other_strategies(fmt, data):
-    f = get_format(fmt)
-    ctx = exact.context()
-    # gap window: every gap within the padded window plus jitter (and rounding of one ulp)
-    n = data.draw(st.integers(2, 20))
-    z = data.draw(nt.logits_in_gap_window(fmt, n, n_rows=2, jitter=0.5))
-    lo, hi = sc_gap_window(fmt, n)
-    pad = 0.1 * (hi - lo) + 1e-3
-    for row in z.astype(np.float64):
-        gaps = row.max() - np.delete(row, np.argmax(row))
-        p = min(f.precision, 53)  # longdouble rows live on the float64 grid
-        slack = 2.0 ** (1 - p) * (abs(row).max() + 1)  # rounding of m - g - j
-        assert (gaps >= lo - pad - slack).all() and (gaps <= hi + pad + 0.5 + slack).all()
-    # ties: the maximum occurs at least twice
-    z = data.draw(nt.logits_with_ties(fmt, st.integers(2, 10), n_rows=3))
-    assert representable(z, fmt)
-    assert all((row == row.max()).sum() >= 2 for row in z)
-    # huge gaps: every other logit at least min_gap below the maximum (exactly)
-    z = data.draw(nt.logits_huge_gap(fmt, st.integers(2, 10), n_rows=2, min_gap=1e4))
-    assert representable(z, fmt)
-    for row in z:
-        k = int(np.argmax(row))
-        assert all(frac(row[k]) - frac(v) >= 10**4 for j, v in enumerate(row) if j != k)
-    # subnormal tails: exact exp(z_k - max) in [smallest subnormal, tiny - smallest]
-    z = data.draw(nt.logits_subnormal_tail(fmt, st.integers(2, 10), n_rows=2))
-    assert representable(z, fmt)
-    small = ctx.ldexp(1, f.emin - f.precision + 1)
-    tiny = ctx.ldexp(1, f.emin)
-    for row in exact.to_exact(z):
-        m = max(row)
-        terms = [ctx.exp(v - m) for v in row if v != m]
-        assert len(terms) == len(row) - 1 and all(small <= t <= tiny - small for t in terms)
-    # one class and non-finite rows
-    z = data.draw(nt.one_class_logits(fmt, n_rows=3))
-    assert z.shape == (3, 1) and representable(z, fmt)
-    z = data.draw(nt.nonfinite_logits(fmt, st.integers(1, 6), n_rows=3))
-    assert (~np.isfinite(z)).any(axis=1).all() and representable(z, fmt)
-
-
-@SOME
-@given(data=st.data())
-def test_labels_for_and_pairs(data):
-    z = data.draw(nt.logits(n_rows=st.integers(0, 6), n_classes=st.integers(1, 6)))
-    for target in ("any", "argmax", "mixed"):
-        y = data.draw(nt.labels_for(z, target=target))
-        assert y.dtype == np.int64 and y.shape == (z.shape[0],)
-        assert ((0 <= y) & (y < z.shape[1])).all()
-        if target == "argmax":
-            np.testing.assert_array_equal(y, np.argmax(z, axis=1))
-    zz, yy = data.draw(nt.logits_and_labels(nt.logits_with_ties("float16", 4), target="argmax"))
-    assert yy[0] == np.argmax(zz[0])
-
-
-def test_formats_strategy_and_validation():
-    assert set(nt.formats().elements) == set(available_formats())
-    assert "longdouble" not in nt.formats(include_longdouble=False).elements
-    assert set(nt.formats(include_emulated=False).elements) <= {"float32", "float64", "longdouble"}
-    with pytest.raises(ValueError, match="n_classes"):
-        nt.logits_near_collapse("float32", 1)
-    with pytest.raises(ValueError, match="rel_band"):
-        nt.logits_near_collapse("float32", 3, rel_band=1.5)
-    with pytest.raises(ValueError, match="'middle'"):
-        nt.logits_near_collapse("float32", 3, side="middle")
-    with pytest.raises(ValueError, match="'float8'"):
-        nt.logits(dtype="float8")
-    with pytest.raises(ValueError, match="min_gap"):
-        nt.logits_huge_gap("float16", 3, min_gap=1e5)
-    with pytest.raises(ValueError, match="'sometimes'"):
-        nt.labels_for(np.zeros((1, 2)), target="sometimes")
-
-
-def test_import_without_hypothesis_says_how_to_install(monkeypatch):
-    for name in [m for m in sys.modules if m == "hypothesis" or m.startswith("hypothesis.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "hypothesis", None)
-    monkeypatch.delitem(sys.modules, "numstab.testing")
-    with pytest.raises(ImportError, match=r"pip install 'numstab\[test\]'"):
-        importlib.import_module("numstab.testing")

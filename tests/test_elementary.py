@@ -22,9 +22,9 @@ from __future__ import annotations
 import functools
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
+from helpers import all_patterns
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -124,11 +124,6 @@ def assert_correct(name, x, got, fmt):
 
 
 # --- float16 and bfloat16: every input ------------------------------------------------------
-
-
-def all_patterns(fmt: str) -> np.ndarray:
-    dt = np.float16 if fmt == "float16" else ml_dtypes.bfloat16
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dt)
 
 
 @functools.cache

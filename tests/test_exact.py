@@ -17,6 +17,7 @@ import mpmath
 import numpy as np
 import pytest
 import scipy.special
+from helpers import frac
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mpmath import libmp
@@ -32,19 +33,6 @@ FAST = settings(max_examples=40, deadline=None, database=None)
 # A private high-precision context for references (never the global mpmath.mp).
 HI = mpmath.MPContext()
 HI.prec = 1200
-
-
-def frac(v) -> Fraction:
-    """Exact Fraction of an mpf (any context) or a float / NumPy scalar."""
-    t = getattr(v, "_mpf_", None)
-    if t is not None:
-        sign, man, exp, _ = t
-        assert man or exp == 0, f"{v} is not finite"
-        f = Fraction(int(man)) * Fraction(2) ** int(exp)
-        return -f if sign else f
-    if isinstance(v, np.longdouble):
-        return Fraction(*v.as_integer_ratio())
-    return Fraction(float(v))
 
 
 def to_mpf(f: Fraction):

@@ -19,11 +19,14 @@ Error model behind every tolerance (float64 unless stated)
 
 Finite differences
 ------------------
-``θ`` and the direction ``v`` are dyadic (multiples of ``2**-20``) and ``h`` is a power of two,
-so ``θ ± h·v`` are exact (``shifted`` asserts it). The FD error is then the truncation
-``h²/6 · sup|F'''|`` plus the evaluation errors of ``F(θ ± h v)`` divided by ``2h``, plus the
-rounding of the difference itself (``u·|FD|``). The analytic side ``⟨∇F, v⟩`` carries the
-backward's rounding error, derived per operation.
+``numstab.testing.check_vjp``: ``θ`` and the direction ``v`` are dyadic (multiples of
+``2**-20``) and ``h`` is a power of two, so ``θ ± h·v`` are exact. The FD error is the
+truncation ``h²/6 · sup|F'''|`` plus the evaluation errors of ``F(θ ± h v)`` divided by ``2h``,
+plus the rounding of the difference itself (``u·|FD|``); the analytic side ``⟨∇F, v⟩`` carries
+the backward's rounding error. Each test derives, per operation, the error bounds of its
+forward (``f_err``) and backward (``vjp_err``) and the truncation (``third``); check_vjp adds
+the roundings of its own products and sums and asserts that the tolerance is below ``1e-6``
+of ``⟨|∇F|, |v|⟩`` (sharp: a wrong backward cannot hide in it).
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import (
+    bits,
+    dyadic,
+    fsum_dot,
+    gamma,
+    modular_idx,
+    onehot_counts,
+    representable,
+    shifted,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -57,64 +70,17 @@ from numstab.functional import (
 )
 from numstab.precision import PrecisionPolicy, available_formats, get_format, quantize
 from numstab.summation import ordered_sum
+from numstab.testing import check_vjp
 
 U = 2.0**-53
 EXP = 4 * U  # NumPy float64 exp / log / log1p: <= 2 ulps (test_libm_accuracy_assumption)
 ETA = 4 * 2.0**-1074  # absolute error of a result that underflows into the subnormal range
 SLACK = 1.01
-BITS = 20
 P64 = PrecisionPolicy.uniform("float64")
 FORMATS = ["float16", "bfloat16", "float32", "float64"]
 ORDERS = ["pairwise", "sequential", "wide", "sorted"]
 HAS_LD = "longdouble" in available_formats()
 UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
-
-
-def gamma(n, u=U):
-    return n * u / (1 - n * u)
-
-
-def bits(x):
-    """Bit patterns of a float32 / float64 array (bit-for-bit comparisons, signed zeros too)."""
-    x = np.ascontiguousarray(x)
-    return x.view(UINT[x.dtype])
-
-
-def representable(x, fmt):
-    """True where every element is a value of ``fmt`` (NaN counts as representable)."""
-    x = np.asarray(x)
-    q = quantize(x, fmt)
-    return bool(np.all((q == x) | (np.isnan(q) & np.isnan(x))))
-
-
-def fsum_dot(a, b):
-    """``Σ a·b`` in float64: each product rounded once (u), then an exactly rounded sum (u)."""
-    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
-
-
-def abs_dot(a, b):
-    return math.fsum(np.abs(np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
-
-
-def dyadic(rng, shape, scale=1.0):
-    """Random multiples of 2**-BITS (so that x ± h·v is exact for power-of-two h)."""
-    return np.round(rng.standard_normal(shape) * scale * 2.0**BITS) / 2.0**BITS
-
-
-def shifted(x, v, h):
-    """``x + h v`` and ``x - h v``, asserting both are exact: x, v multiples of 2**-BITS, h a
-    power of two, and |x| + h|v| below 2**53 quanta of 2**-BITS·h."""
-    assert h <= 1 and h == 2.0 ** round(math.log2(h))
-    assert np.all(np.mod(x, 2.0**-BITS) == 0) and np.all(np.mod(v, 2.0**-BITS) == 0)
-    assert np.all(np.abs(x) + h * np.abs(v) < 2.0 ** (53 - BITS) * h)
-    return x + h * v, x - h * v
-
-
-def fd_assert(fd, analytic, tol, scale):
-    """``|FD - analytic| <= tol``, and the tolerance is sharp: far below the gradient's scale
-    (so that a wrong backward cannot hide inside it)."""
-    assert tol < 1e-6 * scale, (tol, scale)
-    assert abs(fd - analytic) <= tol, (fd, analytic, tol)
 
 
 def ulp(x, fmt):
@@ -134,18 +100,6 @@ def mp_abs_err(computed, exact):
 
 def exact_round(v, fmt):
     return np.asarray(ex.round_exact(v, fmt), dtype=np.float64)
-
-
-def onehot_counts(idx, n_rows):
-    """Dense multi-hot matrix of index inputs (counts), built independently of the module."""
-    out = np.zeros((idx.shape[0], n_rows))
-    np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
-    return out
-
-
-def modular_idx(p):
-    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
-    return np.stack([a.ravel(), p + b.ravel()], axis=1)
 
 
 def wide_values(rng, shape, fmt, spread=6.0):
@@ -273,40 +227,31 @@ def test_linear_backward_matches_finite_differences(bias, seed):
     theta = {"x": dyadic(rng, (N, n_in)), "w": dyadic(rng, (n_in, n_out))}
     if bias:
         theta["b"] = dyadic(rng, (n_out,))
-    v = {k: dyadic(rng, a.shape) for k, a in theta.items()}
-    R = dyadic(rng, (N, n_out))
-    h = 2.0**-8
-    plus, minus = {}, {}
-    for k in theta:
-        plus[k], minus[k] = shifted(theta[k], v[k], h)
 
-    def F(p):
+    def f(p):
         y, _ = linear_forward(p["x"], p["w"], p.get("b"), P64)
         assert y.dtype == np.float64
-        return fsum_dot(y, R)
+        return y
 
-    def err_F(p, value):
-        A = np.abs(p["x"]) @ np.abs(p["w"]) + (np.abs(p["b"]) if bias else 0.0)
-        return gamma(n_in + 2) * abs_dot(R, A) + U * abs(value)
+    def vjp(p, R):
+        _, cache = linear_forward(p["x"], p["w"], p.get("b"), P64)
+        dx, dw, db = linear_backward(R, cache, P64)
+        assert (db is None) == (not bias)
+        assert dx.dtype == dw.dtype == np.float64
+        return {"x": dx, "w": dw, **({"b": db} if bias else {})}
 
-    Fp, Fm = F(plus), F(minus)
-    fd = (Fp - Fm) / (2 * h)
-    _, cache = linear_forward(theta["x"], theta["w"], theta.get("b"), P64)
-    dx, dw, db = linear_backward(R, cache, P64)
-    assert (db is None) == (not bias)
-    grads = {"x": dx, "w": dw, **({"b": db} if bias else {})}
-    for k in theta:
-        assert grads[k].shape == theta[k].shape and grads[k].dtype == np.float64
-    analytic = math.fsum(fsum_dot(grads[k], v[k]) for k in theta)
-    g_abs = {
-        "x": np.abs(R) @ np.abs(theta["w"]).T,
-        "w": np.abs(theta["x"]).T @ np.abs(R),
-        "b": np.abs(R).sum(axis=0),
-    }
-    m = max(N, n_out) + 2
-    analytic_err = gamma(m) * sum(abs_dot(g_abs[k], v[k]) for k in theta) + U * abs(analytic)
-    tol = SLACK * ((err_F(plus, Fp) + err_F(minus, Fm)) / (2 * h) + analytic_err + U * abs(fd))
-    fd_assert(fd, analytic, tol, sum(abs_dot(g_abs[k], v[k]) for k in theta))
+    def f_err(p):
+        return gamma(n_in + 1) * (np.abs(p["x"]) @ np.abs(p["w"]) + np.abs(p.get("b", 0.0)))
+
+    def vjp_err(R):
+        g_abs = {
+            "x": np.abs(R) @ np.abs(theta["w"]).T,
+            "w": np.abs(theta["x"]).T @ np.abs(R),
+            "b": np.abs(R).sum(axis=0),
+        }
+        return {k: gamma(max(N, n_out)) * g_abs[k] for k in theta}
+
+    check_vjp(f, vjp, theta, rng=rng, h=2.0**-8, f_err=f_err, vjp_err=vjp_err)
 
 
 def test_linear_backward_need_dx_false_and_bias_is_one_extra_rounding():
@@ -353,40 +298,17 @@ def test_relu_backward_matches_finite_differences(seed):
     else:
         pytest.fail("no draw kept the activation pattern on [x - h v, x + h v]")
     assert np.all(x != 0)
-    R = dyadic(rng, x.shape)
-
-    def F(p):
-        y, _ = relu_forward(p)
-        return fsum_dot(y, R)
-
-    fd = (F(plus) - F(minus)) / (2 * h)
-    _, cache = relu_forward(x)
-    g = relu_backward(R, cache)
-    analytic = fsum_dot(g, v)
-    # relu is exact; each F is a product-then-fsum: u·Σ|y R| + u|F|; same for ⟨g, v⟩.
-    err_F = sum(U * abs_dot(np.maximum(p, 0), R) + U * abs(F(p)) for p in (plus, minus))
-    tol = SLACK * (err_F / (2 * h) + U * abs_dot(g, v) + U * abs(analytic) + U * abs(fd))
-    fd_assert(fd, analytic, tol, abs_dot(g, v) + abs(analytic))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@given(data=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=30))
-@example(data=[0.0, -0.0, 5e-45, -5e-45, np.inf, -np.inf, np.nan, 1.0, -1.0])
-def test_relu_forward_backward_semantics(fmt, data):
-    """relu = max(x, 0) exactly (NaN stays NaN); backward passes dy where y > 0, else 0."""
-    x = quantize(np.asarray(data, dtype=np.float64), fmt)
-    before = x.copy()
-    y, cache = relu_forward(x)
-    assert y.dtype == x.dtype
-    pos = x > 0
-    np.testing.assert_array_equal(y[pos], x[pos])
-    assert np.all(y[~pos & ~np.isnan(x)] == 0)
-    assert np.all(np.isnan(y[np.isnan(x)]))
-    dy = quantize(np.arange(1.0, x.size + 1) * (-1.0) ** np.arange(x.size), fmt)
-    g = relu_backward(dy, cache)
-    assert g.dtype == dy.dtype
-    np.testing.assert_array_equal(g, np.where(pos, dy, 0.0))  # ±0 where y <= 0 or NaN
-    np.testing.assert_array_equal(bits(x), bits(before))  # input untouched
+    # relu and its backward are exact: no evaluation error beyond check_vjp's own products.
+    check_vjp(
+        lambda p: relu_forward(p)[0],
+        lambda p, R: relu_backward(R, relu_forward(p)[1]),
+        x,
+        direction=v,
+        rng=rng,
+        h=h,
+        f_err=np.zeros_like,
+        vjp_err=lambda R: np.zeros_like(R),
+    )
 
 
 # --- gather ---------------------------------------------------------------------------------
@@ -449,32 +371,28 @@ def test_gather_backward_matches_finite_differences_and_dense_linear(bias, seed)
         theta["b"] = dyadic(rng, (n_out,))
     v = {k: dyadic(rng, a.shape) for k, a in theta.items()}
     R = dyadic(rng, (N, n_out))
-    h = 2.0**-8
-    plus, minus = {}, {}
-    for k in theta:
-        plus[k], minus[k] = shifted(theta[k], v[k], h)
     onehot = onehot_counts(idx, n_rows)
-
-    def F(p):
-        y, _ = gather_forward(idx, p["W"], p.get("b"), P64)
-        return fsum_dot(y, R)
-
-    def err_F(p, value):
-        A = onehot @ np.abs(p["W"]) + (np.abs(p["b"]) if bias else 0.0)
-        return gamma(3) * abs_dot(R, A) + U * abs(value)
-
-    Fp, Fm = F(plus), F(minus)
-    fd = (Fp - Fm) / (2 * h)
-    _, cache = gather_forward(idx, theta["W"], theta.get("b"), P64)
-    dW, db = gather_backward(R, cache, GatherPlan.build(idx, n_rows), P64)
-    grads = {"W": dW, **({"b": db} if bias else {})}
-    assert (db is None) == (not bias)
-    analytic = math.fsum(fsum_dot(grads[k], v[k]) for k in theta)
+    plan = GatherPlan.build(idx, n_rows)
     g_abs = {"W": onehot.T @ np.abs(R), "b": np.abs(R).sum(axis=0)}
-    analytic_err = gamma(2 * N + 2) * sum(abs_dot(g_abs[k], v[k]) for k in theta)
-    analytic_err += U * abs(analytic)
-    tol = SLACK * ((err_F(plus, Fp) + err_F(minus, Fm)) / (2 * h) + analytic_err + U * abs(fd))
-    fd_assert(fd, analytic, tol, sum(abs_dot(g_abs[k], v[k]) for k in theta))
+
+    def vjp(p, R):
+        _, cache = gather_forward(idx, p["W"], p.get("b"), P64)
+        dW, db = gather_backward(R, cache, plan, P64)
+        assert (db is None) == (not bias)
+        return {"W": dW, **({"b": db} if bias else {})}
+
+    check_vjp(
+        lambda p: gather_forward(idx, p["W"], p.get("b"), P64)[0],
+        vjp,
+        theta,
+        direction=v,
+        cotangent=R,
+        h=2.0**-8,
+        f_err=lambda p: gamma(2) * (onehot @ np.abs(p["W"]) + np.abs(p.get("b", 0.0))),
+        vjp_err=lambda R: {k: gamma(2 * N) * g_abs[k] for k in theta},
+    )
+    grads = vjp(theta, R)
+    dW, db = grads["W"], grads.get("b")
     # The dense one-hot linear layer has the same gradient (another summation order):
     # each side is within γ_{2N}·|onehot|ᵀ|R| of the exact sum.
     _, dense_cache = linear_forward(onehot, theta["W"], theta.get("b"), P64)
@@ -705,32 +623,33 @@ def test_loss_backward_matches_finite_differences(kind, eps, seed):
     if kind == "stablemax":
         assert np.all(np.sign(plus) == np.sign(z)) and np.all(np.sign(minus) == np.sign(z))
 
-    def F(zz):
+    def f(zz):
         loss, _ = loss_forward(zz, y, kind=kind, fmt="float64", eps=eps)
         assert loss.dtype == np.float64
-        return fsum_dot(r, loss), loss
+        return loss
 
-    def err_F(zz, value, loss):
-        loss_err, _ = bounds_for(kind, eps, zz, y, r)
-        return fsum_dot(np.abs(r), loss_err) + U * abs_dot(r, loss) + U * abs(value)
+    def vjp(zz, r):
+        _, cache = loss_forward(zz, y, kind=kind, fmt="float64", eps=eps)
+        g = loss_backward(cache, r)
+        assert g.dtype == np.float64
+        return g
 
-    (Fp, lp), (Fm, lm) = F(plus), F(minus)
-    fd = (Fp - Fm) / (2 * h)
-    _, cache = loss_forward(z, y, kind=kind, fmt="float64", eps=eps)
-    g = loss_backward(cache, r)
-    assert g.shape == z.shape and g.dtype == np.float64
-    analytic = fsum_dot(g, v)
-    _, grad_err = bounds_for(kind, eps, z, y, r)
-    analytic_err = abs_dot(grad_err, v) + U * abs_dot(g, v) + U * abs(analytic)
-    if kind == "stablemax":
-        third = 16 * np.abs(v).max(axis=1) ** 3
-    else:
-        third = np.ptp(v, axis=1) ** 3 / 4
-    trunc = h**2 / 6 * fsum_dot(np.abs(r), third)
-    tol = SLACK * (
-        trunc + (err_F(plus, Fp, lp) + err_F(minus, Fm, lm)) / (2 * h) + analytic_err + U * abs(fd)
+    def third(v, r):
+        if kind == "stablemax":
+            return fsum_dot(np.abs(r), 16 * np.abs(v).max(axis=1) ** 3)
+        return fsum_dot(np.abs(r), np.ptp(v, axis=1) ** 3 / 4)
+
+    check_vjp(
+        f,
+        vjp,
+        z,
+        direction=v,
+        cotangent=r,
+        h=h,
+        f_err=lambda zz: bounds_for(kind, eps, zz, y, r)[0],
+        vjp_err=lambda r: bounds_for(kind, eps, z, y, r)[1],
+        third=third,
     )
-    fd_assert(fd, analytic, tol, abs_dot(g, v) + 1e-3)
 
 
 # --- losses: against the exact reference ---------------------------------------------------

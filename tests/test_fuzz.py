@@ -43,6 +43,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import frac, gamma
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -291,13 +292,6 @@ def wild(draw, shape):
         st.floats(width=64), st.sampled_from([1e308, -1e308, 1e38, -1e38, 5e-324, 1e-45, 0.0])
     )
     return draw(hnp.arrays(np.float64, shape, elements=el))
-
-
-def frac(v) -> Fraction:
-    """The exact rational value of a finite float of any format."""
-    if isinstance(v, np.longdouble):
-        return Fraction(*v.as_integer_ratio())
-    return Fraction(float(v))
 
 
 def u_of(fmt) -> float:
@@ -874,10 +868,6 @@ def test_bad_options_are_named(kw, pattern):
 # =============================================================================================
 
 
-def gamma(n, u):
-    return n * u / (1 - n * u)
-
-
 def quantum(fmt) -> Fraction:
     f = get_format(fmt)
     return Fraction(2) ** (f.emin - f.precision + 1)
@@ -1188,9 +1178,15 @@ def test_negative_indices_wrap_on_the_hot_path():
 @pytest.mark.parametrize("fmt", FORMATS)
 @MANY
 @given(data=st.data())
+@example(data=[0.0, -0.0, 5e-45, -5e-45, np.inf, -np.inf, np.nan, 1.0, -1.0])
 def test_relu_forward_backward_semantics(fmt, data):
-    shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
-    x, dy = data.draw(arrays_of(fmt, shape)), data.draw(arrays_of(fmt, shape))
+    """relu = max(x, 0) exactly (NaN stays NaN); backward passes dy where y > 0, else ±0."""
+    if isinstance(data, list):  # pinned: signed zeros, float32 subnormals, specials
+        x = in_format(data, fmt)
+        dy = in_format(np.arange(1.0, x.size + 1) * (-1.0) ** np.arange(x.size), fmt)
+    else:
+        shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+        x, dy = data.draw(arrays_of(fmt, shape)), data.draw(arrays_of(fmt, shape))
     y, cache = call(relu_forward, x)
     assert y is cache and y.dtype == x.dtype and y.shape == x.shape
     xf, yf, dyf = (np.asarray(v, dtype=np.float64) for v in (x, y, dy))

@@ -26,6 +26,16 @@ import re
 
 import numpy as np
 import pytest
+from helpers import (
+    abs_dot,
+    bits,
+    dyadic,
+    fsum_dot,
+    gamma,
+    modular_idx,
+    onehot_counts,
+    representable,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -33,59 +43,13 @@ from numstab import exact as ex
 from numstab.functional import GatherPlan, loss_backward, loss_forward
 from numstab.mlp import MLPConfig, backward, forward, init_params, param_names
 from numstab.precision import PrecisionPolicy, get_format, quantize
+from numstab.testing import check_vjp
 
 U = 2.0**-53
 EXP = 4 * U
 SLACK = 1.01
-BITS = 20
 P64 = PrecisionPolicy.uniform("float64")
 FORMATS = ["float16", "bfloat16", "float32", "float64"]
-UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
-
-
-def gamma(n, u=U):
-    return n * u / (1 - n * u)
-
-
-def bits(x):
-    x = np.ascontiguousarray(x)
-    return x.view(UINT[x.dtype])
-
-
-def representable(x, fmt):
-    q = quantize(x, fmt)
-    return bool(np.all((q == x) | (np.isnan(q) & np.isnan(x))))
-
-
-def fsum_dot(a, b):
-    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
-
-
-def abs_dot(a, b):
-    return math.fsum(np.abs(np.asarray(a, np.float64) * np.asarray(b, np.float64)).ravel().tolist())
-
-
-def dyadic(rng, shape, scale=1.0):
-    return np.round(rng.standard_normal(shape) * scale * 2.0**BITS) / 2.0**BITS
-
-
-def shifted(x, v, h):
-    """``x ± h v``, asserting they are exact (dyadic x and v, power-of-two h, small range)."""
-    assert h <= 1 and h == 2.0 ** round(math.log2(h))
-    assert np.all(np.mod(x, 2.0**-BITS) == 0) and np.all(np.mod(v, 2.0**-BITS) == 0)
-    assert np.all(np.abs(x) + h * np.abs(v) < 2.0 ** (53 - BITS) * h)
-    return x + h * v, x - h * v
-
-
-def modular_idx(p):
-    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
-    return np.stack([a.ravel(), p + b.ravel()], axis=1)
-
-
-def onehot_counts(idx, n_rows):
-    out = np.zeros((idx.shape[0], n_rows))
-    np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
-    return out
 
 
 # --- an independent float64 reference network -----------------------------------------------
@@ -228,38 +192,38 @@ def test_backward_matches_finite_differences(input_kind, bias, alpha):
     else:
         pytest.fail("no draw keeps the activation pattern on [θ - h v, θ + h v]")
     pre, _, _ = ref_forward(params, x_dense, config)
+    masks = [a > 0 for a in pre[:-1]]
     R = dyadic(rng, (x_dense.shape[0], config.n_classes))
-    plus, minus = {}, {}
-    for k in params:
-        plus[k], minus[k] = shifted(params[k], v[k], h)
 
-    def F(p):
+    def f(p):
         z, _ = forward(p, x, config, P64)
         assert z.dtype == np.float64
-        return fsum_dot(z, R)
+        return z
 
-    def err_F(p, value):
-        _, _, z_abs = abs_network(p, x_dense, config)
-        return gamma(m_f) * abs_dot(R, z_abs) + U * abs(value)
+    def vjp(p, R):
+        _, caches = forward(p, x, config, P64)
+        grads = backward(R, caches, config, P64, plan)
+        assert list(grads) == param_names(config)
+        return grads
 
-    Fp, Fm = F(plus), F(minus)
-    fd = (Fp - Fm) / (2 * h)
-    _, caches = forward(params, x, config, P64)
-    grads = backward(R, caches, config, P64, plan)
-    assert list(grads) == param_names(config)
-    analytic = math.fsum(fsum_dot(grads[k], v[k]) for k in params)
-    masks = [a > 0 for a in pre[:-1]]
+    def third(v, R):
+        # F(θ + t v) is a cubic: F'''/6 = a_3, |a_3| <= <|R|, abs network at |v| (b1 only)>.
+        v3 = {k: (np.abs(d) if not k.startswith("b") or k == "b1" else 0 * d) for k, d in v.items()}
+        _, _, top = ref_forward(v3, np.abs(x_dense), config, alpha=abs(alpha))
+        return 6 * abs_dot(R, top)
+
     g_abs = abs_backward(params, x_dense, masks, np.abs(R), config)
-    scale = sum(abs_dot(g_abs[k], v[k]) for k in params)
-    analytic_err = gamma(m_f + m_b) * scale + U * abs(analytic)
-    v3 = {k: (np.abs(d) if not k.startswith("b") or k == "b1" else 0 * d) for k, d in v.items()}
-    _, _, top = ref_forward(v3, np.abs(x_dense), config, alpha=abs(alpha))
-    trunc = h**2 * abs_dot(R, top)
-    tol = SLACK * (
-        trunc + (err_F(plus, Fp) + err_F(minus, Fm)) / (2 * h) + analytic_err + U * abs(fd)
+    check_vjp(
+        f,
+        vjp,
+        params,
+        direction=v,
+        cotangent=R,
+        h=h,
+        f_err=lambda p: gamma(m_f) * abs_network(p, x_dense, config)[2],
+        vjp_err=lambda R: {k: gamma(m_f + m_b) * g_abs[k] for k in params},
+        third=third,
     )
-    assert tol < 1e-6 * scale, (tol, scale)  # sharp: a wrong gradient cannot hide in it
-    assert abs(fd - analytic) <= tol, (fd, analytic, tol)
 
 
 # --- against an exact (mpmath) backprop ---------------------------------------------------

@@ -6,6 +6,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import all_patterns
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -19,10 +20,6 @@ from numstab.precision import (
 )
 
 SIXTEEN_BIT = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-
-
-def all_patterns(dtype):
-    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype)
 
 
 def widen(x):

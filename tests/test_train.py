@@ -5,9 +5,10 @@ import math
 
 import numpy as np
 import pytest
+from helpers import frac, gamma
 
+from numstab import exact
 from numstab import metrics as M
-from numstab.functional import collapse_mask
 from numstab.run import CSV_HEADER, MetricLog, NonFiniteError, Run, TrainConfig, summarize, train
 
 SMALL = TrainConfig(p=23, hidden=(32, 32), steps=30, log_every=10, lr=0.01)
@@ -61,11 +62,31 @@ def test_metrics_match_direct_recomputation_at_step_zero():
     acc_count = int(np.count_nonzero(np.argmax(ev.logits, 1) == y))
     assert log.latest("accuracy", split="train") == acc_count / y.size
     assert log.latest("loss", split="train") == float(np.mean(ev.loss.astype(np.float64)))
-    norms = M.param_norms(fresh.params)
-    assert log.series("weight_norm", split="train", layer="global")[1][0] == norms["global"]
-    cos = M.param_cosines(fresh.params, grads, sign=-1.0)
-    assert log.series("nlm_cos_grad", split="train", layer="W2")[1][0] == cos["W2"]
-    sc = np.count_nonzero(collapse_mask(ev.logits, "float32")) / y.size
+    # Norms and cosines against exact values (Fractions; one mpmath square root). Each
+    # float64 sum of n products is within γ_n·Σ|terms|; a square root, division or the
+    # combination of the per-tensor values adds a few u more, hence γ_{n + 8}.
+    ctx = exact.context(256)
+    n_all = sum(np.size(v) for v in fresh.params.values())
+    sq = sum(frac(t) ** 2 for v in fresh.params.values() for t in np.ravel(v).astype(np.float64))
+    norm_exact = ctx.sqrt(ctx.mpf(sq.numerator) / sq.denominator)
+    logged = log.series("weight_norm", split="train", layer="global")[1][0]
+    assert abs(ctx.mpf(logged) - norm_exact) <= gamma(n_all + 8) * norm_exact
+    a = [frac(t) for t in np.ravel(fresh.params["W2"]).astype(np.float64)]
+    b = [-frac(t) for t in np.ravel(grads["W2"]).astype(np.float64)]
+    pairs = ((a, b), (a, a), (b, b))
+    dot, aa, bb = (sum(p * q for p, q in zip(s, t, strict=True)) for s, t in pairs)
+    absdot = sum(abs(p * q) for p, q in zip(a, b, strict=True))
+    den = ctx.sqrt(ctx.mpf(aa.numerator) / aa.denominator * bb.numerator / bb.denominator)
+    cos_exact = (ctx.mpf(dot.numerator) / dot.denominator) / den
+    cond = (ctx.mpf(absdot.numerator) / absdot.denominator) / den  # >= |cos|
+    logged = log.series("nlm_cos_grad", split="train", layer="W2")[1][0]
+    assert abs(ctx.mpf(logged) - cos_exact) <= 2 * gamma(len(a) + 8) * cond
+    # Softmax Collapse in float32, pairwise order: z - max rounded in float32, exp correctly
+    # rounded (mpmath), NumPy's own pairwise float32 sum compared with 1.
+    z = np.asarray(ev.logits, dtype=np.float32)
+    d = z - z.max(axis=1, keepdims=True)
+    e = exact.round_exact(np.vectorize(ctx.exp, otypes=[object])(exact.to_exact(d)), "float32")
+    sc = np.count_nonzero(np.sum(e, axis=1, dtype=np.float32) == 1) / y.size
     assert log.series("sc_fraction", split="train")[1][0] == sc
 
 
