@@ -14,8 +14,8 @@ import ml_dtypes
 import numpy as np
 from hypothesis import HealthCheck, settings
 
-from numstab.run.driver import StopFlag
 from numstab.precision import quantize
+from numstab.run.driver import StopFlag
 
 U = 2.0**-53  #: unit roundoff of float64
 BITS = 20  #: dyadic test points are multiples of 2**-BITS

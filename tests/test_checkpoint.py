@@ -13,10 +13,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from numstab.run import MetricLog, TrainConfig, train
 from numstab.run import checkpoint as ckpt_module
 from numstab.run.checkpoint import MANIFEST, CheckpointError, load_checkpoint
 from numstab.run.driver import StopFlag, Stopped
-from numstab.run import MetricLog, TrainConfig, train
 
 BASE = TrainConfig(p=23, hidden=(16, 16), steps=24, log_every=4, lr=0.02)
 

@@ -16,9 +16,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from numstab import cli
+from numstab.run import TrainConfig
 from numstab.run.footprint import check_fits
 from numstab.run.options import coerce, describe, flag_of, options_of
-from numstab.run import TrainConfig
 
 OPTIONS = options_of(TrainConfig)
 TINY = ["--hidden", "4", "--modulus", "5", "--steps", "1", "--quiet"]

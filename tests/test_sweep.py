@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from numstab import sweep
-from numstab.run.footprint import estimate_run_memory
 from numstab.run import CSV_HEADER, TrainConfig
+from numstab.run.footprint import estimate_run_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
