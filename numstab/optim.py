@@ -751,12 +751,20 @@ class SGD(_Optimizer):
         }
 
 
+@dataclass(frozen=True)
 class _AdamMixin(_Optimizer):
-    """Adam and AdamW: one update, L2 or decoupled weight decay."""
+    """Adam and AdamW: one set of fields, one update, L2 or decoupled weight decay."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    storage_format: Any = None
+    state_format: Any = None
 
     decoupled: ClassVar[bool] = False
 
-    def _validate(self):
+    def __post_init__(self):
         object.__setattr__(self, "lr", _check_lr(self.lr))
         object.__setattr__(self, "betas", _check_betas(self.betas))
         object.__setattr__(self, "eps", _check_number("epsilon", self.eps, 0.0))
@@ -901,34 +909,16 @@ _ADAM_DOC = r"""{title}
 
 @dataclass(frozen=True)
 class Adam(_AdamMixin):
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    storage_format: Any = None
-    state_format: Any = None
-
     name: ClassVar[str] = "adam"
     decoupled: ClassVar[bool] = False
-
-    def __post_init__(self):
-        self._validate()
 
 
 @dataclass(frozen=True)
 class AdamW(_AdamMixin):
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
     weight_decay: float = 0.01
-    storage_format: Any = None
-    state_format: Any = None
 
     name: ClassVar[str] = "adamw"
     decoupled: ClassVar[bool] = True
-
-    def __post_init__(self):
-        self._validate()
 
 
 Adam.__doc__ = _ADAM_DOC.format(
