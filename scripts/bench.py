@@ -629,12 +629,14 @@ def run_from_checkpoint(ck, data=None):
     run = new_run("float32", data=data)
     for k in list(run.params):
         run.params[k] = np.array(ck[f"param/{k}"], copy=True)
-    state = {
-        k[len("state/") :]: np.array(v, copy=True) for k, v in ck.items() if k.startswith("state/")
-    }
-    run.opt_state = run.optimizer.load_state_arrays(state, int(ck["opt_step"]))
+    run.opt_state = run.optimizer.load_state_arrays(checkpoint_state(ck), int(ck["opt_step"]))
     run.step = int(ck["step"])
     return run
+
+
+def checkpoint_state(ck):
+    """The optimizer-state arrays of a late checkpoint, keyed ``"<param>/<tensor>"``."""
+    return {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")}
 
 
 def _subnormal_fraction(a):
@@ -689,10 +691,7 @@ def section_late(rep, args, torch_mod, thr, ck):
         print(f"    #   {k:<28} {v['early']:.4f} -> {v['late']:.4f}")
     if torch_mod is not None:
         ts = TorchStep(torch_mod, late, "float32")
-        ts.load_adam_state(
-            {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")},
-            int(ck["opt_step"]),
-        )
+        ts.load_adam_state(checkpoint_state(ck), int(ck["opt_step"]))
         probs_t, dz_t = ts.logit_grad()
         rep.fact(
             "torch_subnormal_fraction",
@@ -719,10 +718,7 @@ def section_late(rep, args, torch_mod, thr, ck):
         if torch_mod is not None:
             t_early = TorchStep(torch_mod, early, "float32")
             t_late = TorchStep(torch_mod, late, "float32")
-            t_late.load_adam_state(
-                {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")},
-                int(ck["opt_step"]),
-            )
+            t_late.load_adam_state(checkpoint_state(ck), int(ck["opt_step"]))
             groups.append(
                 (
                     contextlib.nullcontext,
