@@ -261,8 +261,9 @@ def _host_scalar(x, dtype: np.dtype):
 def _one_namespace(*dicts):
     """The one namespace of all arrays in ``dicts`` (dicts of arrays; other values skipped);
     TypeError for a mix of backends (:func:`numstab.backend.common_namespace`)."""
+    arrays = [a for d in dicts if isinstance(d, dict) for a in d.values()]
     try:
-        return common_namespace(*(a for d in dicts if isinstance(d, dict) for a in d.values()))
+        return common_namespace(*arrays)
     except TypeError as exc:
         raise TypeError(
             "params, grads and optimizer state must be arrays of one backend (a state "
