@@ -56,7 +56,13 @@ import numpy as np
 from numstab import exact
 from numstab.backend import to_numpy
 from numstab.fidelity import FidelityReport, rounding_fidelity
-from numstab.functional import _check_eps, collapse_mask, loss_backward, loss_forward
+from numstab.functional import (
+    _check_eps,
+    collapse_mask,
+    loss_backward,
+    loss_forward,
+    stablemax_s,
+)
 from numstab.metrics import param_cosines
 from numstab.precision import (
     REDUCTION_ORDERS,
@@ -356,7 +362,12 @@ def ulp_error(computed, exact_values, fmt=None) -> np.ndarray:
         )
     fmt = _format(fmt, "fmt") if fmt is not None else _own_format([("computed", c)], "fmt")
     _broadcast(c, e, "computed", "exact_values")
-    c = _widen16(c)
+    return _ulp_error(_widen16(c), e, fmt)
+
+
+def _ulp_error(c: np.ndarray, e: np.ndarray, fmt: Format) -> np.ndarray:
+    """:func:`ulp_error` of checked arrays (``c`` real and not bfloat16, ``e`` real or an
+    object array of mpf, broadcastable), in ulps of ``fmt``."""
     if e.dtype == object:
         out = np.empty(np.broadcast_shapes(c.shape, e.shape), dtype=np.float64)
         cb, eb = np.broadcast_arrays(c, e)
@@ -829,7 +840,7 @@ def audit_cross_entropy(
         method=method,
         loss=loss_c,
         loss_exact=loss_x,
-        loss_ulp_error=ulp_error(loss_c, loss_x, fmt),
+        loss_ulp_error=_ulp_error(loss_c, loss_x, fmt),
         collapsed=np.asarray(collapsed, dtype=bool),
         collapsed_exact=coll_x,
         zero_loss=loss_c == 0,
@@ -877,7 +888,7 @@ def _exact_fast(zq, y, kind, fmt, eps):
             tgt = np.where(at_top, -s / (1 + s), py - 1)
             loss = (m - zw[rows, y]) + np.log1p(s)
         else:
-            sv = _stablemax_s_work(zw, eps, work)
+            sv = stablemax_s(zw, format_of(zw), eps=eps)[0]  # exact ops in float64/x87
             smax = sv[rows, top]
             ratio = sv / smax[:, None]
             ratio[rows, top] = 0
@@ -886,7 +897,6 @@ def _exact_fast(zq, y, kind, fmt, eps):
             tiny_abs = c * float(np.finfo(work).smallest_subnormal)
             total = sv.sum(axis=1)
             sy = sv[rows, y]
-            others = total - sy
             # others = Σ_{k≠y} s_k: recompute as a sum of positives to avoid cancellation.
             masked = sv.copy()
             masked[rows, y] = 0
@@ -906,16 +916,9 @@ def _exact_fast(zq, y, kind, fmt, eps):
     return loss, tgt, coll, bound, undecided
 
 
-def _stablemax_s_work(z, eps, work):
-    x = z
-    neg = x < 0
-    den = 1 - np.where(neg, x, 0) + work(eps)
-    return np.where(neg, 1 / den, x + 1)
-
-
 def _exact_mpmath(zq, y, kind, fmt, eps, rows_mask):
     """mpmath loss, target gradient and collapse verdict for the selected rows."""
-    n, _c = zq.shape
+    n = zq.shape[0]
     work = (
         np.longdouble if fmt.precision > 24 and "longdouble" in available_formats() else np.float64
     )
@@ -926,8 +929,7 @@ def _exact_mpmath(zq, y, kind, fmt, eps, rows_mask):
     if idx.size == 0:
         return {"loss": loss, "tgt": tgt, "coll": coll}
     sub, ys = zq[idx], y[idx]
-    to = np.float64 if work == np.float64 else np.longdouble
-    target_fmt = "float64" if to == np.float64 else "longdouble"
+    target_fmt = "float64" if work == np.float64 else "longdouble"
     if kind == "softmax":
         lx = exact.cross_entropy(sub, ys)
         gx = exact.cross_entropy_grad(sub, ys)
@@ -985,6 +987,8 @@ def _fraction(v) -> Fraction:
 
 
 def _stablemax_fraction(x: Fraction, eps: float) -> Fraction:
+    """StableMax's ``s(x)`` in exact rational arithmetic (the float twin is
+    :func:`numstab.functional.stablemax_s`)."""
     if x >= 0:
         return x + 1
     return 1 / (1 - x + Fraction(eps))
@@ -1043,7 +1047,7 @@ def exact_logit_gradient(
             at_top = top == y
             g[rows, y] = np.where(at_top, -s / (1 + s), g[rows, y] - 1)
         else:
-            sv = _stablemax_s_work(zf, eps, np.float64)
+            sv = stablemax_s(zf, "float64", eps=eps)[0]
             # Sums of s scaled by 2**-e (exact), so that neither S = Σ s (logits near
             # 1e308) nor products such as S·s_y overflow, and s_y**2 / S never forms 0 / 0.
             e = np.frexp(sv.max(axis=1))[1]

@@ -363,7 +363,65 @@ def to_numpy(x) -> np.ndarray:
 
 # --- hooks of the optimizers (numstab.optim) --------------------------------------------------
 
-__all__ += ["inplace_ops", "vdot"]
+__all__ += ["common_namespace", "copy_to", "has_bit_views", "inplace_ops", "new_array", "vdot"]
+
+
+def common_namespace(*arrays):
+    """The one namespace of ``arrays``, refusing a mix of backends.
+
+    Unlike :func:`namespace`, NumPy arrays beside another backend's arrays are an error (state
+    tensors and parameters must live on one device). All-NumPy input is recognised by a plain
+    type test (the optimizers' hot path).
+
+    Raises
+    ------
+    TypeError
+        Arrays of several backends; the message says which.
+    """
+    if all(type(a) is np.ndarray for a in arrays):
+        return np
+    try:
+        xp = namespace(*arrays)
+    except TypeError as exc:
+        raise TypeError(f"arrays of several backends: {exc}") from None
+    if not is_numpy(xp) and any(isinstance(a, np.ndarray) for a in arrays):
+        raise TypeError("arrays of several backends: NumPy arrays among them")
+    return xp
+
+
+def has_bit_views(xp) -> bool:
+    """Whether ``xp``'s arrays have the integer views (:func:`uint_view`) that float16 /
+    bfloat16 emulation rounds on: NumPy and CuPy."""
+    return is_numpy(xp) or getattr(xp, "__name__", "") in ("cupy", "array_api_compat.cupy")
+
+
+def new_array(kind: str, like, dtype):
+    """``zeros`` or ``empty`` (``kind``) of ``like``'s shape, NumPy dtype ``dtype``, on
+    ``like``'s backend and device."""
+    xp = namespace(like)
+    if is_numpy(xp):
+        return getattr(np, kind)(like.shape, dtype=dtype)
+    import array_api_compat  # loaded by namespace() already: lazy for NumPy-only use
+
+    return getattr(xp, kind)(
+        like.shape, dtype=xp_dtype(xp, dtype), device=array_api_compat.device(like)
+    )
+
+
+def copy_to(arr, like=None):
+    """A copy of array ``arr`` on ``like``'s backend and device (``arr``'s own if None);
+    between backends through a host copy (values unchanged)."""
+    xs = namespace(arr)
+    xt = xs if like is None else namespace(like)
+    if xt is xs:
+        return np.array(arr, copy=True) if is_numpy(xs) else xs.asarray(arr, copy=True)
+    host = to_numpy(arr)
+    if is_numpy(xt):
+        return np.array(host, copy=True)
+    import array_api_compat  # loaded by namespace() already: lazy for NumPy-only use
+
+    return xt.asarray(host, copy=True, device=array_api_compat.device(like))
+
 
 _INPLACE_OPS: dict = {}
 

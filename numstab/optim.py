@@ -30,15 +30,19 @@ import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from numstab.backend import (
     array_module,
+    common_namespace,
+    copy_to,
+    has_bit_views,
     inplace_ops,
     is_numpy,
     namespace,
+    new_array,
     to_numpy,
     vdot,
     xp_dtype,
@@ -115,7 +119,7 @@ class OptState:
         k = (name, key, dtype.str, tuple(like.shape))
         buf = self.scratch.get(k)
         if buf is None:
-            buf = self.scratch[k] = _new_array("empty", like, dtype)
+            buf = self.scratch[k] = new_array("empty", like, dtype)
         return buf
 
 
@@ -190,12 +194,36 @@ def _target(dest: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     return dest if dest.dtype == tmp.dtype else tmp
 
 
-def _apply_update(name: str, p, upd, state: OptState, sto: Format, ops, cd: np.dtype):
+def _scale(x, c, fmt: Format, ops) -> None:
+    """``x <- round(x * c, fmt)`` in place (``mul_``; ``c`` a scalar of ``x``'s dtype)."""
+    ops.multiply(x, c, out=x)
+    _round_inplace(x, fmt)
+
+
+def _accumulate(dest, t, fmt: Format, ops) -> None:
+    """``dest <- round(dest + t, fmt)``: the sum in ``t``'s dtype (``dest``'s or wider), one
+    rounding (the last primitive of ``add_``/``lerp_``/``addcmul_``); ``t`` is scratch."""
+    out = _target(dest, t)
+    ops.add(dest, t, out=out)
+    _assign(dest, out, fmt)
+
+
+def _l2_grad(name: str, p, g, wd: float, state: OptState, k: _Kernel) -> np.ndarray:
+    """``grad.add(param, alpha=wd)``: ``round(g + wd * p, storage)``, both primitives in the
+    parameters' carrier dtype; a scratch array (``g`` is not modified)."""
+    gw = state.buffer(name, "grad", p, k.pdt)
+    k.ops.multiply(p, k.pdt.type(wd), out=gw)
+    k.ops.add(g, gw, out=gw)
+    _round_inplace(gw, k.sto)
+    return gw
+
+
+def _apply_update(name: str, p, upd, state: OptState, k: _Kernel, cd: np.dtype) -> None:
     """``p <- round(p + upd, storage)`` (the last primitive of ``add_``/``addcdiv_``), keeping
     ``upd`` (dtype ``cd``) intact and recording it as ``state.last_update[name]``."""
     out = p if p.dtype == upd.dtype else state.buffer(name, "sum", p, cd)
-    ops.add(p, upd, out=out)
-    _assign(p, out, sto)
+    k.ops.add(p, upd, out=out)
+    _assign(p, out, k.sto)
     state.last_update[name] = upd
 
 
@@ -204,27 +232,6 @@ def _scalar(xp, value, dtype: np.dtype):
     it keeps ``dtype`` against any array), a Python float elsewhere (the standard converts it
     to the other operand's dtype, which is ``dtype`` wherever this is used)."""
     return dtype.type(value) if is_numpy(xp) else float(value)
-
-
-def _new_array(kind: str, like, dtype: np.dtype):
-    """``zeros``/``empty`` shaped like ``like``, NumPy dtype ``dtype``, on ``like``'s backend
-    and device."""
-    xp = namespace(like)
-    if is_numpy(xp):
-        return getattr(np, kind)(like.shape, dtype=dtype)
-    import array_api_compat
-
-    return getattr(xp, kind)(
-        like.shape, dtype=xp_dtype(xp, dtype), device=array_api_compat.device(like)
-    )
-
-
-def _xp(*arrays):
-    """The namespace of ``arrays``: :func:`numstab.backend.namespace` after a plain type test
-    for all-NumPy input (the hot path, ~20x cheaper)."""
-    if all(type(a) is np.ndarray for a in arrays):
-        return np
-    return namespace(*arrays)
 
 
 def _astype(xp, a, dtype: np.dtype):
@@ -251,32 +258,17 @@ def _host_scalar(x, dtype: np.dtype):
     return x if isinstance(x, np.generic) else dtype.type(to_numpy(x)[()])
 
 
-def _has_bit_views(xp) -> bool:
-    """Whether float16/bfloat16 emulation can run on ``xp`` (NumPy, CuPy)."""
-    return is_numpy(xp) or getattr(xp, "__name__", "") in ("cupy", "array_api_compat.cupy")
-
-
-def _array_namespace(*dicts):
-    """The one namespace of all arrays in ``dicts`` (dicts of arrays; other values skipped).
-
-    All-NumPy is checked with a plain type test (the hot path); anything else goes through
-    :func:`numstab.backend.namespace`. A mix of backends (NumPy arrays included) is a
-    TypeError.
-    """
+def _one_namespace(*dicts):
+    """The one namespace of all arrays in ``dicts`` (dicts of arrays; other values skipped);
+    TypeError for a mix of backends (:func:`numstab.backend.common_namespace`)."""
     arrays = [a for d in dicts if isinstance(d, dict) for a in d.values()]
-    if all(type(a) is np.ndarray for a in arrays):
-        return np
-    why = "NumPy arrays among them"
     try:
-        xp = namespace(*arrays)  # (which lets NumPy arrays join any other backend)
+        return common_namespace(*arrays)
     except TypeError as exc:
-        xp, why = None, str(exc)
-    if xp is None or (not is_numpy(xp) and any(isinstance(a, np.ndarray) for a in arrays)):
         raise TypeError(
             "params, grads and optimizer state must be arrays of one backend (a state "
-            f"rebuilt from host arrays goes to the parameters' with like=params): {why}"
-        )
-    return xp
+            f"rebuilt from host arrays goes to the parameters' with like=params): {exc}"
+        ) from None
 
 
 def _acc_dtype(*fmts: Format) -> np.dtype:
@@ -375,7 +367,49 @@ def _warn_decay(what: str, factor: float, fmt: Format, consequence: str) -> None
 # --- the optimizers ---------------------------------------------------------------------------
 
 
-class _Optimizer:
+class _Kernel(NamedTuple):
+    """What one step's arithmetic needs, resolved once by the public ``step``'s checks."""
+
+    ops: Any  # numstab.backend.inplace_ops of the arrays' namespace
+    sto: Format  # storage format: parameters, gradients and gradient-like temporaries
+    st: Format  # state format: momentum buffer, exp_avg, exp_avg_sq
+    pdt: np.dtype  # carrier dtype of the parameters and gradients
+    sdt: np.dtype  # carrier dtype of the state
+    wide: np.dtype  # their promotion: the compute dtype of an operation mixing them
+
+
+class _Stepper:
+    """Every optimizer and wrapper: the public, checked ``step`` over the private ``_apply``.
+
+    ``_check_step`` validates the arguments of a step once and returns its :class:`_Kernel`;
+    ``_apply(params, grads, state, lr, k)`` is the arithmetic on checked arrays (``lr=None``:
+    the optimizer's own), which wrappers call on their base without checking again.
+    """
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], state: OptState):
+        """One update of every parameter, in place.
+
+        Parameters
+        ----------
+        params : dict[str, ndarray]
+            Updated in place (storage carrier dtype; for float16/bfloat16 the values must be
+            representable in the format, as the model's own rounding leaves them).
+        grads : dict[str, ndarray]
+            Same keys, shapes and dtype; read only, never modified. Like ``params`` they are
+            assumed representable in the storage format (not re-rounded here).
+        state : OptState
+            From :meth:`init_state` or :meth:`load_state_arrays`; advanced in place
+            (``state.step += 1``).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Wrong dtypes, keys or shapes, or a state made for other formats.
+        """
+        self._apply(params, grads, state, None, self._check_step(params, grads, state))
+
+
+class _Optimizer(_Stepper):
     """Shared machinery: format resolution, state creation, checkpoint I/O, step bookkeeping."""
 
     name: ClassVar[str] = ""
@@ -388,7 +422,7 @@ class _Optimizer:
     def _check_hazards(self, storage: Format, state: Format) -> None:
         raise NotImplementedError
 
-    def _update(self, name, p, g, tensors, state, storage, st_fmt, lr, ops, dts) -> None:
+    def _update(self, name, p, g, tensors, state: OptState, lr: float, k: _Kernel) -> None:
         raise NotImplementedError
 
     def _post_init_formats(self) -> None:
@@ -447,10 +481,13 @@ class _Optimizer:
             Needed only when the optimizer was built without one.
         """
         sto, st = self._resolve(storage_format)
-        _check_arrays("params", params, sto)
-        _check_backend(_array_namespace(params), st, "optimizer state")
+        _check_dict("params", params)
+        xp = _one_namespace(params)
+        _check_backend(xp, sto, "params")
+        _check_backend(xp, st, "optimizer state")
+        _check_arrays("params", params, sto, xp)
         tensors = {
-            name: {t: _new_array("zeros", p, st.carrier) for t in self._tensor_names()}
+            name: {t: new_array("zeros", p, st.carrier) for t in self._tensor_names()}
             for name, p in params.items()
         }
         return OptState(0, tensors, sto.name, st.name)
@@ -507,38 +544,16 @@ class _Optimizer:
                     raise ValueError(
                         f"state array {key!r} holds values not representable in {st.name}"
                     )
-            tensors.setdefault(pname, {})[tname] = _copy_array(arr, xs, like)
+            tensors.setdefault(pname, {})[tname] = copy_to(arr, like)
         for pname, ts in tensors.items():
             missing = [t for t in names if t not in ts]
             if missing:
                 raise ValueError(f"state of parameter {pname!r} lacks {', '.join(missing)}")
         return OptState(int(step), tensors, sto.name, st.name)
 
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], state: OptState):
-        """One update of every parameter, in place.
-
-        Parameters
-        ----------
-        params : dict[str, ndarray]
-            Updated in place (storage carrier dtype; for float16/bfloat16 the values must be
-            representable in the format, as the model's own rounding leaves them).
-        grads : dict[str, ndarray]
-            Same keys, shapes and dtype; read only, never modified. Like ``params`` they are
-            assumed representable in the storage format (not re-rounded here).
-        state : OptState
-            From :meth:`init_state` or :meth:`load_state_arrays`; advanced in place
-            (``state.step += 1``).
-
-        Raises
-        ------
-        TypeError, ValueError
-            Wrong dtypes, keys or shapes, or a state made for other formats.
-        """
-        self._step(params, grads, state, None)
-
-    def _step(self, params, grads, state: OptState, lr: float | None) -> None:
-        """:meth:`step` with an optional learning rate overriding ``self.lr`` (one step only)."""
-        lr = self.lr if lr is None else lr
+    def _check_step(self, params, grads, state: OptState) -> _Kernel:
+        """Validate one step's arguments (formats of the state, backend, keys, dtypes,
+        shapes); return what its arithmetic needs."""
         sto, st = get_format(state.storage_format), get_format(state.state_format)
         if self.storage_format is not None and sto != self.storage_format:
             raise ValueError(
@@ -550,20 +565,28 @@ class _Optimizer:
                 f"state was made for state format {st.name}, the optimizer's is "
                 f"{(self.state_format or sto).name}"
             )
-        xp = _array_namespace(params, grads, *state.tensors.values())
-        _check_arrays("params", params, sto, xp=xp)
-        _check_arrays("grads", grads, sto, like=params, xp=xp)
+        _check_dict("params", params)
+        _check_dict("grads", grads, like=params)
+        xp = _one_namespace(params, grads, *state.tensors.values())
+        _check_backend(xp, sto, "params")
         _check_backend(xp, st, "optimizer state")
-        ops = inplace_ops(xp)
-        # NumPy dtypes of the parameters (and gradients), of the state, and of operations that
-        # mix them (the checks above make these the arrays' own dtypes)
+        _check_arrays("params", params, sto, xp)
+        _check_arrays("grads", grads, sto, xp, like=params)
+        if self._tensor_names():
+            for name in params:
+                if name not in state.tensors:
+                    raise KeyError(f"optimizer state has no tensors for parameter {name!r}")
+        # NumPy dtypes of the parameters (and gradients) and of the state: after the checks
+        # above, the arrays' own dtypes
         pdt, sdt = sto.carrier, st.carrier
-        dts = (pdt, sdt, pdt if pdt == sdt else np.result_type(pdt, sdt))
+        wide = pdt if pdt == sdt else np.result_type(pdt, sdt)
+        return _Kernel(inplace_ops(xp), sto, st, pdt, sdt, wide)
+
+    def _apply(self, params, grads, state: OptState, lr: float | None, k: _Kernel) -> None:
+        """Update every parameter (checked arguments; ``lr`` None: ``self.lr``)."""
+        lr = self.lr if lr is None else lr
         for name, p in params.items():
-            tensors = state.tensors.get(name)
-            if tensors is None and self._tensor_names():
-                raise KeyError(f"optimizer state has no tensors for parameter {name!r}")
-            self._update(name, p, grads[name], tensors, state, sto, st, lr, ops, dts)
+            self._update(name, p, grads[name], state.tensors.get(name), state, lr, k)
         state.step += 1
 
     def _format_dict(self) -> dict[str, Any]:
@@ -575,22 +598,9 @@ class _Optimizer:
         }
 
 
-def _copy_array(arr, xs, like):
-    """A copy of ``arr`` (namespace ``xs``) on ``like``'s backend and device (``xs`` if None)."""
-    xt = xs if like is None else namespace(like)
-    if xt is xs:
-        return np.array(arr, copy=True) if is_numpy(xs) else xs.asarray(arr, copy=True)
-    host = to_numpy(arr)
-    if is_numpy(xt):
-        return np.array(host, copy=True)
-    import array_api_compat
-
-    return xt.asarray(host, copy=True, device=array_api_compat.device(like))
-
-
 def _check_backend(xp, fmt: Format, what: str) -> None:
     """TypeError if ``fmt`` is emulated and ``xp`` cannot round on bit patterns."""
-    if _emulated(fmt) and not _has_bit_views(xp):
+    if _emulated(fmt) and not has_bit_views(xp):
         raise TypeError(
             f"format {fmt.name} (of the {what}) is emulated by rounding on the bit pattern, "
             f"which needs NumPy or CuPy arrays; these are {getattr(xp, '__name__', xp)} "
@@ -598,16 +608,18 @@ def _check_backend(xp, fmt: Format, what: str) -> None:
         )
 
 
-def _check_arrays(what: str, arrays, fmt: Format, like=None, xp=None) -> None:
+def _check_dict(what: str, arrays, like=None) -> None:
+    """``arrays`` is a dict (with ``like``'s keys, if given)."""
     if not isinstance(arrays, dict):
         raise TypeError(f"{what} must be a dict of arrays, got {type(arrays).__name__}")
     if like is not None and arrays.keys() != like.keys():
         extra = sorted(set(arrays) - set(like))
         missing = sorted(set(like) - set(arrays))
         raise ValueError(f"{what} keys differ from params: missing {missing}, extra {extra}")
-    if xp is None:
-        xp = _array_namespace(arrays)
-    _check_backend(xp, fmt, what)
+
+
+def _check_arrays(what: str, arrays: dict, fmt: Format, xp, like=None) -> None:
+    """Every array has ``fmt``'s carrier dtype on ``xp`` (and ``like``'s shapes, if given)."""
     carrier = xp_dtype(xp, fmt.carrier)
     for name, a in arrays.items():
         if getattr(a, "dtype", None) != carrier:
@@ -697,45 +709,35 @@ class SGD(_Optimizer):
                 "the momentum buffer accumulates gradients but never decays",
             )
 
-    def _update(self, name, p, g, tensors, state, sto, st, lr, ops, dts):
-        # dts: NumPy dtypes of params/grads, of the state, and their promotion (``wide``)
-        pdt, sdt, wide = dts
-        if self.weight_decay != 0:
-            # grad = grad.add(param, alpha=weight_decay)
-            gw = state.buffer(name, "grad", p, pdt)
-            ops.multiply(p, pdt.type(self.weight_decay), out=gw)
-            ops.add(g, gw, out=gw)
-            _round_inplace(gw, sto)
-            g = gw
-        cd = pdt  # the update's compute dtype: promotion of the param's and the direction's
+    def _update(self, name, p, g, tensors, state, lr, k):
+        # Compute dtypes: the parameters' carrier, k.wide where the state takes part. Each
+        # primitive rounds to its compute dtype; _round_inplace/_assign/_accumulate/_scale
+        # round a result to its destination's format (k.sto or k.st), once.
+        ops, wide = k.ops, k.wide
+        cd = k.pdt  # the update's compute dtype: promotion of the param's and the direction's
+        if self.weight_decay != 0:  # grad = grad.add(param, alpha=weight_decay)
+            g = _l2_grad(name, p, g, self.weight_decay, state, k)
         if self.momentum != 0:
             buf = tensors["momentum_buffer"]
-            if state.step == 0:
-                _assign(buf, g, st)  # buf = torch.clone(grad)
-            else:
-                # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-                ops.multiply(buf, sdt.type(self.momentum), out=buf)
-                _round_inplace(buf, st)
+            if state.step == 0:  # buf = torch.clone(grad)
+                _assign(buf, g, k.st)
+            else:  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                _scale(buf, k.sdt.type(self.momentum), k.st, ops)  # b = round(b * momentum)
                 t = state.buffer(name, "t", p, wide)
-                ops.multiply(g, wide.type(1 - self.dampening), out=t)
-                out = _target(buf, t)
-                ops.add(buf, t, out=out)
-                _assign(buf, out, st)
-            if self.nesterov:
-                # grad = grad.add(buf, alpha=momentum), a temporary in the gradient's format
+                ops.multiply(g, wide.type(1 - self.dampening), out=t)  # (1 - dampening) g
+                _accumulate(buf, t, k.st, ops)  # b = round(b + (1 - dampening) g)
+            if self.nesterov:  # grad = grad.add(buf, alpha=momentum), in the gradient's format
                 t = state.buffer(name, "t", p, wide)
-                ops.multiply(buf, wide.type(self.momentum), out=t)
-                ops.add(g, t, out=t)
-                gn = state.buffer(name, "nesterov", p, pdt)
-                _assign(gn, t, sto)
-                g = gn
+                ops.multiply(buf, wide.type(self.momentum), out=t)  # momentum b
+                ops.add(g, t, out=t)  # g + momentum b
+                g = state.buffer(name, "nesterov", p, k.pdt)
+                _assign(g, t, k.sto)  # rounded to storage
             else:
-                g = buf
-                cd = wide
-        # param.add_(grad, alpha=-lr)
+                g, cd = buf, wide
+        # param.add_(grad, alpha=-lr): p = round(p + (-lr) g, storage), the product in cd
         upd = state.buffer(name, "update", p, cd)
         ops.multiply(g, cd.type(-lr), out=upd)
-        _apply_update(name, p, upd, state, sto, ops, cd)
+        _apply_update(name, p, upd, state, k, cd)
 
     def to_dict(self) -> dict[str, Any]:
         """All hyperparameters as plain JSON."""
@@ -750,12 +752,20 @@ class SGD(_Optimizer):
         }
 
 
+@dataclass(frozen=True)
 class _AdamMixin(_Optimizer):
-    """Adam and AdamW: one update, L2 or decoupled weight decay."""
+    """Adam and AdamW: one set of fields, one update, L2 or decoupled weight decay."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    storage_format: Any = None
+    state_format: Any = None
 
     decoupled: ClassVar[bool] = False
 
-    def _validate(self):
+    def __post_init__(self):
         object.__setattr__(self, "lr", _check_lr(self.lr))
         object.__setattr__(self, "betas", _check_betas(self.betas))
         object.__setattr__(self, "eps", _check_number("epsilon", self.eps, 0.0))
@@ -797,65 +807,52 @@ class _AdamMixin(_Optimizer):
                 "decoupled weight decay has (almost) no effect",
             )
 
-    def _update(self, name, p, g, tensors, state, sto, st, lr, ops, dts):
-        # dts: NumPy dtypes of params/grads, of the state, and their promotion: the compute
-        # dtype ``cd`` of every operation that mixes them
-        pdt, sdt, cd = dts
+    def _update(self, name, p, g, tensors, state, lr, k):
+        # Compute dtype cd: the promotion of the parameters' and the state's carriers. Each
+        # primitive rounds to its compute dtype; _round_inplace/_assign/_accumulate/_scale
+        # round a result to its destination's format (k.sto or k.st), once.
+        ops, cd, st = k.ops, k.wide, k.st
         beta1, beta2 = self.betas
-        wd = self.weight_decay
         m, v = tensors["exp_avg"], tensors["exp_avg_sq"]
-        step = state.step + 1
-        if wd != 0:
-            if self.decoupled:
-                # param.mul_(1 - lr * weight_decay)
-                ops.multiply(p, pdt.type(1 - lr * wd), out=p)
-                _round_inplace(p, sto)
-            else:
-                # grad = grad.add(param, alpha=weight_decay)
-                gw = state.buffer(name, "grad", p, pdt)
-                ops.multiply(p, pdt.type(wd), out=gw)
-                ops.add(g, gw, out=gw)
-                _round_inplace(gw, sto)
-                g = gw
+        if self.weight_decay != 0:
+            if self.decoupled:  # param.mul_(1 - lr * weight_decay)
+                _scale(p, k.pdt.type(1 - lr * self.weight_decay), k.sto, ops)
+            else:  # grad = grad.add(param, alpha=weight_decay)
+                g = _l2_grad(name, p, g, self.weight_decay, state, k)
         t = state.buffer(name, "t", p, cd)
-        # exp_avg.lerp_(grad, 1 - beta1), PyTorch's two-sided formula
+        # exp_avg.lerp_(grad, w = 1 - beta1), PyTorch's two-sided formula
         w = cd.type(1 - beta1)
-        ops.subtract(g, m, out=t)
+        ops.subtract(g, m, out=t)  # g - m
         if abs(w) < 0.5:
-            ops.multiply(t, w, out=t)
-            out = _target(m, t)
-            ops.add(m, t, out=out)  # self + weight * (end - self)
+            ops.multiply(t, w, out=t)  # w (g - m)
+            _accumulate(m, t, st, ops)  # m = round(m + w (g - m))
         else:
-            ops.multiply(t, cd.type(1) - w, out=t)
+            ops.multiply(t, cd.type(1) - w, out=t)  # (g - m)(1 - w)
             out = _target(m, t)
-            ops.subtract(g, t, out=out)  # end - (end - self) * (1 - weight)
-        _assign(m, out, st)
+            ops.subtract(g, t, out=out)  # g - (g - m)(1 - w)
+            _assign(m, out, st)  # m = round(g - (g - m)(1 - w))
         # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        ops.multiply(v, sdt.type(beta2), out=v)
-        _round_inplace(v, st)
-        ops.multiply(g, cd.type(1 - beta2), out=t)
-        ops.multiply(t, g, out=t)
-        out = _target(v, t)
-        ops.add(v, t, out=out)
-        _assign(v, out, st)
-        # scalars in Python float64, as PyTorch
-        bias_correction1 = 1 - beta1 ** float(step)
-        bias_correction2 = 1 - beta2 ** float(step)
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        d = state.buffer(name, "denom", p, sdt)
-        ops.sqrt(v, out=d)
+        _scale(v, k.sdt.type(beta2), st, ops)  # v = round(beta2 v)
+        ops.multiply(g, cd.type(1 - beta2), out=t)  # (1 - beta2) g
+        ops.multiply(t, g, out=t)  # ((1 - beta2) g) g
+        _accumulate(v, t, st, ops)  # v = round(v + ((1 - beta2) g) g)
+        # Python float64 scalars, as PyTorch forms them
+        step = state.step + 1
+        step_size = lr / (1 - beta1 ** float(step))
+        bias_correction2_sqrt = (1 - beta2 ** float(step)) ** 0.5
+        # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), each op rounded
+        d = state.buffer(name, "denom", p, k.sdt)
+        ops.sqrt(v, out=d)  # sqrt(v)
         _round_inplace(d, st)
-        ops.divide(d, sdt.type(bias_correction2_sqrt), out=d)
+        ops.divide(d, k.sdt.type(bias_correction2_sqrt), out=d)  # sqrt(v) / sqrt(bc2)
         _round_inplace(d, st)
-        ops.add(d, sdt.type(self.eps), out=d)
+        ops.add(d, k.sdt.type(self.eps), out=d)  # ... + eps
         _round_inplace(d, st)
-        # param.addcdiv_(exp_avg, denom, value=-step_size): param + (value * exp_avg) / denom
+        # param.addcdiv_(exp_avg, denom, value=-step_size): p = round(p + (-step_size m) / d)
         upd = state.buffer(name, "update", p, cd)
-        ops.multiply(m, cd.type(-step_size), out=upd)
-        ops.divide(upd, d, out=upd)
-        _apply_update(name, p, upd, state, sto, ops, cd)
+        ops.multiply(m, cd.type(-step_size), out=upd)  # -step_size m
+        ops.divide(upd, d, out=upd)  # (-step_size m) / d
+        _apply_update(name, p, upd, state, k, cd)
 
     def to_dict(self) -> dict[str, Any]:
         """All hyperparameters as plain JSON."""
@@ -913,34 +910,16 @@ _ADAM_DOC = r"""{title}
 
 @dataclass(frozen=True)
 class Adam(_AdamMixin):
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    storage_format: Any = None
-    state_format: Any = None
-
     name: ClassVar[str] = "adam"
     decoupled: ClassVar[bool] = False
-
-    def __post_init__(self):
-        self._validate()
 
 
 @dataclass(frozen=True)
 class AdamW(_AdamMixin):
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
     weight_decay: float = 0.01
-    storage_format: Any = None
-    state_format: Any = None
 
     name: ClassVar[str] = "adamw"
     decoupled: ClassVar[bool] = True
-
-    def __post_init__(self):
-        self._validate()
 
 
 Adam.__doc__ = _ADAM_DOC.format(
@@ -959,6 +938,42 @@ AdamW.__doc__ = _ADAM_DOC.format(
     "``lr * weight_decay`` is below the storage format's unit roundoff the product rounds back "
     "to ``p`` and a ``UserWarning`` says so.",
 )
+
+
+# --- wrappers around a base optimizer ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Wrapper(_Stepper):
+    """A gradient transform or schedule around ``base``: its formats, state, checkpoints and
+    checks are the base's; ``_apply`` transforms and calls the base's ``_apply``."""
+
+    base: Any
+
+    def __post_init__(self):
+        if not isinstance(self.base, _Stepper):
+            raise TypeError(
+                f"{type(self).__name__} base must be a numstab optimizer, got {self.base!r}"
+            )
+
+    @property
+    def storage_format(self):
+        return self.base.storage_format
+
+    @property
+    def state_format(self):
+        return self.base.state_format
+
+    def init_state(self, params, storage_format=None) -> OptState:
+        """The base optimizer's state (the wrapper keeps none)."""
+        return self.base.init_state(params, storage_format)
+
+    def load_state_arrays(self, arrays, step, storage_format=None, *, like=None) -> OptState:
+        """The base optimizer's :meth:`~SGD.load_state_arrays`."""
+        return self.base.load_state_arrays(arrays, step, storage_format=storage_format, like=like)
+
+    def _check_step(self, params, grads, state: OptState) -> _Kernel:
+        return self.base._check_step(params, grads, state)
 
 
 # --- ⊥Grad ------------------------------------------------------------------------------------
@@ -997,7 +1012,7 @@ def perp_grad_tensor(w, g, *, eps: float = 1e-30, rescale: bool = True, acc_dtyp
     instead of ~1e-7 before the final rounding to the gradient's format. NaN/inf propagate.
     """
     acc = np.dtype(acc_dtype)
-    xp = _xp(w, g)
+    xp = namespace(w, g)
     w, g = xp.asarray(w), xp.asarray(g)
     wf = _flat(xp, w, acc)
     gf = _flat(xp, g, acc)
@@ -1023,7 +1038,7 @@ def perp_grad_global(params: dict, grads: dict, *, acc_dtype=np.float64) -> dict
         Same keys and shapes, dtype ``acc_dtype``.
     """
     acc = np.dtype(acc_dtype)
-    xp = _xp(*params.values(), *grads.values())
+    xp = namespace(*params.values(), *grads.values())
     flat = {k: (_flat(xp, params[k], acc), _flat(xp, grads[k], acc)) for k in params}
     shapes = {k: xp.asarray(grads[k]).shape for k in params}
     tg = _scalar(xp, 0, acc)
@@ -1046,7 +1061,7 @@ def perp_grad_global(params: dict, grads: dict, *, acc_dtype=np.float64) -> dict
 
 
 @dataclass(frozen=True)
-class PerpGrad:
+class PerpGrad(_Wrapper):
     r"""⊥Grad: remove the gradient's component along the weights, then step the base optimizer.
 
     ``scope="tensor"`` is the authors' code (per tensor, ``eps`` in both denominators, ``g⊥``
@@ -1074,7 +1089,6 @@ class PerpGrad:
         Used by ``scope="tensor"`` only.
     """
 
-    base: Any
     scope: str = "tensor"
     eps: float = 1e-30
 
@@ -1085,27 +1099,15 @@ class PerpGrad:
             valid = ", ".join(PERP_GRAD_SCOPES)
             raise ValueError(f"unknown PerpGrad scope {self.scope!r}; valid scopes: {valid}")
         object.__setattr__(self, "eps", _check_number("eps", self.eps, 0.0))
-        if not hasattr(self.base, "_step"):
-            raise TypeError(f"PerpGrad base must be a numstab optimizer, got {self.base!r}")
-
-    @property
-    def storage_format(self):
-        return self.base.storage_format
-
-    @property
-    def state_format(self):
-        return self.base.state_format
-
-    def init_state(self, params, storage_format=None) -> OptState:
-        """The base optimizer's state (⊥Grad keeps none)."""
-        return self.base.init_state(params, storage_format)
-
-    def load_state_arrays(self, arrays, step, storage_format=None, *, like=None) -> OptState:
-        return self.base.load_state_arrays(arrays, step, storage_format=storage_format, like=like)
+        super().__post_init__()
 
     def project(self, params: dict, grads: dict, state: OptState) -> dict:
         """``g⊥`` for every tensor, rounded to the storage format (new arrays)."""
-        sto, st = get_format(state.storage_format), get_format(state.state_format)
+        return self._project(
+            params, grads, get_format(state.storage_format), get_format(state.state_format)
+        )
+
+    def _project(self, params: dict, grads: dict, sto: Format, st: Format) -> dict:
         acc = _acc_dtype(sto, st)
         if self.scope == "tensor":
             raw = {
@@ -1116,16 +1118,12 @@ class PerpGrad:
             raw = perp_grad_global(params, grads, acc_dtype=acc)
         if _emulated(sto):
             return {k: quantize(r, sto) for k, r in raw.items()}
-        xp = _xp(*raw.values())
+        xp = namespace(*raw.values())
         return {k: _astype(xp, r, sto.carrier) for k, r in raw.items()}
 
-    def step(self, params, grads, state: OptState) -> None:
+    def _apply(self, params, grads, state, lr, k):
         """Project the gradients, then one base step (``grads`` are not modified)."""
-        self._step(params, grads, state, None)
-
-    def _step(self, params, grads, state, lr):
-        _check_arrays("grads", grads, get_format(state.storage_format), like=params)
-        self.base._step(params, self.project(params, grads, state), state, lr)
+        self.base._apply(params, self._project(params, grads, k.sto, k.st), state, lr, k)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1164,7 +1162,7 @@ def global_grad_norm(grads: dict, *, acc_dtype=None) -> float:
     in the backend's order: results differ between backends by at most ``gamma_N + 2u``
     relative (``N`` elements, ``u = 2**-53``).
     """
-    xp = _xp(*grads.values())
+    xp = namespace(*grads.values())
     arrays = [xp.asarray(g) for g in grads.values()]
     if acc_dtype is None:
         wide = any(is_numpy(xp) and a.dtype == np.longdouble for a in arrays)
@@ -1191,7 +1189,7 @@ def global_grad_norm(grads: dict, *, acc_dtype=None) -> float:
 
 
 @dataclass(frozen=True)
-class NormalizedLR:
+class NormalizedLR(_Wrapper):
     r"""Normalized learning-rate schedule ``η_t = η₀ / ||∇L_t||`` around a base optimizer.
 
     Each step computes the global gradient norm (:func:`global_grad_norm`, float64) and runs the
@@ -1214,29 +1212,13 @@ class NormalizedLR:
         ``η₀``, finite and >= 0.
     """
 
-    base: Any
     lr0: float
 
     name: ClassVar[str] = "normalized_lr"
 
     def __post_init__(self):
         object.__setattr__(self, "lr0", _check_lr(self.lr0))
-        if not hasattr(self.base, "_step"):
-            raise TypeError(f"NormalizedLR base must be a numstab optimizer, got {self.base!r}")
-
-    @property
-    def storage_format(self):
-        return self.base.storage_format
-
-    @property
-    def state_format(self):
-        return self.base.state_format
-
-    def init_state(self, params, storage_format=None) -> OptState:
-        return self.base.init_state(params, storage_format)
-
-    def load_state_arrays(self, arrays, step, storage_format=None, *, like=None) -> OptState:
-        return self.base.load_state_arrays(arrays, step, storage_format=storage_format, like=like)
+        super().__post_init__()
 
     def lr_for(self, grads: dict, lr0: float | None = None):
         """``lr0 / ||∇L||`` (a Python float), or None when the norm is 0 (skip)."""
@@ -1246,16 +1228,13 @@ class NormalizedLR:
         with np.errstate(divide="ignore", invalid="ignore"):
             return float((self.lr0 if lr0 is None else lr0) / norm)
 
-    def step(self, params, grads, state: OptState) -> None:
+    def _apply(self, params, grads, state, lr, k):
         """One base step with ``lr = lr0 / ||∇L||``; nothing at all if ``||∇L|| = 0``."""
-        self._step(params, grads, state, None)
-
-    def _step(self, params, grads, state, lr):
         lr_t = self.lr_for(grads, lr)
         if lr_t is None:
             state.last_update = {}
         else:
-            self.base._step(params, grads, state, lr_t)
+            self.base._apply(params, grads, state, lr_t, k)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lr0": self.lr0, "base": self.base.to_dict()}

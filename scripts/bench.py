@@ -7,7 +7,7 @@ Usage::
     python scripts/bench.py                    # everything, BLAS threads 1 and 2
     python scripts/bench.py --threads 1 --repeats 30 --json bench.json
     python scripts/bench.py --quick            # smoke mode (seconds; used by the tests)
-    python scripts/bench.py --profile          # also profile the float32/float64 step
+    python scripts/bench.py --profile          # also profile the step (cProfile)
 
 Sections (``--sections``, default all):
 
@@ -47,11 +47,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import hashlib
+import io
 import json
 import os
 import platform
+import pstats
 import shutil
 import subprocess
 import sys
@@ -67,7 +70,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from numstab.cli import HelpFormatter  # noqa: E402
+from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
 from numstab.run.runtime import tune_allocator  # noqa: E402
 
 #: The table's column header (the test looks for it).
@@ -166,7 +169,7 @@ def _fmt_s(s):
     return f"{s * 1e6:.1f} µs"
 
 
-def _stat(wall, cpu=None, threads=1):
+def _stat(wall, cpu=None):
     w = np.asarray(wall, dtype=np.float64)
     out = {
         "median": float(np.median(w)),
@@ -310,10 +313,8 @@ def uptime_line():
 
 
 def environment(torch_mod, torch_status, allocator):
-    import mpmath
-    import scipy
-
-    import numstab
+    """:func:`numstab.cli.versions` (the versions and BLAS of every run output), plus what a
+    timing depends on: the CPU, gmpy2, threadpoolctl, PyTorch, the allocator, the load."""
 
     def ver(mod):
         try:
@@ -321,30 +322,13 @@ def environment(torch_mod, torch_status, allocator):
         except Exception:  # report, never fail, on an odd install
             return "not installed"
 
-    blas = [
-        {
-            k: i.get(k)
-            for k in ("internal_api", "version", "architecture", "threading_layer", "num_threads")
-        }
-        | {"file": os.path.basename(i.get("filepath", ""))}
-        for i in threadpool_info()
-        if i.get("user_api") == "blas"
-    ]
     env = {
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "mpmath": mpmath.__version__,
-        "mpmath_backend": mpmath.libmp.BACKEND,
+        **versions(),
         "gmpy2": ver("gmpy2"),
-        "ml_dtypes": ver("ml_dtypes"),
         "threadpoolctl": ver("threadpoolctl"),
-        "numstab": numstab.__version__,
         "torch": torch_status,
-        "numpy_blas": blas,
         "allocator": allocator,
         "load_start": list(os.getloadavg()),
         "uptime_start": uptime_line(),
@@ -369,10 +353,10 @@ def print_environment(env, args):
         f"({env['mpmath_backend']} backend), gmpy2 {env['gmpy2']}, ml_dtypes {env['ml_dtypes']}, "
         f"threadpoolctl {env['threadpoolctl']}, numstab {env['numstab']}, torch {env['torch']}"
     )
-    for b in env["numpy_blas"]:
+    for b in env["blas"]:
         print(
             f"  numpy BLAS {b['internal_api']} {b['version']} ({b['architecture']}, "
-            f"{b['threading_layer']} threading, default {b['num_threads']} threads, {b['file']})"
+            f"default {b['num_threads']} threads)"
         )
     if "torch_blas" in env:
         print(
@@ -645,12 +629,14 @@ def run_from_checkpoint(ck, data=None):
     run = new_run("float32", data=data)
     for k in list(run.params):
         run.params[k] = np.array(ck[f"param/{k}"], copy=True)
-    state = {
-        k[len("state/") :]: np.array(v, copy=True) for k, v in ck.items() if k.startswith("state/")
-    }
-    run.opt_state = run.optimizer.load_state_arrays(state, int(ck["opt_step"]))
+    run.opt_state = run.optimizer.load_state_arrays(checkpoint_state(ck), int(ck["opt_step"]))
     run.step = int(ck["step"])
     return run
+
+
+def checkpoint_state(ck):
+    """The optimizer-state arrays of a late checkpoint, keyed ``"<param>/<tensor>"``."""
+    return {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")}
 
 
 def _subnormal_fraction(a):
@@ -705,10 +691,7 @@ def section_late(rep, args, torch_mod, thr, ck):
         print(f"    #   {k:<28} {v['early']:.4f} -> {v['late']:.4f}")
     if torch_mod is not None:
         ts = TorchStep(torch_mod, late, "float32")
-        ts.load_adam_state(
-            {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")},
-            int(ck["opt_step"]),
-        )
+        ts.load_adam_state(checkpoint_state(ck), int(ck["opt_step"]))
         probs_t, dz_t = ts.logit_grad()
         rep.fact(
             "torch_subnormal_fraction",
@@ -735,10 +718,7 @@ def section_late(rep, args, torch_mod, thr, ck):
         if torch_mod is not None:
             t_early = TorchStep(torch_mod, early, "float32")
             t_late = TorchStep(torch_mod, late, "float32")
-            t_late.load_adam_state(
-                {k[len("state/") :]: v for k, v in ck.items() if k.startswith("state/")},
-                int(ck["opt_step"]),
-            )
+            t_late.load_adam_state(checkpoint_state(ck), int(ck["opt_step"]))
             groups.append(
                 (
                     contextlib.nullcontext,
@@ -918,7 +898,7 @@ def _run_child(cmd, env=None):
         return wall, ru.ru_utime + ru.ru_stime, p.returncode, out.read(), err.read()
 
 
-def section_compare(rep, args):
+def section_compare(rep):
     """The default compare command, and the same with one BLAS thread (informational)."""
     base = [sys.executable, "-m", "numstab.compare", "--dtype", "float32", "--quiet"]
     env = dict(os.environ)
@@ -1021,157 +1001,8 @@ def section_memory(rep, args):
 
 # --- profile -----------------------------------------------------------------------------------
 
-
-def section_profile(args):
-    import cProfile
-    import io
-    import pstats
-
-    from numstab import functional, optim
-
-    print()
-    print(f"profile: {args.profile_steps} steps per format, 1 BLAS thread")
-    _in_situ_breakdown(args)
-    print("\n  cProfile (deterministic; adds overhead per Python call):")
-    for dt in PROFILE_DTYPES:
-        run = new_run(dt)
-        with threadpool_limits(limits=1, user_api="blas"):
-            for _ in range(2):
-                run.advance(log=False)
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(args.profile_steps):
-                run.advance(log=False)
-            pr.disable()
-        buf = io.StringIO()
-        ps = pstats.Stats(pr, stream=buf).sort_stats("tottime")
-        total = ps.total_tt
-        print(f"\n  {dt}: {total / args.profile_steps * 1e3:.1f} ms per step under cProfile")
-        _print_profile_groups(ps, total, args.profile_steps)
-        print("    top functions by own time:")
-        rows = sorted(ps.stats.items(), key=lambda kv: -kv[1][2])[:14]
-        for (file, line, fn), (_cc, nc, tt, _ct, _callers) in rows:
-            where = f"{Path(file).name}:{line}({fn})" if line else fn
-            print(
-                f"    {tt / total * 100:5.1f}%  {tt / args.profile_steps * 1e3:7.2f} ms/step  "
-                f"{nc // args.profile_steps:>4} calls/step  {where}"
-            )
-    try:
-        from line_profiler import LineProfiler
-    except ImportError:
-        print("\n  (line_profiler not installed: pip install line_profiler for the line view)")
-        return
-    for dt in PROFILE_DTYPES:
-        run = new_run(dt)
-        lp = LineProfiler()
-        targets = [
-            getattr(functional, name)
-            for name in (
-                "loss_forward",
-                "_loss_forward",
-                "loss_backward",
-                "gather_forward",
-                "gather_backward",
-                "relu_backward",
-            )
-            if hasattr(functional, name)
-        ]
-        for f in (*targets, optim._AdamMixin._update):
-            lp.add_function(f)
-        with threadpool_limits(limits=1, user_api="blas"):
-            run.advance(log=False)
-            lp.enable_by_count()
-            for _ in range(args.profile_steps):
-                run.advance(log=False)
-            lp.disable_by_count()
-        buf = io.StringIO()
-        lp.print_stats(stream=buf, output_unit=1e-3, stripzeros=True)
-        print(
-            f"\n  line_profiler, {dt}, {args.profile_steps} steps (ms totals); lines ≥ 2 % of a "
-            "function:"
-        )
-        _print_line_profile(buf.getvalue())
-
-
 #: Storage formats profiled by --profile.
 PROFILE_DTYPES = ("float32", "float64", "float16")
-
-#: Functions timed inside the step by ``_in_situ_breakdown``: (label, module, attribute).
-IN_SITU_PARTS = (
-    ("six GEMMs (functional.gemm)", "numstab.functional", "gemm"),
-    ("gather forward (layer 1)", "numstab.mlp", "gather_forward"),
-    ("ReLU forward", "numstab.mlp", "relu_forward"),
-    ("loss forward (softmax CE)", "numstab.train", "loss_forward"),
-    ("loss backward", "numstab.train", "loss_backward"),
-    ("ReLU backward", "numstab.mlp", "relu_backward"),
-    ("segment-sum backward (layer 1)", "numstab.mlp", "gather_backward"),
-)
-
-
-def _in_situ_breakdown(args):
-    """Where a real step's time goes, without a profiler: the step's parts are wrapped with
-    ``perf_counter`` (a few µs of overhead per call), and the GEMMs are compared with the
-    same products on hot, reused operands (the floor of section 1)."""
-    import importlib
-
-    print("  where the time goes (perf_counter wrappers, medians over steps; no profiler):")
-    for dt in PROFILE_DTYPES:
-        run = new_run(dt)
-        floor = gemm_floor(gemm_operands(run))
-        spent = {label: [] for label, _, _ in IN_SITU_PARTS}
-        spent["AdamW update"] = []
-        saved = []
-
-        def wrap(fn, label, spent=spent):
-            def inner(*a, **k):
-                t0 = time.perf_counter()
-                out = fn(*a, **k)
-                spent[label][-1] += time.perf_counter() - t0
-                return out
-
-            return inner
-
-        for label, mod, attr in IN_SITU_PARTS:
-            m = importlib.import_module(mod)
-            saved.append((m, attr, getattr(m, attr)))
-            setattr(m, attr, wrap(getattr(m, attr), label))
-        opt = run.optimizer
-        object.__setattr__(opt, "step", wrap(type(opt).step.__get__(opt), "AdamW update"))
-        steps, floors = [], []
-        try:
-            with threadpool_limits(limits=1, user_api="blas"), _gc_off():
-                for i in range(args.profile_steps + 2):
-                    for v in spent.values():
-                        v.append(0.0)
-                    w, _ = timed(numstab_step(run))
-                    f, _ = timed(floor)
-                    if i >= 2:
-                        steps.append(w)
-                        floors.append(f)
-                    else:
-                        for v in spent.values():
-                            v.pop()
-        finally:
-            for m, attr, fn in saved:
-                setattr(m, attr, fn)
-            object.__delattr__(opt, "step")
-        st = float(np.median(steps))
-        print(f"    {dt}: step {st * 1e3:.2f} ms (1 BLAS thread)")
-        acc = 0.0
-        for label, v in spent.items():
-            t = float(np.median(v))
-            acc += t
-            print(f"      {t / st * 100:5.1f}%  {t * 1e3:7.2f} ms  {label}")
-        print(
-            f"      {(st - acc) / st * 100:5.1f}%  {(st - acc) * 1e3:7.2f} ms  rest (advance "
-            "glue, logit-gradient cast, finiteness checks)"
-        )
-        g, fl = float(np.median(spent["six GEMMs (functional.gemm)"])), float(np.median(floors))
-        print(
-            f"      GEMMs in the step / the same GEMMs on hot operands: {g * 1e3:.2f} / "
-            f"{fl * 1e3:.2f} ms = {g / fl:.2f}; step / floor = {st / fl:.2f}"
-        )
-
 
 #: Parts of the step, by (module file, function) whose cumulative time they are.
 PROFILE_GROUPS = (
@@ -1186,18 +1017,66 @@ PROFILE_GROUPS = (
     ),
     ("AdamW update", (("optim.py", "step"),)),
 )
+GEMM_GROUP = PROFILE_GROUPS[0][0]
 
 
-def _print_profile_groups(ps, total, steps):
-    """Cumulative time of the step's parts (nested calls counted once, in their part)."""
+def section_profile(args):
+    """cProfile of ``--profile-steps`` steps per format (1 BLAS thread): the step's parts
+    (cumulative time), its GEMMs against the same products on hot operands, and the
+    functions with the most own time. The unprofiled step and GEMM floor are timed first
+    (medians), since cProfile adds a cost to every Python call."""
+    print()
+    print(f"profile: {args.profile_steps} steps per format, 1 BLAS thread")
+    print("  cProfile (deterministic; adds overhead per Python call):")
+    for dt in PROFILE_DTYPES:
+        run = new_run(dt)
+        floor = gemm_floor(gemm_operands(run))
+        with threadpool_limits(limits=1, user_api="blas"):
+            res = measure_rounds(
+                [(contextlib.nullcontext, {"step": numstab_step(run), "floor": floor})],
+                args.profile_steps,
+                2,
+            )
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(args.profile_steps):
+                run.advance(log=False)
+            pr.disable()
+        step_s, floor_s = (float(np.median(res[c][0])) for c in ("step", "floor"))
+        ps = pstats.Stats(pr, stream=io.StringIO()).sort_stats("tottime")
+        total = ps.total_tt
+        print(
+            f"\n  {dt}: {total / args.profile_steps * 1e3:.1f} ms per step under cProfile, "
+            f"{step_s * 1e3:.2f} ms without"
+        )
+        groups = _print_profile_groups(ps, total, args.profile_steps)
+        g = groups[GEMM_GROUP] / args.profile_steps
+        print(
+            f"      GEMMs in the step / the same GEMMs on hot operands: {g * 1e3:.2f} / "
+            f"{floor_s * 1e3:.2f} ms = {g / floor_s:.2f}; step / floor = {step_s / floor_s:.2f}"
+        )
+        print("    top functions by own time:")
+        rows = sorted(ps.stats.items(), key=lambda kv: -kv[1][2])[:14]
+        for (file, line, fn), (_cc, nc, tt, _ct, _callers) in rows:
+            where = f"{Path(file).name}:{line}({fn})" if line else fn
+            print(
+                f"    {tt / total * 100:5.1f}%  {tt / args.profile_steps * 1e3:7.2f} ms/step  "
+                f"{nc // args.profile_steps:>4} calls/step  {where}"
+            )
+
+
+def _print_profile_groups(ps, total, steps) -> dict:
+    """Print the cumulative time of the step's parts (nested calls counted once, in their
+    part); return {part: seconds over all steps}."""
     cum = {}
     for (file, _line, fn), (_cc, _nc, _tt, ct, _callers) in ps.stats.items():
         key = (Path(file).name, fn)
         cum[key] = cum.get(key, 0.0) + ct
     print("    where the time goes (cumulative per part):")
     acc = 0.0
+    out = {}
     for label, keys in PROFILE_GROUPS:
-        t = sum(cum.get(k, 0.0) for k in keys)
+        t = out[label] = sum(cum.get(k, 0.0) for k in keys)
         acc += t
         print(f"      {t / total * 100:5.1f}%  {t / steps * 1e3:7.2f} ms/step  {label}")
     rest = total - acc
@@ -1205,34 +1084,7 @@ def _print_profile_groups(ps, total, steps):
         f"      {rest / total * 100:5.1f}%  {rest / steps * 1e3:7.2f} ms/step  "
         "rest (Run.advance glue, evaluate/gradients bookkeeping, checks)"
     )
-
-
-def _print_line_profile(text):
-    """Keep each function's header and its heaviest lines."""
-    block = []
-    for line in [*text.splitlines(), "Total time:"]:
-        if line.startswith("Total time:") and block:
-            _emit_block(block)
-            block = []
-        block.append(line)
-
-
-def _emit_block(block):
-    fn = next((b for b in block if b.startswith("Function:")), None)
-    tot = next((b for b in block if b.startswith("Total time:")), None)
-    if fn is None:
-        return
-    print(f"    {fn.split(' at ')[0]} — {tot.replace('Total time: ', '') if tot else ''}")
-    for b in block:
-        parts = b.split()
-        if len(parts) >= 6 and parts[0].isdigit():
-            try:
-                pct = float(parts[4])
-            except ValueError:
-                continue
-            if pct >= 2.0:
-                code = b[b.find(parts[4]) + len(parts[4]) :].strip()
-                print(f"      {pct:5.1f}%  {float(parts[2]):9.1f} ms  {code[:90]}")
+    return out
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -1300,7 +1152,7 @@ def build_parser():
     p.add_argument(
         "--profile",
         action="store_true",
-        help="also profile the float32 and float64 step (cProfile, line_profiler)",
+        help="also profile the float32, float64 and float16 step (cProfile)",
     )
     p.add_argument("--profile-steps", type=int, default=20, help="steps per profile")
     return p
@@ -1353,7 +1205,7 @@ def main(argv=None):
     if "2" in args.sections:
         section_audit(rep, args, ck)
     if "3" in args.sections:
-        section_compare(rep, args)
+        section_compare(rep)
     elif args.compare_skipped:
         rep.row("3", "python -m numstab.compare --dtype float32", None, None, "skipped (--quick)")
     if "4" in args.sections:
@@ -1373,18 +1225,8 @@ def main(argv=None):
             "targets": rep.targets,
             "facts": rep.facts,
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+        Path(args.json).write_text(dump_json(payload))
     return 0
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 if __name__ == "__main__":

@@ -334,19 +334,56 @@ def test_one_class_rows(fmt):
     assert (rep.target_grad_rel_error == 0).all()  # 0 == 0: no error
 
 
+# The row [0, -30, -30] (exact in bfloat16) by hand: its exact tail is T = 2 e^-30 ~ 1.9e-13,
+# far below bfloat16's u = 2**-8, so it collapses in every order; the exact loss is log1p(T)
+# and the exact logit gradient (e^{z_k} / (1 + T) off target, -T / (1 + T) on target) has the
+# relative error bound (C + max|z_k - max z| + 2**12) 2**-52 that exact_logit_gradient states.
+_BF16_ROW = [0.0, -30.0, -30.0]
+_BF16_T = 2 * math.exp(-30)
+
+
+def _check_bf16_audit(r):
+    assert r.dtype == "bfloat16"
+    assert r.collapsed.tolist() == [True] and r.collapsed_exact.tolist() == [True]
+    assert r.loss.tolist() == [0.0] and r.zero_target_grad.tolist() == [True]
+    ref = math.log1p(_BF16_T)
+    assert abs(float(r.loss_exact[0]) - ref) <= (float(r.exact_rel_bound[0]) + 2**-52) * ref
+    return True
+
+
+def _check_bf16_gradient(g):
+    e = math.exp(-30) / (1 + _BF16_T)
+    ref = np.array([[-_BF16_T / (1 + _BF16_T), e, e]])
+    np.testing.assert_allclose(g, ref, rtol=(3 + 30 + 2**12) * 2.0**-52, atol=0)
+    return True
+
+
 @pytest.mark.parametrize(
-    "call",
+    ("call", "check"),
     [
-        lambda z: sc_fraction(z, dtype="bfloat16"),
-        lambda z: audit_cross_entropy(z, np.array([0]), dtype="bfloat16"),
-        lambda z: exact_logit_gradient(z, np.array([0]), dtype="bfloat16"),
-        lambda z: absorbed(z[0, :1], z[0, 1:2], "bfloat16"),
+        (lambda z: sc_fraction(z, dtype="bfloat16"), lambda v: v == 1.0),
+        (lambda z: audit_cross_entropy(z, np.array([0]), dtype="bfloat16"), _check_bf16_audit),
+        (lambda z: exact_logit_gradient(z, np.array([0]), dtype="bfloat16"), _check_bf16_gradient),
+        # fl(0 + (-30)) = -30 != 0: not absorbed
+        (lambda z: absorbed(z[0, :1], z[0, 1:2], "bfloat16"), lambda v: v.tolist() == [False]),
+        # 256 + 1 is a tie between 256 and 258 in bfloat16 (8 bits): to even, 256
+        (
+            lambda z: absorbed(np.array([256.0], z.dtype), np.array([1.0], z.dtype)),
+            lambda v: v.tolist() == [True],
+        ),
     ],
-    ids=["sc_fraction", "audit_cross_entropy", "exact_logit_gradient", "absorbed"],
+    ids=[
+        "sc_fraction",
+        "audit_cross_entropy",
+        "exact_logit_gradient",
+        "absorbed",
+        "absorbed_own_format",
+    ],
 )
-def test_bfloat16_arrays_accepted(call):
-    z = np.array([[0.0, -30.0, -30.0]], dtype=ml_dtypes.bfloat16)
-    call(z)
+def test_bfloat16_arrays_accepted(call, check):
+    z = np.array([_BF16_ROW], dtype=ml_dtypes.bfloat16)
+    result = call(z)
+    assert check(result) is True, result
 
 
 # =============================================================================================

@@ -880,6 +880,29 @@ def test_step_input_validation():
         Adam(storage_format="float32").step(p32, p32, wide.init_state(p32))
 
 
+@pytest.mark.parametrize("wrap", ["perp_grad", "normalized_lr", "both"])
+def test_wrapped_step_checks_its_arguments_before_any_update(wrap):
+    """A wrapper's step refuses bad arguments at its entry, with the base optimizer's checks,
+    before the schedule can skip the step (a zero gradient norm) and before any parameter
+    or state changes; a parameter without state is refused before the first one moves."""
+    kw = {"perp_grad": "tensor" if wrap != "normalized_lr" else None}
+    kw["normalized_lr"] = wrap != "perp_grad"
+    opt = make_optimizer("adamw", lr=0.1, storage_format="float32", **kw)
+    params = {"A": np.ones(3, np.float32), "W": np.ones(3, np.float32)}
+    state = opt.init_state(params)
+    before = {k: v.copy() for k, v in params.items()}
+    with pytest.raises(TypeError, match=r"grads\['W'\] has dtype float64"):
+        opt.step(params, {"A": np.zeros(3, np.float32), "W": np.zeros(3)}, state)
+    with pytest.raises(ValueError, match=r"missing \['W'\]"):
+        opt.step(params, {"A": np.zeros(3, np.float32)}, state)
+    with pytest.raises(KeyError, match="'W'"):
+        g = {k: np.full(3, 0.5, np.float32) for k in params}
+        opt.step(params, g, opt.init_state({"A": params["A"]}))
+    assert state.step == 0
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+
+
 # --- factory and JSON -----------------------------------------------------------------------------
 
 
