@@ -585,8 +585,8 @@ def section_step(rep, args, torch_mod, thr):
 
 def _source_hash():
     h = hashlib.sha256()
-    for name in ("data", "functional", "mlp", "optim", "precision", "summation", "train"):
-        h.update((ROOT / "numstab" / f"{name}.py").read_bytes())
+    for path in sorted((ROOT / "numstab").rglob("*.py")):  # every engine source
+        h.update(path.read_bytes())
     h.update(np.__version__.encode())
     return h.hexdigest()[:12]
 
@@ -1006,9 +1006,9 @@ PROFILE_DTYPES = ("float32", "float64", "float16")
 
 #: Parts of the step, by (module file, function) whose cumulative time they are.
 PROFILE_GROUPS = (
-    ("six GEMMs (functional.gemm)", (("functional.py", "gemm"),)),
-    ("loss forward (softmax CE)", (("functional.py", "loss_forward"),)),
-    ("loss backward", (("functional.py", "loss_backward"),)),
+    ("six GEMMs (functional._gemm)", (("functional.py", "_gemm"),)),
+    ("loss forward (softmax CE)", (("losses/__init__.py", "loss_forward"),)),
+    ("loss backward", (("losses/__init__.py", "loss_backward"),)),
     ("gather forward (layer 1)", (("functional.py", "gather_forward"),)),
     ("segment-sum backward (layer 1)", (("functional.py", "gather_backward"),)),
     (
@@ -1070,7 +1070,7 @@ def _print_profile_groups(ps, total, steps) -> dict:
     part); return {part: seconds over all steps}."""
     cum = {}
     for (file, _line, fn), (_cc, _nc, _tt, ct, _callers) in ps.stats.items():
-        key = (Path(file).name, fn)
+        key = (Path(file).as_posix().rpartition("/numstab/")[2], fn)  # path in the package
         cum[key] = cum.get(key, 0.0) + ct
     print("    where the time goes (cumulative per part):")
     acc = 0.0
