@@ -1,6 +1,8 @@
 """The sweep command: SPEC validation, stable ids, both executors, resume, failures, collect."""
 
 import csv
+import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -14,8 +16,10 @@ import pytest
 
 import numstab
 from numstab import sweep
+from numstab.backend import get_backend
 from numstab.cli import sweep as cli_sweep
-from numstab.footprint import estimate_run_memory
+from numstab.footprint import OVERHEAD_BYTES, estimate_run_memory
+from numstab.outdir import LOCK_NAME
 from numstab.sweep import executors
 from numstab.sweep import run as sweep_run
 from numstab.train import CSV_HEADER, TrainConfig
@@ -296,10 +300,6 @@ def test_bad_options_exit_2(tmp_path, capsys):
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
-    import fcntl
-
-    from numstab.outdir import LOCK_NAME
-
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
     out.mkdir()
@@ -351,8 +351,6 @@ def test_ids_are_stable_and_change_with_every_field():
         "seed": 1,
         "zero_target_grad_from": 3,
     }
-    import dataclasses
-
     # Fields added to TrainConfig after this test was written get a generic change.
     for f in dataclasses.fields(TrainConfig):
         if f.name not in changed:
@@ -490,8 +488,6 @@ print((status_kib("VmHWM") - before) * 1024)
     ],
 )
 def test_the_memory_estimate_bounds_a_real_run(kw):
-    from numstab.footprint import OVERHEAD_BYTES
-
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE_PEAK, json.dumps(kw)],
         capture_output=True,
@@ -576,8 +572,6 @@ def test_allow_large_lifts_the_run_count_limit(tmp_path):
 
 
 def test_backend_cupy_is_checked_before_the_sweep_starts(tmp_path):
-    from numstab.backend import get_backend
-
     try:
         get_backend("cupy")
         usable = True
