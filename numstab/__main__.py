@@ -17,7 +17,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "compare": ("numstab.cli.compare", "train a format beside a reference and audit it (main job)"),
     "train": ("numstab.cli.train", "train one run and log its metrics"),
-    "sweep": ("numstab.sweep", "run a grid of runs from a SPEC file, or collect its tables"),
+    "sweep": ("numstab.cli.sweep", "run a grid of runs from a SPEC file, or collect its tables"),
 }
 
 USAGE = "usage: numstab {compare,train,sweep} [options]   (numstab COMMAND --help for each)"

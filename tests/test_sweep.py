@@ -1,6 +1,8 @@
 """The sweep command: SPEC validation, stable ids, both executors, resume, failures, collect."""
 
 import csv
+import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -12,9 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import numstab
 from numstab import sweep
+from numstab.backend import get_backend
+from numstab.cli import sweep as cli_sweep
 from numstab.run import CSV_HEADER, TrainConfig
-from numstab.run.footprint import estimate_run_memory
+from numstab.run.footprint import OVERHEAD_BYTES, estimate_run_memory
+from numstab.run.outdir import LOCK_NAME
+from numstab.sweep import executors
+from numstab.sweep import run as sweep_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,7 +163,7 @@ def test_resume_skips_finished_runs_and_force_reruns_all(local_grid, tmp_path):
 def test_interrupt_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
-    real = sweep._write_run_result
+    real = sweep_run._write_run_result
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -164,14 +172,14 @@ def test_interrupt_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(sweep, "_write_run_result", flaky)
-    code = sweep.main(
+    monkeypatch.setattr(sweep_run, "_write_run_result", flaky)
+    code = cli_sweep.main(
         [spec, "--out", str(out), "--executor", "dask", "--scheduler", "local", "--quiet"]
     )
     assert code == 130
     done = [d for d in os.listdir(out) if (out / d / "summary.json").exists()]
     assert len(done) == 1
-    monkeypatch.setattr(sweep, "_write_run_result", real)
+    monkeypatch.setattr(sweep_run, "_write_run_result", real)
     report = sweep.run_sweep(spec, out, executor="dask", scheduler="local", quiet=True)
     assert len(report.executed) == 3 and report.skipped == done
 
@@ -182,7 +190,7 @@ def test_interrupt_keeps_finished_runs_and_resumes(tmp_path, monkeypatch):
 def test_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     spec = write(tmp_path, FAILING)
     out = tmp_path / "out"
-    code = sweep.main([spec, "--out", str(out), "--quiet"])
+    code = cli_sweep.main([spec, "--out", str(out), "--quiet"])
     assert code == 1
     captured = capsys.readouterr()
     ids = [r.id for r in sweep.load_spec(spec).runs]
@@ -208,16 +216,15 @@ def test_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
 
 
 def test_an_exception_in_one_run_is_recorded_with_its_traceback(tmp_path, monkeypatch):
-    import numstab.run.loop as train_mod
-
-    real = train_mod.train
+    real = executors.train
 
     def sometimes(config, **kw):
         if config.seed == 1 and config.dtype == "float64":
             raise RuntimeError("boom in the worker")
         return real(config, **kw)
 
-    monkeypatch.setattr(train_mod, "train", sometimes)  # seen by in-process Dask workers
+    # The name execute() calls, seen by in-process Dask workers.
+    monkeypatch.setattr(executors, "train", sometimes)
     spec = write(tmp_path, GRID)
     report = sweep.run_sweep(
         spec, tmp_path / "out", executor="dask", scheduler="local", workers=2, quiet=True
@@ -255,7 +262,7 @@ BAD_SPECS = [
 def test_malformed_spec_is_rejected_before_anything_runs(tmp_path, capsys, text, key):
     spec = write(tmp_path, GRID.split("[base]")[0] + text)
     out = tmp_path / "out"
-    code = sweep.main([spec, "--out", str(out), "--quiet"])
+    code = cli_sweep.main([spec, "--out", str(out), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
     assert key in err, err
@@ -284,26 +291,22 @@ def test_axis_overrides_base_and_none_means_none():
 def test_bad_options_exit_2(tmp_path, capsys):
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
-    assert sweep.main([spec, "--out", str(out), "--executor", "dask"]) == 2
+    assert cli_sweep.main([spec, "--out", str(out), "--executor", "dask"]) == 2
     assert "--scheduler" in capsys.readouterr().err
-    assert sweep.main([spec, "--out", str(out), "--workers", "0"]) == 2
-    assert sweep.main([spec]) == 2
-    assert sweep.main([str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
+    assert cli_sweep.main([spec, "--out", str(out), "--workers", "0"]) == 2
+    assert cli_sweep.main([spec]) == 2
+    assert cli_sweep.main([str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
     assert not out.exists()
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
-    import fcntl
-
-    from numstab.run.outdir import LOCK_NAME
-
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
     out.mkdir()
     # Another writer (a sweep, or any numstab command) holds the folder's lock.
     with open(out / LOCK_NAME, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert sweep.main([spec, "--out", str(out), "--quiet"]) == 2
+        assert cli_sweep.main([spec, "--out", str(out), "--quiet"]) == 2
     assert "is writing to" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [LOCK_NAME]
 
@@ -348,8 +351,6 @@ def test_ids_are_stable_and_change_with_every_field():
         "seed": 1,
         "zero_target_grad_from": 3,
     }
-    import dataclasses
-
     # Fields added to TrainConfig after this test was written get a generic change.
     for f in dataclasses.fields(TrainConfig):
         if f.name not in changed:
@@ -390,7 +391,7 @@ def test_dry_run_lists_runs_creates_nothing_and_ids_match_other_processes(tmp_pa
 
 def test_dry_run_shows_what_resume_would_do(local_grid, tmp_path, capsys):
     spec, out, _ = local_grid
-    assert sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
+    assert cli_sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert text.count(" skip") == 4 and "0 would run" in text
 
@@ -487,8 +488,6 @@ print((status_kib("VmHWM") - before) * 1024)
     ],
 )
 def test_the_memory_estimate_bounds_a_real_run(kw):
-    from numstab.run.footprint import OVERHEAD_BYTES
-
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE_PEAK, json.dumps(kw)],
         capture_output=True,
@@ -573,8 +572,6 @@ def test_allow_large_lifts_the_run_count_limit(tmp_path):
 
 
 def test_backend_cupy_is_checked_before_the_sweep_starts(tmp_path):
-    from numstab.backend import get_backend
-
     try:
         get_backend("cupy")
         usable = True
@@ -641,7 +638,7 @@ def test_format_aliases_are_one_run_and_the_dry_run_says_so(tmp_path):
 def test_a_worker_that_cannot_start_stops_the_sweep_with_one_message(tmp_path, monkeypatch):
     # A real process that exits at once, as a worker whose imports fail would.
     monkeypatch.setattr(
-        sweep, "_worker_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"]
+        executors, "_worker_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"]
     )
     spec = write(tmp_path, GRID)
     out = tmp_path / "out"
@@ -761,10 +758,10 @@ def test_collect_groups_over_seeds_and_counts_missing_values(tmp_path):
 
 def test_collect_command(local_grid, capsys):
     _, out, report = local_grid
-    assert sweep.main(["collect", str(out)]) == 0
+    assert cli_sweep.main(["collect", str(out)]) == 0
     text = capsys.readouterr().out
     assert all(rid in text for rid in report.planned) and "4 runs collected" in text
-    assert sweep.main(["collect", str(out / "nope")]) == 2
+    assert cli_sweep.main(["collect", str(out / "nope")]) == 2
 
 
 def test_bundled_specs_load_by_name_from_any_folder(tmp_path, monkeypatch):
@@ -775,8 +772,35 @@ def test_bundled_specs_load_by_name_from_any_folder(tmp_path, monkeypatch):
     names = sweep.bundled_specs()
     assert {"example", "fig1", "fig2", "extra"} <= set(names)
     for name, path in names.items():
-        assert os.path.dirname(path) == os.path.join(os.path.dirname(sweep.__file__), "specs")
+        assert os.path.dirname(path) == os.path.join(os.path.dirname(numstab.__file__), "specs")
         sw = sweep.load_spec(name)
         assert sw.runs and sweep.load_spec(name + ".toml").runs == sw.runs
     with pytest.raises(sweep.SpecError, match="bundled SPECs, by name: .*example"):
         sweep.load_spec("no-such-spec")
+
+
+# --- module layout ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["main", "build_parser", "build_collect_parser"])
+def test_the_command_line_moved_and_its_old_names_warn(name):
+    with pytest.warns(DeprecationWarning, match=f"numstab.cli.sweep.{name}"):
+        assert getattr(sweep, name) is getattr(cli_sweep, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sweep.no_such_name  # noqa: B018
+
+
+def test_the_sweep_package_does_not_import_its_command_line():
+    # A fresh interpreter: importing the package (as a worker does) leaves the command line
+    # alone, so numstab.cli.sweep can import the package without a cycle; every name of
+    # __all__ resolves.
+    code = (
+        "import sys, warnings; import numstab.sweep as s; "
+        "print('numstab.cli.sweep' in sys.modules); "
+        "warnings.simplefilter('ignore'); print(all(getattr(s, n) for n in s.__all__))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
