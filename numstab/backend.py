@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import types
 
+import array_api_compat
 import numpy as np
 
 # At import, not on first use: SciPy before 1.16 loads its own OpenBLAS with scipy.sparse, and
@@ -114,8 +115,6 @@ def namespace(*arrays):
     ]
     if not arrs:
         return np
-    import array_api_compat
-
     return array_api_compat.array_namespace(*arrs)
 
 
@@ -401,7 +400,6 @@ def new_array(kind: str, like, dtype):
     xp = namespace(like)
     if is_numpy(xp):
         return getattr(np, kind)(like.shape, dtype=dtype)
-    import array_api_compat  # loaded by namespace() already: lazy for NumPy-only use
 
     return getattr(xp, kind)(
         like.shape, dtype=xp_dtype(xp, dtype), device=array_api_compat.device(like)
@@ -418,7 +416,6 @@ def copy_to(arr, like=None):
     host = to_numpy(arr)
     if is_numpy(xt):
         return np.array(host, copy=True)
-    import array_api_compat  # loaded by namespace() already: lazy for NumPy-only use
 
     return xt.asarray(host, copy=True, device=array_api_compat.device(like))
 

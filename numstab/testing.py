@@ -58,6 +58,7 @@ import ml_dtypes
 import numpy as np
 
 from numstab import exact
+from numstab.audit import sc_gap_window
 from numstab.precision import available_formats, get_format, quantize, round_to
 
 __all__ = [
@@ -544,8 +545,6 @@ def logits_in_gap_window(
         def test_my_collapse_detector(z):
             assert (my_detector(z) == collapse_mask(z, "float32", order="pairwise")).all()
     """
-    from numstab.audit import sc_gap_window  # numstab.audit imports no testing code
-
     f = get_format(fmt)
     if not (math.isfinite(jitter) and jitter >= 0):
         raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")

@@ -8,9 +8,9 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "numstab"
 #: Imported inside functions on purpose: optional dependencies (a missing one must not break
-#: ``import numstab``), tomli (Python < 3.11 only) and the POSIX/Windows file-lock modules.
+#: ``import numstab``) and the POSIX/Windows file-lock modules.
 OPTIONAL = {"cupy", "cupyx", "torch", "jax", "dask", "distributed", "matplotlib", "hypothesis",
-            "array_api_strict", "tomli", "fcntl", "msvcrt"}  # fmt: skip
+            "array_api_strict", "fcntl", "msvcrt"}  # fmt: skip
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -32,7 +32,10 @@ def _target(name: str, modules: dict) -> str | None:
 
 def _edges(mod: str, path: pathlib.Path, modules: dict, *, top_level: bool):
     tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level else [n for n in ast.walk(tree) if n not in tree.body]
+    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    inner = {id(n) for f in funcs for n in ast.walk(f)}
+    # module level (including try/except and if blocks at the top), or inside functions
+    nodes = [n for n in ast.walk(tree) if (id(n) in inner) != top_level]
     for node in nodes:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from numstab.cli import UsageError, check_backend, check_out_dir, fmt_value
 from numstab.run.driver import graceful_stop
@@ -298,8 +299,6 @@ def _progress_bar(n_tasks: int, quiet: bool, stderr):
     """A tqdm bar over the runs on a terminal's stderr, else None."""
     if not n_tasks or quiet or not stderr.isatty():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=n_tasks, file=stderr, unit="run", desc="sweep")
 
 
