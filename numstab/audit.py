@@ -1034,7 +1034,8 @@ def exact_logit_gradient(
     y = _labels(labels, n, c)
     rows = np.arange(n)
     finite = np.isfinite(z).all(axis=1)
-    zf = np.where(finite[:, None], z, 0.0)
+    # C order whatever the caller's layout: the row sums below then add in one order
+    zf = np.ascontiguousarray(np.where(finite[:, None], z, 0.0))
     with np.errstate(under="ignore", over="ignore", invalid="ignore", divide="ignore"):
         if kind == "softmax":
             top = np.argmax(zf, axis=1)
