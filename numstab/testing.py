@@ -59,6 +59,7 @@ import numpy as np
 
 from numstab import exact
 from numstab.audit import sc_gap_window
+from numstab.checks import check_choice
 from numstab.precision import available_formats, get_format, quantize, round_to
 
 __all__ = [
@@ -104,11 +105,6 @@ def _count(value, name: str, minimum: int):
         raise ValueError(f"{name} must be an integer >= {minimum} or a strategy, got {value!r}")
     return st.just(int(value))
 
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(allowed)}")
-    return value
 
 
 def _finite_max(fmt) -> float:
@@ -431,8 +427,8 @@ def logits_near_collapse(
             assert all(v <= 2.0**-11 for v in s)
     """
     f = get_format(fmt)
-    _choice("side", side, _SIDES)
-    _choice("kind", kind, _KINDS)
+    check_choice(side, _SIDES, "side")
+    check_choice(kind, _KINDS, "kind")
     if not (isinstance(rel_band, (int, float)) and 0 < rel_band < 1):
         raise ValueError(f"rel_band must lie in (0, 1), got {rel_band!r}")
     if not (math.isfinite(max_shift) and max_shift >= 0):
@@ -796,7 +792,7 @@ def labels_for(logits, *, target: str = "mixed"):
             z = data.draw(logits_near_collapse("float32", 10, n_rows=5))
             y = data.draw(labels_for(z, target="argmax"))
     """
-    _choice("target", target, _TARGETS)
+    check_choice(target, _TARGETS, "target")
     z = np.asarray(logits)
     if z.ndim != 2 or z.shape[1] == 0:
         raise ValueError(f"logits must be 2-D with at least one class, got shape {z.shape}")
@@ -832,7 +828,7 @@ def logits_and_labels(logits_strategy=None, *, target: str = "mixed"):
             z, y = zy
             ...
     """
-    _choice("target", target, _TARGETS)
+    check_choice(target, _TARGETS, "target")
     strat = logits() if logits_strategy is None else logits_strategy
 
     @st.composite
