@@ -143,6 +143,15 @@ def collapse_mask(
     -------
     ndarray of bool, shape (N,)
     """
+    z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
+    with errstate(r.xp, over="ignore", invalid="ignore", divide="ignore"):
+        terms = LOSSES[kind].collapse_terms(z, r, eps)
+    return r.sum(terms) == 1
+
+
+def _logits_and_rounding(z, kind, fmt, order, eps, elementary):
+    """The entries' common checks: the logits rounded to ``fmt`` (2-D, with classes) and the
+    :class:`Rounding` of the loss."""
     fmt = check_format(fmt)
     check_choice(kind, LOSS_KINDS, "loss kind")
     check_order(order)
@@ -150,12 +159,10 @@ def collapse_mask(
     if kind == "stablemax":
         check_eps(eps)
     xp = namespace(z)
-    r = Rounding(fmt, order, elementary, xp)
-    with errstate(xp, over="ignore", invalid="ignore", divide="ignore"):
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         z = quantize(z, fmt)
-        _check_logits_shape(z)
-        terms = LOSSES[kind].collapse_terms(z, r, eps)
-    return ordered_sum(terms, fmt, order) == 1
+    _check_logits_shape(z)
+    return z, Rounding(fmt, order, elementary, xp)
 
 
 def _check_logits_shape(z):
@@ -212,16 +219,8 @@ def loss_forward(
         for negative values on this hot path: a negative label counts from the end, as NumPy
         indexing does (the Dataset and :mod:`numstab.audit` validate labels).
     """
-    fmt = check_format(fmt)
-    check_choice(kind, LOSS_KINDS, "loss kind")
-    check_order(order)
-    check_mode(elementary)
-    if kind == "stablemax":
-        check_eps(eps)
-    xp = namespace(z)
-    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
-        z = quantize(z, fmt)
-    _check_logits_shape(z)
+    z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
+    xp = r.xp
     labels = xp.asarray(labels)  # no copy when it already lives there
     if not is_int(labels.dtype, labels):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
@@ -230,7 +229,6 @@ def loss_forward(
             f"labels must have shape ({z.shape[0]},) to match the logits {tuple(z.shape)}, "
             f"got {tuple(labels.shape)}"
         )
-    r = Rounding(fmt, order, elementary, xp)
     try:
         with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
             loss, total, probs, state = LOSSES[kind].forward(z, labels, r, eps)
@@ -241,7 +239,7 @@ def loss_forward(
         ) from None
     cache = LossCache(
         kind=kind,
-        fmt=fmt,
+        fmt=r.fmt,
         order=order,
         labels=labels,
         normaliser=total,
