@@ -32,7 +32,7 @@ from numstab.elementary import check_mode
 from numstab.losses import softmax, softmax_stable, stablemax
 from numstab.losses.rounding import Rounding
 from numstab.precision import Format, quantize
-from numstab.summation import check_order, ordered_sum
+from numstab.summation import check_order
 
 __all__ = [
     "LOSSES",
