@@ -53,8 +53,8 @@ import os
 from analysis.match import config_matches, norm_value, values_equal
 from analysis.plots import PLOTS
 from numstab import sweep as S
-from numstab.run.options import options_of
 from numstab.run import TrainConfig
+from numstab.run.options import options_of
 
 __all__ = [
     "BUDGETS",
