@@ -2,7 +2,8 @@
 
 Times ``Run.advance`` of the paper's setup (p = 113, f = 0.4, 226-200-200-113, AdamW, full
 batch) in both modes, alternating round by round in one process (so machine load affects both
-alike), and prints the median step time of each and their ratio.
+alike), and prints the median step time of each and their ratio: wall time, and the process's
+CPU time (with one BLAS thread, the step's own work; steadier on a loaded machine).
 
     python scripts/bench_elementary.py --dtype float32 --rounds 10 --steps 6 --threads 1
 """
@@ -31,22 +32,25 @@ def main(argv=None) -> int:
     print(f"allocator: {tune_allocator()}")
     runs = {m: Run(TrainConfig(dtype=args.dtype, elementary=m)) for m in ("correct", "libm")}
     times: dict[str, list[float]] = {m: [] for m in runs}
+    cpu: dict[str, list[float]] = {m: [] for m in runs}
     with threadpool_limits(args.threads):
         for run in runs.values():
             for _ in range(args.warmup):
                 run.advance(log=False)
         for _ in range(args.rounds):
             for mode, run in runs.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(args.steps):
                     run.advance(log=False)
                 times[mode].append((time.perf_counter() - t0) / args.steps)
-    med = {m: statistics.median(v) for m, v in times.items()}
+                cpu[mode].append((time.process_time() - c0) / args.steps)
     print(f"{args.dtype}, {args.threads} BLAS thread(s), {args.rounds} rounds x {args.steps} "
           f"steps after {args.warmup} warm-up steps")
-    for m, v in med.items():
-        print(f"  {m:8s} median step {1e3 * v:7.2f} ms")
-    print(f"  ratio correct / libm: {med['correct'] / med['libm']:.3f}")
+    for label, data in (("wall", times), ("CPU", cpu)):
+        med = {m: statistics.median(v) for m, v in data.items()}
+        steps = ", ".join(f"{m} {1e3 * v:.2f} ms" for m, v in med.items())
+        print(f"  {label:4s} median step: {steps}; ratio correct / libm "
+              f"{med['correct'] / med['libm']:.3f}")
     return 0
 
 
