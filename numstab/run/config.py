@@ -49,7 +49,7 @@ class TrainConfig:
     MLP, AdamW lr 0.01, betas (0.9, 0.99), eps 1e-25, no weight decay, softmax cross-entropy in
     float32, full batch.
 
-    Each field is declared once with :func:`numstab.options.option` (type, allowed values,
+    Each field is declared once with :func:`numstab.run.options.option` (type, allowed values,
     aliases, help); construction validates and canonicalises every field from that
     declaration (``dtype="fp16"`` becomes ``"float16"``, ``lr=1`` becomes ``1.0``) and checks
     the combinations (e.g. an Adam eps that underflows in the optimizer-state format), raising

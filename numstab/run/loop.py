@@ -529,20 +529,20 @@ def train(
         ``config``, except that ``config.steps`` may be larger: a finished run is then
         continued to the new length); the result is bit-identical to an uninterrupted run of
         ``config``.
-    stop : numstab.driver.StopFlag, optional
+    stop : numstab.run.driver.StopFlag, optional
         Checked between steps; when set, a checkpoint is written and
-        :class:`numstab.driver.Stopped` raised.
+        :class:`numstab.run.driver.Stopped` raised.
     extra : callable, optional
         ``extra() -> dict`` of caller state saved in each checkpoint (see
-        :func:`numstab.driver.drive`).
+        :func:`numstab.run.driver.drive`).
 
     Raises
     ------
     NonFiniteError
         After logging, if the run diverges.
-    numstab.checkpoint.CheckpointError
+    numstab.run.checkpoint.CheckpointError
         ``resume`` with a missing, corrupted or mismatched checkpoint (nothing written).
-    numstab.driver.OutputError
+    numstab.run.driver.OutputError
         The metrics CSV or a checkpoint could not be written (disk full); the last
         checkpoint and every row logged before are intact.
     """
