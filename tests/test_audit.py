@@ -35,7 +35,8 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from helpers import FEW, SOME
+from hypothesis import given
 from hypothesis import strategies as st
 
 import numstab.audit
@@ -50,6 +51,7 @@ from numstab.audit import (
     sc_gap_window,
     ulp_error,
 )
+from numstab.elementary import exact_round
 from numstab.precision import available_formats, get_format, quantize
 
 HAS_LD = "longdouble" in available_formats()
@@ -72,18 +74,6 @@ WIDE = {
     "float64": np.longdouble,
 }
 
-# Example budgets scale with the loaded hypothesis profile (conftest: ci = 60, thorough = 600).
-_BASE = settings().max_examples
-SOME = settings(
-    max_examples=max(8, _BASE // 4),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-FEW = settings(
-    max_examples=max(5, _BASE // 8),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
 
 
 def work_dtype(fmt):
@@ -417,16 +407,16 @@ def _tree(a, W):
 
 
 def loop_collapsed(row, fmt, order) -> bool:
-    """One row: round, subtract the max, exp, round, add in ``order``, compare to 1."""
+    """One row: round, subtract the max, exp correctly rounded, add in ``order``, compare to 1."""
     T = NATIVE[fmt]
     with np.errstate(all="ignore"):
         z = [T(v) for v in row]  # exact: the values are representable
         m = T(np.nan) if any(np.isnan(v) for v in z) else max(z)
         d = [T(v - m) for v in z]
-        if fmt in ("float16", "bfloat16"):  # exp in the float32 carrier, one rounding
-            e = [T(v) for v in np.exp(np.array(d, dtype=np.float32))]
-        else:
-            e = [T(v) for v in np.exp(np.array(d, dtype=T))]
+        # exp correctly rounded to the format, by mpmath (a Ziv loop), as sc_fraction declares:
+        # not np.exp, whose float32 results are not correctly rounded (that once flipped a row
+        # near collapse with the sorted order: the pinned example below)
+        e = [T(v) for v in exact_round("exp", np.array(d, dtype=T), fmt)]
         if order == "sorted":
             e = sorted(e, key=abs)
         if order in ("sequential", "sorted"):
@@ -462,6 +452,8 @@ SC_CASES = [
 @SOME
 @given(data=st.data())
 def test_sc_fraction_against_loop(fmt, order, data):
+    if fmt == "float32":  # NumPy's float32 exp misrounds here; the sorted sum then reads 1
+        check_sc_row(_NEAR_ONE_ROW, fmt, order)
     z = data.draw(
         st.one_of(
             nt.logits_in_gap_window(fmt, st.integers(2, 140), n_rows=st.integers(1, 2)),
@@ -472,6 +464,18 @@ def test_sc_fraction_against_loop(fmt, order, data):
             nt.one_class_logits(fmt, n_rows=st.integers(1, 2)),
         )
     )
+    check_sc_row(z, fmt, order)
+
+
+#: A float32 row found by the property above once its reference used np.exp.
+_NEAR_ONE_ROW = np.float32(
+    [[0.0, -22.270323, -22.273901, -22.27748, -22.281055, -22.284634, -22.288212, -22.29179,
+      -22.295368, -22.298946, -22.302523, -22.3061, -22.309679, -22.313257, -22.316835,
+      -16.685623, *([-34.196716] * 28), -30.864508]]
+)  # fmt: skip
+
+
+def check_sc_row(z, fmt, order):
     want = sum(loop_collapsed(r, fmt, order) for r in z) / z.shape[0]
     assert sc_fraction(z, dtype=fmt, order=order) == want
 
