@@ -52,6 +52,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from numstab import exact as ex
+from numstab.elementary import exact_round as el_exact_round
 from numstab.functional import (
     LOSS_KINDS,
     GatherPlan,
@@ -68,7 +69,7 @@ from numstab.functional import (
     relu_backward,
     relu_forward,
 )
-from numstab.precision import PrecisionPolicy, available_formats, get_format, quantize
+from numstab.precision import PrecisionPolicy, available_formats, get_format, quantize, round_to
 from numstab.summation import ordered_sum
 from numstab.testing import check_vjp
 
@@ -779,11 +780,12 @@ def test_softmax_stable_does_not_collapse_at_gap_30(order, C):
 
 def independent_terms(z, fmt, kind):
     """The normaliser's terms recomputed here (not via collapse_mask): max-shifted exps, or
-    StableMax s(z)/s(max z), each operation rounded to ``fmt``."""
+    StableMax s(z)/s(max z), each operation rounded to ``fmt``; exp correctly rounded by
+    mpmath (np.exp is not, in float32)."""
     zq = quantize(z, fmt)
     if kind == "softmax":
         d = quantize(zq - zq.max(axis=1, keepdims=True), fmt)
-        return quantize(np.exp(d), fmt)
+        return el_exact_round("exp", round_to(d, fmt), fmt).astype(zq.dtype)
     one = zq.dtype.type(1)
     s = np.where(zq >= 0, quantize(zq + one, fmt), quantize(one / quantize(one - zq, fmt), fmt))
     return quantize(s / s.max(axis=1, keepdims=True), fmt)
