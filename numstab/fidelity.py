@@ -29,6 +29,7 @@ from fractions import Fraction
 import numpy as np
 
 from numstab import exact
+from numstab.backend import to_numpy
 from numstab.elementary import FUNCTIONS, exact_round
 from numstab.losses.rounding import Op
 from numstab.precision import Format, get_format
@@ -197,8 +198,12 @@ def op_fidelity(ops: Sequence[Op], *, samples: int | None = 256, seed: int = 0) 
     for op in ops:
         if not isinstance(op, Op):
             raise TypeError(f"ops must hold recorded Op objects, got {type(op).__name__}")
-        res = np.asarray(op.result)
-        xs = [np.broadcast_to(np.asarray(v, dtype=res.dtype), res.shape) for v in op.operands]
+        res = np.asarray(to_numpy(op.result))  # CuPy / array-API results come to the host
+        xs = [
+            np.broadcast_to(np.asarray(v if isinstance(v, float) else to_numpy(v), res.dtype),
+                            res.shape)
+            for v in op.operands
+        ]  # fmt: skip
         idx = np.arange(res.size)
         if samples is not None and res.size > samples:
             idx = rng.choice(res.size, size=int(samples), replace=False)

@@ -146,3 +146,17 @@ def test_rounding_fidelity_of_basic_operations_and_rows():
     assert r.n == 6 and r.max_ulp_error <= 0.5 + 2.0**-26
     bumped = rounding_fidelity(lambda v: np.nextafter(soft64(v), np.float32(2)), z, "softmax")
     assert bumped.n_correct < 6 and bumped.max_ulp_error > 0.5
+
+
+def test_operations_recorded_on_an_array_api_backend_are_judged():
+    """Recorded results of another backend (array_api_strict here; CuPy alike) come to the host
+    and are judged the same way: every float32 loss operation correctly rounded."""
+    xps = pytest.importorskip("array_api_strict")
+    z = xps.asarray(np.float32([[0.0, -16.0, -17.5], [1.0, 2.0, 3.0]]))
+    with recording() as ops:
+        _, cache = loss_forward(z, xps.asarray([0, 2]), fmt="float32")
+        loss_backward(cache, 0.5)
+    reports = op_fidelity(ops, samples=None)
+    assert {"sub", "exp", "log", "mul", "dl_p_minus_one"} <= set(reports)
+    assert all(r.n_correct == r.n for r in reports.values())
+    assert reports["exp"].n == 12 and reports["exp"].n_correct == 12
