@@ -55,7 +55,7 @@ import numpy as np
 
 from numstab import exact
 from numstab.backend import to_numpy
-from numstab.fidelity import FidelityReport, rounding_fidelity
+from numstab.fidelity import FidelityReport, op_fidelity, rounding_fidelity
 from numstab.functional import (
     _check_eps,
     collapse_mask,
@@ -63,6 +63,7 @@ from numstab.functional import (
     loss_forward,
     stablemax_s,
 )
+from numstab.losses.rounding import recording
 from numstab.metrics import param_cosines
 from numstab.precision import (
     REDUCTION_ORDERS,
@@ -81,6 +82,8 @@ __all__ = [
     "audit_cross_entropy",
     "exact_logit_gradient",
     "nlm_cosine",
+    "op_fidelity",
+    "recording",
     "rounding_fidelity",
     "sc_fraction",
     "sc_gap_window",
