@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 from numstab.backend import BACKENDS
 from numstab.data import ENCODINGS, MODULAR_ENCODINGS, TASKS
-from numstab.functional import (
-    LOSS_KINDS,
-)
+from numstab.losses import LOSS_KINDS
 from numstab.optim import OPTIMIZER_NAMES, PERP_GRAD_SCOPES, make_optimizer
 from numstab.precision import (
     ELEMENTARY_MODES,

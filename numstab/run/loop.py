@@ -24,16 +24,10 @@ import numpy as np
 from numstab import metrics as M
 from numstab.backend import get_backend, namespace, put_at, take_at, to_numpy
 from numstab.data import Dataset, get_dataset
-from numstab.functional import (
-    GatherPlan,
-    collapse_mask,
-    loss_backward,
-    loss_forward,
-)
+from numstab.functional import GatherPlan
+from numstab.losses import collapse_mask, loss_backward, loss_forward
 from numstab.mlp import MLPConfig, backward, forward, init_params
-from numstab.precision import (
-    quantize,
-)
+from numstab.precision import quantize
 from numstab.run.atomic import atomic_open
 from numstab.run.config import TrainConfig
 from numstab.run.driver import OutputError, drive, restore_runs
