@@ -19,9 +19,7 @@ names here are deprecated aliases that warn.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
+from numstab._deprecated import forward_module
 from numstab.cli import UsageError
 from numstab.sweep.executors import GROK_THRESHOLD as GROK_THRESHOLD
 from numstab.sweep.executors import WorkerStartError as WorkerStartError
@@ -67,17 +65,8 @@ __all__ = [
     "run_sweep",
 ]
 
-#: Names that moved to :mod:`numstab.cli.sweep` (deprecated here for one release).
-_MOVED_TO_CLI = ("main", "build_parser", "build_collect_parser")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_CLI:
-        warnings.warn(
-            f"numstab.sweep.{name} is deprecated; use numstab.cli.sweep.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        # Imported on use: numstab.cli.sweep imports this package (no cycle at import time).
-        return getattr(importlib.import_module("numstab.cli.sweep"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Names that moved to :mod:`numstab.cli.sweep` (deprecated here for one release; the
+#: command line is imported on use: numstab.cli.sweep imports this package).
+__getattr__ = forward_module(
+    "numstab.sweep", "numstab.cli.sweep", names=("main", "build_parser", "build_collect_parser")
+)
