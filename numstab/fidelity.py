@@ -309,13 +309,8 @@ def _basic(name: str, xs: list, f: Format):
                 continue
         # Special values and exact zeros: IEEE's result in a wider format is exact (its sign
         # rules decide the zero's sign; mpf and Fraction have no signed zero).
-        with np.errstate(all="ignore"):
-            a = [np.asarray(v).astype(wide) for v in vals]
-            if name == "dl_p_minus_one":
-                w = a[1] * (a[0] - 1)
-            else:
-                w = {"add": np.add, "sub": np.subtract, "mul": np.multiply,
-                     "div": np.divide}[name](*a)  # fmt: skip
+        with np.errstate(all="ignore"):  # the same formula, on wide IEEE scalars
+            w = op(*[np.asarray(v).astype(wide)[()] for v in vals])
         want[i] = w  # a signed zero, an infinity or NaN: exact in every format
 
     def errs_of(i: int, g) -> float:
