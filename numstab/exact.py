@@ -89,6 +89,8 @@ __all__ = [
     "log_softmax",
     "log_stablemax",
     "logsumexp",
+    "mse",
+    "mse_grad",
     "round_exact",
     "softmax",
     "stablemax",
@@ -910,6 +912,80 @@ def _cross_entropy_grad_row(row, yi, w):
     a = libmp.mpf_sum(r.e[:yi] + r.e[yi + 1 :], w.wp, _RND)  # A = sum_{k != y} e_k
     g[yi] = libmp.mpf_neg(_div(a, r.S, w.prec))
     return g
+
+
+# --- mean squared error ---------------------------------------------------------------------
+
+
+@_doc
+def mse(z, y, *, prec=None):
+    """Per-sample mean squared error on one-hot targets: ``Σ_k (z_k - δ_ky)² / C``.
+
+    The mean over a row of PyTorch's ``mse_loss(z, onehot(y))``; the mean of these over the
+    samples is ``mse_loss``'s mean over all ``N·C`` entries.
+
+    Parameters
+    ----------
+    {z}
+    {y}
+    {prec}
+
+    Returns
+    -------
+    numpy.ndarray of object (mpf), shape (N,); one mpf for 1-D ``z``
+        The exact value rounded once to ``prec`` bits (the squares and their sum are exact).
+
+    Notes
+    -----
+    A NaN row gives NaN; an infinite logit gives ``+inf``.
+
+    Examples
+    --------
+    >>> float(mse([0.5, 1.0, -1.0], 1))  # (0.25 + 0 + 1) / 3
+    0.4166666666666667
+    """
+    return _rowwise(_mse_row, z, y, prec=prec, per_entry=False)
+
+
+def _residuals(row, yi):
+    """``z_k - δ_ky`` as exact raw mpfs."""
+    return [libmp.mpf_sub(t, _FONE, 0, _RND) if k == yi else t for k, t in enumerate(row)]
+
+
+def _mse_row(row, yi, w):
+    total = _FZERO
+    for d in _residuals(row, yi):
+        total = libmp.mpf_add(total, libmp.mpf_mul(d, d, 0, _RND), 0, _RND)  # exact
+    return libmp.mpf_div(total, libmp.from_int(len(row)), w.prec, _RND)
+
+
+@_doc
+def mse_grad(z, y, *, prec=None):
+    """Gradient of :func:`mse` w.r.t. the logits: ``2 (z_k - δ_ky) / C``.
+
+    Parameters
+    ----------
+    {z}
+    {y}
+    {prec}
+
+    Returns
+    -------
+    numpy.ndarray of object (mpf), shape of ``z``
+        Each entry the exact value rounded once to ``prec`` bits; ``±inf`` at infinite logits,
+        NaN rows NaN.
+
+    Examples
+    --------
+    >>> [float(g) for g in mse_grad([0.5, 1.0, -1.0], 1)]
+    [0.3333333333333333, 0.0, -0.6666666666666666]
+    """
+    return _rowwise(_mse_grad_row, z, y, prec=prec, per_entry=True)
+
+
+def _mse_grad_row(row, yi, w):
+    c = libmp.from_int(len(row))
+    return [libmp.mpf_div(libmp.mpf_shift(d, 1), c, w.prec, _RND) for d in _residuals(row, yi)]
 
 
 # --- StableMax ------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ BASIC_OPERATIONS = {
     "div": (2, lambda a, b: a / b),
     # the one-rounding target entry of the losses' backward: dl * (p - 1), operands (p, dl)
     "dl_p_minus_one": (2, lambda p, dl: dl * (p - 1)),
+    # the losses' fused p·dl - c (label smoothing's backward), operands (p, dl, c)
+    "mul_sub": (3, lambda p, dl, c: p * dl - c),
 }
 #: Functions of a whole row (last axis), judged element by element.
 ROW_FUNCTIONS = ("softmax",)

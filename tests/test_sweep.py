@@ -350,6 +350,8 @@ def test_ids_are_stable_and_change_with_every_field():
         "log_every": 7,
         "seed": 1,
         "zero_target_grad_from": 3,
+        "temperature": 2.0,
+        "label_smoothing": 0.1,
     }
     # Fields added to TrainConfig after this test was written get a generic change.
     for f in dataclasses.fields(TrainConfig):

@@ -106,6 +106,21 @@ def _resolve(args) -> tuple[TrainConfig, TrainConfig | None, str | None]:
     if args.audit_samples is not None and args.audit_samples < 1:
         raise UsageError(f"--audit-samples must be >= 1, got {args.audit_samples}")
     test = cli.config_from_args(args)
+    unaudited = [
+        flag
+        for flag, on in (
+            (f"--loss {test.loss}", test.loss not in AUDITED_LOSSES),
+            (f"--temperature {test.temperature:g}", test.temperature != 1),
+            (f"--label-smoothing {test.label_smoothing:g}", test.label_smoothing != 0),
+        )
+        if on
+    ]
+    if unaudited:
+        raise UsageError(
+            f"{', '.join(unaudited)}: compare's exact audit covers the softmax, StableMax and "
+            "absorption-free cross-entropies without temperature or label smoothing; "
+            "train these with python -m numstab.train"
+        )
     ref_name, why = args.reference, None
     if ref_name is None:
         ref_name = "float64"
@@ -129,6 +144,9 @@ def _resolve(args) -> tuple[TrainConfig, TrainConfig | None, str | None]:
 
 
 # --- the audits ---------------------------------------------------------------------------
+
+#: Losses whose runs the exact audit covers (softmax_stable is audited as the softmax loss).
+AUDITED_LOSSES = ("softmax", "stablemax", "softmax_stable")
 
 #: The audited quantities written to metrics.csv (run ``test``, split ``train``): audit record
 #: key -> (metric, layer). A key that already names a training metric gets an ``audit_``

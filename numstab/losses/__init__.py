@@ -1,7 +1,7 @@
 """Cross-entropy losses in a declared format: one module per loss, forward beside backward.
 
 Each loss module (:mod:`~numstab.losses.softmax`, :mod:`~numstab.losses.stablemax`,
-:mod:`~numstab.losses.softmax_stable`) writes its formula over a
+:mod:`~numstab.losses.softmax_stable`, :mod:`~numstab.losses.mse`) writes its formula over a
 :class:`~numstab.losses.rounding.Rounding` and provides::
 
     forward(z, labels, r, eps) -> (loss (N,), normaliser (N,), probs (N, C), state tuple)
@@ -12,6 +12,11 @@ The entries here (:func:`loss_forward`, :func:`loss_backward`, :func:`collapse_m
 their arguments once and dispatch through :data:`LOSSES`; adding a loss is one new module and
 one line in :data:`LOSSES` (docs/architecture.md).
 
+Two options apply around the module: a temperature ``T`` divides the logits,
+``z' = RN(z / T)`` (``T`` rounded to the format first; the gradient is ``RN(g' / T)``), for
+every loss; label smoothing ``ε`` (softmax only, :data:`SMOOTHABLE`) replaces the one-hot
+target by ``ε/C + (1 - ε)·onehot`` (:func:`numstab.losses.softmax.smoothed`).
+
 Elementary functions: ``exp``, ``log`` and ``log1p`` go through :mod:`numstab.elementary` in
 the declared mode: ``"correct"`` (default) rounds each once, correctly, to the loss format;
 ``"libm"`` calls the array library's function in the carrier dtype and rounds its result
@@ -21,6 +26,8 @@ backward without ``s**2`` hold in both modes.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +36,7 @@ import numpy as np
 from numstab.backend import errstate, namespace, xp_dtype
 from numstab.checks import check_choice, check_eps, check_format, is_float, is_int
 from numstab.elementary import check_mode
-from numstab.losses import softmax, softmax_stable, stablemax
+from numstab.losses import mse, softmax, softmax_stable, stablemax
 from numstab.losses.rounding import Rounding
 from numstab.precision import Format, quantize
 from numstab.summation import check_order
@@ -38,6 +45,7 @@ __all__ = [
     "LOSSES",
     "LOSS_KINDS",
     "REDUCTIONS",
+    "SMOOTHABLE",
     "LossCache",
     "collapse_mask",
     "loss_backward",
@@ -51,9 +59,12 @@ LOSSES = {
     "softmax": softmax,
     "stablemax": stablemax,
     "softmax_stable": softmax_stable,
+    "mse": mse,
 }
 #: Loss kinds understood by :func:`loss_forward`.
 LOSS_KINDS = tuple(LOSSES)
+#: Losses that take label smoothing (their module has ``smoothed`` and ``backward_smoothed``).
+SMOOTHABLE = tuple(k for k, m in LOSSES.items() if hasattr(m, "smoothed"))
 #: Reductions understood by :func:`reduce_loss`.
 REDUCTIONS = ("mean", "none")
 
@@ -70,11 +81,16 @@ class LossCache:
         The computed sum: ``Σ exp(z - m)`` (softmax), ``Σ s(z)`` (StableMax) or the tail
         ``s`` (absorption-free softmax), in ``fmt``.
     probs : array (N, C)
-        The probabilities the backward uses (``exp(lsm)``, ``s / S`` or ``e / (1 + s)``).
+        The probabilities the backward uses (``exp(lsm)``, ``s / S`` or ``e / (1 + s)``; for
+        MSE the residuals ``z - onehot(y)``).
     state : tuple
-        The loss's own arrays: ``()`` (softmax), ``(s, z)`` (stablemax), ``(argmax,
-        RN(1 + s))`` (softmax_stable).
+        The loss's own arrays: ``(lsm,)`` (softmax), ``(s, z)`` (stablemax), ``(argmax,
+        RN(1 + s))`` (softmax_stable), ``()`` (mse).
     elementary : how exp / log / log1p were evaluated ("correct" or "libm")
+    temperature : float
+        ``T`` as rounded to ``fmt`` (1: none).
+    label_smoothing : float
+        ``ε`` as rounded to ``fmt`` (0: none).
     """
 
     kind: str
@@ -85,6 +101,8 @@ class LossCache:
     probs: np.ndarray
     state: tuple = ()
     elementary: str = "correct"
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
 
     @property
     def extra(self) -> tuple:
@@ -123,6 +141,7 @@ def collapse_mask(
     order: str = "pairwise",
     eps: float = 0.0,
     elementary: str = "correct",
+    temperature: float = 1.0,
 ):
     """Rows whose max-shifted normaliser is exactly 1 in ``fmt`` (Softmax Collapse).
 
@@ -135,15 +154,18 @@ def collapse_mask(
     ----------
     z : ndarray, shape (N, C)
     fmt : str or Format
-    kind : {"softmax", "stablemax"} ("softmax_stable" measures the softmax sum)
+    kind : {"softmax", "stablemax"} ("softmax_stable" and "mse" measure the softmax sum)
     elementary : {"correct", "libm"}
         How ``exp`` is evaluated (:mod:`numstab.elementary`).
+    temperature : float
+        The sums are those of ``RN(z / T)``.
 
     Returns
     -------
     ndarray of bool, shape (N,)
     """
     z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
+    z = _scaled(z, _temperature(temperature, r.fmt), r)
     with errstate(r.xp, over="ignore", invalid="ignore", divide="ignore"):
         terms = LOSSES[kind].collapse_terms(z, r, eps)
     return r.sum(terms) == 1
@@ -165,6 +187,42 @@ def _logits_and_rounding(z, kind, fmt, order, eps, elementary):
     return z, Rounding(fmt, order, elementary, xp)
 
 
+def _temperature(t, fmt: Format) -> float:
+    """``T`` rounded to ``fmt``: a finite number > 0 that stays so once rounded."""
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Real):
+        raise TypeError(f"temperature must be a real number > 0, got {t!r}")
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {t!r}")
+    with np.errstate(over="ignore", under="ignore"):
+        tq = float(quantize(np.float64(t), fmt))
+    if not (math.isfinite(tq) and tq > 0):
+        raise ValueError(f"temperature {t!r} rounds to {tq!r} in {fmt.name}")
+    return tq
+
+
+def _smoothing(ls, kind: str, fmt: Format) -> float:
+    """``ε`` rounded to ``fmt``: a number in [0, 1), non-zero only for a loss in SMOOTHABLE
+    (and then still non-zero once rounded)."""
+    if isinstance(ls, (bool, np.bool_)) or not isinstance(ls, numbers.Real):
+        raise TypeError(f"label_smoothing must be a real number in [0, 1), got {ls!r}")
+    if not (0 <= ls < 1):
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {ls!r}")
+    if ls and kind not in SMOOTHABLE:
+        raise ValueError(
+            f"label smoothing is defined for the {', '.join(SMOOTHABLE)} loss, not {kind!r}"
+        )
+    with np.errstate(under="ignore"):
+        lsq = float(quantize(np.float64(ls), fmt))
+    if ls and not lsq:
+        raise ValueError(f"label_smoothing {ls!r} rounds to 0 in {fmt.name}")
+    return lsq
+
+
+def _scaled(z, t: float, r):
+    """``RN(z / T)`` (``z`` itself when ``T`` is 1)."""
+    return z if t == 1 else r.div(z, t)
+
+
 def _check_logits_shape(z):
     if z.ndim != 2 or z.shape[1] == 0:
         raise ValueError(
@@ -182,15 +240,17 @@ def loss_forward(
     order: str = "pairwise",
     eps: float = 0.0,
     elementary: str = "correct",
+    temperature: float = 1.0,
+    label_smoothing: float = 0.0,
 ):
-    """Per-sample cross-entropy loss in a format.
+    """Per-sample loss in a format: a cross-entropy, or MSE on one-hot targets.
 
     Parameters
     ----------
     z : ndarray, shape (N, C)
         Logits (any float dtype; rounded to ``fmt`` first, exactly widened if narrower).
     labels : int ndarray, shape (N,)
-    kind : {"softmax", "stablemax", "softmax_stable"}
+    kind : {"softmax", "stablemax", "softmax_stable", "mse"}
         The loss module of :data:`LOSSES` (its docstring has the formula and each rounding).
     fmt : str or Format
         Loss format (the paper's ``softmax_precision``).
@@ -201,11 +261,17 @@ def loss_forward(
     elementary : {"correct", "libm"}
         How ``exp``/``log``/``log1p`` are evaluated (:mod:`numstab.elementary`): correctly
         rounded to ``fmt``, or the array library's functions (older runs' bits).
+    temperature : float
+        ``T > 0``: the loss of ``RN(z / T)`` (``T`` rounded to ``fmt``; 1: none).
+    label_smoothing : float
+        ``ε`` in [0, 1) (softmax only): targets ``ε/C + (1 - ε)·onehot(y)``, as PyTorch's
+        ``cross_entropy(label_smoothing=ε)``.
 
     Returns
     -------
     loss : ndarray, shape (N,), carrier dtype of ``fmt``
-        ``-log p_y``; exactly 0 for collapsed softmax rows. ``inf``/NaN logits give NaN or inf
+        ``-log p_y`` (MSE: ``Σ_k (z_k - δ_ky)² / C``); exactly 0 for collapsed softmax rows
+        without label smoothing. ``inf``/NaN logits give NaN or inf
         losses as IEEE arithmetic says (the training loop stops on them; no warning).
     cache : LossCache
 
@@ -220,6 +286,8 @@ def loss_forward(
         indexing does (the Dataset and :mod:`numstab.audit` validate labels).
     """
     z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
+    t = _temperature(temperature, r.fmt)
+    ls = _smoothing(label_smoothing, kind, r.fmt)
     xp = r.xp
     labels = xp.asarray(labels)  # no copy when it already lives there
     if not is_int(labels.dtype, labels):
@@ -231,7 +299,9 @@ def loss_forward(
         )
     try:
         with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
-            loss, total, probs, state = LOSSES[kind].forward(z, labels, r, eps)
+            loss, total, probs, state = LOSSES[kind].forward(_scaled(z, t, r), labels, r, eps)
+            if ls:
+                loss = LOSSES[kind].smoothed(loss, state, r, ls)
     except IndexError:
         raise ValueError(
             f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
@@ -246,6 +316,8 @@ def loss_forward(
         probs=probs,
         state=state,
         elementary=elementary,
+        temperature=t,
+        label_smoothing=ls,
     )
     return loss, cache
 
@@ -264,8 +336,8 @@ def loss_backward(cache: LossCache, dloss):
     ndarray, shape (N, C), loss carrier dtype
         With ``dl = RN(dloss)`` and ``p`` the forward's rounded probabilities: the loss
         module's ``backward`` (each entry one correct rounding of the exact value unless its
-        docstring says otherwise). Non-finite ``dloss`` gives NaN where the exact product is
-        not defined.
+        docstring says otherwise), then ``RN(g / T)`` under a temperature. Non-finite
+        ``dloss`` gives NaN where the exact product is not defined.
     """
     if not isinstance(cache, LossCache):
         raise TypeError(
@@ -287,8 +359,13 @@ def loss_backward(cache: LossCache, dloss):
         d = xp.asarray(d, dtype=xp_dtype(xp, np.float64))
         dl = quantize(xp.broadcast_to(d, (n,)), cache.fmt)[:, None]
     r = Rounding(cache.fmt, cache.order, cache.elementary, xp)
+    module = LOSSES[cache.kind]
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
-        return LOSSES[cache.kind].backward(cache, dl, r)
+        if cache.label_smoothing:
+            g = module.backward_smoothed(cache, dl, r)
+        else:
+            g = module.backward(cache, dl, r)
+        return _scaled(g, cache.temperature, r)
 
 
 def reduce_loss(loss, reduction: str = "mean"):

@@ -40,10 +40,10 @@ _RECORD: ContextVar[list | None] = ContextVar("numstab_recorded_ops", default=No
 class Op:
     """One recorded elementwise operation: ``result = RN_fmt(name(*operands))``.
 
-    ``name`` is one of ``add sub mul div exp log log1p dl_p_minus_one`` (the last:
-    ``dl·(p - 1)`` from operands ``(p, dl)``); operands are arrays or Python floats that
-    broadcast against ``result``; ``elementary`` says how ``exp``/``log``/``log1p`` were
-    evaluated.
+    ``name`` is one of ``add sub mul div exp log log1p dl_p_minus_one mul_sub``
+    (``dl·(p - 1)`` from operands ``(p, dl)``; ``p·dl - c`` from ``(p, dl, c)``); operands
+    are arrays or Python floats that broadcast against ``result``; ``elementary`` says how
+    ``exp``/``log``/``log1p`` were evaluated.
     """
 
     name: str
@@ -119,14 +119,18 @@ class Rounding:
 
     def dl_p_minus_one(self, p, dl):
         """``RN(dl · (p - 1))`` with one rounding (not ``RN(RN(p·dl) - dl)``)."""
-        return self._out("dl_p_minus_one", _times_p_minus_one(p, dl, self.fmt, self.xp), p, dl)
+        return self._out("dl_p_minus_one", _mul_sub(p, dl, dl, self.fmt, self.xp), p, dl)
+
+    def mul_sub(self, p, dl, c):
+        """``RN(p·dl - c)`` with one rounding (a fused multiply-subtract)."""
+        return self._out("mul_sub", _mul_sub(p, dl, c, self.fmt, self.xp), p, dl, c)
 
 
 def _copy(v):
     return v if isinstance(v, float) else namespace(v).asarray(v, copy=True)
 
 
-# --- one rounding of dl * (p - 1) -----------------------------------------------------------
+# --- one rounding of p * dl - c -------------------------------------------------------------
 
 
 def _two_sum(a, b):
@@ -157,24 +161,25 @@ def _round_odd(s, e, xp):
     return xp.where((e != 0) & ~odd, step, s)
 
 
-def _times_p_minus_one(p, dl, fmt: Format, xp):
-    """``RN_fmt(dl · (p - 1))`` with one rounding, for ``p``, ``dl`` values of ``fmt``.
+def _mul_sub(p, dl, c, fmt: Format, xp):
+    """``RN_fmt(p·dl - c)`` with one rounding, for ``p``, ``dl``, ``c`` values of ``fmt``
+    (``c = dl`` gives the losses' target entry ``dl·(p - 1)``).
 
-    float16/bfloat16/float32: ``dl·p`` is exact in float64 (<= 48 bits), ``dl·p - dl`` is
+    float16/bfloat16/float32: ``dl·p`` is exact in float64 (<= 48 bits), ``dl·p - c`` is
     an exact float64 pair (TwoSum), rounded to odd in float64 and then to nearest in ``fmt``:
     with ``53 >= p_fmt + 2`` bits the double rounding is innocuous (Boldo--Melquiond).
     float64/longdouble: ``dl·p = ph + pl`` exactly (Dekker), and the sum of the three terms
-    ``-dl + ph + pl`` is rounded correctly by Boldo--Melquiond's algorithm (two TwoSums, one
+    ``-c + ph + pl`` is rounded correctly by Boldo--Melquiond's algorithm (two TwoSums, one
     addition rounded to odd, one to nearest).
     """
     if fmt.precision <= 24:
         f64 = xp_dtype(xp, np.float64)
-        p64, d64 = xp.astype(p, f64), xp.astype(dl, f64)
-        s, e = _two_sum(p64 * d64, -d64)
+        p64, d64, c64 = xp.astype(p, f64), xp.astype(dl, f64), xp.astype(c, f64)
+        s, e = _two_sum(p64 * d64, -c64)
         return quantize(_round_odd(s, e, xp), fmt)
     split = 134217729.0 if fmt.precision == 53 else 4294967297.0  # 2**27 + 1, 2**32 + 1
     ph, pl = _two_prod(p, dl, split)
     uh, ul = _two_sum(ph, pl)
-    th, tl = _two_sum(-dl, uh)
+    th, tl = _two_sum(-c, uh)
     v, ve = _two_sum(tl, ul)
     return th + _round_odd(v, ve, xp)

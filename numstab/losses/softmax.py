@@ -11,13 +11,21 @@ which halves the gradient of a row about to collapse.
 
 When the tail of ``S`` is absorbed, ``S == 1`` exactly, the loss is exactly 0 and the target
 gradient exactly 0: Softmax Collapse.
+
+Label smoothing ``ε`` (PyTorch's ``label_smoothing``: target ``q_k = ε/C + (1 - ε)·δ_ky``),
+with ``a = RN(ε/C)``, ``b = RN(RN(1 - ε) + a)`` (the target's weight)::
+
+    loss = RN(RN(RN(1 - ε)·(-lsm_y)) + RN(a·Σ_k(-lsm_k)))       (Σ ordered)
+    g_k = RN(p_k·dl - RN(a·dl)),   g_y = RN(p_y·dl - RN(b·dl))   (one rounding each)
+
+so a collapsed row (``p = onehot(y)``) keeps the gradient ``-(ε/C)·dl`` off target.
 """
 
 from __future__ import annotations
 
 from numstab.backend import put_at, take_at
 
-__all__ = ["backward", "collapse_terms", "forward", "terms"]
+__all__ = ["backward", "backward_smoothed", "collapse_terms", "forward", "smoothed", "terms"]
 
 
 def terms(z, r):
@@ -28,13 +36,39 @@ def terms(z, r):
 
 
 def forward(z, labels, r, eps):
-    """``(loss (N,), S (N,), p (N, C), state ())``; ``eps`` is not used."""
+    """``(loss (N,), S (N,), p (N, C), state (lsm,))``; ``eps`` is not used."""
     d, e = terms(z, r)
     total = r.sum(e)
     lsm = r.sub(d, r.log(total)[:, None])
     probs = r.exp(lsm)
     loss = 0.0 - take_at(lsm, labels)  # exact; 0 - 0 is +0, where -(0) would print -0
-    return loss, total, probs, ()
+    return loss, total, probs, (lsm,)
+
+
+def _weights(ls: float, like, r):
+    """``(RN(1 - ε), a, b)`` of label smoothing ``ε`` (a value of the format) as 0-d arrays
+    of ``like``'s dtype, for ``like`` of shape (N, C)."""
+    xp = r.xp
+    one, eps = (xp.asarray(v, dtype=like.dtype) for v in (1.0, ls))
+    keep = r.sub(one, eps)
+    a = r.div(eps, xp.asarray(float(like.shape[1]), dtype=like.dtype))
+    return keep, a, r.add(keep, a)
+
+
+def smoothed(loss, state, r, ls: float):
+    """The label-smoothed loss (N,) from :func:`forward`'s loss and state, ``ε = ls``."""
+    (lsm,) = state
+    keep, a, _ = _weights(ls, lsm, r)
+    return r.add(r.mul(loss, keep), r.mul(r.sum(0.0 - lsm), a))
+
+
+def backward_smoothed(cache, dl, r):
+    """Logit gradient ``(N, C)`` of :func:`smoothed` (``ε = cache.label_smoothing``)."""
+    _, a, b = _weights(cache.label_smoothing, cache.probs, r)
+    xp = r.xp
+    c = xp.asarray(xp.broadcast_to(r.mul(dl, a), cache.probs.shape), copy=True)
+    c = put_at(c, cache.labels, r.mul(dl, b)[:, 0])
+    return r.mul_sub(cache.probs, dl, c)
 
 
 def backward(cache, dl, r):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from numstab.backend import BACKENDS
 from numstab.data import ENCODINGS, MODULAR_ENCODINGS, TASKS
-from numstab.losses import LOSS_KINDS
+from numstab.losses import LOSS_KINDS, SMOOTHABLE
 from numstab.optim import OPTIMIZER_NAMES, PERP_GRAD_SCOPES, make_optimizer
 from numstab.precision import (
     ELEMENTARY_MODES,
@@ -24,7 +24,7 @@ from numstab.precision import (
 )
 from numstab.run.options import coerce, option, options_of
 
-__all__ = ["RECORDED_BEFORE", "TrainConfig"]
+__all__ = ["ID_NEUTRAL", "RECORDED_BEFORE", "TrainConfig"]
 
 _FORMATS = available_formats()
 
@@ -32,6 +32,12 @@ _FORMATS = available_formats()
 #: Fields added to :class:`TrainConfig` after runs were recorded, with the value that
 #: reproduces those runs: a record without the field was computed that way.
 RECORDED_BEFORE = {"elementary": "libm"}
+
+#: Fields added after run ids were published, with the value at which a run is the one
+#: computed before the field existed: at that value the field is left out of the run id
+#: (:func:`numstab.sweep.spec.canonical_json`), so adding an option renames no existing run.
+#: A new option goes here with its neutral default.
+ID_NEUTRAL = {"temperature": 1.0, "label_smoothing": 0.0}
 
 
 def _format_name(name: str) -> str:
@@ -92,11 +98,22 @@ class TrainConfig:
     )
     loss: str = option(
         "softmax", "str",
-        "cross-entropy: framework softmax, StableMax, or the absorption-free softmax",
+        "loss: softmax cross-entropy (as frameworks), StableMax, the absorption-free softmax, "
+        "or MSE on one-hot targets",
         choices=LOSS_KINDS, aliases={"softmax-stable": "softmax_stable"},
     )
     stablemax_eps: float = option(
         0.0, "float", "epsilon in StableMax's 1/(1 - x + eps) (the authors' code: 1e-30)", low=0
+    )
+    temperature: float = option(
+        1.0, "float",
+        "softmax temperature T: the loss of logits / T, rounded to the loss format (not --alpha)",
+        low=0, low_open=True,
+    )
+    label_smoothing: float = option(
+        0.0, "float",
+        "label smoothing of the softmax loss: targets eps/C + (1 - eps) onehot (PyTorch's)",
+        low=0, high=1, high_open=True,
     )
     optimizer: str = option("adamw", "str", "optimizer", choices=OPTIMIZER_NAMES)
     state_dtype: str | None = option(
@@ -139,7 +156,12 @@ class TrainConfig:
                 raise ValueError(
                     f"parity_k must be <= parity_bits ({self.parity_bits}), got {self.parity_k}"
                 )
-        elif self.encoding not in MODULAR_ENCODINGS:
+        if self.label_smoothing and self.loss not in SMOOTHABLE:
+            raise ValueError(
+                f"label_smoothing is defined for the {', '.join(SMOOTHABLE)} loss, not "
+                f"{self.loss!r}"
+            )
+        if self.task != "parity" and self.encoding not in MODULAR_ENCODINGS:
             raise ValueError(
                 f"encoding {self.encoding!r} is for the parity task; the modular tasks take "
                 f"one of: {', '.join(MODULAR_ENCODINGS)}"

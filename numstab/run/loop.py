@@ -277,6 +277,8 @@ class Run:
             order=self.policy.order,
             eps=self.config.stablemax_eps,
             elementary=self.policy.elementary,
+            temperature=self.config.temperature,
+            label_smoothing=self.config.label_smoothing,
         )
         dz = loss_backward(lcache, 1.0 / y.shape[0])
         return _Eval(z, loss, dz, lcache, mcache if with_grads else None)
@@ -362,6 +364,7 @@ class Run:
             order=self.policy.order,
             eps=self.config.stablemax_eps,
             elementary=self.policy.elementary,
+            temperature=self.config.temperature,
         )
 
     def _log_split(self, split: str, ev: _Eval) -> None:

@@ -32,6 +32,7 @@ except ImportError:  # Python 3.10
         tomllib = None
 
 from numstab.run import TrainConfig, make_dataset
+from numstab.run.config import ID_NEUTRAL
 from numstab.run.footprint import default_max_run_bytes, estimate_run_memory, format_bytes
 from numstab.run.options import coerce, options_of
 from numstab.sweep.cells import _cell_axis, _freeze, _jsonable, _spec_value
@@ -58,19 +59,23 @@ class SpecError(ValueError):
 def canonical_json(config) -> str:
     """The canonical JSON of a :class:`~numstab.run.TrainConfig` that :func:`run_id` hashes.
 
-    ``config.to_dict()`` of the validated config, sorted keys, no whitespace. TrainConfig
+    ``config.to_dict()`` of the validated config, sorted keys, no whitespace, without the
+    fields of :data:`~numstab.run.config.ID_NEUTRAL` that hold their neutral value. TrainConfig
     stores every field canonically (``dtype="fp16"`` as ``"float16"``, ``lr=1`` as ``1.0``),
     so spellings of one configuration share one id.
     """
-    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    d = {
+        k: v for k, v in config.to_dict().items() if k not in ID_NEUTRAL or v != ID_NEUTRAL[k]
+    }
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 def run_id(config) -> str:
     """Stable id of a run: the first 12 hex digits of SHA-256 of :func:`canonical_json`.
 
     Equal configurations give equal ids in every process and invocation; any change of a field
-    changes the id. A new TrainConfig field (with a default) changes every id, since
-    ``to_dict()`` then has one more key.
+    changes the id. A field added later leaves existing ids as they were when it is declared
+    in :data:`~numstab.run.config.ID_NEUTRAL` (left out of the id at its neutral value).
 
     Examples
     --------
