@@ -56,6 +56,7 @@ __all__ = [
     "bit_width",
     "code_table",
     "dense_inputs",
+    "digits",
     "get_dataset",
     "is_prime",
     "modular_arithmetic",
@@ -67,10 +68,11 @@ __all__ = [
 MODULAR_OPS = ("add", "sub", "mul", "div")
 #: Input encodings of :func:`modular_arithmetic`.
 MODULAR_ENCODINGS = ("onehot", "binary")
-#: Every encoding a :class:`Dataset` may carry (``"bits"`` is sparse parity's).
-ENCODINGS = ("onehot", "binary", "bits")
+#: Every encoding a :class:`Dataset` may carry (``"bits"`` is sparse parity's, ``"pixels"``
+#: the digits' grey levels in [0, 1]).
+ENCODINGS = ("onehot", "binary", "bits", "pixels")
 #: Task names understood by :func:`get_dataset`.
-TASKS = (*MODULAR_OPS, "parity")
+TASKS = (*MODULAR_OPS, "parity", "digits")
 
 #: Above this many bits, sparse parity draws bit vectors directly (rejecting duplicates)
 #: instead of sampling distinct integers below ``2**n_bits``.
@@ -195,7 +197,7 @@ def dense_inputs(
         ``out[i, x[i, 1]] += 1`` (for modular data, two concatenated one-hots of ``a`` and ``b``),
         so ``out @ W1 == W1[x[:, 0]] + W1[x[:, 1]]``. For ``"binary"``/``"bits"``: ``x`` cast to
         ``dtype`` (a new array); every value must be 0 or 1 (ValueError naming the first other
-        value, NaN included).
+        value, NaN included); for ``"pixels"`` every value must lie in [0, 1].
     """
     if n_inputs is not None:
         n_inputs = _check_int("n_inputs", n_inputs, minimum=1)
@@ -235,10 +237,15 @@ def dense_inputs(
         raise ValueError(f"x has {x.shape[1]} columns but n_inputs={n_inputs}")
     if x.dtype.kind not in "fiub" and x.dtype != _BF16:
         raise TypeError(f"{encoding!r} inputs must be real 0/1 values, got dtype {x.dtype}")
-    bad = (x != 0) & (x != 1)  # also catches NaN
+    if encoding == "pixels":
+        bad = ~((x >= 0) & (x <= 1))  # also catches NaN
+        allowed = "in [0, 1]"
+    else:
+        bad = (x != 0) & (x != 1)  # also catches NaN
+        allowed = "0 or 1"
     if bad.any():
         raise ValueError(
-            f"{encoding!r} inputs must be 0 or 1, got {x[bad][0].item()!r} at index "
+            f"{encoding!r} inputs must be {allowed}, got {x[bad][0].item()!r} at index "
             f"{tuple(int(i) for i in np.argwhere(bad)[0])}"
         )
     return x.astype(dtype)
@@ -600,6 +607,69 @@ def sparse_parity(
     )
 
 
+def digits(*, train_fraction: float = 0.5, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits: a stand-in for MNIST that needs no download.
+
+    The paper's Fig. 14 trains on MNIST; this is the UCI optical-digits set that scikit-learn
+    ships (1 797 images of 8 x 8 grey levels 0..16, 10 classes), so the setting runs offline.
+    It is smaller and easier than MNIST: results on it are the stand-in's, not MNIST's.
+
+    Parameters
+    ----------
+    train_fraction : float, default 0.5
+        Fraction in the training set, in (0, 1); both splits must be non-empty.
+    seed : int, default 0
+        Seed of the split (:func:`split_indices`); the images are not shuffled otherwise.
+
+    Returns
+    -------
+    Dataset
+        ``x`` float32 ``(N, 64)``: grey level / 16 (exact), in [0, 1]; ``y`` int64 digits;
+        ``n_classes = 10``, ``n_inputs = 64``, ``encoding = "pixels"``.
+
+    Raises
+    ------
+    ImportError
+        scikit-learn is not installed (``pip install 'numstab[digits]'``).
+    """
+    seed = _check_seed(seed)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "the digits task needs scikit-learn: pip install 'numstab[digits]'"
+        ) from None
+    data = load_digits()
+    x = (np.asarray(data.data, dtype=np.float64) / 16).astype(np.float32)  # 0..16: exact
+    y = np.asarray(data.target, dtype=np.int64)
+    n = int(y.size)
+    train_fraction, _ = _check_fraction(train_fraction, n)
+    train_idx, test_idx = split_indices(n, train_fraction, seed)
+    meta = {
+        "task": "digits",
+        "source": "scikit-learn load_digits (UCI optical recognition of handwritten digits)",
+        "stand_in_for": "MNIST",
+        "train_fraction": train_fraction,
+        "seed": seed,
+        "encoding": "pixels",
+        "input_values": "grey level / 16, in [0, 1]",
+        "n_total": n,
+        "n_train": int(train_idx.size),
+        "n_test": int(test_idx.size),
+    }
+    return Dataset(
+        x_train=x[train_idx],
+        y_train=y[train_idx],
+        x_test=x[test_idx],
+        y_test=y[test_idx],
+        n_classes=10,
+        n_inputs=x.shape[1],
+        encoding="pixels",
+        name="digits8x8",
+        meta=meta,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------
@@ -610,9 +680,10 @@ def get_dataset(task: str, **kwargs: Any) -> Dataset:
 
     Parameters
     ----------
-    task : {"add", "sub", "mul", "div", "parity"}
+    task : {"add", "sub", "mul", "div", "parity", "digits"}
         A modular operation (passed as ``op`` to :func:`modular_arithmetic`; the modulus is the
-        keyword ``p``) or ``"parity"`` (:func:`sparse_parity`).
+        keyword ``p``), ``"parity"`` (:func:`sparse_parity`) or ``"digits"``
+        (:func:`digits`).
     **kwargs
         Forwarded unchanged to the generator.
 
@@ -625,6 +696,8 @@ def get_dataset(task: str, **kwargs: Any) -> Dataset:
         raise ValueError(f"task={task!r} is unknown; valid tasks: {TASKS}")
     if task == "parity":
         return sparse_parity(**kwargs)
+    if task == "digits":
+        return digits(**kwargs)
     if "op" in kwargs:
         raise TypeError(f"op={kwargs['op']!r} must not be given: the task {task!r} is the op")
     return modular_arithmetic(op=task, **kwargs)

@@ -113,12 +113,16 @@ def param_names(config: MLPConfig) -> list[str]:
     return names
 
 
-def init_params(config: MLPConfig, seed, fmt="float32", *, xp=None) -> dict[str, np.ndarray]:
+def init_params(
+    config: MLPConfig, seed, fmt="float32", *, xp=None, scale: float = 1.0
+) -> dict[str, np.ndarray]:
     """PyTorch ``nn.Linear`` default initialisation, rounded to ``fmt``.
 
     ``W, b ~ U(-1/√fan_in, 1/√fan_in)`` (what ``kaiming_uniform_(a=√5)`` amounts to), drawn in
     float64 from ``np.random.default_rng(seed)`` layer by layer (weight, then bias), then
     rounded to the storage format. The distribution matches PyTorch; the random stream does not.
+    ``scale`` multiplies every weight (not the biases) in float64 before the rounding (the
+    paper's Fig. 14 scales the initial weights by 100).
 
     ``xp``: the array namespace of the parameters (default NumPy). The draws are always made
     on the host, then moved to ``xp`` and rounded there, so every backend starts from the
@@ -136,7 +140,8 @@ def init_params(config: MLPConfig, seed, fmt="float32", *, xp=None) -> dict[str,
     for i in range(config.n_layers):
         fan_in, fan_out = widths[i], widths[i + 1]
         bound = 1.0 / np.sqrt(fan_in)
-        params[f"W{i + 1}"] = quantize(move(rng.uniform(-bound, bound, (fan_in, fan_out))), fmt)
+        w = rng.uniform(-bound, bound, (fan_in, fan_out))
+        params[f"W{i + 1}"] = quantize(move(w if scale == 1 else w * scale), fmt)
         if config.bias:
             params[f"b{i + 1}"] = quantize(move(rng.uniform(-bound, bound, fan_out)), fmt)
     return params

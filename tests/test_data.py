@@ -19,6 +19,7 @@ from numstab.data import (
     bit_width,
     code_table,
     dense_inputs,
+    digits,
     get_dataset,
     is_prime,
     modular_arithmetic,
@@ -379,7 +380,10 @@ def test_get_dataset_factory():
         get_dataset("xor")
     with pytest.raises(TypeError, match="op="):
         get_dataset("add", op="mul")
-    assert TASKS == ("add", "sub", "mul", "div", "parity")
+    # every task name builds (the digits need scikit-learn, in the test extra)
+    assert set(TASKS) == {*MODULAR_OPS, "parity", "digits"}
+    dig = get_dataset("digits", train_fraction=0.5, seed=3)
+    np.testing.assert_array_equal(dig.x_test, digits(train_fraction=0.5, seed=3).x_test)
 
 
 # ------------------------------------------------------------------ validation

@@ -250,6 +250,18 @@ def fmt_value(v, spec: str = ".3f") -> str:
     return format(v, spec)
 
 
+def task_label(cfg) -> str:
+    """The task of a config (a TrainConfig or its dict) in a few words: ``add mod 113``,
+    ``parity 3 of 43 bits``, ``digits``."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    task = get("task")
+    if task == "parity":
+        return f"parity {get('parity_k')} of {get('parity_bits')} bits"
+    if task == "digits":
+        return "digits (8x8)"
+    return f"{task} mod {get('p')}"
+
+
 def fmt_step(v) -> str:
     """The step an event happened at, or ``"never"``."""
     return "never" if v is None else str(v)

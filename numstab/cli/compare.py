@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 from numstab import audit as A
 from numstab import cli
 from numstab.backend import namespace, to_numpy
-from numstab.cli import UsageError
+from numstab.cli import UsageError, task_label
 from numstab.metrics import param_cosines
 from numstab.mlp import backward
 from numstab.precision import PrecisionPolicy, available_formats, get_format
@@ -480,7 +480,7 @@ def _summary(args, test_cfg, ref_cfg, why, log, auditor, error, legs, steps_run)
 def _config_line(cfg: dict) -> str:
     """The configuration in one line (report header, figure title)."""
     return (
-        f"{cfg['task']} mod {cfg['p']}, f = {cfg['train_fraction']}, hidden "
+        f"{task_label(cfg)}, f = {cfg['train_fraction']}, hidden "
         f"{'-'.join(map(str, cfg['hidden']))}, {cfg['optimizer']} lr {cfg['lr']}, loss "
         f"{cfg['loss']}, order {cfg['order']}, {cfg['steps']} steps, seed {cfg['seed']}"
     )

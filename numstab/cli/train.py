@@ -25,6 +25,7 @@ from numstab.cli import (
     holds_out_dir,
     progress_bar,
     resolve_out,
+    task_label,
     versions,
     wall_legs,
     write_atomic,
@@ -185,7 +186,7 @@ def _print_train_report(summary: dict, config: TrainConfig, error: dict | None) 
     f = r["final"]
     stopped = "" if error is None else f" (stopped at step {error['step']})"
     print(
-        f"numstab.train: {config.dtype}, {config.task} mod {config.p}, {config.optimizer} "
+        f"numstab.train: {config.dtype}, {task_label(config)}, {config.optimizer} "
         f"lr {config.lr}, {config.steps} steps{stopped}"
     )
     print(

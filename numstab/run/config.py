@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 from numstab.backend import BACKENDS
-from numstab.data import ENCODINGS, MODULAR_ENCODINGS, TASKS
+from numstab.data import ENCODINGS, MODULAR_ENCODINGS, MODULAR_OPS, TASKS
 from numstab.losses import LOSS_KINDS, SMOOTHABLE
 from numstab.optim import OPTIMIZER_NAMES, PERP_GRAD_SCOPES, make_optimizer
 from numstab.precision import (
@@ -37,7 +37,7 @@ RECORDED_BEFORE = {"elementary": "libm"}
 #: computed before the field existed: at that value the field is left out of the run id
 #: (:func:`numstab.sweep.spec.canonical_json`), so adding an option renames no existing run.
 #: A new option goes here with its neutral default.
-ID_NEUTRAL = {"temperature": 1.0, "label_smoothing": 0.0}
+ID_NEUTRAL = {"temperature": 1.0, "label_smoothing": 0.0, "init_scale": 1.0}
 
 
 def _format_name(name: str) -> str:
@@ -61,7 +61,12 @@ class TrainConfig:
     from the same declarations.
     """
 
-    task: str = option("add", "str", "modular operation or sparse parity", choices=TASKS)
+    task: str = option(
+        "add", "str",
+        "modular operation, sparse parity, or digits (scikit-learn's 8x8 digits: an offline "
+        "stand-in for MNIST)",
+        choices=TASKS,
+    )
     p: int = option(
         113, "int", "p of the modular task (residues 0..p-1)", low=2, flag="--modulus"
     )
@@ -79,6 +84,10 @@ class TrainConfig:
     hidden: tuple[int, ...] = option((200, 200), "ints", "hidden layer widths", low=1)
     bias: bool = option(False, "bool", "give the linear layers biases")
     alpha: float = option(1.0, "float", "logit multiplier", nonzero=True)
+    init_scale: float = option(
+        1.0, "float", "multiplier of the initial weights (the paper's Fig. 14: 100)",
+        low=0, low_open=True,
+    )
     dtype: str = option(
         "float32", "str", "format of parameters, GEMMs and loss", choices=_FORMATS,
         aliases=_format_name,
@@ -161,7 +170,7 @@ class TrainConfig:
                 f"label_smoothing is defined for the {', '.join(SMOOTHABLE)} loss, not "
                 f"{self.loss!r}"
             )
-        if self.task != "parity" and self.encoding not in MODULAR_ENCODINGS:
+        if self.task in MODULAR_OPS and self.encoding not in MODULAR_ENCODINGS:
             raise ValueError(
                 f"encoding {self.encoding!r} is for the parity task; the modular tasks take "
                 f"one of: {', '.join(MODULAR_ENCODINGS)}"

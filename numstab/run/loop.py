@@ -234,7 +234,11 @@ class Run:
         self.x_train, self.y_train = self._inputs(d.x_train), self._device(d.y_train)
         self.x_test, self.y_test = self._inputs(d.x_test), self._device(d.y_test)
         self.params = init_params(
-            self.model, c.seed, self.policy.storage, xp=None if c.backend == "numpy" else self.xp
+            self.model,
+            c.seed,
+            self.policy.storage,
+            xp=None if c.backend == "numpy" else self.xp,
+            scale=c.init_scale,
         )
         self.plan = (
             GatherPlan.build(self._x_host["train"], d.n_inputs, like=self.params["W1"])
@@ -440,8 +444,10 @@ def _all_finite(a) -> bool:
 
 
 def make_dataset(config: TrainConfig) -> Dataset:
-    """The dataset a config names (modular arithmetic or sparse parity)."""
+    """The dataset a config names (modular arithmetic, sparse parity or digits)."""
     c = config
+    if c.task == "digits":
+        return get_dataset("digits", train_fraction=c.train_fraction, seed=c.seed)
     if c.task == "parity":
         return get_dataset(
             "parity",
