@@ -19,7 +19,9 @@ a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
   ``w`` is decided when ``w (1 - 2**-44)`` and ``w (1 + 2**-44)`` round to the same target value
   (rounding is monotone, and the exact value lies in between as long as the float64 error is
   below 2**8 ulps: a margin of more than 2**7 over the measured error). About one input in 2**19
-  (float32) needs mpmath.
+  (float32) is left undecided: for float32 with a normal result, the x87 long double function
+  (where long double is that format) decides it with the window ``2**-61`` used for float64
+  below; the rest (and every undecided float16 / bfloat16 input) goes to mpmath.
 * float64, ``exp``: Cody--Waite reduction ``x = (4096 m + j) ln2/4096 + r`` (``ln2/4096`` as
   two constants), a table of ``2**(j/4096)`` as double-doubles and a degree-4 polynomial. A
   fast pass in plain float64 (relative error below ``2**-63.5``) decides all but about 0.3 %
