@@ -43,10 +43,31 @@ def test_logged_steps_and_metric_names():
             assert (split, m) in names
     layers = {r[4] for r in run.log.rows if r[3] == "weight_norm"}
     assert layers == {"W1", "W2", "W3", "global"}
-    for m in ("grad_norm", "nlm_cos_grad", "nlm_cos_update", "absorbed_update_fraction"):
+    for m in ("grad_norm", "nlm_cos_grad", "nlm_cos_update", "update_norm",
+              "absorbed_update_fraction"):  # fmt: skip
         assert ("train", m) in names
     # The update metrics describe the update after a logged step: none at the final step.
     assert not [r for r in run.log.rows if r[3] == "nlm_cos_update" and r[0] == 25]
+
+
+def test_update_norm_is_the_norm_of_the_applied_update():
+    run = Run(SMALL)
+    before = {k: v.copy() for k, v in run.params.items()}
+    run.advance()  # logged step 0, then the update
+    log = run.log
+    # The exact norm of after - before (Fractions). The logged float64 value: each difference
+    # of two float32 values is one rounding at most (u relative), then a dot product of n terms
+    # (γ_n), a square root and the combination of the tensors: within γ_{n + 8} relative.
+    n_all = sum(np.size(v) for v in before.values())
+    sq = sum(
+        (frac(a) - frac(b)) ** 2
+        for k in before
+        for a, b in zip(np.ravel(run.params[k]).astype(np.float64),
+                        np.ravel(before[k]).astype(np.float64), strict=True)
+    )
+    want = math.sqrt(float(sq))
+    got = log.latest("update_norm", split="train", layer="global")
+    assert want > 0 and abs(got - want) <= gamma(n_all + 8) * want
 
 
 def test_metrics_match_direct_recomputation_at_step_zero():

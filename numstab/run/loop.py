@@ -406,6 +406,8 @@ class Run:
         }
         for k, v in M.param_cosines(before, delta).items():
             add(t, self.name, "train", "nlm_cos_update", v, k)
+        for k, v in M.param_norms(delta).items():
+            add(t, self.name, "train", "update_norm", v, k)
         intended = getattr(self.opt_state, "last_update", None)
         if intended:
             total = absorbed = 0
