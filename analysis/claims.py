@@ -31,6 +31,7 @@ from analysis.stats import first_step, max_after, summarize_values, value_at
 __all__ = [
     "CLAIMS",
     "GROK_THRESHOLD",
+    "appI_claims",
     "extra_claims",
     "fig1_claims",
     "fig2_claims",
@@ -38,6 +39,9 @@ __all__ = [
     "fig5_claims",
     "fig6_claims",
     "fig8_claims",
+    "fig13_claims",
+    "fig14_claims",
+    "fig16_claims",
     "ordering_holds",
     "render_markdown",
 ]
@@ -678,6 +682,88 @@ def extra_claims(results) -> dict:
     return {e["key"]: e for e in out}
 
 
+def _max_sc(results, rid):
+    return max_value(results, rid, "sc_fraction", "train")
+
+
+def _mean_update_norm(results, rid):
+    """Mean global ``||Δθ||`` over the logged steps (the effective step size)."""
+    _, values = results.series(rid, "update_norm", "train", "global")
+    return float(values.mean()) if values.size else None
+
+
+def _train100(results, rid):
+    return first_at_least(results, rid, "accuracy", "train", 1.0)
+
+
+def _outcomes(results, prefix, match, by, paper) -> list:
+    """The rows every figure of this family reports: SC-50, max and final SC fraction, final
+    and max test accuracy, the step test accuracy passes the grokking threshold. ``paper``:
+    claim name -> the paper's statement for it."""
+    rows = (
+        ("sc50_step", "first step with training SC fraction >= 0.5", "step", _sc50),
+        ("max_sc_fraction", "max training SC fraction", "fraction", _max_sc),
+        ("final_sc_fraction", "final training SC fraction", "fraction", _final_sc),
+        ("final_test_acc", "final test accuracy", "fraction", _final_test),
+        ("max_test_acc", "max test accuracy", "fraction", _max_test),
+        ("test95_step", _T95, "step", _test95),
+    )
+    return [
+        _per_run(results, f"{prefix}.{key}", text, paper.get(key, ""), kind, match, by, fn)
+        for key, text, kind, fn in rows
+    ]
+
+
+def fig13_claims(results) -> dict:
+    """Fig. 13: MSE loss, no weight decay: one hidden layer groks, two do not."""
+    out = _outcomes(
+        results, "fig13", {"loss": "mse"}, ["hidden"],
+        {"max_test_acc": "one hidden layer: generalises; two: does not",
+         "test95_step": "reached with one hidden layer only"},
+    )  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
+def fig14_claims(results) -> dict:
+    """Fig. 14 (digits stand-in for MNIST, weights x100): SC near 100 % from the start without
+    weight decay; with it SC drops and generalisation resumes."""
+    out = _outcomes(
+        results, "fig14", {"task": "digits"}, ["weight_decay"],
+        {"max_sc_fraction": "near 1 without weight decay (from the start)",
+         "final_sc_fraction": "drops with weight decay",
+         "final_test_acc": "higher with weight decay"},
+    )  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
+def fig16_claims(results) -> dict:
+    """Fig. 16: a softmax temperature does not prevent SC; label smoothing does, with partial
+    generalisation."""
+    out = _outcomes(
+        results, "fig16", {"loss": "softmax"}, ["temperature", "label_smoothing"],
+        {"sc50_step": "reached at every temperature; not with label smoothing",
+         "max_test_acc": "label smoothing: partial generalisation"},
+    )  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
+def appI_claims(results) -> dict:
+    """App. I: an Adam eps >= 1e-8 halts learning before SC (a smaller effective step)."""
+    by = ["eps"]
+    out = [
+        *_outcomes(
+            results, "appI", {}, by,
+            {"sc50_step": "not reached with eps >= 1e-8 (learning halts first)"},
+        ),
+        _per_run(results, "appI.train100_step", "first step with train accuracy 1", "",
+                 "step", {}, by, _train100),
+        _per_run(results, "appI.mean_update_norm",
+                 "mean global ‖Δθ‖ over logged steps (effective step size)",
+                 "smaller for larger eps", "number", {}, by, _mean_update_norm),
+    ]  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
 #: Claim functions by the name a figure SPEC gives in ``[reproduce] claims``.
 CLAIMS = {
     "fig1": fig1_claims,
@@ -687,6 +773,10 @@ CLAIMS = {
     "fig6": fig6_claims,
     "fig8": fig8_claims,
     "extra": extra_claims,
+    "fig13": fig13_claims,
+    "fig14": fig14_claims,
+    "fig16": fig16_claims,
+    "appI": appI_claims,
 }
 
 

@@ -77,6 +77,10 @@ FIGURES = {
     "5": "fig5.toml",
     "6": "fig6.toml",
     "8": "fig8.toml",
+    "13": "fig13.toml",
+    "14": "fig14.toml",
+    "16": "fig16.toml",
+    "appI": "appI.toml",
     "extra": "extra.toml",
 }
 SPECS_DIR = S.BUNDLED_SPECS
@@ -120,8 +124,9 @@ class FigureSpec:
         return variants[name]
 
     def stem(self, budget: str, variant: str | None = None) -> str:
-        """``fig1-short``, ``fig1-authors-short``, ``extra-smoke``: file and folder stem."""
-        name = self.figure if self.figure == "extra" else f"fig{self.figure}"
+        """``fig1-short``, ``fig1-authors-short``, ``extra-smoke``, ``appI-short``: file and
+        folder stem."""
+        name = f"fig{self.figure}" if self.figure[:1].isdigit() else self.figure
         return "-".join([name, *([variant] if variant else []), budget])
 
 

@@ -3,8 +3,9 @@
 
 Usage::
 
-    python scripts/reproduce.py --figure {1,2,4,5,6,8,extra} --budget {smoke,short,full}
-        [--seeds N] [--variant authors] [--out DIR] [--workers N] [--threads T]
+    python scripts/reproduce.py --figure {1,2,4,5,6,8,13,14,16,appI,extra}
+        --budget {smoke,short,full} [--seeds N] [--variant authors] [--out DIR]
+        [--workers N] [--threads T]
         [--plots-dir DIR] [--band minmax|std|none] [--no-plots] [--spec FILE]
         [--panels NAME [NAME ...]] [--retry-failed] [--dry-run] [--quiet]
 

@@ -209,7 +209,7 @@ def test_every_spec_resolves_for_every_budget(figure):
             if budget == "smoke":
                 assert seeds == {0}
                 assert all(r.config.steps <= 60 for r in sw.runs)
-                assert all(r.config.hidden == (32, 32) for r in sw.runs)
+                assert all(max(r.config.hidden) <= 32 for r in sw.runs)  # tiny networks
                 assert all(r.config.p == 23 for r in sw.runs)
                 assert len(sw.runs) == len(base.runs)
             else:
