@@ -103,7 +103,7 @@ class TrainConfig:
     )
     norm_placement: str = option(
         "post", "str",
-        "transformer: LayerNorm after each residual sum (PyTorch's default) or before each block",
+        "transformer: LayerNorm after each residual sum (as PyTorch) or before each block",
         choices=NORM_PLACEMENTS,
     )
     attention: str = option(
