@@ -41,6 +41,8 @@ import pytest
 from helpers import dyadic, gamma
 
 from numstab import exact as ex
+from numstab.fidelity import op_fidelity
+from numstab.losses.rounding import recording
 from numstab.precision import PrecisionPolicy, quantize
 from numstab.testing import check_vjp
 from numstab.transformer import (
@@ -75,7 +77,7 @@ class Bd:
         self.u = u
 
     def _new(self, v, e):
-        return Bd(v, e + self.u * np.abs(v), self.u)
+        return Bd(v, e + self.u * np.abs(v) + _eta(self.u), self.u)
 
     def __add__(self, o):
         o = _bd(o, self.u)
@@ -108,7 +110,8 @@ class Bd:
 
     def exp(self):
         v = np.exp(self.v)
-        return Bd(v, v * np.expm1(self.e) * (1 + 2 * self.u) + 2 * self.u * v, self.u)
+        e = v * np.expm1(self.e) * (1 + 2 * self.u) + 2 * self.u * v + _eta(self.u)
+        return Bd(v, e, self.u)
 
     def sqrt(self):
         v = np.sqrt(self.v)
@@ -130,30 +133,52 @@ class Bd:
         return Bd(np.maximum(self.v, 0), self.e * (self.v > 0), self.u)
 
 
+def _eta(u):
+    """Largest absolute rounding error of a subnormal result (half the subnormal spacing) in
+    the format of unit roundoff ``u``: float16, bfloat16, float32, float64."""
+    return {2.0**-11: 2.0**-25, 2.0**-8: 2.0**-134, 2.0**-24: 2.0**-150}.get(u, 2.0**-1075)
+
+
 def _bd(x, u):
     return x if isinstance(x, Bd) else Bd(x, None, u)
 
 
-def bein(spec, a, b):
-    """``einsum(spec, a, b)`` with its bound; ``k`` = the number of terms of each sum."""
+def bein(spec, a, b, uc=None):
+    """``einsum(spec, a, b)`` with its bound; ``k`` = the number of terms of each sum,
+    accumulated with unit roundoff ``uc`` (default ``a``'s) and rounded once more to ``a``'s
+    format when that is narrower."""
     a, b = _bd(a, U if not isinstance(b, Bd) else b.u), _bd(b, a.u if isinstance(a, Bd) else U)
+    uc = a.u if uc is None else uc
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     k = math.prod(
         dict(zip(sa, a.v.shape, strict=True)).get(c, 1) for c in set(sa) & set(sb) if c not in out
     )
     ab = np.abs
+    v = np.einsum(spec, a.v, b.v)
     e = (
         np.einsum(spec, ab(a.v), b.e)
         + np.einsum(spec, a.e, ab(b.v))
         + np.einsum(spec, a.e, b.e)
-        + gamma(k, a.u) * np.einsum(spec, ab(a.v), ab(b.v))
+        + gamma(k, uc) * np.einsum(spec, ab(a.v), ab(b.v))
     )
-    return Bd(np.einsum(spec, a.v, b.v), e, a.u)
+    if uc != a.u:
+        e = e + a.u * ab(v) + _eta(a.u)
+    return Bd(v, e, a.u)
 
 
-def blinear(x, w, b):
-    return bein("ij,jk->ik", x, w) + b
+def blinear(x, w, b, uc=None):
+    return bein("ij,jk->ik", x, w, uc) + b
+
+
+def _to(x, u):
+    """The same bounded value, its next operations rounded with ``u``."""
+    return Bd(x.v, x.e, u)
+
+
+def _stored(x, u):
+    """``x`` rounded once more to the storage format (unit roundoff ``u``) if it is narrower."""
+    return x if x.u == u else Bd(x.v, x.e + u * np.abs(x.v) + _eta(u), u)
 
 
 # --- the twin: numstab's formulas, with bounds ----------------------------------------------
@@ -171,28 +196,44 @@ def twin_softmax(a, kind):
     return s, s.sum()[..., None], s
 
 
-def twin_layernorm(x, w, b, eps):
+def twin_layernorm(x, w, b, eps, uc):
+    """LayerNorm in the compute format (unit roundoff ``uc``), output rounded to ``x``'s."""
+    xc = _to(x, uc)
     n = x.v.shape[-1]
-    xm = x - (x.sum() / float(n)).reshape(-1, 1)
-    eps = Bd(eps, x.u * eps, x.u)  # numstab rounds eps to the compute format
+    xm = xc - (xc.sum() / float(n)).reshape(-1, 1)
+    eps = Bd(eps, uc * eps, uc)  # numstab rounds eps to the compute format
     sd = ((xm * xm).sum() / float(n) + eps).sqrt().reshape(-1, 1)
     xhat = xm / sd
-    return xhat * w + b, (xhat, sd, w)
+    return _stored(xhat * w + b, x.u), (xhat, sd, w)
 
 
 def twin_layernorm_backward(dy, cache):
     xhat, sd, w = cache
     n = float(dy.v.shape[-1])
-    g = dy * w
+    dyc = _to(dy, xhat.u)
+    g = dyc * w
     mg = (g.sum() / n).reshape(-1, 1)
     mgx = ((g * xhat).sum() / n).reshape(-1, 1)
     dx = (g - mg - xhat * mgx) / sd
-    return dx, (dy * xhat).sum(0), dy.sum(0)
+    return tuple(_stored(t, dy.u) for t in (dx, (dyc * xhat).sum(0), dyc.sum(0)))
 
 
-def twin(params, x, cfg, R, masks, u=U):
-    """Bounded logits and gradients of the network (numstab's formulas)."""
+def twin(params, x, cfg, R, masks, u=U, uc=None):
+    """Bounded logits and gradients of the network (numstab's formulas): elementwise
+    operations rounded with ``u`` (the storage format), matrix products and LayerNorm
+    accumulated with ``uc`` (the compute format, default ``u``)."""
+    uc = u if uc is None else uc
     p = {k: Bd(quantize(v, "float64"), None, u) for k, v in params.items()}
+
+    def ln(z, name):
+        return twin_layernorm(z, p[name + "_w"], p[name + "_b"], 1e-5, uc)
+
+    def lin(z, name):
+        return blinear(z, p[name + "_w"], p[name + "_b"], uc)
+
+    def ein(spec, a_, b_):
+        return bein(spec, a_, b_, uc)
+
     n, t = x.shape
     d, h = cfg.d_model, cfg.heads
     dh = d // h
@@ -200,53 +241,53 @@ def twin(params, x, cfg, R, masks, u=U):
     ones = {"attention": 1.0, "attention_out": 1.0, "feedforward": 1.0, "feedforward_out": 1.0}
     m = {k: (1.0 if masks[k] is None else np.asarray(masks[k], np.float64)) for k in ones}
     emb = Bd(p["embed"].v[x.reshape(-1)], None, u)  # (n t, d), exact
-    a_in, ln1 = (emb, None) if post else twin_layernorm(emb, p["ln1_w"], p["ln1_b"], 1e-5)
-    qkv = blinear(a_in, p["attn_in_w"], p["attn_in_b"]).reshape(n, t, 3, h, dh)
+    a_in, ln1 = (emb, None) if post else ln(emb, "ln1")
+    qkv = lin(a_in, "attn_in").reshape(n, t, 3, h, dh)
     q, k, v = qkv[:, t - 1, 0], qkv[:, :, 1], qkv[:, :, 2]
     scale = 1.0 / math.sqrt(dh)
-    a = bein("nhd,nthd->nht", q, k) * scale
+    a = ein("nhd,nthd->nht", q, k) * scale
     a = Bd(a.v, a.e + u * np.abs(a.v), u)  # the scale's own rounding
     terms, total, s = twin_softmax(a, cfg.attention)
     probs = terms / total
     pk = probs * m["attention"].reshape(n, h, t) if masks["attention"] is not None else probs
-    ctx = bein("nht,nthd->nhd", pk, v).reshape(n, d)
-    out = blinear(ctx, p["attn_out_w"], p["attn_out_b"]) * m["attention_out"]
+    ctx = ein("nht,nthd->nhd", pk, v).reshape(n, d)
+    out = lin(ctx, "attn_out") * m["attention_out"]
     h1 = emb.reshape(n, t, d)[:, t - 1] + out
     if post:
-        h1, ln1 = twin_layernorm(h1, p["ln1_w"], p["ln1_b"], 1e-5)
-    fin, ln2 = (h1, None) if post else twin_layernorm(h1, p["ln2_w"], p["ln2_b"], 1e-5)
-    pre_relu = blinear(fin, p["ff1_w"], p["ff1_b"])
+        h1, ln1 = ln(h1, "ln1")
+    fin, ln2 = (h1, None) if post else ln(h1, "ln2")
+    pre_relu = lin(fin, "ff1")
     act = pre_relu.relu() * m["feedforward"]
-    f = blinear(act, p["ff2_w"], p["ff2_b"]) * m["feedforward_out"]
+    f = lin(act, "ff2") * m["feedforward_out"]
     h2 = h1 + f
     if post:
-        h2, ln2 = twin_layernorm(h2, p["ln2_w"], p["ln2_b"], 1e-5)
-    z = blinear(h2, p["unembed_w"], p["unembed_b"])
+        h2, ln2 = ln(h2, "ln2")
+    z = lin(h2, "unembed")
 
     # backward
     R = Bd(R, None, u)
     g = {}
-    dh2 = bein("ic,jc->ij", R, p["unembed_w"])
-    g["unembed_w"], g["unembed_b"] = bein("ni,nc->ic", h2, R), R.sum(0)
+    dh2 = ein("ic,jc->ij", R, p["unembed_w"])
+    g["unembed_w"], g["unembed_b"] = ein("ni,nc->ic", h2, R), R.sum(0)
     if post:
         dh2, g["ln2_w"], g["ln2_b"] = twin_layernorm_backward(dh2, ln2)
     df = dh2 * m["feedforward_out"]
-    dact = bein("nj,ij->ni", df, p["ff2_w"])
-    g["ff2_w"], g["ff2_b"] = bein("ni,nj->ij", act, df), df.sum(0)
+    dact = ein("nj,ij->ni", df, p["ff2_w"])
+    g["ff2_w"], g["ff2_b"] = ein("ni,nj->ij", act, df), df.sum(0)
     dpre = dact * m["feedforward"] * (pre_relu.v > 0)
-    dfin = bein("nj,ij->ni", dpre, p["ff1_w"])
-    g["ff1_w"], g["ff1_b"] = bein("ni,nj->ij", fin, dpre), dpre.sum(0)
+    dfin = ein("nj,ij->ni", dpre, p["ff1_w"])
+    g["ff1_w"], g["ff1_b"] = ein("ni,nj->ij", fin, dpre), dpre.sum(0)
     if not post:
         dfin, g["ln2_w"], g["ln2_b"] = twin_layernorm_backward(dfin, ln2)
     dh1 = dh2 + dfin
     if post:
         dh1, g["ln1_w"], g["ln1_b"] = twin_layernorm_backward(dh1, ln1)
     dout = dh1 * m["attention_out"]
-    dctx = bein("nj,ij->ni", dout, p["attn_out_w"])
-    g["attn_out_w"], g["attn_out_b"] = bein("ni,nj->ij", ctx, dout), dout.sum(0)
+    dctx = ein("nj,ij->ni", dout, p["attn_out_w"])
+    g["attn_out_w"], g["attn_out_b"] = ein("ni,nj->ij", ctx, dout), dout.sum(0)
     dctx = dctx.reshape(n, h, dh)
-    dpk = bein("nhd,nthd->nht", dctx, v)
-    dv = bein("nht,nhd->nthd", pk, dctx)
+    dpk = ein("nhd,nthd->nht", dctx, v)
+    dv = ein("nht,nhd->nthd", pk, dctx)
     dp = dpk * m["attention"].reshape(n, h, t) if masks["attention"] is not None else dpk
     inner = (probs * dp).sum()[..., None]
     ga = probs * (dp - inner)
@@ -256,16 +297,16 @@ def twin(params, x, cfg, R, masks, u=U):
         ga = Bd(np.where(neg, gm.v, gd.v), np.where(neg, gm.e, gd.e), u)
     da = ga * scale
     da = Bd(da.v, da.e + u * np.abs(da.v), u)
-    dq = bein("nht,nthd->nhd", da, k)
-    dk = bein("nht,nhd->nthd", da, q)
+    dq = ein("nht,nthd->nhd", da, k)
+    dk = ein("nht,nhd->nthd", da, q)
     dqkv_v = np.zeros((n, t, 3, h, dh))
     dqkv_e = np.zeros((n, t, 3, h, dh))
     for j, part in ((1, dk), (2, dv)):
         dqkv_v[:, :, j], dqkv_e[:, :, j] = part.v, part.e
     dqkv_v[:, t - 1, 0], dqkv_e[:, t - 1, 0] = dq.v, dq.e
     dqkv = Bd(dqkv_v.reshape(n * t, 3 * d), dqkv_e.reshape(n * t, 3 * d), u)
-    dx = bein("nj,ij->ni", dqkv, p["attn_in_w"])
-    g["attn_in_w"], g["attn_in_b"] = bein("ni,nj->ij", a_in, dqkv), dqkv.sum(0)
+    dx = ein("nj,ij->ni", dqkv, p["attn_in_w"])
+    g["attn_in_w"], g["attn_in_b"] = ein("ni,nj->ij", a_in, dqkv), dqkv.sum(0)
     if not post:
         dx, g["ln1_w"], g["ln1_b"] = twin_layernorm_backward(dx, ln1)
     dx = dx.reshape(n, t, d)
@@ -273,7 +314,7 @@ def twin(params, x, cfg, R, masks, u=U):
     dxv, dxe = dx.v.copy(), dx.e.copy()
     dxv[:, t - 1], dxe[:, t - 1] = last.v, last.e
     onehot = np.eye(cfg.vocab)[x.reshape(-1)]
-    g["embed"] = bein("ni,nj->ij", onehot, Bd(dxv.reshape(n * t, d), dxe.reshape(n * t, d), u))
+    g["embed"] = ein("ni,nj->ij", onehot, Bd(dxv.reshape(n * t, d), dxe.reshape(n * t, d), u))
     return z, g
 
 
@@ -446,7 +487,7 @@ def test_matches_pytorch_in_float64(case, seed, monkeypatch):
 
 def test_float32_policy_within_its_bound_of_pytorch(monkeypatch):
     """numstab in float32 (every operation one float32 rounding) against PyTorch in float64:
-    within ``E32 + E64`` (the twin at u = 2**-24 and 2**-53)."""
+    within ``E32 + E64`` (the twin at u = 2**-24 and 2**-53), logits and gradients."""
     cfg, params, x, R = small_case(3)
     params = {k: quantize(v, "float32") for k, v in params.items()}
     R = quantize(R, "float32")
@@ -462,6 +503,30 @@ def test_float32_policy_within_its_bound_of_pytorch(monkeypatch):
     for name in grads:
         diff = np.abs(grads[name].astype(np.float64) - gt[name])
         assert np.all(diff <= SLACK * (g32[name].e + g64[name].e)), name
+
+
+@pytest.mark.parametrize("attention", ["softmax", "stablemax"])
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16", "float32"])
+def test_every_elementwise_operation_is_correctly_rounded(fmt, attention):
+    """Each operation of the forward and backward outside the matrix products (score scaling,
+    the attention normalisation with its exp, dropout, residual sums, LayerNorm in the compute
+    format), recorded and judged against the exact operation on its own operands with mpmath
+    (``numstab.fidelity.op_fidelity``): all correctly rounded to their declared format. Every
+    result is a value of the storage format."""
+    cfg, params, x, R = small_case(4, dropout=0.3, attention=attention)
+    policy = PrecisionPolicy.uniform(fmt)
+    params = {k: quantize(v, fmt) for k, v in params.items()}
+    with recording() as ops:
+        z, cache = forward(params, x, cfg, policy, dropout=DropoutKey(4, 2))
+        grads = backward(quantize(R, fmt), cache, cfg, policy)
+    for a in (z, *grads.values()):
+        np.testing.assert_array_equal(quantize(a, fmt), a)
+    reports = op_fidelity(ops, samples=64)
+    assert {"add", "sub", "mul", "div"} <= set(reports)
+    assert ("exp" in reports) == (attention == "softmax")
+    for name, rep in reports.items():
+        assert rep.n > 0 and rep.n_correct == rep.n, (name, rep)
+    assert {op.fmt.name for op in ops} == {fmt, policy.compute.name}
 
 
 # --- finite differences ---------------------------------------------------------------------
