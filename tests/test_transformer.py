@@ -49,6 +49,7 @@ from numstab.transformer import (
     DropoutKey,
     TransformerConfig,
     attention_collapse,
+    audit_attention,
     backward,
     forward,
     init_params,
@@ -575,7 +576,7 @@ def test_backward_matches_finite_differences(seed):
 # --- the attention softmax against the exact reference --------------------------------------
 
 
-def _attention_case(seed, spread, n=300):
+def _attention_case(seed, spread, n=300, kind="softmax"):
     rng = np.random.default_rng(seed)
     d, heads, t = 4, 2, 2
     params = {
@@ -586,7 +587,7 @@ def _attention_case(seed, spread, n=300):
     }
     x = quantize(rng.standard_normal((n, t, d)) * spread, "float32")
     policy = PrecisionPolicy.uniform("float32")
-    _, cache = attention_forward(x, params, heads, "softmax", policy)
+    _, cache = attention_forward(x, params, heads, kind, policy)
     return cache, policy
 
 
@@ -626,6 +627,33 @@ def test_attention_collapse_flags_against_exact():
     want = np.array(want)
     assert 0 < want.sum() < want.size
     np.testing.assert_array_equal(flags, want)
+
+
+def _s_exact(t):
+    return t + 1 if t >= 0 else 1 / (1 - t)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "stablemax"])
+def test_attention_rows_through_the_audit_api(kind):
+    """``audit_attention``: its measured collapse is the model's, and its exact verdict is
+    the exact tail at most ``u = 2**-24``: ``exp(a_o - m)`` (softmax) or ``s(a_o) / s(m)``
+    (StableMax), computed here with mpmath on the two-key rows."""
+    cache, policy = _attention_case(1, 2.5 if kind == "softmax" else 60.0, kind=kind)
+    rep = audit_attention(cache, policy)
+    np.testing.assert_array_equal(rep.collapsed, attention_collapse(cache, policy).reshape(-1))
+    a = cache.scores.astype(np.float64)
+    with mpmath.workprec(200):
+        tail = [
+            (
+                _s_exact(mpmath.mpf(row.min())) / _s_exact(mpmath.mpf(row.max()))
+                if kind == "stablemax"
+                else mpmath.exp(mpmath.mpf(row.min()) - mpmath.mpf(row.max()))
+            )
+            for row in a
+        ]
+    want = np.array([t <= mpmath.mpf(2) ** -24 for t in tail])
+    assert 0 < want.sum() < want.size
+    np.testing.assert_array_equal(rep.collapsed_exact, want)
 
 
 # --- dropout masks, configuration, initialisation -------------------------------------------

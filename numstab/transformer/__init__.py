@@ -9,7 +9,7 @@ self-attention with softmax or StableMax over the keys) and
 
 from __future__ import annotations
 
-from numstab.transformer.attention import ATTENTION_KINDS, attention_collapse
+from numstab.transformer.attention import ATTENTION_KINDS, attention_collapse, audit_attention
 from numstab.transformer.dropout import DropoutKey
 from numstab.transformer.model import (
     NORM_PLACEMENTS,
@@ -27,6 +27,7 @@ __all__ = [
     "DropoutKey",
     "TransformerConfig",
     "attention_collapse",
+    "audit_attention",
     "backward",
     "forward",
     "gather_plan",

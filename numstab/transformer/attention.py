@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from numstab.backend import errstate, namespace, xp_dtype
+from numstab.audit import CrossEntropyAudit, audit_cross_entropy
+from numstab.backend import errstate, namespace, to_numpy, xp_dtype
 from numstab.functional import linear_backward, linear_forward
 from numstab.losses import collapse_mask, softmax, stablemax
 from numstab.losses.rounding import Rounding
@@ -37,6 +38,7 @@ __all__ = [
     "attention_backward",
     "attention_collapse",
     "attention_forward",
+    "audit_attention",
 ]
 
 #: Normalisations of the attention scores.
@@ -184,3 +186,23 @@ def attention_collapse(cache: AttentionCache, policy: PrecisionPolicy):
             elementary=policy.elementary,
         )
     return xp.reshape(flags, (-1, cache.heads))
+
+
+def audit_attention(cache: AttentionCache, policy: PrecisionPolicy) -> CrossEntropyAudit:
+    """Exact audit of the attention rows (:func:`numstab.audit.audit_cross_entropy`).
+
+    Each row of scores (N·h rows, head-minor) is audited as a cross-entropy row whose label is
+    its attended key (the row's first maximum), in the storage format and ``policy.order``:
+    ``collapsed`` is the measured collapse (:func:`attention_collapse`), ``collapsed_exact``
+    the exact verdict (the exact tail ``Σ_{k≠k*} e^{a_k - max}``, or its StableMax analogue, at
+    most the unit roundoff). The audit's ``elementary`` functions are correctly rounded, as
+    the default policy's are.
+    """
+    scores = to_numpy(cache.scores)
+    return audit_cross_entropy(
+        scores,
+        np.argmax(scores, axis=1),
+        dtype=policy.storage.name,
+        kind=cache.kind,
+        order=policy.order,
+    )

@@ -9,7 +9,7 @@ PyTorch computes at that position). Post-LN::
 
     x = E[tokens]                      (N, T, d)
     h1 = LN1(RN(x_T + drop1(attn(x))))
-    h2 = LN2(RN(h1 + drop2(relu(drop(h1 W1 + b1)) W2 + b2)))     (drop inside: after ReLU)
+    h2 = LN2(RN(h1 + drop2(drop(relu(h1 W1 + b1)) W2 + b2)))
     logits = h2 W_u + b_u
 
 Pre-LN: ``h1 = RN(x_T + drop1(attn(LN1(x))))``, ``h2 = RN(h1 + drop2(FF(LN2(h1))))``.
