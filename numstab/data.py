@@ -26,6 +26,12 @@ Encodings (``Dataset.encoding``):
   assignment of codes to residues is scrambled).
 - ``"bits"`` (sparse parity): ``x`` is float32 ``(N, n_bits)`` of 0/1 (inputs are in ``{0, 1}``,
   not ``{-1, 1}``).
+- ``"tokens"`` (modular arithmetic, the transformer's form): ``x`` is an int64 array ``(N, 2)``
+  of the operands ``(a, b)`` as tokens of a vocabulary of ``n_inputs = p`` (a sequence of two;
+  the model embeds them).
+
+Residues: the operands run over ``residue_start .. p-1``: 0 (all residues, the MLP's data) or 1
+(the authors' transformer data leaves 0 out); labels stay in ``[0, p)``.
 
 Example
 -------
@@ -67,10 +73,10 @@ __all__ = [
 #: Binary operations of :func:`modular_arithmetic`.
 MODULAR_OPS = ("add", "sub", "mul", "div")
 #: Input encodings of :func:`modular_arithmetic`.
-MODULAR_ENCODINGS = ("onehot", "binary")
+MODULAR_ENCODINGS = ("onehot", "binary", "tokens")
 #: Every encoding a :class:`Dataset` may carry (``"bits"`` is sparse parity's, ``"pixels"``
-#: the digits' grey levels in [0, 1]).
-ENCODINGS = ("onehot", "binary", "bits", "pixels")
+#: the digits' grey levels in [0, 1], ``"tokens"`` the transformer's operand tokens).
+ENCODINGS = ("onehot", "binary", "bits", "pixels", "tokens")
 #: Task names understood by :func:`get_dataset`.
 TASKS = (*MODULAR_OPS, "parity", "digits")
 
@@ -218,6 +224,8 @@ def dense_inputs(
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (N, d), got shape {x.shape}")
 
+    if encoding == "tokens":
+        raise ValueError("'tokens' inputs are a sequence that the model embeds; no dense form")
     if encoding == "onehot":
         if n_inputs is None:
             raise ValueError("n_inputs is required to densify the 'onehot' encoding")
@@ -401,6 +409,7 @@ def modular_arithmetic(
     seed: int = 0,
     encoding: str = "onehot",
     permute_codes: bool = False,
+    residue_start: int = 0,
 ) -> Dataset:
     """All pairs ``(a, b)`` of residues mod ``p`` labelled by ``(a op b) mod p``.
 
@@ -415,18 +424,23 @@ def modular_arithmetic(
         Fraction of pairs in the training set, in (0, 1); both splits must be non-empty.
     seed : int, default 0
         Non-negative integer seed of the split (and of the code permutation, see module notes).
-    encoding : {"onehot", "binary"}
+    encoding : {"onehot", "binary", "tokens"}
         ``"onehot"``: ``x`` int64 ``(N, 2)`` holding row indices ``(a, p + b)``,
         ``n_inputs = 2p``. ``"binary"``: ``x`` float32 ``(N, 2 * bit_width(p))`` of 0/1,
-        ``[bits(codes[a]), bits(codes[b])]`` most significant bit first.
+        ``[bits(codes[a]), bits(codes[b])]`` most significant bit first. ``"tokens"``: ``x``
+        int64 ``(N, 2)`` holding ``(a, b)``, ``n_inputs = p`` (the vocabulary).
     permute_codes : bool, default False
         Binary encoding only: pass the codes through a seeded random permutation
-        (:func:`code_table`). Must be False for ``"onehot"``.
+        (:func:`code_table`). Must be False for the other encodings.
+    residue_start : {0, 1}, default 0
+        Smallest operand: 0 (every residue) or 1 (the authors' transformer data).
 
     Returns
     -------
     Dataset
-        ``N = p**2`` pairs (``p * (p - 1)`` for div), enumerated a-major (``a`` then ``b``),
+        ``N = n**2`` pairs with ``n = p - residue_start`` (``n * (n - 1)`` for div with
+        ``residue_start = 0``, ``n**2`` with 1: ``b = 0`` is left out), enumerated a-major
+        (``a`` then ``b``),
         split by :func:`split_indices`; ``y`` int64 in ``[0, p)``; ``n_classes = p``.
         ``meta`` holds task, op, p, train_fraction, seed, encoding, permute_codes, n_total,
         n_train, n_test, and for binary ``code_width`` and ``codes``.
@@ -444,6 +458,9 @@ def modular_arithmetic(
         raise ValueError(f"encoding={encoding!r} is unknown; valid encodings: {MODULAR_ENCODINGS}")
     if not isinstance(permute_codes, (bool, np.bool_)):
         raise TypeError(f"permute_codes must be a bool, got permute_codes={permute_codes!r}")
+    residue_start = _check_int("residue_start", residue_start, minimum=0)
+    if residue_start > 1:
+        raise ValueError(f"residue_start must be 0 or 1, got residue_start={residue_start}")
     if permute_codes and encoding != "binary":
         raise ValueError(f"permute_codes=True needs encoding='binary', got encoding={encoding!r}")
     if op == "div" and not is_prime(p):
@@ -453,10 +470,10 @@ def modular_arithmetic(
         )
     seed = _check_seed(seed)
 
-    residues = np.arange(p, dtype=np.int64)
-    b_values = residues[1:] if op == "div" else residues
+    residues = np.arange(residue_start, p, dtype=np.int64)
+    b_values = residues[residues > 0] if op == "div" else residues
     a = np.repeat(residues, b_values.size)
-    b = np.tile(b_values, p)
+    b = np.tile(b_values, residues.size)
     if op == "add":
         y = (a + b) % p
     elif op == "sub":
@@ -483,10 +500,14 @@ def modular_arithmetic(
         "n_train": int(train_idx.size),
         "n_test": int(test_idx.size),
         "order": "a-major",
+        "residue_start": int(residue_start),
     }
     if encoding == "onehot":
         x = np.stack([a, p + b], axis=1)
         n_inputs = 2 * p
+    elif encoding == "tokens":
+        x = np.stack([a, b], axis=1)
+        n_inputs = p
     else:
         width = bit_width(p)
         codes = code_table(p, permute_codes=bool(permute_codes), seed=seed)
@@ -504,7 +525,9 @@ def modular_arithmetic(
         n_classes=p,
         n_inputs=n_inputs,
         encoding=encoding,
-        name=f"{op}_p{p}_{encoding}" + ("_permuted" if permute_codes else ""),
+        name=f"{op}_p{p}_{encoding}"
+        + ("_permuted" if permute_codes else "")
+        + ("_from1" if residue_start else ""),
         meta=meta,
     )
 

@@ -19,6 +19,7 @@ from numstab import sweep
 from numstab.backend import get_backend
 from numstab.cli import sweep as cli_sweep
 from numstab.run import CSV_HEADER, TrainConfig
+from numstab.run.config import TRANSFORMER_FIELDS
 from numstab.run.footprint import OVERHEAD_BYTES, estimate_run_memory
 from numstab.run.outdir import LOCK_NAME
 from numstab.sweep import executors
@@ -352,6 +353,15 @@ def test_ids_are_stable_and_change_with_every_field():
         "zero_target_grad_from": 3,
         "temperature": 2.0,
         "label_smoothing": 0.1,
+        "residue_start": 1,
+        "model": "transformer",
+        "d_model": 64,
+        "heads": 2,
+        "d_ff": 64,
+        "dropout": 0.2,
+        "norm_placement": "pre",
+        "attention": "stablemax",
+        "layer_norm_eps": 1e-6,
     }
     # Fields added to TrainConfig after this test was written get a generic change.
     for f in dataclasses.fields(TrainConfig):
@@ -366,6 +376,10 @@ def test_ids_are_stable_and_change_with_every_field():
         # Momentum applies to SGD alone (Adam's is beta1); optimizer="sgd" by itself is in
         # the set too, so the momentum run must still get an id of its own.
         extra = {"optimizer": "sgd"} if k == "momentum" else {}
+        if k in TRANSFORMER_FIELDS:  # options of the transformer alone
+            extra = {"model": "transformer", "hidden": (200, 200)}
+        if k == "model":
+            extra = {"hidden": (200, 200)}
         ids.add(sweep.run_id(base.replace(**extra, **{k: v})))
     assert len(ids) == len(changed) + 1
 

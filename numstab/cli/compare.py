@@ -40,7 +40,6 @@ from numstab import cli
 from numstab.backend import namespace, to_numpy
 from numstab.cli import UsageError, task_label
 from numstab.metrics import param_cosines
-from numstab.mlp import backward
 from numstab.precision import PrecisionPolicy, available_formats, get_format
 from numstab.run import MetricLog, NonFiniteError, Run, TrainConfig, summarize
 from numstab.run.atomic import atomic_open
@@ -221,7 +220,7 @@ class Auditor:
         dz = A.exact_logit_gradient(logits, y, dtype=fmt, kind=kind, eps=c.stablemax_eps)
         dz /= n
         xp = namespace(*run.params.values())
-        g64 = backward(
+        g64 = run.net.backward(
             xp.asarray(dz), ev.model_cache, run.model, PrecisionPolicy.uniform("float64"), run.plan
         )
         cos_exact = param_cosines(run.params, g64, sign=-1.0)
@@ -479,9 +478,13 @@ def _summary(args, test_cfg, ref_cfg, why, log, auditor, error, legs, steps_run)
 
 def _config_line(cfg: dict) -> str:
     """The configuration in one line (report header, figure title)."""
+    net = f"hidden {'-'.join(map(str, cfg['hidden']))}"
+    if cfg.get("model") == "transformer":
+        net = (f"transformer d {cfg['d_model']}, {cfg['heads']} heads, ff {cfg['d_ff']}, "
+               f"dropout {cfg['dropout']}, {cfg['norm_placement']}-LN, {cfg['attention']}")
     return (
-        f"{task_label(cfg)}, f = {cfg['train_fraction']}, hidden "
-        f"{'-'.join(map(str, cfg['hidden']))}, {cfg['optimizer']} lr {cfg['lr']}, loss "
+        f"{task_label(cfg)}, f = {cfg['train_fraction']}, {net}"
+        f", {cfg['optimizer']} lr {cfg['lr']}, loss "
         f"{cfg['loss']}, order {cfg['order']}, {cfg['steps']} steps, seed {cfg['seed']}"
     )
 

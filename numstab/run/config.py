@@ -23,21 +23,45 @@ from numstab.precision import (
     get_format,
 )
 from numstab.run.options import coerce, option, options_of
+from numstab.transformer import ATTENTION_KINDS, NORM_PLACEMENTS
 
-__all__ = ["ID_NEUTRAL", "RECORDED_BEFORE", "TrainConfig"]
+__all__ = ["ID_NEUTRAL", "MODELS", "RECORDED_BEFORE", "TrainConfig"]
 
 _FORMATS = available_formats()
 
 
 #: Fields added to :class:`TrainConfig` after runs were recorded, with the value that
 #: reproduces those runs: a record without the field was computed that way.
-RECORDED_BEFORE = {"elementary": "libm"}
+RECORDED_BEFORE = {"elementary": "libm", "model": "mlp", "residue_start": 0}
+
+#: The networks a run can train.
+MODELS = ("mlp", "transformer")
+#: Options of the transformer alone: at their defaults when the model is the MLP (and then
+#: left out of the run id, :data:`ID_NEUTRAL`).
+TRANSFORMER_FIELDS = (
+    "d_model", "heads", "d_ff", "dropout", "norm_placement", "attention", "layer_norm_eps",
+)
+#: Options of the MLP alone: at their defaults when the model is the transformer.
+MLP_FIELDS = ("hidden", "bias", "alpha", "init_scale")
 
 #: Fields added after run ids were published, with the value at which a run is the one
 #: computed before the field existed: at that value the field is left out of the run id
 #: (:func:`numstab.sweep.spec.canonical_json`), so adding an option renames no existing run.
 #: A new option goes here with its neutral default.
-ID_NEUTRAL = {"temperature": 1.0, "label_smoothing": 0.0, "init_scale": 1.0}
+ID_NEUTRAL = {
+    "temperature": 1.0,
+    "label_smoothing": 0.0,
+    "init_scale": 1.0,
+    "model": "mlp",
+    "residue_start": 0,
+    "d_model": 128,
+    "heads": 4,
+    "d_ff": 2048,
+    "dropout": 0.1,
+    "norm_placement": "post",
+    "attention": "softmax",
+    "layer_norm_eps": 1e-5,
+}
 
 
 def _format_name(name: str) -> str:
@@ -81,12 +105,41 @@ class TrainConfig:
     parity_bits: int = option(43, "int", "input bits of the sparse-parity task", low=1)
     parity_k: int = option(3, "int", "relevant bits of the sparse-parity task", low=1)
     parity_samples: int = option(2000, "int", "samples of the sparse-parity task", low=2)
+    residue_start: int = option(
+        0, "int",
+        "smallest operand of the modular task: 0 (the MLP's data) or 1 (the authors' "
+        "transformer data)",
+        low=0, high=1,
+    )
     hidden: tuple[int, ...] = option((200, 200), "ints", "hidden layer widths", low=1)
     bias: bool = option(False, "bool", "give the linear layers biases")
     alpha: float = option(1.0, "float", "logit multiplier", nonzero=True)
     init_scale: float = option(
         1.0, "float", "multiplier of the initial weights (the paper's Fig. 14: 100)",
         low=0, low_open=True,
+    )
+    model: str = option(
+        "mlp", "str", "the network: the MLP or the one-layer transformer (Fig. 6a)",
+        choices=MODELS,
+    )
+    d_model: int = option(128, "int", "transformer: width of the embedding and layer", low=1)
+    heads: int = option(4, "int", "transformer: attention heads (dividing --d-model)", low=1)
+    d_ff: int = option(2048, "int", "transformer: feed-forward width", low=1)
+    dropout: float = option(
+        0.1, "float", "transformer: dropout probability at every site while training", low=0,
+        high=1, high_open=True,
+    )
+    norm_placement: str = option(
+        "post", "str",
+        "transformer: LayerNorm after each residual sum (as PyTorch) or before each block",
+        choices=NORM_PLACEMENTS,
+    )
+    attention: str = option(
+        "softmax", "str", "transformer: normalisation of the attention scores over the keys",
+        choices=ATTENTION_KINDS,
+    )
+    layer_norm_eps: float = option(
+        1e-5, "float", "transformer: the LayerNorms' epsilon", low=0, low_open=True
     )
     dtype: str = option(
         "float32", "str", "format of parameters, GEMMs and loss", choices=_FORMATS,
@@ -175,12 +228,49 @@ class TrainConfig:
                 f"encoding {self.encoding!r} is for the parity task; the modular tasks take "
                 f"one of: {', '.join(MODULAR_ENCODINGS)}"
             )
+        self._check_model()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # hazard warnings come again when it runs
                 self.make_optimizer()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"optimizer: {exc}") from None
+
+    def _check_model(self) -> None:
+        """The options of the other model at their defaults; the transformer's input is the
+        token form (``encoding`` onehot, the default, is read as ``tokens``)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.task == "parity" and self.residue_start:
+            raise ValueError("residue_start applies to the modular tasks only")
+        if self.model == "mlp":
+            if self.encoding == "tokens":
+                raise ValueError(
+                    "encoding 'tokens' is the transformer's input; the MLP takes onehot or binary"
+                )
+            others, owner = TRANSFORMER_FIELDS, "transformer"
+        else:
+            if self.task == "parity":
+                raise ValueError(
+                    "model 'transformer' reads the operands of a modular task as tokens; "
+                    "the parity task has none"
+                )
+            if self.encoding == "onehot":
+                object.__setattr__(self, "encoding", "tokens")
+            elif self.encoding != "tokens":
+                raise ValueError(
+                    f"encoding {self.encoding!r} is the MLP's; model 'transformer' reads tokens"
+                )
+            if self.d_model % self.heads:
+                raise ValueError(
+                    f"heads must divide d_model, got d_model={self.d_model}, heads={self.heads}"
+                )
+            others, owner = MLP_FIELDS, "mlp"
+        for name in others:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)!r} applies to model {owner!r} only (the "
+                    f"model is {self.model!r}; leave {name} at its default)"
+                )
 
     def make_optimizer(self):
         """The optimizer this config names (:func:`numstab.optim.make_optimizer`)."""
@@ -236,6 +326,8 @@ class TrainConfig:
         return cls(**fields)
 
     def to_dict(self) -> dict:
+        """The record of the run: every field (the run id leaves out :data:`ID_NEUTRAL`'s
+        fields at their neutral values, so that runs recorded before them keep their ids)."""
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         d["state_format"] = self.state_format  # the resolved default, for the record

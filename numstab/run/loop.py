@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from numstab import metrics as M
+from numstab import mlp, transformer
 from numstab.backend import get_backend, namespace, put_at, take_at, to_numpy
 from numstab.data import Dataset, get_dataset
 from numstab.functional import GatherPlan
 from numstab.losses import collapse_mask, loss_backward, loss_forward
-from numstab.mlp import MLPConfig, backward, forward, init_params
+from numstab.mlp import MLPConfig
 from numstab.precision import quantize
 from numstab.run.atomic import atomic_open
 from numstab.run.config import TrainConfig
@@ -190,7 +191,8 @@ class _Eval:
     loss: np.ndarray
     dz: np.ndarray
     cache: object
-    model_cache: list | None = None
+    model_cache: list | dict | None = None
+    attention: object = None  # the transformer's AttentionCache
 
 
 @dataclass
@@ -219,32 +221,43 @@ class Run:
         if self.data is None:
             self.data = make_dataset(c)
         d = self.data
-        self.model = MLPConfig(
-            n_inputs=d.n_inputs,
-            n_classes=d.n_classes,
-            hidden=c.hidden,
-            bias=c.bias,
-            alpha=c.alpha,
-            input_kind="index" if d.encoding == "onehot" else "dense",
-        )
+        self.net = transformer if c.model == "transformer" else mlp
+        if c.model == "transformer":
+            self.model = transformer.TransformerConfig(
+                vocab=d.n_inputs,
+                n_classes=d.n_classes,
+                d_model=c.d_model,
+                heads=c.heads,
+                d_ff=c.d_ff,
+                dropout=c.dropout,
+                norm=c.norm_placement,
+                attention=c.attention,
+                layer_norm_eps=c.layer_norm_eps,
+            )
+        else:
+            self.model = MLPConfig(
+                n_inputs=d.n_inputs,
+                n_classes=d.n_classes,
+                hidden=c.hidden,
+                bias=c.bias,
+                alpha=c.alpha,
+                input_kind="index" if d.encoding == "onehot" else "dense",
+            )
         # Arrays live on the backend's device; everything below the loop takes its namespace
         # from them. Host copies of the indices build the gather plan and mini-batches.
         self.xp = get_backend(c.backend)
         self._x_host = {"train": np.asarray(d.x_train), "test": np.asarray(d.x_test)}
         self.x_train, self.y_train = self._inputs(d.x_train), self._device(d.y_train)
         self.x_test, self.y_test = self._inputs(d.x_test), self._device(d.y_test)
-        self.params = init_params(
+        init_kw = {"scale": c.init_scale} if c.model == "mlp" else {}  # the MLP's option
+        self.params = self.net.init_params(
             self.model,
             c.seed,
             self.policy.storage,
             xp=None if c.backend == "numpy" else self.xp,
-            scale=c.init_scale,
+            **init_kw,
         )
-        self.plan = (
-            GatherPlan.build(self._x_host["train"], d.n_inputs, like=self.params["W1"])
-            if self.model.input_kind == "index"
-            else None
-        )
+        self.plan = self._plan(self._x_host["train"])
         self.optimizer = c.make_optimizer()
         self.opt_state = self.optimizer.init_state(self.params)
         self.batch_rng = np.random.default_rng([c.seed, 1])
@@ -256,23 +269,42 @@ class Run:
 
     def _inputs(self, x):
         x = self._device(x)
-        if self.model.input_kind == "index":
+        if self.data.encoding in ("onehot", "tokens"):
             return x
         return quantize(x, self.policy.storage)
 
+    def _plan(self, x_host):
+        """The first layer's segment-sum plan for these (host) inputs; None for dense ones."""
+        if self.data.encoding == "tokens":
+            return transformer.gather_plan(x_host, self.model, like=self.params["embed"])
+        if self.data.encoding == "onehot":
+            return GatherPlan.build(x_host, self.model.n_inputs, like=self.params["W1"])
+        return None
+
+    @property
+    def dropout_active(self) -> bool:
+        """Whether training forward passes draw dropout masks (the transformer's)."""
+        return self.config.model == "transformer" and self.config.dropout > 0
+
     # --- the computation ---------------------------------------------------------------
 
-    def evaluate(self, split: str = "train", *, with_grads: bool = False, rows=None) -> _Eval:
+    def evaluate(
+        self, split: str = "train", *, with_grads: bool = False, rows=None, train: bool = False
+    ) -> _Eval:
         """Forward pass, loss and logit gradient at the current parameters.
 
         ``with_grads`` keeps the model cache for a parameter backward. ``rows`` selects a
-        mini-batch of the training split.
+        mini-batch of the training split. ``train``: the training pass (the transformer then
+        draws its dropout masks for this step, :mod:`numstab.transformer.dropout`).
         """
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         if rows is not None:
             r = self._device(rows)
             x, y = x[r], y[r]
-        z, mcache = forward(self.params, x, self.model, self.policy)
+        kw = {}
+        if train and self.dropout_active:
+            kw["dropout"] = transformer.DropoutKey(self.config.seed, self.step)
+        z, mcache = self.net.forward(self.params, x, self.model, self.policy, **kw)
         loss, lcache = loss_forward(
             z,
             y,
@@ -285,7 +317,8 @@ class Run:
             label_smoothing=self.config.label_smoothing,
         )
         dz = loss_backward(lcache, 1.0 / y.shape[0])
-        return _Eval(z, loss, dz, lcache, mcache if with_grads else None)
+        attention = mcache["attn"] if isinstance(mcache, dict) else None
+        return _Eval(z, loss, dz, lcache, mcache if with_grads else None, attention)
 
     def gradients(self, ev: _Eval, rows=None) -> dict:
         """Parameter gradients from an evaluation (applying the Fig. 8 intervention)."""
@@ -295,10 +328,8 @@ class Run:
             dz = put_at(dz.copy(), ev.cache.labels, 0.0)
         plan = self.plan
         if rows is not None and plan is not None:
-            plan = GatherPlan.build(
-                self._x_host["train"][rows], self.model.n_inputs, like=self.params["W1"]
-            )
-        return backward(dz, ev.model_cache, self.model, self.policy, plan)
+            plan = self._plan(self._x_host["train"][rows])
+        return self.net.backward(dz, ev.model_cache, self.model, self.policy, plan)
 
     def advance(self, *, log: bool | None = None, final: bool = False, inspect=None):
         """Do one step: evaluate at ``θ_t``, log if due, and apply the update (unless final).
@@ -329,10 +360,12 @@ class Run:
             rows = np.sort(
                 self.batch_rng.choice(self.y_train.shape[0], c.batch_size, replace=False)
             )
-        ev = self.evaluate("train", with_grads=True, rows=rows)
+        ev = self.evaluate("train", with_grads=True, rows=rows, train=True)
         grads = self.gradients(ev, rows)
         if log:
-            full = ev if rows is None else self.evaluate("train")
+            # Metrics describe θ_t: without dropout (a separate pass when the training pass
+            # dropped units) and on the whole training split.
+            full = ev if rows is None and not self.dropout_active else self.evaluate("train")
             self._log_split("train", full)
             self._log_split("test", self.evaluate("test"))
             self._log_params(grads)
@@ -387,6 +420,12 @@ class Run:
         gaps = to_numpy(M.logit_gaps(ev.logits, y))  # the median is not an array-API function
         add(t, self.name, split, "logit_gap_median", float(np.median(gaps)))
         add(t, self.name, split, "logit_gap_max", float(np.max(gaps)))
+        if ev.attention is not None:
+            flags = transformer.attention_collapse(ev.attention, self.policy)
+            add(t, self.name, split, "attention_sc_fraction", _count(flags) / flags.size)
+            for h in range(flags.shape[1]):
+                frac = _count(flags[:, h]) / n
+                add(t, self.name, split, "attention_sc_fraction", frac, f"head{h}")
 
     def _log_params(self, grads: dict) -> None:
         t, add = self.step, self.log.add
@@ -460,7 +499,12 @@ def make_dataset(config: TrainConfig) -> Dataset:
             seed=c.seed,
         )
     return get_dataset(
-        c.task, p=c.p, train_fraction=c.train_fraction, seed=c.seed, encoding=c.encoding
+        c.task,
+        p=c.p,
+        train_fraction=c.train_fraction,
+        seed=c.seed,
+        encoding=c.encoding,
+        residue_start=c.residue_start,
     )
 
 

@@ -494,6 +494,7 @@ def _data_key(config) -> tuple:
         c.parity_k,
         c.parity_samples,
         c.seed,
+        c.residue_start,
     )
 
 
