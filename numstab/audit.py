@@ -253,14 +253,15 @@ def _eps(eps):
 
 
 def _widen16(a: np.ndarray) -> np.ndarray:
-    """bfloat16 (a NumPy 'V'-kind dtype) to float32, exactly; anything else unchanged."""
-    return a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
+    """bfloat16 and the narrow formats (NumPy 'V'-kind dtypes) to float32, exactly; anything
+    else unchanged."""
+    return a.astype(np.float32) if a.dtype.kind == "V" and format_of(a.dtype) else a
 
 
 def _logits(z: np.ndarray) -> np.ndarray:
     """Checked 2-D logits (from :func:`_array`), widened: bfloat16 to float32, integers to
     float64 (both exact for the values a format can round)."""
-    if not (z.dtype.kind in "fiu" or z.dtype == _BF16):
+    if not (z.dtype.kind in "fiu" or (z.dtype.kind == "V" and format_of(z.dtype))):
         raise TypeError(
             f"logits must be a real floating array (float16, bfloat16, float32, float64 or "
             f"longdouble), got dtype {z.dtype}"

@@ -200,7 +200,9 @@ def exact_round(name: str, values, fmt) -> np.ndarray:
         ys = [wide.mpf(fn(t)) for t in exact.to_exact(flat[todo], prec=prec)]
         lo = exact.round_exact(np.array([y * (1 - tol) for y in ys], dtype=object), f)
         hi = exact.round_exact(np.array([y * (1 + tol) for y in ys], dtype=object), f)
-        done = lo == hi  # never NaN here; a zero cannot be an end (the results are nonzero)
+        # NaN only where both ends overflow in a format without infinities (E4M3FN); a zero
+        # cannot be an end (the results are nonzero)
+        done = (lo == hi) | (np.isnan(lo) & np.isnan(hi))
         out[todo[done]] = lo[done]
         todo = todo[~done]
         prec *= 2

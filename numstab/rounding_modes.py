@@ -1,0 +1,210 @@
+"""Rounding modes other than nearest-even, flush-to-zero, and stochastic rounding's random bits.
+
+:func:`numstab.precision.quantize` rounds to nearest, ties to even, by default (its fast path).
+Every other mode, and flush-to-zero, goes through :func:`round_to_grid` here: one vectorised
+formula for all formats and modes, on NumPy or CuPy arrays of float32 or float64.
+
+Modes (:data:`ROUNDING_MODES`)
+------------------------------
+``nearest``       nearest, ties to even (IEEE roundTiesToEven; the default)
+``nearest_away``  nearest, ties away from zero (IEEE roundTiesToAway)
+``toward_zero``   truncation (roundTowardZero)
+``up``            toward +inf (roundTowardPositive)
+``down``          toward -inf (roundTowardNegative)
+``odd``           round to odd: exact values stay, others go to the neighbour whose last
+                  significand bit is 1 (Boldo--Melquiond; makes a later rounding innocuous)
+``stochastic``    up with probability ``(|x| - lo) / (hi - lo)``, else down: unbiased,
+                  ``E[SR(x)] = x`` (the random bits: :func:`stochastic_uniform`)
+
+Overflow follows IEEE 754 (clause 7.4): the modes that round away from zero at ``x``
+(``nearest``, ``nearest_away``, ``stochastic`` rounding up, ``up`` for positive and ``down``
+for negative ``x``) give the format's overflow value (``±inf``; NaN or ``±max`` for formats
+without infinities, :attr:`~numstab.precision.Format.overflow`); the others give ``±max``.
+``odd`` overflows to ``±max`` like truncation.
+
+Subnormals (:data:`SUBNORMAL_RULES`)
+------------------------------------
+``gradual`` (IEEE), ``ftz`` (flush-to-zero on outputs: a rounded result below ``tiny`` in
+magnitude becomes a zero of its sign; tininess after rounding), ``daz`` (denormals-are-zero on
+inputs: operands below ``tiny`` are read as zero, :func:`flush_subnormals`; the rounding of
+outputs is gradual), ``ftz_daz`` (both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from numstab.backend import array_module, errstate
+
+__all__ = [
+    "ROUNDING_ALIASES",
+    "ROUNDING_MODES",
+    "SUBNORMAL_RULES",
+    "canonical_rounding",
+    "flush_subnormals",
+    "round_to_grid",
+    "stochastic_uniform",
+    "tensor_id",
+]
+
+#: Rounding modes, the default first.
+ROUNDING_MODES = (
+    "nearest", "nearest_away", "toward_zero", "up", "down", "odd", "stochastic",
+)
+#: Other spellings of the modes.
+ROUNDING_ALIASES = {
+    "rne": "nearest", "nearest_even": "nearest", "rn": "nearest",
+    "rna": "nearest_away", "rz": "toward_zero", "truncate": "toward_zero",
+    "ru": "up", "rd": "down", "ro": "odd", "sr": "stochastic",
+}
+#: Subnormal rules, the default first.
+SUBNORMAL_RULES = ("gradual", "ftz", "daz", "ftz_daz")
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (the golden ratio in 64 bits)
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def canonical_rounding(mode: str) -> str:
+    """The canonical name of a rounding mode or alias; ``ValueError`` naming the valid ones."""
+    key = ROUNDING_ALIASES.get(str(mode).strip().lower().replace("-", "_"), str(mode).lower())
+    if key not in ROUNDING_MODES:
+        raise ValueError(
+            f"unknown rounding mode {mode!r}; valid: {', '.join(ROUNDING_MODES)} "
+            f"(aliases: {', '.join(sorted(ROUNDING_ALIASES))})"
+        )
+    return key
+
+
+# --- the random bits of stochastic rounding -------------------------------------------------
+
+
+def _mix(z: int) -> int:
+    """SplitMix64's finaliser on a Python int (mod 2**64)."""
+    z = ((z ^ (z >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix_array(z, xp):
+    """The same finaliser on a uint64 array, in place (multiplications wrap mod 2**64)."""
+    z ^= z >> xp.uint64(30)
+    z *= xp.uint64(_M1)
+    z ^= z >> xp.uint64(27)
+    z *= xp.uint64(_M2)
+    z ^= z >> xp.uint64(31)
+    return z
+
+
+def tensor_id(name: str) -> int:
+    """A tensor's id for :func:`stochastic_uniform`: the first 8 bytes (little-endian) of the
+    SHA-256 of its name, e.g. ``tensor_id("W1")``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+
+
+def stochastic_uniform(key, n: int, xp=np, offset: int = 0):
+    """Uniform numbers in [0, 1), a pure function of ``(seed, step, tensor, element index)``.
+
+    With ``key = (seed, step, tensor)`` (integers, taken mod 2**64) and ``mix`` SplitMix64's
+    finaliser, ``h = mix(mix(mix(seed) ^ step) ^ tensor)`` and element ``i`` (``offset`` to
+    ``offset + n - 1``) draws ``mix(h + (i + 1) * 0x9E3779B97F4A7C15 mod 2**64)``, whose top 53
+    bits ``b`` give ``b * 2**-53``. Nothing else enters: a resumed run redraws the same bits.
+
+    Returns
+    -------
+    float64 array of shape ``(n,)`` of module ``xp`` (NumPy or CuPy)
+    """
+    seed, step, tensor = (int(k) & _MASK64 for k in key)
+    h = _mix(_mix(_mix(seed) ^ step) ^ tensor)
+    i = xp.arange(offset + 1, offset + n + 1, dtype=xp.uint64)
+    i *= xp.uint64(_GAMMA)
+    i += xp.uint64(h)
+    _mix_array(i, xp)
+    i >>= xp.uint64(11)
+    return i.astype(xp.float64) * 2.0**-53
+
+
+# --- rounding onto a format's grid -----------------------------------------------------------
+
+
+def flush_subnormals(x, fmt):
+    """``x`` with every element below ``fmt``'s ``tiny`` in magnitude replaced by a zero of its
+    sign (DAZ: how hardware reads subnormal operands). Same array type and dtype."""
+    xp = array_module(x)
+    tiny = float(fmt.tiny)
+    with errstate(xp, invalid="ignore"):
+        small = xp.abs(x) < tiny
+    if not small.any():
+        return x
+    return xp.where(small, xp.copysign(x.dtype.type(0), x), x)
+
+
+def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0):
+    """Round a 1-D float32/float64 array (NumPy or CuPy) to ``fmt`` in ``mode``, keeping its
+    dtype. No checks (``quantize`` validated everything).
+
+    With ``q = 2**(max(e, emin) - p + 1)`` the quantum of ``fmt`` at ``|x|``'s binade ``e``,
+    ``t = |x| / q`` is exact (a power-of-two scaling), ``lo = floor(t) q`` and
+    ``hi = lo + q`` are the two neighbours on the format's grid (``hi`` may be the next
+    binade's power of two, or beyond ``max``: overflow), and ``f = t - floor(t)`` (exact) is
+    the distance to ``lo`` in quanta. Each mode picks ``hi`` on a condition of ``f``, the sign
+    and the parity of ``floor(t)``; ``stochastic`` when ``U < f`` with ``U`` from
+    :func:`stochastic_uniform` (``key``, element ``offset + i``): ``P(hi) = ceil(f 2**53) /
+    2**53``, which is ``f`` for every float32 input of magnitude above ``2**-29 q``.
+    """
+    xp = array_module(x)
+    dt = x.dtype.type
+    p, emin = fmt.precision, fmt.emin
+    top = dt(float(fmt.max))
+    with errstate(xp, over="ignore", invalid="ignore", under="ignore"):
+        a = xp.abs(x)
+        _, e = xp.frexp(a)
+        e = xp.maximum(e - 1, emin) - (p - 1)
+        q = xp.ldexp(xp.ones_like(a), e)
+        t = a / q
+        fl = xp.floor(t)
+        f = t - fl
+        neg = xp.signbit(x)
+        if mode == "nearest":
+            up = (f > 0.5) | ((f == 0.5) & (xp.fmod(fl, 2) == 1))
+        elif mode == "nearest_away":
+            up = f >= 0.5
+        elif mode == "toward_zero":
+            up = xp.zeros(a.shape, dtype=bool)
+        elif mode == "up":
+            up = (f > 0) & ~neg
+        elif mode == "down":
+            up = (f > 0) & neg
+        elif mode == "odd":
+            up = (f > 0) & (xp.fmod(fl, 2) == 0)
+        else:  # stochastic
+            up = stochastic_uniform(key, a.size, xp, offset) < f
+        r = (fl + up) * q
+        if ftz or not fmt.subnormals:
+            r = xp.where(r < float(fmt.tiny), dt(0), r)
+        r = xp.copysign(r, x)
+        special = ~(r <= top) | ~(a <= top)  # overflow, inf or NaN input
+        if special.any():
+            r = _overflow(x, r, special, fmt, mode, up, neg, top, xp)
+        if not fmt.signed_zero:
+            r += dt(0)  # -0 + 0 = +0: the "fnuz" formats have no -0
+    return r
+
+
+def _overflow(x, r, special, fmt, mode, up, neg, top, xp):
+    """Results beyond ``max`` or from ±inf/NaN input (a sparse mask)."""
+    xs, rs = x[special], r[special]
+    ups, negs = up[special], neg[special]
+    dt = x.dtype.type
+    away = xp.isinf(xs) | {
+        "nearest": True, "nearest_away": True, "toward_zero": False, "odd": False,
+        "up": ~negs, "down": negs, "stochastic": ups,
+    }[mode]
+    big = {"inf": dt(np.inf), "nan": dt(np.nan), "saturate": top}[fmt.overflow]
+    fixed = xp.where(away & ~(xp.abs(rs) <= top), big, xp.minimum(xp.abs(rs), top))
+    fixed = xp.where(xp.isnan(xs), dt(np.nan), fixed)
+    out = r.copy()
+    out[special] = xp.copysign(fixed, xs)
+    return out
