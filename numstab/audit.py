@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -73,6 +74,7 @@ from numstab.precision import (
     get_format,
     quantize,
 )
+from numstab.process_arithmetic import FlushToZeroError, require_gradual_underflow
 from numstab.summation import wide_format
 
 __all__ = [
@@ -89,6 +91,11 @@ __all__ = [
     "sc_gap_window",
     "ulp_error",
 ]
+
+try:  # checked once on import (a warning); every collapse figure checks again (an error)
+    require_gradual_underflow()
+except FlushToZeroError as _exc:
+    warnings.warn(f"numstab.audit: {_exc}", RuntimeWarning, stacklevel=2)
 
 AUDIT_KINDS = ("softmax", "stablemax")
 AUDIT_METHODS = ("auto", "mpmath")
@@ -518,6 +525,7 @@ def sc_fraction(
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
     _eps(eps)
+    require_gradual_underflow()
     z, fmt = _logits_and_format(logits, dtype)
     if z.shape[0] == 0:
         return float("nan")
@@ -795,6 +803,7 @@ def audit_cross_entropy(
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
     _choice("method", method, AUDIT_METHODS)
+    require_gradual_underflow()
     _eps(eps)
     z, fmt = _logits_and_format(logits, dtype)
     y = _labels(labels, z.shape[0], z.shape[1])

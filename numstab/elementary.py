@@ -50,6 +50,7 @@ import numpy as np
 from numstab import exact
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
 from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
+from numstab.rounding_modes import flush_subnormals
 
 __all__ = [
     "ELEMENTARY_MODES",
@@ -147,6 +148,8 @@ def apply(name: str, x, fmt: Format, mode: str, xp):
     """:func:`evaluate` without its checks, for the engine's hot path: ``name`` and ``mode``
     already valid, ``fmt`` a :class:`~numstab.precision.Format`, ``x`` in ``fmt``'s carrier
     dtype (values of ``fmt``), ``xp`` its namespace."""
+    if fmt.rounding != "nearest" or fmt.subnormals != "gradual":
+        return _apply_arithmetic(name, x, fmt, mode, xp)
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if mode == "libm":
             return quantize(getattr(xp, name)(x), fmt)
@@ -157,6 +160,24 @@ def apply(name: str, x, fmt: Format, mode: str, xp):
                 return _exp64(x, xp)
             return _via_longdouble(name, x, xp)
         return _all_exact(name, x, fmt)
+
+
+def _apply_arithmetic(name, x, fmt: Format, mode: str, xp):
+    """:func:`apply` for a format with another rounding mode or subnormal rule.
+
+    Operands are flushed first under DAZ. To nearest: the correctly rounded result, flushed
+    under FTZ. Other modes: the float64 function value (a few float64 ulps from the exact
+    one) rounded in the mode, not proven correct: it can differ from rounding the exact value
+    only when that lies within ``2**-50`` (relative) of a value of the format, and for
+    stochastic rounding the probabilities are those of the float64 value.
+    """
+    if fmt.subnormals in ("daz", "ftz_daz"):
+        x = flush_subnormals(x, fmt)
+    if fmt.rounding == "nearest":
+        return quantize(apply(name, x, fmt.plain, mode, xp), fmt)
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        w = getattr(xp, name)(xp.astype(x, xp_dtype(xp, np.float64)))
+        return quantize(w, fmt)
 
 
 # --- exact resolution (mpmath, Ziv loop) ---------------------------------------------------

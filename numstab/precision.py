@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from numstab.backend import array_module, errstate, namespace, uint_view, xp_dtype
-from numstab.rounding_modes import SUBNORMAL_RULES, canonical_rounding, round_to_grid
+from numstab.rounding_modes import SUBNORMAL_RULES, canonical_rounding, next_key, round_to_grid
 
 __all__ = [
     "ELEMENTARY_MODES",
@@ -46,6 +46,7 @@ __all__ = [
     "get_format",
     "quantize",
     "round_to",
+    "with_arithmetic",
 ]
 
 #: Summation orders a :class:`PrecisionPolicy` may declare (see :mod:`numstab.summation`).
@@ -102,6 +103,13 @@ class Format:
     has_dtype : bool
         False for formats without a NumPy dtype of their own (``tf32``, ``eXmY``): their
         values are stored in the carrier.
+    rounding : str
+        How values are rounded into the format (:data:`numstab.rounding_modes.ROUNDING_MODES`;
+        ``nearest``: ties to even). Other modes exist for the emulated formats only: their name
+        says so, ``float16@stochastic`` (:func:`get_format` parses it).
+    subnormals : str
+        :data:`numstab.rounding_modes.SUBNORMAL_RULES`; not ``gradual``: the name says so,
+        ``float32@ftz``, ``float16@stochastic@ftz_daz``.
     """
 
     name: str
@@ -114,6 +122,8 @@ class Format:
     nan: str = "ieee"
     overflow: str = "inf"
     has_dtype: bool = True
+    rounding: str = "nearest"
+    subnormals: str = "gradual"
 
     def __post_init__(self):
         if self.nan not in NAN_ENCODINGS:
@@ -149,6 +159,15 @@ class Format:
     @property
     def max(self):
         return _ldexp_scalar(self.max_significand, self.emax - self.precision + 1, self.dtype)
+
+    @property
+    def plain(self) -> Format:
+        """This format rounded to nearest even with gradual underflow (itself if it is)."""
+        if self.rounding == "nearest" and self.subnormals == "gradual":
+            return self
+        return dataclasses.replace(
+            self, name=self.name.split("@")[0], rounding="nearest", subnormals="gradual"
+        )
 
     @property
     def signed_zero(self) -> bool:
@@ -296,8 +315,53 @@ def _saturating(fmt: Format) -> Format:
     return dataclasses.replace(fmt, name=fmt.name + SATURATING_SUFFIX, overflow="saturate")
 
 
+def _with_arithmetic(fmt: Format, parts: list[str], name: str) -> Format:
+    """``fmt`` with the rounding mode and subnormal rule named after its ``@``s."""
+    rounding, subnormals = "nearest", "gradual"
+    for part in parts:
+        if part.replace("-", "_") in SUBNORMAL_RULES:
+            subnormals = part.replace("-", "_")
+        else:
+            try:
+                rounding = canonical_rounding(part)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{name!r}: {exc}; or a subnormal rule: {', '.join(SUBNORMAL_RULES)}"
+                ) from None
+    if rounding != "nearest" and not fmt.is_emulated:
+        raise ValueError(
+            f"{name!r}: rounding mode {rounding!r} exists for the emulated formats (narrower "
+            f"than float32) only; {fmt.name} arithmetic is the hardware's, to nearest even"
+        )
+    suffix = "".join(
+        f"@{v}" for v, d in ((rounding, "nearest"), (subnormals, "gradual")) if v != d
+    )
+    if not suffix:
+        return fmt
+    return dataclasses.replace(
+        fmt, name=fmt.name + suffix, rounding=rounding, subnormals=subnormals
+    )
+
+
+def with_arithmetic(fmt, rounding: str = "nearest", subnormals: str = "gradual") -> Format:
+    """The format ``fmt`` rounded in ``rounding`` with subnormal rule ``subnormals``.
+
+    Its name records both (``float16@stochastic``, ``float32@ftz``; unchanged for the
+    defaults), so that every record of a format name is a complete description.
+
+    Examples
+    --------
+    >>> with_arithmetic("fp16", "sr").name
+    'float16@stochastic'
+    """
+    base = get_format(fmt).plain
+    return _with_arithmetic(base, [rounding, subnormals], f"{base.name}@{rounding}")
+
+
 def _lookup_name(name: str) -> Format:
-    text = name.strip().lower()
+    text, *modes = name.strip().lower().split("@")
+    if modes:
+        return _with_arithmetic(_lookup_name(text), modes, name)
     sat = text.endswith(SATURATING_SUFFIX)
     base = text[: -len(SATURATING_SUFFIX)] if sat else text
     key = _ALIASES.get(base)
@@ -500,7 +564,7 @@ def _round_bits_same_range(x, fmt: Format, u, a_bits, xp):
     return out
 
 
-def quantize(x, fmt, *, rounding: str = "nearest", subnormals: str = "gradual", key=None,
+def quantize(x, fmt, *, rounding: str | None = None, subnormals: str | None = None, key=None,
              offset: int = 0):
     """Round values to a format, returned in the format's carrier dtype.
 
@@ -510,17 +574,20 @@ def quantize(x, fmt, *, rounding: str = "nearest", subnormals: str = "gradual", 
         A NumPy or CuPy array (or anything NumPy converts), or an array of another array-API
         library (float32/float64 there); the result belongs to the same backend.
     fmt : str or Format
-    rounding : str
+    rounding : str, optional
         One of :data:`numstab.rounding_modes.ROUNDING_MODES` (or an alias): ``nearest``
-        (ties to even, the default), ``nearest_away``, ``toward_zero``, ``up``, ``down``,
-        ``odd``, ``stochastic``. The other modes work on NumPy and CuPy arrays.
-    subnormals : str
-        ``gradual`` (default) or ``ftz``/``ftz_daz`` (results below ``tiny`` become a zero of
-        their sign). ``daz`` concerns operands and does nothing here
+        (ties to even), ``nearest_away``, ``toward_zero``, ``up``, ``down``, ``odd``,
+        ``stochastic``. Default: the format's own (``fmt.rounding``, ``nearest`` unless its
+        name says otherwise). The other modes work on NumPy and CuPy arrays.
+    subnormals : str, optional
+        ``gradual`` or ``ftz``/``ftz_daz`` (results below ``tiny`` become a zero of their
+        sign); default ``fmt.subnormals``. ``daz`` concerns operands and does nothing here
         (:func:`numstab.rounding_modes.flush_subnormals`).
-    key : (seed, step, tensor) ints, required for ``stochastic``
-        Element ``i`` of the flattened ``x`` (C order) uses random number ``offset + i`` of
-        :func:`numstab.rounding_modes.stochastic_uniform`.
+    key : (seed, step, tensor) ints, optional
+        For ``stochastic``: element ``i`` of the flattened ``x`` (C order) uses random number
+        ``offset + i`` of :func:`numstab.rounding_modes.stochastic_uniform`. Default: the next
+        key of the enclosing :func:`numstab.rounding_modes.stochastic_scope` (ValueError
+        outside one).
     offset : int
         See ``key``.
 
@@ -555,6 +622,8 @@ def quantize(x, fmt, *, rounding: str = "nearest", subnormals: str = "gradual", 
     xp = namespace(x)
     x = _float_source(x, xp)
     carrier = carrier_dtype(fmt)
+    rounding = fmt.rounding if rounding is None else rounding
+    subnormals = fmt.subnormals if subnormals is None else subnormals
     if rounding != "nearest" or subnormals != "gradual":
         return _quantize_mode(x, fmt, rounding, subnormals, key, offset, xp)
     if not fmt.is_emulated:
@@ -577,8 +646,10 @@ def _quantize_mode(x, fmt: Format, rounding, subnormals, key, offset, xp):
         raise ValueError(
             f"unknown subnormal rule {subnormals!r}; valid: {', '.join(SUBNORMAL_RULES)}"
         )
-    if rounding == "stochastic" and (key is None or len(key) != 3):
-        raise ValueError("stochastic rounding needs key=(seed, step, tensor), three integers")
+    if rounding == "stochastic":
+        key = next_key() if key is None else key
+        if len(key) != 3:
+            raise ValueError("stochastic rounding needs key=(seed, step, tensor), three integers")
     ftz = subnormals in ("ftz", "ftz_daz")
     carrier = xp_dtype(xp, carrier_dtype(fmt))
     if isinstance(x.dtype, np.dtype) and x.dtype == np.longdouble:

@@ -33,6 +33,9 @@ outputs is gradual), ``ftz_daz`` (both).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -44,7 +47,9 @@ __all__ = [
     "SUBNORMAL_RULES",
     "canonical_rounding",
     "flush_subnormals",
+    "next_key",
     "round_to_grid",
+    "stochastic_scope",
     "stochastic_uniform",
     "tensor_id",
 ]
@@ -124,6 +129,37 @@ def stochastic_uniform(key, n: int, xp=np, offset: int = 0):
     _mix_array(i, xp)
     i >>= xp.uint64(11)
     return i.astype(xp.float64) * 2.0**-53
+
+
+_SCOPE: ContextVar[list | None] = ContextVar("numstab_stochastic_scope", default=None)
+
+
+@contextmanager
+def stochastic_scope(seed: int, step: int, phase: str) -> Iterator[None]:
+    """Keys for the stochastic roundings inside the block: the ``n``-th rounding (in program
+    order, from 0) draws with key ``(seed, step, tensor_id(phase) + n mod 2**64)``.
+
+    The training loop opens one scope per phase of a step (``forward``, ``backward``,
+    ``update``, ...), so every random bit is a function of (seed, step, phase, position of the
+    rounding in the phase, element index), and a resumed run draws the same bits.
+    """
+    token = _SCOPE.set([int(seed), int(step) & _MASK64, tensor_id(phase), 0])
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def next_key() -> tuple[int, int, int]:
+    """The key of the next stochastic rounding of the enclosing :func:`stochastic_scope`."""
+    s = _SCOPE.get()
+    if s is None:
+        raise ValueError(
+            "stochastic rounding needs key=(seed, step, tensor), or a "
+            "numstab.rounding_modes.stochastic_scope(seed, step, phase) block around it"
+        )
+    s[3] += 1
+    return s[0], s[1], (s[2] + s[3] - 1) & _MASK64
 
 
 # --- rounding onto a format's grid -----------------------------------------------------------

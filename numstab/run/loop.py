@@ -28,6 +28,7 @@ from numstab.functional import GatherPlan
 from numstab.losses import collapse_mask, loss_backward, loss_forward
 from numstab.mlp import MLPConfig, backward, forward, init_params
 from numstab.precision import quantize
+from numstab.rounding_modes import stochastic_scope
 from numstab.run.atomic import atomic_open
 from numstab.run.config import TrainConfig
 from numstab.run.driver import OutputError, drive, restore_runs
@@ -233,9 +234,11 @@ class Run:
         self._x_host = {"train": np.asarray(d.x_train), "test": np.asarray(d.x_test)}
         self.x_train, self.y_train = self._inputs(d.x_train), self._device(d.y_train)
         self.x_test, self.y_test = self._inputs(d.x_test), self._device(d.y_test)
-        self.params = init_params(
-            self.model, c.seed, self.policy.storage, xp=None if c.backend == "numpy" else self.xp
-        )
+        with stochastic_scope(c.seed, -1, "init"):  # the phases of stochastic rounding's keys
+            self.params = init_params(
+                self.model, c.seed, self.policy.storage,
+                xp=None if c.backend == "numpy" else self.xp,
+            )
         self.plan = (
             GatherPlan.build(self._x_host["train"], d.n_inputs, like=self.params["W1"])
             if self.model.input_kind == "index"
@@ -254,7 +257,8 @@ class Run:
         x = self._device(x)
         if self.model.input_kind == "index":
             return x
-        return quantize(x, self.policy.storage)
+        with stochastic_scope(self.config.seed, -1, "inputs"):
+            return quantize(x, self.policy.storage)
 
     # --- the computation ---------------------------------------------------------------
 
@@ -268,6 +272,10 @@ class Run:
         if rows is not None:
             r = self._device(rows)
             x, y = x[r], y[r]
+        with stochastic_scope(self.config.seed, self.step, "forward"):
+            return self._evaluate(x, y, with_grads)
+
+    def _evaluate(self, x, y, with_grads: bool) -> _Eval:
         z, mcache = forward(self.params, x, self.model, self.policy)
         loss, lcache = loss_forward(
             z,
@@ -292,7 +300,8 @@ class Run:
             plan = GatherPlan.build(
                 self._x_host["train"][rows], self.model.n_inputs, like=self.params["W1"]
             )
-        return backward(dz, ev.model_cache, self.model, self.policy, plan)
+        with stochastic_scope(c.seed, self.step, "backward"):
+            return backward(dz, ev.model_cache, self.model, self.policy, plan)
 
     def advance(self, *, log: bool | None = None, final: bool = False, inspect=None):
         """Do one step: evaluate at ``θ_t``, log if due, and apply the update (unless final).
@@ -339,7 +348,8 @@ class Run:
             self.log.flush()
             return
         before = {k: v.copy() for k, v in self.params.items()} if log else None
-        self.optimizer.step(self.params, grads, self.opt_state)
+        with stochastic_scope(c.seed, t, "update"):
+            self.optimizer.step(self.params, grads, self.opt_state)
         self.step += 1
         if log:
             self._log_update(before)
