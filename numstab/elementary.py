@@ -166,10 +166,11 @@ def _apply_arithmetic(name, x, fmt: Format, mode: str, xp):
     """:func:`apply` for a format with another rounding mode or subnormal rule.
 
     Operands are flushed first under DAZ. To nearest: the correctly rounded result, flushed
-    under FTZ. Other modes: the float64 function value (a few float64 ulps from the exact
-    one) rounded in the mode, not proven correct: it can differ from rounding the exact value
-    only when that lies within ``2**-50`` (relative) of a value of the format, and for
-    stochastic rounding the probabilities are those of the float64 value.
+    under FTZ. Directed modes and round to odd: the float64 function value (a few float64 ulps
+    from the exact one) rounded in the mode, not proven correct: it can differ from rounding
+    the exact value only when that lies within ``2**-50`` (relative) of a value of the format.
+    Stochastic: that value rounded to the carrier (float32) first, as every result of the
+    emulation is.
     """
     if fmt.subnormals in ("daz", "ftz_daz"):
         x = flush_subnormals(x, fmt)
@@ -177,6 +178,8 @@ def _apply_arithmetic(name, x, fmt: Format, mode: str, xp):
         return quantize(apply(name, x, fmt.plain, mode, xp), fmt)
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         w = getattr(xp, name)(xp.astype(x, xp_dtype(xp, np.float64)))
+        if fmt.rounding == "stochastic":  # from the carrier's value, like every other result
+            w = xp.astype(w, xp_dtype(xp, fmt.carrier))
         return quantize(w, fmt)
 
 

@@ -33,6 +33,7 @@ outputs is gradual), ``ftz_daz`` (both).
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -51,6 +52,7 @@ __all__ = [
     "round_to_grid",
     "stochastic_scope",
     "stochastic_uniform",
+    "stochastic_words",
     "tensor_id",
 ]
 
@@ -68,6 +70,7 @@ ROUNDING_ALIASES = {
 SUBNORMAL_RULES = ("gradual", "ftz", "daz", "ftz_daz")
 
 _MASK64 = (1 << 64) - 1
+_LITTLE = sys.byteorder == "little"
 _GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (the golden ratio in 64 bits)
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -109,26 +112,38 @@ def tensor_id(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def stochastic_uniform(key, n: int, xp=np, offset: int = 0):
-    """Uniform numbers in [0, 1), a pure function of ``(seed, step, tensor, element index)``.
+def stochastic_words(key, n: int, xp=np, offset: int = 0):
+    """Random 32-bit words, a pure function of ``(seed, step, tensor, element index)``.
 
     With ``key = (seed, step, tensor)`` (integers, taken mod 2**64) and ``mix`` SplitMix64's
-    finaliser, ``h = mix(mix(mix(seed) ^ step) ^ tensor)`` and element ``i`` (``offset`` to
-    ``offset + n - 1``) draws ``mix(h + (i + 1) * 0x9E3779B97F4A7C15 mod 2**64)``, whose top 53
-    bits ``b`` give ``b * 2**-53``. Nothing else enters: a resumed run redraws the same bits.
+    finaliser, ``h = mix(mix(mix(seed) ^ step) ^ tensor)``; counter ``k = 0, 1, ...`` gives
+    ``z_k = mix(h + (k + 1) * 0x9E3779B97F4A7C15 mod 2**64)``, and word ``j`` is the low
+    (``j`` even) or high (``j`` odd) half of ``z_{j // 2}``. Element ``i`` of a rounding uses
+    word ``offset + i``. Nothing else enters: a resumed run redraws the same bits.
 
     Returns
     -------
-    float64 array of shape ``(n,)`` of module ``xp`` (NumPy or CuPy)
+    uint32 array of shape ``(n,)`` of module ``xp`` (NumPy or CuPy)
     """
     seed, step, tensor = (int(k) & _MASK64 for k in key)
     h = _mix(_mix(_mix(seed) ^ step) ^ tensor)
-    i = xp.arange(offset + 1, offset + n + 1, dtype=xp.uint64)
-    i *= xp.uint64(_GAMMA)
-    i += xp.uint64(h)
-    _mix_array(i, xp)
-    i >>= xp.uint64(11)
-    return i.astype(xp.float64) * 2.0**-53
+    k0, k1 = offset // 2, (offset + n + 1) // 2
+    z = xp.arange(k0 + 1, k1 + 1, dtype=xp.uint64)
+    z *= xp.uint64(_GAMMA)
+    z += xp.uint64(h)
+    _mix_array(z, xp)
+    if _LITTLE:
+        words = z.view(xp.uint32)
+    else:  # the same words, split explicitly
+        words = xp.stack([z & xp.uint64(0xFFFFFFFF), z >> xp.uint64(32)], axis=1)
+        words = words.astype(xp.uint32).reshape(-1)
+    return words[offset - 2 * k0 : offset - 2 * k0 + n]
+
+
+def stochastic_uniform(key, n: int, xp=np, offset: int = 0):
+    """The words of :func:`stochastic_words` as uniform numbers ``w * 2**-32`` in [0, 1)
+    (float64, exact)."""
+    return stochastic_words(key, n, xp, offset).astype(xp.float64) * 2.0**-32
 
 
 _SCOPE: ContextVar[list | None] = ContextVar("numstab_stochastic_scope", default=None)
@@ -177,7 +192,7 @@ def flush_subnormals(x, fmt):
     return xp.where(small, xp.copysign(x.dtype.type(0), x), x)
 
 
-def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0):
+def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0, words=None):
     """Round a 1-D float32/float64 array (NumPy or CuPy) to ``fmt`` in ``mode``, keeping its
     dtype. No checks (``quantize`` validated everything).
 
@@ -186,10 +201,16 @@ def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0):
     ``hi = lo + q`` are the two neighbours on the format's grid (``hi`` may be the next
     binade's power of two, or beyond ``max``: overflow), and ``f = t - floor(t)`` (exact) is
     the distance to ``lo`` in quanta. Each mode picks ``hi`` on a condition of ``f``, the sign
-    and the parity of ``floor(t)``; ``stochastic`` when ``U < f`` with ``U`` from
-    :func:`stochastic_uniform` (``key``, element ``offset + i``): ``P(hi) = ceil(f 2**53) /
-    2**53``, which is ``f`` for every float32 input of magnitude above ``2**-29 q``.
+    and the parity of ``floor(t)``; ``stochastic`` when ``w 2**-32 >= 1 - f``, ``w`` word
+    ``offset + i`` of :func:`stochastic_words` (or ``words[i]`` when given): ``P(hi) = f``
+    whenever ``f`` is a multiple of ``2**-32`` (every float32 input from ``2**-9 q`` up;
+    below, ``f`` rounded up to one). float32 input in stochastic mode
+    takes :func:`_stochastic_float32`, the same rounding with the same words, faster.
     """
+    if mode == "stochastic" and words is None:
+        words = stochastic_words(key, x.size, array_module(x), offset)
+        if x.dtype == np.float32 and not (ftz or not fmt.subnormals):
+            return _stochastic_float32(x, fmt, words)
     xp = array_module(x)
     dt = x.dtype.type
     p, emin = fmt.precision, fmt.emin
@@ -216,7 +237,7 @@ def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0):
         elif mode == "odd":
             up = (f > 0) & (xp.fmod(fl, 2) == 0)
         else:  # stochastic
-            up = stochastic_uniform(key, a.size, xp, offset) < f
+            up = words.astype(xp.float64) * 2.0**-32 >= 1.0 - f.astype(xp.float64)
         r = (fl + up) * q
         if ftz or not fmt.subnormals:
             r = xp.where(r < float(fmt.tiny), dt(0), r)
@@ -244,3 +265,56 @@ def _overflow(x, r, special, fmt, mode, up, neg, top, xp):
     out = r.copy()
     out[special] = xp.copysign(fixed, xs)
     return out
+
+
+def _stochastic_float32(x, fmt, words):
+    """Stochastic rounding of float32 ``x`` (1-D) on its bit pattern.
+
+    Where ``fmt``'s quantum ``q`` at ``|x|`` spans ``d <= 23`` low bits of ``|x|``'s pattern
+    (``d = 23 - (p - 1)`` for normal results, more below ``fmt``'s ``tiny``), adding the top
+    ``d`` bits of the word ``w`` to the pattern and clearing the low ``d`` bits rounds up
+    exactly when ``w >> (32 - d)`` reaches the distance to the upper neighbour in source ulps,
+    ``2**d (1 - f)``: the event ``w 2**-32 >= 1 - f`` of :func:`round_to_grid`, ``P = f``; a
+    carry into the exponent is the next binade. Below ``q`` (``d > 23``) the result is ``q``
+    when ``w 2**-32 >= 1 - |x| / q``, else 0. Elements below ``tiny`` are redone on a sparse
+    mask; those beyond ``max`` (and ±inf, NaN) go through :func:`round_to_grid` with their
+    words.
+    """
+    xp = array_module(x)
+    u32 = xp.uint32
+    u = x.view(u32)
+    a = u & u32(0x7FFFFFFF)
+    d0 = 23 - (fmt.precision - 1)
+    r = words >> u32(32 - d0)
+    r += a
+    r &= u32(~((1 << d0) - 1) & 0xFFFFFFFF)
+    small = a < np.float32(float(fmt.tiny)).view(u32)
+    if small.any():
+        r[small] = _stochastic_below_tiny(a[small], fmt, words[small], xp)
+    r |= u & u32(0x80000000)
+    out = r.view(np.float32)
+    top = np.float32(float(fmt.max)).view(u32)
+    if a.max() > top:
+        special = a > top
+        out[special] = round_to_grid(x[special], fmt, "stochastic", False, words=words[special])
+    if not fmt.signed_zero:
+        out += np.float32(0)
+    return out
+
+
+def _stochastic_below_tiny(a, fmt, words, xp):
+    """:func:`_stochastic_float32` for magnitudes (bit patterns ``a``) below ``fmt``'s tiny."""
+    u32 = xp.uint32
+    ef = xp.maximum(a >> u32(23), u32(1)).astype(xp.int32)
+    d = (23 - (fmt.precision - 1)) + ((fmt.emin + 127) - ef)
+    below = d > 23
+    d = xp.minimum(d, 23).astype(u32)
+    r = words >> (u32(32) - d)
+    r += a
+    r &= ~((u32(1) << d) - u32(1))
+    if below.any():
+        q = 2.0 ** (fmt.emin - fmt.precision + 1)
+        v = a[below].view(np.float32).astype(xp.float64)
+        up = words[below].astype(xp.float64) * 2.0**-32 >= 1.0 - v / q
+        r[below] = xp.where(up, np.float32(q).view(u32), u32(0))
+    return r
