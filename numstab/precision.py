@@ -766,6 +766,13 @@ class PrecisionPolicy:
         How ``exp``/``log``/``log1p``/``expm1`` are evaluated (:mod:`numstab.elementary`):
         ``"correct"`` (correctly rounded in the format, the default) or ``"libm"`` (the array
         library's own functions, as before; reproduces older runs bit for bit).
+    update : Format or None
+        The update ``θ + Δθ`` written back to the parameters: ``storage``'s format in its own
+        rounding mode and subnormal rule (``float16@stochastic`` under a ``float16`` storage);
+        None: ``storage``. Each format carries its mode (:func:`with_arithmetic`), so the roles
+        are: parameters, activations and gradients (``storage``), GEMM accumulation
+        (``compute``), the loss and its sums (``loss``), the update (``update``); the optimizer
+        state has its own format (:mod:`numstab.optim`).
 
     Examples
     --------
@@ -780,10 +787,18 @@ class PrecisionPolicy:
     loss: Format
     order: str = "pairwise"
     elementary: str = "correct"
+    update: Format | None = None
 
     def __post_init__(self):
         for attr in ("storage", "compute", "loss"):
             object.__setattr__(self, attr, get_format(getattr(self, attr)))
+        if self.update is not None:
+            object.__setattr__(self, "update", get_format(self.update))
+            if self.update.plain != self.storage.plain:
+                raise ValueError(
+                    f"update format {self.update.name} must be the storage format "
+                    f"{self.storage.plain.name} (in any rounding mode): it writes the parameters"
+                )
         if self.order not in REDUCTION_ORDERS:
             valid = ", ".join(REDUCTION_ORDERS)
             raise ValueError(f"unknown reduction order {self.order!r}; valid orders: {valid}")
@@ -826,13 +841,16 @@ class PrecisionPolicy:
 
     def to_dict(self) -> dict:
         """Plain-JSON description, for run outputs."""
-        return {
+        d = {
             "storage": self.storage.name,
             "compute": self.compute.name,
             "loss": self.loss.name,
             "order": self.order,
             "elementary": self.elementary,
         }
+        if self.update is not None:
+            d["update"] = self.update.name
+        return d
 
 
 # --- the format an array carries ----------------------------------------------------------

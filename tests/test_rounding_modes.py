@@ -181,3 +181,25 @@ def test_gradual_process_passes():
 
     assert process_arithmetic() == {"ftz": False, "daz": False}
     require_gradual_underflow()
+
+
+def test_update_role_and_sweep_keys():
+    from numstab.run.loop import Run
+    from numstab.sweep import parse_spec
+
+    cfg = TrainConfig(dtype="float16", update_rounding="sr", p=7, hidden=(8,))
+    pol = cfg.policy
+    assert (pol.storage.name, pol.update.name) == ("float16", "float16@stochastic")
+    assert pol.to_dict()["update"] == "float16@stochastic"
+    assert "update" not in TrainConfig(dtype="float16").policy.to_dict()
+    with pytest.raises(ValueError, match="must be the storage format"):
+        PrecisionPolicy(storage="float16", compute="float32", loss="float16",
+                        update="bfloat16@sr")
+    a, b = Run(cfg), Run(cfg.replace(update_rounding=None))
+    for r in (a, b):
+        r.advance(log=False)
+    # the forward/backward are the same; only the update rounds differently
+    assert not np.array_equal(a.params["W1"], b.params["W1"])
+    sweep = parse_spec({"base": {"p": 7, "hidden": [8], "dtype": "fp16"},
+                        "axes": {"rounding": ["nearest", "sr"]}}, max_run_bytes=None)
+    assert [r.config.rounding for r in sweep.runs] == ["nearest", "stochastic"]

@@ -44,6 +44,7 @@ SILENT_DEFAULTS = {
     "subnormals": "gradual",
     "loss_rounding": None,
     "loss_subnormals": None,
+    "update_rounding": None,
 }
 
 _FORMAT_WORDS = (
@@ -125,6 +126,11 @@ class TrainConfig:
     loss_subnormals: str | None = option(
         None, "str", "subnormal rule of the loss alone; none: --subnormals",
         choices=(*SUBNORMAL_RULES, None),
+    )
+    update_rounding: str | None = option(
+        None, "str",
+        "rounding mode of the update θ + Δθ alone (stored in --dtype); none: --rounding",
+        choices=(*ROUNDING_MODES, None), aliases=canonical_rounding,
     )
     elementary: str = option(
         "correct", "str",
@@ -208,7 +214,7 @@ class TrainConfig:
             momentum=self.momentum,
             perp_grad=self.perp_grad,
             normalized_lr=self.normalized_lr,
-            storage_format=self.storage_format,
+            storage_format=(self.policy.update or self.policy.storage).name,
             state_format=self.state_format,
         )
 
@@ -224,8 +230,9 @@ class TrainConfig:
 
     @property
     def storage_format(self) -> str:
-        """Parameters, activations, gradients and the update: ``dtype`` in ``rounding`` with
-        ``subnormals`` (``float16@stochastic``; the plain name for the defaults)."""
+        """Parameters, activations, gradients (and the update, unless ``update_rounding``):
+        ``dtype`` in ``rounding`` with ``subnormals`` (``float16@stochastic``; the plain name
+        for the defaults)."""
         return with_arithmetic(self.dtype, self.rounding, self.subnormals).name
 
     @property
@@ -235,9 +242,13 @@ class TrainConfig:
             self.loss_rounding or self.rounding,
             self.loss_subnormals or self.subnormals,
         )
-        return PrecisionPolicy.paper(
+        policy = PrecisionPolicy.paper(
             self.storage_format, loss.name, order=self.order, elementary=self.elementary
         )
+        if self.update_rounding is None:
+            return policy
+        update = with_arithmetic(self.dtype, self.update_rounding, self.subnormals)
+        return dataclasses.replace(policy, update=update)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
