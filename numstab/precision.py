@@ -89,9 +89,9 @@ class Format:
     max : numpy scalar
         Largest finite number, ``(2 - 2**(1 - p)) * 2**emax`` (``(2 - 2**(2 - p)) * 2**emax``
         where the top significand pattern is NaN, ``nan="top"``).
-    subnormals : bool
-        Gradual underflow below ``tiny`` (every format here has it; flush-to-zero is a
-        rounding option, :func:`quantize`'s ``subnormals``).
+    has_subnormals : bool
+        Gradual underflow below ``tiny`` (every format here has it; flush-to-zero is the
+        ``subnormals`` rule below).
     infinities : bool
         The format has ``±inf``.
     nan : str
@@ -117,7 +117,7 @@ class Format:
     precision: int
     emin: int
     emax: int
-    subnormals: bool = True
+    has_subnormals: bool = True
     infinities: bool = True
     nan: str = "ieee"
     overflow: str = "inf"

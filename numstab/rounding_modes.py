@@ -209,7 +209,7 @@ def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0, words
     """
     if mode == "stochastic" and words is None:
         words = stochastic_words(key, x.size, array_module(x), offset)
-        if x.dtype == np.float32 and not (ftz or not fmt.subnormals):
+        if x.dtype == np.float32 and not (ftz or not fmt.has_subnormals):
             return _stochastic_float32(x, fmt, words)
     xp = array_module(x)
     dt = x.dtype.type
@@ -239,7 +239,7 @@ def round_to_grid(x, fmt, mode: str, ftz: bool, key=None, offset: int = 0, words
         else:  # stochastic
             up = words.astype(xp.float64) * 2.0**-32 >= 1.0 - f.astype(xp.float64)
         r = (fl + up) * q
-        if ftz or not fmt.subnormals:
+        if ftz or not fmt.has_subnormals:
             r = xp.where(r < float(fmt.tiny), dt(0), r)
         r = xp.copysign(r, x)
         special = ~(r <= top) | ~(a <= top)  # overflow, inf or NaN input
