@@ -21,6 +21,8 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from numstab.precision import NARROW_FORMAT_NAMES, get_format, quantize, round_to
 from numstab.rounding_modes import ROUNDING_MODES, stochastic_uniform
@@ -336,3 +338,54 @@ def test_elementary_correctly_rounded_on_every_input(name, fn):
                 pick = o.over
             want = math.copysign(pick, float(y)) if (pick or o.signed_zero) else 0.0
         assert same(np.array([g]), np.array([want]))[0], (name, fn, xi, g, want)
+
+
+def _fraction_round(x: float, ebits: int, mbits: int, mode: str) -> float:
+    """Rounding of the exact value of ``x`` to the IEEE-style format eXmY, from its definition
+    (one value at a time, in Fraction arithmetic; a zero result keeps the sign of ``x``)."""
+    v, neg = Fraction(x), math.copysign(1.0, x) < 0
+    if v == 0:
+        return x
+    bias = (1 << (ebits - 1)) - 1
+    p, emin, emax = mbits + 1, 1 - bias, bias
+    a = abs(v)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    while Fraction(2) ** e > a:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= a:
+        e += 1
+    q = Fraction(2) ** (max(e, emin) - p + 1)
+    k = math.floor(a / q)
+    rem = a - k * q
+    up = {
+        "nearest": rem > q / 2 or (rem == q / 2 and k % 2 == 1),
+        "nearest_away": rem >= q / 2,
+        "toward_zero": False,
+        "up": rem > 0 and not neg,
+        "down": rem > 0 and neg,
+        "odd": rem > 0 and k % 2 == 0,
+    }[mode]
+    r = (k + up) * q
+    top = ((1 << p) - 1) * Fraction(2) ** (emax - p + 1)
+    if r > top:
+        away = mode in ("nearest", "nearest_away") or (mode == "up" and not neg) or (
+            mode == "down" and neg)
+        r = math.inf if away else top
+    return -float(r) if neg else float(r)  # -0.0 for a negative value rounded to 0
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    ebits=st.integers(2, 8),
+    mbits=st.integers(1, 10),
+    mode=st.sampled_from([m for m in ROUNDING_MODES if m != "stochastic"]),
+    values=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1,
+                    max_size=40),
+)
+def test_custom_formats_against_fractions(ebits, mbits, mode, values):
+    """Every custom layout eXmY numstab accepts (up to e8m10, 19 bits: beyond the exhaustive
+    tests) on arbitrary float32 inputs, against the one-value Fraction oracle."""
+    x = np.array(values, dtype=np.float32)
+    got = quantize(x, f"e{ebits}m{mbits}", rounding=mode)
+    want = np.array([_fraction_round(float(v), ebits, mbits, mode) for v in x])
+    assert same(got, want).all(), (x[~same(got, want)], got[~same(got, want)])
