@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from numstab.precision import NARROW_FORMAT_NAMES, get_format, quantize, round_to
+from numstab.precision import NARROW_FORMAT_NAMES, format_of, get_format, quantize, round_to
 from numstab.rounding_modes import ROUNDING_MODES, stochastic_uniform
 
 # name: (exponent bits, stored significand bits, bias, rule). Rules: ieee (exponent all ones:
@@ -279,6 +279,9 @@ def test_registry():
     assert get_format("e8m10").name == "tf32" and get_format("E5M2").name == "float8_e5m2"
     assert get_format("e8m23").name == "float32"
     assert float(get_format("float8_e4m3fn").max) == 448
+    assert format_of(np.zeros(2, dtype=ml_dtypes.float8_e4m3fn)).name == "float8_e4m3fn"
+    assert format_of(np.zeros(2, dtype=ml_dtypes.float4_e2m1fn)).name == "float4_e2m1fn"
+    assert format_of(np.zeros(2, dtype=np.float32)).name == "float32"  # not tf32
     with pytest.raises(ValueError, match="float32 carrier"):
         get_format("e9m3")
     with pytest.raises(ValueError, match="no saturating variant"):
