@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -73,6 +74,7 @@ from numstab.precision import (
     get_format,
     quantize,
 )
+from numstab.process_arithmetic import FlushToZeroError, require_gradual_underflow
 from numstab.summation import wide_format
 
 __all__ = [
@@ -89,6 +91,11 @@ __all__ = [
     "sc_gap_window",
     "ulp_error",
 ]
+
+try:  # checked once on import (a warning); every collapse figure checks again (an error)
+    require_gradual_underflow()
+except FlushToZeroError as _exc:
+    warnings.warn(f"numstab.audit: {_exc}", RuntimeWarning, stacklevel=2)
 
 AUDIT_KINDS = ("softmax", "stablemax")
 AUDIT_METHODS = ("auto", "mpmath")
@@ -253,14 +260,15 @@ def _eps(eps):
 
 
 def _widen16(a: np.ndarray) -> np.ndarray:
-    """bfloat16 (a NumPy 'V'-kind dtype) to float32, exactly; anything else unchanged."""
-    return a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
+    """bfloat16 and the narrow formats (NumPy 'V'-kind dtypes) to float32, exactly; anything
+    else unchanged."""
+    return a.astype(np.float32) if a.dtype.kind == "V" and format_of(a.dtype) else a
 
 
 def _logits(z: np.ndarray) -> np.ndarray:
     """Checked 2-D logits (from :func:`_array`), widened: bfloat16 to float32, integers to
     float64 (both exact for the values a format can round)."""
-    if not (z.dtype.kind in "fiu" or z.dtype == _BF16):
+    if not (z.dtype.kind in "fiu" or (z.dtype.kind == "V" and format_of(z.dtype))):
         raise TypeError(
             f"logits must be a real floating array (float16, bfloat16, float32, float64 or "
             f"longdouble), got dtype {z.dtype}"
@@ -517,6 +525,7 @@ def sc_fraction(
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
     _eps(eps)
+    require_gradual_underflow()
     z, fmt = _logits_and_format(logits, dtype)
     if z.shape[0] == 0:
         return float("nan")
@@ -794,6 +803,7 @@ def audit_cross_entropy(
     _choice("kind", kind, AUDIT_KINDS)
     _choice("order", order, REDUCTION_ORDERS)
     _choice("method", method, AUDIT_METHODS)
+    require_gradual_underflow()
     _eps(eps)
     z, fmt = _logits_and_format(logits, dtype)
     y = _labels(labels, z.shape[0], z.shape[1])

@@ -52,6 +52,7 @@ import numpy as np
 from numstab import exact
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
 from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
+from numstab.rounding_modes import flush_subnormals
 
 __all__ = [
     "ELEMENTARY_MODES",
@@ -151,6 +152,8 @@ def apply(name: str, x, fmt: Format, mode: str, xp):
     """:func:`evaluate` without its checks, for the engine's hot path: ``name`` and ``mode``
     already valid, ``fmt`` a :class:`~numstab.precision.Format`, ``x`` in ``fmt``'s carrier
     dtype (values of ``fmt``), ``xp`` its namespace."""
+    if fmt.rounding != "nearest" or fmt.subnormals != "gradual":
+        return _apply_arithmetic(name, x, fmt, mode, xp)
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
         if mode == "libm":
             return quantize(getattr(xp, name)(x), fmt)
@@ -161,6 +164,27 @@ def apply(name: str, x, fmt: Format, mode: str, xp):
                 return _exp64(x, xp)
             return _via_longdouble(name, x, xp)
         return _all_exact(name, x, fmt)
+
+
+def _apply_arithmetic(name, x, fmt: Format, mode: str, xp):
+    """:func:`apply` for a format with another rounding mode or subnormal rule.
+
+    Operands are flushed first under DAZ. To nearest: the correctly rounded result, flushed
+    under FTZ. Directed modes and round to odd: the float64 function value (a few float64 ulps
+    from the exact one) rounded in the mode, not proven correct: it can differ from rounding
+    the exact value only when that lies within ``2**-50`` (relative) of a value of the format.
+    Stochastic: that value rounded to the carrier (float32) first, as every result of the
+    emulation is.
+    """
+    if fmt.subnormals in ("daz", "ftz_daz"):
+        x = flush_subnormals(x, fmt)
+    if fmt.rounding == "nearest":
+        return quantize(apply(name, x, fmt.plain, mode, xp), fmt)
+    with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
+        w = getattr(xp, name)(xp.astype(x, xp_dtype(xp, np.float64)))
+        if fmt.rounding == "stochastic":  # from the carrier's value, like every other result
+            w = xp.astype(w, xp_dtype(xp, fmt.carrier))
+        return quantize(w, fmt)
 
 
 # --- exact resolution (mpmath, Ziv loop) ---------------------------------------------------
@@ -204,7 +228,9 @@ def exact_round(name: str, values, fmt) -> np.ndarray:
         ys = [wide.mpf(fn(t)) for t in exact.to_exact(flat[todo], prec=prec)]
         lo = exact.round_exact(np.array([y * (1 - tol) for y in ys], dtype=object), f)
         hi = exact.round_exact(np.array([y * (1 + tol) for y in ys], dtype=object), f)
-        done = lo == hi  # never NaN here; a zero cannot be an end (the results are nonzero)
+        # NaN only where both ends overflow in a format without infinities (E4M3FN); a zero
+        # cannot be an end (the results are nonzero)
+        done = (lo == hi) | (np.isnan(lo) & np.isnan(hi))
         out[todo[done]] = lo[done]
         todo = todo[~done]
         prec *= 2

@@ -396,7 +396,7 @@ def _finish(sign, big, q, fmt):
     if big == 1 << p:  # carry into the next binade
         big >>= 1
         q += 1
-    if q > fmt.emax - p + 1:
+    if q > fmt.emax - p + 1 or (q == fmt.emax - p + 1 and big > fmt.max_significand):
         return None
     return sign, big, q
 
@@ -424,7 +424,7 @@ def _round_one(v, fmt):
         if v == 0:
             return ("f", 0, 0, 0)
         r = _round_fraction(v, fmt)
-        return ("inf", int(v < 0)) if r is None else ("f", *r)
+        return _overflow(int(v < 0), fmt) if r is None else ("f", *r)
     t = _raw_scalar(v)
     if t is None:
         raise TypeError(
@@ -437,9 +437,18 @@ def _round_one(v, fmt):
             return ("f", 0, 0, 0)
         if t == _FNAN:
             return ("nan",)
-        return ("inf", 1 if t == _FNINF else 0)
+        return _overflow(1 if t == _FNINF else 0, fmt)
     r = _round_man_exp(int(sign), int(man), int(exp), fmt)
-    return ("inf", int(sign)) if r is None else ("f", *r)
+    return _overflow(int(sign), fmt) if r is None else ("f", *r)
+
+
+def _overflow(sign: int, fmt):
+    """The overflow value of ``fmt`` (``±inf``; NaN or ``±max`` without infinities)."""
+    if fmt.overflow == "inf":
+        return ("inf", sign)
+    if fmt.overflow == "nan":
+        return ("nan",)
+    return ("f", sign, fmt.max_significand, fmt.emax - fmt.precision + 1)
 
 
 def round_exact(x, fmt, *, prec=None):

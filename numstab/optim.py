@@ -320,10 +320,10 @@ def _check_betas(betas) -> tuple[float, float]:
 
 
 def _underflows(value: float, fmt: Format) -> bool:
-    """True if a positive ``value`` rounds to 0 in ``fmt``."""
+    """True if a positive ``value`` rounds to 0 in ``fmt`` (to nearest, its subnormal rule)."""
     if value <= 0.0:
         return False
-    return float(quantize(np.float64(value), fmt)) == 0.0
+    return float(quantize(np.float64(value), fmt, rounding="nearest")) == 0.0
 
 
 def _warn(message: str) -> None:

@@ -1,8 +1,10 @@
 """Floating-point formats, correctly rounded conversion, and precision policies.
 
-Five formats are known: ``float16``, ``bfloat16`` (from ml_dtypes), ``float32``, ``float64``
-and ``longdouble`` (x87 80-bit extended; only where NumPy's ``longdouble`` really is wider than
-float64).
+Five IEEE formats are fully supported everywhere: ``float16``, ``bfloat16`` (from ml_dtypes),
+``float32``, ``float64`` and ``longdouble`` (x87 80-bit extended; only where NumPy's
+``longdouble`` really is wider than float64). The narrow formats of ml_dtypes (fp8, fp6, fp4),
+``tf32`` and custom IEEE-style formats ``eXmY`` are emulated the same way
+(:func:`available_formats` with ``extended=True``; docs/formats.md states each one's rules).
 
 Arithmetic in float16 and bfloat16 is *emulated*: values are held in a float32 **carrier** array
 and every operation is one float32 operation followed by one rounding to the format. For
@@ -18,18 +20,25 @@ where a softmax tail lives.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
 
 from numstab.backend import array_module, errstate, namespace, uint_view, xp_dtype
+from numstab.rounding_modes import SUBNORMAL_RULES, canonical_rounding, next_key, round_to_grid
 
 __all__ = [
     "ELEMENTARY_MODES",
     "FORMAT_NAMES",
+    "NAN_ENCODINGS",
+    "NARROW_FORMAT_NAMES",
+    "OVERFLOW_RULES",
     "REDUCTION_ORDERS",
+    "SATURATING_SUFFIX",
     "Format",
     "PrecisionPolicy",
     "available_formats",
@@ -37,6 +46,7 @@ __all__ = [
     "get_format",
     "quantize",
     "round_to",
+    "with_arithmetic",
 ]
 
 #: Summation orders a :class:`PrecisionPolicy` may declare (see :mod:`numstab.summation`).
@@ -46,7 +56,13 @@ REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
 #: :mod:`numstab.elementary`, which re-exports this tuple).
 ELEMENTARY_MODES = ("correct", "libm")
 
-
+#: Where a format keeps its NaN: ``ieee`` (exponent field all ones, significand non-zero),
+#: ``top`` (only the all-ones pattern, E4M3FN: the top binade is otherwise finite),
+#: ``negzero`` (the pattern of -0, the "fnuz" formats, which have no -0), ``none``.
+NAN_ENCODINGS = ("ieee", "top", "negzero", "none")
+#: What a value beyond the largest finite one becomes: ``inf``, ``nan`` or ``saturate``
+#: (the largest finite number of its sign).
+OVERFLOW_RULES = ("inf", "nan", "saturate")
 
 @dataclass(frozen=True)
 class Format:
@@ -71,7 +87,29 @@ class Format:
     smallest_subnormal : numpy scalar
         ``2**(emin - p + 1)``.
     max : numpy scalar
-        Largest finite number, ``(2 - 2**(1 - p)) * 2**emax``.
+        Largest finite number, ``(2 - 2**(1 - p)) * 2**emax`` (``(2 - 2**(2 - p)) * 2**emax``
+        where the top significand pattern is NaN, ``nan="top"``).
+    has_subnormals : bool
+        Gradual underflow below ``tiny`` (every format here has it; flush-to-zero is the
+        ``subnormals`` rule below).
+    infinities : bool
+        The format has ``±inf``.
+    nan : str
+        NaN encoding, one of :data:`NAN_ENCODINGS`; ``none``: no NaN (a NaN stays NaN in the
+        carrier, and its storage cast is ml_dtypes' own).
+    overflow : str
+        One of :data:`OVERFLOW_RULES`: what round-to-nearest gives from ``max + ulp(max)/2``
+        on (and for ``±inf`` input where the format has no infinity).
+    has_dtype : bool
+        False for formats without a NumPy dtype of their own (``tf32``, ``eXmY``): their
+        values are stored in the carrier.
+    rounding : str
+        How values are rounded into the format (:data:`numstab.rounding_modes.ROUNDING_MODES`;
+        ``nearest``: ties to even). Other modes exist for the emulated formats only: their name
+        says so, ``float16@stochastic`` (:func:`get_format` parses it).
+    subnormals : str
+        :data:`numstab.rounding_modes.SUBNORMAL_RULES`; not ``gradual``: the name says so,
+        ``float32@ftz``, ``float16@stochastic@ftz_daz``.
     """
 
     name: str
@@ -79,6 +117,23 @@ class Format:
     precision: int
     emin: int
     emax: int
+    has_subnormals: bool = True
+    infinities: bool = True
+    nan: str = "ieee"
+    overflow: str = "inf"
+    has_dtype: bool = True
+    rounding: str = "nearest"
+    subnormals: str = "gradual"
+
+    def __post_init__(self):
+        if self.nan not in NAN_ENCODINGS:
+            raise ValueError(f"nan must be one of {NAN_ENCODINGS}, got {self.nan!r}")
+        if self.overflow not in OVERFLOW_RULES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_RULES}, got {self.overflow!r}")
+        if (self.overflow == "inf") != self.infinities and self.overflow != "saturate":
+            raise ValueError(f"{self.name}: overflow {self.overflow!r} needs infinities")
+        if self.overflow == "nan" and self.nan == "none":
+            raise ValueError(f"{self.name}: overflow 'nan' needs a NaN encoding")
 
     @property
     def unit_roundoff(self) -> float:
@@ -97,9 +152,27 @@ class Format:
         return _ldexp_scalar(1, self.emin - self.precision + 1, self.dtype)
 
     @property
+    def max_significand(self) -> int:
+        """Integral significand ``M`` of :attr:`max` (``max = M * 2**(emax - p + 1)``)."""
+        return (1 << self.precision) - (2 if self.nan == "top" else 1)
+
+    @property
     def max(self):
-        top = (1 << self.precision) - 1
-        return _ldexp_scalar(top, self.emax - self.precision + 1, self.dtype)
+        return _ldexp_scalar(self.max_significand, self.emax - self.precision + 1, self.dtype)
+
+    @property
+    def plain(self) -> Format:
+        """This format rounded to nearest even with gradual underflow (itself if it is)."""
+        if self.rounding == "nearest" and self.subnormals == "gradual":
+            return self
+        return dataclasses.replace(
+            self, name=self.name.split("@")[0], rounding="nearest", subnormals="gradual"
+        )
+
+    @property
+    def signed_zero(self) -> bool:
+        """False for the "fnuz" formats: the pattern of -0 is their NaN, and -0 becomes +0."""
+        return self.nan != "negzero"
 
     @property
     def carrier(self) -> np.dtype:
@@ -109,7 +182,7 @@ class Format:
     @property
     def is_emulated(self) -> bool:
         """True when values live in a wider carrier and each operation is rounded explicitly."""
-        return self.carrier != self.dtype
+        return self.carrier != self.dtype or not self.has_dtype
 
     def __str__(self) -> str:
         return self.name
@@ -128,8 +201,14 @@ def _longdouble_is_extended() -> bool:
     return np.finfo(np.longdouble).nmant >= 63
 
 
-#: Every format numstab knows, narrowest first: name, dtype, precision p, emin, emax. Adding
-#: a format is one entry here (docs/architecture.md).
+# Rules of the formats without infinities (ml_dtypes' casts: overflow gives NaN where there
+# is one, else saturates).
+_FN = {"infinities": False, "nan": "top", "overflow": "nan"}
+_FNUZ = {"infinities": False, "nan": "negzero", "overflow": "nan"}
+_FINITE = {"infinities": False, "nan": "none", "overflow": "saturate"}
+
+#: Every format numstab knows: name, dtype, precision p, emin, emax, then the rules of the
+#: non-IEEE ones. Adding a format is one entry here (docs/architecture.md).
 _ALL_FORMATS = (
     Format("float16", np.dtype(np.float16), 11, -14, 15),
     Format("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127),
@@ -137,10 +216,24 @@ _ALL_FORMATS = (
     Format("float64", np.dtype(np.float64), 53, -1022, 1023),
     # x87 extended where long double is it (not on aarch64 / MSVC, where it is float64)
     Format("longdouble", np.dtype(np.longdouble), 64, -16382, 16383),
+    # The narrow formats, all emulated in float32 (docs/formats.md: the rules of each).
+    Format("tf32", np.dtype(np.float32), 11, -126, 127, has_dtype=False),
+    Format("float8_e5m2", np.dtype(ml_dtypes.float8_e5m2), 3, -14, 15),
+    Format("float8_e4m3", np.dtype(ml_dtypes.float8_e4m3), 4, -6, 7),
+    Format("float8_e3m4", np.dtype(ml_dtypes.float8_e3m4), 5, -2, 3),
+    Format("float8_e4m3fn", np.dtype(ml_dtypes.float8_e4m3fn), 4, -6, 8, **_FN),
+    Format("float8_e4m3fnuz", np.dtype(ml_dtypes.float8_e4m3fnuz), 4, -7, 7, **_FNUZ),
+    Format("float8_e5m2fnuz", np.dtype(ml_dtypes.float8_e5m2fnuz), 3, -15, 15, **_FNUZ),
+    Format("float8_e4m3b11fnuz", np.dtype(ml_dtypes.float8_e4m3b11fnuz), 4, -10, 4, **_FNUZ),
+    Format("float6_e2m3fn", np.dtype(ml_dtypes.float6_e2m3fn), 4, 0, 2, **_FINITE),
+    Format("float6_e3m2fn", np.dtype(ml_dtypes.float6_e3m2fn), 3, -2, 4, **_FINITE),
+    Format("float4_e2m1fn", np.dtype(ml_dtypes.float4_e2m1fn), 2, 0, 2, **_FINITE),
 )
 
-#: Canonical format names, narrowest first.
-FORMAT_NAMES = tuple(f.name for f in _ALL_FORMATS)
+#: The five IEEE formats every part of numstab supports, narrowest first.
+FORMAT_NAMES = tuple(f.name for f in _ALL_FORMATS[:5])
+#: The narrow formats (ml_dtypes' fp8/fp6/fp4 and tf32): emulated like float16.
+NARROW_FORMAT_NAMES = tuple(f.name for f in _ALL_FORMATS[5:])
 
 _FORMATS: dict[str, Format] = {
     f.name: f for f in _ALL_FORMATS if f.name != "longdouble" or _longdouble_is_extended()
@@ -161,13 +254,140 @@ _ALIASES = {
     "extended": "longdouble",
     "float80": "longdouble",
     "x87": "longdouble",
+    "tensorfloat32": "tf32",
+    "fp8_e4m3fn": "float8_e4m3fn",
+    "e4m3fn": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
 }
-_ALIASES.update({name: name for name in FORMAT_NAMES})
+_ALIASES.update({name: name for name in FORMAT_NAMES + NARROW_FORMAT_NAMES})
+
+#: Suffix of a saturating variant (``float8_e4m3fn_sat``: overflow gives ±max, not NaN/inf).
+SATURATING_SUFFIX = "_sat"
+_CUSTOM = re.compile(r"e(\d+)m(\d+)")
 
 
-def available_formats() -> tuple[str, ...]:
-    """Names of the formats usable on this platform (``longdouble`` only where it is x87)."""
-    return tuple(n for n in FORMAT_NAMES if n in _FORMATS)
+#: ml_dtypes' dtypes of the formats (kind "V" in NumPy): :func:`format_of` knows them.
+_NARROW_DTYPES = frozenset(f.dtype for f in _ALL_FORMATS if f.has_dtype and f.dtype.kind != "f")
+
+
+def available_formats(*, extended: bool = False) -> tuple[str, ...]:
+    """Names of the formats usable on this platform (``longdouble`` only where it is x87).
+
+    ``extended=True`` adds the narrow formats (:data:`NARROW_FORMAT_NAMES`); any ``eXmY``
+    and any ``<narrow format>_sat`` name is accepted by :func:`get_format` as well.
+    """
+    names = FORMAT_NAMES + (NARROW_FORMAT_NAMES if extended else ())
+    return tuple(n for n in names if n in _FORMATS)
+
+
+def _custom_format(key: str) -> Format | None:
+    """The IEEE-style format ``eXmY`` (X exponent bits, Y stored significand bits), or None.
+
+    Bias ``2**(X-1) - 1``, subnormals, the all-ones exponent for ``±inf``/NaN. A layout of a
+    named IEEE format returns that format (``e5m10`` is float16, ``e8m7`` bfloat16).
+    """
+    m = _CUSTOM.fullmatch(key)
+    if m is None:
+        return None
+    x, y = int(m.group(1)), int(m.group(2))
+    emax = (1 << (x - 1)) - 1
+    layout = (y + 1, 1 - emax, emax)
+    for f in _FORMATS.values():
+        if f.nan == "ieee" and (f.precision, f.emin, f.emax) == layout:
+            return f
+    if not (2 <= x <= 8 and 1 <= y <= 10):
+        raise ValueError(
+            f"custom format {key!r} is not supported: numstab emulates custom formats in a "
+            "float32 carrier, which needs 2 <= exponent bits <= 8 and 1 <= significand bits "
+            "<= 10 (float32 then holds every value and rounds + - * / once correctly)"
+        )
+    return Format(key, np.dtype(np.float32), y + 1, 1 - emax, emax, has_dtype=False)
+
+
+def _saturating(fmt: Format) -> Format:
+    if not fmt.is_emulated:
+        raise ValueError(
+            f"no saturating variant of {fmt.name}: only emulated formats (float16, bfloat16, "
+            "the narrow formats, eXmY) have one"
+        )
+    if fmt.overflow == "saturate":
+        return fmt
+    return dataclasses.replace(fmt, name=fmt.name + SATURATING_SUFFIX, overflow="saturate")
+
+
+def _with_arithmetic(fmt: Format, parts: list[str], name: str) -> Format:
+    """``fmt`` with the rounding mode and subnormal rule named after its ``@``s."""
+    rounding, subnormals = "nearest", "gradual"
+    for part in parts:
+        if part.replace("-", "_") in SUBNORMAL_RULES:
+            subnormals = part.replace("-", "_")
+        else:
+            try:
+                rounding = canonical_rounding(part)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{name!r}: {exc}; or a subnormal rule: {', '.join(SUBNORMAL_RULES)}"
+                ) from None
+    if rounding != "nearest" and not fmt.is_emulated:
+        raise ValueError(
+            f"{name!r}: rounding mode {rounding!r} exists for the emulated formats (narrower "
+            f"than float32) only; {fmt.name} arithmetic is the hardware's, to nearest even"
+        )
+    suffix = "".join(
+        f"@{v}" for v, d in ((rounding, "nearest"), (subnormals, "gradual")) if v != d
+    )
+    if not suffix:
+        return fmt
+    return dataclasses.replace(
+        fmt, name=fmt.name + suffix, rounding=rounding, subnormals=subnormals
+    )
+
+
+def with_arithmetic(fmt, rounding: str = "nearest", subnormals: str = "gradual") -> Format:
+    """The format ``fmt`` rounded in ``rounding`` with subnormal rule ``subnormals``.
+
+    Its name records both (``float16@stochastic``, ``float32@ftz``; unchanged for the
+    defaults), so that every record of a format name is a complete description.
+
+    Examples
+    --------
+    >>> with_arithmetic("fp16", "sr").name
+    'float16@stochastic'
+    """
+    base = get_format(fmt).plain
+    return _with_arithmetic(base, [rounding, subnormals], f"{base.name}@{rounding}")
+
+
+def _lookup_name(name: str) -> Format:
+    text, *modes = name.strip().lower().split("@")
+    if modes:
+        return _with_arithmetic(_lookup_name(text), modes, name)
+    sat = text.endswith(SATURATING_SUFFIX)
+    base = text[: -len(SATURATING_SUFFIX)] if sat else text
+    key = _ALIASES.get(base)
+    fmt = _custom_format(base) if key is None else None
+    if key is None and fmt is None:
+        valid = ", ".join(available_formats(extended=True))
+        aliases = ", ".join(
+            sorted(a for a in _ALIASES if a not in FORMAT_NAMES + NARROW_FORMAT_NAMES)
+        )
+        raise ValueError(
+            f"unknown format {name!r}; valid formats: {valid}, eXmY (custom), a narrow "
+            f"format + '{SATURATING_SUFFIX}' (aliases: {aliases})"
+        )
+    if fmt is None:
+        fmt = _named(key)
+    return _saturating(fmt) if sat else fmt
+
+
+def _named(key: str) -> Format:
+    if key == "longdouble" and key not in _FORMATS:
+        raise ValueError(
+            "format 'longdouble' is unavailable: this platform's long double has "
+            f"{np.finfo(np.longdouble).nmant + 1} significand bits, the same as float64 "
+            "(x87 80-bit extended precision exists only on x86)"
+        )
+    return _FORMATS[key]
 
 
 def get_format(name) -> Format:
@@ -177,8 +397,10 @@ def get_format(name) -> Format:
     ----------
     name : str or numpy.dtype or Format
         ``float16``/``fp16``/``half``, ``bfloat16``/``bf16``, ``float32``/``fp32``/``single``,
-        ``float64``/``fp64``/``double``, ``longdouble``/``extended``/``float80``/``x87``
-        (case-insensitive), a NumPy dtype of one of these, or a ``Format`` (returned as is).
+        ``float64``/``fp64``/``double``, ``longdouble``/``extended``/``float80``/``x87``,
+        a narrow format (:data:`NARROW_FORMAT_NAMES`: ``float8_e4m3fn``, ``tf32``, ...), a
+        custom ``eXmY``, any emulated one + ``_sat`` (saturating overflow), all
+        case-insensitive; a NumPy dtype of one of these, or a ``Format`` (returned as is).
 
     Raises
     ------
@@ -189,36 +411,23 @@ def get_format(name) -> Format:
     if isinstance(name, Format):
         return name
     if isinstance(name, str):
-        key = _ALIASES.get(name.strip().lower())
-        if key is None:
-            valid = ", ".join(available_formats())
-            aliases = ", ".join(sorted(a for a in _ALIASES if a not in FORMAT_NAMES))
-            raise ValueError(
-                f"unknown format {name!r}; valid formats: {valid} (aliases: {aliases})"
-            )
-    else:
-        try:
-            dt = np.dtype(name)
-        except TypeError:
-            raise ValueError(
-                f"unknown format {name!r}; pass a format name ({', '.join(available_formats())}), "
-                "a floating dtype, or a Format"
-            ) from None
-        key = next((k for k, f in _FORMATS.items() if f.dtype == dt), None)
-        if key is None and dt == np.longdouble:
-            key = "longdouble"
-        if key is None:
-            raise ValueError(
-                f"dtype {dt} is not a supported format; "
-                f"valid formats: {', '.join(available_formats())}"
-            )
-    if key == "longdouble" and key not in _FORMATS:
+        return _lookup_name(name)
+    try:
+        dt = np.dtype(name)
+    except TypeError:
         raise ValueError(
-            "format 'longdouble' is unavailable: this platform's long double has "
-            f"{np.finfo(np.longdouble).nmant + 1} significand bits, the same as float64 "
-            "(x87 80-bit extended precision exists only on x86)"
+            f"unknown format {name!r}; pass a format name ({', '.join(available_formats())}), "
+            "a floating dtype, or a Format"
+        ) from None
+    key = next((k for k, f in _FORMATS.items() if f.has_dtype and f.dtype == dt), None)
+    if key is None and dt == np.longdouble:
+        key = "longdouble"
+    if key is None:
+        raise ValueError(
+            f"dtype {dt} is not a supported format; "
+            f"valid formats: {', '.join(available_formats(extended=True))}"
         )
-    return _FORMATS[key]
+    return _named(key)
 
 
 def carrier_dtype(fmt) -> np.dtype:
@@ -309,17 +518,23 @@ def _round_bits(x, fmt: Format):
     r_bits = r.view(uint)
     r_bits |= u & sign_mask
 
-    top = x.dtype.type(fmt.max)
+    top = x.dtype.type(float(fmt.max))
     special = a_bits > top.view(uint)
     if special.any():
-        # Above the largest finite value: round down to it below the midpoint to 2**(emax+1),
-        # overflow to inf from the midpoint on (max is odd, so the tie goes up), NaN stays NaN.
+        # Above the largest finite value: round down to it below the midpoint to the next
+        # grid value, overflow from the midpoint on (the tie goes up when max is odd, as in
+        # IEEE formats, and down to max when it is even, as in E4M3FN), NaN stays NaN.
         xs = x[special]
-        half_ulp = x.dtype.type(math.ldexp(1.0, fmt.emax - fmt.precision))
+        mid = top + x.dtype.type(math.ldexp(1.0, fmt.emax - fmt.precision))
+        big = {"inf": np.inf, "nan": np.nan, "saturate": top}[fmt.overflow]
         with errstate(xp, invalid="ignore"):
-            fixed = xp.where(xp.abs(xs) < top + half_ulp, top, x.dtype.type(np.inf))
+            a = xp.abs(xs)
+            below = a < mid if fmt.max_significand % 2 else a <= mid
+            fixed = xp.where(below, top, x.dtype.type(big))
         fixed = xp.where(xp.isnan(xs), x.dtype.type(np.nan), fixed)
         r[special] = xp.copysign(fixed, xs)
+    if not fmt.signed_zero:
+        r += x.dtype.type(0)  # -0 + 0 = +0: the "fnuz" formats have no -0
     return r
 
 
@@ -342,10 +557,15 @@ def _round_bits_same_range(x, fmt: Format, u, a_bits, xp):
     nan = a_bits > np.asarray(np.inf, dtype=x.dtype).view(uint)
     if nan.any():
         out[nan] = xp.copysign(x.dtype.type(np.nan), x[nan])
+    if fmt.overflow != "inf":  # a saturating variant (bfloat16_sat, tf32_sat)
+        over = xp.isinf(out)
+        if over.any():
+            out[over] = xp.copysign(x.dtype.type(float(fmt.max)), out[over])
     return out
 
 
-def quantize(x, fmt):
+def quantize(x, fmt, *, rounding: str | None = None, subnormals: str | None = None, key=None,
+             offset: int = 0):
     """Round values to a format, returned in the format's carrier dtype.
 
     Parameters
@@ -354,13 +574,31 @@ def quantize(x, fmt):
         A NumPy or CuPy array (or anything NumPy converts), or an array of another array-API
         library (float32/float64 there); the result belongs to the same backend.
     fmt : str or Format
+    rounding : str, optional
+        One of :data:`numstab.rounding_modes.ROUNDING_MODES` (or an alias): ``nearest``
+        (ties to even), ``nearest_away``, ``toward_zero``, ``up``, ``down``, ``odd``,
+        ``stochastic``. Default: the format's own (``fmt.rounding``, ``nearest`` unless its
+        name says otherwise). The other modes work on NumPy and CuPy arrays.
+    subnormals : str, optional
+        ``gradual`` or ``ftz``/``ftz_daz`` (results below ``tiny`` become a zero of their
+        sign); default ``fmt.subnormals``. ``daz`` concerns operands and does nothing here
+        (:func:`numstab.rounding_modes.flush_subnormals`).
+    key : (seed, step, tensor) ints, optional
+        For ``stochastic``: element ``i`` of the flattened ``x`` (C order) uses random number
+        ``offset + i`` of :func:`numstab.rounding_modes.stochastic_uniform`. Default: the next
+        key of the enclosing :func:`numstab.rounding_modes.stochastic_scope` (ValueError
+        outside one).
+    offset : int
+        See ``key``.
 
     Returns
     -------
     array, shape of ``x``, dtype ``carrier_dtype(fmt)``
-        Every element is exactly representable in ``fmt`` and is the round-to-nearest-even value
-        of the input element. Values beyond the format's range become ``±inf``; values below
-        half the smallest subnormal become ``±0``; NaN stays NaN (quiet, sign kept).
+        Every element is exactly representable in ``fmt`` and is the input element rounded in
+        ``rounding`` (by default, to nearest even). Overflow gives ``fmt.overflow``'s value
+        (``±inf``; NaN or ``±max`` for formats without infinities) in the modes that round
+        away from zero there, ``±max`` in the others; values below half the smallest subnormal
+        become ``±0`` (+0 in the "fnuz" formats, which have no -0); NaN stays NaN (quiet).
 
     Raises
     ------
@@ -384,6 +622,10 @@ def quantize(x, fmt):
     xp = namespace(x)
     x = _float_source(x, xp)
     carrier = carrier_dtype(fmt)
+    rounding = fmt.rounding if rounding is None else rounding
+    subnormals = fmt.subnormals if subnormals is None else subnormals
+    if rounding != "nearest" or subnormals != "gradual":
+        return _quantize_mode(x, fmt, rounding, subnormals, key, offset, xp)
     if not fmt.is_emulated:
         return xp.astype(x, xp_dtype(xp, carrier), copy=False)
     if isinstance(x.dtype, np.dtype) and x.dtype == np.longdouble:
@@ -397,6 +639,39 @@ def quantize(x, fmt):
     return xp.reshape(out.astype(np.float32, copy=False), shape)
 
 
+def _quantize_mode(x, fmt: Format, rounding, subnormals, key, offset, xp):
+    """:func:`quantize` in a mode other than nearest-even with gradual underflow."""
+    rounding = canonical_rounding(rounding)
+    if subnormals not in SUBNORMAL_RULES:
+        raise ValueError(
+            f"unknown subnormal rule {subnormals!r}; valid: {', '.join(SUBNORMAL_RULES)}"
+        )
+    if rounding == "stochastic":
+        key = next_key() if key is None else key
+        if len(key) != 3:
+            raise ValueError("stochastic rounding needs key=(seed, step, tensor), three integers")
+    ftz = subnormals in ("ftz", "ftz_daz")
+    carrier = xp_dtype(xp, carrier_dtype(fmt))
+    if isinstance(x.dtype, np.dtype) and x.dtype == np.longdouble:
+        if fmt.precision < 64 or ftz:
+            raise TypeError(
+                f"rounding longdouble input to {fmt.name} in mode {rounding!r} is not "
+                "supported; convert it to float64 first (which is itself a rounding)"
+            )
+        return x
+    if rounding == "nearest" and not fmt.is_emulated:
+        out = xp.astype(x, carrier, copy=False)
+        return round_to_grid(out.reshape(-1), fmt, rounding, ftz).reshape(x.shape)
+    shape = x.shape
+    fi = np.finfo(x.dtype)
+    if fmt.precision > fi.nmant and fmt.emin <= fi.minexp and fmt.emax >= fi.maxexp - 1:
+        flat = xp.reshape(x, (-1,))  # every value of x is in fmt: only the flush can act
+        out = round_to_grid(flat, fmt, "toward_zero", ftz) if ftz else flat
+    else:
+        out = round_to_grid(xp.reshape(x, (-1,)), fmt, rounding, ftz, key, offset)
+    return xp.reshape(xp.astype(out, carrier, copy=False), shape)
+
+
 def round_to(x, fmt):
     """Correctly rounded (nearest-even) conversion to a format, returned in its own dtype.
 
@@ -407,7 +682,8 @@ def round_to(x, fmt):
 
     Returns
     -------
-    array, shape of ``x``, dtype ``get_format(fmt).dtype``
+    array, shape of ``x``, dtype ``get_format(fmt).dtype`` (the float32 carrier for ``tf32``
+    and ``eXmY``, which have no dtype of their own)
         Bit-identical to NumPy's / ml_dtypes' ``astype`` for every finite and infinite input
         (verified exhaustively over all 16-bit patterns and their midpoints); NaN input gives a
         NaN of the same sign. Overflow gives ``±inf``, subnormals are rounded exactly.
@@ -422,7 +698,7 @@ def round_to(x, fmt):
     """
     fmt = get_format(fmt)
     q = quantize(x, fmt)
-    if not fmt.is_emulated:
+    if not fmt.is_emulated or not fmt.has_dtype:
         return q
     xp = array_module(q)
     scalar = q.ndim == 0
@@ -490,6 +766,13 @@ class PrecisionPolicy:
         How ``exp``/``log``/``log1p``/``expm1`` are evaluated (:mod:`numstab.elementary`):
         ``"correct"`` (correctly rounded in the format, the default) or ``"libm"`` (the array
         library's own functions, as before; reproduces older runs bit for bit).
+    update : Format or None
+        The update ``θ + Δθ`` written back to the parameters: ``storage``'s format in its own
+        rounding mode and subnormal rule (``float16@stochastic`` under a ``float16`` storage);
+        None: ``storage``. Each format carries its mode (:func:`with_arithmetic`), so the roles
+        are: parameters, activations and gradients (``storage``), GEMM accumulation
+        (``compute``), the loss and its sums (``loss``), the update (``update``); the optimizer
+        state has its own format (:mod:`numstab.optim`).
 
     Examples
     --------
@@ -504,10 +787,18 @@ class PrecisionPolicy:
     loss: Format
     order: str = "pairwise"
     elementary: str = "correct"
+    update: Format | None = None
 
     def __post_init__(self):
         for attr in ("storage", "compute", "loss"):
             object.__setattr__(self, attr, get_format(getattr(self, attr)))
+        if self.update is not None:
+            object.__setattr__(self, "update", get_format(self.update))
+            if self.update.plain != self.storage.plain:
+                raise ValueError(
+                    f"update format {self.update.name} must be the storage format "
+                    f"{self.storage.plain.name} (in any rounding mode): it writes the parameters"
+                )
         if self.order not in REDUCTION_ORDERS:
             valid = ", ".join(REDUCTION_ORDERS)
             raise ValueError(f"unknown reduction order {self.order!r}; valid orders: {valid}")
@@ -550,13 +841,16 @@ class PrecisionPolicy:
 
     def to_dict(self) -> dict:
         """Plain-JSON description, for run outputs."""
-        return {
+        d = {
             "storage": self.storage.name,
             "compute": self.compute.name,
             "loss": self.loss.name,
             "order": self.order,
             "elementary": self.elementary,
         }
+        if self.update is not None:
+            d["update"] = self.update.name
+        return d
 
 
 # --- the format an array carries ----------------------------------------------------------
@@ -576,9 +870,10 @@ def format_of(x) -> Format | None:
     Returns
     -------
     Format or None
-        float16, bfloat16 (ml_dtypes), float32, float64 or longdouble; None for integer, bool
-        and every other non-floating dtype (complex, strings, objects, fp8), so that a caller
-        picks its own default and its own error message.
+        float16, bfloat16 and the narrow formats of ml_dtypes (fp8, fp6, fp4), float32,
+        float64 or longdouble; None for integer, bool and every other non-floating dtype
+        (complex, strings, objects), so that a caller picks its own default and its own error
+        message.
 
     Raises
     ------
@@ -591,6 +886,6 @@ def format_of(x) -> Format | None:
     ('float16', None)
     """
     dt = np.dtype(getattr(x, "dtype", x))
-    if dt != np.dtype(ml_dtypes.bfloat16) and dt.kind != "f":
+    if dt.kind != "f" and dt not in _NARROW_DTYPES:
         return None
     return get_format(dt if dt.isnative else dt.newbyteorder("="))

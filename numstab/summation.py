@@ -59,7 +59,7 @@ def wide_format(fmt) -> Format:
     fmt = get_format(fmt)
     # formats narrower than float32 are carried in float32, which is their wide format
     wider = "float32" if fmt.is_emulated else {"float32": "float64", "float64": "longdouble"}.get(
-        fmt.name
+        fmt.plain.name
     )
     if wider is None:
         raise ValueError("order 'wide' is undefined for longdouble: no wider format exists")
@@ -138,7 +138,7 @@ def _sequential(x, fmt: Format, xp):
 
 def _pairwise(x, fmt: Format, xp):
     n = x.shape[-1]
-    if fmt.name == "float16":
+    if fmt.plain.name == "float16":
         # NumPy's HALF_pairwise_sum keeps float32 partial sums and rounds once.
         f32 = get_format("float32")
         return quantize(_pairwise(xp.astype(x, xp_dtype(xp, f32.carrier)), f32, xp), fmt)

@@ -27,6 +27,7 @@ import scipy
 import numstab
 from numstab.backend import get_backend
 from numstab.cli.progress import progress as _progress  # not `progress`: the submodule's name
+from numstab.process_arithmetic import FlushToZeroError, require_gradual_underflow
 from numstab.run import TrainConfig, outdir
 from numstab.run.atomic import write_text
 from numstab.run.footprint import check_fits
@@ -68,6 +69,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse, then refuse (exit 2) a process that flushes subnormals to zero."""
+        parsed = super().parse_args(args, namespace)
+        try:
+            require_gradual_underflow()
+        except FlushToZeroError as exc:
+            self.exit(2, f"{self.prog}: error: {exc}\n")
+        return parsed
 
 
 def add_run_options(

@@ -41,6 +41,7 @@ from numstab.backend import namespace, to_numpy
 from numstab.cli import UsageError, task_label
 from numstab.metrics import param_cosines
 from numstab.precision import PrecisionPolicy, available_formats, get_format
+from numstab.rounding_modes import stochastic_scope
 from numstab.run import MetricLog, NonFiniteError, Run, TrainConfig, summarize
 from numstab.run.atomic import atomic_open
 from numstab.run.checkpoint import CheckpointError, load_checkpoint
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         default=None,
-        choices=[*available_formats()],
+        choices=[*available_formats(extended=True)],
         help="format of the reference run; default float64, or longdouble when --dtype is float64",
     )
     p.add_argument(
@@ -138,7 +139,10 @@ def _resolve(args) -> tuple[TrainConfig, TrainConfig | None, str | None]:
         return test, None, why
     if args.order == "wide" and get_format(ref_name).name == "longdouble":
         raise UsageError("--order wide is undefined for a longdouble run (nothing is wider)")
-    ref = cli.config_from_args(args, dtype=ref_name, loss_dtype=None, state_dtype=None)
+    ref = cli.config_from_args(
+        args, dtype=ref_name, loss_dtype=None, state_dtype=None, rounding="nearest",
+        subnormals="gradual", loss_rounding=None, loss_subnormals=None,
+    )
     return test, ref, why
 
 
@@ -208,16 +212,17 @@ class Auditor:
         meas = measured if rows is None else measured[rows]
         kind = "stablemax" if c.loss == "stablemax" else "softmax"
         fmt = run.policy.loss.name
-        rep = A.audit_cross_entropy(
-            z, ya, dtype=fmt, kind=kind, order=run.policy.order, eps=c.stablemax_eps
-        )
+        with stochastic_scope(c.seed, run.step, "audit"):  # one draw of stochastic rounding
+            rep = A.audit_cross_entropy(
+                z, ya, dtype=fmt, kind=kind, order=run.policy.order, eps=c.stablemax_eps
+            )
+            dz = A.exact_logit_gradient(logits, y, dtype=fmt, kind=kind, eps=c.stablemax_eps)
         s = rep.summary()
         s["sc_fraction_measured"] = float(np.mean(meas)) if meas.size else float("nan")
         s["agreement"] = float(np.mean(meas == rep.collapsed_exact)) if meas.size else 1.0
         # Exact NLM: the exact logit gradient of all training logits, backpropagated in
         # float64 through the run's own activations (relative error of each entry of the
         # exact logit gradient < 2**-39; the float64 backward adds < (depth·width)·2**-53).
-        dz = A.exact_logit_gradient(logits, y, dtype=fmt, kind=kind, eps=c.stablemax_eps)
         dz /= n
         xp = namespace(*run.params.values())
         g64 = run.net.backward(

@@ -6,7 +6,10 @@ A loss formula reads like the math with a :class:`Rounding` ``r`` in hand::
     e = r.exp(d)           # RN(exp d), correctly rounded ("correct") or the library's ("libm")
     total = r.sum(e)       # the ordered sum, every partial sum rounded
 
-``RN`` is one rounding to nearest-even in ``r.fmt``. For float16/bfloat16 the carrier is
+``RN`` is one rounding to nearest-even in ``r.fmt`` (in the format's own mode, and with its
+subnormal rule, when its name says so: ``float16@stochastic``, ``float32@ftz``; a mode other
+than nearest rounds the carrier's result, float32 for the emulated formats: the hardware
+model of a float32 unit converting its result). For float16/bfloat16 the carrier is
 float32 and an operation is the float32 one rounded once more: innocuous for ``+ - × ÷``
 (24 >= 2·11 + 2 bits, Boldo--Melquiond), so every method below is one correct rounding of the
 exact operation except ``exp``/``log``/``log1p`` in ``libm`` mode and :meth:`Rounding.sum`
@@ -29,6 +32,7 @@ import numpy as np
 from numstab.backend import namespace, xp_dtype
 from numstab.elementary import apply
 from numstab.precision import Format, quantize
+from numstab.rounding_modes import flush_subnormals
 from numstab.summation import ordered_sum
 
 __all__ = ["Op", "Rounding", "recording"]
@@ -85,21 +89,31 @@ class Rounding:
             ops.append(Op(name, self.fmt, self.elementary, kept, _copy(result)))
         return result
 
+    def _in(self, a, b):
+        """The operands as the format's arithmetic reads them (DAZ flushes subnormals)."""
+        if self.fmt.subnormals in ("daz", "ftz_daz"):
+            return tuple(_daz(v, self.fmt) for v in (a, b))
+        return a, b
+
     def add(self, a, b):
         """``RN(a + b)``."""
-        return self._out("add", quantize(a + b, self.fmt), a, b)
+        x, y = self._in(a, b)
+        return self._out("add", quantize(x + y, self.fmt), a, b)
 
     def sub(self, a, b):
         """``RN(a - b)``."""
-        return self._out("sub", quantize(a - b, self.fmt), a, b)
+        x, y = self._in(a, b)
+        return self._out("sub", quantize(x - y, self.fmt), a, b)
 
     def mul(self, a, b):
         """``RN(a · b)``."""
-        return self._out("mul", quantize(a * b, self.fmt), a, b)
+        x, y = self._in(a, b)
+        return self._out("mul", quantize(x * y, self.fmt), a, b)
 
     def div(self, a, b):
         """``RN(a / b)``."""
-        return self._out("div", quantize(a / b, self.fmt), a, b)
+        x, y = self._in(a, b)
+        return self._out("div", quantize(x / y, self.fmt), a, b)
 
     def exp(self, x):
         """``RN(exp x)`` (``libm``: the library's exp in the carrier dtype, rounded)."""
@@ -124,6 +138,12 @@ class Rounding:
     def mul_sub(self, p, dl, c):
         """``RN(p·dl - c)`` with one rounding (a fused multiply-subtract)."""
         return self._out("mul_sub", _mul_sub(p, dl, c, self.fmt, self.xp), p, dl, c)
+
+
+def _daz(v, fmt: Format):
+    if isinstance(v, float):
+        return 0.0 * v if abs(v) < float(fmt.tiny) else v
+    return flush_subnormals(v, fmt)
 
 
 def _copy(v):

@@ -21,13 +21,16 @@ from numstab.precision import (
     PrecisionPolicy,
     available_formats,
     get_format,
+    with_arithmetic,
 )
+from numstab.rounding_modes import ROUNDING_MODES, SUBNORMAL_RULES, canonical_rounding
 from numstab.run.options import coerce, option, options_of
 from numstab.transformer import ATTENTION_KINDS, NORM_PLACEMENTS
 
 __all__ = ["ID_NEUTRAL", "MODELS", "RECORDED_BEFORE", "TrainConfig"]
 
 _FORMATS = available_formats()
+_NAMED_FORMATS = available_formats(extended=True)
 
 
 #: Fields added to :class:`TrainConfig` after runs were recorded, with the value that
@@ -61,11 +64,24 @@ ID_NEUTRAL = {
     "norm_placement": "post",
     "attention": "softmax",
     "layer_norm_eps": 1e-5,
+    "rounding": "nearest",
+    "subnormals": "gradual",
+    "loss_rounding": None,
+    "loss_subnormals": None,
+    "update_rounding": None,
 }
+
+_FORMAT_WORDS = (
+    f"a format: {', '.join(available_formats(extended=True))}, a custom eXmY, or a narrow "
+    "format + _sat"
+)
 
 
 def _format_name(name: str) -> str:
-    """Canonical format name of an alias (``fp16`` -> ``float16``); ValueError if unknown."""
+    """Canonical format name of an alias (``fp16`` -> ``float16``); ValueError if unknown or
+    if it names a rounding mode (``--rounding``/``--subnormals`` do)."""
+    if "@" in name:
+        raise ValueError("a rounding mode is an option of its own")
     return get_format(name).name
 
 
@@ -142,15 +158,41 @@ class TrainConfig:
         1e-5, "float", "transformer: the LayerNorms' epsilon", low=0, low_open=True
     )
     dtype: str = option(
-        "float32", "str", "format of parameters, GEMMs and loss", choices=_FORMATS,
-        aliases=_format_name,
+        "float32", "str", "format of parameters, GEMMs and loss", choices=_NAMED_FORMATS,
+        aliases=_format_name, allowed=_FORMAT_WORDS,
     )
     loss_dtype: str | None = option(
         None, "str", "loss format alone (the paper's softmax_precision); none: --dtype",
-        choices=(*_FORMATS, None), aliases=_format_name,
+        choices=(*_NAMED_FORMATS, None), aliases=_format_name,
+        allowed=_FORMAT_WORDS + ", or none",
     )
     order: str = option(
         "pairwise", "str", "summation order of the loss's normaliser", choices=REDUCTION_ORDERS
+    )
+    rounding: str = option(
+        "nearest", "str",
+        "rounding mode of the emulated formats' results (parameters, activations, gradients, "
+        "update, loss); stochastic draws from (seed, step, phase, rounding, element)",
+        choices=ROUNDING_MODES, aliases=canonical_rounding,
+    )
+    subnormals: str = option(
+        "gradual", "str",
+        "subnormal results and operands: gradual (IEEE), ftz (results flushed to zero), daz "
+        "(loss operands read as zero), ftz_daz",
+        choices=SUBNORMAL_RULES,
+    )
+    loss_rounding: str | None = option(
+        None, "str", "rounding mode of the loss alone; none: --rounding",
+        choices=(*ROUNDING_MODES, None), aliases=canonical_rounding,
+    )
+    loss_subnormals: str | None = option(
+        None, "str", "subnormal rule of the loss alone; none: --subnormals",
+        choices=(*SUBNORMAL_RULES, None),
+    )
+    update_rounding: str | None = option(
+        None, "str",
+        "rounding mode of the update θ + Δθ alone (stored in --dtype); none: --rounding",
+        choices=(*ROUNDING_MODES, None), aliases=canonical_rounding,
     )
     elementary: str = option(
         "correct", "str",
@@ -230,6 +272,10 @@ class TrainConfig:
             )
         self._check_model()
         try:
+            self.policy  # noqa: B018 (a rounding mode the formats cannot take is refused)
+        except ValueError as exc:
+            raise ValueError(f"rounding: {exc}") from None
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # hazard warnings come again when it runs
                 self.make_optimizer()
@@ -283,7 +329,7 @@ class TrainConfig:
             momentum=self.momentum,
             perp_grad=self.perp_grad,
             normalized_lr=self.normalized_lr,
-            storage_format=self.dtype,
+            storage_format=(self.policy.update or self.policy.storage).name,
             state_format=self.state_format,
         )
 
@@ -298,10 +344,26 @@ class TrainConfig:
         return "float32" if storage.is_emulated else storage.name
 
     @property
+    def storage_format(self) -> str:
+        """Parameters, activations, gradients (and the update, unless ``update_rounding``):
+        ``dtype`` in ``rounding`` with ``subnormals`` (``float16@stochastic``; the plain name
+        for the defaults)."""
+        return with_arithmetic(self.dtype, self.rounding, self.subnormals).name
+
+    @property
     def policy(self) -> PrecisionPolicy:
-        return PrecisionPolicy.paper(
-            self.dtype, self.loss_dtype, order=self.order, elementary=self.elementary
+        loss = with_arithmetic(
+            self.loss_dtype or self.dtype,
+            self.loss_rounding or self.rounding,
+            self.loss_subnormals or self.subnormals,
         )
+        policy = PrecisionPolicy.paper(
+            self.storage_format, loss.name, order=self.order, elementary=self.elementary
+        )
+        if self.update_rounding is None:
+            return policy
+        update = with_arithmetic(self.dtype, self.update_rounding, self.subnormals)
+        return dataclasses.replace(policy, update=update)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -29,6 +29,7 @@ from numstab.functional import GatherPlan
 from numstab.losses import collapse_mask, loss_backward, loss_forward
 from numstab.mlp import MLPConfig
 from numstab.precision import quantize
+from numstab.rounding_modes import stochastic_scope
 from numstab.run.atomic import atomic_open
 from numstab.run.config import TrainConfig
 from numstab.run.driver import OutputError, drive, restore_runs
@@ -250,13 +251,14 @@ class Run:
         self.x_train, self.y_train = self._inputs(d.x_train), self._device(d.y_train)
         self.x_test, self.y_test = self._inputs(d.x_test), self._device(d.y_test)
         init_kw = {"scale": c.init_scale} if c.model == "mlp" else {}  # the MLP's option
-        self.params = self.net.init_params(
-            self.model,
-            c.seed,
-            self.policy.storage,
-            xp=None if c.backend == "numpy" else self.xp,
-            **init_kw,
-        )
+        with stochastic_scope(c.seed, -1, "init"):  # the phases of stochastic rounding's keys
+            self.params = self.net.init_params(
+                self.model,
+                c.seed,
+                self.policy.storage,
+                xp=None if c.backend == "numpy" else self.xp,
+                **init_kw,
+            )
         self.plan = self._plan(self._x_host["train"])
         self.optimizer = c.make_optimizer()
         self.opt_state = self.optimizer.init_state(self.params)
@@ -271,7 +273,8 @@ class Run:
         x = self._device(x)
         if self.data.encoding in ("onehot", "tokens"):
             return x
-        return quantize(x, self.policy.storage)
+        with stochastic_scope(self.config.seed, -1, "inputs"):
+            return quantize(x, self.policy.storage)
 
     def _plan(self, x_host):
         """The first layer's segment-sum plan for these (host) inputs; None for dense ones."""
@@ -301,6 +304,10 @@ class Run:
         if rows is not None:
             r = self._device(rows)
             x, y = x[r], y[r]
+        with stochastic_scope(self.config.seed, self.step, "forward"):
+            return self._evaluate(x, y, with_grads, train)
+
+    def _evaluate(self, x, y, with_grads: bool, train: bool) -> _Eval:
         kw = {}
         if train and self.dropout_active:
             kw["dropout"] = transformer.DropoutKey(self.config.seed, self.step)
@@ -329,7 +336,8 @@ class Run:
         plan = self.plan
         if rows is not None and plan is not None:
             plan = self._plan(self._x_host["train"][rows])
-        return self.net.backward(dz, ev.model_cache, self.model, self.policy, plan)
+        with stochastic_scope(c.seed, self.step, "backward"):
+            return self.net.backward(dz, ev.model_cache, self.model, self.policy, plan)
 
     def advance(self, *, log: bool | None = None, final: bool = False, inspect=None):
         """Do one step: evaluate at ``θ_t``, log if due, and apply the update (unless final).
@@ -378,7 +386,8 @@ class Run:
             self.log.flush()
             return
         before = {k: v.copy() for k, v in self.params.items()} if log else None
-        self.optimizer.step(self.params, grads, self.opt_state)
+        with stochastic_scope(c.seed, t, "update"):
+            self.optimizer.step(self.params, grads, self.opt_state)
         self.step += 1
         if log:
             self._log_update(before)

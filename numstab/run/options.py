@@ -49,6 +49,10 @@ class Option:
         0 is not allowed (a number option).
     nullable : bool
         ``None`` is allowed (means "off" or "the default rule"; the help says which).
+    allowed : str, optional
+        What a ``str`` option accepts, in words, where ``choices`` cannot list everything:
+        ``choices`` then names the usual values and the ``aliases`` function alone decides
+        (format names: ``eXmY`` for any X and Y); used by :func:`describe` and ``--help``.
     flag : str or None
         The command-line flag; ``""`` derives it from the field name; ``None`` hides the
         option from the command line.
@@ -66,6 +70,7 @@ class Option:
     nonzero: bool = False
     flag: str | None = ""
     metavar: str | None = None
+    allowed: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -89,6 +94,8 @@ def describe(spec: Option) -> str:
     """What ``spec`` allows, as a phrase ("a finite number in (0, 1)", "one of: a, b")."""
     if spec.kind == "bool":
         text = "true or false"
+    elif spec.kind == "str" and spec.allowed:
+        text = spec.allowed
     elif spec.kind == "str":
         text = "one of: " + ", ".join("none" if c is None else c for c in spec.choices or ())
     else:
@@ -160,7 +167,7 @@ def coerce(name: str, spec: Option, value):
                 raise bad() from None
         elif isinstance(spec.aliases, dict):
             canon = spec.aliases.get(value, value)
-        if spec.choices is not None and canon not in spec.choices:
+        if spec.choices is not None and canon not in spec.choices and not spec.allowed:
             raise bad()
         return canon
     if kind == "ints":
@@ -260,7 +267,9 @@ def add_arguments(
             " ".join(map(str, default)) if isinstance(default, tuple) else default
         )
         allowed = ""
-        if spec.kind == "str":
+        if spec.kind == "str" and spec.allowed:
+            allowed = "; " + spec.allowed
+        elif spec.kind == "str":
             allowed = "; one of " + ", ".join("none" if c is None else c for c in spec.choices)
         elif spec.low is not None or spec.high is not None:
             allowed = ";" + _range_text(spec)
