@@ -837,6 +837,8 @@ def render_markdown(claims: dict) -> str:
     ]
     for key, entry in claims.items():
         kind = entry["kind"]
+        # a "|" in a text (|Δ|, ||θ||) would end the cell: escaped
+        entry = {**entry, **{k: entry[k].replace("|", "\\|") for k in ("description", "paper")}}
         if not entry["rows"]:
             lines.append(
                 f"| `{key}` {entry['description']} | (no runs) | 0 | – | – | {entry['paper']} |"
