@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import frac, gamma
+from helpers import U, frac, gamma
 
 from numstab import exact
 from numstab import metrics as M
@@ -36,6 +36,7 @@ def test_logged_steps_and_metric_names():
             "sc_fraction",
             "zero_loss_fraction",
             "zero_target_grad_fraction",
+            "zero_sum_violation",
             "logit_norm",
             "logit_gap_median",
             "logit_gap_max",
@@ -48,6 +49,25 @@ def test_logged_steps_and_metric_names():
         assert ("train", m) in names
     # The update metrics describe the update after a logged step: none at the final step.
     assert not [r for r in run.log.rows if r[3] == "nlm_cos_update" and r[0] == 25]
+
+
+def test_zero_sum_violation_is_the_mean_absolute_row_sum_of_the_logit_gradient():
+    # A run driven into collapse (lr 0.05, float16 loss), so that absorbed target gradients
+    # make the row sums non-zero; step 60 is logged, then a replay of the same run (bit for
+    # bit the same parameters) gives the logit gradient at that step.
+    cfg = SMALL.replace(lr=0.05, loss_dtype="float16", steps=80)
+    run, replay = Run(cfg), Run(cfg)
+    for _ in range(60):
+        run.advance(log=False)
+        replay.advance(log=False)
+    run.advance(log=True)
+    g = replay.evaluate("train").dz.astype(np.float64)
+    rows = [sum(frac(v) for v in r) for r in g]  # exact row sums (Fractions)
+    want = float(sum(abs(r) for r in rows) / len(rows))
+    assert want > 0  # collapse broke the zero sum
+    # float64 row sums of C terms: within γ_C·Σ|g_k| each; the mean and |.| add a few u
+    bound = gamma(g.shape[1]) * float(np.mean(np.abs(g).sum(axis=1))) + 4 * U * want
+    assert abs(run.log.latest("zero_sum_violation", split="train") - want) <= bound
 
 
 def test_update_norm_is_the_norm_of_the_applied_update():

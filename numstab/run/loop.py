@@ -424,6 +424,11 @@ class Run:
         add(t, self.name, split, "sc_fraction", _count(self.collapse(ev)) / n)
         add(t, self.name, split, "zero_loss_fraction", _count(ev.loss == 0) / n)
         add(t, self.name, split, "zero_target_grad_fraction", _count(take_at(ev.dz, y) == 0) / n)
+        # Σ_k ∂L/∂z_k is 0 exactly for the cross-entropies; once a target gradient is absorbed
+        # it is not (the bias "Grokking or Glitching?" blames for the norm growth): the mean
+        # |row sum| of the computed logit gradient, summed in float64.
+        row_sums = xp.sum(xp.astype(ev.dz, xp.float64), axis=1)
+        add(t, self.name, split, "zero_sum_violation", float(xp.mean(xp.abs(row_sums))))
         z64 = xp.astype(ev.logits, xp.float64)
         add(t, self.name, split, "logit_norm", float(xp.mean(xp.sqrt(xp.sum(z64 * z64, axis=1)))))
         gaps = to_numpy(M.logit_gaps(ev.logits, y))  # the median is not an array-API function
