@@ -79,6 +79,7 @@ FIGURES = {
     "8": "fig8.toml",
     "13": "fig13.toml",
     "14": "fig14.toml",
+    "15": "fig15.toml",
     "16": "fig16.toml",
     "appI": "appI.toml",
     "extra": "extra.toml",
