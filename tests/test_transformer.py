@@ -238,7 +238,7 @@ def twin(params, x, cfg, R, masks, u=U, uc=None):
     n, t = x.shape
     d, h = cfg.d_model, cfg.heads
     dh = d // h
-    post = cfg.norm == "post"
+    post = cfg.norm_placement == "post"
     ones = {"attention": 1.0, "attention_out": 1.0, "feedforward": 1.0, "feedforward_out": 1.0}
     m = {k: (1.0 if masks[k] is None else np.asarray(masks[k], np.float64)) for k in ones}
     emb = Bd(p["embed"].v[x.reshape(-1)], None, u)  # (n t, d), exact
@@ -350,7 +350,7 @@ def torch_model(params, cfg):
             cfg.d_ff,
             dropout=cfg.dropout,
             batch_first=True,
-            norm_first=cfg.norm == "pre",
+            norm_first=cfg.norm_placement == "pre",
             dtype=torch.float64,
         ),
         "un": torch.nn.Linear(cfg.d_model, cfg.n_classes, dtype=torch.float64),
@@ -438,7 +438,7 @@ def small_case(seed, *, norm="post", attention="softmax", dropout=0.0, t=2, spre
         heads=2,
         d_ff=12,
         dropout=dropout,
-        norm=norm,
+        norm_placement=norm,
         attention=attention,
     )
     rng = np.random.default_rng(seed)
@@ -695,7 +695,7 @@ def test_dropout_off_in_evaluation_and_at_zero():
     [
         ({"d_model": 10, "heads": 4}, "heads must divide d_model"),
         ({"dropout": 1.0}, "dropout"),
-        ({"norm": "middle"}, "norm"),
+        ({"norm_placement": "middle"}, "norm_placement"),
         ({"attention": "sparsemax"}, "attention"),
         ({"d_ff": 0}, "d_ff"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
