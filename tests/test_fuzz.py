@@ -1561,6 +1561,8 @@ def test_modular_arithmetic_against_brute_force(p, op, encoding, permute, seed, 
         for xi, yi in zip(x, y, strict=True):
             if encoding == "onehot":
                 a, b = int(xi[0]), int(xi[1]) - p
+            elif encoding == "tokens":
+                a, b = int(xi[0]), int(xi[1])
             else:
                 w = D.bit_width(p)
                 bits = xi.astype(int)
@@ -1574,6 +1576,9 @@ def test_modular_arithmetic_against_brute_force(p, op, encoding, permute, seed, 
     tr, te = call(D.split_indices, n_total, f, seed)
     np.testing.assert_array_equal(tr, perm[: ds.n_train])
     np.testing.assert_array_equal(te, perm[ds.n_train :])
+    if encoding == "tokens":  # a sequence the model embeds: no dense form
+        rejects(D.dense_inputs, ds.x_train, ds, match="no dense form")
+        return
     dense = call(D.dense_inputs, ds.x_train, ds)
     assert dense.shape == (ds.n_train, ds.n_inputs) and dense.dtype == np.float32
     if encoding == "onehot":

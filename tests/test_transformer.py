@@ -144,12 +144,9 @@ def _bd(x, u):
     return x if isinstance(x, Bd) else Bd(x, None, u)
 
 
-def bein(spec, a, b, uc=None):
-    """``einsum(spec, a, b)`` with its bound; ``k`` = the number of terms of each sum,
-    accumulated with unit roundoff ``uc`` (default ``a``'s) and rounded once more to ``a``'s
-    format when that is narrower."""
+def bein(spec, a, b):
+    """``einsum(spec, a, b)`` with its bound; ``k`` = the number of terms of each sum."""
     a, b = _bd(a, U if not isinstance(b, Bd) else b.u), _bd(b, a.u if isinstance(a, Bd) else U)
-    uc = a.u if uc is None else uc
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     k = math.prod(
@@ -161,25 +158,13 @@ def bein(spec, a, b, uc=None):
         np.einsum(spec, ab(a.v), b.e)
         + np.einsum(spec, a.e, ab(b.v))
         + np.einsum(spec, a.e, b.e)
-        + gamma(k, uc) * np.einsum(spec, ab(a.v), ab(b.v))
+        + gamma(k, a.u) * np.einsum(spec, ab(a.v), ab(b.v))
     )
-    if uc != a.u:
-        e = e + a.u * ab(v) + _eta(a.u)
     return Bd(v, e, a.u)
 
 
-def blinear(x, w, b, uc=None):
-    return bein("ij,jk->ik", x, w, uc) + b
-
-
-def _to(x, u):
-    """The same bounded value, its next operations rounded with ``u``."""
-    return Bd(x.v, x.e, u)
-
-
-def _stored(x, u):
-    """``x`` rounded once more to the storage format (unit roundoff ``u``) if it is narrower."""
-    return x if x.u == u else Bd(x.v, x.e + u * np.abs(x.v) + _eta(u), u)
+def blinear(x, w, b):
+    return bein("ij,jk->ik", x, w) + b
 
 
 # --- the twin: numstab's formulas, with bounds ----------------------------------------------
@@ -197,48 +182,40 @@ def twin_softmax(a, kind):
     return s, s.sum()[..., None], s
 
 
-def twin_layernorm(x, w, b, eps, uc):
-    """LayerNorm in the compute format (unit roundoff ``uc``), output rounded to ``x``'s."""
-    xc = _to(x, uc)
+def twin_layernorm(x, w, b, eps):
     n = x.v.shape[-1]
-    xm = xc - (xc.sum() / float(n)).reshape(-1, 1)
-    eps = Bd(eps, uc * eps, uc)  # numstab rounds eps to the compute format
+    xm = x - (x.sum() / float(n)).reshape(-1, 1)
+    eps = Bd(eps, x.u * eps, x.u)  # numstab rounds eps to the compute format
     sd = ((xm * xm).sum() / float(n) + eps).sqrt().reshape(-1, 1)
     xhat = xm / sd
-    return _stored(xhat * w + b, x.u), (xhat, sd, w)
+    return xhat * w + b, (xhat, sd, w)
 
 
 def twin_layernorm_backward(dy, cache):
     xhat, sd, w = cache
     n = float(dy.v.shape[-1])
-    dyc = _to(dy, xhat.u)
-    g = dyc * w
+    g = dy * w
     mg = (g.sum() / n).reshape(-1, 1)
     mgx = ((g * xhat).sum() / n).reshape(-1, 1)
     dx = (g - mg - xhat * mgx) / sd
-    return tuple(_stored(t, dy.u) for t in (dx, (dyc * xhat).sum(0), dyc.sum(0)))
+    return dx, (dy * xhat).sum(0), dy.sum(0)
 
 
-def twin(params, x, cfg, R, masks, u=U, uc=None):
-    """Bounded logits and gradients of the network (numstab's formulas): elementwise
-    operations rounded with ``u`` (the storage format), matrix products and LayerNorm
-    accumulated with ``uc`` (the compute format, default ``u``)."""
-    uc = u if uc is None else uc
+def twin(params, x, cfg, R, masks, u=U):
+    """Bounded logits and gradients of the network (numstab's formulas), every operation
+    rounded with unit roundoff ``u`` (a uniform policy: storage = compute)."""
     p = {k: Bd(quantize(v, "float64"), None, u) for k, v in params.items()}
 
     def ln(z, name):
-        return twin_layernorm(z, p[name + "_w"], p[name + "_b"], 1e-5, uc)
+        return twin_layernorm(z, p[name + "_w"], p[name + "_b"], 1e-5)
 
     def lin(z, name):
-        return blinear(z, p[name + "_w"], p[name + "_b"], uc)
-
-    def ein(spec, a_, b_):
-        return bein(spec, a_, b_, uc)
+        return blinear(z, p[name + "_w"], p[name + "_b"])
 
     n, t = x.shape
     d, h = cfg.d_model, cfg.heads
     dh = d // h
-    post = cfg.norm == "post"
+    post = cfg.norm_placement == "post"
     ones = {"attention": 1.0, "attention_out": 1.0, "feedforward": 1.0, "feedforward_out": 1.0}
     m = {k: (1.0 if masks[k] is None else np.asarray(masks[k], np.float64)) for k in ones}
     emb = Bd(p["embed"].v[x.reshape(-1)], None, u)  # (n t, d), exact
@@ -246,12 +223,12 @@ def twin(params, x, cfg, R, masks, u=U, uc=None):
     qkv = lin(a_in, "attn_in").reshape(n, t, 3, h, dh)
     q, k, v = qkv[:, t - 1, 0], qkv[:, :, 1], qkv[:, :, 2]
     scale = 1.0 / math.sqrt(dh)
-    a = ein("nhd,nthd->nht", q, k) * scale
+    a = bein("nhd,nthd->nht", q, k) * scale
     a = Bd(a.v, a.e + u * np.abs(a.v), u)  # the scale's own rounding
     terms, total, s = twin_softmax(a, cfg.attention)
     probs = terms / total
     pk = probs * m["attention"].reshape(n, h, t) if masks["attention"] is not None else probs
-    ctx = ein("nht,nthd->nhd", pk, v).reshape(n, d)
+    ctx = bein("nht,nthd->nhd", pk, v).reshape(n, d)
     out = lin(ctx, "attn_out") * m["attention_out"]
     h1 = emb.reshape(n, t, d)[:, t - 1] + out
     if post:
@@ -268,27 +245,27 @@ def twin(params, x, cfg, R, masks, u=U, uc=None):
     # backward
     R = Bd(R, None, u)
     g = {}
-    dh2 = ein("ic,jc->ij", R, p["unembed_w"])
-    g["unembed_w"], g["unembed_b"] = ein("ni,nc->ic", h2, R), R.sum(0)
+    dh2 = bein("ic,jc->ij", R, p["unembed_w"])
+    g["unembed_w"], g["unembed_b"] = bein("ni,nc->ic", h2, R), R.sum(0)
     if post:
         dh2, g["ln2_w"], g["ln2_b"] = twin_layernorm_backward(dh2, ln2)
     df = dh2 * m["feedforward_out"]
-    dact = ein("nj,ij->ni", df, p["ff2_w"])
-    g["ff2_w"], g["ff2_b"] = ein("ni,nj->ij", act, df), df.sum(0)
+    dact = bein("nj,ij->ni", df, p["ff2_w"])
+    g["ff2_w"], g["ff2_b"] = bein("ni,nj->ij", act, df), df.sum(0)
     dpre = dact * m["feedforward"] * (pre_relu.v > 0)
-    dfin = ein("nj,ij->ni", dpre, p["ff1_w"])
-    g["ff1_w"], g["ff1_b"] = ein("ni,nj->ij", fin, dpre), dpre.sum(0)
+    dfin = bein("nj,ij->ni", dpre, p["ff1_w"])
+    g["ff1_w"], g["ff1_b"] = bein("ni,nj->ij", fin, dpre), dpre.sum(0)
     if not post:
         dfin, g["ln2_w"], g["ln2_b"] = twin_layernorm_backward(dfin, ln2)
     dh1 = dh2 + dfin
     if post:
         dh1, g["ln1_w"], g["ln1_b"] = twin_layernorm_backward(dh1, ln1)
     dout = dh1 * m["attention_out"]
-    dctx = ein("nj,ij->ni", dout, p["attn_out_w"])
-    g["attn_out_w"], g["attn_out_b"] = ein("ni,nj->ij", ctx, dout), dout.sum(0)
+    dctx = bein("nj,ij->ni", dout, p["attn_out_w"])
+    g["attn_out_w"], g["attn_out_b"] = bein("ni,nj->ij", ctx, dout), dout.sum(0)
     dctx = dctx.reshape(n, h, dh)
-    dpk = ein("nhd,nthd->nht", dctx, v)
-    dv = ein("nht,nhd->nthd", pk, dctx)
+    dpk = bein("nhd,nthd->nht", dctx, v)
+    dv = bein("nht,nhd->nthd", pk, dctx)
     dp = dpk * m["attention"].reshape(n, h, t) if masks["attention"] is not None else dpk
     inner = (probs * dp).sum()[..., None]
     ga = probs * (dp - inner)
@@ -298,16 +275,16 @@ def twin(params, x, cfg, R, masks, u=U, uc=None):
         ga = Bd(np.where(neg, gm.v, gd.v), np.where(neg, gm.e, gd.e), u)
     da = ga * scale
     da = Bd(da.v, da.e + u * np.abs(da.v), u)
-    dq = ein("nht,nthd->nhd", da, k)
-    dk = ein("nht,nhd->nthd", da, q)
+    dq = bein("nht,nthd->nhd", da, k)
+    dk = bein("nht,nhd->nthd", da, q)
     dqkv_v = np.zeros((n, t, 3, h, dh))
     dqkv_e = np.zeros((n, t, 3, h, dh))
     for j, part in ((1, dk), (2, dv)):
         dqkv_v[:, :, j], dqkv_e[:, :, j] = part.v, part.e
     dqkv_v[:, t - 1, 0], dqkv_e[:, t - 1, 0] = dq.v, dq.e
     dqkv = Bd(dqkv_v.reshape(n * t, 3 * d), dqkv_e.reshape(n * t, 3 * d), u)
-    dx = ein("nj,ij->ni", dqkv, p["attn_in_w"])
-    g["attn_in_w"], g["attn_in_b"] = ein("ni,nj->ij", a_in, dqkv), dqkv.sum(0)
+    dx = bein("nj,ij->ni", dqkv, p["attn_in_w"])
+    g["attn_in_w"], g["attn_in_b"] = bein("ni,nj->ij", a_in, dqkv), dqkv.sum(0)
     if not post:
         dx, g["ln1_w"], g["ln1_b"] = twin_layernorm_backward(dx, ln1)
     dx = dx.reshape(n, t, d)
@@ -315,7 +292,7 @@ def twin(params, x, cfg, R, masks, u=U, uc=None):
     dxv, dxe = dx.v.copy(), dx.e.copy()
     dxv[:, t - 1], dxe[:, t - 1] = last.v, last.e
     onehot = np.eye(cfg.vocab)[x.reshape(-1)]
-    g["embed"] = ein("ni,nj->ij", onehot, Bd(dxv.reshape(n * t, d), dxe.reshape(n * t, d), u))
+    g["embed"] = bein("ni,nj->ij", onehot, Bd(dxv.reshape(n * t, d), dxe.reshape(n * t, d), u))
     return z, g
 
 
@@ -350,7 +327,7 @@ def torch_model(params, cfg):
             cfg.d_ff,
             dropout=cfg.dropout,
             batch_first=True,
-            norm_first=cfg.norm == "pre",
+            norm_first=cfg.norm_placement == "pre",
             dtype=torch.float64,
         ),
         "un": torch.nn.Linear(cfg.d_model, cfg.n_classes, dtype=torch.float64),
@@ -438,7 +415,7 @@ def small_case(seed, *, norm="post", attention="softmax", dropout=0.0, t=2, spre
         heads=2,
         d_ff=12,
         dropout=dropout,
-        norm=norm,
+        norm_placement=norm,
         attention=attention,
     )
     rng = np.random.default_rng(seed)
@@ -695,7 +672,7 @@ def test_dropout_off_in_evaluation_and_at_zero():
     [
         ({"d_model": 10, "heads": 4}, "heads must divide d_model"),
         ({"dropout": 1.0}, "dropout"),
-        ({"norm": "middle"}, "norm"),
+        ({"norm_placement": "middle"}, "norm_placement"),
         ({"attention": "sparsemax"}, "attention"),
         ({"d_ff": 0}, "d_ff"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps"),

@@ -31,7 +31,7 @@ from numstab.mlp import MLPConfig
 from numstab.precision import quantize
 from numstab.rounding_modes import stochastic_scope
 from numstab.run.atomic import atomic_open
-from numstab.run.config import TrainConfig
+from numstab.run.config import TRANSFORMER_FIELDS, TrainConfig
 from numstab.run.driver import OutputError, drive, restore_runs
 
 __all__ = ["CSV_HEADER", "MetricLog", "NonFiniteError", "Run", "make_dataset", "summarize", "train"]
@@ -227,13 +227,7 @@ class Run:
             self.model = transformer.TransformerConfig(
                 vocab=d.n_inputs,
                 n_classes=d.n_classes,
-                d_model=c.d_model,
-                heads=c.heads,
-                d_ff=c.d_ff,
-                dropout=c.dropout,
-                norm=c.norm_placement,
-                attention=c.attention,
-                layer_norm_eps=c.layer_norm_eps,
+                **{name: getattr(c, name) for name in TRANSFORMER_FIELDS},
             )
         else:
             self.model = MLPConfig(

@@ -76,7 +76,7 @@ class TransformerConfig:
         Width, attention heads (dividing ``d_model``), feed-forward width.
     dropout : float in [0, 1)
         Dropout probability at every site while training (0: none).
-    norm : {"post", "pre"}
+    norm_placement : {"post", "pre"}
     attention : {"softmax", "stablemax"}
     layer_norm_eps : float
         The ``eps`` of both LayerNorms (PyTorch: 1e-5).
@@ -88,7 +88,7 @@ class TransformerConfig:
     heads: int = 4
     d_ff: int = 2048
     dropout: float = 0.1
-    norm: str = "post"
+    norm_placement: str = "post"
     attention: str = "softmax"
     layer_norm_eps: float = 1e-5
 
@@ -103,8 +103,10 @@ class TransformerConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if self.norm not in NORM_PLACEMENTS:
-            raise ValueError(f"norm must be one of {NORM_PLACEMENTS}, got {self.norm!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(
+                f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}"
+            )
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if not (math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
@@ -239,7 +241,7 @@ def forward(params, x, config: TransformerConfig, policy: PrecisionPolicy, *, dr
     masks = _masks(config, dropout, n, t, policy, xp)
     e, emb_cache = gather_forward(xp.reshape(x, (n * t, 1)), emb, None, policy)
     cache = {"masks": masks, "emb": emb_cache, "t": t}
-    post = config.norm == "post"
+    post = config.norm_placement == "post"
     a_in = e
     if not post:
         a_in, cache["ln1"] = layernorm_forward(
@@ -296,7 +298,7 @@ def backward(dlogits, cache, config: TransformerConfig, policy: PrecisionPolicy,
     xp = namespace(dlogits)
     r = Rounding(policy.storage, policy.order, policy.elementary, xp)
     masks, t = cache["masks"], cache["t"]
-    post = config.norm == "post"
+    post = config.norm_placement == "post"
     grads = {}
     g = quantize(dlogits, policy.storage)
     g, grads["unembed_w"], grads["unembed_b"] = linear_backward(g, cache["unembed"], policy)
