@@ -139,6 +139,18 @@ class Dataset:
             for arr in (x, y):
                 arr.setflags(write=False)
 
+    @classmethod
+    def from_split(cls, x, y, train_idx, test_idx, **fields) -> Dataset:
+        """The dataset of rows ``train_idx`` / ``test_idx`` of ``x`` and ``y`` (the other
+        attributes as keywords)."""
+        return cls(
+            x_train=x[train_idx],
+            y_train=y[train_idx],
+            x_test=x[test_idx],
+            y_test=y[test_idx],
+            **fields,
+        )
+
     @property
     def n_train(self) -> int:
         """Number of training samples."""
@@ -517,11 +529,11 @@ def modular_arithmetic(
         meta["code_width"] = width
         meta["codes"] = [int(c) for c in codes]
 
-    return Dataset(
-        x_train=x[train_idx],
-        y_train=y[train_idx],
-        x_test=x[test_idx],
-        y_test=y[test_idx],
+    return Dataset.from_split(
+        x,
+        y,
+        train_idx,
+        test_idx,
         n_classes=p,
         n_inputs=n_inputs,
         encoding=encoding,
@@ -617,11 +629,11 @@ def sparse_parity(
         "n_train": int(train_idx.size),
         "n_test": int(test_idx.size),
     }
-    return Dataset(
-        x_train=x[train_idx],
-        y_train=y[train_idx],
-        x_test=x[test_idx],
-        y_test=y[test_idx],
+    return Dataset.from_split(
+        x,
+        y,
+        train_idx,
+        test_idx,
         n_classes=2,
         n_inputs=n_bits,
         encoding="bits",
@@ -680,11 +692,11 @@ def digits(*, train_fraction: float = 0.5, seed: int = 0) -> Dataset:
         "n_train": int(train_idx.size),
         "n_test": int(test_idx.size),
     }
-    return Dataset(
-        x_train=x[train_idx],
-        y_train=y[train_idx],
-        x_test=x[test_idx],
-        y_test=y[test_idx],
+    return Dataset.from_split(
+        x,
+        y,
+        train_idx,
+        test_idx,
         n_classes=10,
         n_inputs=x.shape[1],
         encoding="pixels",
