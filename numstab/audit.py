@@ -54,7 +54,6 @@ import ml_dtypes
 import numpy as np
 
 from numstab import exact
-from numstab.backend import to_numpy
 from numstab.fidelity import FidelityReport, op_fidelity, rounding_fidelity
 from numstab.functional import (
     _check_eps,
@@ -63,6 +62,7 @@ from numstab.functional import (
     loss_forward,
     stablemax_s,
 )
+from numstab.interop import as_numpy, format_arg
 from numstab.losses.rounding import recording
 from numstab.metrics import param_cosines
 from numstab.precision import (
@@ -116,29 +116,8 @@ def _show(value, limit: int = 60) -> str:
 
 
 def _format(value, name: str = "dtype"):
-    """An explicit format: a name or alias, a NumPy dtype (any byte order), a torch dtype,
-    or a :class:`~numstab.precision.Format`; the error names the argument."""
-    valid = ", ".join(available_formats())
-    if value is None:
-        raise ValueError(f"{name}: unknown format None; valid formats: {valid}")
-    if type(value).__module__ == "torch" and str(value).startswith("torch."):
-        try:  # torch.float16 (torch.half too) is "float16"
-            return get_format(str(value)[len("torch.") :])
-        except ValueError:
-            raise ValueError(f"{name}: unknown format {value}; valid formats: {valid}") from None
-    if isinstance(value, (str, Format)):
-        try:
-            return get_format(value)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    try:
-        dt = np.dtype(value) if isinstance(value, (np.dtype, type)) else None
-    except TypeError:
-        dt = None
-    fmt = format_of(dt) if dt is not None else None
-    if fmt is None:
-        raise ValueError(f"{name}: unknown format {_show(value)}; valid formats: {valid}")
-    return fmt
+    """An explicit format (:func:`numstab.interop.format_arg`); the error names the argument."""
+    return format_arg(value, name)
 
 
 def _own_format(arrays, name: str, weak=()):
@@ -181,20 +160,6 @@ def _is_number(v) -> bool:
     return isinstance(v, np.generic) and _is_real(v.dtype)
 
 
-def _from_torch(x, name: str):
-    """A torch tensor as a NumPy array of the same format (bfloat16 through ml_dtypes);
-    anything else unchanged. torch is never imported here."""
-    if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
-        return x
-    try:
-        t = x.detach().cpu()  # a tensor that requires grad, or lives on a GPU
-        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen exactly, and back
-            return t.float().numpy().astype(_BF16)
-        return t.numpy()
-    except (RuntimeError, TypeError) as exc:  # sparse, meta, or dtypes NumPy lacks (fp8)
-        raise TypeError(f"{name}: cannot read this torch tensor: {_line(str(exc), 120)}") from None
-
-
 def _array(x, name: str) -> np.ndarray:
     """``x`` as a NumPy array in native byte order (values unchanged).
 
@@ -203,11 +168,7 @@ def _array(x, name: str) -> np.ndarray:
     in an object array or in a list that NumPy turned into strings or complex numbers.
     Arrays of other dtypes are returned for the caller to check.
     """
-    x = _from_torch(x, name)
-    try:
-        a = to_numpy(x)  # NumPy as is, CuPy copied to the host, anything else np.asarray
-    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, mostly
-        raise ValueError(f"{name}: not an array of numbers: {_line(str(exc), 200)}") from None
+    a, _ = as_numpy(x, name)  # any framework's array, on the host, in native byte order
     from_python = type(x).__module__ == "builtins"  # a list or a scalar: its entries matter
     if a.dtype == object or (from_python and a.dtype.kind in "USc"):
         objs = a if a.dtype == object else np.asarray(x, dtype=object)
@@ -218,8 +179,6 @@ def _array(x, name: str) -> np.ndarray:
                 raise TypeError(
                     f"{name}{where}: {_show(v)} is not a real number ({type(v).__name__})"
                 )
-    if a.dtype.kind == "f" and not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
     return a
 
 
