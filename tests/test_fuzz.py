@@ -538,6 +538,12 @@ def test_audit_and_loss_entry_points_reject_hostile_logits(case):
     ]:
         # (The functional layer names a bad dtype through precision.quantize: "cannot round
         # an array of dtype complex128: ...".)
+        if case in ("1-D", "3-D") and fn in (
+            sc_fraction,
+            audit_cross_entropy,
+            exact_logit_gradient,
+        ):
+            continue  # the audit takes logits of shape (..., C): tests/test_interop.py
         err = rejects(fn, *args, match=pattern, **kw)
         assert isinstance(err, exc), (fn, err)
 
