@@ -21,6 +21,14 @@ order explicitly:
 ``sorted``
     Sequential after sorting each row by ascending magnitude (the smallest terms first: the
     order that absorbs least).
+``torch``
+    PyTorch CPU's ``log_softmax`` / ``cross_entropy`` reduction on AVX-512 (measured on
+    torch 2.13.0, docs/interop.md): ``L`` interleaved partial sums (term ``k`` into lane
+    ``k mod L``, each lane left to right; ``L = 16`` for float32, 8 for float64 and
+    longdouble), joined by halving (lane ``i`` plus lane ``i + L/2``, ...) for float32 and left
+    to right for float64; rows shorter than ``L`` left to right. float16 and bfloat16 run the
+    float32 reduction and round once to the format, as PyTorch does (PyTorch's terms are
+    float32, numstab's are rounded to the format first: not always the same bits).
 
 Every order is written with array-API standard functions on the input's namespace, so it
 gives the same bits on NumPy, CuPy or any array-API library; NumPy's own loops
@@ -82,7 +90,7 @@ def ordered_sum(x, fmt, order: str = "pairwise"):
         NumPy and CuPy). Not modified.
     fmt : str or Format
         The format every partial sum is rounded to.
-    order : {"pairwise", "sequential", "wide", "sorted"}
+    order : {"pairwise", "sequential", "wide", "sorted", "torch"}
 
     Returns
     -------
@@ -117,10 +125,38 @@ def _ordered_sum(x, fmt: Format, order: str, xp):
         return quantize(_pairwise(xp.astype(x, xp_dtype(xp, wide.carrier)), wide, xp), fmt)
     if order == "pairwise":
         return _pairwise(x, fmt, xp)
+    if order == "torch":
+        return _lanes(x, fmt, xp)
     if order == "sorted":
         idx = xp.argsort(xp.abs(x), axis=-1, stable=True)
         x = xp.take_along_axis(x, idx, axis=-1)
     return _sequential(x, fmt, xp)
+
+
+def _lanes(x, fmt: Format, xp):
+    """The ``torch`` order: interleaved lanes of a 512-bit vector, then their join."""
+    if fmt.is_emulated:
+        f32 = get_format("float32")
+        return quantize(_lanes(xp.astype(x, xp_dtype(xp, f32.carrier)), f32, xp), fmt)
+    lanes = 16 if fmt.precision <= 24 else 8
+    n = x.shape[-1]
+    if n < lanes:  # below one vector PyTorch adds the terms left to right
+        return _sequential(x, fmt, xp)
+    acc = x[..., :lanes]
+    for k in range(lanes, n, lanes):
+        part = x[..., k : k + lanes]
+        m = part.shape[-1]
+        acc = (
+            quantize(acc + part, fmt)
+            if m == lanes
+            else xp.concat([quantize(acc[..., :m] + part, fmt), acc[..., m:]], axis=-1)
+        )
+    if lanes == 8:
+        return _sequential(acc, fmt, xp)
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = quantize(acc[..., :half] + acc[..., half:], fmt)
+    return acc[..., 0]
 
 
 def _sequential(x, fmt: Format, xp):
