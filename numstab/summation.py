@@ -144,7 +144,7 @@ def _lanes(x, fmt: Format, xp):
         return _sequential(x, fmt, xp)
     acc = x[..., :lanes]
     for k in range(lanes, n, lanes):
-        part = x[..., k : k + lanes]
+        part = x[..., k : min(k + lanes, n)]
         m = part.shape[-1]
         acc = (
             quantize(acc + part, fmt)
