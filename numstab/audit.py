@@ -13,14 +13,20 @@ True
 
 Which format
 ------------
-Every audit that takes a format (``dtype`` or ``fmt``) defaults to the format its array
-carries: float16, ml_dtypes bfloat16, float32, float64 or longdouble, in either byte order,
-torch tensors included (``report.dtype`` says which one was used). Lists of Python floats are
+Every audit takes NumPy, PyTorch, JAX, CuPy and DLPack arrays (:mod:`numstab.interop`), and
+every audit that takes a format (``dtype`` or ``fmt``) defaults to the format its array
+carries: float16, bfloat16, float32, float64 or longdouble, in either byte order
+(``report.dtype`` says which one was used); ``dtype=torch.bfloat16`` and the like name
+formats too. Lists of Python floats are
 float64; integer and bool arrays carry no format and are audited in float32. numstab's own
 float16 / bfloat16 values live in float32 carriers: pass the format for them.
 :func:`sc_gap_window` has no array and always needs one. A bad argument is refused with a
 one-line ValueError or TypeError that names it (``labels[1]: None is not a real number``,
 ``unknown kind 'softmin'``).
+
+Logits have the shape ``(..., C)`` (one sample per row along the last axis; labels and
+per-sample results have the leading shape) and are audited in blocks of ``block_rows`` rows,
+so that memory stays bounded for language-model batches (docs/interop.md has the bound).
 
 How the exact audit stays fast
 ------------------------------
@@ -497,7 +503,9 @@ def sc_fraction(
         numstab's float16 / bfloat16 logits come in float32 carriers: pass ``dtype`` for them.
         A framework's dtype object (``torch.bfloat16``) names a format too.
     kind : {"softmax", "stablemax"}
-    order : {"pairwise", "sequential", "wide", "sorted"}
+    order : {"pairwise", "sequential", "wide", "sorted", "torch"}
+        Summation order (:mod:`numstab.summation`); ``"torch"`` is PyTorch CPU's own
+        (docs/interop.md).
     eps : float
         StableMax denominator epsilon (the authors' code: 1e-30); finite and ``>= 0``.
     block_rows : int or None
@@ -770,8 +778,8 @@ def audit_cross_entropy(
         ``dtype`` for them.
     kind : {"softmax", "stablemax"}
         Softmax cross-entropy as frameworks compute it, or StableMax cross-entropy.
-    order : {"pairwise", "sequential", "wide", "sorted"}
-        Summation order of the computed normaliser.
+    order : {"pairwise", "sequential", "wide", "sorted", "torch"}
+        Summation order of the computed normaliser (``"torch"``: PyTorch CPU's own).
     eps : float
         StableMax denominator epsilon, used identically by the computed and exact sides.
     method : {"auto", "mpmath"}

@@ -220,13 +220,17 @@ def _torch_avx512():
 def test_torch_order_reproduces_pytorchs_own_collapse(fmt):
     # PyTorch's cross_entropy == 0 (label = top class) against numstab's collapse in the
     # "torch" order, row by row, on logits whose verdict depends on the order (the other
-    # orders disagree on up to ~15 % of these rows: docs/interop.md). float32 and float64
-    # reproduce PyTorch bit for bit; float16 / bfloat16 add PyTorch's float32 exp terms where
-    # numstab adds the format's rounded terms, which flipped 0-4 rows in 3000 when measured.
+    # orders disagree on up to ~19 % of these rows: docs/interop.md). float32 and float64
+    # reproduce PyTorch row for row; for float16 / bfloat16 PyTorch adds float32 exp terms
+    # where numstab adds the format's rounded ones, which flipped at most 1 row in 200 in the
+    # measured table: at most 1 % here (3 rows of 300).
     fo = _framework_orders()
     for c in (5, 16, 113, 1000):
         z, top = fo.adversarial_logits(300, c, fmt, seed=1)
         theirs, zq = fo.torch_zero_loss(z, top, fmt)
         assert 0.05 < theirs.mean() < 0.95  # both verdicts occur: the test can fail
         ours = collapse_mask(zq.astype(get_format(fmt).carrier), fmt, order="torch")
-        np.testing.assert_array_equal(ours, theirs, err_msg=f"{fmt}, {c} classes")
+        if fmt in ("float32", "float64"):
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"{fmt}, {c} classes")
+        else:
+            assert np.count_nonzero(ours != theirs) <= 3, (fmt, c)
