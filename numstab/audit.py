@@ -68,6 +68,7 @@ from numstab.functional import (
     loss_forward,
     stablemax_s,
 )
+from numstab.interop import _one_line as _line
 from numstab.interop import as_numpy, format_arg
 from numstab.losses.rounding import recording
 from numstab.metrics import param_cosines
@@ -108,12 +109,6 @@ AUDIT_METHODS = ("auto", "mpmath")
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _FLOAT32 = get_format("float32")
-
-
-def _line(text: str, limit: int) -> str:
-    """``text`` on one line, cut to at most ``limit`` characters."""
-    t = " ".join(text.split())
-    return t if len(t) <= limit else t[: limit - 3] + "..."
 
 
 def _show(value, limit: int = 60) -> str:

@@ -28,7 +28,8 @@ from numstab.precision import Format, available_formats, format_of, get_format
 __all__ = ["as_numpy", "format_arg"]
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _one_line(text, limit: int = 200) -> str:
+    """``text`` (or ``str(text)``) on one line, cut to at most ``limit`` characters."""
     t = " ".join(str(text).split())
     return t if len(t) <= limit else t[: limit - 3] + "..."
 
