@@ -116,11 +116,6 @@ def _show(value, limit: int = 60) -> str:
     return _line(repr(value), limit)
 
 
-def _format(value, name: str = "dtype"):
-    """An explicit format (:func:`numstab.interop.format_arg`); the error names the argument."""
-    return format_arg(value, name)
-
-
 def _own_format(arrays, name: str, weak=()):
     """The format the arrays carry: their own floating format (float16, bfloat16, float32,
     float64, longdouble); float32 for integers and bools, which carry none.
@@ -243,7 +238,7 @@ def _logits_and_format(logits, dtype):
         )
     if z.shape[-1] == 0:
         raise ValueError(f"logits need at least one class, got shape {z.shape}")
-    fmt = _format(dtype) if dtype is not None else _own_format([("logits", z)], "dtype")
+    fmt = format_arg(dtype) if dtype is not None else _own_format([("logits", z)], "dtype")
     return z.reshape(-1, z.shape[-1]), fmt, z.shape[:-1]
 
 
@@ -354,7 +349,7 @@ def ulp_error(computed, exact_values, fmt=None) -> np.ndarray:
             f"exact_values must be an array of real numbers or an object array of mpf, got "
             f"dtype {e.dtype}"
         )
-    fmt = _format(fmt, "fmt") if fmt is not None else _own_format([("computed", c)], "fmt")
+    fmt = format_arg(fmt, "fmt") if fmt is not None else _own_format([("computed", c)], "fmt")
     _broadcast(c, e, "computed", "exact_values")
     return _ulp_error(_widen16(c), e, fmt)
 
@@ -457,7 +452,7 @@ def absorbed(a, b, fmt=None) -> np.ndarray:
         if not _is_real(v.dtype):
             raise TypeError(f"{name} must be a real numeric array, got dtype {v.dtype}")
     if fmt is not None:
-        fmt = _format(fmt, "fmt")
+        fmt = format_arg(fmt, "fmt")
     else:
         scalars = [n for n, w in zip("ab", weak, strict=True) if w]
         fmt = _own_format([("a", a), ("b", b)], "fmt", weak=scalars)
@@ -555,7 +550,7 @@ def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
         Required: there is no array to take a format from.
     n_classes : int, >= 2
     """
-    fmt = _format(dtype)
+    fmt = format_arg(dtype)
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {_show(n_classes)}")
     try:
