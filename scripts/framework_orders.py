@@ -17,7 +17,6 @@ verdicts disagree. The versions and PyTorch's CPU capability come first.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from numstab.audit import sc_gap_window  # noqa: E402
+from numstab.cli import Parser  # noqa: E402
 from numstab.functional import collapse_mask  # noqa: E402
 from numstab.precision import REDUCTION_ORDERS, get_format  # noqa: E402
 
@@ -104,7 +104,7 @@ def versions(framework: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(prog="python scripts/framework_orders.py", description=__doc__.splitlines()[0])
     p.add_argument(
         "--rows", type=int, default=3000, help="rows per (format, classes); /10 for 32000"
     )
