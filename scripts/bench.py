@@ -65,8 +65,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
+from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction  # noqa: E402
 from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
 from numstab.run.runtime import tune_allocator  # noqa: E402
 
@@ -781,8 +784,6 @@ def ce_float64(z, y):
 
 
 def section_audit(rep, args, ck):
-    from numstab.audit import audit_cross_entropy
-
     run = run_from_checkpoint(ck)
     ev = run.evaluate("train")
     z, y = ev.logits, ev.cache.labels
@@ -893,8 +894,6 @@ def section_audit(rep, args, ck):
 def stream_logits(shape, seed=0):
     """bfloat16 logits ``N(0, 2)`` of ``shape`` with the label's logit raised by a gap uniform
     in [0, 40] (so that part of the rows collapse), made a block of rows at a time."""
-    import ml_dtypes
-
     rng = np.random.default_rng(seed)
     *lead, v = shape
     z = np.empty((int(np.prod(lead)), v), dtype=ml_dtypes.bfloat16)
@@ -907,10 +906,6 @@ def stream_logits(shape, seed=0):
 
 
 def section_stream(rep, args):
-    import tracemalloc
-
-    from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction
-
     shape = tuple(args.stream_shape)
     z, y = stream_logits(shape)
     n, v = int(np.prod(shape[:-1])), shape[-1]
