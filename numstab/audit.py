@@ -13,14 +13,20 @@ True
 
 Which format
 ------------
-Every audit that takes a format (``dtype`` or ``fmt``) defaults to the format its array
-carries: float16, ml_dtypes bfloat16, float32, float64 or longdouble, in either byte order,
-torch tensors included (``report.dtype`` says which one was used). Lists of Python floats are
+Every audit takes NumPy, PyTorch, JAX, CuPy and DLPack arrays (:mod:`numstab.interop`), and
+every audit that takes a format (``dtype`` or ``fmt``) defaults to the format its array
+carries: float16, bfloat16, float32, float64 or longdouble, in either byte order
+(``report.dtype`` says which one was used); ``dtype=torch.bfloat16`` and the like name
+formats too. Lists of Python floats are
 float64; integer and bool arrays carry no format and are audited in float32. numstab's own
 float16 / bfloat16 values live in float32 carriers: pass the format for them.
 :func:`sc_gap_window` has no array and always needs one. A bad argument is refused with a
 one-line ValueError or TypeError that names it (``labels[1]: None is not a real number``,
 ``unknown kind 'softmin'``).
+
+Logits have the shape ``(..., C)`` (one sample per row along the last axis; labels and
+per-sample results have the leading shape) and are audited in blocks of ``block_rows`` rows,
+so that memory stays bounded for language-model batches (docs/interop.md has the bound).
 
 How the exact audit stays fast
 ------------------------------
@@ -51,11 +57,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-import ml_dtypes
 import numpy as np
 
 from numstab import exact
-from numstab.backend import to_numpy
 from numstab.fidelity import FidelityReport, op_fidelity, rounding_fidelity
 from numstab.functional import (
     _check_eps,
@@ -64,6 +68,8 @@ from numstab.functional import (
     loss_forward,
     stablemax_s,
 )
+from numstab.interop import _one_line as _line
+from numstab.interop import as_numpy, format_arg
 from numstab.losses.rounding import recording
 from numstab.metrics import param_cosines
 from numstab.precision import (
@@ -107,45 +113,12 @@ AUDIT_METHODS = ("auto", "mpmath")
 # order; torch tensors in their own format; a bad entry of a list named with its index) and
 # takes its format from ``_format`` (an explicit one) or ``_own_format`` (the array's own).
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 _FLOAT32 = get_format("float32")
-
-
-def _line(text: str, limit: int) -> str:
-    """``text`` on one line, cut to at most ``limit`` characters."""
-    t = " ".join(text.split())
-    return t if len(t) <= limit else t[: limit - 3] + "..."
 
 
 def _show(value, limit: int = 60) -> str:
     """A one-line ``repr`` of at most ``limit`` characters, for error messages."""
     return _line(repr(value), limit)
-
-
-def _format(value, name: str = "dtype"):
-    """An explicit format: a name or alias, a NumPy dtype (any byte order), a torch dtype,
-    or a :class:`~numstab.precision.Format`; the error names the argument."""
-    valid = ", ".join(available_formats())
-    if value is None:
-        raise ValueError(f"{name}: unknown format None; valid formats: {valid}")
-    if type(value).__module__ == "torch" and str(value).startswith("torch."):
-        try:  # torch.float16 (torch.half too) is "float16"
-            return get_format(str(value)[len("torch.") :])
-        except ValueError:
-            raise ValueError(f"{name}: unknown format {value}; valid formats: {valid}") from None
-    if isinstance(value, (str, Format)):
-        try:
-            return get_format(value)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    try:
-        dt = np.dtype(value) if isinstance(value, (np.dtype, type)) else None
-    except TypeError:
-        dt = None
-    fmt = format_of(dt) if dt is not None else None
-    if fmt is None:
-        raise ValueError(f"{name}: unknown format {_show(value)}; valid formats: {valid}")
-    return fmt
 
 
 def _own_format(arrays, name: str, weak=()):
@@ -188,20 +161,6 @@ def _is_number(v) -> bool:
     return isinstance(v, np.generic) and _is_real(v.dtype)
 
 
-def _from_torch(x, name: str):
-    """A torch tensor as a NumPy array of the same format (bfloat16 through ml_dtypes);
-    anything else unchanged. torch is never imported here."""
-    if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
-        return x
-    try:
-        t = x.detach().cpu()  # a tensor that requires grad, or lives on a GPU
-        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen exactly, and back
-            return t.float().numpy().astype(_BF16)
-        return t.numpy()
-    except (RuntimeError, TypeError) as exc:  # sparse, meta, or dtypes NumPy lacks (fp8)
-        raise TypeError(f"{name}: cannot read this torch tensor: {_line(str(exc), 120)}") from None
-
-
 def _array(x, name: str) -> np.ndarray:
     """``x`` as a NumPy array in native byte order (values unchanged).
 
@@ -210,11 +169,7 @@ def _array(x, name: str) -> np.ndarray:
     in an object array or in a list that NumPy turned into strings or complex numbers.
     Arrays of other dtypes are returned for the caller to check.
     """
-    x = _from_torch(x, name)
-    try:
-        a = to_numpy(x)  # NumPy as is, CuPy copied to the host, anything else np.asarray
-    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, mostly
-        raise ValueError(f"{name}: not an array of numbers: {_line(str(exc), 200)}") from None
+    a, _ = as_numpy(x, name)  # any framework's array, on the host, in native byte order
     from_python = type(x).__module__ == "builtins"  # a list or a scalar: its entries matter
     if a.dtype == object or (from_python and a.dtype.kind in "USc"):
         objs = a if a.dtype == object else np.asarray(x, dtype=object)
@@ -225,14 +180,12 @@ def _array(x, name: str) -> np.ndarray:
                 raise TypeError(
                     f"{name}{where}: {_show(v)} is not a real number ({type(v).__name__})"
                 )
-    if a.dtype.kind == "f" and not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
     return a
 
 
 def _is_real(dt) -> bool:
     """Real numbers: the float formats, integers and bools (not complex, object, strings)."""
-    return dt.kind in "fiub" or dt == _BF16
+    return dt.kind in "fiub" or (dt.kind == "V" and format_of(dt) is not None)
 
 
 def _broadcast(x, y, xname, yname):
@@ -265,23 +218,6 @@ def _widen16(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype.kind == "V" and format_of(a.dtype) else a
 
 
-def _logits(z: np.ndarray) -> np.ndarray:
-    """Checked 2-D logits (from :func:`_array`), widened: bfloat16 to float32, integers to
-    float64 (both exact for the values a format can round)."""
-    if not (z.dtype.kind in "fiu" or (z.dtype.kind == "V" and format_of(z.dtype))):
-        raise TypeError(
-            f"logits must be a real floating array (float16, bfloat16, float32, float64 or "
-            f"longdouble), got dtype {z.dtype}"
-        )
-    if z.ndim != 2:
-        raise ValueError(f"logits must be 2-D (samples, classes), got shape {z.shape}")
-    if z.shape[1] == 0:
-        raise ValueError(f"logits need at least one class, got shape {z.shape}")
-    if z.dtype.kind in "iu":
-        return z.astype(np.float64)
-    return _widen16(z)
-
-
 def _round(x: np.ndarray, fmt) -> np.ndarray:
     """:func:`~numstab.precision.quantize`, and for longdouble input to float16 / bfloat16
     (which it refuses: x87 values have no exact bit view, and going through float64 would
@@ -292,31 +228,79 @@ def _round(x: np.ndarray, fmt) -> np.ndarray:
 
 
 def _logits_and_format(logits, dtype):
-    """The entry of the logit audits: the checked, widened array, and its format (``dtype``,
-    or the array's own). longdouble logits audited in float16 / bfloat16 come rounded."""
+    """The entry of the logit audits: the logits as rows ``(N, C)`` in their own dtype (a
+    view where the layout allows; :func:`_rows` widens them block by block), their format
+    (``dtype``, or the array's own) and their leading shape ``(...)``."""
     z = _array(logits, "logits")
-    zw = _logits(z)  # a bad array is refused before its format is asked for
-    fmt = _format(dtype) if dtype is not None else _own_format([("logits", z)], "dtype")
-    if zw.dtype == np.longdouble and fmt.is_emulated:
-        zw = _round(zw, fmt)
-    return zw, fmt
+    if not (z.dtype.kind in "fiu" or (z.dtype.kind == "V" and format_of(z.dtype))):
+        raise TypeError(
+            f"logits must be a real floating array (float16, bfloat16, float32, float64, "
+            f"longdouble or a narrow format's), got dtype {z.dtype}"
+        )
+    if z.ndim == 0:
+        raise ValueError(
+            "logits must have a class axis: shape (..., C), e.g. 2-D (samples, classes); got "
+            "shape ()"
+        )
+    if z.shape[-1] == 0:
+        raise ValueError(f"logits need at least one class, got shape {z.shape}")
+    fmt = format_arg(dtype) if dtype is not None else _own_format([("logits", z)], "dtype")
+    return z.reshape(-1, z.shape[-1]), fmt, z.shape[:-1]
 
 
-def _labels(labels, n: int, c: int) -> np.ndarray:
+def _rows(z: np.ndarray, start: int, stop: int, fmt) -> np.ndarray:
+    """Rows ``start:stop`` of checked logits, widened exactly: bfloat16 to float32, integers
+    to float64; longdouble audited in float16 / bfloat16 comes rounded to it."""
+    zb = z[start:stop]
+    if zb.dtype.kind in "iu":
+        return zb.astype(np.float64)
+    zb = _widen16(zb)
+    if zb.dtype == np.longdouble and fmt.is_emulated:
+        zb = _round(zb, fmt)
+    return zb
+
+
+#: Logit entries per block of the streaming audits (``block_rows=None``): see
+#: docs/interop.md for the measurement that chose it and the memory bound it gives.
+BLOCK_ELEMENTS = 2**21
+
+
+def _blocks(n: int, c: int, block_rows):
+    """``(start, stop)`` row ranges of at most ``block_rows`` rows (None: ``BLOCK_ELEMENTS //
+    c``, at least 1) covering ``n`` rows; one empty range for ``n = 0``."""
+    if block_rows is None:
+        step = max(1, BLOCK_ELEMENTS // c)
+    elif (
+        isinstance(block_rows, bool)
+        or not isinstance(block_rows, (int, np.integer))
+        or (block_rows < 1)
+    ):
+        raise ValueError(f"block_rows must be a positive integer or None, got {_show(block_rows)}")
+    else:
+        step = int(block_rows)
+    return [(i, min(i + step, n)) for i in range(0, n, step)] or [(0, 0)]
+
+
+def _labels(labels, lead: tuple, c: int) -> np.ndarray:
+    """Checked labels of shape ``lead`` (the logits' leading shape), flattened to int64."""
     y = _array(labels, "labels")
     if y.size == 0 and type(labels).__module__ == "builtins":
         y = y.astype(np.int64)  # an empty list: NumPy makes it float64
     if y.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got dtype {y.dtype}")
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) to match the logits, got {y.shape}")
-    if n and (y.min() < 0 or y.max() >= c):
-        i = int(np.flatnonzero((y < 0) | (y >= c))[0])
+    if y.shape != tuple(lead):
+        shape = (*lead, c)
         raise ValueError(
-            f"labels[{i}]: {y[i]} is out of range for logits of {c} classes; labels must lie "
-            f"in [0, {c})"
+            f"labels must have shape {tuple(lead)} to match the logits of shape {shape}, got "
+            f"{y.shape}"
         )
-    return y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= c):
+        i = np.unravel_index(int(np.flatnonzero((y < 0) | (y >= c))[0]), y.shape)
+        raise ValueError(
+            f"labels[{', '.join(map(str, i))}]: {y[i]} is out of range for logits of {c} "
+            f"classes; labels must lie in [0, {c})"
+        )
+    return y.reshape(-1).astype(np.int64)
 
 
 # --- elementwise utilities ----------------------------------------------------------------
@@ -371,7 +355,7 @@ def ulp_error(computed, exact_values, fmt=None) -> np.ndarray:
             f"exact_values must be an array of real numbers or an object array of mpf, got "
             f"dtype {e.dtype}"
         )
-    fmt = _format(fmt, "fmt") if fmt is not None else _own_format([("computed", c)], "fmt")
+    fmt = format_arg(fmt, "fmt") if fmt is not None else _own_format([("computed", c)], "fmt")
     _broadcast(c, e, "computed", "exact_values")
     return _ulp_error(_widen16(c), e, fmt)
 
@@ -474,7 +458,7 @@ def absorbed(a, b, fmt=None) -> np.ndarray:
         if not _is_real(v.dtype):
             raise TypeError(f"{name} must be a real numeric array, got dtype {v.dtype}")
     if fmt is not None:
-        fmt = _format(fmt, "fmt")
+        fmt = format_arg(fmt, "fmt")
     else:
         scalars = [n for n, w in zip("ab", weak, strict=True) if w]
         fmt = _own_format([("a", a), ("b", b)], "fmt", weak=scalars)
@@ -489,7 +473,13 @@ def absorbed(a, b, fmt=None) -> np.ndarray:
 
 
 def sc_fraction(
-    logits, *, dtype=None, kind: str = "softmax", order: str = "pairwise", eps: float = 0.0
+    logits,
+    *,
+    dtype=None,
+    kind: str = "softmax",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    block_rows: int | None = None,
 ) -> float:
     """Fraction of rows in Softmax Collapse in a format and summation order.
 
@@ -499,17 +489,25 @@ def sc_fraction(
 
     Parameters
     ----------
-    logits : array_like, shape (N, C)
-        An array of a float format or of integers, a torch tensor, or nested lists.
+    logits : array_like, shape (..., C)
+        Each row along the last axis is one sample. An array of a float format or of
+        integers of any framework (:mod:`numstab.interop`), or nested lists.
     dtype : str, dtype, Format or None
-        The format. None (default): the logits' own format (float16, ml_dtypes bfloat16,
-        float32, float64 or longdouble, in any byte order; a torch tensor's dtype); float64
+        The format. None (default): the logits' own format (float16, bfloat16, float32,
+        float64 or longdouble, in any byte order; a torch or JAX array's dtype); float64
         for lists of Python floats; float32 for integer logits, which carry no format.
         numstab's float16 / bfloat16 logits come in float32 carriers: pass ``dtype`` for them.
+        A framework's dtype object (``torch.bfloat16``) names a format too.
     kind : {"softmax", "stablemax"}
-    order : {"pairwise", "sequential", "wide", "sorted"}
+    order : {"pairwise", "sequential", "wide", "sorted", "torch"}
+        Summation order (:mod:`numstab.summation`); ``"torch"`` is PyTorch CPU's own
+        (docs/interop.md).
     eps : float
         StableMax denominator epsilon (the authors' code: 1e-30); finite and ``>= 0``.
+    block_rows : int or None
+        Rows per block: the logits are widened and measured one block at a time, so memory
+        stays bounded by the block (docs/interop.md). None: ``BLOCK_ELEMENTS // C`` rows.
+        The result does not depend on it.
 
     Returns
     -------
@@ -526,12 +524,13 @@ def sc_fraction(
     _choice("order", order, REDUCTION_ORDERS)
     _eps(eps)
     require_gradual_underflow()
-    z, fmt = _logits_and_format(logits, dtype)
-    if z.shape[0] == 0:
-        return float("nan")
-    return (
-        int(np.count_nonzero(collapse_mask(z, fmt, kind=kind, order=order, eps=eps))) / (z.shape[0])
-    )
+    z, fmt, _ = _logits_and_format(logits, dtype)
+    n, c = z.shape
+    count = 0
+    for start, stop in _blocks(n, c, block_rows):
+        mask = collapse_mask(_rows(z, start, stop, fmt), fmt, kind=kind, order=order, eps=eps)
+        count += int(np.count_nonzero(mask))
+    return count / n if n else float("nan")
 
 
 def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
@@ -558,7 +557,7 @@ def sc_gap_window(dtype, n_classes: int) -> tuple[float, float]:
         Required: there is no array to take a format from.
     n_classes : int, >= 2
     """
-    fmt = _format(dtype)
+    fmt = format_arg(dtype)
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {_show(n_classes)}")
     try:
@@ -662,8 +661,8 @@ def _pow2_exponent(arrays) -> int:
 class CrossEntropyAudit:
     """Per-sample audit of a cross-entropy computed in a format against exact arithmetic.
 
-    Attributes (arrays of shape (N,))
-    ---------------------------------
+    Attributes (arrays of the logits' leading shape ``(...)``, ``(N,)`` for 2-D logits)
+    -----------------------------------------------------------------------------------
     loss : float64
         The loss as computed in ``dtype`` and ``order`` (the framework formula of ``kind``).
     loss_exact : float64 (longdouble when auditing float64/longdouble)
@@ -714,7 +713,7 @@ class CrossEntropyAudit:
     notes: tuple = field(default=())
 
     def __len__(self) -> int:
-        return int(self.loss.shape[0])
+        return int(self.loss.size)
 
     def summary(self) -> dict:
         """Fractions and medians over samples, as plain floats (JSON-ready)."""
@@ -756,16 +755,18 @@ def audit_cross_entropy(
     order: str = "pairwise",
     eps: float = 0.0,
     method: str = "auto",
+    block_rows: int | None = None,
 ) -> CrossEntropyAudit:
     """Audit a cross-entropy computed in a format against exact arithmetic, per sample.
 
     Parameters
     ----------
-    logits : array_like, shape (N, C)
+    logits : array_like, shape (..., C)
         Rounded to ``dtype`` first; the exact reference uses the same rounded values, so the
         audit measures the loss computation, not the rounding of its input. An array of a
-        float format or of integers, a torch tensor, or nested lists.
-    labels : int array_like, shape (N,)
+        float format or of integers of any framework (:mod:`numstab.interop`), or nested
+        lists; each row along the last axis is one sample.
+    labels : int array_like, shape (...)
     dtype : str, dtype, Format or None
         Format of the loss computation. None (default): the logits' own format (float16,
         ml_dtypes bfloat16, float32, float64 or longdouble, in any byte order; a torch
@@ -774,18 +775,22 @@ def audit_cross_entropy(
         ``dtype`` for them.
     kind : {"softmax", "stablemax"}
         Softmax cross-entropy as frameworks compute it, or StableMax cross-entropy.
-    order : {"pairwise", "sequential", "wide", "sorted"}
-        Summation order of the computed normaliser.
+    order : {"pairwise", "sequential", "wide", "sorted", "torch"}
+        Summation order of the computed normaliser (``"torch"``: PyTorch CPU's own).
     eps : float
         StableMax denominator epsilon, used identically by the computed and exact sides.
     method : {"auto", "mpmath"}
         ``auto``: certified float64/longdouble evaluation, mpmath only where its error bound
         cannot decide a verdict (and for non-finite rows, and throughout when auditing
         longdouble); ``mpmath``: every row in mpmath.
+    block_rows : int or None
+        Rows audited at a time (memory bound in docs/interop.md); None: ``BLOCK_ELEMENTS //
+        C``. The result does not depend on it.
 
     Returns
     -------
     CrossEntropyAudit
+        Per-sample fields of the logits' leading shape.
 
     Raises
     ------
@@ -805,9 +810,27 @@ def audit_cross_entropy(
     _choice("method", method, AUDIT_METHODS)
     require_gradual_underflow()
     _eps(eps)
-    z, fmt = _logits_and_format(logits, dtype)
-    y = _labels(labels, z.shape[0], z.shape[1])
+    z, fmt, lead = _logits_and_format(logits, dtype)
+    y = _labels(labels, lead, z.shape[1])
     t0 = time.perf_counter()
+    parts = [
+        _audit_rows(_rows(z, i, j, fmt), y[i:j], kind, fmt, order, eps, method)
+        for i, j in _blocks(z.shape[0], z.shape[1], block_rows)
+    ]
+    fields = {k: np.concatenate([p[k] for p in parts]).reshape(lead) for k in parts[0]}
+    return CrossEntropyAudit(
+        dtype=fmt.name,
+        kind=kind,
+        order=order,
+        method=method,
+        seconds=time.perf_counter() - t0,
+        **fields,
+    )
+
+
+def _audit_rows(z, y, kind, fmt, order, eps, method) -> dict:
+    """The per-sample fields of :class:`CrossEntropyAudit` for checked 2-D logits ``z``
+    (widened) and labels ``y``."""
     with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
         zq = quantize(z, fmt)
     n, _c = zq.shape
@@ -846,11 +869,7 @@ def audit_cross_entropy(
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = np.abs(target - tgt_x) / np.abs(tgt_x)
     rel = np.where((target == tgt_x) | (np.isnan(target) & np.isnan(tgt_x)), 0.0, rel)
-    return CrossEntropyAudit(
-        dtype=fmt.name,
-        kind=kind,
-        order=order,
-        method=method,
+    return dict(
         loss=loss_c,
         loss_exact=loss_x,
         loss_ulp_error=_ulp_error(loss_c, loss_x, fmt),
@@ -864,7 +883,6 @@ def audit_cross_entropy(
         off_target_mass=off_mass,
         used_mpmath=used,
         exact_rel_bound=bound,
-        seconds=time.perf_counter() - t0,
     )
 
 
@@ -1008,7 +1026,13 @@ def _stablemax_fraction(x: Fraction, eps: float) -> Fraction:
 
 
 def exact_logit_gradient(
-    logits, labels, *, dtype=None, kind: str = "softmax", eps: float = 0.0
+    logits,
+    labels,
+    *,
+    dtype=None,
+    kind: str = "softmax",
+    eps: float = 0.0,
+    block_rows: int | None = None,
 ) -> np.ndarray:
     """The exact per-sample logit gradient ``∂L_i/∂z_i`` of the logits as rounded to ``dtype``.
 
@@ -1021,8 +1045,9 @@ def exact_logit_gradient(
 
     Parameters
     ----------
-    logits : array_like, shape (N, C)
-    labels : int array_like, shape (N,)
+    logits : array_like, shape (..., C)
+        Any framework's array (:mod:`numstab.interop`), or nested lists.
+    labels : int array_like, shape (...)
     dtype : str, dtype, Format or None
         The format the logits are rounded to first. None (default): the logits' own format
         (float16, ml_dtypes bfloat16, float32, float64 or longdouble, in any byte order; a
@@ -1032,19 +1057,31 @@ def exact_logit_gradient(
     kind : {"softmax", "stablemax"}
     eps : float
         StableMax denominator epsilon.
+    block_rows : int or None
+        Rows computed at a time (None: ``BLOCK_ELEMENTS // C``); the result does not depend
+        on it.
 
     Returns
     -------
-    ndarray, float64, shape (N, C)
+    ndarray, float64, shape (..., C)
     """
     _choice("kind", kind, AUDIT_KINDS)
     _eps(eps)
-    z, fmt = _logits_and_format(logits, dtype)
+    z, fmt, lead = _logits_and_format(logits, dtype)
+    n, c = z.shape
+    y = _labels(labels, lead, c)
+    out = np.empty((n, c), dtype=np.float64)
+    for i, j in _blocks(n, c, block_rows):
+        out[i:j] = _exact_gradient_rows(_rows(z, i, j, fmt), y[i:j], kind, fmt, eps)
+    return out.reshape(*lead, c)
+
+
+def _exact_gradient_rows(z, y, kind, fmt, eps) -> np.ndarray:
+    """:func:`exact_logit_gradient` of checked 2-D logits ``z`` (widened) and labels ``y``."""
     with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
         zq = quantize(z, fmt)
         z = zq.astype(np.float64)  # longdouble beyond float64's range: inf, so mpmath below
-    n, c = z.shape
-    y = _labels(labels, n, c)
+    n = z.shape[0]
     rows = np.arange(n)
     finite = np.isfinite(z).all(axis=1)
     # C order whatever the caller's layout: the row sums below then add in one order

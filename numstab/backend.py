@@ -46,6 +46,7 @@ import contextlib
 import types
 
 import array_api_compat
+import ml_dtypes
 import numpy as np
 
 # At import, not on first use: SciPy before 1.16 loads its own OpenBLAS with scipy.sparse, and
@@ -351,13 +352,40 @@ def get_backend(name: str) -> types.ModuleType:
 
 
 def to_numpy(x) -> np.ndarray:
-    """Copy an array to the host as a NumPy array (no copy if it already is one)."""
+    """The values of an array of any framework as a NumPy array on the host.
+
+    No copy where the memory allows: NumPy arrays as they are; torch tensors detached (one
+    that requires grad included), copied from a GPU, and bfloat16 / float8 read through an
+    integer view of their bits as the ml_dtypes type of the same name (no rounding, no
+    copy); JAX arrays and others with ``__array__`` through ``numpy.asarray``; other
+    array-API arrays through DLPack (``numpy.from_dlpack``). CuPy arrays are copied from the
+    GPU. Anything else (lists, scalars) goes to ``numpy.asarray``, with its conversions and
+    errors.
+    """
     if isinstance(x, np.ndarray):
         return x
-    get = getattr(x, "get", None)
-    if get is not None and _is_cupy_array(x):
-        return get()
+    if _is_cupy_array(x):
+        return x.get()
+    if type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach"):
+        return _torch_to_numpy(x)
+    if hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, TypeError, ValueError, RuntimeError):
+            pass  # on another device, or of a dtype NumPy lacks: the library's conversion
     return np.asarray(x)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    """A torch tensor's values as a NumPy array (see :func:`to_numpy`)."""
+    import torch
+
+    t = t.detach()
+    ml_type = getattr(ml_dtypes, str(t.dtype).removeprefix("torch."), None)
+    if ml_type is not None and t.is_floating_point() and t.element_size() <= 2:
+        bits = torch.int16 if t.element_size() == 2 else torch.uint8
+        return t.view(bits).numpy(force=True).view(ml_type)
+    return t.numpy(force=True)  # on the CPU, conjugate and negative views resolved
 
 
 # --- hooks of the optimizers (numstab.optim) --------------------------------------------------

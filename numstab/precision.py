@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Summation orders a :class:`PrecisionPolicy` may declare (see :mod:`numstab.summation`).
-REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted")
+REDUCTION_ORDERS = ("pairwise", "sequential", "wide", "sorted", "torch")
 
 #: Evaluation modes of exp/log/log1p/expm1 a :class:`PrecisionPolicy` may declare (see
 #: :mod:`numstab.elementary`, which re-exports this tuple).

@@ -21,6 +21,14 @@ order explicitly:
 ``sorted``
     Sequential after sorting each row by ascending magnitude (the smallest terms first: the
     order that absorbs least).
+``torch``
+    PyTorch CPU's ``log_softmax`` / ``cross_entropy`` reduction on AVX-512 (measured on
+    torch 2.13.0, docs/interop.md): ``L`` interleaved partial sums (term ``k`` into lane
+    ``k mod L``, each lane left to right; ``L = 16`` for float32, 8 for float64 and
+    longdouble), joined by halving (lane ``i`` plus lane ``i + L/2``, ...) for float32 and left
+    to right for float64; rows shorter than ``L`` left to right. float16 and bfloat16 run the
+    float32 reduction and round once to the format, as PyTorch does (PyTorch's terms are
+    float32, numstab's are rounded to the format first: not always the same bits).
 
 Every order is written with array-API standard functions on the input's namespace, so it
 gives the same bits on NumPy, CuPy or any array-API library; NumPy's own loops
@@ -58,8 +66,10 @@ def wide_format(fmt) -> Format:
     """
     fmt = get_format(fmt)
     # formats narrower than float32 are carried in float32, which is their wide format
-    wider = "float32" if fmt.is_emulated else {"float32": "float64", "float64": "longdouble"}.get(
-        fmt.plain.name
+    wider = (
+        "float32"
+        if fmt.is_emulated
+        else {"float32": "float64", "float64": "longdouble"}.get(fmt.plain.name)
     )
     if wider is None:
         raise ValueError("order 'wide' is undefined for longdouble: no wider format exists")
@@ -80,7 +90,7 @@ def ordered_sum(x, fmt, order: str = "pairwise"):
         NumPy and CuPy). Not modified.
     fmt : str or Format
         The format every partial sum is rounded to.
-    order : {"pairwise", "sequential", "wide", "sorted"}
+    order : {"pairwise", "sequential", "wide", "sorted", "torch"}
 
     Returns
     -------
@@ -115,10 +125,38 @@ def _ordered_sum(x, fmt: Format, order: str, xp):
         return quantize(_pairwise(xp.astype(x, xp_dtype(xp, wide.carrier)), wide, xp), fmt)
     if order == "pairwise":
         return _pairwise(x, fmt, xp)
+    if order == "torch":
+        return _lanes(x, fmt, xp)
     if order == "sorted":
         idx = xp.argsort(xp.abs(x), axis=-1, stable=True)
         x = xp.take_along_axis(x, idx, axis=-1)
     return _sequential(x, fmt, xp)
+
+
+def _lanes(x, fmt: Format, xp):
+    """The ``torch`` order: interleaved lanes of a 512-bit vector, then their join."""
+    if fmt.is_emulated:
+        f32 = get_format("float32")
+        return quantize(_lanes(xp.astype(x, xp_dtype(xp, f32.carrier)), f32, xp), fmt)
+    lanes = 16 if fmt.precision <= 24 else 8
+    n = x.shape[-1]
+    if n < lanes:  # below one vector PyTorch adds the terms left to right
+        return _sequential(x, fmt, xp)
+    acc = x[..., :lanes]
+    for k in range(lanes, n, lanes):
+        part = x[..., k : min(k + lanes, n)]
+        m = part.shape[-1]
+        acc = (
+            quantize(acc + part, fmt)
+            if m == lanes
+            else xp.concat([quantize(acc[..., :m] + part, fmt), acc[..., m:]], axis=-1)
+        )
+    if lanes == 8:
+        return _sequential(acc, fmt, xp)
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = quantize(acc[..., :half] + acc[..., half:], fmt)
+    return acc[..., 0]
 
 
 def _sequential(x, fmt: Format, xp):
@@ -153,7 +191,48 @@ def _pairwise(x, fmt: Format, xp):
 
 
 def _pairwise_tree(x, n: int, fmt: Format, xp):
-    """NumPy's ``pairwise_sum`` on ``x[..., :n]``, each addition rounded to ``fmt``."""
+    """NumPy's ``pairwise_sum`` on ``x[..., :n]`` (``n = x.shape[-1]``), each addition rounded
+    to ``fmt``.
+
+    The tree's leaves (runs of at most 128 terms) of one length are evaluated together, one
+    array operation per step for all of them, and then joined up the tree: the same additions
+    in the same order as leaf by leaf, in far fewer (and larger) array operations.
+    """
+    if n <= _PAIRWISE_BLOCK:
+        return _pairwise_leaf(x, n, fmt, xp)
+    leaves = _leaves(0, n)
+    value = {}
+    for length in sorted({m for _, m in leaves}):
+        starts = [i for i, m in leaves if m == length]
+        idx = xp.asarray([i + k for i in starts for k in range(length)])
+        group = xp.reshape(xp.take(x, idx, axis=x.ndim - 1), (*x.shape[:-1], len(starts), length))
+        sums = _pairwise_leaf(group, length, fmt, xp)
+        value.update({i: sums[..., j] for j, i in enumerate(starts)})
+    return _join(0, n, value, fmt)
+
+
+def _leaves(start: int, n: int) -> list:
+    """``(start, length)`` of the leaves of NumPy's pairwise tree over ``n`` terms."""
+    if n <= _PAIRWISE_BLOCK:
+        return [(start, n)]
+    n2 = n // 2
+    n2 -= n2 % _UNROLL
+    return _leaves(start, n2) + _leaves(start + n2, n - n2)
+
+
+def _join(start: int, n: int, value: dict, fmt: Format):
+    """The inner nodes of the pairwise tree over the leaf sums ``value[start]``."""
+    if n <= _PAIRWISE_BLOCK:
+        return value[start]
+    n2 = n // 2
+    n2 -= n2 % _UNROLL
+    return quantize(_join(start, n2, value, fmt) + _join(start + n2, n - n2, value, fmt), fmt)
+
+
+def _pairwise_leaf(x, n: int, fmt: Format, xp):
+    """A leaf of NumPy's pairwise tree (``n <= 128`` terms along the last axis): below 8 terms
+    left to right from ``-0.0``, else 8 interleaved partial sums joined as a balanced tree,
+    then the remainder left to right."""
 
     def add(a, b):
         return quantize(a + b, fmt)
@@ -163,19 +242,15 @@ def _pairwise_tree(x, n: int, fmt: Format, xp):
         for i in range(n):
             res = add(res, x[..., i])
         return res
-    if n <= _PAIRWISE_BLOCK:
-        r = x[..., :_UNROLL]
-        i = _UNROLL
-        while i < n - (n % _UNROLL):
-            r = add(r, x[..., i : i + _UNROLL])
-            i += _UNROLL
-        res = add(
-            add(add(r[..., 0], r[..., 1]), add(r[..., 2], r[..., 3])),
-            add(add(r[..., 4], r[..., 5]), add(r[..., 6], r[..., 7])),
-        )
-        for j in range(i, n):
-            res = add(res, x[..., j])
-        return res
-    n2 = n // 2
-    n2 -= n2 % _UNROLL
-    return add(_pairwise_tree(x, n2, fmt, xp), _pairwise_tree(x[..., n2:], n - n2, fmt, xp))
+    r = x[..., :_UNROLL]
+    i = _UNROLL
+    while i < n - (n % _UNROLL):
+        r = add(r, x[..., i : i + _UNROLL])
+        i += _UNROLL
+    res = add(
+        add(add(r[..., 0], r[..., 1]), add(r[..., 2], r[..., 3])),
+        add(add(r[..., 4], r[..., 5]), add(r[..., 6], r[..., 7])),
+    )
+    for j in range(i, n):
+        res = add(res, x[..., j])
+    return res

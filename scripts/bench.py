@@ -22,6 +22,11 @@ Sections (``--sections``, default all):
        numstab and PyTorch, and the fraction of subnormal values in the step's tensors.
 ``2``  Exact audit of the checkpoint's full training batch: ``audit_cross_entropy`` with
        ``method="auto"`` against ``method="mpmath"`` and a plain float64 recomputation.
+``2b`` Streaming audit of language-model logits ``(B, T, V)`` in bfloat16 (``--stream-shape``,
+       default 1 64 128256; the documented figure used 8 2048 128256): ``sc_fraction`` and
+       ``audit_cross_entropy`` in row blocks, rows/s against a plain float64 log-softmax
+       (loss and gradient) of the same blocks, each measured once, and the peak traced
+       memory (tracemalloc, over the first blocks) against the bound of docs/interop.md.
 ``3``  ``python -m numstab.compare --dtype float32 --quiet`` end to end (skipped by --quick).
 ``4``  Peak RSS of a training run (a child process) at two step counts.
 
@@ -60,8 +65,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +77,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
+from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction  # noqa: E402
 from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
 from numstab.run.runtime import tune_allocator  # noqa: E402
 
@@ -80,7 +88,7 @@ HEADER = (
 )
 PAPER_DTYPES = ("float32", "float64", "float16", "bfloat16")
 TORCH_DTYPES = ("float32", "float64")
-ALL_SECTIONS = ("1", "1b", "2", "3", "4")
+ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4")
 RSS_LIMIT_MB = 300.0
 RSS_GROWTH_TOL_MB = 5.0
 
@@ -776,8 +784,6 @@ def ce_float64(z, y):
 
 
 def section_audit(rep, args, ck):
-    from numstab.audit import audit_cross_entropy
-
     run = run_from_checkpoint(ck)
     ev = run.evaluate("train")
     z, y = ev.logits, ev.cache.labels
@@ -880,6 +886,85 @@ def section_audit(rep, args, ck):
         kind=">=",
         detail=f"on {k} rows",
     )
+
+
+# --- section 2b: the streaming audit of (B, T, V) bfloat16 logits -----------------------------
+
+
+def stream_logits(shape, seed=0):
+    """bfloat16 logits ``N(0, 2)`` of ``shape`` with the label's logit raised by a gap uniform
+    in [0, 40] (so that part of the rows collapse), made a block of rows at a time."""
+    rng = np.random.default_rng(seed)
+    *lead, v = shape
+    z = np.empty((int(np.prod(lead)), v), dtype=ml_dtypes.bfloat16)
+    y = rng.integers(0, v, z.shape[0])
+    for i in range(0, z.shape[0], 256):
+        blk = rng.standard_normal((min(256, z.shape[0] - i), v), dtype=np.float32) * 2
+        blk[np.arange(blk.shape[0]), y[i : i + 256]] += rng.uniform(0, 40, blk.shape[0])
+        z[i : i + 256] = blk.astype(ml_dtypes.bfloat16)
+    return z.reshape(shape), y.reshape(lead)
+
+
+def section_stream(rep, args):
+    shape = tuple(args.stream_shape)
+    z, y = stream_logits(shape)
+    n, v = int(np.prod(shape[:-1])), shape[-1]
+    rows = max(1, BLOCK_ELEMENTS // v)
+    z2, y2 = z.reshape(n, v), y.reshape(n)
+
+    def floor():
+        for i in range(0, n, rows):
+            ce_float64(z2[i : i + rows].astype(np.float32), y2[i : i + rows])
+
+    cases = {
+        "sc_fraction": lambda: sc_fraction(z),
+        "audit_cross_entropy": lambda: audit_cross_entropy(z, y),
+        "float64-lsm+grad (floor)": floor,
+    }
+    name = "×".join(map(str, shape))
+    with threadpool_limits(limits=1, user_api="blas"):
+        walls = {}
+        for case, fn in cases.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            walls[case] = time.perf_counter() - t0
+            note = f"{n / walls[case]:.0f} rows/s"
+            rep.row(
+                "2b",
+                f"{case.split()[0]}, {name} bf16",
+                1,
+                _stat([walls[case]], [time.process_time() - c0]),
+                note,
+            )
+        head = min(n, 4 * rows)  # the peak is per block: a few blocks show it
+        peaks = {}
+        for case, fn in (
+            ("sc_fraction", sc_fraction),
+            ("audit_cross_entropy", audit_cross_entropy),
+        ):
+            a = (z2[:head],) if case == "sc_fraction" else (z2[:head], y2[:head])
+            tracemalloc.start()
+            fn(*a)
+            peaks[case] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    bound = 12 * min(rows, head) * v * 8 + 1024 * head + 2**20
+    print(
+        f"    # blocks of {rows} rows; peak traced memory over {head} rows: sc_fraction "
+        f"{peaks['sc_fraction'] / 2**20:.1f} MiB, audit {peaks['audit_cross_entropy'] / 2**20:.1f} "
+        f"MiB; bound {bound / 2**20:.1f} MiB; the input itself {z.nbytes / 2**30:.2f} GiB"
+    )
+    rep.fact(
+        "stream",
+        {
+            "shape": list(shape),
+            "block_rows": rows,
+            "rows_per_s": {k: n / w for k, w in walls.items()},
+            "peak_bytes": peaks,
+            "bound_bytes": bound,
+            "input_bytes": int(z.nbytes),
+        },
+    )
+    rep.target("stream: audit peak / bound", peaks["audit_cross_entropy"] / bound, 1.0, detail=name)
 
 
 # --- section 3: compare ------------------------------------------------------------------------
@@ -1137,6 +1222,14 @@ def build_parser():
         "batch (default 0; --quick: 16)",
     )
     p.add_argument(
+        "--stream-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("B", "T", "V"),
+        help="logits shape of section 2b (default 1 64 128256; --quick: 1 32 4096)",
+    )
+    p.add_argument(
         "--rss-steps",
         type=int,
         nargs=2,
@@ -1170,6 +1263,8 @@ def resolve_args(args):
         args.late_steps = 40 if q else 2000
     if args.mpmath_rows is None:
         args.mpmath_rows = 16 if q else 0
+    if args.stream_shape is None:
+        args.stream_shape = [1, 32, 4096] if q else [1, 64, 128256]
     if args.rss_steps is None:
         args.rss_steps = [3, 12] if q else [100, 500]
     if args.cache_dir is None:
@@ -1204,6 +1299,8 @@ def main(argv=None):
         section_late(rep, args, torch_mod, thr, ck)
     if "2" in args.sections:
         section_audit(rep, args, ck)
+    if "2b" in args.sections:
+        section_stream(rep, args)
     if "3" in args.sections:
         section_compare(rep)
     elif args.compare_skipped:

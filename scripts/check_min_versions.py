@@ -66,8 +66,10 @@ class Requirement:
 
     @property
     def lower_bound(self) -> str | None:
-        """The version of the ``>=`` specifier, or None."""
-        lows = [v for op, v in self.specs if op == ">="]
+        """The version of the ``>=`` specifier (or of a lone ``==`` pin), or None."""
+        lows = [v for op, v in self.specs if op == ">="] or [
+            v for op, v in self.specs if op == "==" and len(self.specs) == 1
+        ]
         return lows[0] if len(lows) == 1 else None
 
     @property

@@ -310,7 +310,7 @@ def _torch():
 
 torch = _torch()
 needs_torch = pytest.mark.skipif(
-    torch is None, reason="torch is not installed (optional; the test extra does not include it)"
+    torch is None, reason="torch is not installed (the test extra installs it)"
 )
 TORCH_FORMATS = ["float16", "bfloat16", "float32", "float64"]
 

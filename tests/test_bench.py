@@ -31,7 +31,7 @@ def test_quick_runs_and_prints_the_table(tmp_path):
     out = r.stdout
     assert TABLE_HEADER in out
     assert "targets (measured / target)" in out
-    for sec in ("1 ", "1b ", "2 ", "3 ", "4 "):
+    for sec in ("1 ", "1b ", "2 ", "2b ", "3 ", "4 "):
         assert any(line.startswith(sec) for line in out.splitlines()), sec
     data = json.loads((tmp_path / "b.json").read_text())
     assert {"env", "records", "targets", "facts"} <= set(data)

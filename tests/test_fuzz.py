@@ -538,6 +538,12 @@ def test_audit_and_loss_entry_points_reject_hostile_logits(case):
     ]:
         # (The functional layer names a bad dtype through precision.quantize: "cannot round
         # an array of dtype complex128: ...".)
+        if case in ("1-D", "3-D") and fn in (
+            sc_fraction,
+            audit_cross_entropy,
+            exact_logit_gradient,
+        ):
+            continue  # the audit takes logits of shape (..., C): tests/test_interop.py
         err = rejects(fn, *args, match=pattern, **kw)
         assert isinstance(err, exc), (fn, err)
 
@@ -1706,7 +1712,7 @@ DATA_REJECTIONS = [
     (lambda: D.dense_inputs(np.ones((2, 3), complex), "bits"), "0/1.*complex"),
     (lambda: D.dense_inputs(np.full((2, 3), "1"), "bits"), "0/1.*<U1"),
     (lambda: D.dense_inputs(np.ones((2, 3), object), "bits"), "0/1.*object"),
-    (lambda: D.dense_inputs(np.ones((2, 3)), "pixels"), "encoding='pixels'"),
+    (lambda: D.dense_inputs(np.ones((2, 3)), "spikes"), "encoding='spikes'"),
     (lambda: D.dense_inputs(np.ones((2, 3)), None), "encoding=None"),
     (lambda: D.dense_inputs(np.ones((2, 3)), "bits", dtype=None), "dtype.*None"),
     (lambda: D.dense_inputs(np.ones((2, 3)), "bits", dtype=bool), "dtype.*bool"),

@@ -35,15 +35,22 @@ def _name(req: str) -> str:
     return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group()).lower()
 
 
+#: Exact pins of the test extra, each explained by a comment in pyproject.toml.
+PINNED = {"torch"}
+
+
 def test_every_runtime_and_test_dependency_has_one_lower_bound_and_no_cap():
     for req in [*RUNTIME, *TEST_EXTRA]:
+        if _name(req) in PINNED:
+            assert re.fullmatch(r"[A-Za-z0-9._-]+==[0-9.]+", req), f"{req!r}: one exact pin"
+            continue
         assert req.count(">=") == 1, f"{req!r}: needs exactly one '>=' lower bound"
         assert not re.search(r"<|==|~=|!=", req), f"{req!r}: no upper bound or exclusion"
 
 
 def test_pins_are_the_lower_bounds_of_pyproject():
     pins = cmv.min_pins(cmv.requirements(PYPROJECT, ("test",)))
-    want = {_name(r): r.split(">=")[1].strip() for r in [*RUNTIME, *TEST_EXTRA]}
+    want = {_name(r): re.split(">=|==", r)[1].strip() for r in [*RUNTIME, *TEST_EXTRA]}
     assert pins == want
     assert pins["numpy"] and pins["dask"] and pins["ml-dtypes"]  # extras and '_' normalized
 
@@ -82,6 +89,7 @@ def test_bounds_and_merging():
     capped = cmv.parse_requirement("x>=1.2,<2")
     assert capped.lower_bound == "1.2" and capped.upper_bounds == ("<2",)
     assert cmv.parse_requirement("x").lower_bound is None
+    assert cmv.parse_requirement("x==2.13.0").lower_bound == "2.13.0"  # an exact pin
     # the same package in the dependencies and an extra: the larger bound wins (1.10 > 1.9)
     reqs = [cmv.parse_requirement("X_y>=1.9"), cmv.parse_requirement("x-y>=1.10", "extra t")]
     assert cmv.min_pins(reqs) == {"x-y": "1.10"}
