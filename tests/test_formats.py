@@ -352,11 +352,9 @@ def _fraction_round(x: float, ebits: int, mbits: int, mode: str) -> float:
     bias = (1 << (ebits - 1)) - 1
     p, emin, emax = mbits + 1, 1 - bias, bias
     a = abs(v)
+    # 2**(e - 1) < a < 2**(e + 1) for e the difference of the bit lengths: one test settles it
     e = a.numerator.bit_length() - a.denominator.bit_length()
-    while Fraction(2) ** e > a:
-        e -= 1
-    while Fraction(2) ** (e + 1) <= a:
-        e += 1
+    e -= a < Fraction(2) ** e
     q = Fraction(2) ** (max(e, emin) - p + 1)
     k = math.floor(a / q)
     rem = a - k * q

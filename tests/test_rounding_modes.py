@@ -72,7 +72,8 @@ def test_stochastic_scope_keys_are_ordered_and_resumable():
 
 
 def test_run_options_keep_old_ids_and_record_new_values():
-    base = TrainConfig(dtype="float16")
+    base = TrainConfig(dtype="float16", seed=3)
+    assert run_id(base) == "2d350191a2a3"  # its id before the options existed (cffbd49)
     assert base.to_dict()["rounding"] == "nearest"  # recorded ...
     assert '"rounding"' not in canonical_json(base)  # ... but left out of the id at default
     assert run_id(base) == run_id(TrainConfig.from_dict(base.to_dict()))
@@ -205,3 +206,22 @@ def test_update_role_and_sweep_keys():
     sweep = parse_spec({"base": {"p": 7, "hidden": [8], "dtype": "fp16"},
                         "axes": {"rounding": ["nearest", "sr"]}}, max_run_bytes=None)
     assert [r.config.rounding for r in sweep.runs] == ["nearest", "stochastic"]
+
+
+@pytest.mark.parametrize("stop_at", [0, 7])
+def test_stochastic_run_resumes_bit_identically(stop_at, tmp_path):
+    """Interrupted at a step and resumed from its checkpoint, a run with stochastic rounding
+    (every role) draws the same bits as the uninterrupted run."""
+    from test_checkpoint import interrupted_then_resumed
+
+    from numstab.run import train
+
+    cfg = TrainConfig(p=23, hidden=(16, 16), steps=16, log_every=4, lr=0.02, dtype="float16",
+                      rounding="stochastic")
+    ref = train(cfg)
+    run = interrupted_then_resumed(cfg, stop_at, tmp_path / "ckpt", tmp_path / "metrics.csv")
+    assert run.log.rows == ref.log.rows
+    for k in ref.params:
+        assert np.array_equal(run.params[k].view(np.uint32), ref.params[k].view(np.uint32))
+    nearest = train(cfg.replace(rounding="nearest"))
+    assert not np.array_equal(nearest.params["W1"], ref.params["W1"])
