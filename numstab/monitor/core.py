@@ -1,0 +1,154 @@
+"""The monitor's measurements: pure functions over host arrays, shared by PyTorch and JAX.
+
+A *metrics dict* maps a metric name to a float (a batch quantity) or to a dict of
+``{tensor name: float, ..., "global": float}`` (a per-tensor quantity); :func:`metric_rows`
+flattens it to the ``(metric, layer, value)`` triples of ``metrics.csv``. The names are those
+of :mod:`numstab.run` (``sc_fraction``, ``nlm_cos_grad``, ...), so a monitored run plots like a
+numstab run.
+
+The loss metrics are numstab's own loss (:func:`numstab.losses.loss_forward` and its backward)
+in the declared format and order, evaluated only on the rows that can collapse: a row is in
+the *collapse window* when its second-largest term ``t2`` (``exp(z2 - z1)``, or StableMax's
+``s(z2)/s(z1)``, in float64) is at most ``4 · 2**-p``. Outside it the row is exactly not
+collapsed: every partial sum of positive terms is at least each term, rounding is monotone,
+and ``RN(1 + t) > 1`` once ``t > 2**-p``, so a normaliser of exactly 1 needs every computed
+term ``<= 2**-p``; the factor 4 covers the rounding of ``z`` and of the terms (under 4 % in
+bfloat16). Such a row also has a non-zero loss and target gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from numstab import metrics as M
+from numstab.backend import take_at
+from numstab.losses import collapse_mask, loss_backward, loss_forward, stablemax_s
+from numstab.precision import Format
+
+__all__ = ["batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
+
+#: A row with ``t2 > WINDOW · 2**-p`` cannot collapse (module docstring).
+WINDOW = 4.0
+
+
+def _wide(z: np.ndarray) -> np.ndarray:
+    """Logits in a carrier NumPy computes fast (bfloat16/float16 widened exactly)."""
+    return z if z.dtype in (np.float32, np.float64, np.longdouble) else z.astype(np.float32)
+
+
+def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float) -> np.ndarray:
+    """Rows whose second-largest term is ``<= WINDOW · 2**-p`` (bool, shape (N,)).
+
+    ``z``: (N, C) logits in a NumPy float carrier. One class: every row. NaN rows: none.
+    """
+    n, c = z.shape
+    if c == 1:
+        return np.ones(n, dtype=bool)
+    rows = np.arange(n)
+    top = z.argmax(axis=1)
+    z1 = z[rows, top].astype(np.float64)
+    rest = z.copy()
+    rest[rows, top] = -np.inf
+    z2 = rest.max(axis=1).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if kind == "stablemax":
+            t2 = stablemax_s(z2, "float64", eps=eps)[0] / stablemax_s(z1, "float64", eps=eps)[0]
+        else:
+            t2 = np.exp(z2 - z1)
+    return t2 <= WINDOW * fmt.unit_roundoff
+
+
+def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", eps=0.0) -> dict:
+    """Collapse metrics of one batch of logits, in the loss format ``fmt`` and ``order``.
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, C)
+        Logits (any NumPy float carrier, ml_dtypes bfloat16 included).
+    labels : int ndarray, shape (N,)
+    fmt : Format
+        The format the loss is computed in.
+    kind : {"softmax", "stablemax"}
+
+    Returns
+    -------
+    dict
+        ``accuracy``; ``sc_fraction`` (normaliser exactly 1); ``zero_loss_fraction``;
+        ``zero_target_grad_fraction`` (``∂ℓ_i/∂z_iy == 0`` exactly); ``off_target_mass``: the
+        batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed in float64), 0 in exact
+        arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows outside the collapse
+        window count 0: their rounding residual is left out); ``sc_window_fraction``: rows
+        evaluated in the format. Fractions of an empty batch are NaN.
+    """
+    z = _wide(np.asarray(z))
+    y = np.asarray(labels)
+    n = y.shape[0]
+    cand = collapse_window(z, fmt, kind, eps)
+    k = int(np.count_nonzero(cand))
+    out = {"accuracy": M.accuracy(z, y)}
+    sc = zero_loss = zero_grad = 0
+    mass = 0.0
+    if k:
+        zc, yc = z[cand], y[cand]
+        loss, cache = loss_forward(zc, yc, kind=kind, fmt=fmt, order=order, eps=eps)
+        g = loss_backward(cache, 1.0)
+        if kind == "softmax":
+            collapsed = cache.normaliser == 1
+        else:
+            collapsed = collapse_mask(zc, fmt, kind=kind, order=order, eps=eps)
+        sc = int(np.count_nonzero(collapsed))
+        zero_loss = int(np.count_nonzero(loss == 0))
+        zero_grad = int(np.count_nonzero(take_at(g, yc) == 0))
+        mass = float(np.sum(g.astype(np.float64)))
+    frac = (lambda m: m / n) if n else (lambda m: math.nan)
+    out.update(
+        sc_fraction=frac(sc),
+        zero_loss_fraction=frac(zero_loss),
+        zero_target_grad_fraction=frac(zero_grad),
+        off_target_mass=frac(mass),
+        sc_window_fraction=frac(k),
+    )
+    return out
+
+
+def param_metrics(params: dict, grads: dict) -> dict:
+    """``weight_norm``, ``grad_norm`` and ``nlm_cos_grad = cos(θ, −∇L)``, per tensor and
+    ``global`` (:mod:`numstab.metrics`). ``params``, ``grads``: name -> host array, same keys."""
+    return {
+        "weight_norm": M.param_norms(params),
+        "grad_norm": M.param_norms(grads),
+        "nlm_cos_grad": M.param_cosines(params, grads, sign=-1.0),
+    }
+
+
+def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:
+    """``nlm_cos_update = cos(θ, Δθ)`` and ``absorbed_update_fraction``, per tensor and global.
+
+    ``absorbed_update_fraction``: among the entries whose update was non-zero (``nonzero``,
+    bool arrays), the fraction left unchanged (``θ + Δθ == θ``); 0 when no update was due.
+    """
+    delta = {k: after[k].astype(np.float64) - before[k].astype(np.float64) for k in before}
+    absorbed, due = {}, {}
+    for k in before:
+        want = np.asarray(nonzero[k], dtype=bool)
+        due[k] = int(np.count_nonzero(want))
+        lost = int(np.count_nonzero(want & (after[k] == before[k])))
+        absorbed[k] = lost
+    frac = {k: absorbed[k] / max(due[k], 1) for k in before}
+    frac["global"] = sum(absorbed.values()) / max(sum(due.values()), 1)
+    return {
+        "nlm_cos_update": M.param_cosines(before, delta),
+        "absorbed_update_fraction": frac,
+    }
+
+
+def metric_rows(metrics: dict):
+    """``(metric, layer, value)`` triples of a metrics dict (layer ``""`` for batch values)."""
+    for name, v in metrics.items():
+        if isinstance(v, dict):
+            for layer, x in v.items():
+                yield name, layer, float(x)
+        else:
+            yield name, "", float(v)
