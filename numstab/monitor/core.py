@@ -76,10 +76,11 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     -------
     dict
         ``accuracy``; ``sc_fraction`` (normaliser exactly 1); ``zero_loss_fraction``;
-        ``zero_target_grad_fraction`` (``∂ℓ_i/∂z_iy == 0`` exactly); ``off_target_mass``: the
-        batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed in float64), 0 in exact
-        arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows outside the collapse
-        window count 0: their rounding residual is left out); ``sc_window_fraction``: rows
+        ``zero_target_grad_fraction`` (``∂ℓ_i/∂z_iy == 0`` exactly); softmax only,
+        ``off_target_mass``: the batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed
+        in float64), 0 in exact arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows
+        outside the collapse window count 0: their rounding residual is left out; StableMax's
+        gradient does not sum to 0, so it has no such metric); ``sc_window_fraction``: rows
         evaluated in the format. Fractions of an empty batch are NaN.
     """
     z = _wide(np.asarray(z))
@@ -107,9 +108,10 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
         sc_fraction=frac(sc),
         zero_loss_fraction=frac(zero_loss),
         zero_target_grad_fraction=frac(zero_grad),
-        off_target_mass=frac(mass),
         sc_window_fraction=frac(k),
     )
+    if kind == "softmax":
+        out["off_target_mass"] = frac(mass)
     return out
 
 
