@@ -41,23 +41,25 @@ def _wide(z: np.ndarray) -> np.ndarray:
 def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float) -> np.ndarray:
     """Rows whose second-largest term is ``<= WINDOW · 2**-p`` (bool, shape (N,)).
 
-    ``z``: (N, C) logits in a NumPy float carrier. One class: every row. NaN rows: none.
+    ``z``: (N, C) logits in a NumPy float carrier. Computed without sorting: with ``z1`` the
+    row maximum, the row is in the window when no other entry exceeds the largest ``z2`` whose
+    term is small enough (``z1 - log(1/τ)``, or StableMax's ``s⁻¹(τ · s(z1))``); a tie at the
+    maximum (term 1) keeps a row out. Rows with NaN logits are included (numstab's loss then
+    decides them).
     """
-    n, c = z.shape
-    if c == 1:
-        return np.ones(n, dtype=bool)
-    rows = np.arange(n)
-    top = z.argmax(axis=1)
-    z1 = z[rows, top].astype(np.float64)
-    rest = z.copy()
-    rest[rows, top] = -np.inf
-    z2 = rest.max(axis=1).astype(np.float64)
+    tau = WINDOW * fmt.unit_roundoff
+    z1 = z.max(axis=1)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if kind == "stablemax":
-            t2 = stablemax_s(z2, "float64", eps=eps)[0] / stablemax_s(z1, "float64", eps=eps)[0]
+            v = tau * stablemax_s(z1.astype(np.float64), "float64", eps=eps)[0]
+            # s⁻¹(v): v - 1 where v >= 1, else 1 + eps - 1/v (the largest x < 0 with s(x) <= v)
+            limit = np.where(v >= 1, v - 1.0, 1.0 + eps - 1.0 / v)
         else:
-            t2 = np.exp(z2 - z1)
-    return t2 <= WINDOW * fmt.unit_roundoff
+            limit = z1.astype(np.float64) + math.log(tau)
+        cut = limit.astype(z.dtype)
+        cut = np.where(cut < limit, np.nextafter(cut, z.dtype.type(np.inf)), cut)  # round up
+        above = z > cut[:, None]
+    return np.count_nonzero(above, axis=1) <= 1
 
 
 def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", eps=0.0) -> dict:
@@ -79,7 +81,8 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
         ``zero_target_grad_fraction`` (``∂ℓ_i/∂z_iy == 0`` exactly); softmax only,
         ``off_target_mass``: the batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed
         in float64), 0 in exact arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows
-        outside the collapse window count 0: their rounding residual is left out; StableMax's
+        outside the collapse window and rows with NaN count 0: the residual of the former is
+        left out; StableMax's
         gradient does not sum to 0, so it has no such metric); ``sc_window_fraction``: rows
         evaluated in the format. Fractions of an empty batch are NaN.
     """
@@ -102,7 +105,7 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
         sc = int(np.count_nonzero(collapsed))
         zero_loss = int(np.count_nonzero(loss == 0))
         zero_grad = int(np.count_nonzero(take_at(g, yc) == 0))
-        mass = float(np.sum(g.astype(np.float64)))
+        mass = float(np.nansum(g.astype(np.float64)))  # a NaN row has no zero sum to break
     frac = (lambda m: m / n) if n else (lambda m: math.nan)
     out.update(
         sc_fraction=frac(sc),
@@ -126,24 +129,17 @@ def param_metrics(params: dict, grads: dict) -> dict:
 
 
 def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:
-    """``nlm_cos_update = cos(θ, Δθ)`` and ``absorbed_update_fraction``, per tensor and global.
-
-    ``absorbed_update_fraction``: among the entries whose update was non-zero (``nonzero``,
-    bool arrays), the fraction left unchanged (``θ + Δθ == θ``); 0 when no update was due.
-    """
-    delta = {k: after[k].astype(np.float64) - before[k].astype(np.float64) for k in before}
+    """``absorbed_update_fraction``, per tensor and ``global``: among the entries whose update
+    was non-zero (``nonzero``, bool arrays), the fraction left unchanged (``θ + Δθ == θ``);
+    0 when no update was due."""
     absorbed, due = {}, {}
     for k in before:
         want = np.asarray(nonzero[k], dtype=bool)
         due[k] = int(np.count_nonzero(want))
-        lost = int(np.count_nonzero(want & (after[k] == before[k])))
-        absorbed[k] = lost
+        absorbed[k] = int(np.count_nonzero(want & (after[k] == before[k])))
     frac = {k: absorbed[k] / max(due[k], 1) for k in before}
     frac["global"] = sum(absorbed.values()) / max(sum(due.values()), 1)
-    return {
-        "nlm_cos_update": M.param_cosines(before, delta),
-        "absorbed_update_fraction": frac,
-    }
+    return {"absorbed_update_fraction": frac}
 
 
 def metric_rows(metrics: dict):

@@ -42,8 +42,8 @@ def jax_step_metrics(
         ``θ_t`` and ``∇L(θ_t)``.
     logits : array, shape (N, C); labels : int array, shape (N,)
     new_params : pytree, optional
-        ``θ_{t+1}``: adds ``nlm_cos_update`` and ``absorbed_update_fraction`` (an update is
-        taken as due where the gradient is non-zero).
+        ``θ_{t+1}``: adds ``absorbed_update_fraction`` (an update is taken as due where the
+        gradient is non-zero).
     loss_format : optional
         Format of the loss; default the logits' dtype (``jnp.bfloat16`` is ml_dtypes').
     kind, order, eps : as in :class:`~numstab.monitor.Monitor`

@@ -14,8 +14,8 @@
 
 Entering ``observe`` (after ``backward``, before the update) measures the batch
 (:func:`~numstab.monitor.core.batch_metrics`) and ``θ_t``, ``∇L`` (``weight_norm``,
-``grad_norm``, ``nlm_cos_grad``); leaving it measures the update (``nlm_cos_update``,
-``absorbed_update_fraction``); every ``audit_every`` steps the batch's logits are audited
+``grad_norm``, ``nlm_cos_grad``); leaving it measures the update
+(``absorbed_update_fraction``); every ``audit_every`` steps the batch's logits are audited
 exactly (:func:`numstab.audit.audit_cross_entropy`, metrics ``audit_*``). Rows go to
 ``metrics.csv`` through numstab's :class:`~numstab.run.MetricLog` (flushed every observed
 step: a crash keeps every row); ``summary.json`` is written at the start (status
