@@ -47,7 +47,7 @@ def build_parser():
     a("--train-fraction", type=float, default=0.5, help="fraction of the pairs trained on")
     a("--layers", type=int, default=2, help="transformer blocks")
     a("--width", type=int, default=64, help="embedding width (4 heads)")
-    a("--steps", type=int, default=300, help="training steps")
+    a("--steps", type=int, default=300, help="training steps (each one observed before its update)")
     a("--lr", type=float, default=3e-3, help="AdamW learning rate")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--every", type=int, default=1, help="observe every N steps")
@@ -99,7 +99,7 @@ def make_task(torch, p, fraction, seed):
     x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
     y = (a + b) % p
     perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
-    n = int(round(fraction * p * p))
+    n = round(fraction * p * p)
     tr, te = perm[:n], perm[n:]
     return x[tr], y[tr], x[te], y[te]
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         audit_every=args.audit_every,
         config=record,
     ) as mon:
-        for step in range(args.steps + 1):
+        for step in range(args.steps):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(input_ids=x).logits[:, -1]
             z = logits.float() if wide else logits
@@ -182,13 +182,13 @@ def main(argv=None) -> int:
                 test_acc = float((pred == y_test).double().mean())
                 mon.log.add(step, mon.name, "test", "accuracy", test_acc)
             with mon.observe(step, z, y, loss=loss):
-                if step < args.steps:
-                    opt.step()
+                opt.step()
     s = mon.log
+    train_acc, test_acc = (s.latest("accuracy", split=k) for k in ("train", "test"))
     print(
         f"{args.loss} ({args.loss_dtype} loss, {args.order}): {args.steps} steps in "
-        f"{time.perf_counter() - t0:.1f} s; final train acc {s.latest('accuracy', split='train'):.3f}, test "
-        f"{s.latest('accuracy', split='test'):.3f}, SC fraction {s.latest('sc_fraction'):.3f} "
+        f"{time.perf_counter() - t0:.1f} s; final train acc {train_acc:.3f}, test "
+        f"{test_acc:.3f}, SC fraction {s.latest('sc_fraction'):.3f} "
         f"(PyTorch's own zero loss {s.latest('torch_zero_loss_fraction'):.3f}), "
         f"cos(θ, -∇L) {s.latest('nlm_cos_grad', layer='global'):.3f}; wrote {args.out}"
     )

@@ -263,6 +263,12 @@ def test_bfloat16_logits_are_measured_in_bfloat16():
     zb = np.array([[0.0, -g] for g in gaps], dtype=np.float32).astype(ml_dtypes.bfloat16)
     want = collapse_mask(zb, "bfloat16").mean()
     assert 0 < got["sc_fraction"] == want < 1
+    # The same logits widened to float32, with the loss format given as a torch dtype.
+    mon = Monitor({"theta": theta}, loss_format=torch.bfloat16)
+    with mon.observe(0, z.float(), y):
+        pass
+    assert {r[3]: r[5] for r in mon.log.rows}["sc_fraction"] == want
+    assert mon.settings()["loss_format"] == "bfloat16"
 
 
 @needs_torch
@@ -305,6 +311,10 @@ def test_jax_metrics_match_numpy_references():
     (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     new = {"w": params["w"] - 0.1 * grads["w"]}
     m = jax_step_metrics(params, grads, logits, y, new_params=new)
+    for fmt in ("bfloat16", jnp.bfloat16):  # a name or a JAX dtype
+        m16 = jax_step_metrics(params, grads, logits, y, loss_format=fmt)
+        z16 = np.asarray(logits).astype(ml_dtypes.bfloat16)
+        assert m16["sc_fraction"] == collapse_mask(z16, "bfloat16").mean()
     w, g = np.asarray(params["w"], np.float64).ravel(), -np.asarray(grads["w"], np.float64).ravel()
     want = w @ g / np.linalg.norm(w) / np.linalg.norm(g)
     assert m["nlm_cos_grad"]["['w']"] == pytest.approx(want)

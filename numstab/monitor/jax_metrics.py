@@ -62,7 +62,9 @@ def jax_step_metrics(
     check_choice(order, REDUCTION_ORDERS, "order")
     check_eps(eps)
     z, y = np.asarray(logits), np.asarray(labels)
-    fmt = get_format(z.dtype if loss_format is None else np.dtype(loss_format))
+    if loss_format is None:
+        loss_format = z.dtype
+    fmt = get_format(loss_format if isinstance(loss_format, str) else np.dtype(loss_format))
     theta, g = _leaves(params), _leaves(grads)
     out = batch_metrics(z, y, fmt, kind=kind, order=order, eps=eps)
     out.update(param_metrics(theta, g))
