@@ -446,3 +446,22 @@ def test_float32_sc50_step_lies_in_the_band():
     print(f"SC-50 step: numstab {ours}, PyTorch twin {theirs}")
     assert ours == SC50_P31["numstab"]
     assert theirs is not None and abs(theirs - ours) <= SC50_P31["band"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--width", "30"], "--width must be a multiple of 4"),
+        (["--train-fraction", "1.5"], "--train-fraction must lie in (0, 1), got 1.5"),
+    ],
+)
+def test_transformer_script_refuses_bad_values(argv, message, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import monitor_transformer
+
+    out = tmp_path / "run"
+    assert monitor_transformer.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()  # a refused command writes nothing
