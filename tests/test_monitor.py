@@ -18,6 +18,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from numstab.losses import collapse_mask, loss_backward, loss_forward
+from numstab.metrics import accuracy
 from numstab.monitor.core import batch_metrics
 from numstab.precision import REDUCTION_ORDERS, get_format
 from numstab.run import Run, TrainConfig
@@ -93,6 +94,7 @@ def test_collapse_window_loses_no_collapsed_row(fmt, kind):
             g = loss_backward(cache, 1.0).astype(np.float64)
             sc = collapse_mask(z, f, kind=kind, order=order)
         n = len(y)
+        assert got["accuracy"] == accuracy(z, y)  # ties, a NaN row: numstab's own rule
         assert got["sc_fraction"] == np.count_nonzero(sc) / n, order
         assert got["sc_fraction"] > 0, "the test logits must collapse somewhere"
         assert got["sc_window_fraction"] < 1, "and not everywhere"
