@@ -467,3 +467,16 @@ def test_transformer_script_refuses_bad_values(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()  # a refused command writes nothing
+
+
+@pytest.mark.parametrize(
+    "z, y, match",
+    [
+        (np.zeros(3, np.float32), np.zeros(3, np.int64), "logits must be"),
+        (np.zeros((3, 2), np.float32), np.zeros(2, np.int64), "labels"),
+        (np.zeros((3, 2), np.float32), np.array([0, 1, 2]), r"labels must lie in \[0, 2\)"),
+    ],
+)
+def test_batch_metrics_refuses_bad_shapes(z, y, match):
+    with pytest.raises(ValueError, match=match):
+        batch_metrics(z, y, get_format("float32"))

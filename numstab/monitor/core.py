@@ -9,7 +9,9 @@ numstab run.
 The loss metrics are numstab's own loss (:func:`numstab.losses.loss_forward` and its backward)
 in the declared format and order, evaluated only on the rows that can collapse: a row is in
 the *collapse window* when its second-largest term ``t2`` (``exp(z2 - z1)``, or StableMax's
-``s(z2)/s(z1)``, in float64) is at most ``4 · 2**-p``. Outside it the row is exactly not
+``s(z2)/s(z1)``) is at most ``4 · 2**-p`` (the threshold on ``z2`` is computed from the row
+maximum in float64 and rounded up to the logits' dtype, which can only add rows). Outside it
+the row is exactly not
 collapsed: every partial sum of positive terms is at least each term, rounding is monotone,
 and ``RN(1 + t) > 1`` once ``t > 2**-p``, so a normaliser of exactly 1 needs every computed
 term ``<= 2**-p``; the factor 4 covers the rounding of ``z`` and of the terms (under 4 % in
@@ -82,13 +84,24 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
         ``off_target_mass``: the batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed
         in float64), 0 in exact arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows
         outside the collapse window and rows with NaN count 0: the residual of the former is
-        left out; StableMax's
-        gradient does not sum to 0, so it has no such metric); ``sc_window_fraction``: rows
-        evaluated in the format. Fractions of an empty batch are NaN.
+        left out; StableMax's gradient does not sum to 0, so it has no such metric);
+        ``sc_window_fraction``: rows evaluated in the format. Fractions of an empty batch
+        are NaN.
+
+    Raises
+    ------
+    ValueError
+        Logits not 2-D with at least one class, labels not of shape (N,) or out of range.
     """
     z = _wide(np.asarray(z))
     y = np.asarray(labels)
+    if z.ndim != 2 or z.shape[1] == 0 or y.shape != (z.shape[0],):
+        raise ValueError(
+            f"logits must be (N, C) with C >= 1 and labels (N,), got shapes {z.shape} and {y.shape}"
+        )
     n = y.shape[0]
+    if n and (y.min() < 0 or y.max() >= z.shape[1]):
+        raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}]")
     top = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
     z1 = take_at(z, top)
     cand = collapse_window(z, fmt, kind, eps, z1)
