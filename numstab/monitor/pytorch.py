@@ -110,7 +110,7 @@ class Monitor:
     eps : float
         StableMax's denominator epsilon.
     every, audit_every : int
-        Observe steps divisible by ``every``; audit exactly those divisible by
+        Observe steps divisible by ``every``; of those, audit exactly the ones divisible by
         ``audit_every`` (None: never).
     name : str
         The ``run`` column of the rows.
