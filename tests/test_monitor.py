@@ -419,7 +419,8 @@ def test_float64_trajectories_agree():
 
 #: float32, p = 31, seed 0: numstab's SC-50 step and the band the twin's must lie in. The band
 #: is the spread of numstab's own SC-50 step under one-ulp perturbations of the initial weights
-#: (docs/monitor.md: 4 perturbations, steps 1 394 to 1 418), widened to ± 40 steps.
+#: (docs/monitor.md: 4 perturbations, steps 1 396 to 1 401), widened to ± 40 steps for the
+#: PyTorch twin, whose arithmetic differs at every step (measured: 1 418).
 SC50_P31 = {"numstab": 1402, "band": 40}
 
 
