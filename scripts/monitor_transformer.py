@@ -155,17 +155,8 @@ def main(argv=None) -> int:
         "steps": args.steps,
     }
     t0 = time.perf_counter()
-    with Monitor(
-        model,
-        opt,
-        out=args.out,
-        loss=args.loss,
-        loss_format=args.loss_dtype,
-        order=args.order,
-        every=args.every,
-        audit_every=args.audit_every,
-        config=record,
-    ) as mon:
+    watch = {k: getattr(args, k) for k in ("out", "loss", "order", "every", "audit_every")}
+    with Monitor(model, opt, loss_format=args.loss_dtype, config=record, **watch) as mon:
         for step in range(args.steps):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(input_ids=x).logits[:, -1]
