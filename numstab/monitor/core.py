@@ -61,7 +61,7 @@ def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float, z1=None) 
         cut = limit.astype(z.dtype)
         cut = np.where(cut < limit, np.nextafter(cut, z.dtype.type(np.inf)), cut)  # round up
         above = z > cut[:, None]
-    return np.count_nonzero(above, axis=1) <= 1
+    return above.view(np.uint8).sum(axis=1, dtype=np.int32) <= 1  # faster than count_nonzero
 
 
 def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", eps=0.0) -> dict:
