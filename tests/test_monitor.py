@@ -274,6 +274,22 @@ def test_bfloat16_logits_are_measured_in_bfloat16():
 
 
 @needs_torch
+def test_sequence_logits_count_every_position():
+    """(batch, time, classes) logits with (batch, time) labels: one row per position."""
+    from numstab.monitor import Monitor
+
+    theta = torch.nn.Parameter(torch.ones(2))
+    theta.grad = torch.ones(2)
+    gaps = torch.tensor([[1.0, 30.0, 2.0], [40.0, 3.0, 50.0]])  # 3 of 6 collapse in float32
+    z = torch.stack([torch.zeros_like(gaps), -gaps], dim=-1)
+    mon = Monitor({"theta": theta})
+    with mon.observe(0, z, torch.zeros(2, 3, dtype=torch.int64)):
+        pass
+    got = {r[3]: r[5] for r in mon.log.rows if r[4] == ""}
+    assert got["sc_fraction"] == 0.5 and got["accuracy"] == 1.0
+
+
+@needs_torch
 @pytest.mark.parametrize(
     "kw, match",
     [

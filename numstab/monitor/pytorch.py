@@ -160,7 +160,8 @@ class Monitor:
     def observe(self, step, logits, labels, *, loss=None):
         """Wrap ``optimizer.step()``: measure before (batch, θ, ∇L) and after (Δθ).
 
-        ``logits`` (N, C) and ``labels`` (N,) are the batch the gradient came from; ``loss``
+        ``logits`` (N, C) or (..., C) and ``labels`` (N,) or (...) are the batch the gradient
+        came from (every label a class index: drop padded positions first); ``loss``
         (a scalar tensor or float, optional) is logged as ``loss``. Steps not divisible by
         ``every`` pass through untouched.
         """
@@ -181,6 +182,8 @@ class Monitor:
 
     def _measure(self, step, logits, labels, loss) -> dict:
         z, y = _host(logits), np.asarray(_host(labels), dtype=np.int64)
+        if z.ndim != 2 and z.ndim >= 1 and y.shape == z.shape[:-1]:  # (..., C): one row each
+            z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
         fmt = self.fmt or _format_of(z.dtype)
         if loss is not None:
             value = _host(loss) if hasattr(loss, "detach") else loss
