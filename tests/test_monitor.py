@@ -109,6 +109,25 @@ def test_collapse_window_loses_no_collapsed_row(fmt, kind):
         assert abs(got["off_target_mass"] - full) <= 4 * f.unit_roundoff, order
 
 
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_wide_logits_are_rounded_before_the_window(fmt):
+    """float32 logits of large magnitude measured in a narrower loss format: rounding them
+    moves the gaps by more than the window's factor 4 unless the window sees the rounded
+    values (as numstab's loss does)."""
+    f = get_format(fmt)
+    rng = np.random.default_rng(0)
+    n, top = 2000, (60000.0 if fmt == "float16" else 10000.0)
+    base = rng.uniform(0.9 * top, top, n)
+    g = rng.uniform(0.5, 2.0, n) * f.precision * math.log(2)
+    cols = [base, base - g, base - g - rng.uniform(0, 3, n), base - 3 * g]
+    z = np.stack(cols, axis=1).astype(np.float32)
+    y = np.zeros(n, dtype=np.int64)
+    for order in REDUCTION_ORDERS:
+        got = batch_metrics(z, y, f, order=order)
+        want = collapse_mask(z, f, order=order).mean()
+        assert 0 < got["sc_fraction"] == want < 1, order
+
+
 def test_empty_and_one_class_batches():
     f = get_format("float32")
     empty = batch_metrics(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), f)

@@ -27,7 +27,7 @@ import numpy as np
 from numstab import metrics as M
 from numstab.backend import take_at
 from numstab.losses import collapse_mask, loss_backward, loss_forward, stablemax_s
-from numstab.precision import Format
+from numstab.precision import Format, quantize
 
 __all__ = ["batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
 
@@ -35,8 +35,12 @@ __all__ = ["batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
 WINDOW = 4.0
 
 
-def _wide(z: np.ndarray) -> np.ndarray:
-    """Logits in a carrier NumPy computes fast (bfloat16/float16 widened exactly)."""
+def _in_format(z: np.ndarray, fmt: Format) -> np.ndarray:
+    """The logits rounded to ``fmt`` (as the loss rounds them first), in a carrier NumPy
+    computes fast: bfloat16/float16 widened exactly to float32."""
+    if z.dtype == np.longdouble or np.finfo(z.dtype).nmant + 1 > fmt.precision:
+        with np.errstate(over="ignore"):
+            z = quantize(z, fmt)
     return z if z.dtype in (np.float32, np.float64, np.longdouble) else z.astype(np.float32)
 
 
@@ -93,7 +97,7 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     ValueError
         Logits not 2-D with at least one class, labels not of shape (N,) or out of range.
     """
-    z = _wide(np.asarray(z))
+    z = np.asarray(z)
     y = np.asarray(labels)
     if z.ndim != 2 or z.shape[1] == 0 or y.shape != (z.shape[0],):
         raise ValueError(
@@ -102,6 +106,7 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     n = y.shape[0]
     if n and (y.min() < 0 or y.max() >= z.shape[1]):
         raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}]")
+    z = _in_format(z, fmt)  # the window must see the values the loss computes with
     top = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
     z1 = take_at(z, top)
     cand = collapse_window(z, fmt, kind, eps, z1)
