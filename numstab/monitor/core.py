@@ -14,8 +14,9 @@ maximum in float64 and rounded up to the logits' dtype, which can only add rows)
 the row is exactly not
 collapsed: every partial sum of positive terms is at least each term, rounding is monotone,
 and ``RN(1 + t) > 1`` once ``t > 2**-p``, so a normaliser of exactly 1 needs every computed
-term ``<= 2**-p``; the factor 4 covers the rounding of ``z`` and of the terms (under 4 % in
-bfloat16). Such a row also has a non-zero loss and target gradient.
+term ``<= 2**-p``. The window works on the logits rounded to the format (as the loss does);
+the factor 4 covers the rounding of ``z - max z`` and of the terms (under 4 % in bfloat16).
+Such a row also has a non-zero loss and target gradient.
 """
 
 from __future__ import annotations
