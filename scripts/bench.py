@@ -29,6 +29,8 @@ Sections (``--sections``, default all):
        memory (tracemalloc, over the first blocks) against the bound of docs/interop.md.
 ``3``  ``python -m numstab.compare --dtype float32 --quiet`` end to end (skipped by --quick).
 ``4``  Peak RSS of a training run (a child process) at two step counts.
+``monitor``  The PyTorch float32 step with ``numstab.monitor.Monitor`` observing every step,
+       against the plain step (target: at most 10 % more), early and (with 1b/2) late.
 
 Timing: every case is warmed up, then timed ``--repeats`` times; the cases of one section and
 thread count are interleaved round by round (so a change in machine load hits all of them
@@ -88,7 +90,7 @@ HEADER = (
 )
 PAPER_DTYPES = ("float32", "float64", "float16", "bfloat16")
 TORCH_DTYPES = ("float32", "float64")
-ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4")
+ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4", "monitor")
 RSS_LIMIT_MB = 300.0
 RSS_GROWTH_TOL_MB = 5.0
 
@@ -1084,6 +1086,93 @@ def section_memory(rep, args):
     )
 
 
+# --- section monitor: numstab.monitor's overhead in a PyTorch loop ----------------------------
+
+
+#: The monitor's overhead target: observing every step (no exact audit) costs at most this
+#: fraction of a PyTorch step of the paper's MLP.
+MONITOR_OVERHEAD_TARGET = 0.10
+
+
+def _monitored_step(step, mon, counter):
+    """``step`` (a TorchStep) with ``mon.observe`` around its optimizer update."""
+    F = step.torch.nn.functional
+
+    def fn():
+        step.opt.zero_grad(set_to_none=True)
+        out = step.model(step.x)
+        loss = F.nll_loss(F.log_softmax(out, dim=-1), step.y)
+        loss.backward()
+        with mon.observe(counter[0], out, step.y, loss=loss):
+            step.opt.step()
+        counter[0] += 1
+
+    return fn
+
+
+def section_monitor(rep, args, torch_mod, thr, ck=None):
+    """The PyTorch float32 step of section 1 with and without ``numstab.monitor.Monitor``
+    observing every step (metrics.csv written to a temporary folder; no exact audit); the
+    target compares process-CPU medians, which other load on a shared machine inflates less
+    than wall time. At step-0 weights ("early": no row near collapse) and, when sections 1b/2
+    built the late checkpoint, at its weights ("late": with the default 2000 steps about half
+    the rows collapsed, the worst case: those rows are evaluated in the loss format)."""
+    if torch_mod is None:
+        rep.row("mon", "PyTorch float32 step + monitor", None, None, f"torch {args.torch_status}")
+        rep.target("monitor overhead / PyTorch step", None, MONITOR_OVERHEAD_TARGET)
+        return
+    from numstab.monitor import Monitor
+
+    phases = {"early": None} if ck is None else {"early": None, "late": ck}
+    for n in args.threads:
+        for phase, state in phases.items():
+            run = new_run("float32") if state is None else run_from_checkpoint(state)
+            plain, watched = (
+                TorchStep(torch_mod, run, "float32"),
+                TorchStep(torch_mod, run, "float32"),
+            )
+            if state is not None:
+                for s in (plain, watched):
+                    s.load_adam_state(checkpoint_state(state), int(state["opt_step"]))
+            with tempfile.TemporaryDirectory() as out, thr.block(n):
+                with Monitor(watched.model, watched.opt, out=out) as mon:
+                    cases = {
+                        f"PyTorch float32 step ({phase})": plain.step,
+                        f"  + monitor every step ({phase})": _monitored_step(watched, mon, [0]),
+                    }
+                    res = measure_rounds(
+                        [(contextlib.nullcontext, cases)], args.repeats, args.warmup
+                    )
+                    window = mon.log.latest("sc_window_fraction")
+            st = {case: _stat(*res[case]) for case in res}
+            base, over = (st[c]["median"] for c in cases)
+            cpu_base, cpu_over = (st[c]["cpu_median"] for c in cases)
+            frac, cpu_frac = over / base - 1, cpu_over / cpu_base - 1
+            names = list(cases)
+            rep.row("mon", names[0], n, st[names[0]])
+            rep.row(
+                "mon",
+                names[1],
+                n,
+                st[names[1]],
+                f"overhead {frac:+.1%} wall, {cpu_frac:+.1%} process CPU; {window:.0%} of rows "
+                "in the collapse window",
+            )
+            rep.target(
+                f"monitor overhead / PyTorch step ({phase}) [{n} thr]",
+                cpu_frac,
+                MONITOR_OVERHEAD_TARGET,
+                detail="process-CPU medians (wall: see the row)",
+            )
+            rep.facts.setdefault("monitor", {}).setdefault(str(n), {})[phase] = {
+                "step_s": base,
+                "monitored_step_s": over,
+                "overhead": frac,
+                "cpu_overhead": cpu_frac,
+                "collapse_window_fraction": window,
+            }
+
+
 # --- profile -----------------------------------------------------------------------------------
 
 #: Storage formats profiled by --profile.
@@ -1307,6 +1396,8 @@ def main(argv=None):
         rep.row("3", "python -m numstab.compare --dtype float32", None, None, "skipped (--quick)")
     if "4" in args.sections:
         section_memory(rep, args)
+    if "monitor" in args.sections:
+        section_monitor(rep, args, torch_mod, thr, ck)
     rep.print_targets()
     rep.env["load_end"] = list(os.getloadavg())
     rep.env["uptime_end"] = uptime_line()

@@ -1,0 +1,174 @@
+"""The monitor's measurements: pure functions over host arrays, shared by PyTorch and JAX.
+
+A *metrics dict* maps a metric name to a float (a batch quantity) or to a dict of
+``{tensor name: float, ..., "global": float}`` (a per-tensor quantity); :func:`metric_rows`
+flattens it to the ``(metric, layer, value)`` triples of ``metrics.csv``. The names are those
+of :mod:`numstab.run` (``sc_fraction``, ``nlm_cos_grad``, ...), so a monitored run plots like a
+numstab run.
+
+The loss metrics are numstab's own loss (:func:`numstab.losses.loss_forward` and its backward)
+in the declared format and order, evaluated only on the rows that can collapse: a row is in
+the *collapse window* when its second-largest term ``t2`` (``exp(z2 - z1)``, or StableMax's
+``s(z2)/s(z1)``) is at most ``4 · 2**-p`` (the threshold on ``z2`` is computed from the row
+maximum in float64 and rounded up to the logits' dtype, which can only add rows). Outside it
+the row is exactly not
+collapsed: every partial sum of positive terms is at least each term, rounding is monotone,
+and ``RN(1 + t) > 1`` once ``t > 2**-p``, so a normaliser of exactly 1 needs every computed
+term ``<= 2**-p``. The window works on the logits rounded to the format (as the loss does);
+the factor 4 covers the rounding of ``z - max z`` and of the terms (under 4 % in bfloat16).
+Such a row also has a non-zero loss and target gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from numstab import metrics as M
+from numstab.backend import take_at
+from numstab.losses import collapse_mask, loss_backward, loss_forward, stablemax_s
+from numstab.precision import Format, quantize
+
+__all__ = ["batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
+
+#: A row with ``t2 > WINDOW · 2**-p`` cannot collapse (module docstring).
+WINDOW = 4.0
+
+
+def _in_format(z: np.ndarray, fmt: Format) -> np.ndarray:
+    """The logits rounded to ``fmt`` (as the loss rounds them first), in a carrier NumPy
+    computes fast: bfloat16/float16 widened exactly to float32."""
+    if z.dtype == np.longdouble or np.finfo(z.dtype).nmant + 1 > fmt.precision:
+        with np.errstate(over="ignore"):
+            z = quantize(z, fmt)
+    return z if z.dtype in (np.float32, np.float64, np.longdouble) else z.astype(np.float32)
+
+
+def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float, z1=None) -> np.ndarray:
+    """Rows whose second-largest term is ``<= WINDOW · 2**-p`` (bool, shape (N,)).
+
+    ``z``: (N, C) logits in a NumPy float carrier. Computed without sorting: with ``z1`` the
+    row maximum, the row is in the window when no other entry exceeds the largest ``z2`` whose
+    term is small enough (``z1 - log(1/τ)``, or StableMax's ``s⁻¹(τ · s(z1))``); a tie at the
+    maximum (term 1) keeps a row out. Rows with NaN logits are included (numstab's loss then
+    decides them). ``z1``: the row maxima, if already known.
+    """
+    tau = WINDOW * fmt.unit_roundoff
+    z1 = z.max(axis=1) if z1 is None else z1
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if kind == "stablemax":
+            v = tau * stablemax_s(z1.astype(np.float64), "float64", eps=eps)[0]
+            # s⁻¹(v): v - 1 where v >= 1, else 1 + eps - 1/v (the largest x < 0 with s(x) <= v)
+            limit = np.where(v >= 1, v - 1.0, 1.0 + eps - 1.0 / v)
+        else:
+            limit = z1.astype(np.float64) + math.log(tau)
+        cut = limit.astype(z.dtype)
+        cut = np.where(cut < limit, np.nextafter(cut, z.dtype.type(np.inf)), cut)  # round up
+        above = z > cut[:, None]
+    return above.view(np.uint8).sum(axis=1, dtype=np.int32) <= 1  # faster than count_nonzero
+
+
+def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", eps=0.0) -> dict:
+    """Collapse metrics of one batch of logits, in the loss format ``fmt`` and ``order``.
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, C)
+        Logits (any NumPy float carrier, ml_dtypes bfloat16 included).
+    labels : int ndarray, shape (N,)
+    fmt : Format
+        The format the loss is computed in.
+    kind : {"softmax", "stablemax"}
+
+    Returns
+    -------
+    dict
+        ``accuracy``; ``sc_fraction`` (normaliser exactly 1); ``zero_loss_fraction``;
+        ``zero_target_grad_fraction`` (``∂ℓ_i/∂z_iy == 0`` exactly); softmax only,
+        ``off_target_mass``: the batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed
+        in float64), 0 in exact arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows
+        outside the collapse window and rows with NaN count 0: the residual of the former is
+        left out; StableMax's gradient does not sum to 0, so it has no such metric);
+        ``sc_window_fraction``: rows evaluated in the format. Fractions of an empty batch
+        are NaN.
+
+    Raises
+    ------
+    ValueError
+        Logits not 2-D with at least one class, labels not of shape (N,) or out of range.
+    """
+    z = np.asarray(z)
+    y = np.asarray(labels)
+    if z.ndim != 2 or z.shape[1] == 0 or y.shape != (z.shape[0],):
+        raise ValueError(
+            f"logits must be (N, C) with C >= 1 and labels (N,), got shapes {z.shape} and {y.shape}"
+        )
+    n = y.shape[0]
+    if n and (y.min() < 0 or y.max() >= z.shape[1]):
+        raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}]")
+    z = _in_format(z, fmt)  # the window must see the values the loss computes with
+    top = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
+    z1 = take_at(z, top)
+    cand = collapse_window(z, fmt, kind, eps, z1)
+    k = int(np.count_nonzero(cand))
+    # numstab.metrics.accuracy from the argmax above (one pass over the logits, not two)
+    out = {"accuracy": int(np.count_nonzero((top == y) & ~np.isnan(z1))) / n if n else math.nan}
+    sc = zero_loss = zero_grad = 0
+    mass = 0.0
+    if k:
+        zc, yc = z[cand], y[cand]
+        loss, cache = loss_forward(zc, yc, kind=kind, fmt=fmt, order=order, eps=eps)
+        g = loss_backward(cache, 1.0)
+        if kind == "softmax":
+            collapsed = cache.normaliser == 1
+        else:
+            collapsed = collapse_mask(zc, fmt, kind=kind, order=order, eps=eps)
+        sc = int(np.count_nonzero(collapsed))
+        zero_loss = int(np.count_nonzero(loss == 0))
+        zero_grad = int(np.count_nonzero(take_at(g, yc) == 0))
+        mass = float(np.nansum(g.astype(np.float64)))  # a NaN row has no zero sum to break
+    frac = (lambda m: m / n) if n else (lambda m: math.nan)
+    out.update(
+        sc_fraction=frac(sc),
+        zero_loss_fraction=frac(zero_loss),
+        zero_target_grad_fraction=frac(zero_grad),
+        sc_window_fraction=frac(k),
+    )
+    if kind == "softmax":
+        out["off_target_mass"] = frac(mass)
+    return out
+
+
+def param_metrics(params: dict, grads: dict) -> dict:
+    """``weight_norm``, ``grad_norm`` and ``nlm_cos_grad = cos(θ, −∇L)``, per tensor and
+    ``global`` (:mod:`numstab.metrics`). ``params``, ``grads``: name -> host array, same keys."""
+    return {
+        "weight_norm": M.param_norms(params),
+        "grad_norm": M.param_norms(grads),
+        "nlm_cos_grad": M.param_cosines(params, grads, sign=-1.0),
+    }
+
+
+def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:
+    """``absorbed_update_fraction``, per tensor and ``global``: among the entries whose update
+    was non-zero (``nonzero``, bool arrays), the fraction left unchanged (``θ + Δθ == θ``);
+    0 when no update was due."""
+    absorbed, due = {}, {}
+    for k in before:
+        want = np.asarray(nonzero[k], dtype=bool)
+        due[k] = int(np.count_nonzero(want))
+        absorbed[k] = int(np.count_nonzero(want & (after[k] == before[k])))
+    frac = {k: absorbed[k] / max(due[k], 1) for k in before}
+    frac["global"] = sum(absorbed.values()) / max(sum(due.values()), 1)
+    return {"absorbed_update_fraction": frac}
+
+
+def metric_rows(metrics: dict):
+    """``(metric, layer, value)`` triples of a metrics dict (layer ``""`` for batch values)."""
+    for name, v in metrics.items():
+        if isinstance(v, dict):
+            for layer, x in v.items():
+                yield name, layer, float(x)
+        else:
+            yield name, "", float(v)

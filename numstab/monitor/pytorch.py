@@ -1,0 +1,253 @@
+"""``Monitor``: the paper's diagnostics inside an ordinary PyTorch training loop.
+
+::
+
+    mon = Monitor(model, optimizer, out="runs/x", every=1, audit_every=100)
+    for step in range(steps):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        with mon.observe(step, logits, y, loss=loss):
+            optimizer.step()
+    mon.close()
+
+Entering ``observe`` (after ``backward``, before the update) measures the batch
+(:func:`~numstab.monitor.core.batch_metrics`) and ``θ_t``, ``∇L`` (``weight_norm``,
+``grad_norm``, ``nlm_cos_grad``); leaving it measures the update
+(``absorbed_update_fraction``); every ``audit_every`` steps the batch's logits are audited
+exactly (:func:`numstab.audit.audit_cross_entropy`, metrics ``audit_*``). Rows go to
+``metrics.csv`` through numstab's :class:`~numstab.run.MetricLog` (flushed every observed
+step: a crash keeps every row); ``summary.json`` is written at the start (status
+``"running"``) and by :meth:`Monitor.close`. torch is never imported by this module: it reads
+the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+
+from numstab.audit import audit_cross_entropy
+from numstab.backend import to_numpy
+from numstab.checks import check_choice, check_eps
+from numstab.cli import dump_json, versions
+from numstab.interop import format_arg
+from numstab.monitor.core import (
+    WINDOW,
+    batch_metrics,
+    metric_rows,
+    param_metrics,
+    update_metrics,
+)
+from numstab.precision import REDUCTION_ORDERS
+from numstab.run.atomic import write_text
+from numstab.run.loop import MetricLog, summarize
+from numstab.run.outdir import claim
+
+__all__ = ["AUDIT_KEYS", "MONITOR_KINDS", "Monitor"]
+
+#: Losses the monitor measures (numstab's loss modules).
+MONITOR_KINDS = ("softmax", "stablemax")
+#: :meth:`~numstab.audit.CrossEntropyAudit.summary` keys logged as ``audit_<key>``.
+AUDIT_KEYS = (
+    "sc_fraction_exact",
+    "agreement",
+    "target_grad_100pct_wrong_fraction",
+    "loss_max_ulp_error",
+    "mpmath_rows",
+    "seconds",
+)
+
+
+def _positive(name, v, *, optional=False):
+    if optional and v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+class Monitor:
+    """Observe a PyTorch model's training: per-step collapse, NLM and absorption metrics.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or dict of name -> tensor
+        Its parameters that require grad are observed (names from ``named_parameters``).
+    optimizer : torch.optim.Optimizer, optional
+        Tells which updates were due (non-zero): entries whose first-moment state
+        (``exp_avg``, ``momentum_buffer``) is non-zero after the step, or whose gradient is
+        non-zero without one, or any non-zero weight under weight decay. Without it: the
+        gradient's non-zero entries.
+    out : path, optional
+        Output folder (claimed: one writer at a time): ``metrics.csv``, ``summary.json``.
+    loss : {"softmax", "stablemax"}
+        The loss the loop trains with (numstab's twin is measured).
+    loss_format : str, NumPy or torch dtype, optional
+        Format of the loss computation; default: the logits' own dtype (under autocast,
+        ``float32`` when the framework upcasts the loss).
+    order : {"pairwise", "sequential", "wide", "sorted"}
+        Summation order of the normaliser (numstab's; PyTorch's own is measured elsewhere).
+    eps : float
+        StableMax's denominator epsilon.
+    every, audit_every : int
+        Observe steps divisible by ``every``; of those, audit exactly the ones divisible by
+        ``audit_every`` (None: never).
+    name : str
+        The ``run`` column of the rows.
+    config : dict, optional
+        Extra fields recorded in ``summary.json``'s ``config`` (they label plots).
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer=None,
+        *,
+        out=None,
+        loss="softmax",
+        loss_format=None,
+        order="pairwise",
+        eps=0.0,
+        every=1,
+        audit_every=None,
+        name="run",
+        config=None,
+    ):
+        check_choice(loss, MONITOR_KINDS, "loss")
+        check_choice(order, REDUCTION_ORDERS, "order")
+        check_eps(eps)
+        self.every = _positive("every", every)
+        self.audit_every = _positive("audit_every", audit_every, optional=True)
+        self.fmt = None if loss_format is None else format_arg(loss_format, "loss_format")
+        named = model.items() if isinstance(model, dict) else model.named_parameters()
+        self.params = {k: p for k, p in named if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no parameters that require grad")
+        self.optimizer, self.kind, self.order = optimizer, loss, order
+        self.eps, self.name = float(eps), name
+        self.extra = dict(config or {})
+        self.out = None if out is None else os.fspath(out)
+        self._claim = claim(self.out, holder="numstab monitor") if self.out else None
+        path = None if self.out is None else os.path.join(self.out, "metrics.csv")
+        self.log = MetricLog(path)
+        self.steps_observed, self.seconds = 0, 0.0
+        self._t0 = time.perf_counter()
+        self._write_summary("running")
+
+    # --- the loop's hook -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observe(self, step, logits, labels, *, loss=None):
+        """Wrap ``optimizer.step()``: measure before (batch, θ, ∇L) and after (Δθ).
+
+        ``logits`` (N, C) or (..., C) and ``labels`` (N,) or (...) are the batch the gradient
+        came from (every label a class index: drop padded positions first); ``loss``
+        (a scalar tensor or float, optional) is logged as ``loss``. Steps not divisible by
+        ``every`` pass through untouched.
+        """
+        step = int(step)
+        if step % self.every:
+            yield
+            return
+        t0 = time.perf_counter()
+        before = self._measure(step, logits, labels, loss)
+        self.seconds += time.perf_counter() - t0
+        yield
+        t0 = time.perf_counter()
+        after = {k: to_numpy(p) for k, p in self.params.items()}
+        self._add(step, update_metrics(before, after, self._due(before)))
+        self.log.flush()
+        self.steps_observed += 1
+        self.seconds += time.perf_counter() - t0
+
+    def _measure(self, step, logits, labels, loss) -> dict:
+        z, y = to_numpy(logits), np.asarray(to_numpy(labels), dtype=np.int64)
+        if z.ndim != 2 and z.ndim >= 1 and y.shape == z.shape[:-1]:  # (..., C): one row each
+            z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
+        fmt = self.fmt or format_arg(z.dtype)
+        if loss is not None:
+            value = to_numpy(loss) if hasattr(loss, "detach") else loss
+            self.log.add(step, self.name, "train", "loss", float(value))
+        self._add(step, batch_metrics(z, y, fmt, kind=self.kind, order=self.order, eps=self.eps))
+        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+        theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
+        self._add(step, param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()}))
+        if self.audit_every and step % self.audit_every == 0:
+            a = audit_cross_entropy(
+                z, y, dtype=fmt, kind=self.kind, order=self.order, eps=self.eps
+            ).summary()
+            for key in AUDIT_KEYS:
+                if a[key] is not None:
+                    self.log.add(step, self.name, "train", f"audit_{key}", a[key])
+        return theta
+
+    def _due(self, before: dict) -> dict:
+        """Entries whose update was non-zero (see the class docstring), as host bools."""
+        opt = self.optimizer
+        groups = {} if opt is None else {id(p): g for g in opt.param_groups for p in g["params"]}
+        due = {}
+        for k, theta in before.items():
+            p = self.params[k]
+            state = {} if opt is None else opt.state.get(p, {})
+            moment = state.get("exp_avg", state.get("momentum_buffer"))
+            due[k] = to_numpy(moment if moment is not None else p.grad) != 0
+            if groups.get(id(p), {}).get("weight_decay", 0):
+                due[k] |= theta != 0
+        return due
+
+    def _add(self, step, metrics: dict) -> None:
+        for metric, layer, value in metric_rows(metrics):
+            self.log.add(step, self.name, "train", metric, value, layer)
+
+    # --- files -------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """The monitor's parameters, as recorded in ``summary.json``."""
+        import torch  # optional dependency: recorded when present
+
+        return {
+            "loss": self.kind,
+            "loss_format": None if self.fmt is None else self.fmt.name,
+            "order": self.order,
+            "eps": self.eps,
+            "every": self.every,
+            "audit_every": self.audit_every,
+            "collapse_window": f"t2 <= {WINDOW:g} * 2**-p",
+            "params": list(self.params),
+            "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
+            "torch": torch.__version__,
+        }
+
+    def _write_summary(self, status) -> dict:
+        summary = {
+            "config": {**self.settings(), **self.extra},
+            "versions": versions(),
+            "run": summarize(self.log, self.name),
+            "steps_observed": self.steps_observed,
+            "monitor_seconds": self.seconds,
+            "wall_seconds": time.perf_counter() - self._t0,
+            "status": status,
+        }
+        if self.out is not None:
+            write_text(os.path.join(self.out, "summary.json"), dump_json(summary))
+        return summary
+
+    def close(self, status="ok") -> dict:
+        """Flush the rows, write ``summary.json`` with ``status``, release the folder."""
+        try:
+            self.log.close()
+            return self._write_summary(status)
+        finally:
+            if self._claim is not None:
+                self._claim.release()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("ok" if exc_type is None else {"kind": exc_type.__name__, "message": str(exc)})
