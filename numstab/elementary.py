@@ -289,14 +289,14 @@ def _narrow(name, x, fmt: Format, xp):
     abuf = np.empty(min(n, _CHUNK_NARROW), dtype=bool)
     # float32 results below 2**-126 (subnormal) need the bracket test: only exp of x < -87.3
     # and log1p / expm1 of tiny x produce them (log's smallest non-zero |result| is ~2**-24).
-    tiny_out = n > 0 and (
-        (name == "exp" and not float(np.min(xf)) >= -87.3)
-        or (name in ("log1p", "expm1") and not float(np.min(np.abs(xf))) >= 2.0**-125)
-    )
+    # exp: tested block by block on the input (the block is then in cache for exp itself)
+    tiny_out = n > 0 and name in ("log1p", "expm1") and not np.min(np.abs(xf)) >= 2.0**-125
     amb_idx = []
     for s in range(0, n, _CHUNK_NARROW):
         xs = xf[s : s + _CHUNK_NARROW]
         k = xs.size
+        if name == "exp":
+            tiny_out = not xs.min() >= -87.3  # NaN included
         w, u = wbuf[:k], ubuf[:k]
         fn(xs, out=w, dtype=np.float64)
         if fmt.name == "float32":
