@@ -28,7 +28,7 @@ import numpy as np
 from numstab import metrics as M
 from numstab.backend import take_at
 from numstab.losses import collapse_mask, loss_backward, loss_forward, stablemax_s
-from numstab.precision import Format, quantize
+from numstab.precision import Format, format_of, quantize
 
 __all__ = ["batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
 
@@ -39,7 +39,8 @@ WINDOW = 4.0
 def _in_format(z: np.ndarray, fmt: Format) -> np.ndarray:
     """The logits rounded to ``fmt`` (as the loss rounds them first), in a carrier NumPy
     computes fast: bfloat16/float16 widened exactly to float32."""
-    if z.dtype == np.longdouble or np.finfo(z.dtype).nmant + 1 > fmt.precision:
+    own = format_of(z.dtype)  # numstab's, not np.finfo: ml_dtypes < 0.5.1 has no finfo there
+    if z.dtype == np.longdouble or own is None or own.precision > fmt.precision:
         with np.errstate(over="ignore"):
             z = quantize(z, fmt)
     return z if z.dtype in (np.float32, np.float64, np.longdouble) else z.astype(np.float32)
