@@ -50,7 +50,7 @@ if ROOT not in sys.path:
 from analysis import claims as C  # noqa: E402
 from analysis import repro as R  # noqa: E402
 from analysis.results import Results  # noqa: E402
-from numstab.cli import HelpFormatter  # noqa: E402
+from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, PipeGuard  # noqa: E402
 
 PROG = "scripts/reproduce.py"
 
@@ -252,4 +252,6 @@ def _json_safe(o):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.stdout = PipeGuard(sys.stdout)  # `--dry-run | head` ends quietly, not with a traceback
+    code = main()
+    sys.exit(EXIT_BROKEN_PIPE if sys.stdout.broken else code)

@@ -641,3 +641,27 @@ def test_plot_runs_draws_training_output_folders(tmp_path):
     bad = _python(script, tmp_path, "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "not a training output folder" in bad.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_dry_run_into_a_pipe_closed_early_ends_quietly_with_141():
+    # 15 configurations x 100 seeds: about 90 KB of table, more than a pipe holds (64 KiB on
+    # Linux), so the script is still writing when the reader (`| head -2`) goes away.
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--figure", "15", "--budget", "short", "--seeds", "100",
+         "--dry-run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )  # fmt: skip
+    try:
+        head = [proc.stdout.readline() for _ in range(2)]
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert head[0].startswith(b"1500 runs; output folder ")
+    assert proc.returncode == 141, err
+    assert err == ""

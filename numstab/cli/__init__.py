@@ -35,6 +35,8 @@ from numstab.run.options import add_arguments, flag_of, options_of
 from numstab.run.runtime import runtime_info
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
+    "PipeGuard",
     "UsageError",
     "add_output_options",
     "add_run_options",
@@ -258,6 +260,52 @@ def fmt_value(v, spec: str = ".3f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return format(v, spec)
+
+
+#: Exit code when the reader of stdout goes away (128 + SIGPIPE, as the shell reports it).
+EXIT_BROKEN_PIPE = 141
+
+
+class PipeGuard:
+    """A text stream that goes quiet once its reader has gone (EPIPE, as after ``| head``).
+
+    Python's recommended handling of a closed pipe: stop writing, and point the descriptor at
+    ``os.devnull`` so that the interpreter's last flush of stdout cannot fail again.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def _silence(self) -> None:
+        self.broken = True
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
 
 def task_label(cfg) -> str:

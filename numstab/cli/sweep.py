@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from numstab.cli import HelpFormatter, Parser, UsageError, fmt_value
+from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, Parser, PipeGuard, UsageError, fmt_value
 from numstab.run.footprint import MEMORY_FRACTION
 from numstab.sweep.cells import _cell_axis
 from numstab.sweep.run import PROG, _check_options, _plan, _print_skipped, run_sweep
@@ -27,9 +27,6 @@ from numstab.sweep.spec import MAX_RUNS, SpecError, Sweep, load_spec
 from numstab.sweep.tables import collect
 
 __all__ = ["build_collect_parser", "build_parser", "main"]
-
-#: Exit code when the reader of stdout goes away (128 + SIGPIPE, as the shell reports it).
-EXIT_BROKEN_PIPE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,51 +80,9 @@ def build_collect_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _PipeGuard:
-    """A text stream that goes quiet once its reader has gone (EPIPE, as after ``| head``).
-
-    Python's recommended handling of a closed pipe: stop writing, and point the descriptor at
-    ``os.devnull`` so that the interpreter's last flush of stdout cannot fail again.
-    """
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.broken = False
-
-    def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                self.stream.write(text)
-            except BrokenPipeError:
-                self._silence()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.broken:
-            try:
-                self.stream.flush()
-            except BrokenPipeError:
-                self._silence()
-
-    def isatty(self) -> bool:
-        return not self.broken and self.stream.isatty()
-
-    def _silence(self) -> None:
-        self.broken = True
-        try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
-
-
 def main(argv=None, *, stdout=None, stderr=None) -> int:
     """The command line; returns the exit code (see the module docstring)."""
-    stdout = _PipeGuard(stdout or sys.stdout)
+    stdout = PipeGuard(stdout or sys.stdout)
     stderr = stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -139,7 +94,7 @@ def main(argv=None, *, stdout=None, stderr=None) -> int:
         return 128 + signal.SIGINT
 
 
-def _sweep_main(argv: list, stdout: _PipeGuard, stderr) -> int:
+def _sweep_main(argv: list, stdout: PipeGuard, stderr) -> int:
     args = build_parser().parse_args(argv)
     try:
         sweep = load_spec(args.spec, **_limits(args))
@@ -208,7 +163,7 @@ def _dry_run(sweep: Sweep, out: str | None, force: bool, retry_failed: bool, std
     print(_text_table(header, rows), file=stdout)
 
 
-def _collect_main(argv: list, stdout: _PipeGuard, stderr) -> int:
+def _collect_main(argv: list, stdout: PipeGuard, stderr) -> int:
     args = build_collect_parser().parse_args(argv)
     if not os.path.isdir(args.dir):
         print(f"{PROG} collect: error: {args.dir!r} is not a folder", file=stderr)
