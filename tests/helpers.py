@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
 from fractions import Fraction
 
 import ml_dtypes
@@ -124,3 +125,19 @@ def onehot_counts(idx, n_rows):
     out = np.zeros((idx.shape[0], n_rows))
     np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
     return out
+
+
+def read_head_then_close(cmd, n_lines: int, **popen_kw):
+    """Run ``cmd``, read ``n_lines`` lines of its stdout and close the pipe, as ``| head``
+    does; return ``(lines, returncode, stderr text)``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_kw)
+    try:
+        head = [proc.stdout.readline() for _ in range(n_lines)]
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return head, proc.returncode, err

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_head_then_close
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -646,22 +647,12 @@ def test_plot_runs_draws_training_output_folders(tmp_path):
 def test_dry_run_into_a_pipe_closed_early_ends_quietly_with_141():
     # 15 configurations x 100 seeds: about 90 KB of table, more than a pipe holds (64 KiB on
     # Linux), so the script is still writing when the reader (`| head -2`) goes away.
-    proc = subprocess.Popen(
+    head, rc, err = read_head_then_close(
         [sys.executable, str(SCRIPT), "--figure", "15", "--budget", "short", "--seeds", "100",
          "--dry-run"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        2,
         cwd=ROOT,
     )  # fmt: skip
-    try:
-        head = [proc.stdout.readline() for _ in range(2)]
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert head[0].startswith(b"1500 runs; output folder ")
-    assert proc.returncode == 141, err
+    assert rc == 141, err
     assert err == ""

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import read_head_then_close
 
 from numstab import sweep
 
@@ -243,20 +244,9 @@ def test_dry_run_into_a_pipe_closed_early_ends_quietly_with_141(tmp_path):
     spec = tmp_path / "spec.toml"
     lrs = ", ".join(repr((i + 1) * 1e-4) for i in range(3000))
     spec.write_text(f"{BASE}steps = 5\n\n[axes]\nlr = [{lrs}]\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "numstab.sweep", str(spec), "--dry-run"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    head, rc, err = read_head_then_close(
+        [sys.executable, "-m", "numstab.sweep", str(spec), "--dry-run"], 3  # `| head -3`
     )
-    try:
-        head = [proc.stdout.readline() for _ in range(3)]  # what `| head -3` reads
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert head[0].startswith(b"3000 runs in ")
-    assert proc.returncode == 141, err
+    assert rc == 141, err
     assert err == ""
