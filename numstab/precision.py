@@ -863,7 +863,7 @@ def format_of(x) -> Format | None:
 
     Parameters
     ----------
-    x : numpy.ndarray, NumPy scalar or numpy.dtype
+    x : numpy.ndarray, NumPy scalar, scalar type (``np.float32``) or numpy.dtype
         Anything with a NumPy ``dtype`` (or a dtype). Byte order does not matter: ``>f4`` is
         float32 (its values, read in native order, are the same numbers).
 
@@ -885,7 +885,8 @@ def format_of(x) -> Format | None:
     >>> format_of(np.zeros(2, dtype=">f2")).name, format_of(np.arange(3))
     ('float16', None)
     """
-    dt = np.dtype(getattr(x, "dtype", x))
+    # a scalar type such as np.float32 has a ``dtype`` attribute too (a descriptor, no dtype)
+    dt = np.dtype(x if isinstance(x, type) else getattr(x, "dtype", x))
     if dt.kind != "f" and dt not in _NARROW_DTYPES:
         return None
     return get_format(dt if dt.isnative else dt.newbyteorder("="))

@@ -1114,9 +1114,9 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
     """The PyTorch float32 step of section 1 with and without ``numstab.monitor.Monitor``
     observing every step (metrics.csv written to a temporary folder; no exact audit); the
     target compares process-CPU medians, which other load on a shared machine inflates less
-    than wall time. At step-0 weights ("early": no row near collapse) and, when sections 1b/2
-    built the late checkpoint, at its weights ("late": with the default 2000 steps about half
-    the rows collapsed, the worst case: those rows are evaluated in the loss format)."""
+    than wall time. At step-0 weights ("early": no row near collapse) and at the late
+    checkpoint's ("late": every row in the collapse window, the worst case: those rows are
+    evaluated in the loss format)."""
     if torch_mod is None:
         rep.row("mon", "PyTorch float32 step + monitor", None, None, f"torch {args.torch_status}")
         rep.target("monitor overhead / PyTorch step", None, MONITOR_OVERHEAD_TARGET)
@@ -1382,7 +1382,7 @@ def main(argv=None):
     if "1" in args.sections:
         section_step(rep, args, torch_mod, thr)
     ck = None
-    if "1b" in args.sections or "2" in args.sections:
+    if {"1b", "2", "monitor"} & set(args.sections):
         ck = late_checkpoint(rep, args)
     if "1b" in args.sections:
         section_late(rep, args, torch_mod, thr, ck)

@@ -282,6 +282,10 @@ def test_registry():
     assert format_of(np.zeros(2, dtype=ml_dtypes.float8_e4m3fn)).name == "float8_e4m3fn"
     assert format_of(np.zeros(2, dtype=ml_dtypes.float4_e2m1fn)).name == "float4_e2m1fn"
     assert format_of(np.zeros(2, dtype=np.float32)).name == "float32"  # not tf32
+    # scalar types carry a ``dtype`` descriptor that is no dtype: read as the type itself
+    assert [format_of(t).name for t in (np.float16, np.float32, ml_dtypes.bfloat16)] == [
+        "float16", "float32", "bfloat16"]
+    assert format_of(np.int64) is None
     with pytest.raises(ValueError, match="float32 carrier"):
         get_format("e9m3")
     with pytest.raises(ValueError, match="no saturating variant"):

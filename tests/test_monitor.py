@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from numstab.losses import collapse_mask, loss_backward, loss_forward
+from numstab.losses import LOSS_KINDS, collapse_mask, loss_backward, loss_forward, row_verdicts
 from numstab.metrics import accuracy
 from numstab.monitor.core import batch_metrics
 from numstab.precision import REDUCTION_ORDERS, get_format
@@ -107,6 +107,51 @@ def test_collapse_window_loses_no_collapsed_row(fmt, kind):
         row_mass = np.nan_to_num(g.sum(axis=1), nan=0.0)
         full = float(row_mass.sum()) / n
         assert abs(got["off_target_mass"] - full) <= 4 * f.unit_roundoff, order
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_verdicts_equal_the_full_loss(fmt, kind):
+    """``row_verdicts`` (softmax: the target column and, in collapsed rows, ``p = e``; the
+    other kinds: the full loss) against ``loss_forward``, ``loss_backward(dl = 1)`` and
+    ``collapse_mask`` on every row of rows at the collapse threshold, in every order: the
+    verdicts bit for bit, the row sum wherever it is formed (softmax: exactly the collapsed
+    rows) to float64 rounding: two summation orders of C float64 terms differ by at most
+    ``2 C 2**-53 Σ|g_k|``."""
+    z, y = _adversarial(fmt, n_classes=7)
+    f = get_format(fmt)
+    rows = np.arange(len(y))
+    for order in REDUCTION_ORDERS:
+        collapsed, zero_loss, zero_grad, row_sum = row_verdicts(z, y, f, kind=kind, order=order)
+        with np.errstate(invalid="ignore", over="ignore"):
+            loss, cache = loss_forward(z, y, kind=kind, fmt=f, order=order)
+            g = loss_backward(cache, 1.0).astype(np.float64)
+        assert collapsed.any() and not collapsed.all(), "the rows must straddle the threshold"
+        assert (collapsed == collapse_mask(z, f, kind=kind, order=order)).all(), order
+        assert (zero_loss == (loss == 0)).all(), order
+        assert (zero_grad == (g[rows, y] == 0)).all(), order
+        formed = ~np.isnan(row_sum)
+        if kind == "softmax":
+            assert (formed == collapsed).all(), order
+        else:
+            assert (formed == ~np.isnan(g.sum(axis=1))).all(), order
+        got, full = row_sum[formed], g[formed].sum(axis=1)
+        bound = 2 * z.shape[1] * 2.0**-53 * np.abs(g[formed]).sum(axis=1)
+        with np.errstate(invalid="ignore"):  # an infinite sum (MSE of -inf logits) must match
+            assert np.where(np.isfinite(full), np.abs(got - full) <= bound, got == full).all()
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        (np.array([0, 7]), ValueError, r"labels must lie in \[0, 7\)"),
+        (np.array([0.0, 1.0]), TypeError, "labels must be an integer array"),
+        (np.array([0, 1, 2]), ValueError, r"labels must have shape \(2,\)"),
+    ],
+)
+def test_row_verdicts_refuses_bad_labels(labels, error, match):
+    with pytest.raises(error, match=match):
+        row_verdicts(np.zeros((2, 7), np.float32), labels, "float32")
 
 
 @pytest.mark.parametrize("fmt", ["float16", "bfloat16"])

@@ -26,6 +26,7 @@ backward without ``s**2`` hold in both modes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from numstab.backend import errstate, namespace, xp_dtype
+from numstab.backend import errstate, namespace, take_at, xp_dtype
 from numstab.checks import check_choice, check_eps, check_format, is_float, is_int
 from numstab.elementary import check_mode
 from numstab.losses import mse, softmax, softmax_stable, stablemax
@@ -51,6 +52,7 @@ __all__ = [
     "loss_backward",
     "loss_forward",
     "reduce_loss",
+    "row_verdicts",
     "stablemax_s",
 ]
 
@@ -171,6 +173,79 @@ def collapse_mask(
     return r.sum(terms) == 1
 
 
+def row_verdicts(
+    z,
+    labels,
+    fmt,
+    *,
+    kind: str = "softmax",
+    order: str = "pairwise",
+    eps: float = 0.0,
+    elementary: str = "correct",
+):
+    """Per row: is it collapsed, is its loss 0, is its target gradient 0, and the row sum of
+    its logit gradient -- the verdicts of :func:`loss_forward` and :func:`loss_backward`
+    (``dl = 1``), bit for bit, at less cost where the loss module knows a shortcut
+    (softmax: ``verdicts`` forms the target column only, and the row sum only where the row
+    collapsed).
+
+    Parameters
+    ----------
+    z : ndarray, shape (N, C)
+    labels : int ndarray, shape (N,), each in [0, C)
+    fmt, kind, order, eps, elementary : as :func:`loss_forward` (no temperature, no smoothing)
+
+    Returns
+    -------
+    collapsed, zero_loss, zero_target_grad : bool arrays (N,)
+    row_sum : float64 array (N,)
+        ``Σ_k ∂ℓ/∂z_k`` (0 in exact arithmetic); NaN where the module does not form it
+        (softmax: rows that did not collapse, whose sum is rounding residual only).
+    """
+    mod = LOSSES[check_choice(kind, LOSS_KINDS, "loss kind")]
+    if not hasattr(mod, "verdicts"):
+        loss, cache = loss_forward(
+            z, labels, kind=kind, fmt=fmt, order=order, eps=eps, elementary=elementary
+        )
+        xp = namespace(loss)
+        g = loss_backward(cache, 1.0)
+        collapsed = collapse_mask(z, fmt, kind=kind, order=order, eps=eps, elementary=elementary)
+        zero_grad = take_at(g, cache.labels) == 0
+        return collapsed, loss == 0, zero_grad, xp.sum(xp.astype(g, xp.float64), axis=1)
+    z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
+    labels = _checked_labels(labels, z, r.xp)
+    with (
+        _label_range(labels, z, r.xp),
+        errstate(r.xp, invalid="ignore", over="ignore", divide="ignore"),
+    ):
+        return mod.verdicts(z, labels, r)
+
+
+def _checked_labels(labels, z, xp):
+    """``labels`` in ``xp`` (no copy when already there): integers of shape (N,)."""
+    labels = xp.asarray(labels)
+    if not is_int(labels.dtype, labels):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (z.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({z.shape[0]},) to match the logits {tuple(z.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    return labels
+
+
+@contextlib.contextmanager
+def _label_range(labels, z, xp):
+    """A label ``>= C`` (found by the gather, not by a scan on this hot path) as ValueError."""
+    try:
+        yield
+    except IndexError:
+        raise ValueError(
+            f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
+            f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
+        ) from None
+
+
 def _logits_and_rounding(z, kind, fmt, order, eps, elementary):
     """The entries' common checks: the logits rounded to ``fmt`` (2-D, with classes) and the
     :class:`Rounding` of the loss."""
@@ -289,24 +364,14 @@ def loss_forward(
     t = _temperature(temperature, r.fmt)
     ls = _smoothing(label_smoothing, kind, r.fmt)
     xp = r.xp
-    labels = xp.asarray(labels)  # no copy when it already lives there
-    if not is_int(labels.dtype, labels):
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
-    if tuple(labels.shape) != (z.shape[0],):
-        raise ValueError(
-            f"labels must have shape ({z.shape[0]},) to match the logits {tuple(z.shape)}, "
-            f"got {tuple(labels.shape)}"
-        )
-    try:
-        with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
-            loss, total, probs, state = LOSSES[kind].forward(_scaled(z, t, r), labels, r, eps)
-            if ls:
-                loss = LOSSES[kind].smoothed(loss, state, r, ls)
-    except IndexError:
-        raise ValueError(
-            f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
-            f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
-        ) from None
+    labels = _checked_labels(labels, z, xp)
+    with (
+        _label_range(labels, z, xp),
+        errstate(xp, invalid="ignore", over="ignore", divide="ignore"),
+    ):
+        loss, total, probs, state = LOSSES[kind].forward(_scaled(z, t, r), labels, r, eps)
+        if ls:
+            loss = LOSSES[kind].smoothed(loss, state, r, ls)
     cache = LossCache(
         kind=kind,
         fmt=r.fmt,

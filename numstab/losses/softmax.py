@@ -25,7 +25,15 @@ from __future__ import annotations
 
 from numstab.backend import put_at, take_at
 
-__all__ = ["backward", "backward_smoothed", "collapse_terms", "forward", "smoothed", "terms"]
+__all__ = [
+    "backward",
+    "backward_smoothed",
+    "collapse_terms",
+    "forward",
+    "smoothed",
+    "terms",
+    "verdicts",
+]
 
 
 def terms(z, r):
@@ -81,3 +89,32 @@ def backward(cache, dl, r):
 def collapse_terms(z, r, eps):
     """The terms whose ordered sum is 1 exactly in a collapsed row: ``e``."""
     return terms(z, r)[1]
+
+
+def verdicts(z, labels, r):
+    """Per row, the collapse verdicts of :func:`forward` and :func:`backward` (``dl = 1``)
+    without the second ``(N, C)`` exponential and the backward.
+
+    The target column is computed as the loss computes it (``lsm_y = RN(d_y - RN(log S))``,
+    ``p_y = RN(exp lsm_y)``, ``g_y = RN(p_y - 1)``), so ``zero_loss`` and ``zero_target_grad``
+    are exact in every row. The gradient's row sum is formed only where ``S == 1``: there
+    ``RN(log 1) = 0``, hence ``lsm = d`` and ``p = e`` term by term, and the gradient is ``e``
+    with ``g_y`` at the target (summed in float64); NaN elsewhere.
+
+    Returns
+    -------
+    collapsed, zero_loss, zero_target_grad : bool arrays (N,)
+    row_sum : float64 array (N,)
+    """
+    xp = r.xp
+    d, e = terms(z, r)
+    total = r.sum(e)
+    collapsed = total == 1
+    lsm_y = r.sub(take_at(d, labels), r.log(total))
+    g_y = r.dl_p_minus_one(r.exp(lsm_y), xp.ones_like(lsm_y))
+    f64 = xp.float64
+    row_sum = xp.full(collapsed.shape, xp.nan, dtype=f64)
+    c = collapsed
+    g = put_at(xp.astype(e[c], f64), labels[c], xp.astype(g_y[c], f64))  # gradient where S == 1
+    row_sum[c] = xp.sum(g, axis=1)
+    return collapsed, lsm_y == 0, g_y == 0, row_sum

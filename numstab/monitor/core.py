@@ -6,12 +6,12 @@ flattens it to the ``(metric, layer, value)`` triples of ``metrics.csv``. The na
 of :mod:`numstab.run` (``sc_fraction``, ``nlm_cos_grad``, ...), so a monitored run plots like a
 numstab run.
 
-The loss metrics are numstab's own loss (:func:`numstab.losses.loss_forward` and its backward)
-in the declared format and order, evaluated only on the rows that can collapse: a row is in
-the *collapse window* when its second-largest term ``t2`` (``exp(z2 - z1)``, or StableMax's
-``s(z2)/s(z1)``) is at most ``4 · 2**-p`` (the threshold on ``z2`` is computed from the row
-maximum in float64 and rounded up to the logits' dtype, which can only add rows). Outside it
-the row is exactly not
+The loss metrics are the verdicts of numstab's own loss (:func:`numstab.losses.row_verdicts`:
+those of ``loss_forward`` and its backward, bit for bit) in the declared format and order,
+evaluated only on the rows that can collapse: a row is in the *collapse window* when its
+second-largest term ``t2`` (``exp(z2 - z1)``, or StableMax's ``s(z2)/s(z1)``) is at most
+``4 · 2**-p`` (the threshold on ``z2`` is computed from the row maximum in float64 and rounded
+up to the logits' dtype, which can only add rows). Outside it the row is exactly not
 collapsed: every partial sum of positive terms is at least each term, rounding is monotone,
 and ``RN(1 + t) > 1`` once ``t > 2**-p``, so a normaliser of exactly 1 needs every computed
 term ``<= 2**-p``. The window works on the logits rounded to the format (as the loss does);
@@ -27,7 +27,7 @@ import numpy as np
 
 from numstab import metrics as M
 from numstab.backend import take_at
-from numstab.losses import collapse_mask, loss_backward, loss_forward, stablemax_s
+from numstab.losses import row_verdicts, stablemax_s
 from numstab.precision import Format, format_of, quantize
 
 __all__ = ["batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
@@ -87,10 +87,11 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     dict
         ``accuracy``; ``sc_fraction`` (normaliser exactly 1); ``zero_loss_fraction``;
         ``zero_target_grad_fraction`` (``∂ℓ_i/∂z_iy == 0`` exactly); softmax only,
-        ``off_target_mass``: the batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` (per-sample gradient, summed
-        in float64), 0 in exact arithmetic and about ``Σ_{k≠y} p_k`` in a collapsed row (rows
-        outside the collapse window and rows with NaN count 0: the residual of the former is
-        left out; StableMax's gradient does not sum to 0, so it has no such metric);
+        ``off_target_mass``: the batch mean of ``Σ_k ∂ℓ_i/∂z_ik`` over the collapsed rows
+        (per-sample gradient, summed in float64), 0 in exact arithmetic and about
+        ``Σ_{k≠y} p_k`` in a collapsed row; every other row counts 0 (its sum is rounding
+        residual, at most ``4u`` in magnitude: C entries totalling at most 2 in magnitude,
+        each rounded once); StableMax's gradient does not sum to 0, so it has no such metric;
         ``sc_window_fraction``: rows evaluated in the format. Fractions of an empty batch
         are NaN.
 
@@ -118,17 +119,10 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     sc = zero_loss = zero_grad = 0
     mass = 0.0
     if k:
-        zc, yc = z[cand], y[cand]
-        loss, cache = loss_forward(zc, yc, kind=kind, fmt=fmt, order=order, eps=eps)
-        g = loss_backward(cache, 1.0)
-        if kind == "softmax":
-            collapsed = cache.normaliser == 1
-        else:
-            collapsed = collapse_mask(zc, fmt, kind=kind, order=order, eps=eps)
-        sc = int(np.count_nonzero(collapsed))
-        zero_loss = int(np.count_nonzero(loss == 0))
-        zero_grad = int(np.count_nonzero(take_at(g, yc) == 0))
-        mass = float(np.nansum(g.astype(np.float64)))  # a NaN row has no zero sum to break
+        zc, yc = (z, y) if k == n else (z[cand], y[cand])  # late in training: every row
+        collapsed, zl, zg, row_sum = row_verdicts(zc, yc, fmt, kind=kind, order=order, eps=eps)
+        sc, zero_loss, zero_grad = (int(np.count_nonzero(v)) for v in (collapsed, zl, zg))
+        mass = float(np.sum(row_sum[collapsed]))  # rows that did not collapse: residual only
     frac = (lambda m: m / n) if n else (lambda m: math.nan)
     out.update(
         sc_fraction=frac(sc),
