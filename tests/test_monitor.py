@@ -296,6 +296,29 @@ def test_cosine_and_norms_match_torch():
 
 
 @needs_torch
+def test_norms_and_cosines_do_not_depend_on_the_loops_blas_threads():
+    """The monitor's float64 reductions run on HOST_BLAS_THREADS BLAS threads whatever the loop
+    set: its values equal numstab.metrics computed on one thread, bit for bit, under a loop
+    limit of 2 (a dot product of 10^5 entries is split across threads by a threaded BLAS,
+    which sums in another order)."""
+    from numstab.metrics import param_cosines, param_norms
+    from numstab.monitor import Monitor
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(400, 250, generator=g, requires_grad=True)
+    w.grad = torch.randn(400, 250, generator=g) * 1e-3
+    mon = Monitor({"w": w})
+    with threadpool_limits(2), mon.observe(0, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)):
+        pass
+    got = {(r[3], r[4]): r[5] for r in mon.log.rows}
+    theta, grad = {"w": w.detach().numpy()}, {"w": w.grad.numpy()}
+    with threadpool_limits(1):
+        cos, norm = param_cosines(theta, grad, sign=-1.0), param_norms(theta)
+    assert got[("nlm_cos_grad", "w")] == cos["w"] and got[("weight_norm", "w")] == norm["w"]
+    assert mon.settings()["host_blas_threads"] == 1
+
+
+@needs_torch
 def test_absorbed_updates_counted_by_hand():
     """θ = [1, 2**24, 2**24, 3], ∇ = [1, 1, 1, 0], SGD lr 0.5 in float32: 1 -> 0.5 moves,
     2**24 - 0.5 rounds back to 2**24 (twice), 3 has no update due. Absorbed: 2 of 3."""

@@ -30,6 +30,7 @@ import os
 import time
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from numstab.audit import audit_cross_entropy
 from numstab.backend import to_numpy
@@ -48,8 +49,12 @@ from numstab.run.atomic import write_text
 from numstab.run.loop import MetricLog, summarize
 from numstab.run.outdir import claim
 
-__all__ = ["AUDIT_KEYS", "MONITOR_KINDS", "Monitor"]
+__all__ = ["AUDIT_KEYS", "HOST_BLAS_THREADS", "MONITOR_KINDS", "Monitor"]
 
+#: BLAS threads of the monitor's host reductions (norms, cosines): one, whatever the loop uses,
+#: so that the values do not depend on the loop's thread settings (a threaded dot product sums
+#: in another order) and the monitor's small products never wait on the framework's own pool.
+HOST_BLAS_THREADS = 1
 #: Losses the monitor measures (numstab's loss modules).
 MONITOR_KINDS = ("softmax", "stablemax")
 #: :meth:`~numstab.audit.CrossEntropyAudit.summary` keys logged as ``audit_<key>``.
@@ -135,6 +140,7 @@ class Monitor:
         self._claim = claim(self.out, holder="numstab monitor") if self.out else None
         path = None if self.out is None else os.path.join(self.out, "metrics.csv")
         self.log = MetricLog(path)
+        self._blas = ThreadpoolController().select(user_api="blas")
         self.steps_observed, self.seconds = 0, 0.0
         self._t0 = time.perf_counter()
         self._write_summary("running")
@@ -155,7 +161,8 @@ class Monitor:
             yield
             return
         t0 = time.perf_counter()
-        before = self._measure(step, logits, labels, loss)
+        with self._blas.limit(limits=HOST_BLAS_THREADS):
+            before = self._measure(step, logits, labels, loss)
         self.seconds += time.perf_counter() - t0
         yield
         t0 = time.perf_counter()
@@ -218,6 +225,7 @@ class Monitor:
             "every": self.every,
             "audit_every": self.audit_every,
             "collapse_window": f"t2 <= {WINDOW:g} * 2**-p",
+            "host_blas_threads": HOST_BLAS_THREADS,
             "params": list(self.params),
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
             "torch": torch.__version__,
