@@ -26,6 +26,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
+
 from analysis.stats import first_step, max_after, summarize_values, value_at
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "fig14_claims",
     "fig15_claims",
     "fig16_claims",
+    "glitch_claims",
+    "norm_growth_rate",
     "ordering_holds",
     "render_markdown",
 ]
@@ -781,6 +785,44 @@ def appI_claims(results) -> dict:
     return {e["key"]: e for e in out}
 
 
+def _mean_zero_sum_violation(results, rid):
+    """Mean zero-sum violation (train) over the logged steps."""
+    _, values = results.series(rid, "zero_sum_violation", "train")
+    return float(values.mean()) if values.size else None
+
+
+def norm_growth_rate(steps, norms, *, start_fraction: float = 0.5):
+    """Least-squares slope of ``log ‖θ‖`` per 1 000 steps over the steps from
+    ``start_fraction`` of the run on (None with fewer than 3 points)."""
+    steps, norms = np.asarray(steps, dtype=float), np.asarray(norms, dtype=float)
+    keep = steps >= steps.max() * start_fraction if steps.size else steps.astype(bool)
+    if np.count_nonzero(keep) < 3:
+        return None
+    return float(np.polyfit(steps[keep] / 1000.0, np.log(norms[keep]), 1)[0])
+
+
+def _norm_growth(results, rid):
+    return norm_growth_rate(*results.series(rid, "weight_norm", "train", "global"))
+
+
+def glitch_claims(results) -> dict:
+    """"Grokking or Glitching?": the zero-sum violation (0 in exact arithmetic, non-zero once
+    target gradients are absorbed) against the growth of the weight norm, per loss format."""
+    by = ["loss_dtype"]
+    out = [
+        *_outcomes(results, "glitch", {}, by, {}),
+        _per_run(results, "glitch.mean_zero_sum_violation",
+                 "mean zero-sum violation |Σ_k ∂L/∂z_k| over logged steps",
+                 "non-zero once target gradients are absorbed", "number", {}, by,
+                 _mean_zero_sum_violation),
+        _per_run(results, "glitch.norm_growth_rate",
+                 "slope of log ‖θ‖ per 1 000 steps, second half of the run",
+                 "faster where the zero-sum violation is larger (the follow-up's mechanism)",
+                 "number", {}, by, _norm_growth),
+    ]  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
 #: Claim functions by the name a figure SPEC gives in ``[reproduce] claims``.
 CLAIMS = {
     "fig1": fig1_claims,
@@ -795,6 +837,7 @@ CLAIMS = {
     "fig15": fig15_claims,
     "fig16": fig16_claims,
     "appI": appI_claims,
+    "glitch": glitch_claims,
 }
 
 

@@ -116,6 +116,17 @@ def plot_weight_norm(ax, results, groups, *, band="minmax", layer="global"):
     ax.set_ylabel(f"weight norm ({layer})")
 
 
+def plot_zero_sum_violation(ax, results, groups, *, band="minmax"):
+    """Mean ``|Σ_k ∂L/∂z_k|`` of the computed logit gradient (0 in exact arithmetic) against
+    step, log scale (an exact 0 is not drawn)."""
+    for i, (key, ids) in enumerate(groups.items()):
+        agg = aggregate(results.series(r, "zero_sum_violation", "train") for r in ids)
+        _curve(ax, agg, color=_color(i), band=band, label=group_label(key))
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("zero-sum violation (train)")
+
+
 def plot_nlm_cosine(ax, results, groups, *, band="minmax", layers=None, metric="nlm_cos_grad"):
     """NLM alignment ``cos(θ, −∇L)`` per layer against step (one colour per layer, one line
     style per group), with the mean step of 100 % training accuracy marked (dotted)."""
@@ -150,6 +161,7 @@ PLOTS = {
     "sc_fraction": plot_sc_fraction,
     "weight_norm": plot_weight_norm,
     "nlm_cosine": plot_nlm_cosine,
+    "zero_sum_violation": plot_zero_sum_violation,
 }
 
 

@@ -83,6 +83,7 @@ FIGURES = {
     "16": "fig16.toml",
     "appI": "appI.toml",
     "extra": "extra.toml",
+    "glitch": "glitch.toml",
 }
 SPECS_DIR = S.BUNDLED_SPECS
 _BUDGET_KEYS = ("seeds", "max_steps", "max_log_every", "rules", "description")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -537,6 +538,35 @@ def test_fig6_accuracy_at_500_uses_the_last_logged_step():
     got = {r["group"]["perp_grad"]: r["values"][0] for r in out["fig6.test_acc_at_500"]["rows"]}
     assert (got[None]["value"], got[None]["step"]) == (0.2, 400)
     assert (got["tensor"]["value"], got["tensor"]["step"]) == (0.97, 500)
+
+
+def test_glitch_claims_violation_and_norm_growth():
+    """A closed form: ‖θ‖ = 3·exp(r·t/1000) over the second half gives the slope r exactly
+    (float64 least squares on exact exponentials: 1e-9 absolute covers their rounding); the
+    first half (another rate) is left out; the mean zero-sum violation is the mean of the
+    logged values."""
+    steps = list(range(0, 2001, 100))
+    configs, rows = {}, []
+    for dt, rate, zsv in (("float16", 0.8, 1e-3), ("float64", 0.3, 0.0)):
+        rid = f"{dt}-0"
+        configs[rid] = _cfg(loss_dtype=dt, seed=0)
+        norms = [3 * math.exp((2.0 if s < 1000 else rate) * s / 1000) for s in steps]
+        rows += _rows(
+            rid,
+            steps,
+            weight_norm=("train", "global", norms),
+            zero_sum_violation=("train", [zsv * (s / 2000) for s in steps]),
+        )
+    out = C.glitch_claims(Results.from_rows(configs, rows))
+    got = {r["group"]["loss_dtype"]: r["mean"] for r in out["glitch.norm_growth_rate"]["rows"]}
+    assert got["float16"] == pytest.approx(0.8, abs=1e-9)
+    assert got["float64"] == pytest.approx(0.3, abs=1e-9)
+    zsv = {
+        r["group"]["loss_dtype"]: r["mean"]
+        for r in out["glitch.mean_zero_sum_violation"]["rows"]
+    }
+    assert zsv == {"float16": pytest.approx(0.5e-3), "float64": 0.0}
+    assert C.norm_growth_rate([0, 10], [1.0, 2.0]) is None  # fewer than 3 points
 
 
 def test_claims_are_json_serialisable():
