@@ -104,6 +104,9 @@ def test_collapse_window_loses_no_collapsed_row(fmt, kind):
         if kind == "stablemax":
             assert "off_target_mass" not in got  # StableMax's gradient has no zero sum
             continue
+        every_row = batch_metrics(z, y, f, kind=kind, order=order, screen=False)
+        assert every_row.pop("sc_window_fraction") == 1.0
+        assert every_row == {k: v for k, v in got.items() if k != "sc_window_fraction"}, order
         row_mass = np.nan_to_num(g.sum(axis=1), nan=0.0)
         full = float(row_mass.sum()) / n
         assert abs(got["off_target_mass"] - full) <= 4 * f.unit_roundoff, order
@@ -293,6 +296,35 @@ def test_cosine_and_norms_match_torch():
     assert got[("nlm_cos_grad", "global")] == pytest.approx(
         float(torch.dot(w, g) / (w.norm() * g.norm())), rel=1e-12
     )
+
+
+@needs_torch
+def test_monitor_skips_the_screen_while_most_rows_are_in_the_window():
+    """A batch with 60 % of its rows in the window: screened on the first observed step and
+    every RESCREEN_EVERY steps after (window fraction 0.6), evaluated row by row in between
+    (window fraction 1); every other metric is the same on every step."""
+    from numstab.monitor import Monitor
+    from numstab.monitor.pytorch import RESCREEN_EVERY
+
+    n = 50
+    z = np.zeros((n, 4), np.float32)
+    z[:, 1:] = np.where(np.arange(n)[:, None] < 30, -20.0, -1.0)  # t2 = e^-20 or e^-1
+    logits, y = torch.from_numpy(z), torch.zeros(n, dtype=torch.long)
+    w = torch.zeros(3, requires_grad=True)
+    w.grad = torch.ones(3)
+    mon = Monitor({"w": w})
+    for step in range(2 * RESCREEN_EVERY + 1):
+        with mon.observe(step, logits, y):
+            pass
+    rows = {}
+    for r in mon.log.rows:
+        rows.setdefault(r[3], []).append(r[5])
+    screened = [0, RESCREEN_EVERY, 2 * RESCREEN_EVERY]
+    assert [i for i, v in enumerate(rows["sc_window_fraction"]) if v != 1.0] == screened
+    assert rows["sc_window_fraction"][0] == 0.6
+    for metric in ("sc_fraction", "zero_loss_fraction", "off_target_mass", "accuracy"):
+        assert len(set(rows[metric])) == 1, metric
+    assert rows["sc_fraction"][0] == 0.6  # e^-20 < 2**-24: absorbed in float32
 
 
 @needs_torch

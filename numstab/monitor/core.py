@@ -70,7 +70,9 @@ def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float, z1=None) 
     return above.view(np.uint8).sum(axis=1, dtype=np.int32) <= 1  # faster than count_nonzero
 
 
-def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", eps=0.0) -> dict:
+def batch_metrics(
+    z, labels, fmt: Format, *, kind="softmax", order="pairwise", eps=0.0, screen=True
+) -> dict:
     """Collapse metrics of one batch of logits, in the loss format ``fmt`` and ``order``.
 
     Parameters
@@ -81,6 +83,10 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     fmt : Format
         The format the loss is computed in.
     kind : {"softmax", "stablemax"}
+    screen : bool
+        Evaluate only the rows in the collapse window (True) or every row (False: saves the
+        window's pass when nearly every row is in it, late in training). The metrics are the
+        same either way, except ``sc_window_fraction``.
 
     Returns
     -------
@@ -112,8 +118,8 @@ def batch_metrics(z, labels, fmt: Format, *, kind="softmax", order="pairwise", e
     z = _in_format(z, fmt)  # the window must see the values the loss computes with
     top = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
     z1 = take_at(z, top)
-    cand = collapse_window(z, fmt, kind, eps, z1)
-    k = int(np.count_nonzero(cand))
+    cand = collapse_window(z, fmt, kind, eps, z1) if screen else None
+    k = int(np.count_nonzero(cand)) if screen else n
     # numstab.metrics.accuracy from the argmax above (one pass over the logits, not two)
     out = {"accuracy": int(np.count_nonzero((top == y) & ~np.isnan(z1))) / n if n else math.nan}
     sc = zero_loss = zero_grad = 0

@@ -55,6 +55,11 @@ __all__ = ["AUDIT_KEYS", "HOST_BLAS_THREADS", "MONITOR_KINDS", "Monitor"]
 #: so that the values do not depend on the loop's thread settings (a threaded dot product sums
 #: in another order) and the monitor's small products never wait on the framework's own pool.
 HOST_BLAS_THREADS = 1
+#: The collapse window screens a batch (``batch_metrics(screen=True)``) unless a screen found
+#: at least SCREEN_BELOW of the rows in it within the last RESCREEN_EVERY observed steps; then
+#: every row is evaluated directly (same metrics; ``sc_window_fraction`` is 1).
+SCREEN_BELOW = 0.5
+RESCREEN_EVERY = 10
 #: Losses the monitor measures (numstab's loss modules).
 MONITOR_KINDS = ("softmax", "stablemax")
 #: :meth:`~numstab.audit.CrossEntropyAudit.summary` keys logged as ``audit_<key>``.
@@ -141,6 +146,7 @@ class Monitor:
         path = None if self.out is None else os.path.join(self.out, "metrics.csv")
         self.log = MetricLog(path)
         self._blas = ThreadpoolController().select(user_api="blas")
+        self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
         self.steps_observed, self.seconds = 0, 0.0
         self._t0 = time.perf_counter()
         self._write_summary("running")
@@ -180,7 +186,16 @@ class Monitor:
         if loss is not None:
             value = to_numpy(loss) if hasattr(loss, "detach") else loss
             self.log.add(step, self.name, "train", "loss", float(value))
-        self._add(step, batch_metrics(z, y, fmt, kind=self.kind, order=self.order, eps=self.eps))
+        # Late in training nearly every row is in the window: the screen's pass is then
+        # skipped (same metrics), and repeated every RESCREEN_EVERY observed steps.
+        screen = self._unscreened >= RESCREEN_EVERY
+        batch = batch_metrics(
+            z, y, fmt, kind=self.kind, order=self.order, eps=self.eps, screen=screen
+        )
+        if screen and batch["sc_window_fraction"] >= SCREEN_BELOW:
+            self._unscreened = 0
+        self._unscreened += 1
+        self._add(step, batch)
         grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
         theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
         self._add(step, param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()}))
