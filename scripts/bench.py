@@ -30,7 +30,8 @@ Sections (``--sections``, default all):
 ``3``  ``python -m numstab.compare --dtype float32 --quiet`` end to end (skipped by --quick).
 ``4``  Peak RSS of a training run (a child process) at two step counts.
 ``monitor``  The PyTorch float32 step with ``numstab.monitor.Monitor`` observing every step,
-       against the plain step (target: at most 10 % more), early and (with 1b/2) late.
+       inline and in the background, against the plain step (target: at most 10 % more),
+       early and late.
 
 Timing: every case is warmed up, then timed ``--repeats`` times; the cases of one section and
 thread count are interleaved round by round (so a change in machine load hits all of them
@@ -1094,6 +1095,22 @@ def section_memory(rep, args):
 MONITOR_OVERHEAD_TARGET = 0.10
 
 
+#: Steps per timed block of the background monitor (each block ends with ``drain()``).
+BACKGROUND_BLOCK = 8
+
+
+def _repeated(fn, k, after=None):
+    """``fn`` called ``k`` times, then ``after`` (one timed case)."""
+
+    def block():
+        for _ in range(k):
+            fn()
+        if after is not None:
+            after()
+
+    return block
+
+
 def _monitored_step(step, mon, counter):
     """``step`` (a TorchStep) with ``mon.observe`` around its optimizer update."""
     F = step.torch.nn.functional
@@ -1112,11 +1129,13 @@ def _monitored_step(step, mon, counter):
 
 def section_monitor(rep, args, torch_mod, thr, ck=None):
     """The PyTorch float32 step of section 1 with and without ``numstab.monitor.Monitor``
-    observing every step (metrics.csv written to a temporary folder; no exact audit); the
-    target compares process-CPU medians, which other load on a shared machine inflates less
-    than wall time. At step-0 weights ("early": no row near collapse) and at the late
-    checkpoint's ("late": every row in the collapse window, the worst case: those rows are
-    evaluated in the loss format)."""
+    observing every step (metrics.csv written to a temporary folder; no exact audit), measuring
+    inline and on its own thread (``background=True``). Inline, the target compares
+    process-CPU medians, which other load on a shared machine inflates less than wall time; in
+    the background the monitor's work runs beside the step, so the loop's wall time is what it
+    changes (the process CPU it adds is printed beside). At step-0 weights ("early": no row
+    near collapse) and at the late checkpoint's ("late": every row in the collapse window, the
+    worst case: those rows are evaluated in the loss format)."""
     if torch_mod is None:
         rep.row("mon", "PyTorch float32 step + monitor", None, None, f"torch {args.torch_status}")
         rep.target("monitor overhead / PyTorch step", None, MONITOR_OVERHEAD_TARGET)
@@ -1127,28 +1146,46 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
     for n in args.threads:
         for phase, state in phases.items():
             run = new_run("float32") if state is None else run_from_checkpoint(state)
-            plain, watched = (
-                TorchStep(torch_mod, run, "float32"),
-                TorchStep(torch_mod, run, "float32"),
-            )
+            steps = [TorchStep(torch_mod, run, "float32") for _ in range(4)]
             if state is not None:
-                for s in (plain, watched):
+                for s in steps:
                     s.load_adam_state(checkpoint_state(state), int(state["opt_step"]))
-            with tempfile.TemporaryDirectory() as out, thr.block(n):
-                with Monitor(watched.model, watched.opt, out=out) as mon:
-                    cases = {
-                        f"PyTorch float32 step ({phase})": plain.step,
-                        f"  + monitor every step ({phase})": _monitored_step(watched, mon, [0]),
-                    }
-                    res = measure_rounds(
-                        [(contextlib.nullcontext, cases)], args.repeats, args.warmup
-                    )
-                    window = mon.log.latest("sc_window_fraction")
+            plain, inline, plain_b, behind = steps  # same weights; each trains at its pace
+            with (
+                tempfile.TemporaryDirectory() as out,
+                thr.block(n),
+                Monitor(inline.model, inline.opt, out=os.path.join(out, "i")) as mon,
+                Monitor(
+                    behind.model, behind.opt, out=os.path.join(out, "b"), background=True
+                ) as mon_b,
+            ):
+                cases = {
+                    f"PyTorch float32 step ({phase})": plain.step,
+                    f"  + monitor every step ({phase})": _monitored_step(inline, mon, [0]),
+                }
+                # the background case in blocks of K steps ending with drain(), so that its
+                # thread's work is timed (wall and process CPU) inside its own case
+                k = BACKGROUND_BLOCK
+                blocks = {
+                    f"PyTorch float32 step ×{k} ({phase})": _repeated(plain_b.step, k),
+                    f"  + monitor in the background ×{k} ({phase})": _repeated(
+                        _monitored_step(behind, mon_b, [0]), k, after=mon_b.drain
+                    ),
+                }
+                res = measure_rounds(
+                    [(contextlib.nullcontext, cases), (contextlib.nullcontext, blocks)],
+                    args.repeats,
+                    args.warmup,
+                )
+                window = mon.log.latest("sc_window_fraction")
             st = {case: _stat(*res[case]) for case in res}
-            base, over = (st[c]["median"] for c in cases)
-            cpu_base, cpu_over = (st[c]["cpu_median"] for c in cases)
+            names, bnames = list(cases), list(blocks)
+            base, over = (st[c]["median"] for c in names)
+            cpu_base, cpu_over = (st[c]["cpu_median"] for c in names)
+            bbase, bg = (st[c]["median"] for c in bnames)
+            cpu_bbase, cpu_bg = (st[c]["cpu_median"] for c in bnames)
             frac, cpu_frac = over / base - 1, cpu_over / cpu_base - 1
-            names = list(cases)
+            bg_frac, cpu_bg_frac = bg / bbase - 1, cpu_bg / cpu_bbase - 1
             rep.row("mon", names[0], n, st[names[0]])
             rep.row(
                 "mon",
@@ -1158,17 +1195,35 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                 f"overhead {frac:+.1%} wall, {cpu_frac:+.1%} process CPU; {window:.0%} of rows "
                 "in the collapse window",
             )
+            rep.row("mon", bnames[0], n, st[bnames[0]])
+            rep.row(
+                "mon",
+                bnames[1],
+                n,
+                st[bnames[1]],
+                f"overhead {bg_frac:+.1%} wall, {cpu_bg_frac:+.1%} process CPU",
+            )
             rep.target(
                 f"monitor overhead / PyTorch step ({phase}) [{n} thr]",
                 cpu_frac,
                 MONITOR_OVERHEAD_TARGET,
-                detail="process-CPU medians (wall: see the row)",
+                detail="inline, process-CPU medians (wall: see the row)",
+            )
+            rep.target(
+                f"monitor overhead / PyTorch step ({phase}, background) [{n} thr]",
+                bg_frac,
+                MONITOR_OVERHEAD_TARGET,
+                detail="background, wall medians (process CPU: see the row)",
             )
             rep.facts.setdefault("monitor", {}).setdefault(str(n), {})[phase] = {
                 "step_s": base,
                 "monitored_step_s": over,
+                "background_step_s": bg / k,
+                "background_block_steps": k,
                 "overhead": frac,
                 "cpu_overhead": cpu_frac,
+                "background_overhead": bg_frac,
+                "background_cpu_overhead": cpu_bg_frac,
                 "collapse_window_fraction": window,
             }
 

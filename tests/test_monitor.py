@@ -299,6 +299,53 @@ def test_cosine_and_norms_match_torch():
 
 
 @needs_torch
+def test_background_records_the_same_rows(tmp_path):
+    """``background=True`` measures copies on the monitor's thread: the same metrics.csv rows,
+    character for character (the audit's own duration aside), as measuring inline, with the
+    loop zeroing its gradients in place (the copies must be taken before the loop moves on)
+    and weight decay (θ read before the step)."""
+    from numstab.monitor import Monitor
+
+    files = []
+    for background in (False, True):
+        model, x, y = _tiny(seed=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        out = tmp_path / f"bg{background}"
+        with Monitor(model, opt, out=out, background=background, audit_every=4) as mon:
+            for step in range(9):
+                logits = model(x)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                with mon.observe(step, logits, y, loss=loss):
+                    opt.step()
+        assert json.loads((out / "summary.json").read_text())["config"]["background"] is background
+        rows = (out / "metrics.csv").read_text().splitlines()
+        files.append([r for r in rows if ",audit_seconds," not in r])  # a time, not a metric
+    assert files[0] == files[1] and len(files[0]) > 9 * 15
+
+
+@needs_torch
+def test_background_error_is_raised_and_recorded(tmp_path):
+    """A record that fails on the monitor's thread (a label out of range) raises at close, and
+    summary.json says so; the folder is released."""
+    from numstab.monitor import Monitor
+
+    model, x, y = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, opt, out=tmp_path / "m", background=True)
+    logits = model(x)
+    logits.sum().backward()
+    with mon.observe(0, logits, torch.full_like(y, 99)):
+        opt.step()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        mon.close()
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["status"]["kind"] == "ValueError"
+    Monitor(model, opt, out=tmp_path / "m").close()  # claimable again
+
+
+@needs_torch
 def test_monitor_skips_the_screen_while_most_rows_are_in_the_window():
     """A batch with 60 % of its rows in the window: screened on the first observed step and
     every RESCREEN_EVERY steps after (window fraction 0.6), evaluated row by row in between

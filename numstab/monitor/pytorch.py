@@ -25,9 +25,11 @@ the tensors it is given.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -49,7 +51,7 @@ from numstab.run.atomic import write_text
 from numstab.run.loop import MetricLog, summarize
 from numstab.run.outdir import claim
 
-__all__ = ["AUDIT_KEYS", "HOST_BLAS_THREADS", "MONITOR_KINDS", "Monitor"]
+__all__ = ["AUDIT_KEYS", "HOST_BLAS_THREADS", "MAX_PENDING", "MONITOR_KINDS", "Monitor"]
 
 #: BLAS threads of the monitor's host reductions (norms, cosines): one, whatever the loop uses,
 #: so that the values do not depend on the loop's thread settings (a threaded dot product sums
@@ -60,6 +62,8 @@ HOST_BLAS_THREADS = 1
 #: every row is evaluated directly (same metrics; ``sc_window_fraction`` is 1).
 SCREEN_BELOW = 0.5
 RESCREEN_EVERY = 10
+#: With ``background=True``, the loop waits once this many observed steps are unrecorded.
+MAX_PENDING = 2
 #: Losses the monitor measures (numstab's loss modules).
 MONITOR_KINDS = ("softmax", "stablemax")
 #: :meth:`~numstab.audit.CrossEntropyAudit.summary` keys logged as ``audit_<key>``.
@@ -111,6 +115,12 @@ class Monitor:
         The ``run`` column of the rows.
     config : dict, optional
         Extra fields recorded in ``summary.json``'s ``config`` (they label plots).
+    background : bool
+        Measure on a thread of the monitor's own: ``observe`` only copies the step's host
+        arrays (logits, θ, ∇L, θ after the step) and the loop goes on while the previous step
+        is measured, at most ``MAX_PENDING`` steps behind (it then waits). The same rows as
+        without it; a crash loses the steps not yet recorded. The thread's BLAS limit
+        (``HOST_BLAS_THREADS``) is process-wide while it measures.
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class Monitor:
         audit_every=None,
         name="run",
         config=None,
+        background=False,
     ):
         check_choice(loss, MONITOR_KINDS, "loss")
         check_choice(order, REDUCTION_ORDERS, "order")
@@ -147,7 +158,11 @@ class Monitor:
         self.log = MetricLog(path)
         self._blas = ThreadpoolController().select(user_api="blas")
         self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
-        self.steps_observed, self.seconds = 0, 0.0
+        if not isinstance(background, (bool, np.bool_)):
+            raise TypeError(f"background must be a bool, got {background!r}")
+        self._pool = ThreadPoolExecutor(1, "numstab-monitor") if background else None
+        self._pending: collections.deque = collections.deque()
+        self.steps_observed, self.seconds, self.record_seconds = 0, 0.0, 0.0
         self._t0 = time.perf_counter()
         self._write_summary("running")
 
@@ -160,32 +175,76 @@ class Monitor:
         ``logits`` (N, C) or (..., C) and ``labels`` (N,) or (...) are the batch the gradient
         came from (every label a class index: drop padded positions first); ``loss``
         (a scalar tensor or float, optional) is logged as ``loss``. Steps not divisible by
-        ``every`` pass through untouched.
+        ``every`` pass through untouched. With ``background=True`` the step's host arrays are
+        copied here and measured on the monitor's thread; an error there is raised by the
+        next ``observe``, :meth:`drain` or :meth:`close`.
         """
         step = int(step)
         if step % self.every:
             yield
             return
         t0 = time.perf_counter()
-        with self._blas.limit(limits=HOST_BLAS_THREADS):
-            before = self._measure(step, logits, labels, loss)
+        batch = self._snapshot(logits, labels, loss)
+        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+        theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
+        grads = {k: np.array(to_numpy(g)) for k, g in grads.items()}  # the loop may zero them
         self.seconds += time.perf_counter() - t0
         yield
         t0 = time.perf_counter()
-        after = {k: to_numpy(p) for k, p in self.params.items()}
-        self._add(step, update_metrics(before, after, self._due(before)))
-        self.log.flush()
-        self.steps_observed += 1
+        after = {k: self._host(self.params[k]) for k in theta}
+        job = (step, batch, theta, grads, after, self._due(theta))
+        if self._pool is None:
+            self._record(*job)
+        else:
+            self._submit(job)
         self.seconds += time.perf_counter() - t0
 
-    def _measure(self, step, logits, labels, loss) -> dict:
-        z, y = to_numpy(logits), np.asarray(to_numpy(labels), dtype=np.int64)
+    def _host(self, t) -> np.ndarray:
+        """A host array of ``t``: a view where the record is made at once, else a copy (the
+        loop may change the tensor before the monitor's thread reads it)."""
+        a = to_numpy(t)
+        return np.array(a) if self._pool is not None else a
+
+    def _snapshot(self, logits, labels, loss):
+        z, y = self._host(logits), np.asarray(to_numpy(labels), dtype=np.int64)
         if z.ndim != 2 and z.ndim >= 1 and y.shape == z.shape[:-1]:  # (..., C): one row each
             z, y = z.reshape(-1, z.shape[-1]), y.reshape(-1)
-        fmt = self.fmt or format_arg(z.dtype)
+        value = None
         if loss is not None:
-            value = to_numpy(loss) if hasattr(loss, "detach") else loss
-            self.log.add(step, self.name, "train", "loss", float(value))
+            value = float(to_numpy(loss) if hasattr(loss, "detach") else loss)
+        return z, y, value
+
+    def _record(self, step, batch, theta, grads, after, due) -> None:
+        """Compute one observed step's metrics and write its rows (on the monitor's thread
+        with ``background=True``)."""
+        t0 = time.perf_counter()
+        z, y, loss = batch
+        with self._blas.limit(limits=HOST_BLAS_THREADS):
+            if loss is not None:
+                self.log.add(step, self.name, "train", "loss", loss)
+            fmt = self._batch(step, z, y)
+            self._add(step, param_metrics(theta, grads))
+            if self.audit_every and step % self.audit_every == 0:
+                self._audit(step, z, y, fmt)
+            self._add(step, update_metrics(theta, after, due))
+        self.log.flush()
+        self.steps_observed += 1
+        self.record_seconds += time.perf_counter() - t0
+
+    def _submit(self, job) -> None:
+        """Queue a record on the monitor's thread; wait for the oldest when MAX_PENDING are
+        queued (the loop never runs more than that ahead), and raise a failed one's error."""
+        while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_PENDING):
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._record, *job))
+
+    def drain(self) -> None:
+        """Wait until every observed step is recorded (no-op without ``background``)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _batch(self, step, z, y):
+        fmt = self.fmt or format_arg(z.dtype)
         # Late in training nearly every row is in the window: the screen's pass is then
         # skipped (same metrics), and repeated every RESCREEN_EVERY observed steps.
         screen = self._unscreened >= RESCREEN_EVERY
@@ -196,17 +255,15 @@ class Monitor:
             self._unscreened = 0
         self._unscreened += 1
         self._add(step, batch)
-        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
-        theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
-        self._add(step, param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()}))
-        if self.audit_every and step % self.audit_every == 0:
-            a = audit_cross_entropy(
-                z, y, dtype=fmt, kind=self.kind, order=self.order, eps=self.eps
-            ).summary()
-            for key in AUDIT_KEYS:
-                if a[key] is not None:
-                    self.log.add(step, self.name, "train", f"audit_{key}", a[key])
-        return theta
+        return fmt
+
+    def _audit(self, step, z, y, fmt) -> None:
+        a = audit_cross_entropy(
+            z, y, dtype=fmt, kind=self.kind, order=self.order, eps=self.eps
+        ).summary()
+        for key in AUDIT_KEYS:
+            if a[key] is not None:
+                self.log.add(step, self.name, "train", f"audit_{key}", a[key])
 
     def _due(self, before: dict) -> dict:
         """Entries whose update was non-zero (see the class docstring), as host bools."""
@@ -241,6 +298,7 @@ class Monitor:
             "audit_every": self.audit_every,
             "collapse_window": f"t2 <= {WINDOW:g} * 2**-p",
             "host_blas_threads": HOST_BLAS_THREADS,
+            "background": self._pool is not None,
             "params": list(self.params),
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
             "torch": torch.__version__,
@@ -253,6 +311,7 @@ class Monitor:
             "run": summarize(self.log, self.name),
             "steps_observed": self.steps_observed,
             "monitor_seconds": self.seconds,
+            "record_seconds": self.record_seconds,
             "wall_seconds": time.perf_counter() - self._t0,
             "status": status,
         }
@@ -261,13 +320,27 @@ class Monitor:
         return summary
 
     def close(self, status="ok") -> dict:
-        """Flush the rows, write ``summary.json`` with ``status``, release the folder."""
+        """Record the pending steps, flush the rows, write ``summary.json`` with ``status``
+        (a failed record's error instead, then raised), release the folder."""
+        error = None
+        try:
+            self.drain()
+        except Exception as e:  # a record failed on the monitor's thread
+            error = e
+            status = {"kind": type(e).__name__, "message": str(e)}
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pending.clear()
         try:
             self.log.close()
-            return self._write_summary(status)
+            summary = self._write_summary(status)
         finally:
             if self._claim is not None:
                 self._claim.release()
+        if error is not None:
+            raise error
+        return summary
 
     def __enter__(self) -> Monitor:
         return self
