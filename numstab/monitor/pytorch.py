@@ -18,8 +18,9 @@ Entering ``observe`` (after ``backward``, before the update) measures the batch
 (``absorbed_update_fraction``); every ``audit_every`` steps the batch's logits are audited
 exactly (:func:`numstab.audit.audit_cross_entropy`, metrics ``audit_*``). Rows go to
 ``metrics.csv`` through numstab's :class:`~numstab.run.MetricLog` (flushed every observed
-step: a crash keeps every row); ``summary.json`` is written at the start (status
-``"running"``) and by :meth:`Monitor.close`. torch is never imported by this module: it reads
+step: a crash keeps every row recorded); ``summary.json`` is written at the start (status
+``"running"``) and by :meth:`Monitor.close`. With ``background=True`` the measuring runs on
+the monitor's own thread, on copies taken inside ``observe``. torch is never imported by this module: it reads
 the tensors it is given.
 """
 
