@@ -540,6 +540,29 @@ def test_fig6_accuracy_at_500_uses_the_last_logged_step():
     assert (got["tensor"]["value"], got["tensor"]["step"]) == (0.97, 500)
 
 
+def test_fig4_grokking_delay_per_encoding():
+    """One-hot inputs: train 100 % at step 100, test >= 0.95 at 300 (delay 200); compact
+    inputs: both at step 100 (delay 0); a run that never generalises has no delay."""
+    steps = [0, 100, 200, 300]
+    configs = {
+        "hot": _cfg(loss="stablemax", encoding="onehot"),
+        "bin": _cfg(loss="stablemax", encoding="binary"),
+        "bin1": _cfg(loss="stablemax", encoding="binary", seed=1),
+    }
+    rows = _rows("hot", steps, accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
+                 accuracy__te=("test", [0.0, 0.1, 0.5, 0.96]))
+    rows += _rows("bin", steps, accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
+                  accuracy__te=("test", [0.0, 0.97, 0.99, 0.99]))
+    rows += _rows("bin1", steps, accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
+                  accuracy__te=("test", [0.0, 0.2, 0.3, 0.4]))
+    out = C.fig4_claims(Results.from_rows(configs, rows))
+    got = {
+        r["group"]["encoding"]: [e["value"] for e in r["values"]]
+        for r in out["fig4.grokking_delay"]["rows"]
+    }
+    assert got == {"onehot": [200], "binary": [0, None]}
+
+
 def test_glitch_claims_violation_and_norm_growth():
     """A closed form: ‖θ‖ = 3·exp(r·t/1000) over the second half gives the slope r exactly
     (float64 least squares on exact exponentials: 1e-9 absolute covers their rounding); the
