@@ -84,6 +84,7 @@ FIGURES = {
     "appI": "appI.toml",
     "extra": "extra.toml",
     "glitch": "glitch.toml",
+    "logitscale": "logitscale.toml",
 }
 SPECS_DIR = S.BUNDLED_SPECS
 _BUDGET_KEYS = ("seeds", "max_steps", "max_log_every", "rules", "description")

@@ -563,6 +563,48 @@ def test_fig4_grokking_delay_per_encoding():
     assert got == {"onehot": [200], "binary": [0, None]}
 
 
+def test_r_squared_against_closed_forms():
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    assert C.r_squared(3 * x + 1, x) == pytest.approx(1.0, abs=1e-12)  # exact line
+    # y = (0, 1, 0, 1) on x = (0, 1, 2, 3): slope 0.2, residuals (0.3, -0.1 ... ) -> R² = 0.2
+    assert C.r_squared([0.0, 1.0, 0.0, 1.0], x) == pytest.approx(0.2, abs=1e-12)
+    assert C.r_squared([1.0, 1.0, 1.0, 1.0], x) is None  # nothing to explain
+    assert C.r_squared([1.0, 2.0], [0.0, 1.0]) is None  # as many points as coefficients
+
+
+def test_logitscale_claims_fit_the_delay():
+    """Four runs whose delay is 100·log(|z|/T) exactly: R² 1 for the logit scale; the weight
+    norm at train 100 % is read at that step; a run that never generalises is left out."""
+    steps = [0, 100, 200, 300, 400, 500, 600]
+    configs, rows = {}, []
+    cases = [("a", 1.0, 2.0, 100), ("b", 2.0, 2.0, 200), ("c", 1.0, 8.0, 300), ("d", 0.5, 1.0, 300)]
+    for rid, temp, znorm, grok in cases:
+        configs[rid] = _cfg(temperature=temp, init_scale=1.0, seed=0)
+        rows += _rows(
+            rid, steps,
+            accuracy__tr=("train", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+            accuracy__te=("test", [0.0 if s < 100 + grok else 0.99 for s in steps]),
+            logit_norm=("train", [znorm] * len(steps)),
+            weight_norm=("train", "global", [10.0 + s for s in steps]),
+        )
+    configs["never"] = _cfg(temperature=4.0, seed=1)
+    rows += _rows(
+        "never", steps, accuracy__tr=("train", [1.0] * 7), accuracy__te=("test", [0.0] * 7)
+    )
+    out = C.logitscale_claims(Results.from_rows(configs, rows))
+    # delays 100, 200, 300, 300 at |z|/T = 2, 1, 8, 2: not a function of the scale alone
+    r2 = {r["group"]["predictor"]: r for r in out["logitscale.r2"]["rows"]}
+    assert r2["log effective logit scale"]["n"] == 4
+    d = np.array([100.0, 200.0, 300.0, 300.0])
+    want = C.r_squared(d, np.log([2.0, 1.0, 8.0, 2.0]))
+    assert r2["log effective logit scale"]["mean"] == pytest.approx(want, abs=1e-12)
+    norms = {r["group"]["temperature"]: r["mean"] for r in out["logitscale.weight_norm"]["rows"]}
+    assert norms[1.0] == 110.0 and norms[4.0] is None  # at step 100 (train 100 %); none logged
+    delays = {r["group"]["temperature"]: r["values"][0]["value"]
+              for r in out["logitscale.grokking_delay"]["rows"]}
+    assert delays[4.0] is None and delays[0.5] == 300
+
+
 def test_glitch_claims_violation_and_norm_growth():
     """A closed form: ‖θ‖ = 3·exp(r·t/1000) over the second half gives the slope r exactly
     (float64 least squares on exact exponentials: 1e-9 absolute covers their rounding); the
