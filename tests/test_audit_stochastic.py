@@ -13,11 +13,11 @@ References, none of them the module's chain:
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
+from fraction_rounding import grid_neighbours
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,22 +28,10 @@ from numstab.precision import get_format, quantize
 # --- the brute-force oracle ----------------------------------------------------------------
 
 
-def _grid_neighbours(x: Fraction, fmt) -> tuple[Fraction, Fraction]:
-    """The two values of ``fmt`` around ``x >= 0`` from the definition (p, emin)."""
-    p, emin = fmt.precision, fmt.emin
-    if x == 0:
-        return x, x
-    e = x.numerator.bit_length() - x.denominator.bit_length()
-    e -= x < Fraction(2) ** e  # 2**e <= x < 2**(e+1)
-    q = Fraction(2) ** (max(e, emin) - p + 1)
-    k = math.floor(x / q)
-    return k * q, (k + 1) * q
-
-
 def _sr_branches(x: Fraction, fmt):
     """``[(value, probability)]`` of stochastic rounding of ``x``: up with distance / gap."""
     sign = -1 if x < 0 else 1
-    lo, hi = _grid_neighbours(abs(x), fmt)
+    lo, hi = grid_neighbours(abs(x), fmt)
     if lo == hi or abs(x) == lo:
         return [(x, Fraction(1))]
     f = (abs(x) - lo) / (hi - lo)
