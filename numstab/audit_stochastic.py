@@ -74,7 +74,8 @@ def wilson_interval(hits, n: int, confidence: float = 0.95):
     """Wilson score interval of a binomial proportion ``hits / n`` (arrays broadcast).
 
     ``p̂ = k/n``, ``z`` the ``(1 + confidence)/2`` normal quantile:
-    ``(p̂ + z²/2n ± z √(p̂(1-p̂)/n + z²/4n²)) / (1 + z²/n)``; never outside [0, 1].
+    ``(p̂ + z²/2n ± z √(p̂(1-p̂)/n + z²/4n²)) / (1 + z²/n)``: within [0, 1], the lower end 0
+    exactly at ``k = 0`` and the upper end 1 at ``k = n``.
     """
     k = np.asarray(hits, dtype=np.float64)
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
@@ -82,7 +83,10 @@ def wilson_interval(hits, n: int, confidence: float = 0.95):
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    # k = 0 and k = n give 0 and 1 exactly (the formula's cancellation leaves ~1e-19)
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return low, high
 
 
 # --- the exact chain ---------------------------------------------------------------------------
