@@ -800,7 +800,8 @@ def audit_cross_entropy(
         longdouble); ``mpmath``: every row in mpmath.
     block_rows : int or None
         Rows audited at a time (memory bound in docs/interop.md); None: ``BLOCK_ELEMENTS //
-        C``. The result does not depend on it.
+        C``. The result does not depend on it (but for the random streams of stochastic
+        rounding: each block draws its own).
     sr_samples, sr_seed, sr_confidence
         Stochastic rounding only (``dtype`` such as ``float16@stochastic``): independent SR
         streams of the Monte Carlo estimates (an integer >= 2), the seed of their random bits,
@@ -840,7 +841,10 @@ def audit_cross_entropy(
     scoped = sr is not None and not in_stochastic_scope()
     with stochastic_scope(sr_seed, 0, "audit") if scoped else contextlib.nullcontext():
         parts = [
-            _audit_rows(_rows(z, i, j, fmt), y[i:j], kind, fmt, order, eps, method, sr)
+            _audit_rows(
+                _rows(z, i, j, fmt), y[i:j], kind, fmt, order, eps, method,
+                None if sr is None else {**sr, "first_row": i},
+            )
             for i, j in _blocks(z.shape[0], z.shape[1], block_rows)
         ]
     fields = {k: np.concatenate([p[k] for p in parts]).reshape(lead) for k in parts[0]}

@@ -28,7 +28,8 @@ exceeds :data:`MAX_STATES` states, StableMax, non-finite rows) get the Monte Car
 Monte Carlo (:func:`stochastic_rows`)
 -------------------------------------
 ``samples`` independent SR streams (the rows tiled ``samples`` times, one key per block of
-streams: ``(seed, block, tensor_id("audit_stochastic") + n)``): the fraction ``k / R`` of
+streams and of rows: ``(seed, block, tensor_id("audit_stochastic/<first row>") + n)``): the
+fraction ``k / R`` of
 streams whose normaliser is 1, with its **Wilson score interval** (:func:`wilson_interval`),
 and the sample mean of the loss and of the target-class gradient with their standard errors
 ``sd / √R``; the bias is the mean minus the exact (mpmath-certified) value.
@@ -281,22 +282,22 @@ class StochasticAudit:
         }
 
 
-def _streams(zq, y, kind, fmt, order, eps, samples, seed):
+def _streams(zq, y, kind, fmt, order, eps, samples, seed, first_row):
     """``(samples, N)`` arrays of collapse flags, losses and target gradients of independent
-    SR streams."""
+    SR streams (keys: seed, block of streams, and the phase ``audit_stochastic/<first_row>``,
+    so that the rows of every block of an audit draw their own words)."""
     n, c = zq.shape
     per = max(1, min(samples, _BLOCK_ELEMENTS // max(1, n * c)))
     flags, losses, grads = [], [], []
     for block, start in enumerate(range(0, samples, per)):
         r = min(per, samples - start)
         zr, yr = np.tile(zq, (r, 1)), np.tile(y, r)
-        with stochastic_scope(seed, block, "audit_stochastic"):
+        with stochastic_scope(seed, block, f"audit_stochastic/{first_row}"):
             loss, cache = loss_forward(zr, yr, kind=kind, fmt=fmt, order=order, eps=eps)
             g = loss_backward(cache, 1.0)
-            if kind == "softmax":
-                hit = cache.normaliser == 1
-            else:
-                hit = collapse_mask(zr, fmt, kind=kind, order=order, eps=eps)
+            hit = (cache.normaliser == 1) if kind == "softmax" else collapse_mask(
+                zr, fmt, kind=kind, order=order, eps=eps
+            )  # StableMax: its own normaliser, summed once more (another draw)
         flags.append(np.asarray(hit).reshape(r, n))
         losses.append(loss.astype(np.float64).reshape(r, n))
         grads.append(g[np.arange(r * n), yr].astype(np.float64).reshape(r, n))
@@ -304,10 +305,11 @@ def _streams(zq, y, kind, fmt, order, eps, samples, seed):
 
 
 def stochastic_rows(zq, y, kind, fmt, order, eps, loss_exact, grad_exact, *, samples: int,
-                    seed: int, confidence: float) -> dict:
+                    seed: int, confidence: float, first_row: int = 0) -> dict:
     """The per-row arrays of :class:`StochasticAudit` for checked 2-D logits ``zq`` (values
-    of ``fmt``) and labels ``y``; ``loss_exact``/``grad_exact`` the exact values per row."""
-    flags, losses, grads = _streams(zq, y, kind, fmt, order, eps, samples, seed)
+    of ``fmt``) and labels ``y``; ``loss_exact``/``grad_exact`` the exact values per row;
+    ``first_row`` the index of ``zq[0]`` in the audit (its streams' key)."""
+    flags, losses, grads = _streams(zq, y, kind, fmt, order, eps, samples, seed, first_row)
     hits = flags.sum(axis=0).astype(np.int64)
     prob = hits / samples
     low, high = wilson_interval(hits, samples, confidence)

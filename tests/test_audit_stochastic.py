@@ -226,3 +226,16 @@ def test_wilson_interval():
     assert lo[0] == 0 and hi[2] == 1 and lo[2] < 1 and hi[0] > 0
     # the textbook value for 50/100 at 95 %: 0.5 ± 0.0962
     assert abs(lo[1] - 0.4038) < 1e-4 and abs(hi[1] - 0.5962) < 1e-4
+
+
+def test_row_blocks_draw_their_own_streams_and_stablemax_is_estimated():
+    z = np.tile(np.array([[0, -7.5, -8.0, -9.0]], dtype=np.float32), (4, 1))
+    rep = audit_cross_entropy(z, [0] * 4, dtype="float16@sr", block_rows=1, sr_samples=64)
+    # identical rows in different blocks: independent streams, so not identical draws
+    assert len(set(rep.stochastic.target_grad_mean.tolist())) > 1
+    sm = audit_cross_entropy(z, [0] * 4, dtype="bfloat16@sr", kind="stablemax", sr_samples=64)
+    s = sm.stochastic
+    assert not s.collapse_exact.any()
+    assert ((s.collapse_low <= s.collapse_probability)
+            & (s.collapse_probability <= s.collapse_high)).all()
+    assert np.isfinite(s.loss_bias).all() and np.isfinite(s.target_grad_se).all()
