@@ -49,6 +49,7 @@ add an absolute ``n·2**-1074`` (float64) term. ``log1p`` and the final subtract
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import time
@@ -60,6 +61,7 @@ from fractions import Fraction
 import numpy as np
 
 from numstab import exact
+from numstab.audit_stochastic import StochasticAudit, stochastic_rows
 from numstab.fidelity import FidelityReport, op_fidelity, rounding_fidelity
 from numstab.functional import (
     _check_eps,
@@ -81,11 +83,13 @@ from numstab.precision import (
     quantize,
 )
 from numstab.process_arithmetic import FlushToZeroError, require_gradual_underflow
+from numstab.rounding_modes import in_stochastic_scope, stochastic_scope
 from numstab.summation import wide_format
 
 __all__ = [
     "CrossEntropyAudit",
     "FidelityReport",
+    "StochasticAudit",
     "absorbed",
     "audit_cross_entropy",
     "exact_logit_gradient",
@@ -687,6 +691,12 @@ class CrossEntropyAudit:
         arithmetic).
     used_mpmath : bool
         Rows that fell back to mpmath.
+    stochastic : StochasticAudit or None
+        For a format in stochastic rounding (``float16@stochastic``): per row, the probability
+        that the normaliser is exactly 1 (exact or a Monte Carlo estimate with its Wilson
+        interval) and the bias of the loss and target gradient against the exact ones
+        (:mod:`numstab.audit_stochastic`); the fields above are then one SR draw. None
+        otherwise.
 
     Other attributes: ``dtype``, ``kind``, ``order``, ``method``, ``exact_rel_bound`` (relative
     error bound of the fast exact values; 0 for mpmath rows), ``seconds``.
@@ -711,6 +721,7 @@ class CrossEntropyAudit:
     exact_rel_bound: np.ndarray
     seconds: float = 0.0
     notes: tuple = field(default=())
+    stochastic: StochasticAudit | None = None
 
     def __len__(self) -> int:
         return int(self.loss.size)
@@ -743,6 +754,7 @@ class CrossEntropyAudit:
             "mpmath_rows": int(np.count_nonzero(self.used_mpmath)),
             "exact_rel_bound_max": float(np.max(self.exact_rel_bound)) if n else 0.0,
             "seconds": self.seconds,
+            **(self.stochastic.summary() if self.stochastic is not None else {}),
         }
 
 
@@ -756,6 +768,9 @@ def audit_cross_entropy(
     eps: float = 0.0,
     method: str = "auto",
     block_rows: int | None = None,
+    sr_samples: int = 64,
+    sr_seed: int = 0,
+    sr_confidence: float = 0.95,
 ) -> CrossEntropyAudit:
     """Audit a cross-entropy computed in a format against exact arithmetic, per sample.
 
@@ -785,12 +800,19 @@ def audit_cross_entropy(
         longdouble); ``mpmath``: every row in mpmath.
     block_rows : int or None
         Rows audited at a time (memory bound in docs/interop.md); None: ``BLOCK_ELEMENTS //
-        C``. The result does not depend on it.
+        C``. The result does not depend on it (but for the random streams of stochastic
+        rounding: each block draws its own).
+    sr_samples, sr_seed, sr_confidence
+        Stochastic rounding only (``dtype`` such as ``float16@stochastic``): independent SR
+        streams of the Monte Carlo estimates (an integer >= 2), the seed of their random bits,
+        and the confidence level of the Wilson interval in (0, 1). The computed fields are one
+        draw of the enclosing :func:`numstab.rounding_modes.stochastic_scope` (or of
+        ``stochastic_scope(sr_seed, 0, "audit")`` outside one).
 
     Returns
     -------
     CrossEntropyAudit
-        Per-sample fields of the logits' leading shape.
+        Per-sample fields of the logits' leading shape (``stochastic``: the SR figures).
 
     Raises
     ------
@@ -812,25 +834,54 @@ def audit_cross_entropy(
     _eps(eps)
     z, fmt, lead = _logits_and_format(logits, dtype)
     y = _labels(labels, lead, z.shape[1])
+    sr = None
+    if fmt.rounding == "stochastic":
+        sr = _sr_options(sr_samples, sr_seed, sr_confidence)
     t0 = time.perf_counter()
-    parts = [
-        _audit_rows(_rows(z, i, j, fmt), y[i:j], kind, fmt, order, eps, method)
-        for i, j in _blocks(z.shape[0], z.shape[1], block_rows)
-    ]
+    scoped = sr is not None and not in_stochastic_scope()
+    with stochastic_scope(sr_seed, 0, "audit") if scoped else contextlib.nullcontext():
+        parts = [
+            _audit_rows(
+                _rows(z, i, j, fmt), y[i:j], kind, fmt, order, eps, method,
+                None if sr is None else {**sr, "first_row": i},
+            )
+            for i, j in _blocks(z.shape[0], z.shape[1], block_rows)
+        ]
     fields = {k: np.concatenate([p[k] for p in parts]).reshape(lead) for k in parts[0]}
+    stochastic = None
+    if sr is not None:
+        rows = {k[3:]: fields.pop(k) for k in list(fields) if k.startswith("sr_")}
+        stochastic = StochasticAudit(**rows, **sr, interval="wilson")
     return CrossEntropyAudit(
         dtype=fmt.name,
         kind=kind,
         order=order,
         method=method,
         seconds=time.perf_counter() - t0,
+        stochastic=stochastic,
         **fields,
     )
 
 
-def _audit_rows(z, y, kind, fmt, order, eps, method) -> dict:
+def _sr_options(samples, seed, confidence) -> dict:
+    """The checked Monte Carlo options of a stochastic-rounding audit."""
+    if not _is_int(samples) or samples < 2:
+        raise ValueError(f"sr_samples must be an integer >= 2, got {_show(samples)}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"sr_seed must be an integer >= 0, got {_show(seed)}")
+    if not _is_number(confidence) or not 0 < float(confidence) < 1:
+        raise ValueError(f"sr_confidence must be a number in (0, 1), got {_show(confidence)}")
+    return {"samples": int(samples), "seed": int(seed), "confidence": float(confidence)}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _audit_rows(z, y, kind, fmt, order, eps, method, sr=None) -> dict:
     """The per-sample fields of :class:`CrossEntropyAudit` for checked 2-D logits ``z``
-    (widened) and labels ``y``."""
+    (widened) and labels ``y``; with ``sr`` (stochastic rounding) also the rows of
+    :class:`StochasticAudit`, keys prefixed ``sr_``."""
     with np.errstate(over="ignore"):  # beyond the format's range: ±inf, as rounding says
         zq = quantize(z, fmt)
     n, _c = zq.shape
@@ -869,7 +920,12 @@ def _audit_rows(z, y, kind, fmt, order, eps, method) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = np.abs(target - tgt_x) / np.abs(tgt_x)
     rel = np.where((target == tgt_x) | (np.isnan(target) & np.isnan(tgt_x)), 0.0, rel)
+    extra = {}
+    if sr is not None:
+        got = stochastic_rows(zq, y, kind, fmt, order, eps, loss_x, tgt_x, **sr)
+        extra = {"sr_" + k: v for k, v in got.items()}
     return dict(
+        **extra,
         loss=loss_c,
         loss_exact=loss_x,
         loss_ulp_error=_ulp_error(loss_c, loss_x, fmt),

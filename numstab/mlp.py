@@ -4,10 +4,12 @@
 so that a layer is ``x @ W``. With index inputs (modular arithmetic: ``x = (a, p + b)``) the
 first layer is a gather, ``W1[a] + W1[p + b]``, bit-identical to ``onehot(x) @ W1``.
 
-All arithmetic follows a :class:`~numstab.precision.PrecisionPolicy`: parameters and
-activations in ``policy.storage``, matrix products accumulated in ``policy.compute`` and rounded
-once. For a bias-free network the output is positively homogeneous of degree L (the number of
-linear layers): ``f(cθ) = c^L f(θ)`` for ``c > 0``.
+All arithmetic follows a :class:`~numstab.precision.PrecisionPolicy`: parameters in
+``policy.storage``, matrix products accumulated in ``policy.compute`` and rounded once, to
+``policy.activations`` in the forward and ``policy.gradients`` in the backward (each
+``storage`` unless set: :meth:`~numstab.precision.PrecisionPolicy.for_role`). For a
+bias-free network the output is positively homogeneous of degree L (the number of linear
+layers): ``f(cθ) = c^L f(θ)`` for ``c > 0``.
 
 The arithmetic is backend-generic (see :mod:`numstab.functional`): parameters and inputs of
 one backend (NumPy, CuPy, or an array-API library for float32/float64) give results of that
@@ -160,9 +162,11 @@ def forward(params, x, config: MLPConfig, policy: PrecisionPolicy):
     Returns
     -------
     logits : ndarray, shape (N, n_classes), storage carrier dtype
+        Values of ``policy.activations`` (``storage`` unless set).
     cache : list
         Per-layer caches for :func:`backward`.
     """
+    policy = policy.for_role("activations")  # the precision roles: results in their format
     caches = []
     L = config.n_layers
     b = params.get("b1")
@@ -189,8 +193,8 @@ def backward(
     Parameters
     ----------
     dlogits : ndarray, shape (N, n_classes)
-        Any float dtype; rounded to the storage format first (as a framework casts the
-        loss-format gradient back to the parameters' dtype).
+        Any float dtype; rounded to the gradient format first (``policy.gradients``, else
+        storage: as a framework casts the loss-format gradient back to the parameters' dtype).
     caches : from :func:`forward`
     plan : GatherPlan
         Required for ``index`` inputs (the segment-sum order of the first layer's backward).
@@ -198,7 +202,9 @@ def backward(
     Returns
     -------
     dict of name -> ndarray, the same names and shapes as the parameters
+        Values of ``policy.gradients`` (``storage`` unless set).
     """
+    policy = policy.for_role("gradients")  # the precision roles: results in their format
     grads = {}
     L = config.n_layers
     g = quantize(dlogits, policy.storage)

@@ -769,10 +769,21 @@ class PrecisionPolicy:
     update : Format or None
         The update ``θ + Δθ`` written back to the parameters: ``storage``'s format in its own
         rounding mode and subnormal rule (``float16@stochastic`` under a ``float16`` storage);
-        None: ``storage``. Each format carries its mode (:func:`with_arithmetic`), so the roles
-        are: parameters, activations and gradients (``storage``), GEMM accumulation
-        (``compute``), the loss and its sums (``loss``), the update (``update``); the optimizer
-        state has its own format (:mod:`numstab.optim`).
+        None: ``storage``.
+    activations : Format or None
+        The forward's results (layer outputs, the logits, dense inputs): every GEMM of the
+        forward is rounded once to it; None: ``storage``.
+    gradients : Format or None
+        The backward's results (the logit gradient as it enters the network, activation and
+        parameter gradients): every GEMM and bias sum of the backward is rounded once to it;
+        None: ``storage``. ``activations`` and ``gradients`` share ``storage``'s carrier dtype
+        and are at most as wide as ``compute``.
+
+    Each format carries its rounding mode and subnormal rule (:func:`with_arithmetic`), so the
+    roles are: parameters (``storage``), GEMM accumulation (``compute``), activations,
+    gradients, the loss and its sums (``loss``), the update (``update``); the optimizer state
+    has its own format (:mod:`numstab.optim`). :meth:`for_role` gives the policy a forward or
+    backward computes with.
 
     Examples
     --------
@@ -788,6 +799,8 @@ class PrecisionPolicy:
     order: str = "pairwise"
     elementary: str = "correct"
     update: Format | None = None
+    activations: Format | None = None
+    gradients: Format | None = None
 
     def __post_init__(self):
         for attr in ("storage", "compute", "loss"):
@@ -810,6 +823,35 @@ class PrecisionPolicy:
                 f"compute format {self.compute.name} is narrower than storage format "
                 f"{self.storage.name}; GEMMs must accumulate at least as wide as they store"
             )
+        for role in ("activations", "gradients"):
+            if getattr(self, role) is not None:
+                object.__setattr__(self, role, self._role_format(role))
+
+    def _role_format(self, role: str) -> Format:
+        """The checked format of ``role`` (activations or gradients)."""
+        fmt = get_format(getattr(self, role))
+        if fmt.carrier != self.storage.carrier:
+            raise ValueError(
+                f"{role} format {fmt.name} is carried in {fmt.carrier}, the storage format "
+                f"{self.storage.name} in {self.storage.carrier}: a role's format must share "
+                "the parameters' carrier (e.g. any format up to float32 beside float32 storage)"
+            )
+        if fmt.precision > self.compute.precision:
+            raise ValueError(
+                f"{role} format {fmt.name} is wider than the compute format "
+                f"{self.compute.name}; GEMMs round their accumulation to it"
+            )
+        return fmt
+
+    def for_role(self, role: str) -> PrecisionPolicy:
+        """The policy whose ``storage`` is ``role``'s format (``"activations"`` for a
+        forward, ``"gradients"`` for a backward); itself when the role is not set."""
+        fmt = getattr(self, role)
+        if fmt is None or fmt == self.storage:
+            return self
+        return dataclasses.replace(
+            self, storage=fmt, update=None, activations=None, gradients=None
+        )
 
     @classmethod
     def uniform(
@@ -848,8 +890,9 @@ class PrecisionPolicy:
             "order": self.order,
             "elementary": self.elementary,
         }
-        if self.update is not None:
-            d["update"] = self.update.name
+        for role in ("update", "activations", "gradients"):
+            if getattr(self, role) is not None:
+                d[role] = getattr(self, role).name
         return d
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "SUBNORMAL_RULES",
     "canonical_rounding",
     "flush_subnormals",
+    "in_stochastic_scope",
     "next_key",
     "round_to_grid",
     "stochastic_scope",
@@ -163,6 +164,11 @@ def stochastic_scope(seed: int, step: int, phase: str) -> Iterator[None]:
         yield
     finally:
         _SCOPE.reset(token)
+
+
+def in_stochastic_scope() -> bool:
+    """Whether a :func:`stochastic_scope` encloses the caller (its keys are then used)."""
+    return _SCOPE.get() is not None
 
 
 def next_key() -> tuple[int, int, int]:

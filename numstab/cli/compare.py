@@ -170,6 +170,12 @@ AUDIT_METRICS = {
     "audited_samples": ("audited_samples", ""),
     "mpmath_rows": ("mpmath_rows", ""),
 }
+#: Written too when the loss rounds stochastically (numstab.audit_stochastic): the mean over
+#: rows of P(normaliser = 1), and the loss's and target gradient's bias with its standard error.
+SR_AUDIT_METRICS = (
+    "sr_collapse_probability_mean", "sr_collapse_exact_rows", "sr_loss_bias_mean",
+    "sr_loss_bias_se", "sr_target_grad_bias_mean", "sr_target_grad_bias_se",
+)
 
 
 def _log_audit(log: MetricLog, record: dict) -> None:
@@ -178,6 +184,10 @@ def _log_audit(log: MetricLog, record: dict) -> None:
     for key, (metric, layer) in AUDIT_METRICS.items():
         v = record[key]
         log.add(t, "test", "train", metric, math.nan if v is None else v, layer)
+    for key in SR_AUDIT_METRICS:
+        if key in record:
+            v = record[key]
+            log.add(t, "test", "train", key, math.nan if v is None else v, "")
     for layer, v in record["nlm_cosine_exact_layers"].items():
         log.add(t, "test", "train", "nlm_cosine_exact", v, layer)
 
@@ -252,6 +262,7 @@ class Auditor:
                 "audited_samples": len(rep),
                 "mpmath_rows": s["mpmath_rows"],
                 "audit_seconds": s["seconds"],
+                **{k: s[k] for k in SR_AUDIT_METRICS if k in s},
             }
         )
         _log_audit(run.log, self.records[-1])

@@ -45,7 +45,10 @@ TRANSFORMER_FIELDS = (
     "d_model", "heads", "d_ff", "dropout", "norm_placement", "attention", "layer_norm_eps",
 )
 #: Options of the MLP alone: at their defaults when the model is the transformer.
-MLP_FIELDS = ("hidden", "bias", "alpha", "init_scale")
+MLP_FIELDS = ("hidden", "bias", "alpha", "init_scale", *(
+    f"{role}_{part}" for role in ("activation", "gradient")
+    for part in ("dtype", "rounding", "subnormals")
+))
 
 #: Fields added after run ids were published, with the value at which a run is the one
 #: computed before the field existed: at that value the field is left out of the run id
@@ -69,6 +72,12 @@ ID_NEUTRAL = {
     "loss_rounding": None,
     "loss_subnormals": None,
     "update_rounding": None,
+    "activation_dtype": None,
+    "activation_rounding": None,
+    "activation_subnormals": None,
+    "gradient_dtype": None,
+    "gradient_rounding": None,
+    "gradient_subnormals": None,
 }
 
 _FORMAT_WORDS = (
@@ -194,6 +203,34 @@ class TrainConfig:
         "rounding mode of the update θ + Δθ alone (stored in --dtype); none: --rounding",
         choices=(*ROUNDING_MODES, None), aliases=canonical_rounding,
     )
+    activation_dtype: str | None = option(
+        None, "str", "format of the MLP's activations (the forward's results); none: --dtype",
+        choices=(*_NAMED_FORMATS, None), aliases=_format_name,
+        allowed=_FORMAT_WORDS + ", or none",
+    )
+    activation_rounding: str | None = option(
+        None, "str", "rounding mode of the activations alone; none: --rounding",
+        choices=(*ROUNDING_MODES, None), aliases=canonical_rounding,
+    )
+    activation_subnormals: str | None = option(
+        None, "str", "subnormal rule of the activations alone; none: --subnormals",
+        choices=(*SUBNORMAL_RULES, None),
+    )
+    gradient_dtype: str | None = option(
+        None, "str",
+        "format of the MLP's gradients (the backward's results, from the logit gradient on); "
+        "none: --dtype",
+        choices=(*_NAMED_FORMATS, None), aliases=_format_name,
+        allowed=_FORMAT_WORDS + ", or none",
+    )
+    gradient_rounding: str | None = option(
+        None, "str", "rounding mode of the gradients alone; none: --rounding",
+        choices=(*ROUNDING_MODES, None), aliases=canonical_rounding,
+    )
+    gradient_subnormals: str | None = option(
+        None, "str", "subnormal rule of the gradients alone; none: --subnormals",
+        choices=(*SUBNORMAL_RULES, None),
+    )
     elementary: str = option(
         "correct", "str",
         "exp/log/log1p/expm1: correctly rounded in the declared format, or the platform's libm "
@@ -274,7 +311,7 @@ class TrainConfig:
         try:
             self.policy  # noqa: B018 (a rounding mode the formats cannot take is refused)
         except ValueError as exc:
-            raise ValueError(f"rounding: {exc}") from None
+            raise ValueError(f"precision policy: {exc}") from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # hazard warnings come again when it runs
@@ -360,10 +397,22 @@ class TrainConfig:
         policy = PrecisionPolicy.paper(
             self.storage_format, loss.name, order=self.order, elementary=self.elementary
         )
-        if self.update_rounding is None:
-            return policy
-        update = with_arithmetic(self.dtype, self.update_rounding, self.subnormals)
-        return dataclasses.replace(policy, update=update)
+        roles = {role: self._role_format(role[:-1]) for role in ("activations", "gradients")}
+        if self.update_rounding is not None:
+            roles["update"] = with_arithmetic(self.dtype, self.update_rounding, self.subnormals)
+        roles = {k: v for k, v in roles.items() if v is not None}
+        return dataclasses.replace(policy, **roles) if roles else policy
+
+    def _role_format(self, role: str):
+        """The format of ``activation`` or ``gradient`` from its three options (each
+        defaulting to the run's own); None when it is the storage format."""
+        dtype, rounding, subnormals = (
+            getattr(self, f"{role}_{part}") for part in ("dtype", "rounding", "subnormals")
+        )
+        fmt = with_arithmetic(
+            dtype or self.dtype, rounding or self.rounding, subnormals or self.subnormals
+        )
+        return None if fmt.name == self.storage_format else fmt
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
