@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.match import config_matches
+from numstab.run.config import TrainConfig
 
 __all__ = ["Results", "RunRecord", "load_results", "varying_fields"]
 
@@ -87,7 +88,7 @@ class Results:
             st = summary.get("status") if isinstance(summary, dict) else None
             runs[name] = RunRecord(
                 name,
-                cfg.get("config", {}),
+                _as_recorded(cfg.get("config", {})),
                 st if st in ("ok", "failed") else "incomplete",
                 summary if isinstance(summary, dict) else None,
             )
@@ -204,6 +205,17 @@ def _layer_key(name: str):
         return (2, 0, "")
     kind, num = name[:1], name[1:]
     return (0 if kind == "W" else 1, int(num) if num.isdigit() else 0, name)
+
+
+def _as_recorded(config: dict) -> dict:
+    """A run's configuration with every field of today's :class:`TrainConfig`: a record
+    written before a field existed gets the value it was computed with
+    (:meth:`TrainConfig.from_dict`), so that runs of one sweep recorded by different versions
+    group together; a record TrainConfig refuses is kept as it is."""
+    try:
+        return {**config, **TrainConfig.from_dict(config).to_dict()}
+    except (TypeError, ValueError):
+        return dict(config)
 
 
 def _read_json(path):

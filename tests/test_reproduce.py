@@ -643,6 +643,24 @@ def test_claims_are_json_serialisable():
 # --- results, stats, plots ---------------------------------------------------------------------
 
 
+def test_results_fill_fields_added_after_a_record(tmp_path):
+    """A run recorded before ``model``, ``rounding`` and ``elementary`` existed groups with
+    today's run of the same setup; its missing fields take the values it was computed with
+    (``elementary``: libm, RECORDED_BEFORE), not None."""
+    new = _cfg(loss_dtype="float64", seed=0)
+    old = {k: v for k, v in _cfg(loss_dtype="float64", seed=1).items()
+           if k not in ("model", "rounding", "elementary", "d_model")}
+    for rid, cfg in (("new", new), ("old", old)):
+        (tmp_path / rid).mkdir()
+        (tmp_path / rid / "config.json").write_text(json.dumps({"config": cfg}))
+    res = Results.from_dir(tmp_path)
+    assert res.runs["old"].config["model"] == "mlp" and res.runs["old"].config["d_model"] == 128
+    assert res.runs["old"].config["elementary"] == "libm"
+    assert list(res.group(["new", "old"], ["loss_dtype", "model", "rounding"])) == [
+        (("loss_dtype", "float64"), ("model", "mlp"), ("rounding", "nearest"))
+    ]
+
+
 def test_results_from_a_sweep_folder(tmp_path):
     out = tmp_path / "sweep"
     ok = S.parse_spec(
