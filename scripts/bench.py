@@ -130,8 +130,11 @@ class Report:
     def fact(self, key, value, text=None):
         self.facts[key] = value
         if text is not None:
-            print(f"    # {text}")
-            sys.stdout.flush()
+            self.say(text)
+
+    def say(self, text):
+        print(f"    # {text}")
+        sys.stdout.flush()
 
     def target(self, name, measured, limit, *, kind="<=", unit="", detail=""):
         """Record ``measured`` against ``limit`` (kind "<=" or ">="; None measured -> n/a)."""
@@ -442,6 +445,103 @@ def gemm_floor(ops):
     return fn
 
 
+def gemm_flops(ops):
+    """Floating-point operations of the six products: ``2·m·k·n`` each (multiply and add)."""
+    h1, w2, h2, w3 = (ops[k] for k in ("h1", "W2", "h2", "W3"))
+    n = h1.shape[0]
+    return 3 * 2 * n * (h1.shape[1] * w2.shape[1] + h2.shape[1] * w3.shape[1])
+
+
+def elementwise_bytes(run):
+    """The fewest bytes the step's non-GEMM work can move, every pass fused and every tensor
+    read or written once: the gather writes h1 (ReLU fused), the loss reads the logits and
+    writes the logit gradient, each ReLU backward reads the upstream gradient and the
+    activation and writes the gradient, the segment sum reads dh1, and AdamW reads θ, g, m, v
+    and writes θ, m, v (7 |θ|). Storage carrier itemsize (float16/bfloat16 are carried in
+    float32); index inputs and labels not counted."""
+    n = run.y_train.shape[0]
+    h1, h2 = run.model.hidden
+    c = run.model.n_classes
+    item = np.dtype(run.policy.storage.carrier).itemsize
+    acts = n * h1 + 2 * n * c + 3 * n * h2 + 3 * n * h1 + n * h1
+    params = sum(int(v.size) for v in run.params.values())
+    return item * (acts + 7 * params)
+
+
+def copy_bandwidth(nbytes, repeats=20):
+    """Bytes per second of ``np.copyto`` (read + write: 2 × ``nbytes``), best of ``repeats``;
+    one thread (NumPy copies on the calling thread)."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+#: A child process that times ``Run.advance`` through the plain library path: numstab
+#: imported, no ``tune_allocator`` call, glibc's default allocator. It reads
+#: ``<dtype> <threads> <steps>`` lines and answers each with the JSON list of
+#: ``[wall, cpu]`` seconds per step.
+_LIBRARY_CHILD = r"""
+import gc, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from threadpoolctl import threadpool_limits
+from numstab.run import Run, TrainConfig
+runs = {}
+for line in sys.stdin:
+    dt, n, k = line.split()
+    if dt not in runs:
+        runs[dt] = Run(TrainConfig(dtype=dt), name=f"bench-{dt}")
+    out = []
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        gc.collect()
+        gc.disable()
+        for _ in range(int(k)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            runs[dt].advance(log=False)
+            out.append([time.perf_counter() - t0, time.process_time() - c0])
+        gc.enable()
+    print(json.dumps(out), flush=True)
+"""
+
+
+class LibraryChild:
+    """The plain library path (see ``_LIBRARY_CHILD``), driven one step at a time so that its
+    steps interleave with the bench's own rounds; its own per-step timings are kept (the pipe
+    round trip is not timed)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LIBRARY_CHILD, str(ROOT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.samples: dict = {}
+
+    def step_fn(self, dtype, threads):
+        def fn():
+            self.proc.stdin.write(f"{dtype} {threads} 1\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the library-path child process ended")
+            self.samples.setdefault((dtype, threads), []).extend(json.loads(line))
+
+        return fn
+
+    def stat(self, dtype, threads, repeats):
+        s = self.samples[(dtype, threads)][-repeats:]
+        return _stat([w for w, _ in s], [c for _, c in s])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 # --- the paper's step: PyTorch ----------------------------------------------------------------
 
 
@@ -521,73 +621,158 @@ class TorchStep:
 # --- section 1 --------------------------------------------------------------------------------
 
 
+#: Issue 19's targets for section 1 (ratios of medians measured in one run).
+STEP_GEMM_TARGET = 1.15  # float32 / float64 step over its own six GEMMs
+LOW_PRECISION_TARGETS = {"float16": 1.3, "bfloat16": 1.2}  # step over the float32 step
+TORCH_TARGET = 0.8  # numstab step over PyTorch's
+
+
 def section_step(rep, args, torch_mod, thr):
-    for n in args.threads:
-        runs = {dt: new_run(dt) for dt in PAPER_DTYPES}
-        # The floors: operands at step 0 of the float32 / float64 runs (float16/bfloat16 are
-        # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
-        floor32 = gemm_floor(gemm_operands(runs["float32"]))
-        floor64 = gemm_floor(gemm_operands(runs["float64"]))
-        cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
-        cases["numstab float32 GEMMs alone (floor)"] = floor32
-        cases["numstab float64 GEMMs alone (floor)"] = floor64
-        groups = [(contextlib.nullcontext, cases)]
-        tsteps = {}
+    """Section 1 at each thread count, then the machine's limit (GEMM peak, elementwise
+    floor) from all of them."""
+    lib = LibraryChild()
+    limit = {}
+    try:
+        for n in args.threads:
+            limit[n] = _step_block(rep, args, torch_mod, thr, n, lib)
+    finally:
+        lib.close()
+    _report_limit(rep, limit)
+
+
+def _step_block(rep, args, torch_mod, thr, n, lib):
+    runs = {dt: new_run(dt) for dt in PAPER_DTYPES}
+    # The floors: operands at step 0 of the float32 / float64 runs (float16/bfloat16 are
+    # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
+    ops = {dt: gemm_operands(runs[dt]) for dt in ("float32", "float64")}
+    cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
+    cases["numstab float32 GEMMs alone (floor)"] = gemm_floor(ops["float32"])
+    cases["numstab float64 GEMMs alone (floor)"] = gemm_floor(ops["float64"])
+    lib_cases = {f"library {dt} step": lib.step_fn(dt, n) for dt in PAPER_DTYPES}
+    groups = [(contextlib.nullcontext, cases), (contextlib.nullcontext, lib_cases)]
+    if torch_mod is not None:
+        tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
+        groups.append(
+            (contextlib.nullcontext, {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()})
+        )
+    with thr.block(n):
+        blas_now = blas_threads_now()
         if torch_mod is not None:
-            tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
-            groups.append(
-                (contextlib.nullcontext, {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()})
-            )
-        with thr.block(n):
-            blas_now = blas_threads_now()
-            if torch_mod is not None:
-                blas_now.append(("torch", torch_mod.get_num_threads()))
-            res = measure_rounds(groups, args.repeats, args.warmup)
-        st = {case: _stat(*res[case]) for case in res}
-        blas_note = ",".join(f"{a}={k}" for a, k in blas_now)
+            blas_now.append(("torch", torch_mod.get_num_threads()))
+        res = measure_rounds(groups, args.repeats, args.warmup)
+    st = {case: _stat(*res[case]) for case in res}
+    for dt in PAPER_DTYPES:  # the child's own timings, not the pipe round trips
+        st[f"library {dt} step"] = lib.stat(dt, n, args.repeats)
+    blas_note = ",".join(f"{a}={k}" for a, k in blas_now)
+
+    def floor_of(dt):
+        return st[f"numstab {'float64' if dt == 'float64' else 'float32'} GEMMs alone (floor)"]
+
+    for path, label in (("numstab", "CLI path"), ("library", "library path")):
         for dt in PAPER_DTYPES:
-            case = f"numstab {dt} step"
-            floor = st[f"numstab {'float64' if dt == 'float64' else 'float32'} GEMMs alone (floor)"]
-            ratio = st[case]["median"] / floor["median"]
-            note = f"{ratio:.2f}× own GEMMs"
-            if dt in ("float16", "bfloat16"):
-                rel = st[case]["median"] / st["numstab float32 step"]["median"]
-                note += f", {rel:.2f}× float32"
+            case = f"{path} {dt} step"
+            ratio = st[case]["median"] / floor_of(dt)["median"]
             st[case]["gemm_ratio"] = ratio
+            note = f"{label}: {ratio:.2f}× own GEMMs"
+            if dt in LOW_PRECISION_TARGETS:
+                rel = st[case]["median"] / st[f"{path} float32 step"]["median"]
+                st[case]["float32_ratio"] = rel
+                note += f", {rel:.2f}× float32"
+            if path == "library":
+                note += f", {st[case]['median'] / st[f'numstab {dt} step']['median']:.2f}× CLI"
             rep.row("1", case, n, st[case], note + f" [{blas_note}]")
+    for dt in ("float32", "float64"):
+        case = f"numstab {dt} GEMMs alone (floor)"
+        rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
+    for dt in TORCH_DTYPES:
+        case = f"PyTorch {dt} step"
+        if torch_mod is None:
+            rep.row("1", case, n, None, f"torch {args.torch_status}")
+            continue
+        ratio = st[f"numstab {dt} step"]["median"] / st[case]["median"]
+        st[case]["numstab_ratio"] = ratio
+        rep.row("1", case, n, st[case], f"numstab/PyTorch = {ratio:.2f} [{blas_note}]")
+    # targets
+    for dt in TORCH_DTYPES:
+        ratio = st.get(f"PyTorch {dt} step", {}).get("numstab_ratio")
+        rep.target(
+            f"{dt} step / PyTorch {dt} step [{n} thr]",
+            ratio,
+            TORCH_TARGET,
+            detail="" if torch_mod is not None else f"torch {args.torch_status}",
+        )
+    for path in ("numstab", "library"):
+        tag = "" if path == "numstab" else ", library path"
         for dt in ("float32", "float64"):
-            case = f"numstab {dt} GEMMs alone (floor)"
-            rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
-        for dt in TORCH_DTYPES:
-            case = f"PyTorch {dt} step"
-            if torch_mod is None:
-                rep.row("1", case, n, None, f"torch {args.torch_status}")
-                continue
-            ratio = st[f"numstab {dt} step"]["median"] / st[case]["median"]
-            st[case]["numstab_ratio"] = ratio
-            rep.row("1", case, n, st[case], f"numstab/PyTorch = {ratio:.2f} [{blas_note}]")
-        # targets
-        for dt in TORCH_DTYPES:
-            ratio = st.get(f"PyTorch {dt} step", {}).get("numstab_ratio")
             rep.target(
-                f"{dt} step / PyTorch {dt} step [{n} thr]",
-                ratio,
-                0.8,
-                detail="" if torch_mod is not None else f"torch {args.torch_status}",
+                f"{dt} step / its own GEMMs [{n} thr{tag}]",
+                st[f"{path} {dt} step"]["gemm_ratio"],
+                STEP_GEMM_TARGET,
             )
-        for dt in ("float32", "float64"):
+        for dt, lim in LOW_PRECISION_TARGETS.items():
             rep.target(
-                f"{dt} step / its own GEMMs [{n} thr]", st[f"numstab {dt} step"]["gemm_ratio"], 1.3
+                f"{dt} step / float32 step [{n} thr{tag}]",
+                st[f"{path} {dt} step"]["float32_ratio"],
+                lim,
             )
-        for dt in ("float16", "bfloat16"):
-            rep.target(
-                f"{dt} step / float32 step [{n} thr]",
-                st[f"numstab {dt} step"]["median"] / st["numstab float32 step"]["median"],
-                1.5,
-            )
-        rep.facts.setdefault("step", {})[str(n)] = {
-            k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in st.items()
+    rep.facts.setdefault("step", {})[str(n)] = {
+        k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in st.items()
+    }
+    return {
+        "flops": {dt: gemm_flops(o) for dt, o in ops.items()},
+        "bytes": {dt: elementwise_bytes(r) for dt, r in runs.items()},
+        "item_bytes": int(ops["float32"]["h1"].nbytes),
+        "st": st,
+    }
+
+
+def _report_limit(rep, limit):
+    """The machine's limit: GEMM FLOP/s of the step's shapes (the floor rows) at each thread
+    count, its best, the steps' share of it; and the elementwise floor (the bytes of
+    :func:`elementwise_bytes` at the copy bandwidth of step-sized and of DRAM-sized arrays)."""
+    any_n = next(iter(limit.values()))
+    bw_step = copy_bandwidth(any_n["item_bytes"])
+    bw_dram = copy_bandwidth(256 << 20, repeats=5)
+    out = {"copy_bandwidth_step_sized": bw_step, "copy_bandwidth_dram": bw_dram, "gemm": {}}
+    for dt in ("float32", "float64"):
+        flops = any_n["flops"][dt]
+        rate = {
+            n: flops / v["st"][f"numstab {dt} GEMMs alone (floor)"]["median"]
+            for n, v in limit.items()
         }
+        best_n = max(rate, key=rate.get)
+        peak = rate[best_n]
+        rep.say(
+            f"{dt} GEMM peak for the step's shapes: {peak / 1e9:.1f} GFLOP/s at {best_n} "
+            f"thread(s) ({', '.join(f'{n} thr {r / 1e9:.1f}' for n, r in rate.items())}); "
+            f"the step's six products = {flops / 1e9:.3f} GFLOP",
+        )
+        share = {}
+        for n, v in limit.items():
+            for path in ("numstab", "library"):
+                t = v["st"][f"{path} {dt} step"]["median"]
+                share[f"{path} {n}"] = flops / t / peak
+        rep.say(
+            f"{dt} step as a fraction of that peak: "
+            + ", ".join(f"{k.replace('numstab', 'CLI')} thr {s:.0%}" for k, s in share.items()),
+        )
+        out["gemm"][dt] = {
+            "flops": flops,
+            "flops_per_s": rate,
+            "peak": peak,
+            "peak_threads": best_n,
+            "step_share_of_peak": share,
+        }
+    floors = {}
+    for dt, b in any_n["bytes"].items():
+        floors[dt] = {"bytes": b, "floor_s_step_sized": b / bw_step, "floor_s_dram": b / bw_dram}
+        rep.say(
+            f"{dt} elementwise floor: {b / 2**20:.1f} MiB moved at least; "
+            f"{_fmt_s(b / bw_step)} at {bw_step / 1e9:.1f} GB/s (step-sized copies), "
+            f"{_fmt_s(b / bw_dram)} at {bw_dram / 1e9:.1f} GB/s (256 MiB copies)",
+        )
+    out["elementwise_floor"] = floors
+    rep.facts["limit"] = out
 
 
 # --- section 1b: the late phase --------------------------------------------------------------
