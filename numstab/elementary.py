@@ -49,7 +49,7 @@ import math
 import mpmath
 import numpy as np
 
-from numstab import exact
+from numstab import exact, workspace
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
 from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
 from numstab.rounding_modes import flush_subnormals
@@ -281,7 +281,7 @@ def _narrow(name, x, fmt: Format, xp):
         r = quantize(w, fmt)
         return _resolve(name, x, r, _bracket_ambiguous(w, fmt, _REL_NARROW, xp), fmt, xp)
     fn = getattr(np, name)
-    out = np.empty(x.shape, dtype=np.float32)
+    out = workspace.empty(x.shape, np.float32)
     xf, of = x.reshape(-1), out.reshape(-1)
     n = xf.size
     wbuf = np.empty(min(n, _CHUNK_NARROW), dtype=np.float64)

@@ -786,38 +786,104 @@ def _source_hash():
     return h.hexdigest()[:12]
 
 
-def late_checkpoint(rep, args):
-    """Train float32 (paper config) for ``args.late_steps`` steps once; cache params + AdamW
-    state in a .npz keyed by the step count and a hash of the engine sources."""
-    cache = Path(args.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"late-float32-p113-seed0-steps{args.late_steps}-{_source_hash()}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            ck = {k: f[k] for k in f.files}
-        rep.fact(
-            "checkpoint", {"path": str(path), "cached": True}, f"late checkpoint: reused {path}"
-        )
-        return ck
-    t0 = time.perf_counter()
-    run = new_run("float32")
-    with threadpool_limits(limits=max(args.threads), user_api="blas"):
-        for _ in range(args.late_steps):
-            run.advance(log=False)
+def probs_subnormal_fraction(run):
+    """Fraction of the float32 training batch's softmax probabilities that are subnormal."""
+    return _subnormal_fraction(run.evaluate("train").cache.probs)
+
+
+def _checkpoint_arrays(run, fraction, reached):
     ck = {f"param/{k}": v for k, v in run.params.items()}
     ck.update({f"state/{k}": v for k, v in run.opt_state.arrays().items()})
     ck["step"] = np.asarray(run.step, dtype=np.int64)
     ck["opt_step"] = np.asarray(run.opt_state.step, dtype=np.int64)
+    ck["meta/subnormal_fraction"] = np.asarray(fraction, dtype=np.float64)
+    ck["meta/reached"] = np.asarray(reached)
+    return ck
+
+
+def _save_npz(path, arrays):
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **ck)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    dt = time.perf_counter() - t0
+
+
+def _load_npz(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def late_checkpoint(rep, args):
+    """The late float32 checkpoint (paper config, seed 0): trained from step 0 until the
+    fraction of subnormal softmax probabilities of the training batch is at least
+    ``args.late_fraction``, checked every ``args.late_every`` steps, at most
+    ``args.late_steps`` steps. Cached as a .npz keyed by those three numbers and a hash of the
+    engine sources; progress is saved at every check (``.partial.npz``), and a run stopped by
+    ``--late-budget`` resumes from it (full batch, no randomness after the initialisation:
+    the resumed training is bit-identical to an uninterrupted one).
+
+    Returns the ``ck`` dict (``param/<name>``, ``state/<name>/<tensor>``, ``step``,
+    ``opt_step``); the fraction reached and the step count go to the report."""
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = (
+        f"late-float32-p113-seed0-sub{args.late_fraction:g}-every{args.late_every}"
+        f"-max{args.late_steps}-{_source_hash()}"
+    )
+    path, partial = cache / f"{stem}.npz", cache / f"{stem}.partial.npz"
+    how = "reused"
+    if path.exists():
+        ck = _load_npz(path)
+    else:
+        t0 = time.perf_counter()
+        run = new_run("float32")
+        if partial.exists():
+            run = run_from_checkpoint(_load_npz(partial), data=run.data)
+            how = f"resumed at step {run.step}"
+        else:
+            how = "trained from step 0"
+        frac, reached = probs_subnormal_fraction(run), False
+        budget = float("inf") if args.late_budget is None else args.late_budget
+        with threadpool_limits(limits=max(args.threads), user_api="blas"):
+            while True:
+                reached = frac >= args.late_fraction
+                if reached or run.step >= args.late_steps:
+                    break
+                if time.perf_counter() - t0 > budget:
+                    break
+                for _ in range(min(args.late_every, args.late_steps - run.step)):
+                    run.advance(log=False)
+                frac = probs_subnormal_fraction(run)
+                _save_npz(partial, _checkpoint_arrays(run, frac, False))
+        ck = _checkpoint_arrays(run, frac, reached)
+        done = reached or run.step >= args.late_steps
+        if done:
+            _save_npz(path, ck)
+            partial.unlink(missing_ok=True)
+        how += f", {time.perf_counter() - t0:.1f} s" + ("" if done else ", budget spent")
+    frac, reached = float(ck["meta/subnormal_fraction"]), bool(ck["meta/reached"])
+    step = int(ck["step"])
     rep.fact(
         "checkpoint",
-        {"path": str(path), "cached": False, "seconds": dt},
-        f"late checkpoint: trained {args.late_steps} float32 steps in {dt:.1f} s, saved {path}",
+        {
+            "path": str(path),
+            "how": how,
+            "step": step,
+            "subnormal_fraction": frac,
+            "target_fraction": args.late_fraction,
+            "reached": reached,
+        },
+        f"late checkpoint ({how}): step {step}, subnormal softmax probabilities {frac:.4f} "
+        f"(target >= {args.late_fraction:g}, checked every {args.late_every} steps: "
+        f"{'reached' if reached else 'NOT reached'}); {path.name}",
     )
-    return ck
+    rep.target(
+        "late checkpoint: subnormal probabilities",
+        frac,
+        args.late_fraction,
+        kind=">=",
+        detail=f"step {step}",
+    )
+    return {k: v for k, v in ck.items() if not k.startswith("meta/")}
 
 
 def run_from_checkpoint(ck, data=None):
@@ -859,6 +925,10 @@ def step_tensors(run):
     for k, t in run.opt_state.tensors.items():
         out[f"AdamW exp_avg_sq {k}"] = t["exp_avg_sq"]
     return ev, out
+
+
+#: Issue 19: the late step (about a tenth of the probabilities subnormal) over the early one.
+LATE_TARGET = 1.2
 
 
 def section_late(rep, args, torch_mod, thr, ck):
@@ -944,6 +1014,12 @@ def section_late(rep, args, torch_mod, thr, ck):
             )
         rep.facts.setdefault("late_ratio", {})[str(nthr)] = ratios
         pt = ratios.get("PyTorch float32 step")
+        rep.target(
+            f"late/early step, numstab float32 [{nthr} thr]",
+            ratios["numstab float32 step"],
+            LATE_TARGET,
+            detail="PyTorch " + (f"{pt:.2f}×" if pt is not None else args.torch_status),
+        )
         rep.target(
             f"late/early: numstab ≤ PyTorch [{nthr} thr]",
             ratios["numstab float32 step"] if pt is not None else None,
@@ -1483,10 +1559,31 @@ def build_parser():
         help="sections to run",
     )
     p.add_argument(
+        "--late-fraction",
+        type=float,
+        default=0.10,
+        help="train the late checkpoint until this fraction of the float32 softmax "
+        "probabilities is subnormal (default 0.10)",
+    )
+    p.add_argument(
+        "--late-every",
+        type=int,
+        default=None,
+        help="steps between two checks of that fraction (default 250; --quick: 20)",
+    )
+    p.add_argument(
         "--late-steps",
         type=int,
         default=None,
-        help="float32 steps to the late checkpoint (default 2000; --quick: 40)",
+        help="at most this many float32 steps to the late checkpoint (default 20000; --quick: 40)",
+    )
+    p.add_argument(
+        "--late-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop training the late checkpoint after this long and use the progress so far "
+        "(saved; the next run resumes it); default: no limit",
     )
     p.add_argument(
         "--mpmath-rows",
@@ -1534,7 +1631,9 @@ def resolve_args(args):
     if args.warmup is None:
         args.warmup = 1 if q else 3
     if args.late_steps is None:
-        args.late_steps = 40 if q else 2000
+        args.late_steps = 40 if q else 20000
+    if args.late_every is None:
+        args.late_every = 20 if q else 250
     if args.mpmath_rows is None:
         args.mpmath_rows = 16 if q else 0
     if args.stream_shape is None:
@@ -1551,6 +1650,8 @@ def resolve_args(args):
         args.compare_skipped = False
     if min(args.threads) < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("threads and repeats must be >= 1, warmup >= 0")
+    if args.late_every < 1 or args.late_steps < 0 or not 0 <= args.late_fraction <= 1:
+        raise SystemExit("--late-every must be >= 1, --late-steps >= 0, --late-fraction in [0, 1]")
     return args
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from numstab import workspace
 from numstab.backend import namespace, xp_dtype
 from numstab.elementary import apply
 from numstab.precision import Format, quantize
@@ -98,22 +99,22 @@ class Rounding:
     def add(self, a, b):
         """``RN(a + b)``."""
         x, y = self._in(a, b)
-        return self._out("add", quantize(x + y, self.fmt), a, b)
+        return self._out("add", quantize(workspace.ufunc(np.add, x, y), self.fmt), a, b)
 
     def sub(self, a, b):
         """``RN(a - b)``."""
         x, y = self._in(a, b)
-        return self._out("sub", quantize(x - y, self.fmt), a, b)
+        return self._out("sub", quantize(workspace.ufunc(np.subtract, x, y), self.fmt), a, b)
 
     def mul(self, a, b):
         """``RN(a · b)``."""
         x, y = self._in(a, b)
-        return self._out("mul", quantize(x * y, self.fmt), a, b)
+        return self._out("mul", quantize(workspace.ufunc(np.multiply, x, y), self.fmt), a, b)
 
     def div(self, a, b):
         """``RN(a / b)``."""
         x, y = self._in(a, b)
-        return self._out("div", quantize(x / y, self.fmt), a, b)
+        return self._out("div", quantize(workspace.ufunc(np.true_divide, x, y), self.fmt), a, b)
 
     def exp(self, x):
         """``RN(exp x)`` (``libm``: the library's exp in the carrier dtype, rounded)."""

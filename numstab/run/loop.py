@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from numstab import metrics as M
-from numstab import mlp, transformer
+from numstab import mlp, transformer, workspace
 from numstab.backend import get_backend, namespace, put_at, take_at, to_numpy
 from numstab.data import Dataset, get_dataset
 from numstab.functional import GatherPlan
@@ -258,6 +258,8 @@ class Run:
         self.opt_state = self.optimizer.init_state(self.params)
         self.batch_rng = np.random.default_rng([c.seed, 1])
         self.step = 0
+        # The step's large arrays, reused from step to step (numstab.workspace).
+        self.workspace = workspace.Workspace()
 
     def _device(self, x):
         x = np.asarray(x)
@@ -353,6 +355,10 @@ class Run:
             When the training loss or a parameter is NaN/inf; the step's metrics are logged
             first, so nothing computed is lost.
         """
+        with workspace.using(self.workspace):
+            self._advance(log, final, inspect)
+
+    def _advance(self, log, final, inspect):
         c = self.config
         t = self.step
         if log is None:
