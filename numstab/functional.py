@@ -40,6 +40,7 @@ from numstab.checks import check_eps as _check_eps  # noqa: F401  (numstab.audit
 from numstab.checks import check_float_array as _check_float_array
 from numstab.checks import check_policy as _check_policy
 from numstab.checks import is_int as _is_int
+from numstab.fastround import quantize_into
 from numstab.losses import (
     LOSS_KINDS,
     REDUCTIONS,
@@ -130,7 +131,7 @@ def _gemm(a, b, policy: PrecisionPolicy):
             out = np.matmul(a, b, out=workspace.empty((a.shape[0], b.shape[1]), c))
         else:
             out = a @ b
-        return quantize(out, policy.storage)
+        return quantize_into(out, policy.storage)
 
 
 def linear_forward(x, w, b, policy: PrecisionPolicy):
@@ -316,7 +317,7 @@ def gather_forward(idx, w, b, policy: PrecisionPolicy):
                 f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"
             ) from None
         h += 0.0  # -0 + +0 = +0, as in a product with a one-hot row
-        h = quantize(h, policy.storage)
+        h = quantize_into(h, policy.storage)
         if b is not None:
             h = quantize(h + b, policy.storage)
     return h, (idx, w.shape[0], b is not None)
@@ -367,7 +368,7 @@ def gather_backward(dh, cache, plan: GatherPlan, policy: PrecisionPolicy):
     with errstate(xp, over="ignore", invalid="ignore"):
         dw = plan.segment_sum(xp.astype(dh, c, copy=False))
         db = _bias_grad(dh, policy) if has_bias else None
-        return quantize(dw, policy.storage), db
+        return quantize_into(dw, policy.storage), db
 
 
 # --- ReLU ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from numstab.backend import namespace
+from numstab.fastround import quantize_into
 from numstab.functional import (
     GatherPlan,
     gather_backward,
@@ -201,7 +202,7 @@ def backward(
     """
     grads = {}
     L = config.n_layers
-    g = quantize(dlogits, policy.storage)
+    g = quantize_into(dlogits, policy.storage)
     if config.alpha != 1.0:
         g = quantize(g * namespace(g).asarray(config.alpha, dtype=g.dtype), policy.storage)
     for i in range(L, 1, -1):

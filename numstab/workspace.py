@@ -18,8 +18,10 @@ outside one, for small arrays, and for arrays of other backends.
 
 from __future__ import annotations
 
+import math
 import operator
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -54,24 +56,30 @@ class Workspace:
 
     def __init__(self):
         self._pool: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()  # elementwise threads (numstab.parallel) share it
 
     def empty(self, shape, dtype) -> np.ndarray:
         """An uninitialised C-contiguous array of ``shape`` and ``dtype`` that nothing else
         refers to: a kept one when one is free, else a new one (kept if there is room)."""
-        key = (tuple(shape), np.dtype(dtype))
-        kept = self._pool.setdefault(key, [])
-        for a in kept:
-            if sys.getrefcount(a) == _FREE:
-                return a
-        a = np.empty(key[0], key[1])
-        if len(kept) < MAX_PER_KEY:
-            kept.append(a)
-        return a
+        key = (_shape(shape), np.dtype(dtype))
+        with self._lock:
+            kept = self._pool.setdefault(key, [])
+            for a in kept:
+                if sys.getrefcount(a) == _FREE:
+                    return a
+            a = np.empty(key[0], key[1])
+            if len(kept) < MAX_PER_KEY:
+                kept.append(a)
+            return a
 
     @property
     def nbytes(self) -> int:
         """Bytes of all kept arrays."""
         return sum(a.nbytes for kept in self._pool.values() for a in kept)
+
+
+def _shape(shape) -> tuple:
+    return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
 
 
 @contextmanager
@@ -88,8 +96,8 @@ def empty(shape, dtype) -> np.ndarray:
     """A NumPy array of ``shape`` and ``dtype`` from the active workspace (a new one outside
     one, or when smaller than :data:`MIN_BYTES`)."""
     ws = _ACTIVE.get()
-    dtype = np.dtype(dtype)
-    if ws is None or int(np.prod(shape)) * dtype.itemsize < MIN_BYTES:
+    shape, dtype = _shape(shape), np.dtype(dtype)
+    if ws is None or math.prod(shape) * dtype.itemsize < MIN_BYTES:
         return np.empty(shape, dtype)
     return ws.empty(shape, dtype)
 
@@ -118,6 +126,6 @@ def ufunc(fn: np.ufunc, *operands):
         return _OPERATORS.get(fn, fn)(*operands)
     shape = np.broadcast_shapes(*(np.shape(v) for v in operands))
     dtype = np.result_type(*operands)
-    if int(np.prod(shape)) * dtype.itemsize < MIN_BYTES:
+    if math.prod(shape) * dtype.itemsize < MIN_BYTES:
         return fn(*operands)
     return fn(*operands, out=ws.empty(shape, dtype))

@@ -488,6 +488,9 @@ def copy_bandwidth(nbytes, repeats=20):
 _LIBRARY_CHILD = r"""
 import gc, json, sys, time
 sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "tuned":
+    from numstab.run.runtime import tune_allocator
+    tune_allocator()
 from threadpoolctl import threadpool_limits
 from numstab.run import Run, TrainConfig
 runs = {}
@@ -509,13 +512,14 @@ for line in sys.stdin:
 
 
 class LibraryChild:
-    """The plain library path (see ``_LIBRARY_CHILD``), driven one step at a time so that its
-    steps interleave with the bench's own rounds; its own per-step timings are kept (the pipe
-    round trip is not timed)."""
+    """The plain library path (see ``_LIBRARY_CHILD``) of the checkout at ``root`` (``tuned``:
+    after ``tune_allocator()``, the CLI path), driven one step at a time so that its steps
+    interleave with the bench's own rounds; its own per-step timings are kept (the pipe round
+    trip is not timed)."""
 
-    def __init__(self):
+    def __init__(self, root=ROOT, tuned=False):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LIBRARY_CHILD, str(ROOT)],
+            [sys.executable, "-c", _LIBRARY_CHILD, str(root), "tuned" if tuned else "plain"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -630,17 +634,21 @@ TORCH_TARGET = 0.8  # numstab step over PyTorch's
 def section_step(rep, args, torch_mod, thr):
     """Section 1 at each thread count, then the machine's limit (GEMM peak, elementwise
     floor) from all of them."""
-    lib = LibraryChild()
+    children = {"library": LibraryChild()}
+    if args.baseline_tree:
+        children["baseline library"] = LibraryChild(args.baseline_tree)
+        children["baseline CLI"] = LibraryChild(args.baseline_tree, tuned=True)
     limit = {}
     try:
         for n in args.threads:
-            limit[n] = _step_block(rep, args, torch_mod, thr, n, lib)
+            limit[n] = _step_block(rep, args, torch_mod, thr, n, children)
     finally:
-        lib.close()
+        for c in children.values():
+            c.close()
     _report_limit(rep, limit)
 
 
-def _step_block(rep, args, torch_mod, thr, n, lib):
+def _step_block(rep, args, torch_mod, thr, n, children):
     runs = {dt: new_run(dt) for dt in PAPER_DTYPES}
     # The floors: operands at step 0 of the float32 / float64 runs (float16/bfloat16 are
     # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
@@ -648,8 +656,10 @@ def _step_block(rep, args, torch_mod, thr, n, lib):
     cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
     cases["numstab float32 GEMMs alone (floor)"] = gemm_floor(ops["float32"])
     cases["numstab float64 GEMMs alone (floor)"] = gemm_floor(ops["float64"])
-    lib_cases = {f"library {dt} step": lib.step_fn(dt, n) for dt in PAPER_DTYPES}
-    groups = [(contextlib.nullcontext, cases), (contextlib.nullcontext, lib_cases)]
+    groups = [(contextlib.nullcontext, cases)]
+    for who, child in children.items():
+        lib_cases = {f"{who} {dt} step": child.step_fn(dt, n) for dt in PAPER_DTYPES}
+        groups.append((contextlib.nullcontext, lib_cases))
     if torch_mod is not None:
         tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
         groups.append(
@@ -661,8 +671,9 @@ def _step_block(rep, args, torch_mod, thr, n, lib):
             blas_now.append(("torch", torch_mod.get_num_threads()))
         res = measure_rounds(groups, args.repeats, args.warmup)
     st = {case: _stat(*res[case]) for case in res}
-    for dt in PAPER_DTYPES:  # the child's own timings, not the pipe round trips
-        st[f"library {dt} step"] = lib.stat(dt, n, args.repeats)
+    for who, child in children.items():  # the children's own timings, not the round trips
+        for dt in PAPER_DTYPES:
+            st[f"{who} {dt} step"] = child.stat(dt, n, args.repeats)
     blas_note = ",".join(f"{a}={k}" for a, k in blas_now)
 
     def floor_of(dt):
@@ -681,6 +692,13 @@ def _step_block(rep, args, torch_mod, thr, n, lib):
             if path == "library":
                 note += f", {st[case]['median'] / st[f'numstab {dt} step']['median']:.2f}× CLI"
             rep.row("1", case, n, st[case], note + f" [{blas_note}]")
+    for who in [w for w in children if w.startswith("baseline")]:
+        now = "library" if who.endswith("library") else "numstab"
+        for dt in PAPER_DTYPES:
+            case = f"{who} {dt} step"
+            ratio = st[f"{now} {dt} step"]["median"] / st[case]["median"]
+            st[case]["now_over_baseline"] = ratio
+            rep.row("1", case, n, st[case], f"{args.baseline_tree}; this tree / it = {ratio:.2f}")
     for dt in ("float32", "float64"):
         case = f"numstab {dt} GEMMs alone (floor)"
         rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
@@ -1611,6 +1629,13 @@ def build_parser():
         "--cache-dir",
         default=None,
         help="where the late checkpoint is cached (default: $TMPDIR/numstab-bench)",
+    )
+    p.add_argument(
+        "--baseline-tree",
+        default=None,
+        metavar="DIR",
+        help="section 1 also times the step of the numstab checkout in DIR (e.g. a git "
+        "worktree of an older commit), library and CLI path, interleaved: before/after",
     )
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     p.add_argument(
