@@ -267,6 +267,31 @@ _MASK29 = np.uint64((1 << 29) - 1)
 _K64 = 1 << 9  # float64 ulps on each side of a float32 midpoint: 2**9 * 2**-52 >= 2**-44
 
 
+#: float16 / bfloat16 (nearest even, gradual underflow): the float64 bits below the target's
+#: significand (53 - precision) and the smallest normal target magnitude.
+_LOW_BITS = {"float16": (42, 2.0**-14), "bfloat16": (45, 2.0**-126)}
+
+
+def _near_midpoint(w, u, amb, fmt: Format):
+    """The float32 test of :func:`_narrow_block` for float16 / bfloat16: ``w`` within
+    ``_K64`` float64 ulps of a midpoint of the target (its low bits near half their range),
+    where the target's quantum is relative (``|w|`` at least its smallest normal); below
+    that, the bracket. ``u``, ``amb``: scratch of ``w``'s size. Returns the mask or None."""
+    bits, tiny = _LOW_BITS[fmt.name]
+    half, mask = np.uint64(1 << (bits - 1)), np.uint64((1 << bits) - 1)
+    np.subtract(w.view(np.uint64), half - np.uint64(_K64), out=u)
+    np.bitwise_and(u, mask, out=u)
+    out = None
+    if u.min() <= 2 * _K64:
+        out = np.less_equal(u, np.uint64(2 * _K64), out=amb)
+    sel = np.flatnonzero(np.abs(w) < tiny)  # subnormal results (and zeros): the bracket
+    if sel.size:
+        if out is None:
+            out = np.zeros(w.size, dtype=bool)
+        out[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+    return out
+
+
 def _bracket_ambiguous(w, fmt: Format, rel: float, xp):
     """``w (1 - rel)`` and ``w (1 + rel)`` round to different values of ``fmt``."""
     d = workspace.ufunc(np.multiply, w, rel)  # exact (a power of two); 1 - rel would
@@ -337,6 +362,9 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
                 tiny = xs < -87.33 if name == "exp" else np.abs(w) < 2.0**-126
                 sel = np.flatnonzero(tiny)
                 amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+        elif fmt.name in _LOW_BITS:
+            of[s : s + k] = quantize_into(w, fmt)
+            amb = _near_midpoint(w, u, abuf[:k], fmt)
         else:
             of[s : s + k] = quantize_into(w, fmt)
             amb = _bracket_ambiguous(w, fmt, _REL_NARROW, np)

@@ -16,10 +16,19 @@ Sections (``--sections``, default all):
        betas (0.9, 0.99), eps 1e-25): ``Run.advance(log=False)`` in float32, float64, float16
        and bfloat16 storage; the same step's six matrix products alone (the floor); PyTorch
        doing the authors' step (one-hot float input, ``nn.Linear`` without bias,
-       ``log_softmax`` + ``nll_loss``, ``torch.optim.AdamW``) in float32 and float64.
-``1b`` The late phase: a float32 checkpoint after Softmax Collapse (trained once, cached as a
-       ``.npz``), the step timed at step-0 weights ("early") and at the checkpoint ("late") for
-       numstab and PyTorch, and the fraction of subnormal values in the step's tensors.
+       ``log_softmax`` + ``nll_loss``, ``torch.optim.AdamW``) in float32 and float64. The
+       numstab step twice: the CLI path (this process, after ``tune_allocator()``) and the
+       plain library path (a child process that imports numstab and calls ``Run.advance``,
+       driven step by step between the other cases); ``--baseline-tree DIR`` adds both paths
+       of another checkout (before/after in one run). Then the machine's limit: the GEMM
+       FLOP/s of the step's six products at each thread count, the step's share of the best,
+       and the elementwise floor (the bytes the step must move at the measured copy
+       bandwidth).
+``1b`` The late phase: a float32 checkpoint trained from step 0 until a tenth of the softmax
+       probabilities are subnormal (``--late-fraction``, checked every ``--late-every``
+       steps, at most ``--late-steps``; cached as a ``.npz``, resumable), the step timed at
+       step-0 weights ("early") and at the checkpoint ("late") for numstab and PyTorch, and
+       the fraction of subnormal values in the step's tensors.
 ``2``  Exact audit of the checkpoint's full training batch: ``audit_cross_entropy`` with
        ``method="auto"`` against ``method="mpmath"`` and a plain float64 recomputation.
 ``2b`` Streaming audit of language-model logits ``(B, T, V)`` in bfloat16 (``--stream-shape``,
@@ -949,6 +958,16 @@ def step_tensors(run):
 LATE_TARGET = 1.2
 
 
+def flushed(ops):
+    """The GEMM operands with the subnormal gradients (dz, dh2) replaced by zeros: what the
+    products cost without subnormal operands (a diagnosis, never used as a result)."""
+    out = dict(ops)
+    for k in ("dz", "dh2"):
+        a = ops[k]
+        out[k] = np.where(np.abs(a) < np.finfo(a.dtype).tiny, a.dtype.type(0), a)
+    return out
+
+
 def section_late(rep, args, torch_mod, thr, ck):
     late = run_from_checkpoint(ck)
     ev, tensors = step_tensors(late)
@@ -996,6 +1015,7 @@ def section_late(rep, args, torch_mod, thr, ck):
             "numstab float32 step, late": numstab_step(late),
             "numstab float32 GEMMs, early": gemm_floor(gemm_operands(early)),
             "numstab float32 GEMMs, late": gemm_floor(gemm_operands(late)),
+            "numstab float32 GEMMs, late, flushed": gemm_floor(flushed(gemm_operands(late))),
         }
         groups = [(contextlib.nullcontext, cases)]
         if torch_mod is not None:
@@ -1015,6 +1035,15 @@ def section_late(rep, args, torch_mod, thr, ck):
             res = measure_rounds(groups, args.repeats, args.warmup)
         st = {case: _stat(*res[case]) for case in res}
         ratios = {}
+        fl = st["numstab float32 GEMMs, late, flushed"]
+        rep.row(
+            "1b",
+            "numstab float32 GEMMs, late, flushed",
+            nthr,
+            fl,
+            "dz, dh2 subnormals -> 0 (not a result: what subnormal operands cost the GEMMs); "
+            f"late/flushed = {st['numstab float32 GEMMs, late']['median'] / fl['median']:.2f}",
+        )
         for who in ("numstab float32 step", "numstab float32 GEMMs", "PyTorch float32 step"):
             if f"{who}, early" not in st:
                 rep.row("1b", f"{who}, early", nthr, None, f"torch {args.torch_status}")
@@ -1600,8 +1629,8 @@ def build_parser():
         type=float,
         default=None,
         metavar="SECONDS",
-        help="stop training the late checkpoint after this long and use the progress so far "
-        "(saved; the next run resumes it); default: no limit",
+        help="stop training the late checkpoint at the first check after this long and use "
+        "the progress so far (saved; the next run resumes it); default: no limit",
     )
     p.add_argument(
         "--mpmath-rows",
