@@ -72,6 +72,11 @@ class Workspace:
                 kept.append(a)
             return a
 
+    def clear(self) -> None:
+        """Forget every kept array (arrays in use stay with whoever holds them)."""
+        with self._lock:
+            self._pool.clear()
+
     @property
     def nbytes(self) -> int:
         """Bytes of all kept arrays."""

@@ -88,3 +88,12 @@ def test_a_run_never_overwrites_arrays_a_caller_holds():
         assert np.array_equal(logits, logits0) and np.array_equal(dz, dz0)
     assert kept[0][0] is not kept[1][0]
     assert run.workspace.nbytes > 0
+
+
+def test_clear_lets_the_kept_arrays_go():
+    ws = workspace.Workspace()
+    a = ws.empty(SHAPE, np.float32)
+    del a
+    assert ws.nbytes > 0
+    ws.clear()
+    assert ws.nbytes == 0

@@ -376,11 +376,15 @@ class Run:
         grads = self.gradients(ev, rows)
         if log:
             # Metrics describe θ_t: without dropout (a separate pass when the training pass
-            # dropped units) and on the whole training split.
-            full = ev if rows is None and not self.dropout_active else self.evaluate("train")
-            self._log_split("train", full)
-            self._log_split("test", self.evaluate("test"))
-            self._log_params(grads)
+            # dropped units) and on the whole training split. These occasional passes (other
+            # shapes) allocate as usual, and the kept arrays are let go first, so that a
+            # logging step's peak memory is what it was without a workspace.
+            self.workspace.clear()
+            with workspace.using(None):
+                full = ev if rows is None and not self.dropout_active else self.evaluate("train")
+                self._log_split("train", full)
+                self._log_split("test", self.evaluate("test"))
+                self._log_params(grads)
         if inspect is not None:
             inspect(self, ev, grads)
         if not _all_finite(ev.loss):
