@@ -60,13 +60,18 @@ def quantize_into(x, fmt: Format):
     if not rounds_fast(x, fmt):
         return quantize(x, fmt)
     if x.dtype == np.float32 and fmt.name == "bfloat16":
-        return _same_range(x, np.ascontiguousarray(x).view(np.uint32))
+        return _same_range(x, _c_order(x).view(np.uint32))
     r = _magic(x, fmt)
     if r.dtype == np.float32:
         return r
     out = workspace.empty(r.shape, np.float32)
     out[...] = r  # exact: r holds values of fmt
     return out
+
+
+def _c_order(x):
+    """``x`` itself when C-contiguous (0-d included), else a C-ordered copy."""
+    return x if x.flags.c_contiguous else x.copy(order="C")
 
 
 def _constants(dtype: np.dtype, fmt: Format) -> tuple:
@@ -90,7 +95,7 @@ def _constants(dtype: np.dtype, fmt: Format) -> tuple:
 def _magic(x, fmt: Format):
     """``(|x| + M) - M`` with the sign put back; the shape and dtype of ``x``."""
     uint, absmask, expmask, floor, shift, top = _constants(x.dtype, fmt)
-    u = np.ascontiguousarray(x).view(uint)
+    u = _c_order(x).view(uint)
     a = np.bitwise_and(u, absmask, out=workspace.empty(u.shape, uint))
     m = np.bitwise_and(a, expmask, out=workspace.empty(u.shape, uint))
     np.maximum(m, floor, out=m)
@@ -102,7 +107,7 @@ def _magic(x, fmt: Format):
         r -= mf
     np.copysign(r, x, out=r)  # r >= +0: copysign sets the sign bit as ``|= sign`` does
     del m, mf
-    if a.max() > top:  # beyond the largest finite value: overflow, inf, NaN (rare)
+    if a.size and a.max() > top:  # beyond the largest finite value: overflow, inf, NaN
         special = a > top
         r[special] = quantize(x[special], fmt)
     return r

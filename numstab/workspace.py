@@ -127,7 +127,9 @@ def ufunc(fn: np.ufunc, *operands):
     ``out=`` only says where NumPy writes (its dtype is the one NumPy would choose).
     """
     ws = _ACTIVE.get()
-    if ws is None or not all(isinstance(v, (np.ndarray, np.generic, float, int)) for v in operands):
+    scalar = (np.generic, float, int)
+    numpy = all(isinstance(v, (np.ndarray, *scalar)) for v in operands)
+    if ws is None or not numpy or all(isinstance(v, scalar) for v in operands):
         return _OPERATORS.get(fn, fn)(*operands)
     shape = np.broadcast_shapes(*(np.shape(v) for v in operands))
     dtype = np.result_type(*operands)

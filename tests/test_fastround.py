@@ -91,3 +91,13 @@ def test_float64_sources_near_every_boundary(name):
     assert got.dtype == np.float32
     assert np.all((got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want)))
     assert np.array_equal(got.view(np.uint32), quantize(x, name).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_empty_and_scalar_shapes(name):
+    fmt = get_format(name)
+    for x in (np.zeros((0, 3), np.float32), np.zeros(0), np.float32([[np.inf]]), np.ones(())):
+        with workspace.using(workspace.Workspace()):
+            got = quantize_into(x, fmt)
+        want = quantize(x, fmt)
+        assert got.shape == want.shape and np.array_equal(got, want)
