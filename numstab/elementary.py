@@ -49,8 +49,9 @@ import math
 import mpmath
 import numpy as np
 
-from numstab import exact
+from numstab import exact, parallel, workspace
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
+from numstab.fastround import quantize_into
 from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
 from numstab.rounding_modes import flush_subnormals
 
@@ -266,11 +267,37 @@ _MASK29 = np.uint64((1 << 29) - 1)
 _K64 = 1 << 9  # float64 ulps on each side of a float32 midpoint: 2**9 * 2**-52 >= 2**-44
 
 
+#: float16 / bfloat16 (nearest even, gradual underflow): the float64 bits below the target's
+#: significand (53 - precision) and the smallest normal target magnitude.
+_LOW_BITS = {"float16": (42, 2.0**-14), "bfloat16": (45, 2.0**-126)}
+
+
+def _near_midpoint(w, u, amb, fmt: Format):
+    """The float32 test of :func:`_narrow_block` for float16 / bfloat16: ``w`` within
+    ``_K64`` float64 ulps of a midpoint of the target (its low bits near half their range),
+    where the target's quantum is relative (``|w|`` at least its smallest normal); below
+    that, the bracket. ``u``, ``amb``: scratch of ``w``'s size. Returns the mask or None."""
+    bits, tiny = _LOW_BITS[fmt.name]
+    half, mask = np.uint64(1 << (bits - 1)), np.uint64((1 << bits) - 1)
+    np.subtract(w.view(np.uint64), half - np.uint64(_K64), out=u)
+    np.bitwise_and(u, mask, out=u)
+    out = None
+    if u.min() <= 2 * _K64:
+        out = np.less_equal(u, np.uint64(2 * _K64), out=amb)
+    sel = np.flatnonzero(np.abs(w) < tiny)  # subnormal results (and zeros): the bracket
+    if sel.size:
+        if out is None:
+            out = np.zeros(w.size, dtype=bool)
+        out[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+    return out
+
+
 def _bracket_ambiguous(w, fmt: Format, rel: float, xp):
     """``w (1 - rel)`` and ``w (1 + rel)`` round to different values of ``fmt``."""
-    d = w * rel  # exact (a power of two); 1 - rel would round to 1 in float64 for 2**-60
-    lo = quantize(w - d, fmt)
-    hi = quantize(w + d, fmt)
+    d = workspace.ufunc(np.multiply, w, rel)  # exact (a power of two); 1 - rel would
+    # round to 1 in float64 for 2**-60
+    lo = quantize_into(workspace.ufunc(np.subtract, w, d), fmt)
+    hi = quantize_into(workspace.ufunc(np.add, w, d), fmt)
     return (lo != hi) & xp.isfinite(w)
 
 
@@ -281,21 +308,37 @@ def _narrow(name, x, fmt: Format, xp):
         r = quantize(w, fmt)
         return _resolve(name, x, r, _bracket_ambiguous(w, fmt, _REL_NARROW, xp), fmt, xp)
     fn = getattr(np, name)
-    out = np.empty(x.shape, dtype=np.float32)
+    out = workspace.empty(x.shape, np.float32)
     xf, of = x.reshape(-1), out.reshape(-1)
     n = xf.size
-    wbuf = np.empty(min(n, _CHUNK_NARROW), dtype=np.float64)
-    ubuf = np.empty(min(n, _CHUNK_NARROW), dtype=np.uint64)
-    abuf = np.empty(min(n, _CHUNK_NARROW), dtype=bool)
     # float32 results below 2**-126 (subnormal) need the bracket test: only exp of x < -87.3
     # and log1p / expm1 of tiny x produce them (log's smallest non-zero |result| is ~2**-24).
-    # exp: tested block by block on the input (the block is then in cache for exp itself)
     tiny_out = n > 0 and name in ("log1p", "expm1") and not np.min(np.abs(xf)) >= 2.0**-125
+
+    def block(start, stop):
+        return _narrow_block(fn, name, xf[start:stop], of[start:stop], fmt, tiny_out, start)
+
+    # Each element's result depends on that element alone: blocks on parallel threads.
+    amb_idx = [i for part in parallel.map_blocks(block, n, _CHUNK_NARROW) for i in part]
+    if amb_idx:
+        idx = np.concatenate(amb_idx)
+        of[idx] = _settle(name, xf[idx], fmt)
+    return out
+
+
+def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) -> list:
+    """``of <- RN_fmt(fn(xf))`` chunk by chunk where the float64 value decides it; returns the
+    flat indices (plus ``offset``) left for :func:`_settle`."""
+    n = xf.size
+    wbuf = workspace.empty(min(n, _CHUNK_NARROW), np.float64)
+    ubuf = workspace.empty(min(n, _CHUNK_NARROW), np.uint64)
+    abuf = workspace.empty(min(n, _CHUNK_NARROW), bool)
     amb_idx = []
     for s in range(0, n, _CHUNK_NARROW):
         xs = xf[s : s + _CHUNK_NARROW]
         k = xs.size
         if name == "exp":
+            # exp: tested chunk by chunk on the input (the chunk is then in cache for exp)
             tiny_out = not xs.min() >= -87.3  # NaN included
         w, u = wbuf[:k], ubuf[:k]
         fn(xs, out=w, dtype=np.float64)
@@ -319,15 +362,15 @@ def _narrow(name, x, fmt: Format, xp):
                 tiny = xs < -87.33 if name == "exp" else np.abs(w) < 2.0**-126
                 sel = np.flatnonzero(tiny)
                 amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+        elif fmt.name in _LOW_BITS:
+            of[s : s + k] = quantize_into(w, fmt)
+            amb = _near_midpoint(w, u, abuf[:k], fmt)
         else:
-            of[s : s + k] = quantize(w, fmt)
+            of[s : s + k] = quantize_into(w, fmt)
             amb = _bracket_ambiguous(w, fmt, _REL_NARROW, np)
         if amb is not None and amb.any():
-            amb_idx.append(np.flatnonzero(amb) + s)
-    if amb_idx:
-        idx = np.concatenate(amb_idx)
-        of[idx] = _settle(name, xf[idx], fmt)
-    return out
+            amb_idx.append(np.flatnonzero(amb) + (s + offset))
+    return amb_idx
 
 
 def _settle(name, x, fmt: Format):
@@ -427,7 +470,7 @@ def _exp64(x, xp):
         r, amb = _exp64_block(flat, xp)
         r = _resolve("exp", flat, r, amb, get_format("float64"), xp)
         return xp.reshape(r, x.shape)
-    out = np.empty(x.shape, dtype=np.float64)
+    out = workspace.empty(x.shape, np.float64)
     xf, of = x.reshape(-1), out.reshape(-1)
     kernel = _Exp64Kernel(min(xf.size, _CHUNK))
     refine = []  # undecided by the fast pass: refined with the double-double, all at once
@@ -518,9 +561,9 @@ class _Exp64Kernel:
 
     def __init__(self, n: int):
         self.t = _exp_tables(np)
-        self.f = [np.empty(n) for _ in range(4)]
-        self.i = [np.empty(n, dtype=np.int64) for _ in range(2)]
-        self.amb = np.empty(n, dtype=bool)
+        self.f = [workspace.empty(n, np.float64) for _ in range(4)]
+        self.i = [workspace.empty(n, np.int64) for _ in range(2)]
+        self.amb = workspace.empty(n, bool)
 
     def run(self, x, out) -> bool:
         """Write ``exp(x)`` to ``out`` and the undecided mask to ``self.amb``; return True

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from numstab import workspace
 from numstab.backend import (
     errstate,
     namespace,
@@ -39,6 +40,7 @@ from numstab.checks import check_eps as _check_eps  # noqa: F401  (numstab.audit
 from numstab.checks import check_float_array as _check_float_array
 from numstab.checks import check_policy as _check_policy
 from numstab.checks import is_int as _is_int
+from numstab.fastround import quantize_into
 from numstab.losses import (
     LOSS_KINDS,
     REDUCTIONS,
@@ -124,8 +126,12 @@ def _gemm(a, b, policy: PrecisionPolicy):
     xp = namespace(a, b)
     c = xp_dtype(xp, policy.compute.carrier)
     with errstate(xp, over="ignore", invalid="ignore"):
-        out = xp.astype(a, c, copy=False) @ xp.astype(b, c, copy=False)
-        return quantize(out, policy.storage)
+        a, b = xp.astype(a, c, copy=False), xp.astype(b, c, copy=False)
+        if xp is np:  # the same BLAS call, written into a reused array
+            out = np.matmul(a, b, out=workspace.empty((a.shape[0], b.shape[1]), c))
+        else:
+            out = a @ b
+        return quantize_into(out, policy.storage)
 
 
 def linear_forward(x, w, b, policy: PrecisionPolicy):
@@ -298,20 +304,41 @@ def gather_forward(idx, w, b, policy: PrecisionPolicy):
     c = xp_dtype(xp, policy.compute.carrier)
     with errstate(xp, over="ignore", invalid="ignore"):
         try:
-            # ``take`` returns a new array: ``astype(copy=False)`` may keep it as the sum.
-            h = xp.astype(xp.take(w, idx[:, 0], axis=0), c, copy=False)
-            for j in range(1, idx.shape[1]):
-                h += xp.take(w, idx[:, j], axis=0)
+            if xp is np and w.dtype == c:  # the rows gathered into reused arrays
+                h = _take_rows(w, idx, c)
+            else:
+                # ``take`` returns a new array: ``astype(copy=False)`` may keep it as the sum.
+                h = xp.astype(xp.take(w, idx[:, 0], axis=0), c, copy=False)
+                for j in range(1, idx.shape[1]):
+                    h += xp.take(w, idx[:, j], axis=0)
         except IndexError:
             raise ValueError(
                 f"gather indices must lie in [0, {w.shape[0]}) (the rows of w), got range "
                 f"[{int(xp.min(idx))}, {int(xp.max(idx))}]"
             ) from None
         h += 0.0  # -0 + +0 = +0, as in a product with a one-hot row
-        h = quantize(h, policy.storage)
+        h = quantize_into(h, policy.storage)
         if b is not None:
             h = quantize(h + b, policy.storage)
     return h, (idx, w.shape[0], b is not None)
+
+
+def _take_rows(w, idx, c):
+    """``w[idx[:, 0]] + w[idx[:, 1]] + ...`` (left to right) in arrays of the workspace.
+
+    ``take(mode="raise")`` would copy through a temporary buffer: ``mode="wrap"`` writes
+    straight into ``out`` and, after the range check here, indexes as ``"raise"`` does
+    (negative indices from the end)."""
+    n = w.shape[0]
+    if idx.size and (idx.max() >= n or idx.min() < -n):
+        raise IndexError("gather index out of range")
+    shape = (idx.shape[0], w.shape[1])
+    h = np.take(w, idx[:, 0], axis=0, out=workspace.empty(shape, c), mode="wrap")
+    if idx.shape[1] > 1:
+        rows = workspace.empty(shape, c)
+        for j in range(1, idx.shape[1]):
+            h += np.take(w, idx[:, j], axis=0, out=rows, mode="wrap")
+    return h
 
 
 def gather_backward(dh, cache, plan: GatherPlan, policy: PrecisionPolicy):
@@ -341,7 +368,7 @@ def gather_backward(dh, cache, plan: GatherPlan, policy: PrecisionPolicy):
     with errstate(xp, over="ignore", invalid="ignore"):
         dw = plan.segment_sum(xp.astype(dh, c, copy=False))
         db = _bias_grad(dh, policy) if has_bias else None
-        return quantize(dw, policy.storage), db
+        return quantize_into(dw, policy.storage), db
 
 
 # --- ReLU ---------------------------------------------------------------------------------
@@ -352,7 +379,8 @@ def relu_forward(x):
 
     ``x`` must be a floating array (TypeError otherwise)."""
     _check_float_array(x, "x")
-    y = namespace(x).maximum(x, 0)
+    xp = namespace(x)
+    y = workspace.ufunc(np.maximum, x, 0) if xp is np else xp.maximum(x, 0)
     return y, y
 
 
@@ -374,6 +402,9 @@ def relu_backward(dy, y):
         )
     xp = namespace(dy, y)
     with errstate(xp, invalid="ignore"):
+        if xp is np:  # the 0/1 mask written as dy's dtype, then multiplied in place
+            g = np.greater(y, 0, out=workspace.empty(dy.shape, dy.dtype))
+            return np.multiply(dy, g, out=g)
         return dy * xp.astype(y > 0, dy.dtype)
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from numstab.backend import namespace
+from numstab.fastround import quantize_into
 from numstab.functional import (
     GatherPlan,
     gather_backward,
@@ -207,7 +208,7 @@ def backward(
     policy = policy.for_role("gradients")  # the precision roles: results in their format
     grads = {}
     L = config.n_layers
-    g = quantize(dlogits, policy.storage)
+    g = quantize_into(dlogits, policy.storage)
     if config.alpha != 1.0:
         g = quantize(g * namespace(g).asarray(config.alpha, dtype=g.dtype), policy.storage)
     for i in range(L, 1, -1):

@@ -38,7 +38,11 @@ order (:func:`numstab.backend.native_sum`).
 
 from __future__ import annotations
 
+import numpy as np
+
+from numstab import workspace
 from numstab.backend import errstate, namespace, native_sum, xp_dtype
+from numstab.fastround import quantize_into
 from numstab.precision import REDUCTION_ORDERS, Format, get_format, quantize
 
 __all__ = ["REDUCTION_ORDERS", "check_order", "ordered_sum", "wide_format"]
@@ -179,7 +183,8 @@ def _pairwise(x, fmt: Format, xp):
     if fmt.plain.name == "float16":
         # NumPy's HALF_pairwise_sum keeps float32 partial sums and rounds once.
         f32 = get_format("float32")
-        return quantize(_pairwise(xp.astype(x, xp_dtype(xp, f32.carrier)), f32, xp), fmt)
+        x32 = xp.astype(x, xp_dtype(xp, f32.carrier), copy=False)  # only read
+        return quantize(_pairwise(x32, f32, xp), fmt)
     if not fmt.is_emulated and x.dtype == xp_dtype(xp, fmt.carrier):
         # NumPy's own reduction runs exactly this tree along a contiguous last axis, ...
         fast = native_sum(x, "pairwise")
@@ -226,7 +231,12 @@ def _join(start: int, n: int, value: dict, fmt: Format):
         return value[start]
     n2 = n // 2
     n2 -= n2 % _UNROLL
-    return quantize(_join(start, n2, value, fmt) + _join(start + n2, n - n2, value, fmt), fmt)
+    return _add(_join(start, n2, value, fmt), _join(start + n2, n - n2, value, fmt), fmt)
+
+
+def _add(a, b, fmt: Format):
+    """``RN(a + b)`` (into reused arrays inside a training step)."""
+    return quantize_into(workspace.ufunc(np.add, a, b), fmt)
 
 
 def _pairwise_leaf(x, n: int, fmt: Format, xp):
@@ -235,7 +245,7 @@ def _pairwise_leaf(x, n: int, fmt: Format, xp):
     then the remainder left to right."""
 
     def add(a, b):
-        return quantize(a + b, fmt)
+        return _add(a, b, fmt)
 
     if n < _UNROLL:
         res = xp.full(x.shape[:-1], -0.0, dtype=xp_dtype(xp, fmt.carrier))

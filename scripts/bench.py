@@ -16,10 +16,19 @@ Sections (``--sections``, default all):
        betas (0.9, 0.99), eps 1e-25): ``Run.advance(log=False)`` in float32, float64, float16
        and bfloat16 storage; the same step's six matrix products alone (the floor); PyTorch
        doing the authors' step (one-hot float input, ``nn.Linear`` without bias,
-       ``log_softmax`` + ``nll_loss``, ``torch.optim.AdamW``) in float32 and float64.
-``1b`` The late phase: a float32 checkpoint after Softmax Collapse (trained once, cached as a
-       ``.npz``), the step timed at step-0 weights ("early") and at the checkpoint ("late") for
-       numstab and PyTorch, and the fraction of subnormal values in the step's tensors.
+       ``log_softmax`` + ``nll_loss``, ``torch.optim.AdamW``) in float32 and float64. The
+       numstab step twice: the CLI path (this process, after ``tune_allocator()``) and the
+       plain library path (a child process that imports numstab and calls ``Run.advance``,
+       driven step by step between the other cases); ``--baseline-tree DIR`` adds both paths
+       of another checkout (before/after in one run). Then the machine's limit: the GEMM
+       FLOP/s of the step's six products at each thread count, the step's share of the best,
+       and the elementwise floor (the bytes the step must move at the measured copy
+       bandwidth).
+``1b`` The late phase: a float32 checkpoint trained from step 0 until a tenth of the softmax
+       probabilities are subnormal (``--late-fraction``, checked every ``--late-every``
+       steps, at most ``--late-steps``; cached as a ``.npz``, resumable), the step timed at
+       step-0 weights ("early") and at the checkpoint ("late") for numstab and PyTorch, and
+       the fraction of subnormal values in the step's tensors.
 ``2``  Exact audit of the checkpoint's full training batch: ``audit_cross_entropy`` with
        ``method="auto"`` against ``method="mpmath"`` and a plain float64 recomputation.
 ``2b`` Streaming audit of language-model logits ``(B, T, V)`` in bfloat16 (``--stream-shape``,
@@ -131,8 +140,11 @@ class Report:
     def fact(self, key, value, text=None):
         self.facts[key] = value
         if text is not None:
-            print(f"    # {text}")
-            sys.stdout.flush()
+            self.say(text)
+
+    def say(self, text):
+        print(f"    # {text}")
+        sys.stdout.flush()
 
     def target(self, name, measured, limit, *, kind="<=", unit="", detail=""):
         """Record ``measured`` against ``limit`` (kind "<=" or ">="; None measured -> n/a)."""
@@ -443,6 +455,107 @@ def gemm_floor(ops):
     return fn
 
 
+def gemm_flops(ops):
+    """Floating-point operations of the six products: ``2·m·k·n`` each (multiply and add)."""
+    h1, w2, h2, w3 = (ops[k] for k in ("h1", "W2", "h2", "W3"))
+    n = h1.shape[0]
+    return 3 * 2 * n * (h1.shape[1] * w2.shape[1] + h2.shape[1] * w3.shape[1])
+
+
+def elementwise_bytes(run):
+    """The fewest bytes the step's non-GEMM work can move, every pass fused and every tensor
+    read or written once: the gather writes h1 (ReLU fused), the loss reads the logits and
+    writes the logit gradient, each ReLU backward reads the upstream gradient and the
+    activation and writes the gradient, the segment sum reads dh1, and AdamW reads θ, g, m, v
+    and writes θ, m, v (7 |θ|). Storage carrier itemsize (float16/bfloat16 are carried in
+    float32); index inputs and labels not counted."""
+    n = run.y_train.shape[0]
+    h1, h2 = run.model.hidden
+    c = run.model.n_classes
+    item = np.dtype(run.policy.storage.carrier).itemsize
+    acts = n * h1 + 2 * n * c + 3 * n * h2 + 3 * n * h1 + n * h1
+    params = sum(int(v.size) for v in run.params.values())
+    return item * (acts + 7 * params)
+
+
+def copy_bandwidth(nbytes, repeats=20):
+    """Bytes per second of ``np.copyto`` (read + write: 2 × ``nbytes``), best of ``repeats``;
+    one thread (NumPy copies on the calling thread)."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+#: A child process that times ``Run.advance`` through the plain library path: numstab
+#: imported, no ``tune_allocator`` call, glibc's default allocator. It reads
+#: ``<dtype> <threads> <steps>`` lines and answers each with the JSON list of
+#: ``[wall, cpu]`` seconds per step.
+_LIBRARY_CHILD = r"""
+import gc, json, sys, time
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "tuned":
+    from numstab.run.runtime import tune_allocator
+    tune_allocator()
+from threadpoolctl import threadpool_limits
+from numstab.run import Run, TrainConfig
+runs = {}
+for line in sys.stdin:
+    dt, n, k = line.split()
+    if dt not in runs:
+        runs[dt] = Run(TrainConfig(dtype=dt), name=f"bench-{dt}")
+    out = []
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        gc.collect()
+        gc.disable()
+        for _ in range(int(k)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            runs[dt].advance(log=False)
+            out.append([time.perf_counter() - t0, time.process_time() - c0])
+        gc.enable()
+    print(json.dumps(out), flush=True)
+"""
+
+
+class LibraryChild:
+    """The plain library path (see ``_LIBRARY_CHILD``) of the checkout at ``root`` (``tuned``:
+    after ``tune_allocator()``, the CLI path), driven one step at a time so that its steps
+    interleave with the bench's own rounds; its own per-step timings are kept (the pipe round
+    trip is not timed)."""
+
+    def __init__(self, root=ROOT, tuned=False):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LIBRARY_CHILD, str(root), "tuned" if tuned else "plain"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.samples: dict = {}
+
+    def step_fn(self, dtype, threads):
+        def fn():
+            self.proc.stdin.write(f"{dtype} {threads} 1\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the library-path child process ended")
+            self.samples.setdefault((dtype, threads), []).extend(json.loads(line))
+
+        return fn
+
+    def stat(self, dtype, threads, repeats):
+        s = self.samples[(dtype, threads)][-repeats:]
+        return _stat([w for w, _ in s], [c for _, c in s])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 # --- the paper's step: PyTorch ----------------------------------------------------------------
 
 
@@ -522,73 +635,172 @@ class TorchStep:
 # --- section 1 --------------------------------------------------------------------------------
 
 
+#: Issue 19's targets for section 1 (ratios of medians measured in one run).
+STEP_GEMM_TARGET = 1.15  # float32 / float64 step over its own six GEMMs
+LOW_PRECISION_TARGETS = {"float16": 1.3, "bfloat16": 1.2}  # step over the float32 step
+TORCH_TARGET = 0.8  # numstab step over PyTorch's
+
+
 def section_step(rep, args, torch_mod, thr):
-    for n in args.threads:
-        runs = {dt: new_run(dt) for dt in PAPER_DTYPES}
-        # The floors: operands at step 0 of the float32 / float64 runs (float16/bfloat16 are
-        # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
-        floor32 = gemm_floor(gemm_operands(runs["float32"]))
-        floor64 = gemm_floor(gemm_operands(runs["float64"]))
-        cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
-        cases["numstab float32 GEMMs alone (floor)"] = floor32
-        cases["numstab float64 GEMMs alone (floor)"] = floor64
-        groups = [(contextlib.nullcontext, cases)]
-        tsteps = {}
+    """Section 1 at each thread count, then the machine's limit (GEMM peak, elementwise
+    floor) from all of them."""
+    children = {"library": LibraryChild()}
+    if args.baseline_tree:
+        children["baseline library"] = LibraryChild(args.baseline_tree)
+        children["baseline CLI"] = LibraryChild(args.baseline_tree, tuned=True)
+    limit = {}
+    try:
+        for n in args.threads:
+            limit[n] = _step_block(rep, args, torch_mod, thr, n, children)
+    finally:
+        for c in children.values():
+            c.close()
+    _report_limit(rep, limit)
+
+
+def _step_block(rep, args, torch_mod, thr, n, children):
+    runs = {dt: new_run(dt) for dt in PAPER_DTYPES}
+    # The floors: operands at step 0 of the float32 / float64 runs (float16/bfloat16 are
+    # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
+    ops = {dt: gemm_operands(runs[dt]) for dt in ("float32", "float64")}
+    cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
+    cases["numstab float32 GEMMs alone (floor)"] = gemm_floor(ops["float32"])
+    cases["numstab float64 GEMMs alone (floor)"] = gemm_floor(ops["float64"])
+    groups = [(contextlib.nullcontext, cases)]
+    for who, child in children.items():
+        lib_cases = {f"{who} {dt} step": child.step_fn(dt, n) for dt in PAPER_DTYPES}
+        groups.append((contextlib.nullcontext, lib_cases))
+    if torch_mod is not None:
+        tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
+        groups.append(
+            (contextlib.nullcontext, {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()})
+        )
+    with thr.block(n):
+        blas_now = blas_threads_now()
         if torch_mod is not None:
-            tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
-            groups.append(
-                (contextlib.nullcontext, {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()})
-            )
-        with thr.block(n):
-            blas_now = blas_threads_now()
-            if torch_mod is not None:
-                blas_now.append(("torch", torch_mod.get_num_threads()))
-            res = measure_rounds(groups, args.repeats, args.warmup)
-        st = {case: _stat(*res[case]) for case in res}
-        blas_note = ",".join(f"{a}={k}" for a, k in blas_now)
+            blas_now.append(("torch", torch_mod.get_num_threads()))
+        res = measure_rounds(groups, args.repeats, args.warmup)
+    st = {case: _stat(*res[case]) for case in res}
+    for who, child in children.items():  # the children's own timings, not the round trips
         for dt in PAPER_DTYPES:
-            case = f"numstab {dt} step"
-            floor = st[f"numstab {'float64' if dt == 'float64' else 'float32'} GEMMs alone (floor)"]
-            ratio = st[case]["median"] / floor["median"]
-            note = f"{ratio:.2f}× own GEMMs"
-            if dt in ("float16", "bfloat16"):
-                rel = st[case]["median"] / st["numstab float32 step"]["median"]
-                note += f", {rel:.2f}× float32"
+            st[f"{who} {dt} step"] = child.stat(dt, n, args.repeats)
+    blas_note = ",".join(f"{a}={k}" for a, k in blas_now)
+
+    def floor_of(dt):
+        return st[f"numstab {'float64' if dt == 'float64' else 'float32'} GEMMs alone (floor)"]
+
+    for path, label in (("numstab", "CLI path"), ("library", "library path")):
+        for dt in PAPER_DTYPES:
+            case = f"{path} {dt} step"
+            ratio = st[case]["median"] / floor_of(dt)["median"]
             st[case]["gemm_ratio"] = ratio
+            note = f"{label}: {ratio:.2f}× own GEMMs"
+            if dt in LOW_PRECISION_TARGETS:
+                rel = st[case]["median"] / st[f"{path} float32 step"]["median"]
+                st[case]["float32_ratio"] = rel
+                note += f", {rel:.2f}× float32"
+            if path == "library":
+                note += f", {st[case]['median'] / st[f'numstab {dt} step']['median']:.2f}× CLI"
             rep.row("1", case, n, st[case], note + f" [{blas_note}]")
+    for who in [w for w in children if w.startswith("baseline")]:
+        now = "library" if who.endswith("library") else "numstab"
+        for dt in PAPER_DTYPES:
+            case = f"{who} {dt} step"
+            ratio = st[f"{now} {dt} step"]["median"] / st[case]["median"]
+            st[case]["now_over_baseline"] = ratio
+            rep.row("1", case, n, st[case], f"{args.baseline_tree}; this tree / it = {ratio:.2f}")
+    for dt in ("float32", "float64"):
+        case = f"numstab {dt} GEMMs alone (floor)"
+        rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
+    for dt in TORCH_DTYPES:
+        case = f"PyTorch {dt} step"
+        if torch_mod is None:
+            rep.row("1", case, n, None, f"torch {args.torch_status}")
+            continue
+        ratio = st[f"numstab {dt} step"]["median"] / st[case]["median"]
+        st[case]["numstab_ratio"] = ratio
+        rep.row("1", case, n, st[case], f"numstab/PyTorch = {ratio:.2f} [{blas_note}]")
+    # targets
+    for dt in TORCH_DTYPES:
+        ratio = st.get(f"PyTorch {dt} step", {}).get("numstab_ratio")
+        rep.target(
+            f"{dt} step / PyTorch {dt} step [{n} thr]",
+            ratio,
+            TORCH_TARGET,
+            detail="" if torch_mod is not None else f"torch {args.torch_status}",
+        )
+    for path in ("numstab", "library"):
+        tag = "" if path == "numstab" else ", library path"
         for dt in ("float32", "float64"):
-            case = f"numstab {dt} GEMMs alone (floor)"
-            rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
-        for dt in TORCH_DTYPES:
-            case = f"PyTorch {dt} step"
-            if torch_mod is None:
-                rep.row("1", case, n, None, f"torch {args.torch_status}")
-                continue
-            ratio = st[f"numstab {dt} step"]["median"] / st[case]["median"]
-            st[case]["numstab_ratio"] = ratio
-            rep.row("1", case, n, st[case], f"numstab/PyTorch = {ratio:.2f} [{blas_note}]")
-        # targets
-        for dt in TORCH_DTYPES:
-            ratio = st.get(f"PyTorch {dt} step", {}).get("numstab_ratio")
             rep.target(
-                f"{dt} step / PyTorch {dt} step [{n} thr]",
-                ratio,
-                0.8,
-                detail="" if torch_mod is not None else f"torch {args.torch_status}",
+                f"{dt} step / its own GEMMs [{n} thr{tag}]",
+                st[f"{path} {dt} step"]["gemm_ratio"],
+                STEP_GEMM_TARGET,
             )
-        for dt in ("float32", "float64"):
+        for dt, lim in LOW_PRECISION_TARGETS.items():
             rep.target(
-                f"{dt} step / its own GEMMs [{n} thr]", st[f"numstab {dt} step"]["gemm_ratio"], 1.3
+                f"{dt} step / float32 step [{n} thr{tag}]",
+                st[f"{path} {dt} step"]["float32_ratio"],
+                lim,
             )
-        for dt in ("float16", "bfloat16"):
-            rep.target(
-                f"{dt} step / float32 step [{n} thr]",
-                st[f"numstab {dt} step"]["median"] / st["numstab float32 step"]["median"],
-                1.5,
-            )
-        rep.facts.setdefault("step", {})[str(n)] = {
-            k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in st.items()
+    rep.facts.setdefault("step", {})[str(n)] = {
+        k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in st.items()
+    }
+    return {
+        "flops": {dt: gemm_flops(o) for dt, o in ops.items()},
+        "bytes": {dt: elementwise_bytes(r) for dt, r in runs.items()},
+        "item_bytes": int(ops["float32"]["h1"].nbytes),
+        "st": st,
+    }
+
+
+def _report_limit(rep, limit):
+    """The machine's limit: GEMM FLOP/s of the step's shapes (the floor rows) at each thread
+    count, its best, the steps' share of it; and the elementwise floor (the bytes of
+    :func:`elementwise_bytes` at the copy bandwidth of step-sized and of DRAM-sized arrays)."""
+    any_n = next(iter(limit.values()))
+    bw_step = copy_bandwidth(any_n["item_bytes"])
+    bw_dram = copy_bandwidth(256 << 20, repeats=5)
+    out = {"copy_bandwidth_step_sized": bw_step, "copy_bandwidth_dram": bw_dram, "gemm": {}}
+    for dt in ("float32", "float64"):
+        flops = any_n["flops"][dt]
+        rate = {
+            n: flops / v["st"][f"numstab {dt} GEMMs alone (floor)"]["median"]
+            for n, v in limit.items()
         }
+        best_n = max(rate, key=rate.get)
+        peak = rate[best_n]
+        rep.say(
+            f"{dt} GEMM peak for the step's shapes: {peak / 1e9:.1f} GFLOP/s at {best_n} "
+            f"thread(s) ({', '.join(f'{n} thr {r / 1e9:.1f}' for n, r in rate.items())}); "
+            f"the step's six products = {flops / 1e9:.3f} GFLOP",
+        )
+        share = {}
+        for n, v in limit.items():
+            for path in ("numstab", "library"):
+                t = v["st"][f"{path} {dt} step"]["median"]
+                share[f"{path} {n}"] = flops / t / peak
+        rep.say(
+            f"{dt} step as a fraction of that peak: "
+            + ", ".join(f"{k.replace('numstab', 'CLI')} thr {s:.0%}" for k, s in share.items()),
+        )
+        out["gemm"][dt] = {
+            "flops": flops,
+            "flops_per_s": rate,
+            "peak": peak,
+            "peak_threads": best_n,
+            "step_share_of_peak": share,
+        }
+    floors = {}
+    for dt, b in any_n["bytes"].items():
+        floors[dt] = {"bytes": b, "floor_s_step_sized": b / bw_step, "floor_s_dram": b / bw_dram}
+        rep.say(
+            f"{dt} elementwise floor: {b / 2**20:.1f} MiB moved at least; "
+            f"{_fmt_s(b / bw_step)} at {bw_step / 1e9:.1f} GB/s (step-sized copies), "
+            f"{_fmt_s(b / bw_dram)} at {bw_dram / 1e9:.1f} GB/s (256 MiB copies)",
+        )
+    out["elementwise_floor"] = floors
+    rep.facts["limit"] = out
 
 
 # --- section 1b: the late phase --------------------------------------------------------------
@@ -602,38 +814,104 @@ def _source_hash():
     return h.hexdigest()[:12]
 
 
-def late_checkpoint(rep, args):
-    """Train float32 (paper config) for ``args.late_steps`` steps once; cache params + AdamW
-    state in a .npz keyed by the step count and a hash of the engine sources."""
-    cache = Path(args.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"late-float32-p113-seed0-steps{args.late_steps}-{_source_hash()}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            ck = {k: f[k] for k in f.files}
-        rep.fact(
-            "checkpoint", {"path": str(path), "cached": True}, f"late checkpoint: reused {path}"
-        )
-        return ck
-    t0 = time.perf_counter()
-    run = new_run("float32")
-    with threadpool_limits(limits=max(args.threads), user_api="blas"):
-        for _ in range(args.late_steps):
-            run.advance(log=False)
+def probs_subnormal_fraction(run):
+    """Fraction of the float32 training batch's softmax probabilities that are subnormal."""
+    return _subnormal_fraction(run.evaluate("train").cache.probs)
+
+
+def _checkpoint_arrays(run, fraction, reached):
     ck = {f"param/{k}": v for k, v in run.params.items()}
     ck.update({f"state/{k}": v for k, v in run.opt_state.arrays().items()})
     ck["step"] = np.asarray(run.step, dtype=np.int64)
     ck["opt_step"] = np.asarray(run.opt_state.step, dtype=np.int64)
+    ck["meta/subnormal_fraction"] = np.asarray(fraction, dtype=np.float64)
+    ck["meta/reached"] = np.asarray(reached)
+    return ck
+
+
+def _save_npz(path, arrays):
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **ck)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    dt = time.perf_counter() - t0
+
+
+def _load_npz(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def late_checkpoint(rep, args):
+    """The late float32 checkpoint (paper config, seed 0): trained from step 0 until the
+    fraction of subnormal softmax probabilities of the training batch is at least
+    ``args.late_fraction``, checked every ``args.late_every`` steps, at most
+    ``args.late_steps`` steps. Cached as a .npz keyed by those three numbers and a hash of the
+    engine sources; progress is saved at every check (``.partial.npz``), and a run stopped by
+    ``--late-budget`` resumes from it (full batch, no randomness after the initialisation:
+    the resumed training is bit-identical to an uninterrupted one).
+
+    Returns the ``ck`` dict (``param/<name>``, ``state/<name>/<tensor>``, ``step``,
+    ``opt_step``); the fraction reached and the step count go to the report."""
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = (
+        f"late-float32-p113-seed0-sub{args.late_fraction:g}-every{args.late_every}"
+        f"-max{args.late_steps}-{_source_hash()}"
+    )
+    path, partial = cache / f"{stem}.npz", cache / f"{stem}.partial.npz"
+    how = "reused"
+    if path.exists():
+        ck = _load_npz(path)
+    else:
+        t0 = time.perf_counter()
+        run = new_run("float32")
+        if partial.exists():
+            run = run_from_checkpoint(_load_npz(partial), data=run.data)
+            how = f"resumed at step {run.step}"
+        else:
+            how = "trained from step 0"
+        frac, reached = probs_subnormal_fraction(run), False
+        budget = float("inf") if args.late_budget is None else args.late_budget
+        with threadpool_limits(limits=max(args.threads), user_api="blas"):
+            while True:
+                reached = frac >= args.late_fraction
+                if reached or run.step >= args.late_steps:
+                    break
+                if time.perf_counter() - t0 > budget:
+                    break
+                for _ in range(min(args.late_every, args.late_steps - run.step)):
+                    run.advance(log=False)
+                frac = probs_subnormal_fraction(run)
+                _save_npz(partial, _checkpoint_arrays(run, frac, False))
+        ck = _checkpoint_arrays(run, frac, reached)
+        done = reached or run.step >= args.late_steps
+        if done:
+            _save_npz(path, ck)
+            partial.unlink(missing_ok=True)
+        how += f", {time.perf_counter() - t0:.1f} s" + ("" if done else ", budget spent")
+    frac, reached = float(ck["meta/subnormal_fraction"]), bool(ck["meta/reached"])
+    step = int(ck["step"])
     rep.fact(
         "checkpoint",
-        {"path": str(path), "cached": False, "seconds": dt},
-        f"late checkpoint: trained {args.late_steps} float32 steps in {dt:.1f} s, saved {path}",
+        {
+            "path": str(path),
+            "how": how,
+            "step": step,
+            "subnormal_fraction": frac,
+            "target_fraction": args.late_fraction,
+            "reached": reached,
+        },
+        f"late checkpoint ({how}): step {step}, subnormal softmax probabilities {frac:.4f} "
+        f"(target >= {args.late_fraction:g}, checked every {args.late_every} steps: "
+        f"{'reached' if reached else 'NOT reached'}); {path.name}",
     )
-    return ck
+    rep.target(
+        "late checkpoint: subnormal probabilities",
+        frac,
+        args.late_fraction,
+        kind=">=",
+        detail=f"step {step}",
+    )
+    return {k: v for k, v in ck.items() if not k.startswith("meta/")}
 
 
 def run_from_checkpoint(ck, data=None):
@@ -675,6 +953,20 @@ def step_tensors(run):
     for k, t in run.opt_state.tensors.items():
         out[f"AdamW exp_avg_sq {k}"] = t["exp_avg_sq"]
     return ev, out
+
+
+#: Issue 19: the late step (about a tenth of the probabilities subnormal) over the early one.
+LATE_TARGET = 1.2
+
+
+def flushed(ops):
+    """The GEMM operands with the subnormal gradients (dz, dh2) replaced by zeros: what the
+    products cost without subnormal operands (a diagnosis, never used as a result)."""
+    out = dict(ops)
+    for k in ("dz", "dh2"):
+        a = ops[k]
+        out[k] = np.where(np.abs(a) < np.finfo(a.dtype).tiny, a.dtype.type(0), a)
+    return out
 
 
 def section_late(rep, args, torch_mod, thr, ck):
@@ -724,6 +1016,7 @@ def section_late(rep, args, torch_mod, thr, ck):
             "numstab float32 step, late": numstab_step(late),
             "numstab float32 GEMMs, early": gemm_floor(gemm_operands(early)),
             "numstab float32 GEMMs, late": gemm_floor(gemm_operands(late)),
+            "numstab float32 GEMMs, late, flushed": gemm_floor(flushed(gemm_operands(late))),
         }
         groups = [(contextlib.nullcontext, cases)]
         if torch_mod is not None:
@@ -743,6 +1036,15 @@ def section_late(rep, args, torch_mod, thr, ck):
             res = measure_rounds(groups, args.repeats, args.warmup)
         st = {case: _stat(*res[case]) for case in res}
         ratios = {}
+        fl = st["numstab float32 GEMMs, late, flushed"]
+        rep.row(
+            "1b",
+            "numstab float32 GEMMs, late, flushed",
+            nthr,
+            fl,
+            "dz, dh2 subnormals -> 0 (not a result: what subnormal operands cost the GEMMs); "
+            f"late/flushed = {st['numstab float32 GEMMs, late']['median'] / fl['median']:.2f}",
+        )
         for who in ("numstab float32 step", "numstab float32 GEMMs", "PyTorch float32 step"):
             if f"{who}, early" not in st:
                 rep.row("1b", f"{who}, early", nthr, None, f"torch {args.torch_status}")
@@ -760,6 +1062,12 @@ def section_late(rep, args, torch_mod, thr, ck):
             )
         rep.facts.setdefault("late_ratio", {})[str(nthr)] = ratios
         pt = ratios.get("PyTorch float32 step")
+        rep.target(
+            f"late/early step, numstab float32 [{nthr} thr]",
+            ratios["numstab float32 step"],
+            LATE_TARGET,
+            detail="PyTorch " + (f"{pt:.2f}×" if pt is not None else args.torch_status),
+        )
         rep.target(
             f"late/early: numstab ≤ PyTorch [{nthr} thr]",
             ratios["numstab float32 step"] if pt is not None else None,
@@ -1353,10 +1661,31 @@ def build_parser():
         help="sections to run",
     )
     p.add_argument(
+        "--late-fraction",
+        type=float,
+        default=0.10,
+        help="train the late checkpoint until this fraction of the float32 softmax "
+        "probabilities is subnormal (default 0.10)",
+    )
+    p.add_argument(
+        "--late-every",
+        type=int,
+        default=None,
+        help="steps between two checks of that fraction (default 250; --quick: 20)",
+    )
+    p.add_argument(
         "--late-steps",
         type=int,
         default=None,
-        help="float32 steps to the late checkpoint (default 2000; --quick: 40)",
+        help="at most this many float32 steps to the late checkpoint (default 20000; --quick: 40)",
+    )
+    p.add_argument(
+        "--late-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop training the late checkpoint at the first check after this long and use "
+        "the progress so far (saved; the next run resumes it); default: no limit",
     )
     p.add_argument(
         "--mpmath-rows",
@@ -1385,6 +1714,13 @@ def build_parser():
         default=None,
         help="where the late checkpoint is cached (default: $TMPDIR/numstab-bench)",
     )
+    p.add_argument(
+        "--baseline-tree",
+        default=None,
+        metavar="DIR",
+        help="section 1 also times the step of the numstab checkout in DIR (e.g. a git "
+        "worktree of an older commit), library and CLI path, interleaved: before/after",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     p.add_argument(
         "--profile",
@@ -1404,7 +1740,9 @@ def resolve_args(args):
     if args.warmup is None:
         args.warmup = 1 if q else 3
     if args.late_steps is None:
-        args.late_steps = 40 if q else 2000
+        args.late_steps = 40 if q else 20000
+    if args.late_every is None:
+        args.late_every = 20 if q else 250
     if args.mpmath_rows is None:
         args.mpmath_rows = 16 if q else 0
     if args.stream_shape is None:
@@ -1421,6 +1759,8 @@ def resolve_args(args):
         args.compare_skipped = False
     if min(args.threads) < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("threads and repeats must be >= 1, warmup >= 0")
+    if args.late_every < 1 or args.late_steps < 0 or not 0 <= args.late_fraction <= 1:
+        raise SystemExit("--late-every must be >= 1, --late-steps >= 0, --late-fraction in [0, 1]")
     return args
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from numstab.backend import errstate, namespace, take_at, xp_dtype
 from numstab.checks import check_choice, check_eps, check_format, is_float, is_int
 from numstab.elementary import check_mode
+from numstab.fastround import quantize_into
 from numstab.losses import mse, softmax, softmax_stable, stablemax
 from numstab.losses.rounding import Rounding
 from numstab.precision import Format, quantize
@@ -257,7 +258,7 @@ def _logits_and_rounding(z, kind, fmt, order, eps, elementary):
         check_eps(eps)
     xp = namespace(z)
     with errstate(xp, invalid="ignore", over="ignore", divide="ignore"):
-        z = quantize(z, fmt)
+        z = quantize_into(z, fmt)
     _check_logits_shape(z)
     return z, Rounding(fmt, order, elementary, xp)
 

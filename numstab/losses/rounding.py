@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from numstab import workspace
 from numstab.backend import namespace, xp_dtype
 from numstab.elementary import apply
+from numstab.fastround import quantize_into
 from numstab.precision import Format, quantize
 from numstab.rounding_modes import flush_subnormals
 from numstab.summation import ordered_sum
@@ -95,25 +97,26 @@ class Rounding:
             return tuple(_daz(v, self.fmt) for v in (a, b))
         return a, b
 
+    def _binary(self, name: str, fn, a, b):
+        """``RN(fn(a, b))`` for an arithmetic ufunc ``fn`` (into reused arrays in a step)."""
+        x, y = self._in(a, b)
+        return self._out(name, quantize_into(workspace.ufunc(fn, x, y), self.fmt), a, b)
+
     def add(self, a, b):
         """``RN(a + b)``."""
-        x, y = self._in(a, b)
-        return self._out("add", quantize(x + y, self.fmt), a, b)
+        return self._binary("add", np.add, a, b)
 
     def sub(self, a, b):
         """``RN(a - b)``."""
-        x, y = self._in(a, b)
-        return self._out("sub", quantize(x - y, self.fmt), a, b)
+        return self._binary("sub", np.subtract, a, b)
 
     def mul(self, a, b):
         """``RN(a · b)``."""
-        x, y = self._in(a, b)
-        return self._out("mul", quantize(x * y, self.fmt), a, b)
+        return self._binary("mul", np.multiply, a, b)
 
     def div(self, a, b):
         """``RN(a / b)``."""
-        x, y = self._in(a, b)
-        return self._out("div", quantize(x / y, self.fmt), a, b)
+        return self._binary("div", np.true_divide, a, b)
 
     def exp(self, x):
         """``RN(exp x)`` (``libm``: the library's exp in the carrier dtype, rounded)."""

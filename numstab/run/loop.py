@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from numstab import metrics as M
-from numstab import mlp, transformer
+from numstab import mlp, parallel, transformer, workspace
 from numstab.backend import get_backend, namespace, put_at, take_at, to_numpy
 from numstab.data import Dataset, get_dataset
 from numstab.functional import GatherPlan
@@ -209,12 +209,16 @@ class Run:
         Where metrics go (a fresh in-memory log by default).
     data : Dataset, optional
         Reuse an already generated dataset (must match the config).
+    elementwise_threads : int, optional
+        Threads of the elementwise passes that :mod:`numstab.parallel` splits (None: the
+        BLAS thread count in effect at each step). Speed only: the results are the same bits.
     """
 
     config: TrainConfig
     name: str = "run"
     log: MetricLog = field(default_factory=MetricLog)
     data: Dataset | None = None
+    elementwise_threads: int | None = None
 
     def __post_init__(self):
         c = self.config
@@ -258,6 +262,8 @@ class Run:
         self.opt_state = self.optimizer.init_state(self.params)
         self.batch_rng = np.random.default_rng([c.seed, 1])
         self.step = 0
+        # The step's large arrays, reused from step to step (numstab.workspace).
+        self.workspace = workspace.Workspace()
 
     def _device(self, x):
         x = np.asarray(x)
@@ -353,6 +359,10 @@ class Run:
             When the training loss or a parameter is NaN/inf; the step's metrics are logged
             first, so nothing computed is lost.
         """
+        with workspace.using(self.workspace), parallel.using(self.elementwise_threads):
+            self._advance(log, final, inspect)
+
+    def _advance(self, log, final, inspect):
         c = self.config
         t = self.step
         if log is None:
@@ -366,11 +376,15 @@ class Run:
         grads = self.gradients(ev, rows)
         if log:
             # Metrics describe θ_t: without dropout (a separate pass when the training pass
-            # dropped units) and on the whole training split.
-            full = ev if rows is None and not self.dropout_active else self.evaluate("train")
-            self._log_split("train", full)
-            self._log_split("test", self.evaluate("test"))
-            self._log_params(grads)
+            # dropped units) and on the whole training split. These occasional passes (other
+            # shapes) allocate as usual, and the kept arrays are let go first, so that a
+            # logging step's peak memory is what it was without a workspace.
+            self.workspace.clear()
+            with workspace.using(None):
+                full = ev if rows is None and not self.dropout_active else self.evaluate("train")
+                self._log_split("train", full)
+                self._log_split("test", self.evaluate("test"))
+                self._log_params(grads)
         if inspect is not None:
             inspect(self, ev, grads)
         if not _all_finite(ev.loss):

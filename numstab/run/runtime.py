@@ -15,6 +15,8 @@ import sys
 
 import threadpoolctl
 
+from numstab import parallel
+
 __all__ = ["runtime_info", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
@@ -57,10 +59,11 @@ def tune_allocator(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 <<
 
 
 def runtime_info() -> dict:
-    """The allocator setting and BLAS libraries/threads in effect (for run outputs)."""
+    """The allocator setting, BLAS libraries/threads and the elementwise thread count in
+    effect (for run outputs; ``Run.elementwise_threads`` None: the BLAS count)."""
     blas = [
         {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
         for info in threadpoolctl.threadpool_info()
         if info.get("user_api") == "blas"
     ]
-    return {**_STATE, "blas": blas}
+    return {**_STATE, "blas": blas, "elementwise_threads": parallel.blas_threads()}

@@ -1,0 +1,79 @@
+"""Elementwise passes on a thread pool over blocks of elements.
+
+NumPy's ufuncs release the GIL, so contiguous blocks of one array can be computed on several
+cores at once. Only passes where every element's result depends on that element alone are
+split (the correctly rounded ``exp``/``log`` of :mod:`numstab.elementary`), and the blocks
+are put back in order: the results are the same bits at every thread count
+(``tests/test_parallel.py`` compares 1 and 2 threads).
+
+The thread count is explicit: :func:`using` sets it for a block of code (``Run.advance``
+sets its run's ``elementwise_threads``; None there means the BLAS thread count in effect,
+read through threadpoolctl), and 1 (no pool) is the default outside.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import threadpoolctl
+
+__all__ = ["blas_threads", "map_blocks", "threads", "using"]
+
+_THREADS: ContextVar[int] = ContextVar("numstab_elementwise_threads", default=1)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_BLAS: list = []  # the threadpoolctl controllers of the BLAS libraries, looked up once
+
+
+def threads() -> int:
+    """The elementwise thread count in effect (1 outside :func:`using`)."""
+    return _THREADS.get()
+
+
+def blas_threads() -> int:
+    """The thread count of NumPy's BLAS now (the largest over the BLAS libraries loaded)."""
+    if not _BLAS:
+        _BLAS.append(threadpoolctl.ThreadpoolController().select(user_api="blas"))
+    counts = [c.num_threads for c in _BLAS[0].lib_controllers]
+    return max(counts, default=1)
+
+
+@contextmanager
+def using(n: int | None) -> Iterator[int]:
+    """Run elementwise passes on ``n`` threads in this block (None: :func:`blas_threads`)."""
+    n = blas_threads() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"elementwise threads must be >= 1, got {n}")
+    token = _THREADS.set(n)
+    try:
+        yield n
+    finally:
+        _THREADS.reset(token)
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="numstab-elementwise")
+    return _POOLS[n]
+
+
+def map_blocks(fn: Callable[[int, int], object], n_items: int, quantum: int) -> list:
+    """``[fn(start, stop), ...]`` over contiguous blocks covering ``range(n_items)``, in
+    order; on :func:`threads` threads when there are at least two quanta per thread.
+
+    Block boundaries are multiples of ``quantum``; each call runs in a copy of the caller's
+    context (its workspace, its scopes). ``fn`` must write disjoint parts of its outputs.
+    """
+    n = threads()
+    per = -(-n_items // max(n, 1))
+    per = -(-per // quantum) * quantum
+    if n <= 1 or n_items < 2 * quantum * n:
+        return [fn(0, n_items)]
+    bounds = [(s, min(s + per, n_items)) for s in range(0, n_items, per)]
+    pool = _pool(n)
+    futures = [pool.submit(contextvars.copy_context().run, fn, a, b) for a, b in bounds[1:]]
+    first = fn(*bounds[0])  # the calling thread takes the first block
+    return [first, *(f.result() for f in futures)]
