@@ -20,8 +20,8 @@ exactly (:func:`numstab.audit.audit_cross_entropy`, metrics ``audit_*``). Rows g
 ``metrics.csv`` through numstab's :class:`~numstab.run.MetricLog` (flushed every observed
 step: a crash keeps every row recorded); ``summary.json`` is written at the start (status
 ``"running"``) and by :meth:`Monitor.close`. With ``background=True`` the measuring runs on
-the monitor's own thread, on copies taken inside ``observe``. torch is never imported by this module: it reads
-the tensors it is given.
+the monitor's own thread, on copies taken inside ``observe``. torch is never imported by this
+module: it reads the tensors it is given.
 """
 
 from __future__ import annotations
