@@ -303,15 +303,17 @@ def test_background_records_the_same_rows(tmp_path):
     """``background=True`` measures copies on the monitor's thread: the same metrics.csv rows,
     character for character (the audit's own duration aside), as measuring inline, with the
     loop zeroing its gradients in place (the copies must be taken before the loop moves on)
-    and weight decay (θ read before the step)."""
+    and weight decay (θ read before the step); so does ``threads=2``."""
     from numstab.monitor import Monitor
 
     files = []
-    for background in (False, True):
+    for background, threads in ((False, 1), (True, 1), (False, 2)):
         model, x, y = _tiny(seed=3)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-        out = tmp_path / f"bg{background}"
-        with Monitor(model, opt, out=out, background=background, audit_every=4) as mon:
+        out = tmp_path / f"bg{background}{threads}"
+        with Monitor(
+            model, opt, out=out, background=background, audit_every=4, threads=threads
+        ) as mon:
             for step in range(9):
                 logits = model(x)
                 loss = torch.nn.functional.cross_entropy(logits, y)
@@ -322,7 +324,7 @@ def test_background_records_the_same_rows(tmp_path):
         assert json.loads((out / "summary.json").read_text())["config"]["background"] is background
         rows = (out / "metrics.csv").read_text().splitlines()
         files.append([r for r in rows if ",audit_seconds," not in r])  # a time, not a metric
-    assert files[0] == files[1] and len(files[0]) > 9 * 15
+    assert files[0] == files[1] == files[2] and len(files[0]) > 9 * 15
 
 
 @needs_torch

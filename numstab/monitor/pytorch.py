@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from numstab import parallel
 from numstab.audit import audit_cross_entropy
 from numstab.backend import to_numpy
 from numstab.checks import check_choice, check_eps
@@ -116,6 +117,10 @@ class Monitor:
         The ``run`` column of the rows.
     config : dict, optional
         Extra fields recorded in ``summary.json``'s ``config`` (they label plots).
+    threads : int
+        Threads for the monitor's elementwise passes (the correctly rounded ``exp`` and ``log``
+        of the collapse metrics, :mod:`numstab.parallel`); the values are the same at every
+        count. Give the loop's own thread count to use the cores its step uses.
     background : bool
         Measure on a thread of the monitor's own: ``observe`` only copies the step's host
         arrays (logits, θ, ∇L, θ after the step) and the loop goes on while the previous step
@@ -138,12 +143,14 @@ class Monitor:
         audit_every=None,
         name="run",
         config=None,
+        threads=1,
         background=False,
     ):
         check_choice(loss, MONITOR_KINDS, "loss")
         check_choice(order, REDUCTION_ORDERS, "order")
         check_eps(eps)
         self.every = _positive("every", every)
+        self.threads = _positive("threads", threads)
         self.audit_every = _positive("audit_every", audit_every, optional=True)
         self.fmt = None if loss_format is None else format_arg(loss_format, "loss_format")
         named = model.items() if isinstance(model, dict) else model.named_parameters()
@@ -220,7 +227,7 @@ class Monitor:
         with ``background=True``)."""
         t0 = time.perf_counter()
         z, y, loss = batch
-        with self._blas.limit(limits=HOST_BLAS_THREADS):
+        with self._blas.limit(limits=HOST_BLAS_THREADS), parallel.using(self.threads):
             if loss is not None:
                 self.log.add(step, self.name, "train", "loss", loss)
             fmt = self._batch(step, z, y)
@@ -299,6 +306,7 @@ class Monitor:
             "audit_every": self.audit_every,
             "collapse_window": f"t2 <= {WINDOW:g} * 2**-p",
             "host_blas_threads": HOST_BLAS_THREADS,
+            "threads": self.threads,
             "background": self._pool is not None,
             "params": list(self.params),
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
