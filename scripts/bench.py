@@ -1462,13 +1462,9 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
             with (
                 tempfile.TemporaryDirectory() as out,
                 thr.block(n),
-                Monitor(inline.model, inline.opt, out=os.path.join(out, "i"), threads=n) as mon,
+                Monitor(inline.model, inline.opt, out=os.path.join(out, "i")) as mon,
                 Monitor(
-                    behind.model,
-                    behind.opt,
-                    out=os.path.join(out, "b"),
-                    threads=n,
-                    background=True,
+                    behind.model, behind.opt, out=os.path.join(out, "b"), background=True
                 ) as mon_b,
             ):
                 cases = {

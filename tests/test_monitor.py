@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -325,6 +326,20 @@ def test_background_records_the_same_rows(tmp_path):
         rows = (out / "metrics.csv").read_text().splitlines()
         files.append([r for r in rows if ",audit_seconds," not in r])  # a time, not a metric
     assert files[0] == files[1] == files[2] and len(files[0]) > 9 * 15
+
+
+@needs_torch
+def test_background_warns_when_torch_fills_every_core(monkeypatch):
+    from numstab.monitor import Monitor
+
+    w = torch.zeros(3, requires_grad=True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # the fixture's one torch thread fills it
+    with pytest.warns(RuntimeWarning, match="1 threads on 1 cores"):
+        Monitor({"w": w}, background=True).close()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Monitor({"w": w}, background=True).close()
 
 
 @needs_torch

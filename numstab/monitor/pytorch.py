@@ -30,6 +30,7 @@ import collections
 import contextlib
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -77,6 +78,23 @@ AUDIT_KEYS = (
     "mpmath_rows",
     "seconds",
 )
+
+
+def _warn_if_cores_are_taken() -> None:
+    """RuntimeWarning when torch's threads already fill every core: a thread of the monitor's
+    own then competes with them, and a thread pool waits for its slowest thread (measured on
+    2 cores with 2 torch threads: the step 3 to 4 times slower; docs/monitor.md)."""
+    import torch  # optional dependency: the monitor observes torch tensors
+
+    n, cores = torch.get_num_threads(), os.cpu_count() or 1
+    if n >= cores:
+        warnings.warn(
+            f"Monitor(background=True) with torch using {n} threads on {cores} cores: the "
+            "monitor's thread competes with them and slows the step down; give torch fewer "
+            "threads (torch.set_num_threads) or measure inline (docs/monitor.md)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _positive(name, v, *, optional=False):
@@ -168,6 +186,8 @@ class Monitor:
         self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
         if not isinstance(background, (bool, np.bool_)):
             raise TypeError(f"background must be a bool, got {background!r}")
+        if background:
+            _warn_if_cores_are_taken()
         self._pool = ThreadPoolExecutor(1, "numstab-monitor") if background else None
         self._pending: collections.deque = collections.deque()
         self.steps_observed, self.seconds, self.record_seconds = 0, 0.0, 0.0
