@@ -17,6 +17,7 @@ from numstab.functional import linear_backward as functional_linear_backward
 from numstab.functional import linear_forward
 from numstab.precision import PrecisionPolicy, get_format, quantize
 from numstab.transformer.colsum import column_sum, linear_backward
+from numstab.transformer.dropout import SITES, DropoutKey, multiplier
 
 # sizes around the tree's joints: below 8 (no unrolling), 8..128 (one leaf), past 128 and
 # 256 (leaves of unequal lengths), and the paper's batches (5017 pairs; 2 positions).
@@ -104,3 +105,20 @@ def test_linear_backward_is_functionals(fmt):
         want = functional_linear_backward(dy, cache, policy)
         for a, c in zip(got, want, strict=True):
             assert (a is None and c is None) or a.tobytes() == c.tobytes()
+
+
+@pytest.mark.parametrize("shape", [(0,), (3,), (65536,), (65537,), (300, 700), (7, 3, 5000)])
+@pytest.mark.parametrize("fmt", ["float64", "float32", "float16"])
+def test_dropout_mask_is_its_documented_stream(shape, fmt):
+    """The mask drawn in pieces is the documented one: element i dropped when u[i] < p for
+    ``u = default_rng(SeedSequence(seed, spawn_key=(1, step, site))).random(shape)``, kept
+    ones multiplied by RN(1/(1 - p)) (pieces of 65 536 numbers: shapes across the joints)."""
+    key, p, site = DropoutKey(seed=5, step=11), 0.1, "feedforward"
+    ss = np.random.SeedSequence(5, spawn_key=(1, 11, SITES.index(site)))
+    u = np.random.default_rng(ss).random(shape)
+    f = get_format(fmt)
+    scale = quantize(np.asarray(1 / (1 - p)), f)
+    want = np.where(u < p, np.zeros_like(scale), scale)
+    got = multiplier(key, site, shape, p, f)
+    assert got.shape == tuple(shape) and got.dtype == want.dtype
+    assert got.tobytes() == want.tobytes()
