@@ -10,16 +10,13 @@ the fixed overhead term (a bound that is loose by more than that would refuse ru
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
-from test_sweep import MEASURE_PEAK
+from test_sweep import test_the_memory_estimate_bounds_a_real_run as bounds_a_real_run
 
 from numstab.run import TrainConfig
-from numstab.run.footprint import OVERHEAD_BYTES, estimate_run_memory
+from numstab.run.footprint import estimate_run_memory
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/clear_refs"), reason="measures with Linux's /proc/self"
@@ -47,17 +44,7 @@ CASES = [
 
 @pytest.mark.parametrize("kw", CASES)
 def test_the_transformer_estimate_bounds_a_real_run(kw):
-    kw = {**TRANSFORMER, **kw}
-    proc = subprocess.run(
-        [sys.executable, "-c", MEASURE_PEAK, json.dumps(kw)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    measured = int(proc.stdout)
-    estimate = estimate_run_memory(TrainConfig(**kw)).total
-    assert measured <= estimate <= 2 * measured + OVERHEAD_BYTES, (measured, estimate)
+    bounds_a_real_run({**TRANSFORMER, **kw})  # the MLP's measurement and band
 
 
 def test_the_transformer_is_not_sized_as_an_mlp():
