@@ -208,6 +208,10 @@ def default_max_run_bytes() -> int | None:
     return None if total is None else int(MEMORY_FRACTION * total)
 
 
+#: What makes a run smaller, by model (MLP, transformer).
+_SMALLER = ("--modulus, --hidden, --steps/--log-every", "--modulus, --d-ff, --batch-size")
+
+
 def check_fits(config, limit: int | str | None = "default") -> None:
     """``ValueError`` if the run's estimated memory exceeds ``limit`` bytes ("default":
     :func:`default_max_run_bytes`; None: no limit), naming the need and its largest parts."""
@@ -220,7 +224,7 @@ def check_fits(config, limit: int | str | None = "default") -> None:
         raise ValueError(
             f"the run needs about {format_bytes(need.total)} of memory ({need.describe()}), "
             f"more than the limit of {format_bytes(limit)} ({MEMORY_FRACTION:g} of this "
-            "machine's memory); make it smaller (--modulus, --hidden, --steps/--log-every)"
+            f"machine's memory); make it smaller ({_SMALLER[config.model == 'transformer']})"
         )
 
 
