@@ -1238,7 +1238,9 @@ def section_transformer(rep, args, torch_mod, thr):
                 (lambda n=n: thr.block(n), {f"numstab {label}": numstab_step(run)}),
                 (lambda n=n: thr.block(n), {f"PyTorch {label}": ref.step}),
             ]
-            res = measure_rounds(groups, args.repeats, args.warmup)
+            # --quick (one thread, smoke sizes): no pause between the libraries
+            pause = 0.0 if args.quick else PAUSE_S
+            res = measure_rounds(groups, args.repeats, args.warmup, pause)
             st = {case: _stat(*res[case]) for case in res}
             ours, theirs = (st[case]["median"] for case in res)
             ratio = ours / theirs
