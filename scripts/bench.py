@@ -41,6 +41,11 @@ Sections (``--sections``, default all):
 ``monitor``  The PyTorch float32 step with ``numstab.monitor.Monitor`` observing every step,
        inline and in the background, against the plain step (target: at most 10 % more),
        early and late.
+``transformer``  One full-batch training step of the Fig. 6a transformer (p = 113, operands
+       1..112, f = 0.4: 5017 pairs; d 128, 4 heads, feed-forward 2048, dropout 0.1, AdamW
+       lr 1e-3, betas (0.9, 0.99), eps 1e-25) in numstab against the same PyTorch modules
+       holding the same weights (``numstab.transformer.torch_twin``), float32 and float64
+       (target: numstab at most 1.0x PyTorch). --quick: p = 23, d 32, feed-forward 128.
 
 Timing: every case is warmed up, then timed ``--repeats`` times; the cases of one section and
 thread count are interleaved round by round (so a change in machine load hits all of them
@@ -91,7 +96,9 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction  # noqa: E402
 from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
+from numstab.run import Run, TrainConfig  # noqa: E402
 from numstab.run.runtime import tune_allocator  # noqa: E402
+from numstab.transformer.torch_twin import torch_modules  # noqa: E402
 
 #: The table's column header (the test looks for it).
 HEADER = (
@@ -100,7 +107,7 @@ HEADER = (
 )
 PAPER_DTYPES = ("float32", "float64", "float16", "bfloat16")
 TORCH_DTYPES = ("float32", "float64")
-ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4", "monitor")
+ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4", "monitor", "transformer")
 RSS_LIMIT_MB = 300.0
 RSS_GROWTH_TOL_MB = 5.0
 
@@ -1536,6 +1543,94 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
             }
 
 
+# --- transformer ---------------------------------------------------------------------------
+
+#: Target: numstab's transformer step at most this multiple of PyTorch's (issue 18).
+TRANSFORMER_RATIO_TARGET = 1.0
+
+
+def transformer_config(dtype, quick):
+    """The Fig. 6a run (plain AdamW, so that both libraries run the same update)."""
+    small = {"p": 23, "d_model": 32, "d_ff": 128} if quick else {}
+    return TrainConfig(model="transformer", residue_start=1, dtype=dtype, lr=1e-3, **small)
+
+
+class TorchTransformerStep:
+    """The same step in PyTorch: ``un(layer(emb(x))[:, -1])``, cross-entropy (mean),
+    ``torch.optim.AdamW`` with the run's hyperparameters, the modules in training mode
+    (dropout on), starting from the run's weights."""
+
+    def __init__(self, torch, run, dtype):
+        c = run.config
+        self.torch = torch
+        self.mods = torch_modules(run.params, run.model, dtype)
+        self.params = [q for m in self.mods.values() for q in m.parameters()]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=0.0
+        )
+        self.x = torch.tensor(np.asarray(run.data.x_train))
+        self.y = torch.tensor(np.asarray(run.data.y_train))
+
+    def step(self):
+        m = self.mods
+        m["layer"].train()
+        self.opt.zero_grad()
+        logits = m["un"](m["layer"](m["emb"](self.x))[:, -1])
+        self.torch.nn.functional.cross_entropy(logits, self.y).backward()
+        self.opt.step()
+
+
+def section_transformer(rep, args, torch_mod, thr):
+    """numstab's transformer step against PyTorch's, interleaved, per format and thread
+    count; the target compares the medians."""
+    for dtype in TORCH_DTYPES:
+        run = Run(transformer_config(dtype, args.quick), name=f"bench-transformer-{dtype}")
+        label = f"transformer step {dtype}"
+        for n in args.threads:
+            if torch_mod is None:
+                rep.row("tf", f"numstab {label}", n, None, "not timed without PyTorch")
+                rep.row("tf", f"PyTorch {label}", n, None, f"torch {args.torch_status}")
+                rep.target(
+                    f"transformer numstab / PyTorch {dtype} [{n} thr]",
+                    None,
+                    TRANSFORMER_RATIO_TARGET,
+                )
+                continue
+            ref = TorchTransformerStep(torch_mod, run, dtype)
+            groups = [
+                (lambda n=n: thr.block(n), {f"numstab {label}": numstab_step(run)}),
+                (lambda n=n: thr.block(n), {f"PyTorch {label}": ref.step}),
+            ]
+            # --quick (one thread, smoke sizes): no pause between the libraries
+            pause = 0.0 if args.quick else PAUSE_S
+            res = measure_rounds(groups, args.repeats, args.warmup, pause)
+            st = {case: _stat(*res[case]) for case in res}
+            ours, theirs = (st[case]["median"] for case in res)
+            ratio = ours / theirs
+            verdict = "met" if ratio <= TRANSFORMER_RATIO_TARGET else "missed"
+            names = list(res)
+            rep.row(
+                "tf",
+                names[0],
+                n,
+                st[names[0]],
+                f"{ratio:.2f}x PyTorch (target <= {TRANSFORMER_RATIO_TARGET:g}x: {verdict})",
+            )
+            rep.row("tf", names[1], n, st[names[1]])
+            rep.target(
+                f"transformer numstab / PyTorch {dtype} [{n} thr]",
+                ratio,
+                TRANSFORMER_RATIO_TARGET,
+                unit="x",
+            )
+            rep.facts.setdefault("transformer", {}).setdefault(dtype, {})[str(n)] = {
+                "numstab_s": ours,
+                "pytorch_s": theirs,
+                "ratio": ratio,
+                "verdict": verdict,
+            }
+
+
 # --- profile -----------------------------------------------------------------------------------
 
 #: Storage formats profiled by --profile.
@@ -1793,6 +1888,8 @@ def main(argv=None):
         section_memory(rep, args)
     if "monitor" in args.sections:
         section_monitor(rep, args, torch_mod, thr, ck)
+    if "transformer" in args.sections:
+        section_transformer(rep, args, torch_mod, thr)
     rep.print_targets()
     rep.env["load_end"] = list(os.getloadavg())
     rep.env["uptime_end"] = uptime_line()

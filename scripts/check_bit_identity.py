@@ -38,6 +38,24 @@ CASES = {
                                             "--audit-samples", "8"]),
 }
 
+TINY_TRANSFORMER = ["--model", "transformer", "--modulus", "23", "--d-model", "16", "--heads",
+                    "2", "--d-ff", "64", "--steps", "12", "--log-every", "3", "--seed", "3",
+                    "--quiet"]
+
+#: Transformer runs (dropout 0.1, ⊥AdamW; pre-LN, StableMax attention, mini-batches), opt-in
+#: with ``--cases`` for a base that has the transformer (7b1d1de or later).
+TRANSFORMER_CASES = {
+    "transformer-float32": ("numstab.train", [*TINY_TRANSFORMER, "--residue-start", "1",
+                                              "--perp-grad", "tensor", "--lr", "1e-3"]),
+    "transformer-float16": ("numstab.train", [*TINY_TRANSFORMER, "--dtype", "float16",
+                                              "--norm-placement", "pre", "--attention",
+                                              "stablemax", "--batch-size", "150"]),
+    "transformer-bfloat16": ("numstab.train", [*TINY_TRANSFORMER, "--dtype", "bfloat16"]),
+    "transformer-float64": ("numstab.train", [*TINY_TRANSFORMER, "--dtype", "float64",
+                                              "--dropout", "0"]),
+}
+ALL_CASES = {**CASES, **TRANSFORMER_CASES}
+
 
 def _run(tree: str, module: str, args: list[str], out: str, extra: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=tree)
@@ -73,7 +91,9 @@ def _compare(name: str, base: str, current: str) -> str | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="git revision to compare against")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(ALL_CASES),
+                   help="default: the five MLP cases; the transformer-* cases need a base "
+                   "with the transformer")
     p.add_argument("--base-args", default="", help="extra options for the base's commands")
     p.add_argument("--current-args", default="", help="extra options for this tree's commands")
     args = p.parse_args(argv)
@@ -90,7 +110,7 @@ def main(argv=None) -> int:
                        capture_output=True)
         try:
             for name in args.cases:
-                module, cargs = CASES[name]
+                module, cargs = ALL_CASES[name]
                 outs = {}
                 for side, tree, extra in (("base", wt, args.base_args),
                                           ("current", ROOT, args.current_args)):

@@ -57,6 +57,7 @@ from numstab.transformer import (
 )
 from numstab.transformer.attention import attention_forward
 from numstab.transformer.dropout import SITES, multiplier
+from numstab.transformer.torch_twin import TORCH_NAMES, torch_grads, torch_modules
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch")
 
@@ -298,53 +299,7 @@ def twin(params, x, cfg, R, masks, u=U):
 
 # --- the PyTorch reference ------------------------------------------------------------------
 
-TORCH_NAMES = {
-    "embed": ("emb", "weight", False),
-    "attn_in_w": ("layer", "self_attn.in_proj_weight", True),
-    "attn_in_b": ("layer", "self_attn.in_proj_bias", False),
-    "attn_out_w": ("layer", "self_attn.out_proj.weight", True),
-    "attn_out_b": ("layer", "self_attn.out_proj.bias", False),
-    "ln1_w": ("layer", "norm1.weight", False),
-    "ln1_b": ("layer", "norm1.bias", False),
-    "ff1_w": ("layer", "linear1.weight", True),
-    "ff1_b": ("layer", "linear1.bias", False),
-    "ff2_w": ("layer", "linear2.weight", True),
-    "ff2_b": ("layer", "linear2.bias", False),
-    "ln2_w": ("layer", "norm2.weight", False),
-    "ln2_b": ("layer", "norm2.bias", False),
-    "unembed_w": ("un", "weight", True),
-    "unembed_b": ("un", "bias", False),
-}
-
-
-def torch_model(params, cfg):
-    """The authors' modules in float64, holding ``params`` (numstab stores ``x @ W``)."""
-    mods = {
-        "emb": torch.nn.Embedding(cfg.vocab, cfg.d_model, dtype=torch.float64),
-        "layer": torch.nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.heads,
-            cfg.d_ff,
-            dropout=cfg.dropout,
-            batch_first=True,
-            norm_first=cfg.norm_placement == "pre",
-            dtype=torch.float64,
-        ),
-        "un": torch.nn.Linear(cfg.d_model, cfg.n_classes, dtype=torch.float64),
-    }
-    with torch.no_grad():
-        for name, (mod, attr, transposed) in TORCH_NAMES.items():
-            a = torch.tensor(np.asarray(params[name], dtype=np.float64))
-            mods[mod].get_parameter(attr).copy_(a.T if transposed else a)
-    return mods
-
-
-def torch_grads(mods):
-    out = {}
-    for name, (mod, attr, transposed) in TORCH_NAMES.items():
-        gr = mods[mod].get_parameter(attr).grad.numpy()
-        out[name] = gr.T if transposed else gr
-    return out
+torch_model = torch_modules  # the float64 modules of the reference
 
 
 def _torch_stablemax(x, dim=-1, **_):

@@ -23,6 +23,26 @@ full training split when it is a mini-batch, and the test split):
 - metrics: ``400`` bytes per logged metric row, kept in memory and as CSV text;
 - overhead: 32 MiB for what a run loads and allocates whatever its size (modules imported on
   first use, allocator arenas).
+
+The transformer (``model = "transformer"``) has its own shapes: ``N = n²`` token pairs
+(``n = p - residue_start``; ``n (n - 1)`` for ``div`` from 0), ``T = 2`` positions, width
+``d``, feed-forward width ``f``, ``h`` heads, ``C = p`` classes and ``P`` parameters
+(``p d + 4 d² + 9 d + 2 d f + f + d C + C``). Only the last position passes the attention, so
+its activations are per sample, not per token, except the keys and values:
+
+- data: ``N (40 + 2 · 16)`` (two tokens of 8 bytes per row, as the one-hot index inputs);
+- params and optimizer: as the MLP's;
+- activations: the larger of the training step, ``B (8 f + 24 d + 8 T d + 4 h T) c + B L``
+  (the forward's cache, three ``f``-wide arrays: the ReLU output, its dropout and the mask,
+  and the backward's temporaries at the feed-forward layer, up to five more), and a logged
+  step, which keeps the training pass's cache ``B (3 f + 14 d + 4 T d) c`` while it evaluates
+  the larger split without gradients, ``R (3 f + 12 d + 4 T d) c + R L``; ``c`` the compute
+  carrier's bytes (at least 4), ``L = C (4 c' + 8)`` the loss's bytes per row as above,
+  ``R`` the larger of the test split and (when the training pass differs from the logged
+  evaluation: dropout or mini-batches) the training split. The emulated formats (float16,
+  bfloat16) round through bit patterns and masks of the array being rounded: ``10 f c`` more
+  per training row and ``4 f c`` per evaluated row (fitted to the peaks measured at the
+  paper's sizes, ``tests/test_transformer_footprint.py``).
 """
 
 from __future__ import annotations
@@ -109,6 +129,8 @@ def estimate_run_memory(config) -> Footprint:
     >>> estimate_run_memory(TrainConfig(p=10**6)).total > 2**40  # a trillion pairs: > 1 TiB
     True
     """
+    if config.model == "transformer":
+        return _transformer(config)
     c = config
     n, d, classes, row = _shapes(c)
     n_train = int(c.train_fraction * n)
@@ -142,6 +164,39 @@ def estimate_run_memory(config) -> Footprint:
     )
 
 
+def _transformer(c) -> Footprint:
+    """:func:`estimate_run_memory` of a transformer run (the module docstring's terms)."""
+    r = c.p - c.residue_start
+    n = r * (r - 1) if c.task == "div" and c.residue_start == 0 else r * r
+    n_train = int(c.train_fraction * n)
+    n_test = n - n_train
+    s = get_format(c.dtype).carrier.itemsize
+    cs = max(s, 4)
+    closs = max(get_format(c.loss_dtype or c.dtype).carrier.itemsize, 4)
+    t = get_format(c.state_format).carrier.itemsize
+    d, f, h, classes, tokens = c.d_model, c.d_ff, c.heads, c.p, 2
+
+    n_params = c.p * d + 4 * d * d + 9 * d + 2 * d * f + f + d * classes + classes
+    batch = n_train if c.batch_size is None else min(c.batch_size, n_train)
+    separate = batch < n_train or c.dropout > 0  # the logged training split is its own pass
+    rows = max(n_test, n_train if separate else 0)
+    loss = classes * (4 * closs + 8)
+    wide = get_format(c.dtype).is_emulated  # rounding temporaries of the f-wide arrays
+    step = batch * ((8 * f + 24 * d + 8 * tokens * d + 4 * h * tokens + 10 * f * wide) * cs + loss)
+    logged = batch * (3 * f + 14 * d + 4 * tokens * d) * cs
+    logged += rows * ((3 * f + 12 * d + 4 * tokens * d + 4 * f * wide) * cs + loss)
+    moments = 1 if c.optimizer == "sgd" else 2
+    n_tensors = 15
+    metric_rows = 2 * (SPLIT_METRICS + 1 + h) + TENSOR_METRICS * (n_tensors + 1)
+    return Footprint(
+        data=n * (40 + 2 * 16),
+        params=3 * n_params * s,
+        optimizer=(moments + 1) * n_params * t,
+        activations=max(step, logged),
+        metrics=(c.steps // c.log_every + 2) * metric_rows * METRIC_ROW_BYTES,
+    )
+
+
 #: Default per-run memory limit, as a fraction of the physical memory (sweeps and commands).
 MEMORY_FRACTION = 0.5
 
@@ -151,6 +206,10 @@ def default_max_run_bytes() -> int | None:
     (None, no limit, where the OS does not report it)."""
     total = physical_memory()
     return None if total is None else int(MEMORY_FRACTION * total)
+
+
+#: What makes a run smaller, by model (MLP, transformer).
+_SMALLER = ("--modulus, --hidden, --steps/--log-every", "--modulus, --d-ff, --batch-size")
 
 
 def check_fits(config, limit: int | str | None = "default") -> None:
@@ -165,7 +224,7 @@ def check_fits(config, limit: int | str | None = "default") -> None:
         raise ValueError(
             f"the run needs about {format_bytes(need.total)} of memory ({need.describe()}), "
             f"more than the limit of {format_bytes(limit)} ({MEMORY_FRACTION:g} of this "
-            "machine's memory); make it smaller (--modulus, --hidden, --steps/--log-every)"
+            f"machine's memory); make it smaller ({_SMALLER[config.model == 'transformer']})"
         )
 
 

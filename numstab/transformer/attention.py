@@ -26,10 +26,11 @@ import numpy as np
 
 from numstab.audit import CrossEntropyAudit, audit_cross_entropy
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
-from numstab.functional import linear_backward, linear_forward
+from numstab.functional import linear_forward
 from numstab.losses import collapse_mask, softmax, stablemax
 from numstab.losses.rounding import Rounding
 from numstab.precision import PrecisionPolicy, quantize
+from numstab.transformer.colsum import linear_backward
 from numstab.transformer.dropout import apply as apply_dropout
 
 __all__ = [

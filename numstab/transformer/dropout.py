@@ -29,6 +29,7 @@ __all__ = ["SITES", "DropoutKey", "apply", "multiplier"]
 SITES = ("attention", "attention_out", "feedforward", "feedforward_out")
 
 _STREAM = 1  # spawn_key[0] of the dropout streams (the data stream is 0)
+_CHUNK = 1 << 16  # uniform numbers drawn at a time
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,17 @@ def multiplier(key: DropoutKey, site: str, shape, p: float, fmt: Format, xp=None
     array of ``shape``
     """
     ss = np.random.SeedSequence(key.seed, spawn_key=(_STREAM, key.step, SITES.index(site)))
-    u = np.random.default_rng(ss).random(shape)
+    rng = np.random.default_rng(ss)
     scale = quantize(np.asarray(1.0 / (1.0 - p)), fmt)
-    m = np.where(u < p, np.zeros_like(scale), scale)
+    m = np.empty(shape, dtype=scale.dtype)
+    flat = m.reshape(-1)
+    # the stream in cache-sized pieces: consecutive draws continue one sequence, so the
+    # pieces are the numbers of one ``rng.random(shape)``, without its large float64 array
+    u = np.empty(min(_CHUNK, flat.size))
+    for start in range(0, flat.size, _CHUNK):
+        piece = u[: min(_CHUNK, flat.size - start)]
+        rng.random(out=piece)
+        np.multiply(piece >= p, scale, out=flat[start : start + piece.size])  # u < p: +0
     return m if xp is None or xp is np else xp.asarray(m)
 
 

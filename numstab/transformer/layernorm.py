@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from numstab.backend import errstate, namespace, xp_dtype
-from numstab.functional import _bias_grad as column_sum
 from numstab.losses.rounding import Rounding
 from numstab.precision import PrecisionPolicy, quantize
+from numstab.transformer.colsum import column_sum
 
 __all__ = ["layernorm_backward", "layernorm_forward"]
 

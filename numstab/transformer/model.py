@@ -32,7 +32,6 @@ from numstab.functional import (
     GatherPlan,
     gather_backward,
     gather_forward,
-    linear_backward,
     linear_forward,
     relu_backward,
     relu_forward,
@@ -44,6 +43,7 @@ from numstab.transformer.attention import (
     attention_backward,
     attention_forward,
 )
+from numstab.transformer.colsum import linear_backward
 from numstab.transformer.dropout import DropoutKey, multiplier
 from numstab.transformer.dropout import apply as apply_dropout
 from numstab.transformer.layernorm import layernorm_backward, layernorm_forward
