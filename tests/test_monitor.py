@@ -481,14 +481,18 @@ def test_sequence_logits_count_every_position():
         ({"every": 0}, "every must be a positive integer"),
         ({"audit_every": 1.5}, "audit_every must be"),
         ({"loss_format": "float7"}, "float7"),
+        ({"threads": 0}, "threads must be a positive integer"),
+        ({"background": "yes"}, "background must be a bool"),
     ],
 )
-def test_bad_arguments_are_named(kw, match):
+def test_bad_arguments_are_named(kw, match, tmp_path):
+    """Refused before the output folder is touched."""
     from numstab.monitor import Monitor
 
     model, _, _ = _tiny()
-    with pytest.raises(ValueError, match=match):
-        Monitor(model, **kw)
+    with pytest.raises((ValueError, TypeError), match=match):
+        Monitor(model, out=tmp_path / "m", **kw)
+    assert not (tmp_path / "m").exists()
 
 
 # --- 3. the JAX helper ---------------------------------------------------------------------

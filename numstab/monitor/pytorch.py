@@ -169,6 +169,8 @@ class Monitor:
         check_eps(eps)
         self.every = _positive("every", every)
         self.threads = _positive("threads", threads)
+        if not isinstance(background, (bool, np.bool_)):
+            raise TypeError(f"background must be a bool, got {background!r}")
         self.audit_every = _positive("audit_every", audit_every, optional=True)
         self.fmt = None if loss_format is None else format_arg(loss_format, "loss_format")
         named = model.items() if isinstance(model, dict) else model.named_parameters()
@@ -184,8 +186,6 @@ class Monitor:
         self.log = MetricLog(path)
         self._blas = ThreadpoolController().select(user_api="blas")
         self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
-        if not isinstance(background, (bool, np.bool_)):
-            raise TypeError(f"background must be a bool, got {background!r}")
         if background:
             _warn_if_cores_are_taken()
         self._pool = ThreadPoolExecutor(1, "numstab-monitor") if background else None
