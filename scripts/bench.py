@@ -46,6 +46,9 @@ Sections (``--sections``, default all):
        lr 1e-3, betas (0.9, 0.99), eps 1e-25) in numstab against the same PyTorch modules
        holding the same weights (``numstab.transformer.torch_twin``), float32 and float64
        (target: numstab at most 1.0x PyTorch). --quick: p = 23, d 32, feed-forward 128.
+``formats``  The paper's step in float16 with stochastic rounding (every role; the update
+       alone) and in float8_e4m3fn / float8_e5m2, against the float16 nearest-even step
+       (targets: stochastic at most 2x, fp8 at most 1.5x). --quick: p = 23, hidden 32.
 
 Timing: every case is warmed up, then timed ``--repeats`` times; the cases of one section and
 thread count are interleaved round by round (so a change in machine load hits all of them
@@ -107,7 +110,7 @@ HEADER = (
 )
 PAPER_DTYPES = ("float32", "float64", "float16", "bfloat16")
 TORCH_DTYPES = ("float32", "float64")
-ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4", "monitor", "transformer")
+ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4", "monitor", "transformer", "formats")
 RSS_LIMIT_MB = 300.0
 RSS_GROWTH_TOL_MB = 5.0
 
@@ -1631,6 +1634,53 @@ def section_transformer(rep, args, torch_mod, thr):
             }
 
 
+# --- formats and rounding modes ----------------------------------------------------------------
+
+#: The modes' cases, each a storage format and TrainConfig overrides; the first is the peer
+#: ("stochastic": --rounding stochastic, every role; "stochastic update": --update-rounding).
+FORMAT_CASES = {
+    "float16": ("float16", {}),
+    "float16 stochastic": ("float16", {"rounding": "stochastic"}),
+    "float16 stochastic update": ("float16", {"update_rounding": "stochastic"}),
+    "float8_e4m3fn": ("float8_e4m3fn", {}),
+    "float8_e5m2": ("float8_e5m2", {}),
+}
+#: Issue targets over the float16 nearest-even step: stochastic rounding <= 2x, fp8 <= 1.5x.
+FORMAT_TARGETS = {
+    "float16 stochastic": 2.0,
+    "float8_e4m3fn": 1.5,
+    "float8_e5m2": 1.5,
+}
+
+
+def section_formats(rep, args, thr):
+    """The paper's full-batch step with stochastic rounding and in the fp8 formats against
+    the float16 nearest-even step, interleaved, per thread count (--quick: p = 23)."""
+    small = {"p": 23, "hidden": (32, 32)} if args.quick else {}
+    peer = next(iter(FORMAT_CASES))
+    for n in args.threads:
+        runs = {
+            case: Run(TrainConfig(dtype=dt, **small, **kw), name=f"bench-{dt}")
+            for case, (dt, kw) in FORMAT_CASES.items()
+        }
+        cases = {f"{case} step": numstab_step(r) for case, r in runs.items()}
+        with thr.block(n):
+            res = measure_rounds([(contextlib.nullcontext, cases)], args.repeats, args.warmup)
+        st = {case: _stat(*res[case]) for case in res}
+        base = st[f"{peer} step"]["median"]
+        for case in FORMAT_CASES:
+            ratio = st[f"{case} step"]["median"] / base
+            lim = FORMAT_TARGETS.get(case)
+            note = f"{ratio:.2f}x {peer}" + ("" if lim is None else f" (target <= {lim:g}x)")
+            rep.row("fmt", f"{case} step", n, st[f"{case} step"], note)
+            if lim is not None:
+                rep.target(f"{case} / {peer} step [{n} thr]", ratio, lim, unit="x")
+            rep.facts.setdefault("formats", {}).setdefault(case, {})[str(n)] = {
+                "median_s": st[f"{case} step"]["median"],
+                "over_float16": ratio,
+            }
+
+
 # --- profile -----------------------------------------------------------------------------------
 
 #: Storage formats profiled by --profile.
@@ -1890,6 +1940,8 @@ def main(argv=None):
         section_monitor(rep, args, torch_mod, thr, ck)
     if "transformer" in args.sections:
         section_transformer(rep, args, torch_mod, thr)
+    if "formats" in args.sections:
+        section_formats(rep, args, thr)
     rep.print_targets()
     rep.env["load_end"] = list(os.getloadavg())
     rep.env["uptime_end"] = uptime_line()
