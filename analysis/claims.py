@@ -51,6 +51,7 @@ __all__ = [
     "ordering_holds",
     "r_squared",
     "render_markdown",
+    "slingshot_claims",
 ]
 
 #: Test accuracy that counts as "generalised" in the ``*.test95_step`` claims.
@@ -804,6 +805,23 @@ def appI_claims(results) -> dict:
     return {e["key"]: e for e in out}
 
 
+def slingshot_claims(results) -> dict:
+    """The authors' issue #4: at lr 0.01, beta2 0.99 a float32 softmax CE generalised before a
+    float64 one (slingshots, the authors said); not at lr 0.005, and with beta2 0.999 accuracy
+    collapses at SC with no grokking."""
+    out = _outcomes(
+        results, "slingshot", {}, ["lr", "beta2", "loss_dtype"],
+        {"test95_step": "issue #4: float32 before float64 at lr 0.01, beta2 0.99; "
+                        "authors: not at lr 0.005; none with beta2 0.999"},
+    )  # fmt: skip
+    out.append(
+        _per_run(results, "slingshot.final_train_acc", "final train accuracy",
+                 "beta2 0.999: collapses when SC is reached (authors)", "fraction", {},
+                 ["lr", "beta2", "loss_dtype"], _final_train)
+    )  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
 def _mean_zero_sum_violation(results, rid):
     """Mean zero-sum violation (train) over the logged steps."""
     _, values = results.series(rid, "zero_sum_violation", "train")
@@ -957,6 +975,7 @@ CLAIMS = {
     "appI": appI_claims,
     "glitch": glitch_claims,
     "logitscale": logitscale_claims,
+    "slingshot": slingshot_claims,
 }
 
 

@@ -85,6 +85,7 @@ FIGURES = {
     "extra": "extra.toml",
     "glitch": "glitch.toml",
     "logitscale": "logitscale.toml",
+    "slingshot": "slingshot.toml",
 }
 SPECS_DIR = S.BUNDLED_SPECS
 _BUDGET_KEYS = ("seeds", "max_steps", "max_log_every", "rules", "description")

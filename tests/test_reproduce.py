@@ -634,6 +634,35 @@ def test_glitch_claims_violation_and_norm_growth():
     assert C.norm_growth_rate([0, 10], [1.0, 2.0]) is None  # fewer than 3 points
 
 
+def test_slingshot_claims_group_by_setting_and_format():
+    """Issue #4's reading: per (lr, beta2, loss format) the step test accuracy first reaches
+    0.95 and the final train accuracy, from the logged values."""
+    steps = [0, 100, 200, 300, 400]
+    configs, rows = {}, []
+    cases = [  # (run, lr, beta2, loss format, test accuracy, train accuracy)
+        ("f32", 0.01, 0.99, "float32", [0, 0, 0.5, 0.96, 0.99], [1.0] * 5),
+        ("f64", 0.01, 0.99, "float64", [0, 0, 0, 0.2, 0.97], [1.0] * 5),
+        ("b2", 0.01, 0.999, "float32", [0, 0, 0, 0, 0], [1.0, 1.0, 1.0, 0.4, 0.3]),
+    ]
+    for rid, lr, beta2, dt, test, train in cases:
+        configs[rid] = _cfg(lr=lr, beta2=beta2, loss_dtype=dt, seed=0)
+        rows += _rows(rid, steps, accuracy__te=("test", test), accuracy__tr=("train", train))
+    out = C.slingshot_claims(Results.from_rows(configs, rows))
+
+    def by_group(key):
+        return {
+            (r["group"]["beta2"], r["group"]["loss_dtype"]): r["values"][0]["value"]
+            for r in out[key]["rows"]
+        }
+
+    assert by_group("slingshot.test95_step") == {
+        (0.99, "float32"): 300,
+        (0.99, "float64"): 400,
+        (0.999, "float32"): None,
+    }
+    assert by_group("slingshot.final_train_acc")[(0.999, "float32")] == 0.3
+
+
 def test_claims_are_json_serialisable():
     res = _fig2_results({0: [0.1, 0.5, 0.9]})
     for fn in C.CLAIMS.values():
