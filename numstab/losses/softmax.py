@@ -122,7 +122,7 @@ def verdicts(z, labels, r, row_max=None, keep=None):
     if keep is None or not screens(z, r):
         return _verdicts(z, labels, r, m)
     m = r.xp.max(z, axis=-1, keepdims=True) if m is None else m
-    rows = np.flatnonzero(~open_rows(z, m, r, keep))
+    rows = np.flatnonzero(~open_rows(z, m[:, 0], r, keep))
     if rows.size == z.shape[0]:
         return _verdicts(z, labels, r, m)
     n = z.shape[0]
@@ -141,18 +141,14 @@ def _verdicts(z, labels, r, m):
     lsm_y = r.sub(take_at(d, labels), r.log(total))
     p_y = r.exp(lsm_y)
     # g_y = RN(p_y - 1) is 0 exactly where p_y == 1 (elsewhere |p_y - 1| >= 2**-p): formed
-    # only where the row sum needs it, the collapsed rows with p_y < 1
-    f64 = xp.float64
-    row_sum = xp.full(collapsed.shape, xp.nan, dtype=f64)
-    c = collapsed
-    g = xp.astype(e[c], f64)
-    p_c = p_y[c]
-    g_c = xp.zeros(p_c.shape, dtype=f64)
-    below = p_c != 1
-    if xp.any(below):
-        g_c[below] = xp.astype(r.dl_p_minus_one(p_c[below], xp.ones_like(p_c[below])), f64)
-    row_sum[c] = xp.sum(put_at(g, labels[c], g_c), axis=1)  # the gradient where S == 1
-    return collapsed, lsm_y == 0, p_y == 1, row_sum
+    # only where the row sum needs it, in collapsed rows with p_y < 1; it replaces e_y in e
+    # (this function's own array), whose rows are then summed in float64
+    g_y = xp.zeros(p_y.shape, dtype=p_y.dtype)
+    due = collapsed & (p_y != 1)
+    if xp.any(due):
+        g_y[due] = r.dl_p_minus_one(p_y[due], xp.ones_like(p_y[due]))
+    sums = xp.sum(xp.astype(put_at(e, labels, g_y), xp.float64), axis=1)
+    return collapsed, lsm_y == 0, p_y == 1, xp.where(collapsed, sums, xp.nan)
 
 
 #: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``
@@ -186,7 +182,7 @@ def top_entries(z, m, fmt):
 def open_rows(z, m, r, keep):
     """Rows proved not collapsed (``S > 1``) from the terms of a few entries, shape (N,).
 
-    ``z`` (N, C) logits in the format, ``m`` (N, 1) their row maxima, ``keep`` flat indices
+    ``z`` (N, C) logits in the format, ``m`` (N,) their row maxima, ``keep`` flat indices
     of entries (any subset: it only decides how many rows are proved). The kept entries'
     terms are evaluated as :func:`terms` does (``e = RN(exp RN(z - m))``), the others
     replaced by 0, and summed in the declared order: ``S_lo``. Every term is ``>= 0`` and
@@ -203,5 +199,5 @@ def open_rows(z, m, r, keep):
     lo = workspace.empty(z.shape, z.dtype)
     lo.fill(0)
     with np.errstate(invalid="ignore", over="ignore"):
-        lo.reshape(-1)[keep] = r.exp(r.sub(z.reshape(-1)[keep], m[keep // c, 0]))
+        lo.reshape(-1)[keep] = r.exp(r.sub(z.reshape(-1)[keep], m[keep // c]))
         return r.sum(lo) > 1
