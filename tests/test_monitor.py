@@ -240,6 +240,8 @@ def test_top_entries_are_carried_only_for_the_same_batch():
     assert first is not None and first.size and top(z, m, y, f) is first
     assert top(z, m, y, f) is first and top(z, m, y, f) is not first  # found again
     assert top(z, m, y[::-1].copy(), f) is None  # another batch
+    assert top(z, m, y[::-1].copy(), f) is not None
+    assert top(z[:, :4], m, y[::-1].copy(), f) is None  # same labels, other classes
 
 
 @pytest.mark.parametrize(

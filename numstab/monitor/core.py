@@ -76,19 +76,19 @@ class TopEntries:
     slowly: the entries :func:`numstab.losses.softmax.top_entries` finds in one step prove
     nearly every row that does not collapse in the next ones
     (:func:`numstab.losses.softmax.open_rows`; any entries give the same metrics). They are
-    found again every ``every`` calls, and forgotten when the labels differ from the
-    previous call's (another batch: then nothing is carried).
+    found again every ``every`` calls, and forgotten when the labels or the logits' shape
+    differ from the previous call's (another batch: then nothing is carried).
     """
 
     def __init__(self, every: int = 10):
         self.every = every
-        self.keep = self.labels = None
+        self.keep = self.labels = self.shape = None
         self.age = 0
 
     def __call__(self, z, m, labels, fmt: Format):
         """Flat indices into ``z`` (N, C) (row maxima ``m`` (N,)), or None for a new batch."""
-        same = self.labels is not None and np.array_equal(self.labels, labels)
-        self.labels = np.array(labels, copy=True)
+        same = self.shape == z.shape and np.array_equal(self.labels, labels)
+        self.labels, self.shape = np.array(labels, copy=True), z.shape
         if not same:
             self.keep = None
         elif self.keep is None or self.age >= self.every:
