@@ -148,7 +148,9 @@ def _verdicts(z, labels, r, m):
     if xp.any(due):
         g_y[due] = r.dl_p_minus_one(p_y[due], xp.ones_like(p_y[due]))
     sums = xp.sum(xp.astype(put_at(e, labels, g_y), xp.float64), axis=1)
-    return collapsed, lsm_y == 0, p_y == 1, xp.where(collapsed, sums, xp.nan)
+    row_sum = xp.full(collapsed.shape, xp.nan, dtype=xp.float64)
+    row_sum[collapsed] = sums[collapsed]
+    return collapsed, lsm_y == 0, p_y == 1, row_sum
 
 
 #: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``

@@ -16,7 +16,10 @@ collapsed: every partial sum of positive terms is at least each term, rounding i
 and ``RN(1 + t) > 1`` once ``t > 2**-p``, so a normaliser of exactly 1 needs every computed
 term ``<= 2**-p``. The window works on the logits rounded to the format (as the loss does);
 the factor 4 covers the rounding of ``z - max z`` and of the terms (under 4 % in bfloat16).
-Such a row also has a non-zero loss and target gradient.
+Such a row also has a non-zero loss and target gradient. Late in training, when every row is
+in the window, most rows that do not collapse are proved so from a few of their terms, carried
+from step to step (:class:`TopEntries`, :func:`numstab.losses.softmax.open_rows`), and skip
+the exact evaluation.
 """
 
 from __future__ import annotations
