@@ -1453,7 +1453,9 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
     the background the monitor's work runs beside the step, so the loop's wall time is what it
     changes (the process CPU it adds is printed beside). At step-0 weights ("early": no row
     near collapse) and at the late checkpoint's ("late": every row in the collapse window, the
-    worst case: those rows are evaluated in the loss format)."""
+    worst case: those rows are evaluated in the loss format). The inline monitor gets the
+    loop's thread count (``threads=n``, as docs/monitor.md advises). With ``--profile``, the
+    late inline observe's parts (:func:`_monitor_profile`)."""
     if torch_mod is None:
         rep.row("mon", "PyTorch float32 step + monitor", None, None, f"torch {args.torch_status}")
         rep.target("monitor overhead / PyTorch step", None, MONITOR_OVERHEAD_TARGET)
@@ -1472,7 +1474,7 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
             with (
                 tempfile.TemporaryDirectory() as out,
                 thr.block(n),
-                Monitor(inline.model, inline.opt, out=os.path.join(out, "i")) as mon,
+                Monitor(inline.model, inline.opt, out=os.path.join(out, "i"), threads=n) as mon,
                 Monitor(
                     behind.model, behind.opt, out=os.path.join(out, "b"), background=True
                 ) as mon_b,
@@ -1496,6 +1498,8 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                     args.warmup,
                 )
                 window = mon.log.latest("sc_window_fraction")
+                if args.profile and state is not None:
+                    _monitor_profile(_monitored_step(inline, mon, [10**6]), n, args.profile_steps)
             st = {case: _stat(*res[case]) for case in res}
             names, bnames = list(cases), list(blocks)
             base, over = (st[c]["median"] for c in names)
@@ -1544,6 +1548,43 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                 "background_cpu_overhead": cpu_bg_frac,
                 "collapse_window_fraction": window,
             }
+
+
+#: The monitor's parts in :func:`_monitor_profile`: label -> (file in the package, function).
+MONITOR_PARTS = (
+    ("observe, all", ("monitor/pytorch.py", "observe")),
+    ("  record (metrics + rows)", ("monitor/pytorch.py", "_record")),
+    ("    batch metrics", ("monitor/core.py", "batch_metrics")),
+    ("      row verdicts", ("losses/__init__.py", "row_verdicts")),
+    ("        screen: rows proved open", ("losses/softmax.py", "open_rows")),
+    ("        exact rows: terms, sums, target", ("losses/softmax.py", "_verdicts")),
+    ("          correctly rounded exp (all)", ("losses/rounding.py", "exp")),
+    ("      top entries (every 10 steps)", ("losses/softmax.py", "top_entries")),
+    ("    norms and cosines", ("monitor/core.py", "param_metrics")),
+    ("    absorbed updates", ("monitor/core.py", "update_metrics")),
+    ("    metrics.csv rows", ("monitor/pytorch.py", "_add")),
+    ("  due updates", ("monitor/pytorch.py", "_due")),
+)
+
+
+def _monitor_profile(fn, threads, steps):
+    """cProfile of ``steps`` late monitored steps (``fn``): cumulative time per step of the
+    monitor's parts (:data:`MONITOR_PARTS`), next to the unprofiled step."""
+    for _ in range(2):
+        fn()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        fn()
+    pr.disable()
+    ps = pstats.Stats(pr, stream=io.StringIO())
+    cum = {}
+    for (file, _line, name), (_cc, _nc, _tt, ct, _callers) in ps.stats.items():
+        key = (Path(file).as_posix().rpartition("/numstab/")[2], name)
+        cum[key] = cum.get(key, 0.0) + ct
+    print(f"    monitor profile (late, inline, {threads} thr, {steps} steps, cProfile):")
+    for label, key in MONITOR_PARTS:
+        print(f"      {cum.get(key, 0.0) / steps * 1e3:7.2f} ms/step  {label}")
 
 
 # --- transformer ---------------------------------------------------------------------------

@@ -145,6 +145,105 @@ def test_row_verdicts_equal_the_full_loss(fmt, kind):
             assert np.where(np.isfinite(full), np.abs(got - full) <= bound, got == full).all()
 
 
+def _keeps(z, fmt, seed=0):
+    """Entry subsets for the screen: the top entries of these logits and of perturbed ones
+    (a stale set, as the monitor carries from step to step), a random third, all, none."""
+    from numstab.losses.softmax import top_entries
+
+    rng = np.random.default_rng(seed)
+    m = np.max(z, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        moved = z + rng.normal(0, 2, z.shape).astype(z.dtype)
+    return {
+        "top": top_entries(z, m, fmt),
+        "stale": top_entries(moved, m + 1, fmt),
+        "random": rng.choice(z.size, z.size // 3, replace=False),
+        "all": np.arange(z.size),
+        "none": np.arange(0),
+    }
+
+
+@pytest.mark.parametrize("n_classes", [7, 113])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_open_rows_proves_only_rows_that_do_not_collapse(fmt, n_classes):
+    """``open_rows`` (the lower bound ``S_lo <= S`` from a subset of the terms) against
+    numstab's full loss on rows straddling the collapse threshold, in every order: a row it
+    proves open is not collapsed and has a non-zero loss and target gradient, for every
+    subset of entries; with every entry kept ``S_lo = S``, so it proves exactly the rows with
+    ``S > 1`` (every finite row that does not collapse), and with none, no row."""
+    from numstab.losses.rounding import Rounding
+    from numstab.losses.softmax import open_rows
+
+    f = get_format(fmt)
+    z, y = _adversarial(fmt, n_classes=n_classes)
+    zc = z.astype(np.float32) if fmt == "bfloat16" else z  # the carrier the loss computes in
+    rows = np.arange(len(y))
+    finite = np.isfinite(zc).any(axis=1) & ~np.isnan(zc).any(axis=1) & ~np.isposinf(zc).any(axis=1)
+    for order in REDUCTION_ORDERS:
+        r = Rounding(f, order, "correct", np)
+        with np.errstate(invalid="ignore", over="ignore"):
+            loss, cache = loss_forward(z, y, fmt=f, order=order)
+            g = loss_backward(cache, 1.0)
+            collapsed = collapse_mask(z, f, order=order)
+        nonzero = (loss != 0) & (g[rows, y] != 0)
+        for name, keep in _keeps(zc, f).items():
+            with np.errstate(invalid="ignore", over="ignore"):
+                proved = open_rows(zc, np.max(zc, axis=1), r, keep)
+            assert not (proved & (collapsed | ~nonzero)).any(), (order, name)
+            if name == "all":
+                assert (proved == (~collapsed & finite)).all(), order
+                assert proved.any() and collapsed.any(), "the rows must straddle the threshold"
+            if name == "none":
+                assert not proved.any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_row_verdicts_with_a_screen_are_those_without(fmt):
+    """``row_verdicts`` with ``keep`` (rows proved open skip the exact pass) and ``row_max``
+    returns the same arrays as without them, bit for bit (the row sums included, NaN where
+    not formed), for every entry subset and order."""
+    z, y = _adversarial(fmt, n_classes=113, seed=1)
+    zc = z.astype(np.float32) if fmt == "bfloat16" else z
+    f = get_format(fmt)
+    for order in REDUCTION_ORDERS:
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = row_verdicts(z, y, f, order=order)
+            for name, keep in _keeps(zc, f, seed=2).items():
+                got = row_verdicts(z, y, f, order=order, keep=keep, row_max=np.max(zc, axis=1))
+                for a, b in zip(want, got, strict=True):
+                    assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), name
+
+
+def test_row_verdicts_refuses_bad_keep_and_row_max():
+    z, y = np.zeros((2, 7), np.float32), np.array([0, 1])
+    with pytest.raises(TypeError, match="keep must be a 1-D integer array"):
+        row_verdicts(z, y, "float32", keep=np.array([0.5]))
+    with pytest.raises(ValueError, match="keep must index the 14 entries"):
+        row_verdicts(z, y, "float32", keep=np.array([14]))
+    with pytest.raises(ValueError, match=r"row_max must have shape \(2,\)"):
+        row_verdicts(z, y, "float32", row_max=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\)"):  # every row open
+        row_verdicts(z, np.array([0, 7]), "float32", keep=np.arange(14))
+
+
+def test_top_entries_are_carried_only_for_the_same_batch():
+    """TopEntries finds the entries on the first repeat of a batch, carries them for
+    ``every`` calls, finds them again, and forgets them when the labels change."""
+    from numstab.monitor.core import TopEntries
+
+    f = get_format("float32")
+    z, y = _adversarial("float32", n_classes=7)
+    m = np.max(z, axis=1)
+    top = TopEntries(every=3)
+    assert top(z, m, y, f) is None  # first batch: nothing to compare with
+    first = top(z, m, y, f)
+    assert first is not None and first.size and top(z, m, y, f) is first
+    assert top(z, m, y, f) is first and top(z, m, y, f) is not first  # found again
+    assert top(z, m, y[::-1].copy(), f) is None  # another batch
+    assert top(z, m, y[::-1].copy(), f) is not None
+    assert top(z[:, :4], m, y[::-1].copy(), f) is None  # same labels, other classes
+
+
 @pytest.mark.parametrize(
     "labels, error, match",
     [
@@ -412,6 +511,48 @@ def test_norms_and_cosines_do_not_depend_on_the_loops_blas_threads():
         cos, norm = param_cosines(theta, grad, sign=-1.0), param_norms(theta)
     assert got[("nlm_cos_grad", "w")] == cos["w"] and got[("weight_norm", "w")] == norm["w"]
     assert mon.settings()["host_blas_threads"] == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_param_metrics_equal_numstab_metrics(dtype):
+    """The monitor's norms and cosines (one float64 copy and three dot products per tensor)
+    equal numstab.metrics' (four copies, five products) bit for bit, the sign of zero
+    included: ⟨θ, −g⟩ is −⟨θ, g⟩ and ⟨−g, −g⟩ is ⟨g, g⟩ in the same order of additions, for
+    tensors of several sizes, a zero gradient, unaligned views, at one BLAS thread."""
+    from numstab.metrics import param_cosines, param_norms
+    from numstab.monitor.core import param_metrics
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        shapes = [tuple(rng.integers(1, 300, size=rng.integers(1, 3))) for _ in range(3)]
+        theta = {
+            f"w{i}": (rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3)).astype(dtype)
+            for i, s in enumerate(shapes)
+        }
+        grads = {
+            k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-4, 1)).astype(dtype)
+            for k, v in theta.items()
+        }
+        grads["w1"][...] = 0 if trial % 4 == 0 else grads["w1"]
+        off = trial % 3  # a view starting 0, 1 or 2 elements into its buffer
+        grads = {
+            k: np.concatenate([np.zeros(off, dtype), v.reshape(-1)])[off:].reshape(v.shape)
+            for k, v in grads.items()
+        }
+        want = {
+            "weight_norm": param_norms(theta),
+            "grad_norm": param_norms(grads),
+            "nlm_cos_grad": param_cosines(theta, grads, sign=-1.0),
+        }
+        got = param_metrics(theta, grads)
+        assert got.keys() == want.keys()
+        for metric, values in want.items():
+            assert got[metric].keys() == values.keys()
+            for k, v in values.items():
+                w = got[metric][k]
+                assert (math.isnan(v) and math.isnan(w)) or (
+                    v == w and math.copysign(1, v) == math.copysign(1, w)
+                ), (metric, k)
 
 
 @needs_torch

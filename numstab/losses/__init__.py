@@ -183,18 +183,29 @@ def row_verdicts(
     order: str = "pairwise",
     eps: float = 0.0,
     elementary: str = "correct",
+    row_max=None,
+    keep=None,
 ):
     """Per row: is it collapsed, is its loss 0, is its target gradient 0, and the row sum of
     its logit gradient -- the verdicts of :func:`loss_forward` and :func:`loss_backward`
     (``dl = 1``), bit for bit, at less cost where the loss module knows a shortcut
     (softmax: ``verdicts`` forms the target column only, and the row sum only where the row
-    collapsed).
+    collapsed; with ``keep``, the rows proved not collapsed from a few terms stop there).
 
     Parameters
     ----------
     z : ndarray, shape (N, C)
     labels : int ndarray, shape (N,), each in [0, C)
     fmt, kind, order, eps, elementary : as :func:`loss_forward` (no temperature, no smoothing)
+    row_max : ndarray (N,), optional
+        ``max z`` of each row of the logits as rounded to ``fmt`` (the carrier dtype), when
+        the caller has it already (softmax uses it; it must be those values).
+    keep : int ndarray, optional
+        Softmax: flat indices into ``z`` of the entries whose terms are evaluated first
+        (:func:`numstab.losses.softmax.top_entries`, e.g. of the previous step's batch);
+        a row whose normaliser they already push above 1 is not collapsed, and its loss and
+        target gradient are not 0 (:func:`numstab.losses.softmax.open_rows` has the proof),
+        so it is not evaluated further. The results are the same for every ``keep``.
 
     Returns
     -------
@@ -215,11 +226,19 @@ def row_verdicts(
         return collapsed, loss == 0, zero_grad, xp.sum(xp.astype(g, xp.float64), axis=1)
     z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
     labels = _checked_labels(labels, z, r.xp)
+    if labels.shape[0] and int(r.xp.max(labels)) >= z.shape[1]:  # rows proved open skip the gather
+        raise _label_error(labels, z, r.xp)
     with (
         _label_range(labels, z, r.xp),
         errstate(r.xp, invalid="ignore", over="ignore", divide="ignore"),
     ):
-        return mod.verdicts(z, labels, r)
+        if row_max is not None:
+            row_max = r.xp.asarray(row_max, dtype=z.dtype)
+            if tuple(row_max.shape) != (z.shape[0],):
+                raise ValueError(
+                    f"row_max must have shape ({z.shape[0]},), got {tuple(row_max.shape)}"
+                )
+        return mod.verdicts(z, labels, r, row_max, _checked_keep(keep, z))
 
 
 def _checked_labels(labels, z, xp):
@@ -235,16 +254,32 @@ def _checked_labels(labels, z, xp):
     return labels
 
 
+def _checked_keep(keep, z):
+    """``keep`` as NumPy flat indices into ``z`` (None stays None)."""
+    if keep is None:
+        return None
+    keep = np.asarray(keep)
+    if keep.ndim != 1 or not is_int(keep.dtype, keep):
+        raise TypeError(f"keep must be a 1-D integer array, got {keep.dtype} {keep.shape}")
+    if keep.size and not (0 <= int(keep.min()) and int(keep.max()) < math.prod(z.shape)):
+        raise ValueError(f"keep must index the {math.prod(z.shape)} entries of the logits")
+    return keep
+
+
+def _label_error(labels, z, xp) -> ValueError:
+    return ValueError(
+        f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
+        f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
+    )
+
+
 @contextlib.contextmanager
 def _label_range(labels, z, xp):
     """A label ``>= C`` (found by the gather, not by a scan on this hot path) as ValueError."""
     try:
         yield
     except IndexError:
-        raise ValueError(
-            f"labels must lie in [0, {z.shape[1]}) (the number of classes), got range "
-            f"[{int(xp.min(labels))}, {int(xp.max(labels))}]"
-        ) from None
+        raise _label_error(labels, z, xp) from None
 
 
 def _logits_and_rounding(z, kind, fmt, order, eps, elementary):

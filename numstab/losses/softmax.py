@@ -23,6 +23,11 @@ so a collapsed row (``p = onehot(y)``) keeps the gradient ``-(ε/C)·dl`` off ta
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from numstab import workspace
 from numstab.backend import put_at, take_at
 
 __all__ = [
@@ -30,15 +35,18 @@ __all__ = [
     "backward_smoothed",
     "collapse_terms",
     "forward",
+    "open_rows",
     "smoothed",
     "terms",
+    "top_entries",
     "verdicts",
 ]
 
 
-def terms(z, r):
-    """``d = RN(z - max z)`` and ``e = RN(exp d)``, shape of ``z`` (N, C)."""
-    m = r.xp.max(z, axis=-1, keepdims=True)
+def terms(z, r, m=None):
+    """``d = RN(z - max z)`` and ``e = RN(exp d)``, shape of ``z`` (N, C); ``m``: the row
+    maxima (N, 1), if known."""
+    m = r.xp.max(z, axis=-1, keepdims=True) if m is None else m
     d = r.sub(z, m)
     return d, r.exp(d)
 
@@ -91,7 +99,7 @@ def collapse_terms(z, r, eps):
     return terms(z, r)[1]
 
 
-def verdicts(z, labels, r):
+def verdicts(z, labels, r, row_max=None, keep=None):
     """Per row, the collapse verdicts of :func:`forward` and :func:`backward` (``dl = 1``)
     without the second ``(N, C)`` exponential and the backward.
 
@@ -101,20 +109,97 @@ def verdicts(z, labels, r):
     ``RN(log 1) = 0``, hence ``lsm = d`` and ``p = e`` term by term, and the gradient is ``e``
     with ``g_y`` at the target (summed in float64); NaN elsewhere.
 
+    ``row_max``: ``max z`` per row (N,), if known. ``keep``: flat indices of entries of ``z``
+    (e.g. :func:`top_entries` of an earlier batch); the rows that :func:`open_rows` proves not
+    collapsed from those entries' terms stop there (where :func:`screens` holds).
+
     Returns
     -------
     collapsed, zero_loss, zero_target_grad : bool arrays (N,)
     row_sum : float64 array (N,)
     """
+    m = None if row_max is None else row_max[:, None]
+    if keep is None or not screens(z, r):
+        return _verdicts(z, labels, r, m)
+    m = r.xp.max(z, axis=-1, keepdims=True) if m is None else m
+    rows = np.flatnonzero(~open_rows(z, m[:, 0], r, keep))
+    if rows.size == z.shape[0]:
+        return _verdicts(z, labels, r, m)
+    n = z.shape[0]
+    out = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.full(n, np.nan))
+    for full, part in zip(out, _verdicts(z[rows], labels[rows], r, m[rows]), strict=True):
+        full[rows] = part
+    return out
+
+
+def _verdicts(z, labels, r, m):
+    """:func:`verdicts` of every row (``m``: the row maxima (N, 1) or None)."""
     xp = r.xp
-    d, e = terms(z, r)
+    d, e = terms(z, r, m)
     total = r.sum(e)
     collapsed = total == 1
     lsm_y = r.sub(take_at(d, labels), r.log(total))
-    g_y = r.dl_p_minus_one(r.exp(lsm_y), xp.ones_like(lsm_y))
-    f64 = xp.float64
-    row_sum = xp.full(collapsed.shape, xp.nan, dtype=f64)
-    c = collapsed
-    g = put_at(xp.astype(e[c], f64), labels[c], xp.astype(g_y[c], f64))  # gradient where S == 1
-    row_sum[c] = xp.sum(g, axis=1)
-    return collapsed, lsm_y == 0, g_y == 0, row_sum
+    p_y = r.exp(lsm_y)
+    # g_y = RN(p_y - 1) is 0 exactly where p_y == 1 (elsewhere |p_y - 1| >= 2**-p): formed
+    # only where the row sum needs it, in collapsed rows with p_y < 1; it replaces e_y in e
+    # (this function's own array), whose rows are then summed in float64
+    g_y = xp.zeros(p_y.shape, dtype=p_y.dtype)
+    due = collapsed & (p_y != 1)
+    if xp.any(due):
+        g_y[due] = r.dl_p_minus_one(p_y[due], xp.ones_like(p_y[due]))
+    sums = xp.sum(xp.astype(put_at(e, labels, g_y), xp.float64), axis=1)
+    row_sum = xp.full(collapsed.shape, xp.nan, dtype=xp.float64)
+    row_sum[collapsed] = sums[collapsed]
+    return collapsed, lsm_y == 0, p_y == 1, row_sum
+
+
+#: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``
+#: (``p`` the format's precision): late in the paper's float32 training 8 % of the logits,
+#: and their terms prove 99.5 % of the rows that do not collapse (docs/monitor.md).
+TOP_BITS = 8
+
+
+def screens(z, r) -> bool:
+    """Whether :func:`open_rows` applies: NumPy arrays, correctly rounded ``exp`` and a format
+    rounding to nearest with gradual underflow (its terms are then functions of their
+    argument alone, the same in whatever array they are evaluated)."""
+    f = r.fmt
+    return (
+        isinstance(z, np.ndarray)
+        and r.elementary == "correct"
+        and f.rounding == "nearest"
+        and f.subnormals == "gradual"
+    )
+
+
+def top_entries(z, m, fmt):
+    """Flat indices of the entries of ``z`` (N, C) above ``m - (p + TOP_BITS) log 2``
+    (``m`` (N, 1) the row maxima): the terms :func:`open_rows` needs to prove most rows
+    that do not collapse. Rows with NaN or infinite maxima give none."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        cut = (m.astype(np.float64) - (fmt.precision + TOP_BITS) * math.log(2)).astype(z.dtype)
+        return np.flatnonzero(z > cut)
+
+
+def open_rows(z, m, r, keep):
+    """Rows proved not collapsed (``S > 1``) from the terms of a few entries, shape (N,).
+
+    ``z`` (N, C) logits in the format, ``m`` (N,) their row maxima, ``keep`` flat indices
+    of entries (any subset: it only decides how many rows are proved). The kept entries'
+    terms are evaluated as :func:`terms` does (``e = RN(exp RN(z - m))``), the others
+    replaced by 0, and summed in the declared order: ``S_lo``. Every term is ``>= 0`` and
+    every ordered sum is a fixed tree of roundings ``RN(a + b)``, each non-decreasing in ``a``
+    and ``b`` (``sorted`` sorts first, and each order statistic is non-decreasing in every
+    entry), so ``S_lo <= S``: a row with ``S_lo > 1`` has ``S > 1``. Such a row is not
+    collapsed, and neither its loss nor its target gradient is 0: ``S >= 1 + 2**(1-p)``, so
+    ``RN(log S) >= 2**(1-p) (1 - 2**-p)``, ``lsm_y <= -RN(log S)`` (``d_y <= 0``) and
+    ``exp(lsm_y) < 1 - 2**(1-p) (1 - 2**-p) + 2**(1-2p)``, below ``1 - 2**(-p-1)``, the
+    midpoint under 1: ``p_y < 1``, ``g_y = RN(p_y - 1) != 0``, ``lsm_y != 0``. A NaN term
+    (NaN or infinite logits) makes ``S_lo`` NaN: not proved.
+    """
+    c = z.shape[1]
+    lo = workspace.empty(z.shape, z.dtype)
+    lo.fill(0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo.reshape(-1)[keep] = r.exp(r.sub(z.reshape(-1)[keep], m[keep // c]))
+        return r.sum(lo) > 1

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from numstab import parallel
+from numstab import parallel, workspace
 from numstab.audit import audit_cross_entropy
 from numstab.backend import to_numpy
 from numstab.checks import check_choice, check_eps
@@ -44,6 +44,7 @@ from numstab.cli import dump_json, versions
 from numstab.interop import format_arg
 from numstab.monitor.core import (
     WINDOW,
+    TopEntries,
     batch_metrics,
     metric_rows,
     param_metrics,
@@ -185,7 +186,9 @@ class Monitor:
         path = None if self.out is None else os.path.join(self.out, "metrics.csv")
         self.log = MetricLog(path)
         self._blas = ThreadpoolController().select(user_api="blas")
+        self._ws = workspace.Workspace()  # the batch's temporaries, reused step after step
         self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
+        self._top = TopEntries(RESCREEN_EVERY)
         if background:
             _warn_if_cores_are_taken()
         self._pool = ThreadPoolExecutor(1, "numstab-monitor") if background else None
@@ -247,7 +250,11 @@ class Monitor:
         with ``background=True``)."""
         t0 = time.perf_counter()
         z, y, loss = batch
-        with self._blas.limit(limits=HOST_BLAS_THREADS), parallel.using(self.threads):
+        with (
+            self._blas.limit(limits=HOST_BLAS_THREADS),
+            parallel.using(self.threads),
+            workspace.using(self._ws),
+        ):
             if loss is not None:
                 self.log.add(step, self.name, "train", "loss", loss)
             fmt = self._batch(step, z, y)
@@ -277,7 +284,7 @@ class Monitor:
         # skipped (same metrics), and repeated every RESCREEN_EVERY observed steps.
         screen = self._unscreened >= RESCREEN_EVERY
         batch = batch_metrics(
-            z, y, fmt, kind=self.kind, order=self.order, eps=self.eps, screen=screen
+            z, y, fmt, kind=self.kind, order=self.order, eps=self.eps, screen=screen, top=self._top
         )
         if screen and batch["sc_window_fraction"] >= SCREEN_BELOW:
             self._unscreened = 0
