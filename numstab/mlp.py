@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from numstab import kernels, workspace
 from numstab.backend import namespace
 from numstab.fastround import quantize_into
 from numstab.functional import (
@@ -177,7 +178,7 @@ def forward(params, x, config: MLPConfig, policy: PrecisionPolicy):
         h, c = linear_forward(quantize(x, policy.storage), params["W1"], b, policy)
     caches.append(c)
     for i in range(2, L + 1):
-        h, r = relu_forward(h)
+        h, r = _relu_forward(h)
         caches.append(r)
         h, c = linear_forward(h, params[f"W{i}"], params.get(f"b{i}"), policy)
         caches.append(c)
@@ -216,7 +217,7 @@ def backward(
         grads[f"W{i}"] = dw
         if db is not None:
             grads[f"b{i}"] = db
-        g = relu_backward(dx, caches[2 * (i - 1) - 1])
+        g = _relu_backward(dx, caches[2 * (i - 1) - 1])
     if config.input_kind == "index":
         if plan is None:
             raise ValueError("index inputs need a GatherPlan for the first layer's backward")
@@ -227,3 +228,22 @@ def backward(
     if db is not None:
         grads["b1"] = db
     return {k: grads[k] for k in param_names(config)}
+
+
+def _relu_forward(h):
+    """:func:`~numstab.functional.relu_forward`, fused (:mod:`numstab.kernels`) where it
+    applies: the same bits."""
+    if not kernels.applies(h):
+        return relu_forward(h)
+    y = workspace.empty(h.shape, h.dtype)
+    kernels.relu(h.reshape(-1), y.reshape(-1))
+    return y, y
+
+
+def _relu_backward(dy, y):
+    """:func:`~numstab.functional.relu_backward`, fused where it applies: the same bits."""
+    if not (kernels.applies(dy, y) and dy.shape == y.shape):
+        return relu_backward(dy, y)
+    g = workspace.empty(dy.shape, dy.dtype)
+    kernels.relu_grad(dy.reshape(-1), y.reshape(-1), g.reshape(-1))
+    return g
