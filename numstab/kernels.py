@@ -214,31 +214,44 @@ def adam_update(p, g, m, v, upd, *, decay, wd, w, beta2, bias2_sqrt, eps, step_s
 def _exp64(x, out_bits, flag, th, tl, c):
     inv_l, c1, neg_c2, c3, c4, low, high, eps = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
     magic = 6755399441055744.0  # 1.5 * 2**52: (v + magic) - magic is rint(v) for |v| < 2**51
+    block = 512  # three loops per block: the two without table lookups are vectorised
+    kb = np.empty(block, np.int64)
+    pb = np.empty(block)
+    thb = np.empty(block)
+    tlb = np.empty(block)
     n_flag = 0
-    for i in range(x.size):  # branch-free, so that the loop is vectorised
-        xi = x[i]
-        inside = (xi >= low) & (xi <= high)  # False for NaN: the double-double path decides
-        xc = xi if inside else 0.0
-        # rint as the NumPy path's np.rint, except that a kf of -0 reads +0 here: then
-        # |x| < 2**-13 and a, rh, hence everything below, are the same bits
-        kf = (xc * inv_l + magic) - magic
-        a = xc - kf * c1
-        rh = a + kf * neg_c2
-        ki = np.int64(kf)
-        q = rh * c4 + c3
-        q = q * rh + 0.5
-        q = q * (rh * rh)
-        p = rh + q
-        t_h = th[ki & 4095]
-        f1 = t_h * p + tl[ki & 4095]
-        s = t_h + f1
-        lo = f1 - (s - t_h)
-        amb = (s + (lo - eps)) != (s + (lo + eps))
-        f = amb | (not inside)
-        flag[i] = f
-        n_flag += f
-        # s in [0.999, 2.002) and the result normal: scaling adds m to the exponent field
-        out_bits[i] = np.float64(s).view(np.int64) + ((ki >> 12) << 52)
+    for s0 in range(0, x.size, block):
+        n = min(block, x.size - s0)
+        for k in range(n):
+            xi = x[s0 + k]
+            inside = (xi >= low) & (xi <= high)  # False for NaN: left to the double-double
+            xc = xi if inside else 0.0
+            # rint as the NumPy path's np.rint, except that a kf of -0 reads +0 here: then
+            # |x| < 2**-13 and a, rh, hence everything below, are the same bits
+            kf = (xc * inv_l + magic) - magic
+            a = xc - kf * c1
+            rh = a + kf * neg_c2
+            q = rh * c4 + c3
+            q = q * rh + 0.5
+            q = q * (rh * rh)
+            pb[k] = rh + q
+            kb[k] = np.int64(kf)
+        for k in range(n):
+            j = kb[k] & 4095
+            thb[k] = th[j]
+            tlb[k] = tl[j]
+        for k in range(n):
+            xi = x[s0 + k]
+            t_h = thb[k]
+            f1 = t_h * pb[k] + tlb[k]
+            s = t_h + f1
+            lo = f1 - (s - t_h)
+            amb = (s + (lo - eps)) != (s + (lo + eps))
+            f = amb | (not ((xi >= low) & (xi <= high)))
+            flag[s0 + k] = f
+            n_flag += f
+            # s in [0.999, 2.002) and the result normal: scaling adds m to the exponent
+            out_bits[s0 + k] = np.float64(s).view(np.int64) + ((kb[k] >> 12) << 52)
     return n_flag
 
 
