@@ -41,7 +41,6 @@ __all__ = [
     "exp64_fast",
     "info",
     "narrow_round",
-    "relu",
     "relu_grad",
     "warm",
 ]
@@ -117,27 +116,14 @@ class _Kernel:
         return (self.dispatcher or self.compiled())(*args)
 
 
-# --- ReLU ------------------------------------------------------------------------------------
-
-
-@_Kernel
-def _relu(x, out, zero):
-    for i in range(x.size):
-        v = x[i]
-        # np.maximum(v, 0): NaN kept, -0 and every negative to +0
-        out[i] = v if (v > zero or v != v) else zero
+# --- ReLU backward --------------------------------------------------------------------------
+# (The forward, np.maximum(x, 0), is one pass already: a kernel for it measured no faster.)
 
 
 @_Kernel
 def _relu_grad(dy, y, out, one, zero):
     for i in range(dy.size):
         out[i] = dy[i] * (one if y[i] > zero else zero)  # dy · [y > 0], a product as NumPy's
-
-
-def relu(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out <- np.maximum(x, 0)`` (NaN stays NaN, ``-0`` gives ``+0``); flat arrays."""
-    _relu(x, out, x.dtype.type(0))
-    return out
 
 
 def relu_grad(dy: np.ndarray, y: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -293,7 +279,6 @@ def warm() -> float:
     t0 = time.perf_counter()
     for dt in _DTYPES:
         a = np.ones(4, dtype=dt)
-        relu(a, np.empty_like(a))
         relu_grad(a, a, np.empty_like(a))
         p, m, v, u = (np.ones(4, dtype=dt) for _ in range(4))
         adam_update(p, a, m, v, u, decay=None, wd=0, w=0.1, beta2=0.99, bias2_sqrt=1,

@@ -178,7 +178,7 @@ def forward(params, x, config: MLPConfig, policy: PrecisionPolicy):
         h, c = linear_forward(quantize(x, policy.storage), params["W1"], b, policy)
     caches.append(c)
     for i in range(2, L + 1):
-        h, r = _relu_forward(h)
+        h, r = relu_forward(h)
         caches.append(r)
         h, c = linear_forward(h, params[f"W{i}"], params.get(f"b{i}"), policy)
         caches.append(c)
@@ -228,16 +228,6 @@ def backward(
     if db is not None:
         grads["b1"] = db
     return {k: grads[k] for k in param_names(config)}
-
-
-def _relu_forward(h):
-    """:func:`~numstab.functional.relu_forward`, fused (:mod:`numstab.kernels`) where it
-    applies: the same bits."""
-    if not kernels.applies(h):
-        return relu_forward(h)
-    y = workspace.empty(h.shape, h.dtype)
-    kernels.relu(h.reshape(-1), y.reshape(-1))
-    return y, y
 
 
 def _relu_backward(dy, y):

@@ -453,27 +453,32 @@ def numstab_step(run, kernels_path=None):
 _COLD_COMPILE = "from numstab import kernels; print(kernels.warm())"
 
 
-def kernels_report(rep):
+def _cold_compile_s():
+    """Seconds a fresh process takes to compile every fused kernel (an empty numba cache);
+    None if it failed."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "NUMBA_CACHE_DIR": d, "PYTHONPATH": path}
+        out = subprocess.run(
+            [sys.executable, "-c", _COLD_COMPILE], env=env, capture_output=True, text=True
+        )
+    return float(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def kernels_report(rep, quick=False):
     """Which elementwise path the step takes (numstab.kernels), and the fused kernels'
-    first-call cost: compiled from scratch (a child process with an empty numba cache) and
-    loaded from the on-disk cache (this process, which the cold child has just filled)."""
+    first-call cost: compiled from scratch (a child process with an empty numba cache; not
+    with ``quick``) and in this process (a compile, or a load from the on-disk cache)."""
     info = kernels.info()
     fact = dict(info)
     if info["kernels"] == "numba":
-        with tempfile.TemporaryDirectory() as d:
-            path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-            env = {**os.environ, "NUMBA_CACHE_DIR": d, "PYTHONPATH": path}
-            out = subprocess.run(
-                [sys.executable, "-c", _COLD_COMPILE], env=env, capture_output=True, text=True
-            )
-        fact["cold_compile_s"] = float(out.stdout.strip()) if out.returncode == 0 else None
+        cold = fact["cold_compile_s"] = None if quick else _cold_compile_s()
         fact["first_call_s"] = kernels.warm()  # this process: the default cache
-        cold = fact["cold_compile_s"]
+        cold_text = "skipped (--quick)" if quick else "failed" if cold is None else _fmt_s(cold)
         text = (
             f"elementwise kernels: numba {info['numba']} (fused); first call: compile "
-            f"{'failed' if cold is None else _fmt_s(cold)} with an empty cache, "
-            f"{_fmt_s(fact['first_call_s'])} here (compile or cache load); rows "
-            "'…, NumPy path' set NUMSTAB_KERNELS=numpy"
+            f"{cold_text} with an empty cache, {_fmt_s(fact['first_call_s'])} here (compile "
+            "or cache load); rows '…, NumPy path' set NUMSTAB_KERNELS=numpy"
         )
     else:
         text = "elementwise kernels: NumPy path (numba not installed or NUMSTAB_KERNELS=numpy)"
@@ -706,7 +711,7 @@ def section_step(rep, args, torch_mod, thr):
     if args.baseline_tree:
         children["baseline library"] = LibraryChild(args.baseline_tree)
         children["baseline CLI"] = LibraryChild(args.baseline_tree, tuned=True)
-    args.fused = kernels_report(rep)
+    args.fused = kernels_report(rep, args.quick)
     limit = {}
     try:
         for n in args.threads:
@@ -1720,7 +1725,7 @@ PROFILE_GROUPS = (
     ("segment-sum backward (layer 1)", (("functional.py", "gather_backward"),)),
     (
         "ReLU forward + backward",
-        (("mlp.py", "_relu_forward"), ("mlp.py", "_relu_backward")),
+        (("functional.py", "relu_forward"), ("mlp.py", "_relu_backward")),
     ),
     ("AdamW update", (("optim.py", "step"),)),
 )
@@ -1952,7 +1957,7 @@ def main(argv=None):
         ck = late_checkpoint(rep, args)
     if "1b" in args.sections:
         if "1" not in args.sections:
-            args.fused = kernels_report(rep)
+            args.fused = kernels_report(rep, args.quick)
         section_late(rep, args, torch_mod, thr, ck)
     if "2" in args.sections:
         section_audit(rep, args, ck)
