@@ -37,9 +37,11 @@ a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
   (not proven correctly rounded, nor faithful).
 * ``sqrt`` and ``+ - * /`` need nothing here: IEEE 754 makes them correctly rounded.
 
-Backends: NumPy (chunked, with reused buffers), and any array-API namespace with the same
-algorithm through standard functions (CuPy; array_api_strict in the tests). mpmath resolution
-always runs on the host. Correctly rounded results are the same bits on every backend.
+Backends: NumPy (chunked, with reused buffers; the float64 ``exp``'s fast pass and the
+float32 rounding test fused into one pass each where :mod:`numstab.kernels` runs, the same
+bits), and any array-API namespace with the same algorithm through standard functions (CuPy;
+array_api_strict in the tests). mpmath resolution always runs on the host. Correctly rounded
+results are the same bits on every backend.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
 """Fused elementwise kernels of the training step, compiled by numba when it is installed.
 
+:func:`relu_grad` (``numstab.mlp``'s ReLU backward), :func:`adam_update` (Adam/AdamW with
+float32 or float64 parameters and state, ``numstab.optim``), :func:`exp64_fast` (the fast
+pass of the correctly rounded float64 ``exp``) and :func:`narrow_round` (the rounding test of
+the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``).
+
 Each kernel does in one pass what the NumPy path does in several, with the same IEEE
 operations in the same order on the same dtypes, so its results are the NumPy path's bit for
 bit: numba's default ``fastmath=False`` (no reassociation, no contraction of ``a * b + c``
