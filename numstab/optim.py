@@ -846,10 +846,7 @@ class _AdamMixin(_Optimizer):
         ops.multiply(g, cd.type(1 - beta2), out=t)  # (1 - beta2) g
         ops.multiply(t, g, out=t)  # ((1 - beta2) g) g
         _accumulate(v, t, st, ops)  # v = round(v + ((1 - beta2) g) g)
-        # Python float64 scalars, as PyTorch forms them
-        step = state.step + 1
-        step_size = lr / (1 - beta1 ** float(step))
-        bias_correction2_sqrt = (1 - beta2 ** float(step)) ** 0.5
+        step_size, bias_correction2_sqrt = self._bias_scalars(lr, state.step + 1)
         # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), each op rounded
         d = state.buffer(name, "denom", p, k.sdt)
         ops.sqrt(v, out=d)  # sqrt(v)
@@ -864,11 +861,17 @@ class _AdamMixin(_Optimizer):
         ops.divide(upd, d, out=upd)  # (-step_size m) / d
         _apply_update(name, p, upd, state, k, cd)
 
+    def _bias_scalars(self, lr: float, step: int) -> tuple[float, float]:
+        """``step_size = lr / (1 - beta1**t)`` and ``sqrt(1 - beta2**t)`` at step ``t``
+        (1-based): Python float64 scalars, as PyTorch forms them."""
+        beta1, beta2 = self.betas
+        return lr / (1 - beta1 ** float(step)), (1 - beta2 ** float(step)) ** 0.5
+
     def _fused_update(self, name, p, g, m, v, state, lr, k):
         """:meth:`_update` in one pass (:func:`numstab.kernels.adam_update`): the same
         operations, order and scalars, hence the same bits."""
         beta1, beta2 = self.betas
-        step = state.step + 1
+        step_size, bias_correction2_sqrt = self._bias_scalars(lr, state.step + 1)
         wd = self.weight_decay
         upd = state.buffer(name, "update", p, k.wide)
         kernels.adam_update(
@@ -881,9 +884,9 @@ class _AdamMixin(_Optimizer):
             wd=0.0 if self.decoupled else wd,
             w=1 - beta1,
             beta2=beta2,
-            bias2_sqrt=(1 - beta2 ** float(step)) ** 0.5,
+            bias2_sqrt=bias_correction2_sqrt,
             eps=self.eps,
-            step_size=lr / (1 - beta1 ** float(step)),
+            step_size=step_size,
         )
         state.last_update[name] = upd
 
