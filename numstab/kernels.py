@@ -36,6 +36,7 @@ import os
 import time
 
 import numpy as np
+import threadpoolctl
 
 __all__ = [
     "BACKENDS",
@@ -61,14 +62,36 @@ _NUMBA: dict = {}  # "module": numba or None, looked up on first use (its import
 
 
 def _numba():
-    """The numba module, imported on first use; None where it is not installed."""
+    """The numba module, imported (and its CPU target loaded) on first use; None where it is
+    not installed."""
     if "module" not in _NUMBA:
         try:  # optional: the ``fast`` extra
             import numba
+            from numba.core import registry
         except ImportError:
             numba = None
+        else:
+            _load_target(registry.cpu_target.target_context)
         _NUMBA["module"] = numba
     return _NUMBA["module"]
+
+
+def _load_target(context) -> None:
+    """Load numba's CPU target now, and give a BLAS library it loads the thread count of the
+    BLAS already loaded: the target loads SciPy's OpenBLAS (``numba.np.arraymath`` checks for
+    it), which the kernels never call, but a process that pinned its BLAS threads (a sweep
+    worker, the bench) keeps every BLAS pinned, and records so in ``runtime_info``."""
+    before = {c.filepath: c.num_threads for c in _blas_controllers()}
+    context.refresh()
+    if before:
+        n = min(before.values())
+        for c in _blas_controllers():
+            if c.filepath not in before:
+                c.set_num_threads(n)
+
+
+def _blas_controllers() -> list:
+    return [c for c in threadpoolctl.ThreadpoolController().lib_controllers if c.user_api == "blas"]
 
 
 def backend() -> str:
