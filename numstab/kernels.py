@@ -32,6 +32,8 @@ float32 or float64; :func:`applies` says whether arrays qualify.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import time
 
@@ -41,12 +43,14 @@ import threadpoolctl
 __all__ = [
     "BACKENDS",
     "ENV",
+    "OVERHEAD_BYTES",
     "adam_update",
     "applies",
     "backend",
     "exp64_fast",
     "info",
     "narrow_round",
+    "overhead_bytes",
     "relu_grad",
     "warm",
 ]
@@ -56,6 +60,10 @@ BACKENDS = ("auto", "numba", "numpy")
 #: The environment variable that selects the path.
 ENV = "NUMSTAB_KERNELS"
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: What the fused kernels add to a process's peak resident memory: numba, its CPU target and
+#: LLVM's pages (measured: +105 MiB for a p = 150 float32 run, ``tests/test_sweep.py``'s
+#: measurement with NUMSTAB_KERNELS=numba against numpy), with a margin.
+OVERHEAD_BYTES = 128 * 2**20
 
 
 _NUMBA: dict = {}  # "module": numba or None, looked up on first use (its import takes 0.3 s)
@@ -108,10 +116,27 @@ def backend() -> str:
     return "numba"
 
 
+def overhead_bytes() -> int:
+    """:data:`OVERHEAD_BYTES` if the fused kernels will run in a process with this
+    environment (numba installed, :data:`ENV` allowing it), else 0; numba is not imported."""
+    want = os.environ.get(ENV, "auto")
+    if want == "numpy":
+        return 0
+    if "module" in _NUMBA:
+        installed = _NUMBA["module"] is not None
+    else:
+        installed = importlib.util.find_spec("numba") is not None
+    return OVERHEAD_BYTES if installed else 0
+
+
 def info() -> dict:
-    """``{"kernels": "numba" | "numpy", "numba": version or None}`` for run outputs."""
-    nb = _numba()
-    return {"kernels": backend(), "numba": None if nb is None else nb.__version__}
+    """``{"kernels": "numba" | "numpy", "numba": installed version or None}`` for run
+    outputs (on the NumPy path numba is not imported)."""
+    try:
+        version = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"kernels": backend(), "numba": version}
 
 
 def applies(*arrays) -> bool:

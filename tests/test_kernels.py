@@ -25,6 +25,7 @@ from numstab.mlp import _relu_backward
 from numstab.optim import Adam, AdamW
 from numstab.precision import get_format
 from numstab.run import Run, TrainConfig
+from numstab.run.footprint import OVERHEAD_BYTES, estimate_run_memory
 from numstab.run.runtime import runtime_info
 
 HAVE_NUMBA = kernels._numba() is not None
@@ -159,10 +160,38 @@ def test_without_numba_everything_takes_the_numpy_path(monkeypatch):
     monkeypatch.setitem(kernels._NUMBA, "module", None)
     monkeypatch.delenv(kernels.ENV, raising=False)
     assert kernels.backend() == "numpy"
-    assert kernels.info() == {"kernels": "numpy", "numba": None}
+    assert kernels.info()["kernels"] == "numpy"
     monkeypatch.setenv(kernels.ENV, "numba")
     with pytest.raises(ValueError, match="numba is not installed"):
         kernels.backend()
+
+
+def test_memory_estimates_count_the_kernels_where_they_run(monkeypatch):
+    config = TrainConfig(p=23, hidden=(8, 8))
+    monkeypatch.setenv(kernels.ENV, "numpy")
+    assert kernels.overhead_bytes() == 0
+    assert estimate_run_memory(config).overhead == OVERHEAD_BYTES
+    monkeypatch.setenv(kernels.ENV, "auto")
+    extra = kernels.OVERHEAD_BYTES if HAVE_NUMBA else 0
+    assert estimate_run_memory(config).overhead == OVERHEAD_BYTES + extra
+    monkeypatch.setitem(kernels._NUMBA, "module", None)  # as if numba were absent
+    assert kernels.overhead_bytes() == 0
+
+
+def test_the_numpy_path_does_not_import_numba():
+    # numba and its LLVM cost a process about 100 MB: not paid where the kernels do not run
+    code = (
+        "import sys; from numstab.run import Run, TrainConfig; "
+        "from numstab.run.runtime import runtime_info; "
+        "r = Run(TrainConfig(p=11, hidden=(8, 8)), name='x'); r.advance(); "
+        "info = runtime_info(); assert info['kernels'] == 'numpy', info; "
+        "print('numba' in sys.modules)"
+    )
+    env = {**os.environ, kernels.ENV: "numpy"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_runtime_info_records_the_path(path):
