@@ -37,9 +37,11 @@ a rounding boundary of the target are settled exactly with mpmath (a Ziv loop).
   (not proven correctly rounded, nor faithful).
 * ``sqrt`` and ``+ - * /`` need nothing here: IEEE 754 makes them correctly rounded.
 
-Backends: NumPy (chunked, with reused buffers), and any array-API namespace with the same
-algorithm through standard functions (CuPy; array_api_strict in the tests). mpmath resolution
-always runs on the host. Correctly rounded results are the same bits on every backend.
+Backends: NumPy (chunked, with reused buffers; the float64 ``exp``'s fast pass and the
+float32 rounding test fused into one pass each where :mod:`numstab.kernels` runs, the same
+bits), and any array-API namespace with the same algorithm through standard functions (CuPy;
+array_api_strict in the tests). mpmath resolution always runs on the host. Correctly rounded
+results are the same bits on every backend.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import math
 import mpmath
 import numpy as np
 
-from numstab import exact, parallel, workspace
+from numstab import exact, kernels, parallel, workspace
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
 from numstab.fastround import quantize_into
 from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
@@ -265,6 +267,8 @@ def _all_exact(name, x, fmt: Format):
 _HALF29 = np.uint64(1 << 28)
 _MASK29 = np.uint64((1 << 29) - 1)
 _K64 = 1 << 9  # float64 ulps on each side of a float32 midpoint: 2**9 * 2**-52 >= 2**-44
+#: The same test's constants for :func:`numstab.kernels.narrow_round`.
+_NARROW_TEST = (_HALF29 - np.uint64(_K64), _MASK29, np.uint64(2 * _K64))
 
 
 #: float16 / bfloat16 (nearest even, gradual underflow): the float64 bits below the target's
@@ -343,18 +347,23 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
         w, u = wbuf[:k], ubuf[:k]
         fn(xs, out=w, dtype=np.float64)
         if fmt.name == "float32":
-            of[s : s + k] = w  # one rounding, float64 -> float32 (RN)
             # Near a float32 midpoint the low 29 bits of w are near 2**28: ambiguous when
             # within _K64 float64 ulps of it. Valid where the float32 quantum is 2**-23
             # relative, i.e. |w| >= 2**-126; the subnormal range is checked by the bracket.
             # inf and NaN (input NaNs widened, or the default NaN) have low bits 0: decided.
-            np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
-            np.bitwise_and(u, _MASK29, out=u)
-            # A minimum first: one pass instead of a mask and its ``any`` in the usual block
-            # with no ambiguous element (a block of 2**15 has one with probability ~6 %).
             amb = None
-            if u.min() <= 2 * _K64:
-                amb = np.less_equal(u, np.uint64(2 * _K64), out=abuf[:k])
+            if kernels.applies(w):  # the rounding and the test in one pass
+                if kernels.narrow_round(w, of[s : s + k], abuf[:k], *_NARROW_TEST):
+                    amb = abuf[:k]
+            else:
+                of[s : s + k] = w  # one rounding, float64 -> float32 (RN)
+                np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
+                np.bitwise_and(u, _MASK29, out=u)
+                # A minimum first: one pass instead of a mask and its ``any`` in the usual
+                # block with no ambiguous element (a block of 2**15 has one with probability
+                # ~6 %).
+                if u.min() <= 2 * _K64:
+                    amb = np.less_equal(u, np.uint64(2 * _K64), out=abuf[:k])
             if tiny_out:
                 if amb is None:
                     amb = np.zeros(k, dtype=bool)
@@ -472,14 +481,18 @@ def _exp64(x, xp):
         return xp.reshape(r, x.shape)
     out = workspace.empty(x.shape, np.float64)
     xf, of = x.reshape(-1), out.reshape(-1)
-    kernel = _Exp64Kernel(min(xf.size, _CHUNK))
-    refine = []  # undecided by the fast pass: refined with the double-double, all at once
-    for s in range(0, xf.size, _CHUNK):
-        xs = xf[s : s + _CHUNK]
-        if kernel.run(xs, of[s : s + xs.size]):
-            refine.append(np.arange(s, s + xs.size))  # out-of-range values or NaN here
-        elif kernel.amb[: xs.size].any():
-            refine.append(np.flatnonzero(kernel.amb[: xs.size]) + s)
+    if kernels.applies(xf):
+        idx = _exp64_fused(xf, of)
+        refine = [idx] if idx.size else []
+    else:
+        kernel = _Exp64Kernel(min(xf.size, _CHUNK))
+        refine = []  # undecided by the fast pass: refined with the double-double, all at once
+        for s in range(0, xf.size, _CHUNK):
+            xs = xf[s : s + _CHUNK]
+            if kernel.run(xs, of[s : s + xs.size]):
+                refine.append(np.arange(s, s + xs.size))  # out-of-range values or NaN here
+            elif kernel.amb[: xs.size].any():
+                refine.append(np.flatnonzero(kernel.amb[: xs.size]) + s)
     if refine:
         idx = np.concatenate(refine)
         r, amb = _exp64_block(xf[idx], np)
@@ -488,6 +501,23 @@ def _exp64(x, xp):
         if idx.size:
             of[idx] = exact_round("exp", xf[idx], "float64")
     return out
+
+
+def _exp64_fused(xf, of):
+    """The fast pass of :class:`_Exp64Kernel` element by element, fused
+    (:func:`numstab.kernels.exp64_fast`): decided elements written to ``of``; returns the
+    indices left to :func:`_exp64_block` (the NumPy path leaves a whole chunk there when one
+    of its elements is out of range; both paths round correctly, so the bits are the same)."""
+    t = _exp_tables(np)
+    consts = t.get("fused")
+    if consts is None:
+        consts = t["fused"] = np.array(
+            [t["inv_l"], t["c1"], -t["c2"], _C3, _C4, _LOW, _HIGH, _EPS_FAST]
+        )
+    flag = workspace.empty(xf.size, bool)
+    if not kernels.exp64_fast(xf, of, flag, t["th"], t["tl"], consts):
+        return np.empty(0, dtype=np.intp)
+    return np.flatnonzero(flag)
 
 
 def _two_sum(a, b):

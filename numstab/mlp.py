@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from numstab import kernels, workspace
 from numstab.backend import namespace
 from numstab.fastround import quantize_into
 from numstab.functional import (
@@ -216,7 +217,7 @@ def backward(
         grads[f"W{i}"] = dw
         if db is not None:
             grads[f"b{i}"] = db
-        g = relu_backward(dx, caches[2 * (i - 1) - 1])
+        g = _relu_backward(dx, caches[2 * (i - 1) - 1])
     if config.input_kind == "index":
         if plan is None:
             raise ValueError("index inputs need a GatherPlan for the first layer's backward")
@@ -227,3 +228,12 @@ def backward(
     if db is not None:
         grads["b1"] = db
     return {k: grads[k] for k in param_names(config)}
+
+
+def _relu_backward(dy, y):
+    """:func:`~numstab.functional.relu_backward`, fused where it applies: the same bits."""
+    if not (kernels.applies(dy, y) and dy.shape == y.shape):
+        return relu_backward(dy, y)
+    g = workspace.empty(dy.shape, dy.dtype)
+    kernels.relu_grad(dy.reshape(-1), y.reshape(-1), g.reshape(-1))
+    return g

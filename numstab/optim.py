@@ -34,6 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from numstab import kernels
 from numstab.backend import (
     array_module,
     common_namespace,
@@ -186,6 +187,12 @@ def _assign(dest: np.ndarray, src: np.ndarray, fmt: Format) -> None:
         dest[...] = src  # NumPy's cast: round to nearest even (exact when src is narrower)
     else:  # the standard's __setitem__ wants one dtype: the same cast, explicitly
         dest[...] = namespace(dest).astype(src, dest.dtype)
+
+
+def _fused(k: _Kernel) -> bool:
+    """Whether a step's arithmetic can run in one fused kernel: parameters and state of one
+    native dtype (float32 or float64, no emulated rounding), on NumPy."""
+    return k.ops is np and k.pdt == k.sdt and not (_emulated(k.sto) or _emulated(k.st))
 
 
 def _target(dest: np.ndarray, tmp: np.ndarray) -> np.ndarray:
@@ -814,6 +821,9 @@ class _AdamMixin(_Optimizer):
         ops, cd, st = k.ops, k.wide, k.st
         beta1, beta2 = self.betas
         m, v = tensors["exp_avg"], tensors["exp_avg_sq"]
+        if _fused(k) and kernels.applies(p, g, m, v):
+            self._fused_update(name, p, g, m, v, state, lr, k)
+            return
         if self.weight_decay != 0:
             if self.decoupled:  # param.mul_(1 - lr * weight_decay)
                 _scale(p, k.pdt.type(1 - lr * self.weight_decay), k.sto, ops)
@@ -836,10 +846,7 @@ class _AdamMixin(_Optimizer):
         ops.multiply(g, cd.type(1 - beta2), out=t)  # (1 - beta2) g
         ops.multiply(t, g, out=t)  # ((1 - beta2) g) g
         _accumulate(v, t, st, ops)  # v = round(v + ((1 - beta2) g) g)
-        # Python float64 scalars, as PyTorch forms them
-        step = state.step + 1
-        step_size = lr / (1 - beta1 ** float(step))
-        bias_correction2_sqrt = (1 - beta2 ** float(step)) ** 0.5
+        step_size, bias_correction2_sqrt = self._bias_scalars(lr, state.step + 1)
         # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), each op rounded
         d = state.buffer(name, "denom", p, k.sdt)
         ops.sqrt(v, out=d)  # sqrt(v)
@@ -853,6 +860,35 @@ class _AdamMixin(_Optimizer):
         ops.multiply(m, cd.type(-step_size), out=upd)  # -step_size m
         ops.divide(upd, d, out=upd)  # (-step_size m) / d
         _apply_update(name, p, upd, state, k, cd)
+
+    def _bias_scalars(self, lr: float, step: int) -> tuple[float, float]:
+        """``step_size = lr / (1 - beta1**t)`` and ``sqrt(1 - beta2**t)`` at step ``t``
+        (1-based): Python float64 scalars, as PyTorch forms them."""
+        beta1, beta2 = self.betas
+        return lr / (1 - beta1 ** float(step)), (1 - beta2 ** float(step)) ** 0.5
+
+    def _fused_update(self, name, p, g, m, v, state, lr, k):
+        """:meth:`_update` in one pass (:func:`numstab.kernels.adam_update`): the same
+        operations, order and scalars, hence the same bits."""
+        beta1, beta2 = self.betas
+        step_size, bias_correction2_sqrt = self._bias_scalars(lr, state.step + 1)
+        wd = self.weight_decay
+        upd = state.buffer(name, "update", p, k.wide)
+        kernels.adam_update(
+            p.reshape(-1),
+            g.reshape(-1),
+            m.reshape(-1),
+            v.reshape(-1),
+            upd.reshape(-1),
+            decay=1 - lr * wd if self.decoupled and wd != 0 else None,
+            wd=0.0 if self.decoupled else wd,
+            w=1 - beta1,
+            beta2=beta2,
+            bias2_sqrt=bias_correction2_sqrt,
+            eps=self.eps,
+            step_size=step_size,
+        )
+        state.last_update[name] = upd
 
     def to_dict(self) -> dict[str, Any]:
         """All hyperparameters as plain JSON."""

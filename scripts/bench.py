@@ -97,6 +97,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
+from numstab import kernels  # noqa: E402
 from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction  # noqa: E402
 from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
 from numstab.run import Run, TrainConfig  # noqa: E402
@@ -111,6 +112,8 @@ HEADER = (
 PAPER_DTYPES = ("float32", "float64", "float16", "bfloat16")
 TORCH_DTYPES = ("float32", "float64")
 ALL_SECTIONS = ("1", "1b", "2", "2b", "3", "4", "monitor", "transformer", "formats")
+#: Names accepted for sections 1 and 1b.
+SECTION_ALIASES = {"step": "1", "late": "1b"}
 RSS_LIMIT_MB = 300.0
 RSS_GROWTH_TOL_MB = 5.0
 
@@ -429,8 +432,64 @@ def new_run(dtype="float32", data=None):
     return Run(paper_config(dtype), name=f"bench-{dtype}", data=data)
 
 
-def numstab_step(run):
-    return lambda: run.advance(log=False)
+def numstab_step(run, kernels_path=None):
+    """One ``Run.advance``; ``kernels_path`` ("numpy"): with ``NUMSTAB_KERNELS`` set to it."""
+    if kernels_path is None:
+        return lambda: run.advance(log=False)
+
+    def fn():
+        old = os.environ.get(kernels.ENV)
+        os.environ[kernels.ENV] = kernels_path
+        try:
+            run.advance(log=False)
+        finally:
+            if old is None:
+                del os.environ[kernels.ENV]
+            else:
+                os.environ[kernels.ENV] = old
+
+    return fn
+
+
+#: A fresh process that compiles every fused kernel (an empty numba cache) and prints the
+#: seconds it took.
+_COLD_COMPILE = "from numstab import kernels; print(kernels.warm())"
+
+
+def _cold_compile_s():
+    """Seconds a fresh process takes to compile every fused kernel (an empty numba cache);
+    None if it failed."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "NUMBA_CACHE_DIR": d, "PYTHONPATH": path}
+        out = subprocess.run(
+            [sys.executable, "-c", _COLD_COMPILE], env=env, capture_output=True, text=True
+        )
+    return float(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def kernels_report(rep, quick=False):
+    """Which elementwise path the step takes (numstab.kernels), and the fused kernels'
+    first-call cost: compiled from scratch (a child process with an empty numba cache; not
+    with ``quick``) and in this process (a compile, or a load from the on-disk cache)."""
+    info = kernels.info()
+    fact = dict(info)
+    if info["kernels"] == "numba":
+        cold = fact["cold_compile_s"] = None if quick else _cold_compile_s()
+        fact["first_call_s"] = kernels.warm()  # this process: the default cache
+        cold_text = "skipped (--quick)" if quick else "failed" if cold is None else _fmt_s(cold)
+        text = (
+            f"elementwise kernels: numba {info['numba']} (fused); first call: compile "
+            f"{cold_text} with an empty cache, {_fmt_s(fact['first_call_s'])} here (compile "
+            "or cache load); rows '…, NumPy path' set NUMSTAB_KERNELS=numpy"
+        )
+    else:
+        text = (
+            "elementwise kernels: NumPy path (the default; NUMSTAB_KERNELS=auto times the "
+            "fused kernels where numba is installed)"
+        )
+    rep.fact("kernels", fact, text)
+    return info["kernels"] == "numba"
 
 
 def gemm_operands(run):
@@ -658,6 +717,7 @@ def section_step(rep, args, torch_mod, thr):
     if args.baseline_tree:
         children["baseline library"] = LibraryChild(args.baseline_tree)
         children["baseline CLI"] = LibraryChild(args.baseline_tree, tuned=True)
+    args.fused = kernels_report(rep, args.quick)
     limit = {}
     try:
         for n in args.threads:
@@ -674,6 +734,9 @@ def _step_block(rep, args, torch_mod, thr, n, children):
     # carried in float32 and multiplied by float32 BLAS, so their floor is float32's).
     ops = {dt: gemm_operands(runs[dt]) for dt in ("float32", "float64")}
     cases = {f"numstab {dt} step": numstab_step(r) for dt, r in runs.items()}
+    if args.fused:  # before/after in one run: the same runs on the NumPy path
+        for dt, r in runs.items():
+            cases[f"numstab {dt} step, NumPy path"] = numstab_step(r, "numpy")
     cases["numstab float32 GEMMs alone (floor)"] = gemm_floor(ops["float32"])
     cases["numstab float64 GEMMs alone (floor)"] = gemm_floor(ops["float64"])
     groups = [(contextlib.nullcontext, cases)]
@@ -711,6 +774,18 @@ def _step_block(rep, args, torch_mod, thr, n, children):
                 note += f", {rel:.2f}× float32"
             if path == "library":
                 note += f", {st[case]['median'] / st[f'numstab {dt} step']['median']:.2f}× CLI"
+            rep.row("1", case, n, st[case], note + f" [{blas_note}]")
+    if args.fused:
+        for dt in PAPER_DTYPES:
+            case = f"numstab {dt} step, NumPy path"
+            ratio = st[case]["median"] / floor_of(dt)["median"]
+            fused = st[f"numstab {dt} step"]["median"] / st[case]["median"]
+            st[case]["gemm_ratio"] = ratio
+            st[case]["fused_over_numpy"] = fused
+            note = f"NUMSTAB_KERNELS=numpy: {ratio:.2f}× own GEMMs; fused / this = {fused:.2f}"
+            if dt in LOW_PRECISION_TARGETS:
+                rel = st[case]["median"] / st["numstab float32 step, NumPy path"]["median"]
+                note += f", {rel:.2f}× float32"
             rep.row("1", case, n, st[case], note + f" [{blas_note}]")
     for who in [w for w in children if w.startswith("baseline")]:
         now = "library" if who.endswith("library") else "numstab"
@@ -1024,6 +1099,11 @@ def section_late(rep, args, torch_mod, thr, ck):
         cases = {
             "numstab float32 step, early": numstab_step(early),
             "numstab float32 step, late": numstab_step(late),
+        }
+        if args.fused:
+            cases["numstab float32 step, NumPy path, early"] = numstab_step(early, "numpy")
+            cases["numstab float32 step, NumPy path, late"] = numstab_step(late, "numpy")
+        cases |= {
             "numstab float32 GEMMs, early": gemm_floor(gemm_operands(early)),
             "numstab float32 GEMMs, late": gemm_floor(gemm_operands(late)),
             "numstab float32 GEMMs, late, flushed": gemm_floor(flushed(gemm_operands(late))),
@@ -1055,7 +1135,10 @@ def section_late(rep, args, torch_mod, thr, ck):
             "dz, dh2 subnormals -> 0 (not a result: what subnormal operands cost the GEMMs); "
             f"late/flushed = {st['numstab float32 GEMMs, late']['median'] / fl['median']:.2f}",
         )
-        for who in ("numstab float32 step", "numstab float32 GEMMs", "PyTorch float32 step"):
+        whos = ["numstab float32 step", "numstab float32 GEMMs", "PyTorch float32 step"]
+        if args.fused:
+            whos.insert(1, "numstab float32 step, NumPy path")
+        for who in whos:
             if f"{who}, early" not in st:
                 rep.row("1b", f"{who}, early", nthr, None, f"torch {args.torch_status}")
                 rep.row("1b", f"{who}, late", nthr, None, f"torch {args.torch_status}")
@@ -1736,7 +1819,7 @@ PROFILE_GROUPS = (
     ("segment-sum backward (layer 1)", (("functional.py", "gather_backward"),)),
     (
         "ReLU forward + backward",
-        (("functional.py", "relu_forward"), ("functional.py", "relu_backward")),
+        (("functional.py", "relu_forward"), ("mlp.py", "_relu_backward")),
     ),
     ("AdamW update", (("optim.py", "step"),)),
 )
@@ -1843,8 +1926,8 @@ def build_parser():
         "--sections",
         nargs="*",
         default=list(ALL_SECTIONS),
-        choices=ALL_SECTIONS,
-        help="sections to run",
+        choices=(*ALL_SECTIONS, *SECTION_ALIASES),
+        help="sections to run ('step' and 'late' name sections 1 and 1b)",
     )
     p.add_argument(
         "--late-fraction",
@@ -1919,6 +2002,7 @@ def build_parser():
 
 def resolve_args(args):
     q = args.quick
+    args.sections = [SECTION_ALIASES.get(x, x) for x in args.sections]
     if args.threads is None:
         args.threads = [1] if q else [1, 2]
     if args.repeats is None:
@@ -1966,6 +2050,8 @@ def main(argv=None):
     if {"1b", "2", "monitor"} & set(args.sections):
         ck = late_checkpoint(rep, args)
     if "1b" in args.sections:
+        if "1" not in args.sections:
+            args.fused = kernels_report(rep, args.quick)
         section_late(rep, args, torch_mod, thr, ck)
     if "2" in args.sections:
         section_audit(rep, args, ck)

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "numstab"
 #: Imported inside functions on purpose: optional dependencies (a missing one must not break
 #: ``import numstab``) and the POSIX/Windows file-lock modules.
 OPTIONAL = {"cupy", "cupyx", "torch", "jax", "dask", "distributed", "matplotlib", "hypothesis",
-            "array_api_strict", "sklearn", "fcntl", "msvcrt"}  # fmt: skip
+            "array_api_strict", "sklearn", "numba", "fcntl", "msvcrt"}  # fmt: skip
 
 
 def _modules() -> dict[str, pathlib.Path]:

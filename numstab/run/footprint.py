@@ -22,7 +22,8 @@ full training split when it is a mini-batch, and the test split):
   (``c``, ``c'``: at least 4 bytes, since the emulated formats compute in float32);
 - metrics: ``400`` bytes per logged metric row, kept in memory and as CSV text;
 - overhead: 32 MiB for what a run loads and allocates whatever its size (modules imported on
-  first use, allocator arenas).
+  first use, allocator arenas), plus :data:`numstab.kernels.OVERHEAD_BYTES` where the fused
+  kernels will run (numba and its LLVM).
 
 The transformer (``model = "transformer"``) has its own shapes: ``N = n²`` token pairs
 (``n = p - residue_start``; ``n (n - 1)`` for ``div`` from 0), ``T = 2`` positions, width
@@ -50,8 +51,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from numstab import kernels
 from numstab.precision import get_format
 
 __all__ = [
@@ -83,7 +85,7 @@ class Footprint:
     optimizer: int
     activations: int
     metrics: int
-    overhead: int = OVERHEAD_BYTES
+    overhead: int = field(default_factory=lambda: OVERHEAD_BYTES + kernels.overhead_bytes())
 
     @property
     def total(self) -> int:

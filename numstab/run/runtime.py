@@ -15,7 +15,7 @@ import sys
 
 import threadpoolctl
 
-from numstab import parallel
+from numstab import kernels, parallel
 
 __all__ = ["runtime_info", "tune_allocator"]
 
@@ -59,11 +59,17 @@ def tune_allocator(mmap_threshold: int = 256 << 20, trim_threshold: int = 512 <<
 
 
 def runtime_info() -> dict:
-    """The allocator setting, BLAS libraries/threads and the elementwise thread count in
-    effect (for run outputs; ``Run.elementwise_threads`` None: the BLAS count)."""
+    """The allocator setting, BLAS libraries/threads, the elementwise thread count and the
+    elementwise kernels (:func:`numstab.kernels.info`) in effect (for run outputs;
+    ``Run.elementwise_threads`` None: the BLAS count)."""
     blas = [
         {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
         for info in threadpoolctl.threadpool_info()
         if info.get("user_api") == "blas"
     ]
-    return {**_STATE, "blas": blas, "elementwise_threads": parallel.blas_threads()}
+    return {
+        **_STATE,
+        "blas": blas,
+        "elementwise_threads": parallel.blas_threads(),
+        **kernels.info(),
+    }

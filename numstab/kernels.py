@@ -1,0 +1,350 @@
+"""Fused elementwise kernels of the training step, compiled by numba when it is installed.
+
+:func:`relu_grad` (``numstab.mlp``'s ReLU backward), :func:`adam_update` (Adam/AdamW with
+float32 or float64 parameters and state, ``numstab.optim``), :func:`exp64_fast` (the fast
+pass of the correctly rounded float64 ``exp``) and :func:`narrow_round` (the rounding test of
+the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``).
+
+Each kernel does in one pass what the NumPy path does in several, with the same IEEE
+operations in the same order on the same dtypes, so its results are the NumPy path's bit for
+bit: numba's default ``fastmath=False`` (no reassociation, no contraction of ``a * b + c``
+into an FMA), float32 arithmetic on float32 operands (every scalar is passed in the arrays'
+dtype, never as a Python float, which numba would widen to float64). ``tests/test_kernels.py``
+compares each kernel with the NumPy path on random and special inputs (NaN, ±inf, subnormals,
+±0) and checks the machine code for FMA instructions.
+
+One thing IEEE 754 leaves open: which NaN an operation returns when both operands are
+(different) NaNs. NumPy's own loops differ there (``np.add(a, b)`` returns ``a``'s NaN,
+``np.add(a, b, out=a)`` ``b``'s on this machine), and so may a compiled kernel. Such a result
+is a NaN on both paths, its payload possibly another; every other result, NaN payloads from a
+single NaN source included, is the same bits. (A run stops at its first NaN loss or parameter,
+before two NaNs can meet in one update.)
+
+Which path runs: ``NUMSTAB_KERNELS`` = ``numpy`` (default: the NumPy path), ``auto`` (numba
+when importable) or ``numba`` (required: ValueError without it). The kernels are opt-in: in
+the measurements of docs/benchmarks.md they make the float64 step 12-19 % faster and leave the
+float32 and 16-bit steps as they were, while numba and LLVM add about 100 MB to a run's peak
+memory and every process pays numba's import on its first step. :func:`info` says which, for
+run outputs (``numstab.run.runtime.runtime_info``). Compiled code is cached on disk
+(``cache=True``): the first call in a fresh environment compiles (seconds, :func:`warm`
+measures it), later processes load the cache.
+
+Kernels take C-contiguous 1-D NumPy arrays (callers pass ``a.reshape(-1)``) of one dtype,
+float32 or float64; :func:`applies` says whether arrays qualify.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import time
+
+import numpy as np
+import threadpoolctl
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT",
+    "ENV",
+    "OVERHEAD_BYTES",
+    "adam_update",
+    "applies",
+    "backend",
+    "exp64_fast",
+    "info",
+    "narrow_round",
+    "overhead_bytes",
+    "relu_grad",
+    "warm",
+]
+
+#: Values of :data:`ENV`.
+BACKENDS = ("auto", "numba", "numpy")
+#: The path when :data:`ENV` is unset.
+DEFAULT = "numpy"
+#: The environment variable that selects the path.
+ENV = "NUMSTAB_KERNELS"
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: What the fused kernels add to a process's peak resident memory: numba, its CPU target and
+#: LLVM's pages (measured: +105 MiB for a p = 150 float32 run, ``tests/test_sweep.py``'s
+#: measurement with NUMSTAB_KERNELS=numba against numpy), with a margin.
+OVERHEAD_BYTES = 128 * 2**20
+
+
+_NUMBA: dict = {}  # "module": numba or None, looked up on first use (its import takes 0.3 s)
+
+
+def _numba():
+    """The numba module, imported (and its CPU target loaded) on first use; None where it is
+    not installed."""
+    if "module" not in _NUMBA:
+        try:  # optional: the ``fast`` extra
+            import numba
+            from numba.core import registry
+        except ImportError:
+            numba = None
+        else:
+            _load_target(registry.cpu_target.target_context)
+        _NUMBA["module"] = numba
+    return _NUMBA["module"]
+
+
+def _load_target(context) -> None:
+    """Load numba's CPU target now, and give a BLAS library it loads the thread count of the
+    BLAS already loaded: the target loads SciPy's OpenBLAS (``numba.np.arraymath`` checks for
+    it), which the kernels never call, but a process that pinned its BLAS threads (a sweep
+    worker, the bench) keeps every BLAS pinned, and records so in ``runtime_info``."""
+    before = {c.filepath: c.num_threads for c in _blas_controllers()}
+    context.refresh()
+    if before:
+        n = min(before.values())
+        for c in _blas_controllers():
+            if c.filepath not in before:
+                c.set_num_threads(n)
+
+
+def _blas_controllers() -> list:
+    return [c for c in threadpoolctl.ThreadpoolController().lib_controllers if c.user_api == "blas"]
+
+
+def backend() -> str:
+    """``"numba"`` or ``"numpy"``: the path the step takes now (reads :data:`ENV`)."""
+    want = os.environ.get(ENV, DEFAULT)
+    if want == "numpy":
+        return "numpy"
+    if want not in BACKENDS:
+        raise ValueError(f"{ENV}={want!r} is not one of {', '.join(BACKENDS)}")
+    if _numba() is None:
+        if want == "numba":
+            raise ValueError(f"{ENV}=numba but numba is not installed (pip install numba)")
+        return "numpy"
+    return "numba"
+
+
+def overhead_bytes() -> int:
+    """:data:`OVERHEAD_BYTES` if the fused kernels will run in a process with this
+    environment (numba installed, :data:`ENV` allowing it), else 0; numba is not imported."""
+    want = os.environ.get(ENV, DEFAULT)
+    if want == "numpy":
+        return 0
+    if "module" in _NUMBA:
+        installed = _NUMBA["module"] is not None
+    else:
+        installed = importlib.util.find_spec("numba") is not None
+    return OVERHEAD_BYTES if installed else 0
+
+
+def info() -> dict:
+    """``{"kernels": "numba" | "numpy", "numba": installed version or None}`` for run
+    outputs (on the NumPy path numba is not imported)."""
+    try:
+        version = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {"kernels": backend(), "numba": version}
+
+
+def applies(*arrays) -> bool:
+    """True when the fused kernels run (:func:`backend` is numba) and every array is a
+    C-contiguous NumPy array of one dtype, float32 or float64."""
+    a0 = arrays[0]
+    if not isinstance(a0, np.ndarray) or a0.dtype not in _DTYPES or backend() != "numba":
+        return False
+    return all(
+        isinstance(a, np.ndarray) and a.dtype == a0.dtype and a.flags.c_contiguous for a in arrays
+    )
+
+
+class _Kernel:
+    """A function compiled by numba on its first call (lazily, so that importing numstab
+    does not import numba), with the options every kernel uses: IEEE semantics
+    (``fastmath=False``), the disk cache, the GIL released."""
+
+    def __init__(self, fn):
+        self.py_func = fn
+        self.dispatcher = None
+
+    def compiled(self):
+        if self.dispatcher is None:
+            njit = _numba().njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+            self.dispatcher = njit(self.py_func)
+        return self.dispatcher
+
+    def __call__(self, *args):
+        return (self.dispatcher or self.compiled())(*args)
+
+
+# --- ReLU backward --------------------------------------------------------------------------
+# (The forward, np.maximum(x, 0), is one pass already: a kernel for it measured no faster.)
+
+
+@_Kernel
+def _relu_grad(dy, y, out, one, zero):
+    for i in range(dy.size):
+        out[i] = dy[i] * (one if y[i] > zero else zero)  # dy · [y > 0], a product as NumPy's
+
+
+def relu_grad(dy: np.ndarray, y: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out <- dy · (y > 0)`` as a product with the 0/1 mask in ``dy``'s dtype (so
+    ``inf · 0 = NaN`` and ``-x · 0 = -0``, as NumPy's); flat arrays."""
+    t = dy.dtype.type
+    _relu_grad(dy, y, out, t(1), t(0))
+    return out
+
+
+# --- Adam / AdamW ----------------------------------------------------------------------------
+
+
+@_Kernel
+def _adam(p, g, m, v, upd, c, decay, l2, lerp_small):
+    # c: the scalars in the arrays' dtype (see adam_update); the NumPy path's operations in
+    # its order, each rounded to the dtype
+    decay_f, wd, w, w1, beta2, one_m_beta2, bc2, eps, neg_step = (
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8],
+    )  # fmt: skip
+    for i in range(p.size):
+        pi = p[i]
+        gi = g[i]
+        if decay:
+            pi = pi * decay_f  # param.mul_(1 - lr * weight_decay)
+        elif l2:
+            gi = gi + pi * wd  # grad.add(param, alpha=weight_decay)
+        t = gi - m[i]
+        if lerp_small:
+            mi = m[i] + t * w  # m + w (g - m)
+        else:
+            mi = gi - t * w1  # g - (g - m)(1 - w)
+        m[i] = mi
+        vi = v[i] * beta2 + (gi * one_m_beta2) * gi  # beta2 v + ((1 - beta2) g) g
+        v[i] = vi
+        d = np.sqrt(vi) / bc2 + eps
+        u = (mi * neg_step) / d  # (-step_size m) / denom
+        upd[i] = u
+        p[i] = pi + u
+
+
+def adam_update(p, g, m, v, upd, *, decay, wd, w, beta2, bias2_sqrt, eps, step_size):
+    """One Adam/AdamW update of a flat parameter in place, in the arrays' dtype (float32 or
+    float64, all one): the operations of :meth:`numstab.optim._AdamMixin._update` with every
+    scalar as that method forms it.
+
+    ``decay``: AdamW's factor ``1 - lr·wd`` (None: no decoupled decay); ``wd``: Adam's L2
+    coefficient (0: none); ``w = 1 - beta1``. Writes ``p``, ``m``, ``v`` and ``upd`` (the
+    intended update ``(-step_size·m) / denom``).
+    """
+    t = p.dtype.type
+    w_t = t(w)
+    c = np.array(
+        [
+            0 if decay is None else decay,
+            wd,
+            w_t,
+            t(1) - w_t,
+            beta2,
+            1 - beta2,
+            bias2_sqrt,
+            eps,
+            -step_size,
+        ],
+        dtype=p.dtype,
+    )
+    _adam(p, g, m, v, upd, c, decay is not None, decay is None and wd != 0, abs(w_t) < 0.5)
+
+
+# --- exp: float64 fast pass, float32 rounding test ----------------------------------------
+
+
+@_Kernel
+def _exp64(x, out_bits, flag, th, tl, c):
+    inv_l, c1, neg_c2, c3, c4, low, high, eps = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+    magic = 6755399441055744.0  # 1.5 * 2**52: (v + magic) - magic is rint(v) for |v| < 2**51
+    block = 512  # three loops per block: the two without table lookups are vectorised
+    kb = np.empty(block, np.int64)
+    pb = np.empty(block)
+    thb = np.empty(block)
+    tlb = np.empty(block)
+    n_flag = 0
+    for s0 in range(0, x.size, block):
+        n = min(block, x.size - s0)
+        for k in range(n):
+            xi = x[s0 + k]
+            inside = (xi >= low) & (xi <= high)  # False for NaN: left to the double-double
+            xc = xi if inside else 0.0
+            # rint as the NumPy path's np.rint, except that a kf of -0 reads +0 here: then
+            # |x| < 2**-13 and a, rh, hence everything below, are the same bits
+            kf = (xc * inv_l + magic) - magic
+            a = xc - kf * c1
+            rh = a + kf * neg_c2
+            q = rh * c4 + c3
+            q = q * rh + 0.5
+            q = q * (rh * rh)
+            pb[k] = rh + q
+            kb[k] = np.int64(kf)
+        for k in range(n):
+            j = kb[k] & 4095
+            thb[k] = th[j]
+            tlb[k] = tl[j]
+        for k in range(n):
+            xi = x[s0 + k]
+            t_h = thb[k]
+            f1 = t_h * pb[k] + tlb[k]
+            s = t_h + f1
+            lo = f1 - (s - t_h)
+            amb = (s + (lo - eps)) != (s + (lo + eps))
+            f = amb | (not ((xi >= low) & (xi <= high)))
+            flag[s0 + k] = f
+            n_flag += f
+            # s in [0.999, 2.002) and the result normal: scaling adds m to the exponent
+            out_bits[s0 + k] = np.float64(s).view(np.int64) + ((kb[k] >> 12) << 52)
+    return n_flag
+
+
+def exp64_fast(x, out, flag, th, tl, consts) -> int:
+    """The fast pass of the float64 exp (``numstab.elementary._Exp64Kernel``) element by
+    element: ``out`` where decided, ``flag`` True where the element is left to the
+    double-double path (outside the fast range, NaN, or in the rounding window). Returns the
+    number flagged. ``consts``: float64 array (inv_l, c1, -c2, c3, c4, low, high, eps)."""
+    return int(_exp64(x, out.view(np.int64), flag, th, tl, consts))
+
+
+@_Kernel
+def _narrow32(w, of, amb, half_k, mask, two_k):
+    n_amb = 0
+    wb = w.view(np.uint64)
+    for i in range(w.size):
+        of[i] = np.float32(w[i])  # one rounding, float64 -> float32 (RN)
+        a = ((wb[i] - half_k) & mask) <= two_k
+        amb[i] = a
+        n_amb += a
+    return n_amb
+
+
+def narrow_round(w, of, amb, half_k, mask, two_k) -> int:
+    """``of <- float32(w)`` and ``amb <- ((bits(w) - half_k) & mask) <= two_k`` (the float32
+    rounding test of ``numstab.elementary._narrow_block``, uint64 constants); returns the
+    number of ambiguous elements."""
+    return int(_narrow32(w, of, amb, half_k, mask, two_k))
+
+
+# --- warm-up ----------------------------------------------------------------------------------
+
+
+def warm() -> float:
+    """Compile (or load from the cache) every kernel for float32 and float64; the seconds it
+    took (0 on the NumPy path)."""
+    if backend() != "numba":
+        return 0.0
+    t0 = time.perf_counter()
+    for dt in _DTYPES:
+        a = np.ones(4, dtype=dt)
+        relu_grad(a, a, np.empty_like(a))
+        p, m, v, u = (np.ones(4, dtype=dt) for _ in range(4))
+        adam_update(p, a, m, v, u, decay=None, wd=0, w=0.1, beta2=0.99, bias2_sqrt=1,
+                    eps=1e-8, step_size=0.1)  # fmt: skip
+    x = np.zeros(4)
+    consts = np.zeros(8)
+    exp64_fast(x, np.empty(4), np.empty(4, dtype=bool), np.ones(4096), np.zeros(4096), consts)
+    u64 = np.uint64(0)
+    narrow_round(x, np.empty(4, np.float32), np.empty(4, dtype=bool), u64, u64, u64)
+    return time.perf_counter() - t0

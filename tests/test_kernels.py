@@ -1,0 +1,390 @@
+"""The fused kernels (numstab.kernels) give the NumPy path's bits, and the NumPy path stays
+selectable (NUMSTAB_KERNELS=numpy) and used where numba is absent.
+
+Every comparison is against the NumPy path, an independent implementation (NumPy ufuncs in
+the documented order): bit for bit, on inputs drawn from all bit patterns (NaN payloads,
+±inf, subnormals, ±0 included) and on the step's own tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from numstab import elementary, kernels
+from numstab.functional import relu_forward
+from numstab.mlp import _relu_backward
+from numstab.optim import Adam, AdamW
+from numstab.precision import get_format
+from numstab.run import Run, TrainConfig
+from numstab.run.footprint import OVERHEAD_BYTES, estimate_run_memory
+from numstab.run.runtime import runtime_info
+
+HAVE_NUMBA = kernels._numba() is not None
+needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def path(request, monkeypatch):
+    """Each test that takes it runs on the NumPy path and on the fused path."""
+    if request.param == "numba" and not HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    monkeypatch.setenv(kernels.ENV, request.param)
+    return request.param
+
+
+def on(path_name, fn, *args, **kw):
+    """``fn(*args)`` with ``NUMSTAB_KERNELS=path_name``."""
+    old = os.environ.get(kernels.ENV)
+    os.environ[kernels.ENV] = path_name
+    try:
+        return fn(*args, **kw)
+    finally:
+        if old is None:
+            del os.environ[kernels.ENV]
+        else:
+            os.environ[kernels.ENV] = old
+
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(UINT[a.dtype])
+
+
+def assert_same_bits(a, b, *, nan_payload=True):
+    """Every element the same bits; ``nan_payload=False``: where ``b`` is NaN, ``a`` is a NaN
+    (payload free: two different NaNs met in one operation, see numstab.kernels)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    differ = bits(a).reshape(-1) != bits(b).reshape(-1)
+    if not nan_payload:
+        differ &= ~(np.isnan(a.reshape(-1)) & np.isnan(b.reshape(-1)))
+    diff = np.flatnonzero(differ)
+    assert diff.size == 0, f"{diff.size} elements differ, first at {diff[0]}: {a.flat[diff[0]]!r}"
+
+
+#: Quiet NaNs of both signs with payloads, infinities, zeros, subnormals, extremes.
+SPECIALS = {
+    np.dtype(np.float32): np.array(
+        [
+            0x7FC00000,
+            0xFFC00000,
+            0x7FC12345,
+            0xFFFFFFFF,
+            0x7F800000,
+            0xFF800000,
+            0,
+            0x80000000,
+            1,
+            0x80000001,
+            0x007FFFFF,
+            0x807FFFFF,
+            0x00800000,
+            0x7F7FFFFF,
+            0xFF7FFFFF,
+            0x3F800000,
+        ],
+        dtype=np.uint32,
+    ).view(np.float32),
+    np.dtype(np.float64): np.array(
+        [
+            0x7FF8000000000000,
+            0xFFF8000000000000,
+            0x7FF8000000012345,
+            0x7FF0000000000000,
+            0xFFF0000000000000,
+            0,
+            0x8000000000000000,
+            1,
+            0x8000000000000001,
+            0x000FFFFFFFFFFFFF,
+            0x0010000000000000,
+            0x7FEFFFFFFFFFFFFF,
+            0x3FF0000000000000,
+        ],
+        dtype=np.uint64,
+    ).view(np.float64),
+}
+
+
+def quiet(a):
+    """Signalling NaNs made quiet (set the quiet bit): arithmetic never produces them, and
+    compilers may pass one through ``x * 1`` where the hardware would quiet it."""
+    u = bits(a).copy()
+    d = a.dtype
+    expo, qbit = (0x7F800000, 0x00400000) if d == np.float32 else (0x7FF << 52, 1 << 51)
+    expo, qbit = np.array(expo, u.dtype), np.array(qbit, u.dtype)
+    nan = ((u & expo) == expo) & ((u & (qbit - 1)) != 0)
+    u[nan] |= qbit
+    return u.view(d)
+
+
+def any_floats(dtype, n=400):
+    """Arrays of any bit pattern (signalling NaNs quietened), with the specials mixed in."""
+    uint = UINT[np.dtype(dtype)]
+    raw = hnp.arrays(uint, st.integers(1, n), elements=st.integers(0, np.iinfo(uint).max))
+
+    def build(u):
+        a = quiet(u.view(dtype))
+        s = SPECIALS[np.dtype(dtype)]
+        k = min(a.size, s.size)
+        a[:k] = s[:k]
+        return np.random.default_rng(int(u[0] % 1000)).permutation(a)
+
+    return raw.map(build)
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def test_env_selects_the_path(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "numpy")
+    assert kernels.backend() == "numpy" and not kernels.applies(np.ones(3))
+    assert kernels.warm() == 0.0
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="NUMSTAB_KERNELS='fast' is not one of auto"):
+        kernels.backend()
+    monkeypatch.setenv(kernels.ENV, "auto")
+    assert kernels.backend() == ("numba" if HAVE_NUMBA else "numpy")
+    monkeypatch.delenv(kernels.ENV)  # opt-in: unset is the NumPy path, numba installed or not
+    assert kernels.backend() == "numpy" and kernels.overhead_bytes() == 0
+
+
+def test_without_numba_everything_takes_the_numpy_path(monkeypatch):
+    monkeypatch.setitem(kernels._NUMBA, "module", None)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.backend() == "numpy"
+    assert kernels.info()["kernels"] == "numpy"
+    monkeypatch.setenv(kernels.ENV, "numba")
+    with pytest.raises(ValueError, match="numba is not installed"):
+        kernels.backend()
+
+
+def test_memory_estimates_count_the_kernels_where_they_run(monkeypatch):
+    config = TrainConfig(p=23, hidden=(8, 8))
+    monkeypatch.setenv(kernels.ENV, "numpy")
+    assert kernels.overhead_bytes() == 0
+    assert estimate_run_memory(config).overhead == OVERHEAD_BYTES
+    monkeypatch.setenv(kernels.ENV, "auto")
+    extra = kernels.OVERHEAD_BYTES if HAVE_NUMBA else 0
+    assert estimate_run_memory(config).overhead == OVERHEAD_BYTES + extra
+    monkeypatch.setitem(kernels._NUMBA, "module", None)  # as if numba were absent
+    assert kernels.overhead_bytes() == 0
+
+
+def test_the_numpy_path_does_not_import_numba():
+    # numba and its LLVM cost a process about 100 MB: not paid where the kernels do not run
+    code = (
+        "import sys; from numstab.run import Run, TrainConfig; "
+        "from numstab.run.runtime import runtime_info; "
+        "r = Run(TrainConfig(p=11, hidden=(8, 8)), name='x'); r.advance(); "
+        "info = runtime_info(); assert info['kernels'] == 'numpy', info; "
+        "print('numba' in sys.modules)"
+    )
+    env = {**os.environ, kernels.ENV: "numpy"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_runtime_info_records_the_path(path):
+    assert runtime_info()["kernels"] == path
+
+
+@needs_numba
+def test_applies_only_to_contiguous_float32_float64_numpy_arrays(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "numba")
+    a = np.ones((4, 4), dtype=np.float32)
+    assert kernels.applies(a, a)
+    assert not kernels.applies(a, a.astype(np.float64))  # mixed dtypes
+    assert not kernels.applies(a[:, ::2])  # not contiguous
+    assert not kernels.applies(a.astype(np.float16))
+    assert not kernels.applies(a.astype(np.longdouble))
+
+
+# --- ReLU ----------------------------------------------------------------------------------
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_relu_backward_matches_numpy_bit_for_bit(dtype, data):
+    x = data.draw(any_floats(dtype))
+    dy = data.draw(any_floats(dtype, n=x.size).map(lambda a: np.resize(a, x.size)))
+    ref = relu_forward(x)[0]
+    with np.errstate(invalid="ignore"):  # inf · 0
+        want = np.multiply(dy, (ref > 0).astype(dtype))
+        assert_same_bits(on("numba", _relu_backward, dy, ref), want)
+        assert_same_bits(on("numpy", _relu_backward, dy, ref), want)
+
+
+def test_relu_signed_zeros_and_nan(path):
+    x = np.array([-0.0, 0.0, np.nan, -np.nan, -1.0, 2.0, -np.inf, np.inf] * 3, np.float32)
+    y, _ = relu_forward(x)
+    assert not np.signbit(y[[0, 1, 4, 6]]).any()  # -0 and negatives give +0
+    assert np.isnan(y[[2, 3]]).all() and np.signbit(y[3])  # NaN kept with its sign
+    dy = np.array([-3.0, 3.0, 1.0, 1.0, 5.0, -2.0, 1.0, np.inf] * 3, np.float32)
+    with np.errstate(invalid="ignore"):
+        g = _relu_backward(dy, y)
+    np.testing.assert_array_equal(g[:8], [-0.0, 0.0, 0.0, 0.0, 0.0, -2.0, 0.0, np.inf])
+    assert np.signbit(g[0])  # -3 · 0 = -0: a product, not a select
+
+
+# --- Adam / AdamW --------------------------------------------------------------------------
+
+ADAMS = [
+    AdamW(lr=0.01, betas=(0.9, 0.99), eps=1e-25, weight_decay=0.0, storage_format="float32"),
+    AdamW(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, storage_format="float32"),
+    AdamW(lr=0.003, betas=(0.3, 0.5), eps=1e-8, weight_decay=1.0, storage_format="float64"),
+    Adam(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, storage_format="float64"),
+    Adam(lr=0.1, betas=(0.0, 0.9), eps=1e-30, storage_format="float32"),
+]
+
+
+def _adam_steps(opt, params, grads_seq, path_name):
+    params = {k: v.copy() for k, v in params.items()}
+    state = opt.init_state(params)
+    updates = []
+    for grads in grads_seq:
+        with np.errstate(all="ignore"):
+            on(path_name, opt.step, params, grads, state)
+        updates.append({k: v.copy() for k, v in state.last_update.items()})
+    return params, state, updates
+
+
+@needs_numba
+@pytest.mark.parametrize("opt", ADAMS, ids=lambda o: f"{o.name}-{o.storage_format.name}")
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_adam_matches_numpy_bit_for_bit(opt, data):
+    dt = opt.storage_format.carrier
+    w = data.draw(any_floats(dt, n=300))
+    w[~np.isfinite(w)] = 0.5
+    params = {"W": w, "b": np.linspace(-1, 1, 7).astype(dt)}
+    steps = []
+    for _ in range(3):
+        g = data.draw(any_floats(dt, n=w.size).map(lambda a: np.resize(a, w.size)))
+        steps.append({"W": g, "b": np.full(7, data.draw(st.floats(-10, 10)), dtype=dt)})
+    # one step from finite parameters: every NaN has a single source (the gradient, or an
+    # invalid operation), so every bit is fixed; later steps let two NaNs meet
+    for n_steps, payload in ((1, True), (3, False)):
+        p_ref, s_ref, u_ref = _adam_steps(opt, params, steps[:n_steps], "numpy")
+        p_got, s_got, u_got = _adam_steps(opt, params, steps[:n_steps], "numba")
+        for k in params:
+            assert_same_bits(p_got[k], p_ref[k], nan_payload=payload)
+            for t in ("exp_avg", "exp_avg_sq"):
+                assert_same_bits(s_got.tensors[k][t], s_ref.tensors[k][t], nan_payload=payload)
+            for a, b in zip(u_got, u_ref, strict=True):
+                assert_same_bits(a[k], b[k], nan_payload=payload)
+
+
+def test_adam_fused_path_leaves_gradients_and_records_updates(path):
+    opt = ADAMS[1]
+    p = {"W": np.linspace(-2, 2, 50, dtype=np.float32)}
+    g = {"W": np.linspace(1, -1, 50, dtype=np.float32)}
+    g0 = g["W"].copy()
+    state = opt.init_state(p)
+    opt.step(p, g, state)
+    np.testing.assert_array_equal(g["W"], g0)
+    assert state.step == 1
+    # step 1: m = 0.1 g, v = 0.01 g², bias-corrected: the update is -lr·sign(g) (|g| >> eps)
+    decayed = np.linspace(-2, 2, 50, dtype=np.float32) * np.float32(1 - 0.01 * 0.1)
+    np.testing.assert_allclose(state.last_update["W"], -0.01 * np.sign(g0), rtol=1e-5)
+    np.testing.assert_allclose(p["W"], decayed - 0.01 * np.sign(g0), rtol=1e-5, atol=1e-7)
+
+
+# --- exp / log -----------------------------------------------------------------------------
+
+
+@needs_numba
+@settings(max_examples=40, deadline=None)
+@given(x=any_floats(np.float64, n=3000))
+def test_exp64_matches_numpy_bit_for_bit(x):
+    # any bit pattern is mostly out of exp's range: add values inside it, near its ends and
+    # around 0 (where the fast pass's rounding constant meets -0)
+    rng = np.random.default_rng(x.size)
+    inside = np.concatenate(
+        [
+            rng.uniform(-708.39, 709.78, x.size),
+            rng.uniform(-1e-3, 1e-3, 200),
+            np.array([-708.39, 709.78, -708.3964, 709.79, -745.2, 2.0**-30, -(2.0**-30)]),
+            np.ldexp(rng.uniform(-0.5, 0.5, 100), -12),  # kf = ±0
+        ]
+    )
+    xs = np.concatenate([x, inside])
+    ref = on("numpy", elementary._exp64, xs, np)
+    got = on("numba", elementary._exp64, xs, np)
+    assert_same_bits(got, ref)
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["exp", "log", "log1p", "expm1"])
+def test_float32_functions_match_numpy_on_many_patterns(name):
+    # 2**20 random float32 patterns plus the specials: every rounding-test outcome occurs
+    # (about one element in 2**19 goes to the wider evaluation)
+    rng = np.random.default_rng(7)
+    u = rng.integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32)
+    x = quiet(np.concatenate([SPECIALS[np.dtype(np.float32)], u.view(np.float32)]))
+    if name == "exp":  # mostly inside exp's range, the softmax's (d <= 0) and beyond
+        x = np.concatenate([x, rng.uniform(-110, 90, 2**20).astype(np.float32)])
+    f32 = get_format("float32")
+    ref = on("numpy", elementary.apply, name, x, f32, "correct", np)
+    got = on("numba", elementary.apply, name, x, f32, "correct", np)
+    assert_same_bits(got, ref)
+
+
+# --- the machine code and the whole step ---------------------------------------------------
+
+_ASM_SCRIPT = r"""
+import re, sys
+from numstab import kernels
+kernels.warm()
+for name in ("_relu_grad", "_adam", "_exp64", "_narrow32"):
+    fn = getattr(kernels, name).compiled()
+    for sig in fn.signatures:
+        asm = fn.inspect_asm(sig)
+        fma = re.findall(r"\bv?f[n]?m(?:add|sub)\w*", asm)
+        wide = "float32" in str(sig[0]) and re.findall(r"cvtss2sd|cvtps2pd|sqrtsd|sqrtpd", asm)
+        print(name, sig[0], len(fma), len(wide or []))
+"""
+
+
+@needs_numba
+def test_machine_code_has_no_fma_and_float32_stays_float32(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), kernels.ENV: "numba"}
+    out = subprocess.run(
+        [sys.executable, "-c", _ASM_SCRIPT], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    assert len(rows) == 6  # relu_grad, adam in two dtypes; exp64; narrow32
+    for row in rows:
+        assert row[-2:] == ["0", "0"], f"FMA or float64 arithmetic in {row}"
+    assert re.search(r"_adam array\(float32", out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_training_steps_are_the_same_bits_on_both_paths(dtype):
+    if not HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    config = TrainConfig(p=23, hidden=(32, 32), dtype=dtype, lr=0.05)
+    runs = {}
+    for name in ("numpy", "numba"):
+        run = on(name, Run, config, name=name)
+        for _ in range(4):
+            on(name, run.advance, log=False)
+        runs[name] = run
+    for k, v in runs["numpy"].params.items():
+        assert_same_bits(runs["numba"].params[k], v)
+    for k, ts in runs["numpy"].opt_state.tensors.items():
+        for t, v in ts.items():
+            assert_same_bits(runs["numba"].opt_state.tensors[k][t], v)
