@@ -180,6 +180,23 @@ def test_memory_estimates_count_the_kernels_where_they_run(monkeypatch):
     assert kernels.overhead_bytes() == 0
 
 
+@pytest.mark.parametrize("value", ["fast", ""])
+def test_a_command_refuses_a_bad_path_with_one_line(tmp_path, value):
+    """A value NUMSTAB_KERNELS does not name: exit 2, one line naming it, no output folder."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "numstab.train", "--modulus", "11", "--hidden", "8", "8"]
+    r = subprocess.run(
+        [*cmd, "--steps", "2", "--out", str(out)],
+        env={**os.environ, kernels.ENV: value},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"NUMSTAB_KERNELS={value!r}" in lines[0], r.stderr
+    assert not out.exists()
+
+
 def test_the_numpy_path_does_not_import_numba():
     # numba and its LLVM cost a process about 100 MB: not paid where the kernels do not run
     code = (

@@ -25,6 +25,7 @@ import numpy as np
 import scipy
 
 import numstab
+from numstab import kernels
 from numstab.backend import get_backend
 from numstab.cli.progress import progress as _progress  # not `progress`: the submodule's name
 from numstab.process_arithmetic import FlushToZeroError, require_gradual_underflow
@@ -73,11 +74,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def parse_args(self, args=None, namespace=None):
-        """Parse, then refuse (exit 2) a process that flushes subnormals to zero."""
+        """Parse, then refuse (exit 2) a process that flushes subnormals to zero, or whose
+        ``NUMSTAB_KERNELS`` names no path (or numba where it is not installed)."""
         parsed = super().parse_args(args, namespace)
         try:
             require_gradual_underflow()
-        except FlushToZeroError as exc:
+            kernels.backend()
+        except (FlushToZeroError, ValueError) as exc:
             self.exit(2, f"{self.prog}: error: {exc}\n")
         return parsed
 
