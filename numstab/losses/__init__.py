@@ -226,7 +226,8 @@ def row_verdicts(
         return collapsed, loss == 0, zero_grad, xp.sum(xp.astype(g, xp.float64), axis=1)
     z, r = _logits_and_rounding(z, kind, fmt, order, eps, elementary)
     labels = _checked_labels(labels, z, r.xp)
-    if labels.shape[0] and int(r.xp.max(labels)) >= z.shape[1]:  # rows proved open skip the gather
+    if keep is not None and labels.shape[0] and int(r.xp.max(labels)) >= z.shape[1]:
+        # rows proved open by ``keep`` skip the gather that finds a bad label otherwise
         raise _label_error(labels, z, r.xp)
     with (
         _label_range(labels, z, r.xp),
