@@ -41,6 +41,7 @@ __all__ = [
     "fig5_claims",
     "fig6_claims",
     "fig8_claims",
+    "fig9_claims",
     "fig13_claims",
     "fig14_claims",
     "fig15_claims",
@@ -349,47 +350,47 @@ def fig1_claims(results) -> dict:
     return {e["key"]: e for e in out}
 
 
-def fig2_claims(results) -> dict:
-    """Fig. 2: lower cross-entropy precision → earlier SC and less generalisation."""
-    m = {"loss": "softmax"}
+def _precision_claims(results, fig: str, match: dict) -> dict:
+    """A lower loss precision collapses earlier and generalises less: the SC-50 step and the
+    test accuracy per (train fraction, loss format), and their per-seed orderings."""
     by = ["train_fraction", "loss_dtype"]
     out = [
         _per_run(
             results,
-            "fig2.sc50_step",
+            f"{fig}.sc50_step",
             "first step with training SC fraction >= 0.5",
             "earlier for lower CE precision",
             "step",
-            m,
+            match,
             by,
             _sc50,
         ),
         _per_run(
             results,
-            "fig2.final_test_acc",
+            f"{fig}.final_test_acc",
             "final test accuracy",
             "float16 < float32 < float64",
             "fraction",
-            m,
+            match,
             by,
             _final_test,
         ),
         _per_run(
             results,
-            "fig2.max_test_acc",
+            f"{fig}.max_test_acc",
             "max test accuracy over the run",
             "float16 < float32 < float64",
             "fraction",
-            m,
+            match,
             by,
             _max_test,
         ),
         _ordering(
             results,
-            "fig2.order_final_test_acc",
+            f"{fig}.order_final_test_acc",
             "per seed: final test accuracy float16 < float32 < float64",
             "holds (the figure's ordering)",
-            m,
+            match,
             ["train_fraction"],
             "loss_dtype",
             PRECISION_ORDER,
@@ -397,10 +398,10 @@ def fig2_claims(results) -> dict:
         ),
         _ordering(
             results,
-            "fig2.order_sc50_step",
+            f"{fig}.order_sc50_step",
             "per seed: SC-50 step float16 < float32 < float64 (never = after the run)",
             "holds: lower precision collapses earlier",
-            m,
+            match,
             ["train_fraction"],
             "loss_dtype",
             PRECISION_ORDER,
@@ -409,6 +410,16 @@ def fig2_claims(results) -> dict:
         ),
     ]
     return {e["key"]: e for e in out}
+
+
+def fig2_claims(results) -> dict:
+    """Fig. 2: lower cross-entropy precision → earlier SC and less generalisation (AdamW)."""
+    return _precision_claims(results, "fig2", {"loss": "softmax"})
+
+
+def fig9_claims(results) -> dict:
+    """Fig. 9: the same as Fig. 2 with SGD at a gradient-norm-scaled learning rate."""
+    return _precision_claims(results, "fig9", {"loss": "softmax", "optimizer": "sgd"})
 
 
 def fig4_claims(results) -> dict:
@@ -967,6 +978,7 @@ CLAIMS = {
     "fig5": fig5_claims,
     "fig6": fig6_claims,
     "fig8": fig8_claims,
+    "fig9": fig9_claims,
     "extra": extra_claims,
     "fig13": fig13_claims,
     "fig14": fig14_claims,

@@ -77,6 +77,7 @@ FIGURES = {
     "5": "fig5.toml",
     "6": "fig6.toml",
     "8": "fig8.toml",
+    "9": "fig9.toml",
     "13": "fig13.toml",
     "14": "fig14.toml",
     "15": "fig15.toml",

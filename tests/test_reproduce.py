@@ -391,13 +391,15 @@ def _rows(rid, steps, **series):
     return out
 
 
-def _fig2_results(final_by_seed):
-    """fig2-like results: f = 0.6, three loss dtypes, a final test accuracy per seed/dtype."""
+def _fig2_results(final_by_seed, *, prefix="", **config):
+    """fig2-like results: f = 0.6, three loss dtypes, a final test accuracy per seed/dtype
+    (``config``: further TrainConfig fields, ``prefix`` for the run ids)."""
     configs, rows = {}, []
+    config = {"lr": 5e-4, **config}
     for seed, finals in final_by_seed.items():
         for dt, fin in zip(C.PRECISION_ORDER, finals, strict=True):
-            rid = f"{dt}-{seed}"
-            configs[rid] = _cfg(train_fraction=0.6, loss_dtype=dt, seed=seed, lr=5e-4)
+            rid = f"{prefix}{dt}-{seed}"
+            configs[rid] = _cfg(train_fraction=0.6, loss_dtype=dt, seed=seed, **config)
             sc = {"float16": [0, 0.6, 1.0], "float32": [0, 0.2, 0.7], "float64": [0, 0, 0.1]}
             rows += _rows(
                 rid,
@@ -426,6 +428,26 @@ def test_fig2_ordering_holds_and_fails_per_seed():
     assert fin["float16"]["mean"] == pytest.approx(0.2)
     assert fin["float16"]["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
     assert fin["float64"]["std"] == 0.0 and fin["float64"]["n"] == 2
+
+
+def test_fig9_claims_read_the_sgd_runs_only():
+    """Fig. 9 is Fig. 2's claims over the SGD runs: AdamW runs in the same folder are ignored,
+    and an ordering that fails under SGD fails in Fig. 9 whatever the AdamW runs say."""
+    adamw = _fig2_results({0: [0.1, 0.5, 0.9]})
+    sgd = _fig2_results({0: [0.3, 0.2, 0.9]}, prefix="sgd-", optimizer="sgd", lr=0.1,
+                        normalized_lr=True)
+    configs = {rid: r.config for rid, r in [*adamw.runs.items(), *sgd.runs.items()]}
+    rows = [(key[0], step, *key[1:], v)
+            for res in (adamw, sgd) for key, (steps, values) in res.series_map.items()
+            for step, v in zip(steps, values, strict=True)]
+    res = Results.from_rows(configs, rows)
+    fig9 = C.fig9_claims(res)
+    assert set(fig9) == {k.replace("fig2.", "fig9.") for k in C.fig2_claims(res)}
+    order = fig9["fig9.order_final_test_acc"]["rows"][0]
+    assert [(e["seed"], e["value"]) for e in order["values"]] == [(0, False)]
+    assert order["values"][0]["by_level"] == {"float16": 0.3, "float32": 0.2, "float64": 0.9}
+    # Fig. 2's claims see both optimizers' runs (its SPEC has AdamW only)
+    assert C.fig2_claims(res)["fig2.final_test_acc"]["rows"][0]["n"] == 2
 
 
 def test_fig2_ordering_all_hold():
