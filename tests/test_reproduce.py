@@ -434,12 +434,16 @@ def test_fig9_claims_read_the_sgd_runs_only():
     """Fig. 9 is Fig. 2's claims over the SGD runs: AdamW runs in the same folder are ignored,
     and an ordering that fails under SGD fails in Fig. 9 whatever the AdamW runs say."""
     adamw = _fig2_results({0: [0.1, 0.5, 0.9]})
-    sgd = _fig2_results({0: [0.3, 0.2, 0.9]}, prefix="sgd-", optimizer="sgd", lr=0.1,
-                        normalized_lr=True)
+    sgd = _fig2_results(
+        {0: [0.3, 0.2, 0.9]}, prefix="sgd-", optimizer="sgd", lr=0.1, normalized_lr=True
+    )
     configs = {rid: r.config for rid, r in [*adamw.runs.items(), *sgd.runs.items()]}
-    rows = [(key[0], step, *key[1:], v)
-            for res in (adamw, sgd) for key, (steps, values) in res.series_map.items()
-            for step, v in zip(steps, values, strict=True)]
+    rows = [
+        (key[0], step, *key[1:], v)
+        for res in (adamw, sgd)
+        for key, (steps, values) in res.series_map.items()
+        for step, v in zip(steps, values, strict=True)
+    ]
     res = Results.from_rows(configs, rows)
     fig9 = C.fig9_claims(res)
     assert set(fig9) == {k.replace("fig2.", "fig9.") for k in C.fig2_claims(res)}
@@ -571,12 +575,24 @@ def test_fig4_grokking_delay_per_encoding():
         "bin": _cfg(loss="stablemax", encoding="binary"),
         "bin1": _cfg(loss="stablemax", encoding="binary", seed=1),
     }
-    rows = _rows("hot", steps, accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
-                 accuracy__te=("test", [0.0, 0.1, 0.5, 0.96]))
-    rows += _rows("bin", steps, accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
-                  accuracy__te=("test", [0.0, 0.97, 0.99, 0.99]))
-    rows += _rows("bin1", steps, accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
-                  accuracy__te=("test", [0.0, 0.2, 0.3, 0.4]))
+    rows = _rows(
+        "hot",
+        steps,
+        accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
+        accuracy__te=("test", [0.0, 0.1, 0.5, 0.96]),
+    )
+    rows += _rows(
+        "bin",
+        steps,
+        accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
+        accuracy__te=("test", [0.0, 0.97, 0.99, 0.99]),
+    )
+    rows += _rows(
+        "bin1",
+        steps,
+        accuracy__tr=("train", [0.1, 1.0, 1.0, 1.0]),
+        accuracy__te=("test", [0.0, 0.2, 0.3, 0.4]),
+    )
     out = C.fig4_claims(Results.from_rows(configs, rows))
     got = {
         r["group"]["encoding"]: [e["value"] for e in r["values"]]
@@ -603,7 +619,8 @@ def test_logitscale_claims_fit_the_delay():
     for rid, temp, znorm, grok in cases:
         configs[rid] = _cfg(temperature=temp, init_scale=1.0, seed=0)
         rows += _rows(
-            rid, steps,
+            rid,
+            steps,
             accuracy__tr=("train", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
             accuracy__te=("test", [0.0 if s < 100 + grok else 0.99 for s in steps]),
             logit_norm=("train", [znorm] * len(steps)),
@@ -622,8 +639,10 @@ def test_logitscale_claims_fit_the_delay():
     assert r2["log effective logit scale"]["mean"] == pytest.approx(want, abs=1e-12)
     norms = {r["group"]["temperature"]: r["mean"] for r in out["logitscale.weight_norm"]["rows"]}
     assert norms[1.0] == 110.0 and norms[4.0] is None  # at step 100 (train 100 %); none logged
-    delays = {r["group"]["temperature"]: r["values"][0]["value"]
-              for r in out["logitscale.grokking_delay"]["rows"]}
+    delays = {
+        r["group"]["temperature"]: r["values"][0]["value"]
+        for r in out["logitscale.grokking_delay"]["rows"]
+    }
     assert delays[4.0] is None and delays[0.5] == 300
 
 
@@ -649,8 +668,7 @@ def test_glitch_claims_violation_and_norm_growth():
     assert got["float16"] == pytest.approx(0.8, abs=1e-9)
     assert got["float64"] == pytest.approx(0.3, abs=1e-9)
     zsv = {
-        r["group"]["loss_dtype"]: r["mean"]
-        for r in out["glitch.mean_zero_sum_violation"]["rows"]
+        r["group"]["loss_dtype"]: r["mean"] for r in out["glitch.mean_zero_sum_violation"]["rows"]
     }
     assert zsv == {"float16": pytest.approx(0.5e-3), "float64": 0.0}
     assert C.norm_growth_rate([0, 10], [1.0, 2.0]) is None  # fewer than 3 points
@@ -699,8 +717,11 @@ def test_results_fill_fields_added_after_a_record(tmp_path):
     today's run of the same setup; its missing fields take the values it was computed with
     (``elementary``: libm, RECORDED_BEFORE), not None."""
     new = _cfg(loss_dtype="float64", seed=0)
-    old = {k: v for k, v in _cfg(loss_dtype="float64", seed=1).items()
-           if k not in ("model", "rounding", "elementary", "d_model")}
+    old = {
+        k: v
+        for k, v in _cfg(loss_dtype="float64", seed=1).items()
+        if k not in ("model", "rounding", "elementary", "d_model")
+    }
     for rid, cfg in (("new", new), ("old", old)):
         (tmp_path / rid).mkdir()
         (tmp_path / rid / "config.json").write_text(json.dumps({"config": cfg}))
