@@ -23,6 +23,7 @@ __all__ = [
     "logit_gaps",
     "param_cosines",
     "param_norms",
+    "param_norms_and_cosines",
 ]
 
 
@@ -107,3 +108,42 @@ def param_cosines(params: dict, other: dict, *, sign: float = 1.0) -> dict:
         no += nb2
     out["global"] = dot_total / np.sqrt(nt * no) if nt > 0 and no > 0 else float("nan")
     return out
+
+
+def param_norms_and_cosines(params: dict, other: dict, *, sign: float = 1.0) -> tuple:
+    """``param_norms(params)``, ``param_norms(other)`` and ``param_cosines(params, other,
+    sign=sign)`` bit for bit, from one float64 copy of each tensor and three dot products
+    instead of four copies and five products.
+
+    Exact because ``sign`` is ±1: round to nearest is symmetric under negation and the products
+    are summed in the same order, so ``⟨a, −b⟩ = −⟨a, b⟩`` and ``⟨−b, −b⟩ = ⟨b, b⟩`` (``0 − x``
+    gives the ``+0`` that ``⟨a, −b⟩`` gives when every product is zero).
+
+    Parameters
+    ----------
+    params, other : dict of name -> array, the same keys and shapes
+    sign : {1.0, -1.0}
+
+    Returns
+    -------
+    (norms of params, norms of other, cosines): dicts keyed by name and ``"global"``.
+    """
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"sign must be 1 or -1, got {sign!r}")
+    na, nb, cos = {}, {}, {}
+    dot_total = nt = no = 0.0
+    for k, v in params.items():
+        a, b = _flat64(v), _flat64(other[k])
+        sqrt = namespace(a).sqrt
+        aa, bb = a @ a, b @ b
+        na[k], nb[k] = float(sqrt(aa)), float(sqrt(bb))
+        ab = float(a @ b)
+        d, na2, nb2 = (ab if sign > 0 else 0.0 - ab), float(aa), float(bb)
+        cos[k] = d / np.sqrt(na2 * nb2) if na2 > 0 and nb2 > 0 else float("nan")
+        dot_total += d
+        nt += na2
+        no += nb2
+    cos["global"] = dot_total / np.sqrt(nt * no) if nt > 0 and no > 0 else float("nan")
+    for norms in (na, nb):
+        norms["global"] = math.sqrt(sum(x * x for x in norms.values()))
+    return na, nb, cos

@@ -45,7 +45,7 @@ from numstab.backend import errstate, namespace, native_sum, xp_dtype
 from numstab.fastround import quantize_into
 from numstab.precision import REDUCTION_ORDERS, Format, get_format, quantize
 
-__all__ = ["REDUCTION_ORDERS", "check_order", "ordered_sum", "wide_format"]
+__all__ = ["REDUCTION_ORDERS", "check_order", "ordered_sum", "pairwise_rows", "wide_format"]
 
 _PAIRWISE_BLOCK = 128  # NumPy's PW_BLOCKSIZE
 _UNROLL = 8
@@ -121,6 +121,42 @@ def ordered_sum(x, fmt, order: str = "pairwise"):
     x = xp.asarray(x)
     with errstate(xp, invalid="ignore", over="ignore"):  # inf and NaN propagate as IEEE says
         return _ordered_sum(x, fmt, order, xp)
+
+
+def pairwise_rows(x, fmt: Format):
+    """``Σ_i x[i, :]``: NumPy's pairwise tree over the rows of a 2-D array, every addition
+    rounded to ``fmt``, without a transposed copy.
+
+    The leaves (runs of at most 128 rows) of one length are gathered together (contiguous row
+    copies), each leaf's eight interleaved partial sums and its remainder are row operations,
+    and the leaves are joined up the tree as NumPy joins them: the additions of ``numpy.sum``
+    along a contiguous axis of the transpose, in the same order, without its identity ``+0``
+    (the caller adds it where NumPy's reduction would).
+
+    Parameters
+    ----------
+    x : array (N, n), in the carrier dtype of ``fmt``; not modified (N = 0: all ``-0.0``).
+    fmt : Format
+
+    Returns
+    -------
+    array (n,)
+    """
+    xp = namespace(x)
+    n = x.shape[0]
+    leaves = _leaves(0, n)
+    value = {}
+    for length in sorted({m for _, m in leaves}):
+        starts = [i for i, m in leaves if m == length]
+        if len(starts) == 1 and length == n:
+            group = x[None]
+        else:
+            rows = xp.asarray([i + k for i in starts for k in range(length)])
+            group = xp.reshape(xp.take(x, rows, axis=0), (len(starts), length, x.shape[1]))
+        # the leaf sums over the last axis of a (leaves, n, length) view
+        sums = _pairwise_leaf(xp.permute_dims(group, (0, 2, 1)), length, fmt, xp)
+        value.update({i: sums[j] for j, i in enumerate(starts)})
+    return _join(0, n, value, fmt)
 
 
 def _ordered_sum(x, fmt: Format, order: str, xp):

@@ -513,13 +513,15 @@ def test_norms_and_cosines_do_not_depend_on_the_loops_blas_threads():
     assert mon.settings()["host_blas_threads"] == 1
 
 
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_param_metrics_equal_numstab_metrics(dtype):
-    """The monitor's norms and cosines (one float64 copy and three dot products per tensor)
-    equal numstab.metrics' (four copies, five products) bit for bit, the sign of zero
-    included: ⟨θ, −g⟩ is −⟨θ, g⟩ and ⟨−g, −g⟩ is ⟨g, g⟩ in the same order of additions, for
-    tensors of several sizes, a zero gradient, unaligned views, at one BLAS thread."""
-    from numstab.metrics import param_cosines, param_norms
+def test_param_metrics_equal_numstab_metrics(dtype, sign):
+    """The shared norms and cosines (``param_norms_and_cosines``: one float64 copy and three
+    dot products per tensor; the monitor's and the training loop's) equal ``param_norms`` and
+    ``param_cosines`` (four copies, five products) bit for bit, the sign of zero included:
+    ⟨θ, −g⟩ is −⟨θ, g⟩ and ⟨−g, −g⟩ is ⟨g, g⟩ in the same order of additions, for tensors of
+    several sizes, a zero gradient, unaligned views, at one BLAS thread."""
+    from numstab.metrics import param_cosines, param_norms, param_norms_and_cosines
     from numstab.monitor.core import param_metrics
 
     rng = np.random.default_rng(0)
@@ -534,6 +536,9 @@ def test_param_metrics_equal_numstab_metrics(dtype):
             for k, v in theta.items()
         }
         grads["w1"][...] = 0 if trial % 4 == 0 else grads["w1"]
+        if trial % 5 == 1:  # orthogonal: every product ±0 or of opposite signs, ⟨θ, g⟩ = ±0
+            theta["w2"][...], grads["w2"][...] = 0, 0
+            theta["w2"].reshape(-1)[0], grads["w2"].reshape(-1)[-1] = 1, -2
         off = trial % 3  # a view starting 0, 1 or 2 elements into its buffer
         grads = {
             k: np.concatenate([np.zeros(off, dtype), v.reshape(-1)])[off:].reshape(v.shape)
@@ -542,17 +547,18 @@ def test_param_metrics_equal_numstab_metrics(dtype):
         want = {
             "weight_norm": param_norms(theta),
             "grad_norm": param_norms(grads),
-            "nlm_cos_grad": param_cosines(theta, grads, sign=-1.0),
+            "nlm_cos_grad": param_cosines(theta, grads, sign=sign),
         }
-        got = param_metrics(theta, grads)
-        assert got.keys() == want.keys()
-        for metric, values in want.items():
-            assert got[metric].keys() == values.keys()
-            for k, v in values.items():
-                w = got[metric][k]
-                assert (math.isnan(v) and math.isnan(w)) or (
-                    v == w and math.copysign(1, v) == math.copysign(1, w)
-                ), (metric, k)
+        shared = dict(zip(want, param_norms_and_cosines(theta, grads, sign=sign), strict=True))
+        for got in [shared, *([param_metrics(theta, grads)] if sign < 0 else [])]:
+            assert got.keys() == want.keys()
+            for metric, values in want.items():
+                assert got[metric].keys() == values.keys()
+                for k, v in values.items():
+                    w = got[metric][k]
+                    assert (math.isnan(v) and math.isnan(w)) or (
+                        v == w and math.copysign(1, v) == math.copysign(1, w)
+                    ), (metric, k)
 
 
 @needs_torch

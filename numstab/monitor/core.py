@@ -30,6 +30,7 @@ import numpy as np
 
 from numstab.backend import take_at
 from numstab.losses import row_verdicts, softmax, stablemax_s
+from numstab.metrics import param_norms_and_cosines
 from numstab.precision import Format, format_of, quantize
 
 __all__ = ["TopEntries", "batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
@@ -179,33 +180,10 @@ def batch_metrics(
 
 def param_metrics(params: dict, grads: dict) -> dict:
     """``weight_norm``, ``grad_norm`` and ``nlm_cos_grad = cos(θ, −∇L)``, per tensor and
-    ``global``: the values of :func:`numstab.metrics.param_norms` and
-    :func:`~numstab.metrics.param_cosines` (``sign=-1``), from one float64 copy and three dot
-    products per tensor instead of four and five (``⟨θ, −g⟩ = −⟨θ, g⟩`` and
-    ``⟨−g, −g⟩ = ⟨g, g⟩`` bit for bit: round to nearest is symmetric under negation and the
-    products are summed in the same order). ``params``, ``grads``: name -> host array, same
-    keys."""
-    wn, gn, cos = {}, {}, {}
-    dot_total = nt = ng = 0.0
-    for k, v in params.items():
-        a, g = _flat64(v), _flat64(grads[k])
-        aa, gg = a @ a, g @ g
-        wn[k], gn[k] = float(np.sqrt(aa)), float(np.sqrt(gg))
-        d, na2, ng2 = 0.0 - float(a @ g), float(aa), float(gg)  # 0 - x: +0, as ⟨θ, −g⟩
-        cos[k] = d / np.sqrt(na2 * ng2) if na2 > 0 and ng2 > 0 else math.nan
-        dot_total += d
-        nt += na2
-        ng += ng2
-    cos["global"] = dot_total / np.sqrt(nt * ng) if nt > 0 and ng > 0 else math.nan
-    for norms in (wn, gn):
-        norms["global"] = math.sqrt(sum(x * x for x in norms.values()))
+    ``global`` (:func:`numstab.metrics.param_norms_and_cosines`, one float64 copy and three
+    dot products per tensor). ``params``, ``grads``: name -> host array, same keys."""
+    wn, gn, cos = param_norms_and_cosines(params, grads, sign=-1.0)
     return {"weight_norm": wn, "grad_norm": gn, "nlm_cos_grad": cos}
-
-
-def _flat64(a) -> np.ndarray:
-    """``a`` flattened in float64 (longdouble for longdouble), as :mod:`numstab.metrics`."""
-    a = np.asarray(a)
-    return a.reshape(-1).astype(np.longdouble if a.dtype == np.longdouble else np.float64)
 
 
 def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:

@@ -451,11 +451,12 @@ class Run:
 
     def _log_params(self, grads: dict) -> None:
         t, add = self.step, self.log.add
-        for k, v in M.param_norms(self.params).items():
+        wn, gn, cos = M.param_norms_and_cosines(self.params, grads, sign=-1.0)
+        for k, v in wn.items():
             add(t, self.name, "train", "weight_norm", v, k)
-        for k, v in M.param_norms(grads).items():
+        for k, v in gn.items():
             add(t, self.name, "train", "grad_norm", v, k)
-        for k, v in M.param_cosines(self.params, grads, sign=-1.0).items():
+        for k, v in cos.items():
             add(t, self.name, "train", "nlm_cos_grad", v, k)
 
     def _log_update(self, before: dict) -> None:
@@ -465,9 +466,10 @@ class Run:
             k: xp.astype(self.params[k], xp.float64) - xp.astype(before[k], xp.float64)
             for k in before
         }
-        for k, v in M.param_cosines(before, delta).items():
+        _, un, cos = M.param_norms_and_cosines(before, delta)
+        for k, v in cos.items():
             add(t, self.name, "train", "nlm_cos_update", v, k)
-        for k, v in M.param_norms(delta).items():
+        for k, v in un.items():
             add(t, self.name, "train", "update_norm", v, k)
         intended = getattr(self.opt_state, "last_update", None)
         if intended:

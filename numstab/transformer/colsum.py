@@ -5,10 +5,8 @@ gradient in the compute carrier, in the order ``numpy.sum`` takes along a contig
 (:func:`numstab.functional.linear_backward`'s ``db``): NumPy's pairwise tree over the N
 samples, added to the reduction's identity ``+0``. Handing NumPy the transpose costs a
 strided copy of the whole gradient (a fifth of a transformer step at the paper's sizes). Here
-the same tree runs on whole rows: the leaves (runs of at most 128 samples) of one length are
-gathered together (contiguous row copies), each leaf's eight interleaved partial sums and its
-remainder are row operations, and the leaves are joined up the tree as NumPy joins them. Every
-addition is the one NumPy makes, in the same order, so the sums are bit-identical
+the same tree runs on whole rows (:func:`numstab.summation.pairwise_rows`). Every addition is
+the one NumPy makes, in the same order, so the sums are bit-identical
 (``tests/test_transformer_speed.py`` checks this against ``numpy.sum`` of the transpose,
 signed zeros, infinities and NaN included).
 """
@@ -18,7 +16,7 @@ from __future__ import annotations
 from numstab.backend import errstate, namespace, xp_dtype
 from numstab.functional import linear_backward as _linear_backward
 from numstab.precision import PrecisionPolicy, get_format, quantize
-from numstab.summation import _join, _leaves, _pairwise_leaf
+from numstab.summation import pairwise_rows
 
 __all__ = ["column_sum", "linear_backward"]
 
@@ -41,7 +39,7 @@ def column_sum(g, policy: PrecisionPolicy):
     fmt = get_format(policy.compute.carrier)
     with errstate(xp, over="ignore", invalid="ignore"):
         x = xp.astype(g, xp_dtype(xp, fmt.carrier), copy=False)
-        return quantize(_rows_pairwise(x, fmt, xp) + 0.0, policy.storage)
+        return quantize(pairwise_rows(x, fmt) + 0.0, policy.storage)
 
 
 def linear_backward(dy, cache, policy: PrecisionPolicy):
@@ -50,21 +48,3 @@ def linear_backward(dy, cache, policy: PrecisionPolicy):
     x, w, has_bias = cache
     dx, dw, _ = _linear_backward(dy, (x, w, False), policy)
     return dx, dw, column_sum(dy, policy) if has_bias else None
-
-
-def _rows_pairwise(x, fmt, xp):
-    """NumPy's pairwise tree over the rows of ``x`` (N, n), every addition in ``fmt``."""
-    n = x.shape[0]
-    leaves = _leaves(0, n)
-    value = {}
-    for length in sorted({m for _, m in leaves}):
-        starts = [i for i, m in leaves if m == length]
-        if len(starts) == 1 and length == n:
-            group = x[None]
-        else:
-            rows = xp.asarray([i + k for i in starts for k in range(length)])
-            group = xp.reshape(xp.take(x, rows, axis=0), (len(starts), length, x.shape[1]))
-        # the leaf sums over the last axis of a (leaves, n, length) view
-        sums = _pairwise_leaf(xp.permute_dims(group, (0, 2, 1)), length, fmt, xp)
-        value.update({i: sums[j] for j, i in enumerate(starts)})
-    return _join(0, n, value, fmt)
