@@ -53,7 +53,7 @@ import numpy as np
 
 from numstab import exact, kernels, parallel, workspace
 from numstab.backend import errstate, namespace, to_numpy, xp_dtype
-from numstab.fastround import quantize_into
+from numstab.fastround import magic_constants, quantize_into
 from numstab.precision import ELEMENTARY_MODES, Format, get_format, quantize
 from numstab.rounding_modes import flush_subnormals
 
@@ -296,6 +296,27 @@ def _near_midpoint(w, u, amb, fmt: Format):
     return out
 
 
+def _round_near_midpoint(w, of, amb, fmt: Format):
+    """``of <- quantize(w, fmt)`` and :func:`_near_midpoint`'s mask (or None) in one pass
+    (:func:`numstab.kernels.narrow_round16`); the rare elements the pass leaves (beyond the
+    format's largest finite value; subnormal results) as :func:`_near_midpoint` does them."""
+    bits, tiny = _LOW_BITS[fmt.name]
+    _, absmask, expmask, floor, shift, top, _ = magic_constants(np.dtype(np.float64), fmt)
+    half, low = np.uint64(1 << (bits - 1)), np.uint64((1 << bits) - 1)
+    consts = (absmask, expmask, floor, shift, top, half - np.uint64(_K64), low,
+              np.uint64(2 * _K64), tiny)  # fmt: skip
+    counts = np.zeros(3, np.int64)
+    kernels.narrow_round16(w, of, amb, counts, consts)
+    n_amb, n_special, n_tiny = (int(c) for c in counts)
+    if n_special:
+        special = np.flatnonzero((w.view(np.uint64) & absmask) > top)
+        of[special] = quantize(w[special], fmt)
+    if n_tiny:  # subnormal results (and zeros): the bracket
+        sel = np.flatnonzero(np.abs(w) < tiny)
+        amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+    return amb if n_amb or n_tiny else None
+
+
 def _bracket_ambiguous(w, fmt: Format, rel: float, xp):
     """``w (1 - rel)`` and ``w (1 + rel)`` round to different values of ``fmt``."""
     d = workspace.ufunc(np.multiply, w, rel)  # exact (a power of two); 1 - rel would
@@ -372,8 +393,11 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
                 sel = np.flatnonzero(tiny)
                 amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
         elif fmt.name in _LOW_BITS:
-            of[s : s + k] = quantize_into(w, fmt)
-            amb = _near_midpoint(w, u, abuf[:k], fmt)
+            if kernels.applies(w):  # the rounding and the test in one pass
+                amb = _round_near_midpoint(w, of[s : s + k], abuf[:k], fmt)
+            else:
+                of[s : s + k] = quantize_into(w, fmt)
+                amb = _near_midpoint(w, u, abuf[:k], fmt)
         else:
             of[s : s + k] = quantize_into(w, fmt)
             amb = _bracket_ambiguous(w, fmt, _REL_NARROW, np)

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from numstab import workspace
+from numstab import kernels, workspace
 from numstab.precision import Format, quantize
 
-__all__ = ["quantize_into", "rounds_fast"]
+__all__ = ["magic_constants", "quantize_into", "rounds_fast"]
 
 _SAME_RANGE_DROP = 16  # bfloat16 from float32: the 16 low bits dropped
 _BF16_HALF = np.uint32((1 << 15) - 1)
@@ -74,8 +74,10 @@ def _c_order(x):
     return x if x.flags.c_contiguous else x.copy(order="C")
 
 
-def _constants(dtype: np.dtype, fmt: Format) -> tuple:
-    """``_round_bits``'s constants for a float32/float64 source and a target format."""
+def magic_constants(dtype: np.dtype, fmt: Format) -> tuple:
+    """``_round_bits``'s constants for a float32/float64 source and a target format:
+    ``(uint dtype, |x| mask, exponent field, smallest quantum's exponent, magic shift,
+    largest finite value's bits, sign bit)``."""
     key = (dtype, fmt.name)
     if key not in _CONSTANTS:
         uint, mant = (np.uint32, 23) if dtype == np.float32 else (np.uint64, 52)
@@ -88,14 +90,24 @@ def _constants(dtype: np.dtype, fmt: Format) -> tuple:
             uint((bias + fmt.emin) << mant),  # the target's smallest quantum's exponent
             uint((mant - (fmt.precision - 1)) << mant),  # magic = quantum * 2**mant
             dtype.type(float(fmt.max)).view(uint),
+            uint(1 << (bits - 1)),  # sign bit
         )
     return _CONSTANTS[key]
 
 
 def _magic(x, fmt: Format):
     """``(|x| + M) - M`` with the sign put back; the shape and dtype of ``x``."""
-    uint, absmask, expmask, floor, shift, top = _constants(x.dtype, fmt)
-    u = _c_order(x).view(uint)
+    uint, absmask, expmask, floor, shift, top, signmask = magic_constants(x.dtype, fmt)
+    x = _c_order(x)
+    u = x.view(uint)
+    if kernels.applies(x):  # the passes below in one (the same operations, numstab.kernels)
+        r = workspace.empty(u.shape, x.dtype)
+        consts = (absmask, signmask, expmask, floor, shift, top)
+        m_buf = np.zeros(1, uint)
+        if kernels.magic_round(x.reshape(-1), u.reshape(-1), r.reshape(-1), m_buf, consts):
+            special = np.bitwise_and(u, absmask) > top
+            r[special] = quantize(x[special], fmt)
+        return r
     a = np.bitwise_and(u, absmask, out=workspace.empty(u.shape, uint))
     m = np.bitwise_and(a, expmask, out=workspace.empty(u.shape, uint))
     np.maximum(m, floor, out=m)
@@ -115,6 +127,10 @@ def _magic(x, fmt: Format):
 
 def _same_range(x, u):
     """bfloat16 from float32: the bit pattern rounded, the carry into the exponent."""
+    if kernels.applies(x):  # the passes below in one (numstab.kernels.bfloat16_round)
+        r = workspace.empty(u.shape, np.uint32)
+        kernels.bfloat16_round(u.reshape(-1), r.reshape(-1))
+        return r.view(np.float32)
     r = np.right_shift(u, np.uint32(_SAME_RANGE_DROP), out=workspace.empty(u.shape, np.uint32))
     r &= np.uint32(1)
     r += u

@@ -2,8 +2,10 @@
 
 :func:`relu_grad` (``numstab.mlp``'s ReLU backward), :func:`adam_update` (Adam/AdamW with
 float32 or float64 parameters and state, ``numstab.optim``), :func:`exp64_fast` (the fast
-pass of the correctly rounded float64 ``exp``) and :func:`narrow_round` (the rounding test of
-the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``).
+pass of the correctly rounded float64 ``exp``), :func:`narrow_round` (the rounding test of
+the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``) and
+:func:`magic_round` / :func:`bfloat16_round` (rounding a float32 carrier to float16 or
+bfloat16, ``numstab.fastround``).
 
 Each kernel does in one pass what the NumPy path does in several, with the same IEEE
 operations in the same order on the same dtypes, so its results are the NumPy path's bit for
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 import os
 import time
 
@@ -51,9 +54,12 @@ __all__ = [
     "adam_update",
     "applies",
     "backend",
+    "bfloat16_round",
     "exp64_fast",
     "info",
+    "magic_round",
     "narrow_round",
+    "narrow_round16",
     "overhead_bytes",
     "relu_grad",
     "warm",
@@ -327,6 +333,81 @@ def narrow_round(w, of, amb, half_k, mask, two_k) -> int:
     return int(_narrow32(w, of, amb, half_k, mask, two_k))
 
 
+# --- rounding to float16 / bfloat16 (numstab.fastround) -----------------------------------
+
+
+@_Kernel
+def _magic(x, u, out, m_buf, absmask, signmask, expmask, floor, shift, top):
+    m_val = m_buf.view(x.dtype)
+    out_bits = out.view(u.dtype)
+    n_special = 0
+    for i in range(x.size):
+        a = u[i] & absmask
+        m_buf[0] = max(a & expmask, floor) + shift  # the magic number's bits
+        mf = m_val[0]
+        out[i] = (abs(x[i]) + mf) - mf  # two roundings in x's dtype, as NumPy's two passes
+        out_bits[i] |= u[i] & signmask  # the result is >= +0: the sign set, as copysign does
+        n_special += a > top
+    return n_special
+
+
+def magic_round(x, u, out, m_buf, consts) -> int:
+    """``out <- copysign((|x| + M) - M, x)`` with ``M`` built from the exponent bits
+    (``numstab.fastround._magic``'s passes in one); returns the number of elements above the
+    target's largest finite value (``|x| > top``: overflow, inf, NaN), which the caller redoes.
+    ``u``: ``x``'s bits (the unsigned view); ``m_buf``: one element of ``u``'s dtype;
+    ``consts``: ``(absmask, signmask, expmask, floor, shift, top)`` in ``u``'s dtype."""
+    return int(_magic(x, u, out, m_buf, *consts))
+
+
+@_Kernel
+def _narrow16(w, u, of, amb, counts, m_buf, absmask, expmask, floor, shift, top, half_k, low,
+              two_k, tiny):  # fmt: skip
+    m_val = m_buf.view(w.dtype)
+    n_amb = n_special = n_tiny = 0
+    for i in range(w.size):
+        b = u[i]
+        a = b & absmask
+        m_buf[0] = max(a & expmask, floor) + shift  # the magic number's bits
+        mf = m_val[0]
+        r = (abs(w[i]) + mf) - mf  # float64, as numstab.fastround._magic
+        of[i] = np.float32(math.copysign(r, w[i]))  # exact: a value of the 16-bit format
+        n_special += a > top
+        t = ((b - half_k) & low) <= two_k  # near a midpoint of the target
+        amb[i] = t
+        n_amb += t
+        n_tiny += abs(w[i]) < tiny
+    counts[0], counts[1], counts[2] = n_amb, n_special, n_tiny
+
+
+def narrow_round16(w, of, amb, counts, consts) -> None:
+    """The float16 / bfloat16 pass of ``numstab.elementary._narrow_block`` in one:
+    ``of <- `` float64 ``w`` rounded to the format (``numstab.fastround``'s magic number; the
+    elements above its largest finite value left for the caller), ``amb <-`` the
+    near-midpoint test of ``numstab.elementary._near_midpoint``; ``counts <-`` (ambiguous,
+    above the largest finite value, ``|w| <`` the smallest normal). ``consts``: uint64
+    ``(absmask, expmask, floor, shift, top, half_k, low, two_k)`` and the float ``tiny``."""
+    _narrow16(w, w.view(np.uint64), of, amb, counts, np.zeros(1, np.uint64), *consts)
+
+
+@_Kernel
+def _bf16(u, out_bits, one, half, keep, absmask, signmask, inf_bits, nan_bits):
+    for i in range(u.size):  # a select, not a branch, so that the loop vectorises
+        b = u[i]
+        rounded = (((b >> 16) & one) + b + half) & keep  # nearest even, carry into the exponent
+        nan = nan_bits | (b & signmask)  # NaN: the canonical quiet NaN with x's sign
+        out_bits[i] = nan if (b & absmask) > inf_bits else rounded
+
+
+def bfloat16_round(u, out_bits) -> None:
+    """``out_bits <- `` the float32 bit patterns ``u`` rounded to bfloat16 (nearest even, the
+    carry into the exponent; NaN: the quiet NaN with its sign, as
+    ``numstab.fastround._same_range``); uint32 arrays."""
+    t = np.uint32
+    _bf16(u, out_bits, t(1), t(0x7FFF), t(0xFFFF0000), t(0x7FFFFFFF), t(0x80000000),
+          t(0x7F800000), t(0x7FC00000))  # fmt: skip
+
+
 # --- warm-up ----------------------------------------------------------------------------------
 
 
@@ -347,4 +428,13 @@ def warm() -> float:
     exp64_fast(x, np.empty(4), np.empty(4, dtype=bool), np.ones(4096), np.zeros(4096), consts)
     u64 = np.uint64(0)
     narrow_round(x, np.empty(4, np.float32), np.empty(4, dtype=bool), u64, u64, u64)
+    for dt, ut in ((np.float32, np.uint32), (np.float64, np.uint64)):
+        x = np.ones(4, dtype=dt)
+        consts = tuple(ut(0) for _ in range(6))
+        magic_round(x, x.view(ut), np.empty_like(x), np.zeros(1, ut), consts)
+    u32 = np.ones(4, dtype=np.uint32)
+    bfloat16_round(u32, np.empty_like(u32))
+    counts = np.zeros(3, np.int64)
+    consts16 = (*(u64 for _ in range(8)), 0.0)
+    narrow_round16(x, np.empty(4, np.float32), np.empty(4, dtype=bool), counts, consts16)
     return time.perf_counter() - t0

@@ -360,13 +360,66 @@ def test_float32_functions_match_numpy_on_many_patterns(name):
     assert_same_bits(got, ref)
 
 
+# --- rounding to float16 / bfloat16 ----------------------------------------------------------
+
+
+@needs_numba
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_rounding_to_16_bits_matches_numpy_and_quantize(fmt, dtype, data):
+    """``quantize_into`` on the fused path (``magic_round``, ``bfloat16_round``) gives the
+    NumPy path's bits and ``quantize``'s (an independent reference: ``numstab.precision``),
+    on any bit pattern, the rounding boundaries of the target and its overflow threshold."""
+    from numstab.fastround import quantize_into
+    from numstab.precision import quantize
+
+    f = get_format(fmt)
+    x = data.draw(any_floats(dtype, n=2000))
+    top, tiny = float(f.max), float(f.smallest_subnormal)
+    q = top * 2.0**-f.precision  # half an ulp at the top: the overflow boundary
+    edges = np.array([top, top + q, -(top + q), top + q / 2, tiny, tiny / 2,
+                      1 + 2.0**-f.precision, 1 + 3 * 2.0**-f.precision], dtype=dtype)  # fmt: skip
+    x = np.concatenate([x, edges, np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf)])
+    ref = bits(quantize(x, f).astype(np.float32))
+    for name in ("numpy", "numba"):
+        got = on(name, quantize_into, x, f)
+        assert got.dtype == np.float32
+        assert_same_bits(got, ref.view(np.float32))
+
+
+@needs_numba
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["exp", "log", "log1p", "expm1"])
+def test_16_bit_functions_match_numpy_on_many_patterns(fmt, name):
+    """The correctly rounded float16 / bfloat16 functions (``narrow_round16``: the rounding
+    and the near-midpoint test in one pass) give the NumPy path's bits: every float16 value
+    and 2**18 random float32 patterns (specials, subnormal results and overflow included)."""
+    rng = np.random.default_rng(11)
+    u = rng.integers(0, 2**32, 2**18, dtype=np.uint64).astype(np.uint32)
+    every16 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    # float32 inputs at bfloat16 subnormal midpoints: log1p / expm1 of them is that midpoint
+    # in float64, decided only by the subnormal bracket
+    mid = np.ldexp(2.0 * np.arange(1, 300) + 1, -134)
+    x = quiet(np.concatenate([SPECIALS[np.dtype(np.float32)], u.view(np.float32), every16,
+                              mid.astype(np.float32), -mid.astype(np.float32)]))  # fmt: skip
+    if name == "exp":  # the softmax's range (d <= 0), the subnormal results and overflow
+        x = np.concatenate([x, rng.uniform(-110, 90, 2**18).astype(np.float32)])
+    f = get_format(fmt)
+    x = np.asarray(x, dtype=np.float32)
+    ref = on("numpy", elementary.apply, name, x, f, "correct", np)
+    got = on("numba", elementary.apply, name, x, f, "correct", np)
+    assert_same_bits(got, ref)
+
+
 # --- the machine code and the whole step ---------------------------------------------------
 
 _ASM_SCRIPT = r"""
 import re, sys
 from numstab import kernels
 kernels.warm()
-for name in ("_relu_grad", "_adam", "_exp64", "_narrow32"):
+for name in ("_relu_grad", "_adam", "_exp64", "_narrow32", "_magic", "_bf16", "_narrow16"):
     fn = getattr(kernels, name).compiled()
     for sig in fn.signatures:
         asm = fn.inspect_asm(sig)
@@ -383,13 +436,14 @@ def test_machine_code_has_no_fma_and_float32_stays_float32(tmp_path):
         [sys.executable, "-c", _ASM_SCRIPT], env=env, capture_output=True, text=True, check=True
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()]
-    assert len(rows) == 6  # relu_grad, adam in two dtypes; exp64; narrow32
+    # relu_grad, adam, magic in two dtypes; exp64; narrow32; bf16; narrow16
+    assert len(rows) == 10
     for row in rows:
         assert row[-2:] == ["0", "0"], f"FMA or float64 arithmetic in {row}"
     assert re.search(r"_adam array\(float32", out)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_training_steps_are_the_same_bits_on_both_paths(dtype):
     if not HAVE_NUMBA:
         pytest.skip("numba not installed")
