@@ -22,11 +22,13 @@ is a NaN on both paths, its payload possibly another; every other result, NaN pa
 single NaN source included, is the same bits. (A run stops at its first NaN loss or parameter,
 before two NaNs can meet in one update.)
 
-Which path runs: ``NUMSTAB_KERNELS`` = ``numpy`` (default: the NumPy path), ``auto`` (numba
-when importable) or ``numba`` (required: ValueError without it). The kernels are opt-in: in
-the measurements of docs/benchmarks.md they make the float64 step 12-19 % faster and leave the
-float32 and 16-bit steps as they were, while numba and LLVM add about 100 MB to a run's peak
-memory and every process pays numba's import on its first step. :func:`info` says which, for
+Which path runs: ``NUMSTAB_KERNELS`` = ``auto`` (default: numba when importable, that is
+where the ``fast`` extra is installed), ``numba`` (required: ValueError without it) or
+``numpy`` (the NumPy path, numba installed or not). In the measurements of
+docs/benchmarks.md the kernels make the float16 step about 1.8 times and the bfloat16 step
+1.4 times faster, the float64 step 12-19 %, and leave the float32 step as it was, while numba
+and LLVM add about 100 MB to a run's peak memory and every process pays numba's import on
+its first step (``numpy`` avoids both). :func:`info` says which, for
 run outputs (``numstab.run.runtime.runtime_info``). Compiled code is cached on disk
 (``cache=True``): the first call in a fresh environment compiles (seconds, :func:`warm`
 measures it), later processes load the cache.
@@ -68,7 +70,7 @@ __all__ = [
 #: Values of :data:`ENV`.
 BACKENDS = ("auto", "numba", "numpy")
 #: The path when :data:`ENV` is unset.
-DEFAULT = "numpy"
+DEFAULT = "auto"
 #: The environment variable that selects the path.
 ENV = "NUMSTAB_KERNELS"
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

@@ -485,8 +485,8 @@ def kernels_report(rep, quick=False):
         )
     else:
         text = (
-            "elementwise kernels: NumPy path (the default; NUMSTAB_KERNELS=auto times the "
-            "fused kernels where numba is installed)"
+            "elementwise kernels: NumPy path (numba not installed, or NUMSTAB_KERNELS=numpy; "
+            "the default, auto, times the fused kernels where numba is installed)"
         )
     rep.fact("kernels", fact, text)
     return info["kernels"] == "numba"

@@ -154,8 +154,9 @@ def test_env_selects_the_path(monkeypatch):
         kernels.backend()
     monkeypatch.setenv(kernels.ENV, "auto")
     assert kernels.backend() == ("numba" if HAVE_NUMBA else "numpy")
-    monkeypatch.delenv(kernels.ENV)  # opt-in: unset is the NumPy path, numba installed or not
-    assert kernels.backend() == "numpy" and kernels.overhead_bytes() == 0
+    monkeypatch.delenv(kernels.ENV)  # unset is auto: the kernels wherever numba is installed
+    assert kernels.backend() == ("numba" if HAVE_NUMBA else "numpy")
+    assert kernels.overhead_bytes() == (kernels.OVERHEAD_BYTES if HAVE_NUMBA else 0)
 
 
 def test_without_numba_everything_takes_the_numpy_path(monkeypatch):
