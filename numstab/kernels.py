@@ -3,9 +3,10 @@
 :func:`relu_grad` (``numstab.mlp``'s ReLU backward), :func:`adam_update` (Adam/AdamW with
 float32 or float64 parameters and state, ``numstab.optim``), :func:`exp64_fast` (the fast
 pass of the correctly rounded float64 ``exp``), :func:`narrow_round` (the rounding test of
-the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``) and
+the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``),
 :func:`magic_round` / :func:`bfloat16_round` (rounding a float32 carrier to float16 or
-bfloat16, ``numstab.fastround``).
+bfloat16, ``numstab.fastround``) and :func:`narrow_round16` (the float16 / bfloat16 rounding
+and near-midpoint test of the correctly rounded ``exp``/``log``, ``numstab.elementary``).
 
 Each kernel does in one pass what the NumPy path does in several, with the same IEEE
 operations in the same order on the same dtypes, so its results are the NumPy path's bit for
