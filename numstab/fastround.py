@@ -103,27 +103,24 @@ def _magic(x, fmt: Format):
     uint, absmask, expmask, floor, shift, top, signmask = magic_constants(x.dtype, fmt)
     x = _c_order(x)
     u = x.view(uint)
-    if kernels.applies(x):  # the passes below in one (the same operations, numstab.kernels)
-        r = workspace.empty(u.shape, x.dtype)
-        consts = (absmask, signmask, expmask, floor, shift, top)
-        m_buf = np.zeros(1, uint)
-        if kernels.magic_round(x.reshape(-1), u.reshape(-1), r.reshape(-1), m_buf, consts):
-            special = np.bitwise_and(u, absmask) > top
-            r[special] = quantize(x[special], fmt)
-        return r
-    a = np.bitwise_and(u, absmask, out=workspace.empty(u.shape, uint))
-    m = np.bitwise_and(a, expmask, out=workspace.empty(u.shape, uint))
-    np.maximum(m, floor, out=m)
-    m += shift
-    mf = m.view(x.dtype)
     r = workspace.empty(u.shape, x.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.add(a.view(x.dtype), mf, out=r)
-        r -= mf
-    np.copysign(r, x, out=r)  # r >= +0: copysign sets the sign bit as ``|= sign`` does
-    del m, mf
-    if a.size and a.max() > top:  # beyond the largest finite value: overflow, inf, NaN
-        special = a > top
+    if kernels.applies(x):  # the passes below in one (the same operations, numstab.kernels)
+        consts = (absmask, signmask, expmask, floor, shift, top)
+        above_top = kernels.magic_round(x.reshape(-1), u.reshape(-1), r.reshape(-1), consts)
+    else:
+        a = np.bitwise_and(u, absmask, out=workspace.empty(u.shape, uint))
+        m = np.bitwise_and(a, expmask, out=workspace.empty(u.shape, uint))
+        np.maximum(m, floor, out=m)
+        m += shift
+        mf = m.view(x.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.add(a.view(x.dtype), mf, out=r)
+            r -= mf
+        np.copysign(r, x, out=r)  # r >= +0: copysign sets the sign bit as ``|= sign`` does
+        above_top = a.size and a.max() > top
+        del a, m, mf
+    if above_top:  # beyond the largest finite value: overflow, inf, NaN
+        special = np.bitwise_and(u, absmask) > top
         r[special] = quantize(x[special], fmt)
     return r
 

@@ -354,13 +354,13 @@ def _magic(x, u, out, m_buf, absmask, signmask, expmask, floor, shift, top):
     return n_special
 
 
-def magic_round(x, u, out, m_buf, consts) -> int:
+def magic_round(x, u, out, consts) -> int:
     """``out <- copysign((|x| + M) - M, x)`` with ``M`` built from the exponent bits
     (``numstab.fastround._magic``'s passes in one); returns the number of elements above the
     target's largest finite value (``|x| > top``: overflow, inf, NaN), which the caller redoes.
-    ``u``: ``x``'s bits (the unsigned view); ``m_buf``: one element of ``u``'s dtype;
-    ``consts``: ``(absmask, signmask, expmask, floor, shift, top)`` in ``u``'s dtype."""
-    return int(_magic(x, u, out, m_buf, *consts))
+    ``u``: ``x``'s bits (the unsigned view); ``consts``: ``(absmask, signmask, expmask, floor,
+    shift, top)`` in ``u``'s dtype."""
+    return int(_magic(x, u, out, np.zeros(1, u.dtype), *consts))
 
 
 @_Kernel
@@ -434,7 +434,7 @@ def warm() -> float:
     for dt, ut in ((np.float32, np.uint32), (np.float64, np.uint64)):
         x = np.ones(4, dtype=dt)
         consts = tuple(ut(0) for _ in range(6))
-        magic_round(x, x.view(ut), np.empty_like(x), np.zeros(1, ut), consts)
+        magic_round(x, x.view(ut), np.empty_like(x), consts)
     u32 = np.ones(4, dtype=np.uint32)
     bfloat16_round(u32, np.empty_like(u32))
     counts = np.zeros(3, np.int64)
