@@ -524,6 +524,26 @@ def gemm_floor(ops):
     return fn
 
 
+def torch_gemm_floor(torch_mod, ops):
+    """:func:`gemm_floor`'s six products through PyTorch (its BLAS: MKL on x86), on the same
+    operands and layouts (the transposes are views there too): the machine's GEMM rate with
+    another library, for the peak. Never a numstab result: another BLAS rounds in another
+    order."""
+    t = {k: torch_mod.from_numpy(v) for k, v in ops.items()}
+    h1, w2, h2, w3, dz, dh2 = (t[k] for k in ("h1", "W2", "h2", "W3", "dz", "dh2"))
+
+    def fn():
+        with torch_mod.no_grad():
+            h1 @ w2
+            h2 @ w3
+            h2.T @ dz
+            dz @ w3.T
+            h1.T @ dh2
+            dh2 @ w2.T
+
+    return fn
+
+
 def gemm_flops(ops):
     """Floating-point operations of the six products: ``2·m·k·n`` each (multiply and add)."""
     h1, w2, h2, w3 = (ops[k] for k in ("h1", "W2", "h2", "W3"))
@@ -745,9 +765,11 @@ def _step_block(rep, args, torch_mod, thr, n, children):
         groups.append((contextlib.nullcontext, lib_cases))
     if torch_mod is not None:
         tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
-        groups.append(
-            (contextlib.nullcontext, {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()})
-        )
+        torch_cases = {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()}
+        for dt in ("float32", "float64"):  # the same products with torch's BLAS: for the peak
+            torch_cases[f"PyTorch {dt} GEMMs alone"] = torch_gemm_floor(torch_mod, ops[dt])
+        # in torch's own group: the pause before it lets NumPy's BLAS threads go idle
+        groups.append((contextlib.nullcontext, torch_cases))
     with thr.block(n):
         blas_now = blas_threads_now()
         if torch_mod is not None:
@@ -797,6 +819,11 @@ def _step_block(rep, args, torch_mod, thr, n, children):
     for dt in ("float32", "float64"):
         case = f"numstab {dt} GEMMs alone (floor)"
         rep.row("1", case, n, st[case], "6 products: h1@W2 h2@W3 dW3 dh2 dW2 dh1")
+        case = f"PyTorch {dt} GEMMs alone"
+        if case in st:
+            ratio = st[f"numstab {dt} GEMMs alone (floor)"]["median"] / st[case]["median"]
+            note = f"the same 6 products, torch's BLAS; NumPy's / torch's = {ratio:.2f}"
+            rep.row("1", case, n, st[case], note)
     for dt in TORCH_DTYPES:
         case = f"PyTorch {dt} step"
         if torch_mod is None:
@@ -849,16 +876,27 @@ def _report_limit(rep, limit):
     out = {"copy_bandwidth_step_sized": bw_step, "copy_bandwidth_dram": bw_dram, "gemm": {}}
     for dt in ("float32", "float64"):
         flops = any_n["flops"][dt]
-        rate = {
-            n: flops / v["st"][f"numstab {dt} GEMMs alone (floor)"]["median"]
-            for n, v in limit.items()
-        }
-        best_n = max(rate, key=rate.get)
-        peak = rate[best_n]
+        # the peak is the best rate of any BLAS measured (NumPy's, and torch's when installed)
+        rates = {}
+        for lib, case in (
+            ("NumPy's BLAS", f"numstab {dt} GEMMs alone (floor)"),
+            ("torch's BLAS", f"PyTorch {dt} GEMMs alone"),
+        ):
+            if all(case in v["st"] for v in limit.values()):
+                rates[lib] = {n: flops / v["st"][case]["median"] for n, v in limit.items()}
+        best = {lib: max(r, key=r.get) for lib, r in rates.items()}
+        peak_lib = max(best, key=lambda lib: rates[lib][best[lib]])
+        best_n = best[peak_lib]
+        rate = rates["NumPy's BLAS"]
+        peak = rates[peak_lib][best_n]
         rep.say(
-            f"{dt} GEMM peak for the step's shapes: {peak / 1e9:.1f} GFLOP/s at {best_n} "
-            f"thread(s) ({', '.join(f'{n} thr {r / 1e9:.1f}' for n, r in rate.items())}); "
-            f"the step's six products = {flops / 1e9:.3f} GFLOP",
+            f"{dt} GEMM peak for the step's shapes: {peak / 1e9:.1f} GFLOP/s with {peak_lib} "
+            f"at {best_n} thread(s) ("
+            + "; ".join(
+                f"{lib}: " + ", ".join(f"{n} thr {x / 1e9:.1f}" for n, x in r.items())
+                for lib, r in rates.items()
+            )
+            + f"); the step's six products = {flops / 1e9:.3f} GFLOP",
         )
         share = {}
         for n, v in limit.items():
@@ -872,7 +910,9 @@ def _report_limit(rep, limit):
         out["gemm"][dt] = {
             "flops": flops,
             "flops_per_s": rate,
+            "flops_per_s_by_blas": rates,
             "peak": peak,
+            "peak_blas": peak_lib,
             "peak_threads": best_n,
             "step_share_of_peak": share,
         }

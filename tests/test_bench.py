@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,15 @@ def test_quick_runs_and_prints_the_table(tmp_path):
         "float8_e4m3fn",
         "float8_e5m2",
     }
+    # The machine's GEMM peak is the best of NumPy's and (where installed) torch's BLAS,
+    # each library's rates kept beside it.
+    libs = {"NumPy's BLAS", "torch's BLAS"} if find_spec("torch") else {"NumPy's BLAS"}
+    for dt in ("float32", "float64"):
+        gemm = data["facts"]["limit"]["gemm"][dt]
+        rates = gemm["flops_per_s_by_blas"]
+        assert set(rates) == libs
+        assert gemm["peak"] == max(max(r.values()) for r in rates.values())
+        assert gemm["peak"] == rates[gemm["peak_blas"]][str(gemm["peak_threads"])]  # JSON keys
     # The checkpoint was cached and is reused by a second run.
     assert list((tmp_path / "cache").glob("late-*.npz"))
 
@@ -56,3 +66,5 @@ def test_quick_without_torch_reports_not_installed(tmp_path):
     assert TABLE_HEADER in r.stdout
     torch_rows = [line for line in r.stdout.splitlines() if "PyTorch" in line and "step" in line]
     assert torch_rows and all("not installed" in line for line in torch_rows)
+    # without torch the peak is NumPy's BLAS alone
+    assert "GEMM peak for the step's shapes" in r.stdout and "torch's BLAS" not in r.stdout
