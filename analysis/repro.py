@@ -15,7 +15,7 @@ this module strips before handing the rest over::
     seeds = 1                     # seed count of this budget
     max_steps = 60                # cap: every run's steps = min(steps, max_steps)
     max_log_every = 5             # cap: every run's log_every = min(log_every, max_log_every)
-    p = 23                        # any TrainConfig field: forced on every run
+    p = 23                        # any TrainConfig field: forced on every run that reads it
     hidden = [32, 32]
     [[reproduce.budget.smoke.rules]]   # conditional override
     match = { zero_target_grad_from = 40 }
@@ -54,6 +54,7 @@ from analysis.match import config_matches, norm_value, values_equal
 from analysis.plots import PLOTS
 from numstab import sweep as S
 from numstab.run import TrainConfig
+from numstab.run.config import unread_fields
 from numstab.run.options import options_of
 
 __all__ = [
@@ -297,7 +298,8 @@ def resolve(
     runs = _apply_rules(runs, b.get("rules", []))
     forced = {k: norm_value(v) for k, v in b.items() if k not in _BUDGET_KEYS}
     for kw in runs:
-        kw.update(forced)
+        unread = unread_fields(kw)  # e.g. the smoke budget's small p, for a parity run
+        kw.update({k: v for k, v in forced.items() if k not in unread})
         if b.get("max_steps") is not None:
             kw["steps"] = min(kw["steps"], b["max_steps"])
         if b.get("max_log_every") is not None:

@@ -380,6 +380,10 @@ def test_ids_are_stable_and_change_with_every_field():
             extra = {"model": "transformer", "hidden": (200, 200)}
         if k == "model":
             extra = {"hidden": (200, 200)}
+        if k.startswith("parity_"):  # options read by one task, optimizer or loss alone
+            extra = {"task": "parity", "p": 113}  # the base's p = 11 is the modular task's
+        if k == "stablemax_eps":
+            extra = {"loss": "stablemax"}
         ids.add(sweep.run_id(base.replace(**extra, **{k: v})))
     assert len(ids) == len(changed) + 1
 

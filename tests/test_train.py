@@ -9,6 +9,7 @@ from helpers import U, frac, gamma
 
 from numstab import exact
 from numstab import metrics as M
+from numstab.data import MODULAR_OPS
 from numstab.run import CSV_HEADER, MetricLog, NonFiniteError, Run, TrainConfig, summarize, train
 
 SMALL = TrainConfig(p=23, hidden=(32, 32), steps=30, log_every=10, lr=0.01)
@@ -82,8 +83,11 @@ def test_update_norm_is_the_norm_of_the_applied_update():
     sq = sum(
         (frac(a) - frac(b)) ** 2
         for k in before
-        for a, b in zip(np.ravel(run.params[k]).astype(np.float64),
-                        np.ravel(before[k]).astype(np.float64), strict=True)
+        for a, b in zip(
+            np.ravel(run.params[k]).astype(np.float64),
+            np.ravel(before[k]).astype(np.float64),
+            strict=True,
+        )
     )
     want = math.sqrt(float(sq))
     got = log.latest("update_norm", split="train", layer="global")
@@ -148,7 +152,7 @@ def test_csv_is_written_incrementally_and_matches_memory(tmp_path):
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_log():
-    cfg = SMALL.replace(optimizer="sgd", lr=1e30, eps=1e-8, steps=50, log_every=1)
+    cfg = SMALL.replace(optimizer="sgd", lr=1e30, steps=50, log_every=1)
     log = MetricLog()
     with pytest.raises(NonFiniteError) as info:
         train(cfg, log=log)
@@ -223,3 +227,102 @@ def test_low_precision_params_stay_representable(dtype):
     run = train(SMALL.replace(dtype=dtype, steps=5, log_every=5))
     for v in run.params.values():
         np.testing.assert_array_equal(quantize(v, dtype), v)
+
+
+# --- options that one task, optimizer or loss alone reads ----------------------------------
+
+#: A reader of each option of ``ONLY_FOR`` and a config that does not read it, with a changed
+#: value: (option, changed value, config kwargs that do not read it).
+UNREAD = [
+    ("parity_bits", 30, {}),
+    ("parity_k", 2, {}),
+    ("parity_samples", 500, {}),
+    ("p", 50, {"task": "parity", "parity_bits": 12, "parity_samples": 200}),
+    ("p", 50, {"task": "digits"}),
+    ("residue_start", 1, {"task": "digits"}),
+    ("beta1", 0.5, {"optimizer": "sgd"}),
+    ("beta2", 0.5, {"optimizer": "sgd"}),
+    ("eps", 0.5, {"optimizer": "sgd"}),
+    ("stablemax_eps", 0.5, {}),
+    ("stablemax_eps", 0.5, {"loss": "mse"}),
+]
+
+
+def _small(kwargs) -> TrainConfig:
+    """A 3-step config of ``kwargs`` (a modular task on p = 23)."""
+    small_p = {"p": 23} if kwargs.get("task", "add") in MODULAR_OPS else {}
+    return TrainConfig(hidden=(16, 16), steps=3, log_every=1, **small_p, **kwargs)
+
+
+@pytest.mark.parametrize(("name", "value", "kwargs"), UNREAD)
+def test_options_the_run_does_not_read_are_refused_and_are_unread(name, value, kwargs):
+    """An option the task, optimizer or loss does not read is refused with one message that
+    names it, its value and what reads it; and the refusal is right: forced past the check
+    (``object.__setattr__`` on the frozen config), the changed value leaves 3 training steps
+    bit for bit as they were."""
+    from numstab.run.config import unread_fields
+
+    base = _small(kwargs)
+    assert name in unread_fields(base.to_dict())
+    with pytest.raises(ValueError, match=rf"^{name} = {value!r} applies to .* only \(the "):
+        base.replace(**{name: value})
+    forced = base.replace()
+    object.__setattr__(forced, name, value)
+    runs = [Run(base), Run(forced)]
+    for r in runs:
+        for _ in range(3):
+            r.advance()
+    for k, v in runs[0].params.items():
+        assert np.array_equal(v, runs[1].params[k]), (name, k)
+
+
+@pytest.mark.parametrize(("name", "value", "kwargs"), UNREAD)
+def test_the_same_options_are_read_where_they_apply(name, value, kwargs):
+    """The converse, so that the test above can fail: where the option applies (the task,
+    optimizer or loss that reads it) it is accepted and changes the run."""
+    reader = {
+        "parity_bits": {"task": "parity"},
+        "parity_k": {"task": "parity"},
+        "parity_samples": {"task": "parity"},
+        "p": {},
+        "residue_start": {},
+        "beta1": {},
+        "beta2": {},
+        "eps": {},
+        "stablemax_eps": {"loss": "stablemax"},
+    }[name]
+    base = _small(reader)
+    changed = base.replace(**{name: value})
+    runs = [Run(base), Run(changed)]
+    for r in runs:
+        for _ in range(3):
+            r.advance()
+    assert any(
+        v.shape != runs[1].params[k].shape or not np.array_equal(v, runs[1].params[k])
+        for k, v in runs[0].params.items()
+    ), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"task": "parity", "encoding": "binary"}, "encoding 'binary' does not apply to task"),
+        ({"task": "digits", "encoding": "bits"}, r"its inputs are 'pixels' \(give 'pixels'"),
+        ({"optimizer": "adamw", "momentum": 0.9}, "momentum = 0.9 applies to optimizer 'sgd'"),
+    ],
+)
+def test_encodings_and_momentum_of_other_tasks_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+    for ok in ({"task": "parity", "encoding": "bits"}, {"task": "digits", "encoding": "pixels"}):
+        TrainConfig(**ok)  # a task's own encoding, named, is accepted
+
+
+def test_cli_refuses_an_unread_option_with_one_line(tmp_path, capsys):
+    from numstab.cli.train import main
+
+    out = tmp_path / "out"
+    assert main(["--task", "parity", "--modulus", "7", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p = 7 applies to the modular tasks only" in err[0], err
+    assert not out.exists()  # a refused command writes nothing

@@ -56,7 +56,7 @@ def test_transformer_record_round_trips_and_canonicalises_the_encoding():
         ({"model": "transformer", "encoding": "binary"}, "encoding 'binary' is the MLP's"),
         ({"encoding": "tokens"}, "encoding 'tokens' is the transformer's input"),
         ({"model": "transformer", "task": "parity"}, "parity task has none"),
-        ({"task": "parity", "residue_start": 1}, "residue_start applies to the modular"),
+        ({"task": "parity", "residue_start": 1}, "residue_start = 1 applies to the modular tasks"),
         ({"residue_start": 2}, "residue_start must be"),
         ({"model": "transformer", "dropout": 1.0}, "dropout must be"),
         ({"model": "transformer", "attention": "sparsemax"}, "attention must be"),

@@ -27,7 +27,7 @@ from numstab.rounding_modes import ROUNDING_MODES, SUBNORMAL_RULES, canonical_ro
 from numstab.run.options import coerce, option, options_of
 from numstab.transformer import ATTENTION_KINDS, NORM_PLACEMENTS
 
-__all__ = ["ID_NEUTRAL", "MODELS", "RECORDED_BEFORE", "TrainConfig"]
+__all__ = ["ID_NEUTRAL", "MODELS", "ONLY_FOR", "RECORDED_BEFORE", "TrainConfig", "unread_fields"]
 
 _FORMATS = available_formats()
 _NAMED_FORMATS = available_formats(extended=True)
@@ -49,6 +49,34 @@ MLP_FIELDS = ("hidden", "bias", "alpha", "init_scale", *(
     f"{role}_{part}" for role in ("activation", "gradient")
     for part in ("dtype", "rounding", "subnormals")
 ))
+
+#: Options read by some tasks, optimizers or losses alone: (fields, the config field that
+#: decides, the values that read them, how the message names those values). Given another
+#: value than their default elsewhere they would be silently ignored, so they are refused.
+ONLY_FOR = (
+    (("parity_bits", "parity_k", "parity_samples"), "task", ("parity",), "task 'parity'"),
+    (("p", "residue_start"), "task", MODULAR_OPS, "the modular tasks"),
+    (("beta1", "beta2", "eps"), "optimizer", ("adam", "adamw"), "optimizers adam, adamw"),
+    (("momentum",), "optimizer", ("sgd",), "optimizer 'sgd' (Adam's momentum is beta1)"),
+    (("stablemax_eps",), "loss", ("stablemax",), "loss 'stablemax'"),
+)
+
+
+def unread_fields(values) -> list[str]:
+    """The fields of :data:`ONLY_FOR` that a config of these ``values`` (field name -> value;
+    a missing field at its default) does not read: e.g. ``parity_k`` for ``task="add"``."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [
+        name
+        for names, key, readers, _ in ONLY_FOR
+        if values.get(key, defaults[key]) not in readers
+        for name in names
+    ]
+
+
+#: The input encodings of the tasks without a choice of encoding: their own name, and the
+#: default (``onehot``), which they read as their own.
+OWN_ENCODING = {"parity": "bits", "digits": "pixels"}
 
 #: Fields added after run ids were published, with the value at which a run is the one
 #: computed before the field existed: at that value the field is left out of the run id
@@ -124,7 +152,9 @@ class TrainConfig:
         low_open=True, high_open=True,
     )
     encoding: str = option(
-        "onehot", "str", "input encoding of the modular task (bits: parity only)",
+        "onehot", "str",
+        "input encoding of the modular task (parity reads bits and digits pixels: there, "
+        "onehot stands for theirs)",
         choices=ENCODINGS,
     )
     parity_bits: int = option(43, "int", "input bits of the sparse-parity task", low=1)
@@ -319,12 +349,31 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"optimizer: {exc}") from None
 
+    def _check_applicable(self, defaults: dict) -> None:
+        """The options that the task, optimizer and loss do not read (:data:`ONLY_FOR`,
+        :data:`OWN_ENCODING`) at their defaults."""
+        for names, key, readers, owner in ONLY_FOR:
+            actual = getattr(self, key)
+            if actual in readers:
+                continue
+            for name in names:
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(
+                        f"{name} = {getattr(self, name)!r} applies to {owner} only (the {key} "
+                        f"is {actual!r}; leave {name} at its default)"
+                    )
+        own = OWN_ENCODING.get(self.task)
+        if own is not None and self.encoding not in (own, defaults["encoding"]):
+            raise ValueError(
+                f"encoding {self.encoding!r} does not apply to task {self.task!r}: its inputs "
+                f"are {own!r} (give {own!r} or leave encoding at its default)"
+            )
+
     def _check_model(self) -> None:
         """The options of the other model at their defaults; the transformer's input is the
         token form (``encoding`` onehot, the default, is read as ``tokens``)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        if self.task == "parity" and self.residue_start:
-            raise ValueError("residue_start applies to the modular tasks only")
+        self._check_applicable(defaults)
         if self.model == "mlp":
             if self.encoding == "tokens":
                 raise ValueError(
