@@ -507,33 +507,20 @@ def gemm_operands(run):
     return {"h1": h1, "W2": w2, "h2": h2, "W3": w3, "dz": dz, "dh2": dh2}
 
 
-def gemm_floor(ops):
+def gemm_floor(ops, torch_mod=None):
     """forward h1@W2, h2@W3; backward dW3 = h2ᵀ dz, dh2 = dz W3ᵀ, dW2 = h1ᵀ dh2, dh1 = dh2 W2ᵀ
     (the layouts ``linear_forward``/``linear_backward`` use; gather and segment sum not
-    counted)."""
+    counted). With ``torch_mod``, the same products through PyTorch (its BLAS: MKL on x86)
+    on the same operands and layouts (the transposes are views there too): the machine's
+    GEMM rate with another library, for the peak; never a numstab result (another BLAS
+    rounds in another order)."""
+    if torch_mod is not None:
+        ops = {k: torch_mod.from_numpy(v) for k, v in ops.items()}
     h1, w2, h2, w3, dz, dh2 = (ops[k] for k in ("h1", "W2", "h2", "W3", "dz", "dh2"))
+    grad_off = contextlib.nullcontext if torch_mod is None else torch_mod.no_grad
 
     def fn():
-        h1 @ w2
-        h2 @ w3
-        h2.T @ dz
-        dz @ w3.T
-        h1.T @ dh2
-        dh2 @ w2.T
-
-    return fn
-
-
-def torch_gemm_floor(torch_mod, ops):
-    """:func:`gemm_floor`'s six products through PyTorch (its BLAS: MKL on x86), on the same
-    operands and layouts (the transposes are views there too): the machine's GEMM rate with
-    another library, for the peak. Never a numstab result: another BLAS rounds in another
-    order."""
-    t = {k: torch_mod.from_numpy(v) for k, v in ops.items()}
-    h1, w2, h2, w3, dz, dh2 = (t[k] for k in ("h1", "W2", "h2", "W3", "dz", "dh2"))
-
-    def fn():
-        with torch_mod.no_grad():
+        with grad_off():
             h1 @ w2
             h2 @ w3
             h2.T @ dz
@@ -767,7 +754,7 @@ def _step_block(rep, args, torch_mod, thr, n, children):
         tsteps = {dt: TorchStep(torch_mod, runs[dt], dt) for dt in TORCH_DTYPES}
         torch_cases = {f"PyTorch {dt} step": s.step for dt, s in tsteps.items()}
         for dt in ("float32", "float64"):  # the same products with torch's BLAS: for the peak
-            torch_cases[f"PyTorch {dt} GEMMs alone"] = torch_gemm_floor(torch_mod, ops[dt])
+            torch_cases[f"PyTorch {dt} GEMMs alone"] = gemm_floor(ops[dt], torch_mod)
         # in torch's own group: the pause before it lets NumPy's BLAS threads go idle
         groups.append((contextlib.nullcontext, torch_cases))
     with thr.block(n):
