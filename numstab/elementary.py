@@ -268,7 +268,7 @@ _HALF29 = np.uint64(1 << 28)
 _MASK29 = np.uint64((1 << 29) - 1)
 _K64 = 1 << 9  # float64 ulps on each side of a float32 midpoint: 2**9 * 2**-52 >= 2**-44
 #: The same test's constants for :func:`numstab.kernels.narrow_round`.
-_NARROW_TEST = (_HALF29 - np.uint64(_K64), _MASK29, np.uint64(2 * _K64))
+_NARROW_TEST = (_HALF29 - np.uint64(_K64), _MASK29, np.uint64(2 * _K64), _REL_NARROW, 2.0**-126)
 
 
 #: float16 / bfloat16 (nearest even, gradual underflow): the float64 bits below the target's
@@ -362,9 +362,6 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
     for s in range(0, n, _CHUNK_NARROW):
         xs = xf[s : s + _CHUNK_NARROW]
         k = xs.size
-        if name == "exp":
-            # exp: tested chunk by chunk on the input (the chunk is then in cache for exp)
-            tiny_out = not xs.min() >= -87.3  # NaN included
         w, u = wbuf[:k], ubuf[:k]
         fn(xs, out=w, dtype=np.float64)
         if fmt.name == "float32":
@@ -373,25 +370,11 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
             # relative, i.e. |w| >= 2**-126; the subnormal range is checked by the bracket.
             # inf and NaN (input NaNs widened, or the default NaN) have low bits 0: decided.
             amb = None
-            if kernels.applies(w):  # the rounding and the test in one pass
+            if kernels.applies(w):  # the rounding and both tests in one pass
                 if kernels.narrow_round(w, of[s : s + k], abuf[:k], *_NARROW_TEST):
                     amb = abuf[:k]
             else:
-                of[s : s + k] = w  # one rounding, float64 -> float32 (RN)
-                np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
-                np.bitwise_and(u, _MASK29, out=u)
-                # A minimum first: one pass instead of a mask and its ``any`` in the usual
-                # block with no ambiguous element (a block of 2**15 has one with probability
-                # ~6 %).
-                if u.min() <= 2 * _K64:
-                    amb = np.less_equal(u, np.uint64(2 * _K64), out=abuf[:k])
-            if tiny_out:
-                if amb is None:
-                    amb = np.zeros(k, dtype=bool)
-                # exp(x) >= exp(-87.33) > 2**-126 elsewhere: a test on the (narrower) input
-                tiny = xs < -87.33 if name == "exp" else np.abs(w) < 2.0**-126
-                sel = np.flatnonzero(tiny)
-                amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+                amb = _narrow32_numpy(name, xs, w, u, of[s : s + k], abuf[:k], fmt, tiny_out)
         elif fmt.name in _LOW_BITS:
             if kernels.applies(w):  # the rounding and the test in one pass
                 amb = _round_near_midpoint(w, of[s : s + k], abuf[:k], fmt)
@@ -404,6 +387,31 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
         if amb is not None and amb.any():
             amb_idx.append(np.flatnonzero(amb) + (s + offset))
     return amb_idx
+
+
+def _narrow32_numpy(name, xs, w, u, of, abuf, fmt: Format, tiny_out: bool):
+    """:func:`_narrow_block`'s float32 rounding and test on the NumPy path: ``of <- w``
+    rounded, and the mask of the elements left undecided (or None): the low-bits test where
+    the float32 quantum is relative, the bracket where results can be subnormal."""
+    if name == "exp":
+        # exp: tested chunk by chunk on the input (the chunk is then in cache)
+        tiny_out = not xs.min() >= -87.3  # NaN included
+    of[...] = w  # one rounding, float64 -> float32 (RN)
+    np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
+    np.bitwise_and(u, _MASK29, out=u)
+    amb = None
+    # A minimum first: one pass instead of a mask and its ``any`` in the usual block with no
+    # ambiguous element (a block of 2**15 has one with probability ~6 %).
+    if u.min() <= 2 * _K64:
+        amb = np.less_equal(u, np.uint64(2 * _K64), out=abuf)
+    if tiny_out:
+        if amb is None:
+            amb = np.zeros(w.size, dtype=bool)
+        # exp(x) >= exp(-87.33) > 2**-126 elsewhere: a test on the (narrower) input
+        tiny = xs < -87.33 if name == "exp" else np.abs(w) < 2.0**-126
+        sel = np.flatnonzero(tiny)
+        amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
+    return amb
 
 
 def _settle(name, x, fmt: Format):

@@ -318,22 +318,29 @@ def exp64_fast(x, out, flag, th, tl, consts) -> int:
 
 
 @_Kernel
-def _narrow32(w, of, amb, half_k, mask, two_k):
+def _narrow32(w, of, amb, half_k, mask, two_k, rel, tiny):
     n_amb = 0
     wb = w.view(np.uint64)
     for i in range(w.size):
-        of[i] = np.float32(w[i])  # one rounding, float64 -> float32 (RN)
-        a = ((wb[i] - half_k) & mask) <= two_k
+        wi = w[i]
+        of[i] = np.float32(wi)  # one rounding, float64 -> float32 (RN)
+        if abs(wi) < tiny:  # a subnormal result: the bracket (an absolute quantum)
+            d = wi * rel
+            a = np.float32(wi - d) != np.float32(wi + d)
+        else:
+            a = ((wb[i] - half_k) & mask) <= two_k
         amb[i] = a
         n_amb += a
     return n_amb
 
 
-def narrow_round(w, of, amb, half_k, mask, two_k) -> int:
-    """``of <- float32(w)`` and ``amb <- ((bits(w) - half_k) & mask) <= two_k`` (the float32
-    rounding test of ``numstab.elementary._narrow_block``, uint64 constants); returns the
-    number of ambiguous elements."""
-    return int(_narrow32(w, of, amb, half_k, mask, two_k))
+def narrow_round(w, of, amb, half_k, mask, two_k, rel, tiny) -> int:
+    """``of <- float32(w)`` and ``amb`` the float32 rounding test of
+    ``numstab.elementary._narrow_block``: ``((bits(w) - half_k) & mask) <= two_k`` (uint64
+    constants) where ``|w| >= tiny`` (2**-126, the float32 quantum relative there), and the
+    bracket ``float32(w - w·rel) != float32(w + w·rel)`` below (subnormal results, whose
+    quantum is absolute). Returns the number of ambiguous elements."""
+    return int(_narrow32(w, of, amb, half_k, mask, two_k, rel, tiny))
 
 
 # --- rounding to float16 / bfloat16 (numstab.fastround) -----------------------------------
@@ -430,7 +437,7 @@ def warm() -> float:
     consts = np.zeros(8)
     exp64_fast(x, np.empty(4), np.empty(4, dtype=bool), np.ones(4096), np.zeros(4096), consts)
     u64 = np.uint64(0)
-    narrow_round(x, np.empty(4, np.float32), np.empty(4, dtype=bool), u64, u64, u64)
+    narrow_round(x, np.empty(4, np.float32), np.empty(4, dtype=bool), u64, u64, u64, 1.0, 1.0)
     for dt, ut in ((np.float32, np.uint32), (np.float64, np.uint64)):
         x = np.ones(4, dtype=dt)
         consts = tuple(ut(0) for _ in range(6))

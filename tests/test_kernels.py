@@ -361,6 +361,25 @@ def test_float32_functions_match_numpy_on_many_patterns(name):
     assert_same_bits(got, ref)
 
 
+@needs_numba
+def test_float32_rounding_test_brackets_subnormal_results():
+    """Below 2**-126 the float32 quantum is 2**-149 absolute, so the low-bits test does not
+    apply: the fused test brackets ``w`` instead (``w (1 ± 2**-44)``). Closed forms: every
+    float64 value within 2**-50 of a subnormal midpoint ``(k + 1/2) 2**-149`` must be left
+    undecided, every value 2**-40 away from one, or at a quarter point, decided; and the
+    rounding is IEEE's (NumPy's float64 -> float32 cast) on all of them."""
+    k = np.arange(0, 2**23, 997, dtype=np.float64)
+    mid = (k + 0.5) * 2.0**-149  # exact in float64
+    near = np.concatenate([mid, mid * (1 + 2.0**-50), mid * (1 - 2.0**-50)])
+    far = np.concatenate([mid * (1 + 2.0**-40), mid * (1 - 2.0**-40), (k + 0.25) * 2.0**-149])
+    w = np.concatenate([near, far, -near, -far])
+    of, amb = np.empty(w.size, np.float32), np.empty(w.size, bool)
+    n_amb = kernels.narrow_round(w, of, amb, *elementary._NARROW_TEST)  # the kernel itself
+    want = np.concatenate([np.ones(near.size, bool), np.zeros(far.size, bool)] * 2)
+    assert np.array_equal(amb, want) and n_amb == 2 * near.size
+    assert_same_bits(of, w.astype(np.float32))
+
+
 # --- rounding to float16 / bfloat16 ----------------------------------------------------------
 
 
