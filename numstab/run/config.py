@@ -337,6 +337,7 @@ class TrainConfig:
                 f"encoding {self.encoding!r} is for the parity task; the modular tasks take "
                 f"one of: {', '.join(MODULAR_ENCODINGS)}"
             )
+        self._check_applicable()
         self._check_model()
         try:
             self.policy  # noqa: B018 (a rounding mode the formats cannot take is refused)
@@ -349,9 +350,10 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"optimizer: {exc}") from None
 
-    def _check_applicable(self, defaults: dict) -> None:
+    def _check_applicable(self) -> None:
         """The options that the task, optimizer and loss do not read (:data:`ONLY_FOR`,
         :data:`OWN_ENCODING`) at their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for names, key, readers, owner in ONLY_FOR:
             actual = getattr(self, key)
             if actual in readers:
@@ -373,7 +375,6 @@ class TrainConfig:
         """The options of the other model at their defaults; the transformer's input is the
         token form (``encoding`` onehot, the default, is read as ``tokens``)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        self._check_applicable(defaults)
         if self.model == "mlp":
             if self.encoding == "tokens":
                 raise ValueError(
