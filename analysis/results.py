@@ -187,7 +187,12 @@ def _show(v) -> str:
 
 
 def _hashable(v):
-    return tuple(v) if isinstance(v, list) else v
+    """``v`` as a dict key: lists as tuples, dicts as sorted (key, value) tuples, nested."""
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
 
 
 def _sortable(v):

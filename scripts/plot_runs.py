@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -27,8 +28,23 @@ if ROOT not in sys.path:
 
 from analysis.plots import PLOTS, plot_figure, require_matplotlib  # noqa: E402
 from analysis.results import Results  # noqa: E402
+from numstab.run import TrainConfig  # noqa: E402
 
 PROG = "scripts/plot_runs.py"
+
+
+def _training_config(config: dict) -> dict:
+    """The training configuration a summary records: its ``resolved`` TrainConfig with the
+    fields an older record lacks at their defaults (so that runs of one setup differ only in
+    their seed), not the command line's own options (``out``, ``quiet``, ``resume``)."""
+    resolved = config.get("resolved")
+    if not isinstance(resolved, dict):
+        return config
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig.from_dict({k: v for k, v in resolved.items() if k in known}).to_dict()
+    except (TypeError, ValueError):
+        return resolved  # a record this version refuses: plotted as recorded
 
 
 def load_runs(dirs) -> Results:
@@ -42,7 +58,7 @@ def load_runs(dirs) -> Results:
             )
         rid = os.path.basename(os.path.normpath(d))
         with open(summary_path, encoding="utf-8") as f:
-            configs[rid] = json.load(f).get("config", {})
+            configs[rid] = _training_config(json.load(f).get("config", {}))
         with open(metrics_path, newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
                 rows.append((rid, r["step"], r["split"], r["metric"], r["layer"], r["value"]))

@@ -832,6 +832,30 @@ def test_plot_runs_draws_training_output_folders(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_runs_groups_seeds_of_one_setup(tmp_path):
+    """Two seeds of one setup, one of them resumed (its summary records ``resume``, and every
+    summary a ``resolved`` dict and its own ``out``): one group of two runs, as the runs differ
+    in their seed alone. A summary's dict used to crash the grouping (unhashable)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_runs
+
+    args = ["--modulus", 7, "--hidden", 8, 8, "--log-every", 2, "--quiet"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _python("-m", "numstab.train", *args, "--steps", 6, "--out", a).returncode == 0
+    seed1 = [*args, "--seed", 1, "--out", b, "--checkpoint-every", 2]
+    assert _python("-m", "numstab.train", *seed1, "--steps", 4).returncode == 0
+    resumed = _python("-m", "numstab.train", "--resume", b, "--steps", 6, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    results = plot_runs.load_runs([str(a), str(b)])
+    groups = results.group(results.select())
+    assert list(groups.values()) == [["a", "b"]], groups
+    png = tmp_path / "ab.png"
+    assert plot_runs.main([str(a), str(b), "--out", str(png)]) == 0 and png.exists()
+    # configurations holding dicts (a summary's raw config) group by value, nested
+    raw = Results.from_rows({"x": {"r": {"k": [1]}}, "y": {"r": {"k": [2]}}}, [], source="raw")
+    assert list(raw.group(["x", "y"]).values()) == [["x"], ["y"]]
+
+
 def test_dry_run_into_a_pipe_closed_early_ends_quietly_with_141():
     # 15 configurations x 100 seeds: about 90 KB of table, more than a pipe holds (64 KiB on
     # Linux), so the script is still writing when the reader (`| head -2`) goes away.
