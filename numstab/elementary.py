@@ -336,12 +336,9 @@ def _narrow(name, x, fmt: Format, xp):
     out = workspace.empty(x.shape, np.float32)
     xf, of = x.reshape(-1), out.reshape(-1)
     n = xf.size
-    # float32 results below 2**-126 (subnormal) need the bracket test: only exp of x < -87.3
-    # and log1p / expm1 of tiny x produce them (log's smallest non-zero |result| is ~2**-24).
-    tiny_out = n > 0 and name in ("log1p", "expm1") and not np.min(np.abs(xf)) >= 2.0**-125
 
     def block(start, stop):
-        return _narrow_block(fn, name, xf[start:stop], of[start:stop], fmt, tiny_out, start)
+        return _narrow_block(fn, name, xf[start:stop], of[start:stop], fmt, start)
 
     # Each element's result depends on that element alone: blocks on parallel threads.
     amb_idx = [i for part in parallel.map_blocks(block, n, _CHUNK_NARROW) for i in part]
@@ -351,7 +348,7 @@ def _narrow(name, x, fmt: Format, xp):
     return out
 
 
-def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) -> list:
+def _narrow_block(fn, name, xf, of, fmt: Format, offset: int) -> list:
     """``of <- RN_fmt(fn(xf))`` chunk by chunk where the float64 value decides it; returns the
     flat indices (plus ``offset``) left for :func:`_settle`."""
     n = xf.size
@@ -374,7 +371,7 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
                 if kernels.narrow_round(w, of[s : s + k], abuf[:k], *_NARROW_TEST):
                     amb = abuf[:k]
             else:
-                amb = _narrow32_numpy(name, xs, w, u, of[s : s + k], abuf[:k], fmt, tiny_out)
+                amb = _narrow32_numpy(name, xs, w, u, of[s : s + k], abuf[:k], fmt)
         elif fmt.name in _LOW_BITS:
             if kernels.applies(w):  # the rounding and the test in one pass
                 amb = _round_near_midpoint(w, of[s : s + k], abuf[:k], fmt)
@@ -389,13 +386,17 @@ def _narrow_block(fn, name, xf, of, fmt: Format, tiny_out: bool, offset: int) ->
     return amb_idx
 
 
-def _narrow32_numpy(name, xs, w, u, of, abuf, fmt: Format, tiny_out: bool):
+def _narrow32_numpy(name, xs, w, u, of, abuf, fmt: Format):
     """:func:`_narrow_block`'s float32 rounding and test on the NumPy path: ``of <- w``
     rounded, and the mask of the elements left undecided (or None): the low-bits test where
     the float32 quantum is relative, the bracket where results can be subnormal."""
+    # Results below 2**-126 (subnormal) need the bracket: only exp of x < -87.3 and log1p /
+    # expm1 of tiny x produce them (log's smallest non-zero |result| is ~2**-24); tested on
+    # the chunk's input, NaN included.
     if name == "exp":
-        # exp: tested chunk by chunk on the input (the chunk is then in cache)
-        tiny_out = not xs.min() >= -87.3  # NaN included
+        tiny_out = not xs.min() >= -87.3
+    else:
+        tiny_out = name in ("log1p", "expm1") and not np.min(np.abs(xs)) >= 2.0**-125
     of[...] = w  # one rounding, float64 -> float32 (RN)
     np.subtract(w.view(np.uint64), _HALF29 - np.uint64(_K64), out=u)
     np.bitwise_and(u, _MASK29, out=u)
