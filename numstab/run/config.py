@@ -62,16 +62,21 @@ ONLY_FOR = (
 )
 
 
+def _unread(values):
+    """``(field, deciding field, its value, owner text)`` of each :data:`ONLY_FOR` field that
+    a config of these ``values`` (field name -> value; a missing field at its default) does
+    not read."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for names, key, readers, owner in ONLY_FOR:
+        actual = values.get(key, defaults[key])
+        if actual not in readers:
+            yield from ((name, key, actual, owner) for name in names)
+
+
 def unread_fields(values) -> list[str]:
     """The fields of :data:`ONLY_FOR` that a config of these ``values`` (field name -> value;
     a missing field at its default) does not read: e.g. ``parity_k`` for ``task="add"``."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return [
-        name
-        for names, key, readers, _ in ONLY_FOR
-        if values.get(key, defaults[key]) not in readers
-        for name in names
-    ]
+    return [name for name, *_ in _unread(values)]
 
 
 #: The input encodings of the tasks without a choice of encoding: their own name, and the
@@ -354,16 +359,12 @@ class TrainConfig:
         """The options that the task, optimizer and loss do not read (:data:`ONLY_FOR`,
         :data:`OWN_ENCODING`) at their defaults."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for names, key, readers, owner in ONLY_FOR:
-            actual = getattr(self, key)
-            if actual in readers:
-                continue
-            for name in names:
-                if getattr(self, name) != defaults[name]:
-                    raise ValueError(
-                        f"{name} = {getattr(self, name)!r} applies to {owner} only (the {key} "
-                        f"is {actual!r}; leave {name} at its default)"
-                    )
+        for name, key, actual, owner in _unread(self.__dict__):
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)!r} applies to {owner} only (the {key} "
+                    f"is {actual!r}; leave {name} at its default)"
+                )
         own = OWN_ENCODING.get(self.task)
         if own is not None and self.encoding not in (own, defaults["encoding"]):
             raise ValueError(
