@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run, plot and assess only these panels of the figure (default: all); the runs "
         "go to the same folder, so a later run of all panels reuses them",
     )
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="each run writes a checkpoint into its folder every N steps and at the end; an "
+        "interrupted run continues from its last one when the command is run again",
+    )
     a("--retry-failed", action="store_true", help="rerun runs that failed before")
     a("--dry-run", action="store_true", help="print the resolved runs and exit")
     a("--quiet", action="store_true", help="no progress bar")
@@ -100,6 +108,8 @@ def main(argv=None) -> int:
             raise R.FigureSpecError(f"{spec.path}: unknown claims {spec.claims!r}")
         if args.workers < 1 or args.threads < 1:
             raise R.FigureSpecError("--workers and --threads must be >= 1")
+        if args.checkpoint_every is not None and args.checkpoint_every < 1:
+            raise R.FigureSpecError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
         panels = _select_panels(spec, args.panels)
         if args.panels:
             sweep = dataclasses.replace(sweep, runs=_runs_in_panels(sweep.runs, panels))
@@ -147,6 +157,7 @@ def main(argv=None) -> int:
             workers=args.workers,
             threads=args.threads,
             retry_failed=args.retry_failed,
+            checkpoint_every=args.checkpoint_every,
             quiet=args.quiet,
         )
     except (S.SpecError, S.UsageError) as exc:

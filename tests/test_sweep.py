@@ -5,7 +5,9 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import numstab
 from numstab import sweep
@@ -20,7 +23,9 @@ from numstab.backend import get_backend
 from numstab.cli import sweep as cli_sweep
 from numstab.run import CSV_HEADER, TrainConfig
 from numstab.run.config import TRANSFORMER_FIELDS
+from numstab.run.driver import StopFlag, Stopped
 from numstab.run.footprint import OVERHEAD_BYTES, estimate_run_memory
+from numstab.run.loop import train
 from numstab.run.outdir import LOCK_NAME
 from numstab.sweep import executors
 from numstab.sweep import run as sweep_run
@@ -96,7 +101,13 @@ def test_local_grid_writes_every_file(local_grid):
         s = json.loads((folder / "summary.json").read_text())
         assert s["status"] == "ok" and s["error"] is None
         assert s["final"]["step"] == 20
-        assert s["executor"] == {"kind": "local", "workers": 2, "threads": 1, "scheduler": None}
+        assert s["executor"] == {
+            "kind": "local",
+            "workers": 2,
+            "threads": 1,
+            "scheduler": None,
+            "checkpoint_every": None,
+        }
         assert {"numpy", "numstab", "python"} <= set(s["versions"])
         # Pinned inside the worker, and recorded.
         for lib in s["runtime"]["blas"]:
@@ -298,6 +309,95 @@ def test_bad_options_exit_2(tmp_path, capsys):
     assert cli_sweep.main([spec]) == 2
     assert cli_sweep.main([str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_checkpoint_every_is_refused_where_workers_cannot_write_the_folder(tmp_path, capsys):
+    spec = write(tmp_path, GRID)
+    out = tmp_path / "out"
+    for bad, why in (
+        (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+        (
+            ["--checkpoint-every", "5", "--executor", "dask", "--scheduler", "tcp://h:8786"],
+            "--checkpoint-every needs workers that write into the sweep folder",
+        ),
+    ):
+        assert cli_sweep.main([spec, "--out", str(out), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert not out.exists()
+
+
+# One run of 40 steps, checkpointed every 10.
+CHECKPOINTED = "[base]\np = 11\nhidden = [16, 16]\nsteps = 40\nlog_every = 5\n[[runs]]\nseed = 3\n"
+
+
+def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afresh(
+    tmp_path, capsys
+):
+    spec = write(tmp_path, CHECKPOINTED)
+    (rid,) = (r.id for r in sweep.load_spec(spec).runs)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert sweep.run_sweep(spec, ref, quiet=True).exit_code == 0
+    want = (ref / rid / "metrics.csv").read_bytes()
+    assert sweep.run_sweep(spec, out, checkpoint_every=10, quiet=True).exit_code == 0
+    folder = out / rid
+    assert (folder / "metrics.csv").read_bytes() == want  # checkpointing changes no bit
+    first = sorted(p.name for p in folder.glob("checkpoint-*.npz"))
+    assert len(first) == 1 and first[0].startswith("checkpoint-000040-")  # the final one
+
+    # A run whose result was lost after its final checkpoint (the client died): it is
+    # incomplete, and the next invocation takes its result from the checkpoint (no step).
+    (folder / "summary.json").unlink()
+    (folder / "metrics.csv").unlink()
+    assert cli_sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
+    assert re.search(rf"{rid} .* incomplete +resume$", capsys.readouterr().out, re.MULTILINE)
+    again = sweep.run_sweep(spec, out, quiet=True)
+    s = json.loads((folder / "summary.json").read_text())
+    assert again.executed == [rid] and s["resumed_from_step"] == 40, s
+    assert (folder / "metrics.csv").read_bytes() == want
+
+    # --force is a rerun from step 0, of an incomplete run too: the old checkpoint goes, the
+    # new run writes its own.
+    (folder / "summary.json").unlink()
+    forced = sweep.run_sweep(spec, out, force=True, checkpoint_every=10, quiet=True)
+    s = json.loads((folder / "summary.json").read_text())
+    assert forced.executed == [rid] and "resumed_from_step" not in s
+    after = sorted(p.name for p in folder.glob("checkpoint-*.npz"))
+    assert len(after) == 1 and after != first  # a fresh file name: written anew
+    assert (folder / "metrics.csv").read_bytes() == want
+
+
+def test_a_resumed_run_keeps_the_blas_threads_it_started_with(tmp_path):
+    # The first leg ran with 1 BLAS thread; the sweep is invoked again with 2: the run
+    # continues on 1 (its checkpoint says so), so that it stays bit-identical.
+    spec = write(tmp_path, CHECKPOINTED)
+    (planned,) = sweep.load_spec(spec).runs
+    out = tmp_path / "out"
+    folder = out / planned.id
+    folder.mkdir(parents=True)
+    stop = StopFlag()
+
+    def stop_at_20(t):
+        if t == 20:
+            stop.signum = signal.SIGTERM
+
+    with threadpool_limits(limits=1), pytest.raises(Stopped):
+        train(
+            planned.config,
+            name=planned.id,
+            checkpoint_dir=folder,
+            checkpoint_every=10,
+            progress=stop_at_20,
+            stop=stop,
+            extra=lambda: {"threads": 1, "checkpoint_every": 10, "wall_seconds_legs": [0.1]},
+        )
+    (folder / "config.json").write_text("{}")  # the sweep sees an incomplete run
+    report = sweep.run_sweep(spec, out, threads=2, quiet=True)
+    s = json.loads((folder / "summary.json").read_text())
+    assert report.exit_code == 0 and s["resumed_from_step"] == 20 and s["blas_threads"] == 1
+    ref = tmp_path / "ref"
+    sweep.run_sweep(spec, ref, threads=1, quiet=True)
+    assert (folder / "metrics.csv").read_bytes() == (ref / planned.id / "metrics.csv").read_bytes()
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):

@@ -22,7 +22,8 @@ import sys
 from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, Parser, PipeGuard, UsageError, fmt_value
 from numstab.run.footprint import MEMORY_FRACTION
 from numstab.sweep.cells import _cell_axis
-from numstab.sweep.run import PROG, _check_options, _plan, _print_skipped, run_sweep
+from numstab.sweep.folder import has_checkpoint
+from numstab.sweep.run import PROG, _check_options, _plan, _print_skipped, _shares_out, run_sweep
 from numstab.sweep.spec import MAX_RUNS, SpecError, Sweep, load_spec
 from numstab.sweep.tables import collect
 
@@ -49,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="dask: scheduler address (tcp://host:8786) or 'local' for an in-process LocalCluster",
     )
-    a("--force", action="store_true", help="rerun every run, finished or not")
+    a(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="each run writes a checkpoint into its folder every N steps and at the end; an "
+        "interrupted run then continues from its last one when the sweep is invoked again "
+        "(local executor or --scheduler local)",
+    )
+    a("--force", action="store_true", help="rerun every run, finished or not (from step 0)")
     a("--retry-failed", action="store_true", help="rerun runs that failed before")
     a("--dry-run", action="store_true", help="list the runs (id, axes, state) and exit")
     a("--quiet", action="store_true", help="no progress bar")
@@ -98,9 +108,11 @@ def _sweep_main(argv: list, stdout: PipeGuard, stderr) -> int:
     args = build_parser().parse_args(argv)
     try:
         sweep = load_spec(args.spec, **_limits(args))
-        _check_options(args.executor, args.workers, args.threads, args.scheduler)
+        _check_options(
+            args.executor, args.workers, args.threads, args.scheduler, args.checkpoint_every
+        )
         if args.dry_run:
-            _dry_run(sweep, args.out, args.force, args.retry_failed, stdout)
+            _dry_run(sweep, args, stdout)
             stdout.flush()
             return EXIT_BROKEN_PIPE if stdout.broken else 0
         if args.out is None:
@@ -114,6 +126,7 @@ def _sweep_main(argv: list, stdout: PipeGuard, stderr) -> int:
             scheduler=args.scheduler,
             force=args.force,
             retry_failed=args.retry_failed,
+            checkpoint_every=args.checkpoint_every,
             quiet=args.quiet,
             stdout=stdout,
             stderr=stderr,
@@ -137,9 +150,19 @@ def _limits(args) -> dict:
     }
 
 
-def _dry_run(sweep: Sweep, out: str | None, force: bool, retry_failed: bool, stdout) -> None:
-    todo, skip = _plan(sweep, out, force, retry_failed)
-    will = {r.id: ("rerun" if st in ("ok", "failed") else "run") for r, st in todo}
+def _dry_run(sweep: Sweep, args, stdout) -> None:
+    out = args.out
+    todo, skip = _plan(sweep, out, args.force, args.retry_failed)
+    resumes = _shares_out(args.executor, args.scheduler)
+
+    def action(r, st) -> str:
+        if st in ("ok", "failed"):
+            return "rerun"
+        if resumes and not args.force and out and has_checkpoint(os.path.join(out, r.id)):
+            return "resume"
+        return "run"
+
+    will = {r.id: action(r, st) for r, st in todo}
     state = {r.id: st for r, st in todo} | {r.id: st for r, st, _ in skip}
     header = ["id", "source", *sweep.columns, "state", "action"]
     rows = [

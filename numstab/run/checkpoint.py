@@ -47,6 +47,7 @@ __all__ = [
     "MANIFEST",
     "Checkpoint",
     "CheckpointError",
+    "checkpoint_files",
     "checkpoint_rows",
     "load_checkpoint",
     "restore_log",
@@ -200,6 +201,15 @@ def _json_default(o):
     if isinstance(o, np.bool_):
         return bool(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def checkpoint_files(directory) -> list[str]:
+    """Names of every checkpoint file in ``directory``: the manifest first (if present), then
+    each ``checkpoint-*.npz``; deleting them in this order never leaves a manifest that names
+    a missing arrays file."""
+    directory = Path(directory)
+    arrays = sorted(p.name for p in directory.glob(_ARRAYS_GLOB))
+    return ([MANIFEST] if (directory / MANIFEST).exists() else []) + arrays
 
 
 def unreferenced_arrays_files(directory) -> list[str]:

@@ -115,6 +115,11 @@ class MetricLog:
         self._failed = False
         self._started = True
 
+    def csv_text(self) -> str:
+        """Every row as the text of a ``metrics.csv`` (header first), as :meth:`flush` and a
+        ``stream`` write them."""
+        return self._csv_text(self.rows, header=True)
+
     def add(self, step: int, run: str, split: str, metric: str, value, layer: str = ""):
         row = (int(step), run, split, metric, layer, float(value))
         self.rows.append(row)

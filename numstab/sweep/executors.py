@@ -10,7 +10,6 @@ writes every file, so Dask workers need no shared file system).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ from threadpoolctl import threadpool_limits
 import numstab
 from numstab.cli import UsageError, json_default, versions
 from numstab.run import MetricLog, NonFiniteError, TrainConfig, summarize, train
+from numstab.run.checkpoint import MANIFEST, load_checkpoint
 from numstab.run.runtime import runtime_info, tune_allocator
 from numstab.sweep.spec import run_id
 
@@ -50,9 +50,12 @@ def execute(task: dict) -> dict:
     """Train one run where it is called (a pool process or a Dask worker) and return the result.
 
     ``task`` holds ``id``, ``config`` (TrainConfig keyword arguments), ``threads`` (BLAS
-    threads to pin, or None) and ``executor`` (recorded as is). Exceptions from training are
-    caught and returned as ``status: "failed"`` with their type, message and traceback; the
-    metrics logged up to the failure are returned too. No files are written here.
+    threads to pin, or None), ``executor`` (recorded as is) and, optionally,
+    ``checkpoint_dir`` and ``checkpoint_every``: the run then writes a checkpoint there every
+    ``checkpoint_every`` steps and at the end, and a checkpoint already there is continued
+    from, bit for bit (:func:`_resume_point`). Exceptions from training are caught and
+    returned as ``status: "failed"`` with their type, message and traceback; the metrics
+    logged up to the failure are returned too. No file is written here except checkpoints.
     """
     started = time.time()
     tune_allocator()
@@ -60,10 +63,11 @@ def execute(task: dict) -> dict:
         # Persistent for this process (not restored): a pool process or Dask worker trains
         # one run at a time with this many BLAS threads.
         threadpool_limits(limits=int(task["threads"]))
-    buf = io.StringIO()
-    log = MetricLog(stream=buf)
+    log = MetricLog()
     status, error = "ok", None
     t0 = time.perf_counter()
+    leg = _FRESH | {"threads": task.get("threads")}
+    ckpt_dir = task.get("checkpoint_dir")
     try:
         config = TrainConfig(**task["config"])
         got = run_id(config)
@@ -72,8 +76,33 @@ def execute(task: dict) -> dict:
                 f"this worker resolves the configuration to id {got}, the client to "
                 f"{task['id']}: numstab differs between client and worker"
             )
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            train(config, name=task["id"], log=log)
+        leg = _resume_point(ckpt_dir, task)
+        every = task.get("checkpoint_every") or leg.get("every")
+
+        def extra() -> dict:
+            # What the next leg needs: the BLAS threads that keep it bit-identical, the
+            # checkpoint interval, and the wall time of every leg so far.
+            return {
+                "threads": leg["threads"],
+                "checkpoint_every": every,
+                "wall_seconds_legs": [*leg["legs"], time.perf_counter() - t0],
+            }
+
+        with (
+            contextlib.ExitStack() as stack,
+            np.errstate(over="ignore", invalid="ignore", divide="ignore"),
+        ):
+            if leg["threads"] not in (None, task.get("threads")):
+                stack.enter_context(threadpool_limits(limits=int(leg["threads"])))
+            train(
+                config,
+                name=task["id"],
+                log=log,
+                checkpoint_dir=ckpt_dir if every or leg["resume"] else None,
+                checkpoint_every=every,
+                resume=leg["resume"],
+                extra=extra,
+            )
     except Exception as exc:
         status = "failed"
         error = {
@@ -83,14 +112,18 @@ def execute(task: dict) -> dict:
         }
         if isinstance(exc, NonFiniteError):
             error["step"] = exc.step
-    wall = time.perf_counter() - t0
+    legs = [*leg["legs"], time.perf_counter() - t0]
     summary = summarize(log, task["id"], grok_threshold=GROK_THRESHOLD)
+    resumed = {"resumed_from_step": leg["step"], "wall_seconds_legs": legs} if leg["resume"] else {}
+    if leg["resume"]:
+        resumed["blas_threads"] = leg["threads"]
     return {
         "id": task["id"],
         "status": status,
         "error": error,
         **summary,
-        "wall_seconds": wall,
+        "wall_seconds": sum(legs),
+        **resumed,
         "started": started,
         "finished": time.time(),
         "host": platform.node(),
@@ -98,7 +131,34 @@ def execute(task: dict) -> dict:
         "executor": task.get("executor"),
         "versions": versions(),
         "runtime": runtime_info(),
-        "metrics_csv": buf.getvalue(),
+        "metrics_csv": log.csv_text(),
+    }
+
+
+_FRESH = {"resume": False, "step": 0, "legs": [], "threads": None, "every": None}
+
+
+def _resume_point(ckpt_dir, task: dict) -> dict:
+    """Where a run's training starts: ``resume`` (a checkpoint is in ``ckpt_dir``), its
+    ``step``, the wall seconds of the earlier ``legs``, the BLAS ``threads`` they ran with
+    (the resumed leg pins the same count, so that it continues bit for bit) and their
+    checkpoint interval ``every``. A checkpoint that cannot be read raises
+    :class:`~numstab.run.checkpoint.CheckpointError` (the run fails; ``--retry-failed``
+    starts it afresh)."""
+    if ckpt_dir is None or not os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
+        return _FRESH | {"threads": task.get("threads")}
+    ckpt = load_checkpoint(ckpt_dir)
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    steps = [meta.get("step") for meta in ckpt.manifest["runs"].values()]
+    legs = extra.get("wall_seconds_legs")
+    every = extra.get("checkpoint_every")
+    threads = extra.get("threads", task.get("threads"))
+    return {
+        "resume": True,
+        "step": min(steps) if steps else 0,
+        "legs": [float(x) for x in legs] if isinstance(legs, list) else [],
+        "threads": threads if isinstance(threads, int) and threads >= 1 else None,
+        "every": every if isinstance(every, int) and every >= 1 else None,
     }
 
 

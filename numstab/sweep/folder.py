@@ -16,6 +16,7 @@ import re
 
 from numstab.cli import json_default
 from numstab.run.atomic import atomic_open
+from numstab.run.checkpoint import MANIFEST, checkpoint_files
 from numstab.sweep.cells import _finite_or_none
 from numstab.sweep.spec import PlannedRun
 
@@ -39,6 +40,11 @@ def _read_json(path: str):
         return None
 
 
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether the run folder holds a checkpoint manifest (an incomplete run resumes there)."""
+    return os.path.exists(os.path.join(run_dir, MANIFEST))
+
+
 def _state(run_dir: str) -> tuple[str, dict | None]:
     """``("ok" | "failed" | "incomplete" | "new", summary)`` of a run folder."""
     s = _read_json(os.path.join(run_dir, "summary.json"))
@@ -49,10 +55,12 @@ def _state(run_dir: str) -> tuple[str, dict | None]:
     return "new", None
 
 
-def _prepare_run_dir(run_dir: str, r: PlannedRun, columns) -> None:
-    """Make a run's folder incomplete (no summary, no metrics) and write its config.json."""
+def _prepare_run_dir(run_dir: str, r: PlannedRun, columns, *, fresh: bool = False) -> None:
+    """Make a run's folder incomplete (no summary, no metrics) and write its config.json;
+    ``fresh`` (a rerun: ``force`` or ``retry_failed``) also removes its checkpoint, so that
+    the run starts from step 0 (otherwise an incomplete run continues from it)."""
     os.makedirs(run_dir, exist_ok=True)
-    for name in ("summary.json", "metrics.csv"):
+    for name in ["summary.json", "metrics.csv", *(checkpoint_files(run_dir) if fresh else [])]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(run_dir, name))
     _write_json(

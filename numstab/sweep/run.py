@@ -28,7 +28,13 @@ from numstab.sweep.executors import (
     _iter_dask,
     _iter_local,
 )
-from numstab.sweep.folder import _prepare_run_dir, _state, _write_json, _write_run_result
+from numstab.sweep.folder import (
+    _prepare_run_dir,
+    _state,
+    _write_json,
+    _write_run_result,
+    has_checkpoint,
+)
 from numstab.sweep.spec import MAX_RUNS, PlannedRun, Sweep, load_spec, parse_spec
 from numstab.sweep.tables import collect
 
@@ -76,6 +82,7 @@ def run_sweep(
     scheduler: str | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    checkpoint_every: int | None = None,
     quiet: bool = False,
     max_runs: int | None = MAX_RUNS,
     max_run_bytes: int | str | None = "default",
@@ -98,15 +105,21 @@ def run_sweep(
     scheduler : str
         Dask scheduler address (``tcp://host:8786``) or ``"local"``; dask executor only.
     force, retry_failed : bool
-        Rerun every run / the failed runs too.
+        Rerun every run / the failed runs too, from step 0 (``force`` removes every
+        checkpoint, ``retry_failed`` those of the failed runs).
+    checkpoint_every : int, optional
+        Each run writes a checkpoint into its folder every this many steps and at the end
+        (local executor and ``scheduler="local"``: the workers write into ``out``). An
+        incomplete run whose folder holds a checkpoint continues from it, bit for bit, with
+        the BLAS thread count it was started with, whether or not this is given.
     quiet : bool
         No progress bar (it is also off when stderr is not a terminal).
     max_runs, max_run_bytes
         Limits of :func:`parse_spec` for a SPEC given as a path or dict.
 
     SIGINT and SIGTERM (in the main thread) stop the sweep: the workers are stopped (runs in
-    flight stay incomplete), finished runs are kept and collected, and the report's
-    ``exit_code`` is 130 or 143.
+    flight stay incomplete, with their last checkpoint if they write any), finished runs are
+    kept and collected, and the report's ``exit_code`` is 130 or 143.
 
     Raises
     ------
@@ -116,7 +129,7 @@ def run_sweep(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     sweep = _as_sweep(spec, max_runs=max_runs, max_run_bytes=max_run_bytes)
-    _check_options(executor, workers, threads, scheduler)
+    _check_options(executor, workers, threads, scheduler, checkpoint_every)
     if executor == "dask":
         _dask_modules()
     _check_backends(sweep, executor, scheduler)
@@ -127,12 +140,18 @@ def run_sweep(
     with claim, graceful_stop() as stop:
         todo, skip = _plan(sweep, out, force, retry_failed)
         report.skipped = [r.id for r, _s, _x in skip]
-        _print_plan(sweep, todo, skip, out, stdout)
+        resumable = (
+            sum(st == "incomplete" and has_checkpoint(os.path.join(out, r.id)) for r, st in todo)
+            if _shares_out(executor, scheduler) and not force
+            else 0
+        )
+        _print_plan(sweep, todo, skip, out, stdout, resumable)
         exec_info = {
             "kind": executor,
             "workers": workers,
             "threads": threads,
             "scheduler": scheduler,
+            "checkpoint_every": checkpoint_every,
         }
         _execute_all(
             sweep,
@@ -162,7 +181,7 @@ def _as_sweep(spec, **limits) -> Sweep:
     return parse_spec(spec, **limits) if isinstance(spec, dict) else load_spec(spec, **limits)
 
 
-def _check_options(executor, workers, threads, scheduler) -> None:
+def _check_options(executor, workers, threads, scheduler, checkpoint_every=None) -> None:
     """UsageError unless the executor options fit together."""
     if executor not in ("local", "dask"):
         raise UsageError(f"--executor must be local or dask, got {executor!r}")
@@ -176,6 +195,22 @@ def _check_options(executor, workers, threads, scheduler) -> None:
         )
     if executor == "local" and scheduler:
         raise UsageError("--scheduler is for --executor dask")
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+            raise UsageError(f"--checkpoint-every must be an integer, got {checkpoint_every!r}")
+        if checkpoint_every < 1:
+            raise UsageError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+        if not _shares_out(executor, scheduler):
+            raise UsageError(
+                "--checkpoint-every needs workers that write into the sweep folder: "
+                "--executor local or --scheduler local (a remote cluster's workers may not "
+                "see it)"
+            )
+
+
+def _shares_out(executor, scheduler) -> bool:
+    """Whether the workers see the sweep folder (they can write and read checkpoints)."""
+    return executor == "local" or scheduler == "local"
 
 
 def _check_backends(sweep: Sweep, executor: str, scheduler: str | None) -> None:
@@ -228,12 +263,22 @@ def _execute_all(
     planned_by_id = {r.id: r for r, _ in todo}
     # Every task holds exec_info itself: the number of workers a remote cluster reports on
     # connecting is what each run's summary records.
+    shares = _shares_out(exec_info["kind"], exec_info["scheduler"])
     tasks = [
         {
             "id": r.id,
             "config": _config_kwargs(r.config),
             "threads": exec_info["threads"],
             "executor": exec_info,
+            # the workers' view of the run folder: checkpoints go there and resume from there
+            **(
+                {
+                    "checkpoint_dir": os.path.abspath(os.path.join(out, r.id)),
+                    "checkpoint_every": exec_info["checkpoint_every"],
+                }
+                if shares
+                else {}
+            ),
         }
         for r, _ in todo
     ]
@@ -249,8 +294,9 @@ def _execute_all(
                     "started": time.time(),
                 },
             )
-            for r, _ in todo:
-                _prepare_run_dir(os.path.join(out, r.id), r, sweep.columns)
+            for r, state in todo:  # a rerun starts afresh; an incomplete run keeps its checkpoint
+                fresh = rerun["force"] or state in ("ok", "failed")
+                _prepare_run_dir(os.path.join(out, r.id), r, sweep.columns, fresh=fresh)
             bar = _progress_bar(len(tasks), quiet, stderr)
             results = _results(tasks, client, exec_info["workers"], stop)
             if tasks:  # on an interrupt, stop the executor before the client goes away
@@ -322,12 +368,13 @@ def _failed_runs(sweep: Sweep, out: str, executed: list) -> list:
 # --- what the sweep prints -------------------------------------------------------------------
 
 
-def _print_plan(sweep: Sweep, todo: list, skip: list, out: str, stdout) -> None:
+def _print_plan(sweep: Sweep, todo: list, skip: list, out: str, stdout, resumable: int = 0) -> None:
     n_ok = sum(1 for _r, st, _x in skip if st == "ok")
     n_failed = len(skip) - n_ok
     print(
-        f"{len(sweep.runs)} runs in {sweep.source}: {len(todo)} to run, {n_ok} already "
-        f"done"
+        f"{len(sweep.runs)} runs in {sweep.source}: {len(todo)} to run"
+        + (f" ({resumable} from their checkpoints)" if resumable else "")
+        + f", {n_ok} already done"
         + (
             f", {n_failed} failed before (not rerun; --retry-failed reruns them)"
             if n_failed
@@ -381,7 +428,8 @@ def _print_outcome(
         name = signal.Signals(report.signal).name
         print(
             f"{PROG}: interrupted ({name}) after {done} of {n_tasks} runs; the runs in "
-            "flight were stopped; invoke the same command again to resume",
+            "flight were stopped; invoke the same command again to resume (a run with a "
+            "checkpoint continues from it)",
             file=stderr,
         )
     if report.error:
