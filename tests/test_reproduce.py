@@ -73,6 +73,8 @@ def test_figure1_smoke_end_to_end(tmp_path):
         str(out),
         "--plots-dir",
         str(plots),
+        "--checkpoint-every",
+        "5",
         "--quiet",
     )
     assert res.returncode == 0, res.stdout + res.stderr
@@ -100,6 +102,7 @@ def test_figure1_smoke_end_to_end(tmp_path):
     assert all(r["p"] == 23 for r in [rec["resolved_spec"]["base"]])
     for rid in rec["run_ids"]:
         assert json.loads((out / rid / "summary.json").read_text())["status"] == "ok"
+        assert (out / rid / "checkpoint.json").exists()  # --checkpoint-every reached the runs
 
     # resumable: a second invocation runs nothing and gives the same claims
     again = _run_script(
@@ -124,6 +127,12 @@ def test_bad_arguments_exit_2(tmp_path):
     )
     assert res.returncode == 2
     assert "no variant 'nope'" in res.stderr
+    assert not (tmp_path / "x").exists()
+    res = _run_script(
+        "--figure", "1", "--budget", "smoke", "--checkpoint-every", "0", "--out",
+        str(tmp_path / "x"), "--no-plots",
+    )  # fmt: skip
+    assert res.returncode == 2 and "--checkpoint-every must be >= 1, got 0" in res.stderr
     assert not (tmp_path / "x").exists()
 
 
