@@ -349,12 +349,17 @@ def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afre
     # incomplete, and the next invocation takes its result from the checkpoint (no step).
     (folder / "summary.json").unlink()
     (folder / "metrics.csv").unlink()
+    # and what a worker killed inside a checkpoint write leaves: removed before the run goes on
+    leftovers = [folder / ".tmp-checkpoint.json-1a2b", folder / "checkpoint-000030-0badf00d.npz"]
+    for p in leftovers:
+        p.write_bytes(b"partial")
     assert cli_sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
     assert re.search(rf"{rid} .* incomplete +resume$", capsys.readouterr().out, re.MULTILINE)
     again = sweep.run_sweep(spec, out, quiet=True)
     s = json.loads((folder / "summary.json").read_text())
     assert again.executed == [rid] and s["resumed_from_step"] == 40, s
     assert (folder / "metrics.csv").read_bytes() == want
+    assert not any(p.exists() for p in leftovers)
 
     # --force is a rerun from step 0, of an incomplete run too: the old checkpoint goes, the
     # new run writes its own.

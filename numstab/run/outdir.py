@@ -33,6 +33,7 @@ __all__ = [
     "DirectoryBusy",
     "OutDirError",
     "claim",
+    "remove_leftovers",
     "scope",
 ]
 
@@ -148,7 +149,7 @@ def claim(
                 pass
         except OSError as exc:
             raise OutDirError(f"{path!r} cannot be written: {exc.strerror or exc}") from None
-        c.removed = _remove_leftovers(path)
+        c.removed = remove_leftovers(path)
     except BaseException:
         c.release()
         raise
@@ -168,8 +169,10 @@ def _lock(fd: int, path: str, holder: str) -> None:
         raise DirectoryBusy(f"another {holder} is writing to {path!r}") from None
 
 
-def _remove_leftovers(path: str) -> tuple[str, ...]:
-    """Delete temporaries and unreferenced checkpoint arrays files; return their names."""
+def remove_leftovers(path: str) -> tuple[str, ...]:
+    """Delete the leftovers of killed writers in ``path`` (temporaries, checkpoint arrays
+    files the manifest does not name); return their names. Only for a folder no one else
+    writes to (its writer holds the claim)."""
     names = [
         e.name
         for e in os.scandir(path)

@@ -17,6 +17,7 @@ import re
 from numstab.cli import json_default
 from numstab.run.atomic import atomic_open
 from numstab.run.checkpoint import MANIFEST, checkpoint_files
+from numstab.run.outdir import remove_leftovers
 from numstab.sweep.cells import _finite_or_none
 from numstab.sweep.spec import PlannedRun
 
@@ -60,6 +61,7 @@ def _prepare_run_dir(run_dir: str, r: PlannedRun, columns, *, fresh: bool = Fals
     ``fresh`` (a rerun: ``force`` or ``retry_failed``) also removes its checkpoint, so that
     the run starts from step 0 (otherwise an incomplete run continues from it)."""
     os.makedirs(run_dir, exist_ok=True)
+    remove_leftovers(run_dir)  # of a worker killed while writing a checkpoint (the sweep's claim)
     for name in ["summary.json", "metrics.csv", *(checkpoint_files(run_dir) if fresh else [])]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(run_dir, name))
