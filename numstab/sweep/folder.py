@@ -3,7 +3,9 @@
 ``DIR/<id>/config.json`` is written when the run is submitted, then ``metrics.csv`` and
 ``summary.json`` when it ends, in that order, each atomically (temporary file, fsync, rename).
 ``summary.json`` is the commit marker: its ``status`` (``ok`` or ``failed``) is the run's state;
-a folder with only ``config.json`` is ``incomplete``.
+a folder with only ``config.json`` is ``incomplete``. With ``checkpoint_every`` the run's worker
+also writes its checkpoints there (``checkpoint.json`` and its arrays file, as
+:mod:`numstab.run.checkpoint` writes them), from which an incomplete run continues.
 """
 
 from __future__ import annotations
