@@ -9,6 +9,7 @@ plain rows (:meth:`Results.from_rows`), which is how the tests make synthetic re
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -102,6 +103,29 @@ class Results:
                 if os.path.isfile(mpath):
                     _read_metrics(mpath, acc, runs, with_run_id=False, rid=rid)
         return cls(runs, _finish(acc), path)
+
+    @classmethod
+    def from_train_dirs(cls, dirs) -> Results:
+        """One run per ``python -m numstab.train --out DIR`` folder (``summary.json`` and
+        ``metrics.csv``; the run id is the folder's name), its configuration the resolved
+        TrainConfig the summary records (:func:`_training_config`).
+
+        Raises ``FileNotFoundError`` for a folder without those two files."""
+        configs, rows = {}, []
+        for d in dirs:
+            summary_path = os.path.join(d, "summary.json")
+            metrics_path = os.path.join(d, "metrics.csv")
+            if not (os.path.isfile(summary_path) and os.path.isfile(metrics_path)):
+                raise FileNotFoundError(
+                    f"{d!r} is not a training output folder (needs summary.json and metrics.csv)"
+                )
+            rid = os.path.basename(os.path.normpath(d))
+            with open(summary_path, encoding="utf-8") as f:
+                configs[rid] = _training_config(json.load(f).get("config", {}))
+            with open(metrics_path, newline="", encoding="utf-8") as f:
+                for r in csv.DictReader(f):
+                    rows.append((rid, r["step"], r["split"], r["metric"], r["layer"], r["value"]))
+        return cls.from_rows(configs, rows, source=", ".join(map(str, dirs)))
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -221,6 +245,20 @@ def _as_recorded(config: dict) -> dict:
         return {**config, **TrainConfig.from_dict(config).to_dict()}
     except (TypeError, ValueError):
         return dict(config)
+
+
+def _training_config(config: dict) -> dict:
+    """The training configuration a train summary records: its ``resolved`` TrainConfig with
+    the fields an older record lacks at their defaults (so that runs of one setup differ only
+    in their seed), not the command line's own options (``out``, ``quiet``, ``resume``)."""
+    resolved = config.get("resolved")
+    if not isinstance(resolved, dict):
+        return config
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig.from_dict({k: v for k, v in resolved.items() if k in known}).to_dict()
+    except (TypeError, ValueError):
+        return resolved  # a record this version refuses: as recorded
 
 
 def _read_json(path):

@@ -16,9 +16,6 @@ kind, or matplotlib missing.
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import json
 import os
 import sys
 
@@ -28,41 +25,8 @@ if ROOT not in sys.path:
 
 from analysis.plots import PLOTS, plot_figure, require_matplotlib  # noqa: E402
 from analysis.results import Results  # noqa: E402
-from numstab.run import TrainConfig  # noqa: E402
 
 PROG = "scripts/plot_runs.py"
-
-
-def _training_config(config: dict) -> dict:
-    """The training configuration a summary records: its ``resolved`` TrainConfig with the
-    fields an older record lacks at their defaults (so that runs of one setup differ only in
-    their seed), not the command line's own options (``out``, ``quiet``, ``resume``)."""
-    resolved = config.get("resolved")
-    if not isinstance(resolved, dict):
-        return config
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    try:
-        return TrainConfig.from_dict({k: v for k, v in resolved.items() if k in known}).to_dict()
-    except (TypeError, ValueError):
-        return resolved  # a record this version refuses: plotted as recorded
-
-
-def load_runs(dirs) -> Results:
-    """A :class:`Results` with one run per training output folder (id = the folder's name)."""
-    configs, rows = {}, []
-    for d in dirs:
-        summary_path, metrics_path = os.path.join(d, "summary.json"), os.path.join(d, "metrics.csv")
-        if not (os.path.isfile(summary_path) and os.path.isfile(metrics_path)):
-            raise FileNotFoundError(
-                f"{d!r} is not a training output folder (needs summary.json and metrics.csv)"
-            )
-        rid = os.path.basename(os.path.normpath(d))
-        with open(summary_path, encoding="utf-8") as f:
-            configs[rid] = _training_config(json.load(f).get("config", {}))
-        with open(metrics_path, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                rows.append((rid, r["step"], r["split"], r["metric"], r["layer"], r["value"]))
-    return Results.from_rows(configs, rows, source=", ".join(dirs))
 
 
 def main(argv=None) -> int:
@@ -83,7 +47,7 @@ def main(argv=None) -> int:
         if unknown:
             raise ValueError(f"unknown plot kind {unknown[0]!r}; valid: {', '.join(PLOTS)}")
         require_matplotlib()
-        results = load_runs(args.dirs)
+        results = Results.from_train_dirs(args.dirs)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -855,7 +856,7 @@ def test_plot_runs_groups_seeds_of_one_setup(tmp_path):
     assert _python("-m", "numstab.train", *seed1, "--steps", 4).returncode == 0
     resumed = _python("-m", "numstab.train", "--resume", b, "--steps", 6, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    results = plot_runs.load_runs([str(a), str(b)])
+    results = Results.from_train_dirs([str(a), str(b)])
     groups = results.group(results.select())
     assert list(groups.values()) == [["a", "b"]], groups
     png = tmp_path / "ab.png"
@@ -863,6 +864,39 @@ def test_plot_runs_groups_seeds_of_one_setup(tmp_path):
     # configurations holding dicts (a summary's raw config) group by value, nested
     raw = Results.from_rows({"x": {"r": {"k": [1]}}, "y": {"r": {"k": [2]}}}, [], source="raw")
     assert list(raw.group(["x", "y"]).values()) == [["x"], ["y"]]
+
+
+# --- scripts/run_claims.py ---------------------------------------------------------------------
+
+
+def test_run_claims_computes_a_figures_claims_on_training_output_folders(tmp_path):
+    """Two StableMax runs trained one by one: the Fig. 1 (b) claims over them, each seed's
+    value read back independently from its metrics.csv (the last test accuracy row)."""
+    args = ["--modulus", 7, "--hidden", 8, 8, "--steps", 8, "--log-every", 2, "--quiet"]
+    args += ["--loss", "stablemax", "--loss-dtype", "float64"]
+    dirs = [tmp_path / f"seed{s}" for s in (0, 1)]
+    for s, d in enumerate(dirs):
+        res = _python("-m", "numstab.train", *args, "--seed", s, "--out", d)
+        assert res.returncode == 0, res.stderr
+    script = ROOT / "scripts" / "run_claims.py"
+    res = _python(script, "--figure", "fig1", *dirs)
+    assert res.returncode == 0, res.stderr
+    finals = []
+    for d in dirs:
+        with open(d / "metrics.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["metric"] == "accuracy"]
+        rows = [r for r in rows if r["split"] == "test"]
+        finals.append(float(max(rows, key=lambda r: int(r["step"]))["value"]))
+    line = next(x for x in res.stdout.splitlines() if x.startswith("| `fig1b.final_test_acc`"))
+    assert f"| all | 2 | {np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}" in line, line
+    assert f"0: {finals[0]:.4f}, 1: {finals[1]:.4f}" in line, line
+    assert "| `fig1a.final_test_acc`" in res.stdout and "(no runs)" in res.stdout  # no ⊥ runs
+    for bad, why in (
+        (["--figure", "nope", dirs[0]], "unknown figure 'nope'"),
+        (["--figure", "fig1", tmp_path], "not a training output folder"),
+    ):
+        res = _python(script, *bad)
+        assert res.returncode == 2 and why in res.stderr and "Traceback" not in res.stderr
 
 
 def test_dry_run_into_a_pipe_closed_early_ends_quietly_with_141():
