@@ -372,6 +372,18 @@ def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afre
     assert (folder / "metrics.csv").read_bytes() == want
 
 
+def test_an_in_process_dask_cluster_checkpoints_into_the_folder_too(tmp_path):
+    spec = write(tmp_path, CHECKPOINTED)
+    (rid,) = (r.id for r in sweep.load_spec(spec).runs)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    sweep.run_sweep(spec, ref, quiet=True)
+    kw = {"executor": "dask", "scheduler": "local", "checkpoint_every": 10, "quiet": True}
+    assert sweep.run_sweep(spec, out, **kw).exit_code == 0
+    manifest = json.loads((out / rid / "checkpoint.json").read_text())
+    assert manifest["runs"][rid]["step"] == 40 and manifest["extra"]["checkpoint_every"] == 10
+    assert (out / rid / "metrics.csv").read_bytes() == (ref / rid / "metrics.csv").read_bytes()
+
+
 def test_a_resumed_run_keeps_the_blas_threads_it_started_with(tmp_path):
     # The first leg ran with 1 BLAS thread; the sweep is invoked again with 2: the run
     # continues on 1 (its checkpoint says so), so that it stays bit-identical.
