@@ -4,7 +4,8 @@
 ``__main__``, one run at a time each; a worker that dies fails only its run and is replaced.
 ``dask``: an existing ``dask.distributed`` cluster, or an in-process ``LocalCluster``. Each
 executor yields ``(task, result)`` pairs as runs finish; no file is written here (the client
-writes every file, so Dask workers need no shared file system).
+writes every file, so Dask workers need no shared file system), except the checkpoints of a
+sweep with ``checkpoint_every``, which only workers that see the sweep folder are given.
 """
 
 from __future__ import annotations
