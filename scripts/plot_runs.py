@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Plot one or more ``python -m numstab.train --out DIR`` runs side by side (a PNG).
+"""Plot ``python -m numstab.train --out DIR`` runs side by side (a PNG), and/or print a
+figure's claims on them (a markdown table).
 
 Usage::
 
     python scripts/plot_runs.py DIR [DIR ...] --out docs/figures/run.png [--title T]
         [--plots accuracy sc_fraction weight_norm nlm_cosine] [--log-x]
+    python scripts/plot_runs.py DIR [DIR ...] --claims NAME
 
 Each DIR is a training run's output folder (``metrics.csv`` and ``summary.json``, whose
-``config`` tells the runs apart in the legend). The figure has one row and one column per plot
-kind, drawn by :func:`analysis.plots.plot_figure` (the same code as the reproduced figures).
-Exit codes: 0 written; 2 a folder without ``metrics.csv`` / ``summary.json``, an unknown plot
-kind, or matplotlib missing.
+``config`` tells the runs apart in the legend; its id is the folder's name). The figure has
+one row and one column per plot kind, drawn by :func:`analysis.plots.plot_figure` (the same
+code as the reproduced figures). ``--claims NAME`` (a figure SPEC's ``claims``: ``fig1``,
+``fig4``, ...) prints the table ``scripts/reproduce.py`` writes to a sweep's ``claims.md``
+(mean ± std [min, max] over the runs, the per-seed values), for runs trained one by one: the
+long resumable legs of a figure at full length, for example; the runs are matched to the
+claims by their configurations, as in a sweep. Exit codes: 0 done; 2 a folder without
+``metrics.csv`` / ``summary.json``, an unknown plot kind or claims name, neither ``--out`` nor
+``--claims``, or matplotlib missing (for ``--out``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from analysis import claims as C  # noqa: E402
 from analysis.plots import PLOTS, plot_figure, require_matplotlib  # noqa: E402
 from analysis.results import Results  # noqa: E402
 
@@ -32,7 +40,7 @@ PROG = "scripts/plot_runs.py"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="training output folders")
-    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--out", help="the PNG to write")
     p.add_argument("--title", default="", help="figure title")
     p.add_argument(
         "--plots",
@@ -41,18 +49,28 @@ def main(argv=None) -> int:
         help=f"plot kinds, of {', '.join(PLOTS)}",
     )
     p.add_argument("--log-x", action="store_true", help="symmetric-log step axis")
+    p.add_argument("--claims", metavar="NAME", help=f"print these claims: {', '.join(C.CLAIMS)}")
     args = p.parse_args(argv)
     unknown = [k for k in args.plots if k not in PLOTS]
     try:
+        if args.out is None and args.claims is None:
+            raise ValueError("nothing to do: give --out PNG, --claims NAME or both")
         if unknown:
             raise ValueError(f"unknown plot kind {unknown[0]!r}; valid: {', '.join(PLOTS)}")
-        require_matplotlib()
+        if args.claims is not None and args.claims not in C.CLAIMS:
+            raise ValueError(f"unknown claims {args.claims!r}; one of {', '.join(C.CLAIMS)}")
+        if args.out is not None:
+            require_matplotlib()
         results = Results.from_train_dirs(args.dirs)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    panel = {"name": "", "title": "", "match": {}, "plots": args.plots, "log_x": args.log_x}
-    print(plot_figure(results, [panel], args.out, title=args.title))
+    if args.out is not None:
+        panel = {"name": "", "title": "", "match": {}, "plots": args.plots, "log_x": args.log_x}
+        print(plot_figure(results, [panel], args.out, title=args.title))
+    if args.claims is not None:
+        print(f"## {args.claims} claims of {len(args.dirs)} run(s): {', '.join(args.dirs)}\n")
+        print(C.render_markdown(C.CLAIMS[args.claims](results)), end="")
     return 0
 
 

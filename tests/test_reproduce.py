@@ -866,10 +866,7 @@ def test_plot_runs_groups_seeds_of_one_setup(tmp_path):
     assert list(raw.group(["x", "y"]).values()) == [["x"], ["y"]]
 
 
-# --- scripts/run_claims.py ---------------------------------------------------------------------
-
-
-def test_run_claims_computes_a_figures_claims_on_training_output_folders(tmp_path):
+def test_plot_runs_prints_a_figures_claims_on_training_output_folders(tmp_path):
     """Two StableMax runs trained one by one: the Fig. 1 (b) claims over them, each seed's
     value read back independently from its metrics.csv (the last test accuracy row)."""
     args = ["--modulus", 7, "--hidden", 8, 8, "--steps", 8, "--log-every", 2, "--quiet"]
@@ -878,8 +875,8 @@ def test_run_claims_computes_a_figures_claims_on_training_output_folders(tmp_pat
     for s, d in enumerate(dirs):
         res = _python("-m", "numstab.train", *args, "--seed", s, "--out", d)
         assert res.returncode == 0, res.stderr
-    script = ROOT / "scripts" / "run_claims.py"
-    res = _python(script, "--figure", "fig1", *dirs)
+    script = ROOT / "scripts" / "plot_runs.py"
+    res = _python(script, *dirs, "--claims", "fig1")
     assert res.returncode == 0, res.stderr
     finals = []
     for d in dirs:
@@ -892,8 +889,9 @@ def test_run_claims_computes_a_figures_claims_on_training_output_folders(tmp_pat
     assert f"0: {finals[0]:.4f}, 1: {finals[1]:.4f}" in line, line
     assert "| `fig1a.final_test_acc`" in res.stdout and "(no runs)" in res.stdout  # no ⊥ runs
     for bad, why in (
-        (["--figure", "nope", dirs[0]], "unknown figure 'nope'"),
-        (["--figure", "fig1", tmp_path], "not a training output folder"),
+        ([dirs[0], "--claims", "nope"], "unknown claims 'nope'"),
+        ([tmp_path, "--claims", "fig1"], "not a training output folder"),
+        ([dirs[0]], "nothing to do"),
     ):
         res = _python(script, *bad)
         assert res.returncode == 2 and why in res.stderr and "Traceback" not in res.stderr
