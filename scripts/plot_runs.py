@@ -15,9 +15,9 @@ code as the reproduced figures). ``--claims NAME`` (a figure SPEC's ``claims``: 
 ``fig4``, ...) prints the table ``scripts/reproduce.py`` writes to a sweep's ``claims.md``
 (mean ± std [min, max] over the runs, the per-seed values), for runs trained one by one: the
 long resumable legs of a figure at full length, for example; the runs are matched to the
-claims by their configurations, as in a sweep. Exit codes: 0 done; 2 a folder without
-``metrics.csv`` / ``summary.json``, an unknown plot kind or claims name, neither ``--out`` nor
-``--claims``, or matplotlib missing (for ``--out``).
+claims by their configurations, as in a sweep, and claims no run matches are left out. Exit
+codes: 0 done; 2 a folder without ``metrics.csv`` / ``summary.json``, an unknown plot kind or
+claims name, neither ``--out`` nor ``--claims``, or matplotlib missing (for ``--out``).
 """
 
 from __future__ import annotations
@@ -69,8 +69,13 @@ def main(argv=None) -> int:
         panel = {"name": "", "title": "", "match": {}, "plots": args.plots, "log_x": args.log_x}
         print(plot_figure(results, [panel], args.out, title=args.title))
     if args.claims is not None:
+        # the claims of the figure's other panels have no runs here: left out
+        claims = {k: v for k, v in C.CLAIMS[args.claims](results).items() if v["rows"]}
         print(f"## {args.claims} claims of {len(args.dirs)} run(s): {', '.join(args.dirs)}\n")
-        print(C.render_markdown(C.CLAIMS[args.claims](results)), end="")
+        if not claims:
+            print(f"(no claim of {args.claims} applies to these runs)")
+            return 0
+        print(C.render_markdown(claims), end="")
     return 0
 
 
