@@ -1,7 +1,8 @@
 """Helpers shared by several test modules (imported as ``from helpers import ...``).
 
 Exact arithmetic (``frac``, ``fsum_dot``), Higham's ``gamma``, dyadic test points for
-finite differences, bit patterns, and the modular-addition index inputs.
+finite differences, bit patterns, NumPy's pairwise summation written out, and the
+modular-addition index inputs.
 """
 
 from __future__ import annotations
@@ -112,6 +113,39 @@ def all_patterns(fmt) -> np.ndarray:
     """All 65 536 values of a 16-bit format (name or dtype), every NaN payload included."""
     dt = _PATTERN_DTYPE.get(fmt, fmt) if isinstance(fmt, str) else fmt
     return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dt)
+
+
+def numpy_pairwise_sum(row, dtype):
+    """NumPy's pairwise summation of a whole 1-D ``row`` in ``dtype``, written scalar by scalar
+    from NumPy's C source (``@TYPE@_pairwise_sum``, loops_utils.h.src): under 8 terms a loop
+    from ``-0.0``; up to 128, eight interleaved partial sums joined as
+    ``((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))``, then the rest left to right; above,
+    halves of ``n // 2`` rounded down to a multiple of 8. The reduction adds it to the
+    identity ``+0``. Independent of numstab, and of how a NumPy release splits long rows."""
+    t = np.dtype(dtype).type
+    a = [t(v) for v in np.asarray(row, dtype=dtype)]
+
+    def pw(lo, n):
+        if n < 8:
+            res = t(-0.0)
+            for i in range(n):
+                res = t(res + a[lo + i])
+            return res
+        if n <= 128:
+            r = a[lo : lo + 8]
+            i = 8
+            while i < n - n % 8:
+                r = [t(r[k] + a[lo + i + k]) for k in range(8)]
+                i += 8
+            res = t(t(t(r[0] + r[1]) + t(r[2] + r[3])) + t(t(r[4] + r[5]) + t(r[6] + r[7])))
+            for j in range(i, n):
+                res = t(res + a[lo + j])
+            return res
+        n2 = n // 2
+        n2 -= n2 % 8
+        return t(pw(lo, n2) + pw(lo + n2, n - n2))
+
+    return t(t(0.0) + pw(0, len(a)))
 
 
 def modular_idx(p):

@@ -29,7 +29,7 @@ except ImportError:  # optional: the test extra installs it
 try:
     import jax
     import jax.numpy as jnp
-except ImportError:  # optional: not in any extra
+except ImportError:  # optional: the test and jax extras install it
     jax = jnp = None
 
 needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import numpy_pairwise_sum
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -38,6 +39,19 @@ def test_pairwise_tree_equals_numpy_sum(name, n):
     x = random_rows(np.random.default_rng(n), 20, n, fmt.dtype)
     np.testing.assert_array_equal(_pairwise_tree(x, n, fmt, np), np.sum(x, axis=-1))
     np.testing.assert_array_equal(ordered_sum(x, name, "pairwise"), np.sum(x, axis=-1))
+
+
+@pytest.mark.parametrize("name", ["float32", "float64"])
+@pytest.mark.parametrize("n", [8192, 8193, 8200, 10034, 16392, 30001])
+def test_pairwise_is_one_tree_over_rows_longer_than_numpys_buffer(name, n):
+    """Above 8192 terms NumPy 2.2 sums a row in buffer-sized pieces added left to right (2.4:
+    one tree); the pairwise order is the one tree on every NumPy, as on other backends. Each
+    row against NumPy's pairwise_sum written scalar by scalar (tests/helpers.py)."""
+    fmt = get_format(name)
+    x = random_rows(np.random.default_rng(n), 3, n, fmt.dtype)
+    want = np.array([numpy_pairwise_sum(row, fmt.dtype) for row in x])
+    for got in (ordered_sum(x, name, "pairwise"), _pairwise_tree(x, n, fmt, np) + 0.0):
+        assert got.tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("n", [3, 113, 300])
