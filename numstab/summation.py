@@ -10,8 +10,9 @@ order explicitly:
     float32, float64 and longdouble every addition is rounded to the format, bit-identical to
     ``numpy.sum`` along a contiguous last axis (NumPy 2.4; NumPy 2.2 adds the 8192-term pieces
     of a longer row left to right, and the tree is then evaluated from ``numpy.sum`` of the
-    pieces it splits into: :func:`numstab.backend.native_sum`). For float16 NumPy accumulates the tree in float32 and rounds once at
-    the end, and so does this order (for float16 it therefore equals ``wide``). bfloat16 has no
+    pieces it splits into: :func:`numstab.backend.native_sum`). For float16 NumPy accumulates
+    the tree in float32 and rounds once at the end, and so does this order (for float16 it
+    therefore equals ``wide``). bfloat16 has no
     pairwise loop in NumPy (ml_dtypes' ``sum`` adds sequentially in bfloat16, so 10 000 ones
     sum to 256); here the tree is evaluated in bfloat16, every addition rounded.
 ``sequential``

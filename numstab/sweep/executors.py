@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import numstab
 from numstab.cli import UsageError, json_default, versions
@@ -68,6 +68,7 @@ def execute(task: dict) -> dict:
     status, error = "ok", None
     t0 = time.perf_counter()
     leg = _FRESH | {"threads": task.get("threads")}
+    pinned = None
     ckpt_dir = task.get("checkpoint_dir")
     try:
         config = TrainConfig(**task["config"])
@@ -95,6 +96,7 @@ def execute(task: dict) -> dict:
         ):
             if leg["threads"] not in (None, task.get("threads")):
                 stack.enter_context(threadpool_limits(limits=int(leg["threads"])))
+            pinned = _blas_threads()
             train(
                 config,
                 name=task["id"],
@@ -117,7 +119,7 @@ def execute(task: dict) -> dict:
     summary = summarize(log, task["id"], grok_threshold=GROK_THRESHOLD)
     resumed = {"resumed_from_step": leg["step"], "wall_seconds_legs": legs} if leg["resume"] else {}
     if leg["resume"]:
-        resumed["blas_threads"] = leg["threads"]
+        resumed["blas_threads"] = pinned  # in effect while this leg trained
     return {
         "id": task["id"],
         "status": status,
@@ -137,6 +139,12 @@ def execute(task: dict) -> dict:
 
 
 _FRESH = {"resume": False, "step": 0, "legs": [], "threads": None, "every": None}
+
+
+def _blas_threads() -> int | None:
+    """The BLAS thread count in effect (the least over the loaded BLAS libraries), or None."""
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return min(counts) if counts else None
 
 
 def _resume_point(ckpt_dir, task: dict) -> dict:
