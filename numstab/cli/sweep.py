@@ -22,8 +22,7 @@ import sys
 from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, Parser, PipeGuard, UsageError, fmt_value
 from numstab.run.footprint import MEMORY_FRACTION
 from numstab.sweep.cells import _cell_axis
-from numstab.sweep.folder import has_checkpoint
-from numstab.sweep.run import PROG, _check_options, _plan, _print_skipped, _shares_out, run_sweep
+from numstab.sweep.run import PROG, _check_options, _continues, _plan, _print_skipped, run_sweep
 from numstab.sweep.spec import MAX_RUNS, SpecError, Sweep, load_spec
 from numstab.sweep.tables import collect
 
@@ -153,12 +152,11 @@ def _limits(args) -> dict:
 def _dry_run(sweep: Sweep, args, stdout) -> None:
     out = args.out
     todo, skip = _plan(sweep, out, args.force, args.retry_failed)
-    resumes = _shares_out(args.executor, args.scheduler)
 
     def action(r, st) -> str:
         if st in ("ok", "failed"):
             return "rerun"
-        if resumes and not args.force and out and has_checkpoint(os.path.join(out, r.id)):
+        if _continues(out, r.id, st, args.executor, args.scheduler, args.force):
             return "resume"
         return "run"
 

@@ -140,11 +140,7 @@ def run_sweep(
     with claim, graceful_stop() as stop:
         todo, skip = _plan(sweep, out, force, retry_failed)
         report.skipped = [r.id for r, _s, _x in skip]
-        resumable = (
-            sum(st == "incomplete" and has_checkpoint(os.path.join(out, r.id)) for r, st in todo)
-            if _shares_out(executor, scheduler) and not force
-            else 0
-        )
+        resumable = sum(_continues(out, r.id, st, executor, scheduler, force) for r, st in todo)
         _print_plan(sweep, todo, skip, out, stdout, resumable)
         exec_info = {
             "kind": executor,
@@ -211,6 +207,18 @@ def _check_options(executor, workers, threads, scheduler, checkpoint_every=None)
 def _shares_out(executor, scheduler) -> bool:
     """Whether the workers see the sweep folder (they can write and read checkpoints)."""
     return executor == "local" or scheduler == "local"
+
+
+def _continues(out, run_id: str, state: str, executor, scheduler, force: bool) -> bool:
+    """Whether a run to execute continues from the checkpoint in its folder (an incomplete
+    run, not forced, on workers that see the folder) rather than starting at step 0."""
+    return (
+        state == "incomplete"
+        and not force
+        and _shares_out(executor, scheduler)
+        and bool(out)
+        and has_checkpoint(os.path.join(out, run_id))
+    )
 
 
 def _check_backends(sweep: Sweep, executor: str, scheduler: str | None) -> None:
