@@ -30,7 +30,7 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import numstab
-from numstab.cli import UsageError, json_default, versions
+from numstab.cli import UsageError, json_default, versions, wall_legs
 from numstab.run import MetricLog, NonFiniteError, TrainConfig, summarize, train
 from numstab.run.checkpoint import MANIFEST, load_checkpoint
 from numstab.run.runtime import runtime_info, tune_allocator
@@ -67,7 +67,7 @@ def execute(task: dict) -> dict:
     log = MetricLog()
     status, error = "ok", None
     t0 = time.perf_counter()
-    leg = _FRESH | {"threads": task.get("threads")}
+    leg = _resume_point(None, task)  # until the checkpoint is read: a fresh run
     pinned = None
     ckpt_dir = task.get("checkpoint_dir")
     try:
@@ -138,9 +138,6 @@ def execute(task: dict) -> dict:
     }
 
 
-_FRESH = {"resume": False, "step": 0, "legs": [], "threads": None, "every": None}
-
-
 def _blas_threads() -> int | None:
     """The BLAS thread count in effect (the least over the loaded BLAS libraries), or None."""
     counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
@@ -151,21 +148,21 @@ def _resume_point(ckpt_dir, task: dict) -> dict:
     """Where a run's training starts: ``resume`` (a checkpoint is in ``ckpt_dir``), its
     ``step``, the wall seconds of the earlier ``legs``, the BLAS ``threads`` they ran with
     (the resumed leg pins the same count, so that it continues bit for bit) and their
-    checkpoint interval ``every``. A checkpoint that cannot be read raises
-    :class:`~numstab.run.checkpoint.CheckpointError` (the run fails; ``--retry-failed``
-    starts it afresh)."""
+    checkpoint interval ``every``; without a checkpoint, a fresh run. A checkpoint that cannot
+    be read raises :class:`~numstab.run.checkpoint.CheckpointError` (the run fails;
+    ``--retry-failed`` starts it afresh)."""
     if ckpt_dir is None or not os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
-        return _FRESH | {"threads": task.get("threads")}
+        fresh = {"resume": False, "step": 0, "legs": [], "every": None}
+        return fresh | {"threads": task.get("threads")}
     ckpt = load_checkpoint(ckpt_dir)
     extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
     steps = [meta.get("step") for meta in ckpt.manifest["runs"].values()]
-    legs = extra.get("wall_seconds_legs")
     every = extra.get("checkpoint_every")
     threads = extra.get("threads", task.get("threads"))
     return {
         "resume": True,
         "step": min(steps) if steps else 0,
-        "legs": [float(x) for x in legs] if isinstance(legs, list) else [],
+        "legs": wall_legs(extra),  # the train CLI's check of the same field
         "threads": threads if isinstance(threads, int) and threads >= 1 else None,
         "every": every if isinstance(every, int) and every >= 1 else None,
     }
