@@ -32,8 +32,9 @@ from threadpoolctl import threadpool_info, threadpool_limits
 import numstab
 from numstab.cli import UsageError, json_default, versions, wall_legs
 from numstab.run import MetricLog, NonFiniteError, TrainConfig, summarize, train
-from numstab.run.checkpoint import MANIFEST, load_checkpoint
+from numstab.run.checkpoint import load_checkpoint
 from numstab.run.runtime import runtime_info, tune_allocator
+from numstab.sweep.folder import has_checkpoint
 from numstab.sweep.spec import run_id
 
 #: Test accuracy at which a run counts as grokked (``grok_step`` of its summary).
@@ -151,7 +152,7 @@ def _resume_point(ckpt_dir, task: dict) -> dict:
     checkpoint interval ``every``; without a checkpoint, a fresh run. A checkpoint that cannot
     be read raises :class:`~numstab.run.checkpoint.CheckpointError` (the run fails;
     ``--retry-failed`` starts it afresh)."""
-    if ckpt_dir is None or not os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
+    if ckpt_dir is None or not has_checkpoint(ckpt_dir):
         fresh = {"resume": False, "step": 0, "legs": [], "every": None}
         return fresh | {"threads": task.get("threads")}
     ckpt = load_checkpoint(ckpt_dir)
