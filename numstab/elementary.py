@@ -553,6 +553,18 @@ def _exp64_fused(xf, of):
     return np.flatnonzero(flag)
 
 
+def softmax32_consts() -> tuple:
+    """The constants of :func:`numstab.kernels.softmax_rows32` (built once): the float64
+    ``exp``'s tables ``th``, ``tl`` and ``(inv_l, c1, -c2, c3, c4)``, then the float32
+    rounding test's ``(half_k, mask, two_k, rel, tiny)``."""
+    t = _exp_tables(np)
+    consts = t.get("softmax32")
+    if consts is None:
+        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4])
+        consts = t["softmax32"] = (t["th"], t["tl"], c, *_NARROW_TEST)
+    return consts
+
+
 def _two_sum(a, b):
     s = a + b
     bb = s - a

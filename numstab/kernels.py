@@ -5,16 +5,20 @@ float32 or float64 parameters and state, ``numstab.optim``), :func:`exp64_fast` 
 pass of the correctly rounded float64 ``exp``), :func:`narrow_round` (the rounding test of
 the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``),
 :func:`magic_round` / :func:`bfloat16_round` (rounding a float32 carrier to float16 or
-bfloat16, ``numstab.fastround``) and :func:`narrow_round16` (the float16 / bfloat16 rounding
-and near-midpoint test of the correctly rounded ``exp``/``log``, ``numstab.elementary``).
+bfloat16, ``numstab.fastround``), :func:`narrow_round16` (the float16 / bfloat16 rounding
+and near-midpoint test of the correctly rounded ``exp``/``log``, ``numstab.elementary``) and
+:func:`softmax_rows32` (the float32 softmax's rows, for the collapse verdicts of
+``numstab.losses.row_verdicts`` and the monitor).
 
 Each kernel does in one pass what the NumPy path does in several, with the same IEEE
 operations in the same order on the same dtypes, so its results are the NumPy path's bit for
-bit: numba's default ``fastmath=False`` (no reassociation, no contraction of ``a * b + c``
-into an FMA), float32 arithmetic on float32 operands (every scalar is passed in the arrays'
-dtype, never as a Python float, which numba would widen to float64). ``tests/test_kernels.py``
-compares each kernel with the NumPy path on random and special inputs (NaN, ±inf, subnormals,
-±0) and checks the machine code for FMA instructions.
+bit (:func:`softmax_rows32` evaluates ``exp`` otherwise and decides the same correctly
+rounded terms; its docstring says how): numba's default ``fastmath=False`` (no
+reassociation, no contraction of ``a * b + c`` into an FMA), float32 arithmetic on float32
+operands (every scalar is passed in the arrays' dtype, never as a Python float, which numba
+would widen to float64). ``tests/test_kernels.py`` compares each kernel with the NumPy path
+on random and special inputs (NaN, ±inf, subnormals, ±0) and checks the machine code for FMA
+instructions.
 
 One thing IEEE 754 leaves open: which NaN an operation returns when both operands are
 (different) NaNs. NumPy's own loops differ there (``np.add(a, b)`` returns ``a``'s NaN,
@@ -65,6 +69,7 @@ __all__ = [
     "narrow_round16",
     "overhead_bytes",
     "relu_grad",
+    "softmax_rows32",
     "warm",
 ]
 
@@ -343,6 +348,150 @@ def narrow_round(w, of, amb, half_k, mask, two_k, rel, tiny) -> int:
     return int(_narrow32(w, of, amb, half_k, mask, two_k, rel, tiny))
 
 
+# --- the softmax's rows in float32 (numstab.losses.softmax) ---------------------------------
+
+
+@_Kernel
+def _softmax32(z, m, y, out_s, out_dy, out_rs, flag, th, tl, c, half_k, mask, two_k, rel, tiny):
+    inv_l, c1, neg_c2, c3, c4 = c[0], c[1], c[2], c[3], c[4]
+    magic = 6755399441055744.0  # 1.5 * 2**52: (v + magic) - magic is rint(v) for |v| < 2**51
+    n_rows, n_cls = z.shape
+    e32 = np.empty(n_cls, np.float32)  # the row's terms
+    e64 = np.empty(n_cls, np.float64)  # the row's gradient if it collapsed (g_y at y)
+    pb = np.empty(n_cls, np.float64)
+    kb = np.empty(n_cls, np.int64)
+    thb = np.empty(n_cls, np.float64)
+    tlb = np.empty(n_cls, np.float64)
+    acc32 = np.empty(8, np.float32)
+    acc64 = np.empty(8, np.float64)
+    # the pairwise tree without recursion: a stack of (start, length, stage, left sums)
+    st_lo = np.empty(64, np.int64)
+    st_n = np.empty(64, np.int64)
+    st_stage = np.empty(64, np.int64)
+    st_l32 = np.empty(64, np.float32)
+    st_l64 = np.empty(64, np.float64)
+    n_flag = 0
+    for i in range(n_rows):
+        mi = m[i]
+        bad = False
+        # three loops per row: the two without table lookups vectorise (as _exp64)
+        for k in range(n_cls):
+            d = z[i, k] - mi  # float32, one rounding
+            bad |= not (d <= 0)  # NaN, or a maximum that is not the row's
+            dc = d if d >= -104.0 else 0.0
+            kf = (dc * inv_l + magic) - magic
+            a = dc - kf * c1
+            rh = a + kf * neg_c2
+            q = rh * c4 + c3
+            q = q * rh + 0.5
+            q = q * (rh * rh)
+            pb[k] = rh + q
+            kb[k] = np.int64(kf)
+        for k in range(n_cls):
+            j = kb[k] & 4095
+            thb[k] = th[j]
+            tlb[k] = tl[j]
+        amb = False
+        for k in range(n_cls):
+            t_h = thb[k]
+            s = t_h + (t_h * pb[k] + tlb[k])  # in [0.999, 2.002): exp(d) = s 2**m, m <= 0
+            w = np.int64(np.float64(s).view(np.int64) + ((kb[k] >> 12) << 52)).view(np.float64)
+            dd = w * rel  # the bracket, for a subnormal float32 result; else the low bits
+            sub = np.float32(w - dd) != np.float32(w + dd)
+            low = ((np.float64(w).view(np.uint64) - half_k) & mask) <= two_k
+            a_k = sub if abs(w) < tiny else low  # a select, not a branch: the loop vectorises
+            inside = z[i, k] - mi >= -104.0  # below, exp(d) < 2**-150: +0 exactly
+            e = np.float32(w) if inside else np.float32(0.0)
+            amb |= a_k & inside
+            e32[k] = e
+            e64[k] = np.float64(e)
+        yi = y[i]
+        out_dy[i] = z[i, yi] - mi
+        e64[yi] = np.float64(e32[yi] - np.float32(1.0))  # g_y = RN(p_y - 1), p_y = e_y
+        f = amb | bad
+        flag[i] = f
+        n_flag += f
+        # NumPy's pairwise sum of e32 (float32) and e64 (float64): one tree, both arrays
+        st_lo[0], st_n[0], st_stage[0] = 0, n_cls, 0
+        sp = 1
+        r32 = np.float32(0.0)
+        r64 = 0.0
+        while sp > 0:
+            n = st_n[sp - 1]
+            lo = st_lo[sp - 1]
+            if n > 128:  # two halves, n // 2 rounded down to a multiple of 8 first
+                st_stage[sp - 1] = 1
+                n2 = n // 2
+                st_lo[sp], st_n[sp], st_stage[sp] = lo, n2 - n2 % 8, 0
+                sp += 1
+                continue
+            if n < 8:
+                v32 = np.float32(-0.0)
+                v64 = -0.0
+                for k in range(n):
+                    v32 += e32[lo + k]
+                    v64 += e64[lo + k]
+            else:
+                for k in range(8):
+                    acc32[k] = e32[lo + k]
+                    acc64[k] = e64[lo + k]
+                ii = 8
+                while ii < n - n % 8:
+                    for k in range(8):
+                        acc32[k] += e32[lo + ii + k]
+                        acc64[k] += e64[lo + ii + k]
+                    ii += 8
+                v32 = ((acc32[0] + acc32[1]) + (acc32[2] + acc32[3])) + (
+                    (acc32[4] + acc32[5]) + (acc32[6] + acc32[7])
+                )
+                v64 = ((acc64[0] + acc64[1]) + (acc64[2] + acc64[3])) + (
+                    (acc64[4] + acc64[5]) + (acc64[6] + acc64[7])
+                )
+                for k in range(ii, n):
+                    v32 += e32[lo + k]
+                    v64 += e64[lo + k]
+            sp -= 1
+            while sp > 0:  # hand the sum to the parent: its left half, or its total
+                p = sp - 1
+                if st_stage[p] == 1:
+                    st_l32[p], st_l64[p], st_stage[p] = v32, v64, 2
+                    n2 = st_n[p] // 2
+                    n2 -= n2 % 8
+                    st_lo[sp], st_n[sp], st_stage[sp] = st_lo[p] + n2, st_n[p] - n2, 0
+                    sp += 1
+                    break
+                v32 = st_l32[p] + v32
+                v64 = st_l64[p] + v64
+                sp -= 1
+            if sp == 0:
+                r32, r64 = v32, v64
+        out_s[i] = np.float32(0.0) + r32  # the reduction's identity, as numpy.sum
+        out_rs[i] = 0.0 + r64
+    return n_flag
+
+
+def softmax_rows32(z, m, y, out_s, out_dy, out_rs, flag, consts) -> int:
+    """The float32 softmax's rows in one pass (``numstab.losses.softmax``'s fused verdicts):
+    per row ``i`` of ``z`` (N, C) float32 with maxima ``m`` (N,) and labels ``y`` (N,) int64
+    in ``[0, C)``, the terms ``e = RN(exp RN(z - m))`` (correctly rounded), and
+
+    ``out_s <-`` their pairwise sum (NumPy's tree, float32), ``out_dy <- RN(z_y - m)``,
+    ``out_rs <-`` the float64 pairwise sum of ``e`` with ``e_y`` replaced by
+    ``RN(e_y - 1)`` (the row's logit gradient if it collapsed), ``flag <-`` rows left to
+    the caller: a term the rounding test could not decide, NaN, or ``z > m``. Returns the
+    number flagged.
+
+    Unlike the other kernels this one does not repeat the NumPy path's operations: ``exp``'s
+    float64 value is the fast pass of ``numstab.elementary``'s float64 ``exp`` without its
+    last correction (relative error below ``2**-52``; the NumPy path takes NumPy's float64
+    ``exp``), and the same float32 rounding test (window ``2**-44``, valid for any error below
+    ``2**-45``) decides it, so every decided term is the correctly rounded one: the NumPy
+    path's bits. ``d < -104`` gives ``+0`` without ``exp`` (``exp(d) < 2**-150``, half the
+    smallest subnormal). ``consts``: the tables and
+    constants of :func:`numstab.elementary.softmax32_consts`."""
+    return int(_softmax32(z, m, y, out_s, out_dy, out_rs, flag, *consts))
+
+
 # --- rounding to float16 / bfloat16 (numstab.fastround) -----------------------------------
 
 
@@ -447,4 +596,8 @@ def warm() -> float:
     counts = np.zeros(3, np.int64)
     consts16 = (*(u64 for _ in range(8)), 0.0)
     narrow_round16(x, np.empty(4, np.float32), np.empty(4, dtype=bool), counts, consts16)
+    z = np.zeros((2, 3), np.float32)
+    out = (np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2), np.empty(2, bool))
+    tables = (np.ones(4096), np.zeros(4096), np.zeros(5), u64, u64, u64, 1.0, 1.0)
+    softmax_rows32(z, z.max(axis=1), np.zeros(2, np.int64), *out, tables)
     return time.perf_counter() - t0

@@ -380,6 +380,94 @@ def test_float32_rounding_test_brackets_subnormal_results():
     assert_same_bits(of, w.astype(np.float32))
 
 
+# --- the float32 softmax's rows ----------------------------------------------------------
+
+#: float32 ``d`` whose float64 ``exp`` lies within the rounding test's window of a float32
+#: midpoint (found by a scan of ``np.exp``): the kernel leaves their rows to the NumPy path.
+#: -7.190371 has a normal result (the low-bits test), -89.45233 a subnormal one (the bracket).
+UNDECIDED_EXP32 = (-7.190371036529541, -89.45233154296875)
+
+
+def _logits_near_collapse(rng, n, c):
+    """Logits whose rows straddle float32 Softmax Collapse (a target gap of 0 to 30 over
+    N(0, 6) noise: about half collapse), with terms in every range of ``exp``: normal,
+    subnormal (d < -87.3), rounding to 0 (d < -104) and far below."""
+    z = (rng.standard_normal((n, c)) * 6).astype(np.float32)
+    y = rng.integers(0, c, n)
+    z[np.arange(n), y] += rng.uniform(0, 30, n).astype(np.float32)
+    z[: n // 8] *= np.float32(8)  # wide rows: subnormal and vanishing terms
+    return z, y
+
+
+@pytest.mark.parametrize("c", [1, 5, 8, 9, 113, 128, 129, 136, 300, 1000, 8193])
+def test_softmax_row_verdicts_match_numpy_on_both_paths(path, c):
+    """``row_verdicts`` in float32 (``pairwise``): the fused kernel (one pass per row:
+    ``exp``, the float32 sum in NumPy's pairwise tree at every class count, the tree's
+    shapes for up to 8, 128 and over 128 terms included, and the float64 gradient sum)
+    against the NumPy path, an independent implementation; special rows included (NaN, ±inf,
+    a tie at the maximum, all equal, a -inf entry, the undecided ``exp`` inputs)."""
+    from numstab.losses import row_verdicts, softmax
+
+    rng = np.random.default_rng(c)
+    z, y = _logits_near_collapse(rng, 1500, c)
+    z[0, 0] = np.nan
+    z[1] = -np.inf
+    z[2, 0] = np.inf
+    z[3] = 0
+    z[4, y[4]] = np.float32(40)
+    z[4, (y[4] + 1) % c] = np.float32(40)  # tie at the maximum
+    z[5, 0] = -np.inf
+    for row, d in zip((6, 7), UNDECIDED_EXP32, strict=True):
+        z[row] = np.float32(-300)
+        z[row, y[row]] = 0
+        z[row, (y[row] + 1) % c] = d if c > 1 else 0
+    y[8] = -1  # a negative label counts from the end, on both paths
+    f32 = get_format("float32")
+    assert softmax.fuses(z, f32, "pairwise") == (path == "numba")
+    ref = on("numpy", row_verdicts, z, y, "float32")
+    got = row_verdicts(z, y, "float32")
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == b.dtype
+        assert np.array_equal(a, b, equal_nan=True)
+    assert 0 < ref[0].sum() < z.shape[0]  # some rows collapse, some do not
+
+
+@needs_numba
+def test_softmax_kernel_leaves_undecided_and_nan_rows_to_the_caller():
+    """The kernel's own flags: a row with an ``exp`` term whose float64 value the rounding
+    test cannot settle, or with NaN, is flagged (the caller evaluates it on the NumPy path);
+    a row of ordinary terms, or with terms that round to 0, is not."""
+    z = np.full((5, 4), -300, dtype=np.float32)
+    z[:, 0] = 0
+    z[0, 1], z[1, 1] = UNDECIDED_EXP32
+    z[2, 1] = np.nan
+    z[3, 1] = np.float32(-7.25)
+    n = z.shape[0]
+    out = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n), np.empty(n, bool))
+    y = np.zeros(n, np.int64)
+    flagged = kernels.softmax_rows32(z, z.max(axis=1), y, *out, elementary.softmax32_consts())
+    assert flagged == 3 and out[3].tolist() == [True, True, True, False, False]
+    assert out[0][3] == np.float32(1) + np.float32(np.exp(np.float64(-7.25)))
+    assert out[0][4] == 1 and out[2][4] == 0.0  # every other term rounds to +0
+
+
+@needs_numba
+def test_batch_metrics_are_the_same_on_both_paths():
+    """The monitor's batch metrics (the fused kernel behind them in float32) equal the NumPy
+    path's, with the collapse window and without, with carried top entries and without."""
+    from numstab.monitor.core import TopEntries, batch_metrics
+
+    rng = np.random.default_rng(3)
+    z, y = _logits_near_collapse(rng, 2000, 113)
+    f32 = get_format("float32")
+    for screen in (True, False):
+        for top in (None, TopEntries(2)):
+            ref = on("numpy", batch_metrics, z, y, f32, screen=screen, top=top)
+            got = on("numba", batch_metrics, z, y, f32, screen=screen, top=top)
+            assert got == ref
+    assert 0.05 < ref["sc_fraction"] < 0.95  # the data straddle collapse
+
+
 # --- rounding to float16 / bfloat16 ----------------------------------------------------------
 
 
@@ -439,12 +527,15 @@ _ASM_SCRIPT = r"""
 import re, sys
 from numstab import kernels
 kernels.warm()
-for name in ("_relu_grad", "_adam", "_exp64", "_narrow32", "_magic", "_bf16", "_narrow16"):
+for name in ("_relu_grad", "_adam", "_exp64", "_narrow32", "_magic", "_bf16", "_narrow16",
+             "_softmax32"):
     fn = getattr(kernels, name).compiled()
     for sig in fn.signatures:
         asm = fn.inspect_asm(sig)
         fma = re.findall(r"\bv?f[n]?m(?:add|sub)\w*", asm)
-        wide = "float32" in str(sig[0]) and re.findall(r"cvtss2sd|cvtps2pd|sqrtsd|sqrtpd", asm)
+        # _softmax32 evaluates exp in float64 from float32 logits by design
+        narrow = "float32" in str(sig[0]) and name != "_softmax32"
+        wide = narrow and re.findall(r"cvtss2sd|cvtps2pd|sqrtsd|sqrtpd", asm)
         print(name, sig[0], len(fma), len(wide or []))
 """
 
@@ -456,8 +547,8 @@ def test_machine_code_has_no_fma_and_float32_stays_float32(tmp_path):
         [sys.executable, "-c", _ASM_SCRIPT], env=env, capture_output=True, text=True, check=True
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()]
-    # relu_grad, adam, magic in two dtypes; exp64; narrow32; bf16; narrow16
-    assert len(rows) == 10
+    # relu_grad, adam, magic in two dtypes; exp64; narrow32; bf16; narrow16; softmax32
+    assert len(rows) == 11
     for row in rows:
         assert row[-2:] == ["0", "0"], f"FMA or float64 arithmetic in {row}"
     assert re.search(r"_adam array\(float32", out)

@@ -37,7 +37,7 @@ from numstab.precision import Format, quantize
 from numstab.rounding_modes import flush_subnormals
 from numstab.summation import ordered_sum
 
-__all__ = ["Op", "Rounding", "recording"]
+__all__ = ["Op", "Rounding", "is_recording", "recording"]
 
 _RECORD: ContextVar[list | None] = ContextVar("numstab_recorded_ops", default=None)
 
@@ -68,6 +68,12 @@ def recording() -> Iterator[list[Op]]:
         yield ops
     finally:
         _RECORD.reset(token)
+
+
+def is_recording() -> bool:
+    """Whether a :func:`recording` block is active here (then every operation must go
+    through :class:`Rounding`, not a fused kernel)."""
+    return _RECORD.get() is not None
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,17 @@ import math
 
 import numpy as np
 
-from numstab import workspace
+from numstab import kernels, workspace
 from numstab.backend import put_at, take_at
+from numstab.elementary import softmax32_consts
+from numstab.losses.rounding import is_recording
 
 __all__ = [
     "backward",
     "backward_smoothed",
     "collapse_terms",
     "forward",
+    "fuses",
     "open_rows",
     "smoothed",
     "terms",
@@ -118,6 +121,8 @@ def verdicts(z, labels, r, row_max=None, keep=None):
     collapsed, zero_loss, zero_target_grad : bool arrays (N,)
     row_sum : float64 array (N,)
     """
+    if fuses(z, r.fmt, r.order, r.elementary):
+        return _verdicts_fused(z, labels, r, row_max)
     m = None if row_max is None else row_max[:, None]
     if keep is None or not screens(z, r):
         return _verdicts(z, labels, r, m)
@@ -151,6 +156,54 @@ def _verdicts(z, labels, r, m):
     row_sum = xp.full(collapsed.shape, xp.nan, dtype=xp.float64)
     row_sum[collapsed] = sums[collapsed]
     return collapsed, lsm_y == 0, p_y == 1, row_sum
+
+
+def fuses(z, fmt, order: str, elementary: str = "correct") -> bool:
+    """Whether :func:`verdicts` takes the fused float32 kernel
+    (:func:`numstab.kernels.softmax_rows32`, every row in one pass; ``keep`` is then not
+    used): float32 logits (NumPy, 2-D) in the float32 format (nearest, gradual underflow),
+    ``pairwise`` order, correctly rounded ``exp``, the kernels' numba path, no
+    :func:`~numstab.losses.rounding.recording` block."""
+    f = fmt
+    return (
+        isinstance(z, np.ndarray)
+        and z.dtype == np.float32
+        and z.ndim == 2
+        and z.shape[1] > 0
+        and f.name == "float32"
+        and f.rounding == "nearest"
+        and f.subnormals == "gradual"
+        and order == "pairwise"
+        and elementary == "correct"
+        and kernels.backend() == "numba"
+        and not is_recording()
+    )
+
+
+def _verdicts_fused(z, labels, r, row_max):
+    """:func:`_verdicts` with the row pass in one kernel; the rows it leaves (a term its
+    rounding test did not decide, NaN) go through :func:`_verdicts`. Same results."""
+    n, c = z.shape
+    y = np.asarray(labels, dtype=np.int64)
+    if n and (int(y.max()) >= c or int(y.min()) < -c):  # the kernel does not check bounds
+        raise IndexError("label out of range")
+    y = np.where(y < 0, y + c, y)  # a negative label counts from the end, as take_at
+    z = np.ascontiguousarray(z)
+    m = z.max(axis=1) if row_max is None else np.ascontiguousarray(row_max, dtype=np.float32)
+    total, d_y = np.empty(n, np.float32), np.empty(n, np.float32)
+    sums, left = np.empty(n), np.empty(n, bool)
+    flagged = kernels.softmax_rows32(z, m, y, total, d_y, sums, left, softmax32_consts())
+    collapsed = total == 1
+    lsm_y = r.sub(d_y, r.log(total))
+    p_y = r.exp(lsm_y)
+    # a collapsed row has RN(log 1) = 0, lsm_y = d_y and p_y = e_y: the kernel's g_y
+    row_sum = np.where(collapsed, sums, np.nan)
+    out = (collapsed, lsm_y == 0, p_y == 1, row_sum)
+    if flagged:
+        rows = np.flatnonzero(left)
+        for full, part in zip(out, _verdicts(z[rows], y[rows], r, m[rows, None]), strict=True):
+            full[rows] = part
+    return out
 
 
 #: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``
