@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from numstab import elementary, kernels
+from numstab import elementary, kernels, parallel
 from numstab.functional import relu_forward
 from numstab.mlp import _relu_backward
 from numstab.optim import Adam, AdamW
@@ -426,9 +426,11 @@ def test_softmax_row_verdicts_match_numpy_on_both_paths(path, c):
     assert softmax.fuses(z, f32, "pairwise") == (path == "numba")
     ref = on("numpy", row_verdicts, z, y, "float32")
     got = row_verdicts(z, y, "float32")
-    for a, b in zip(got, ref, strict=True):
-        assert a.dtype == b.dtype
-        assert np.array_equal(a, b, equal_nan=True)
+    with parallel.using(2):  # the kernel's rows in blocks on two threads
+        got2 = row_verdicts(z, y, "float32")
+    for a, b, b2 in zip(ref, got, got2, strict=True):
+        assert a.dtype == b.dtype == b2.dtype
+        assert np.array_equal(a, b, equal_nan=True) and np.array_equal(a, b2, equal_nan=True)
     assert 0 < ref[0].sum() < z.shape[0]  # some rows collapse, some do not
 
 

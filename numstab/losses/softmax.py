@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from numstab import kernels, workspace
+from numstab import kernels, parallel, workspace
 from numstab.backend import put_at, take_at
 from numstab.elementary import softmax32_consts
 from numstab.losses.rounding import is_recording
@@ -180,9 +180,15 @@ def fuses(z, fmt, order: str, elementary: str = "correct") -> bool:
     )
 
 
+#: Rows of the fused kernel per block of :func:`numstab.parallel.map_blocks` (at least two
+#: blocks per thread before a batch is split: 2 threads from 1 024 rows).
+_ROWS_PER_BLOCK = 256
+
+
 def _verdicts_fused(z, labels, r, row_max):
-    """:func:`_verdicts` with the row pass in one kernel; the rows it leaves (a term its
-    rounding test did not decide, NaN) go through :func:`_verdicts`. Same results."""
+    """:func:`_verdicts` with the row pass in one kernel (blocks of rows on the
+    :mod:`numstab.parallel` threads in effect); the rows it leaves (a term its rounding test
+    did not decide, NaN) go through :func:`_verdicts`. Same results."""
     n, c = z.shape
     y = np.asarray(labels, dtype=np.int64)
     if n and (int(y.max()) >= c or int(y.min()) < -c):  # the kernel does not check bounds
@@ -192,7 +198,13 @@ def _verdicts_fused(z, labels, r, row_max):
     m = z.max(axis=1) if row_max is None else np.ascontiguousarray(row_max, dtype=np.float32)
     total, d_y = np.empty(n, np.float32), np.empty(n, np.float32)
     sums, left = np.empty(n), np.empty(n, bool)
-    flagged = kernels.softmax_rows32(z, m, y, total, d_y, sums, left, softmax32_consts())
+    consts = softmax32_consts()
+
+    def block(a, b):  # each row's results depend on that row alone: blocks on threads
+        outs = (total[a:b], d_y[a:b], sums[a:b], left[a:b])
+        return kernels.softmax_rows32(z[a:b], m[a:b], y[a:b], *outs, consts)
+
+    flagged = sum(parallel.map_blocks(block, n, _ROWS_PER_BLOCK))
     collapsed = total == 1
     lsm_y = r.sub(d_y, r.log(total))
     p_y = r.exp(lsm_y)
