@@ -97,9 +97,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from numstab import kernels  # noqa: E402
+from numstab import kernels, parallel  # noqa: E402
 from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction  # noqa: E402
 from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
+from numstab.monitor.core import TopEntries, batch_metrics  # noqa: E402
+from numstab.precision import get_format  # noqa: E402
 from numstab.run import Run, TrainConfig  # noqa: E402
 from numstab.run.runtime import tune_allocator  # noqa: E402
 from numstab.transformer.torch_twin import torch_modules  # noqa: E402
@@ -1610,6 +1612,8 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                 window = mon.log.latest("sc_window_fraction")
                 if args.profile and state is not None:
                     _monitor_profile(_monitored_step(inline, mon, [10**6]), n, args.profile_steps)
+            if state is not None:
+                _batch_metrics_paths(rep, args, run, n)
             st = {case: _stat(*res[case]) for case in res}
             names, bnames = list(cases), list(blocks)
             base, over = (st[c]["median"] for c in names)
@@ -1660,6 +1664,73 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
             }
 
 
+@contextlib.contextmanager
+def _kernels_path(name):
+    """``NUMSTAB_KERNELS=name`` inside the block (read at every call)."""
+    old = os.environ.get(kernels.ENV)
+    os.environ[kernels.ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[kernels.ENV]
+        else:
+            os.environ[kernels.ENV] = old
+
+
+def _batch_metrics_paths(rep, args, run, n):
+    """``batch_metrics`` of the late checkpoint's float32 training logits (every row in the
+    collapse window, ``screen=False`` as the monitor late) with the fused softmax kernel
+    against the NumPy path, interleaved, on ``n`` elementwise threads: a full batch (``full``:
+    the same rows every call, the NumPy path carries top entries) and minibatches (``mini``:
+    new rows every call, nothing carried; the batch's rows rotated by a quarter)."""
+    if kernels.backend() != "numba":
+        rep.row("mon", "batch metrics (fused)", n, None, "numba not installed")
+        return
+    z = np.ascontiguousarray(run.evaluate("train").logits, dtype=np.float32)
+    y = np.asarray(run.y_train)
+    f32 = get_format("float32")
+    quarter = z.shape[0] // 4
+    minis = [(np.roll(z, k * quarter, axis=0), np.roll(y, k * quarter)) for k in range(4)]
+
+    def full(top):
+        return lambda: batch_metrics(z, y, f32, screen=False, top=top)
+
+    def mini(top):
+        turn = [0]
+
+        def fn():
+            zm, ym = minis[turn[0] % 4]
+            turn[0] += 1
+            return batch_metrics(zm, ym, f32, screen=False, top=top)
+
+        return fn
+
+    with parallel.using(n):
+        groups = [
+            (
+                lambda name=name: _kernels_path(name),
+                {
+                    f"batch metrics {how} ({label})": make(TopEntries())
+                    for how, make in (("full", full), ("mini", mini))
+                },
+            )
+            for name, label in (("numba", "fused"), ("numpy", "NumPy"))
+        ]
+        res = measure_rounds(groups, args.repeats, args.warmup)
+    st = {case: _stat(*res[case]) for case in res}
+    for how in ("full", "mini"):
+        fused, plain = (f"batch metrics {how} ({label})" for label in ("fused", "NumPy"))
+        rep.row("mon", plain, n, st[plain])
+        ratio = st[plain]["median"] / st[fused]["median"]
+        rep.row("mon", fused, n, st[fused], f"NumPy path / fused = {ratio:.2f}")
+        key = {"full": "full batch", "mini": "minibatches"}[how]
+        rep.facts.setdefault("batch_metrics", {}).setdefault(str(n), {})[key] = {
+            "fused_s": st[fused]["median"],
+            "numpy_s": st[plain]["median"],
+        }
+
+
 #: The monitor's parts in :func:`_monitor_profile`: label -> (file in the package, function).
 MONITOR_PARTS = (
     ("observe, all", ("monitor/pytorch.py", "observe")),
@@ -1668,6 +1739,7 @@ MONITOR_PARTS = (
     ("      row verdicts", ("losses/__init__.py", "row_verdicts")),
     ("        screen: rows proved open", ("losses/softmax.py", "open_rows")),
     ("        exact rows: terms, sums, target", ("losses/softmax.py", "_verdicts")),
+    ("        fused kernel: every row", ("losses/softmax.py", "_verdicts_fused")),
     ("          correctly rounded exp (all)", ("losses/rounding.py", "exp")),
     ("      top entries (every 10 steps)", ("losses/softmax.py", "top_entries")),
     ("    norms and cosines", ("monitor/core.py", "param_metrics")),
