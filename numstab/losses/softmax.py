@@ -164,15 +164,14 @@ def fuses(z, fmt, order: str, elementary: str = "correct") -> bool:
     used): float32 logits (NumPy, 2-D) in the float32 format (nearest, gradual underflow),
     ``pairwise`` order, correctly rounded ``exp``, the kernels' numba path, no
     :func:`~numstab.losses.rounding.recording` block."""
-    f = fmt
     return (
         isinstance(z, np.ndarray)
         and z.dtype == np.float32
         and z.ndim == 2
         and z.shape[1] > 0
-        and f.name == "float32"
-        and f.rounding == "nearest"
-        and f.subnormals == "gradual"
+        and fmt.name == "float32"
+        and fmt.rounding == "nearest"
+        and fmt.subnormals == "gradual"
         and order == "pairwise"
         and elementary == "correct"
         and kernels.backend() == "numba"
