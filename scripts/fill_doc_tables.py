@@ -3,7 +3,7 @@
 
 Usage::
 
-    python scripts/fill_doc_tables.py docs/reproduction.md [--runs runs/repro]
+    python scripts/fill_doc_tables.py docs/reproduction.md [--runs runs/repro] [--only STEM ...]
 
 A block is delimited by two HTML comments::
 
@@ -16,6 +16,9 @@ heading line; ``claims STEM/FILE.md`` takes that file instead (e.g. the
 ``claims-panels-b.md`` of a panel subset). ``file PATH`` takes a file relative to the
 repository root verbatim, inside a fenced block. Everything outside the blocks is left as it
 is. A block whose source is missing is an error naming the file (nothing is written).
+``--only`` refreshes just the blocks with those arguments (e.g. ``fig16-full``: the runs of
+one figure, where the other figures' run folders are not on this machine); the others are
+left as they are.
 """
 
 from __future__ import annotations
@@ -49,11 +52,15 @@ def block_text(kind: str, arg: str, runs: Path) -> str:
     return "```\n" + src.read_text().rstrip() + "\n```\n"
 
 
-def fill(text: str, runs: Path) -> tuple[str, int]:
+def fill(text: str, runs: Path, only=None) -> tuple[str, int]:
+    """``text`` with its blocks refreshed (those whose argument is in ``only``, if given) and
+    how many were."""
     count = 0
 
     def sub(m: re.Match) -> str:
         nonlocal count
+        if only is not None and m["arg"] not in only:
+            return m[0]
         count += 1
         return m["begin"] + block_text(m["kind"], m["arg"], runs) + m["end"]
 
@@ -69,11 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / "runs" / "repro",
         help="folder with one sub-folder per reproduced figure",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="ARG",
+        help="refresh only the blocks with these arguments (e.g. fig16-full)",
+    )
     args = p.parse_args(argv)
     try:
-        new, n = fill(args.page.read_text(), args.runs)
+        new, n = fill(args.page.read_text(), args.runs, args.only)
     except (FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.only is not None and n == 0:
+        print(f"error: no block named {' '.join(args.only)} in {args.page}", file=sys.stderr)
         return 2
     args.page.write_text(new)
     print(f"{args.page}: {n} block(s) refreshed")

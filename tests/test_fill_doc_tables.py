@@ -72,3 +72,19 @@ def test_claims_block_can_name_a_file(tmp_path):
     marker = "claims figX-short/claims-panels-b.md -->\n"
     text, n = fdt.fill(f"<!-- BEGIN {marker}<!-- END {marker}", runs)
     assert n == 1 and "| b only |" in text and "| 1 | 2 |" not in text
+
+
+def test_only_refreshes_the_named_blocks(tmp_path, capsys):
+    """``--only`` fills the named block from its runs and leaves another, whose runs are not
+    there (an error without ``--only``), as it was; a name matching no block is an error."""
+    runs = _runs(tmp_path)
+    other = "<!-- BEGIN claims figY-full -->\nkept table\n<!-- END claims figY-full -->\n"
+    page = tmp_path / "page.md"
+    page.write_text(PAGE + other)
+    assert fdt.main([str(page), "--runs", str(runs)]) == 2
+    assert fdt.main([str(page), "--runs", str(runs), "--only", "figX-short"]) == 0
+    text = page.read_text()
+    assert "| 1 | 2 |" in text and "stale table" not in text and "kept table" in text
+    capsys.readouterr()
+    assert fdt.main([str(page), "--runs", str(runs), "--only", "figZ"]) == 2
+    assert "figZ" in capsys.readouterr().err and page.read_text() == text
