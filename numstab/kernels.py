@@ -374,7 +374,9 @@ def _softmax32(z, m, y, out_s, out_dy, out_rs, flag, th, tl, c, half_k, mask, tw
     for i in range(n_rows):
         mi = m[i]
         bad = False
-        # three loops per row: the two without table lookups vectorise (as _exp64)
+        # three loops per row: the two without table lookups vectorise. The reduction and
+        # the table step are _exp64's, written out again: a kernel cannot call another
+        # before numba is imported, and each is compared with the NumPy path on its own
         for k in range(n_cls):
             d = z[i, k] - mi  # float32, one rounding
             bad |= not (d <= 0)  # NaN, or a maximum that is not the row's
