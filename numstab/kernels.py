@@ -489,8 +489,7 @@ def softmax_rows32(z, m, y, out_s, out_dy, out_rs, flag, consts) -> int:
     ``exp``), and the same float32 rounding test (window ``2**-44``, valid for any error below
     ``2**-45``) decides it, so every decided term is the correctly rounded one: the NumPy
     path's bits. ``d < -104`` gives ``+0`` without ``exp`` (``exp(d) < 2**-150``, half the
-    smallest subnormal). ``consts``: the tables and
-    constants of :func:`numstab.elementary.softmax32_consts`."""
+    smallest subnormal). ``consts``: :func:`numstab.elementary.softmax32_consts`."""
     return int(_softmax32(z, m, y, out_s, out_dy, out_rs, flag, *consts))
 
 
