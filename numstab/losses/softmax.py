@@ -185,9 +185,8 @@ _ROWS_PER_BLOCK = 256
 
 
 def _verdicts_fused(z, labels, r, row_max):
-    """:func:`_verdicts` with the row pass in one kernel (blocks of rows on the
-    :mod:`numstab.parallel` threads in effect); the rows it leaves (a term its rounding test
-    did not decide, NaN) go through :func:`_verdicts`. Same results."""
+    """:func:`_verdicts` with the row pass in one kernel; the rows it leaves (a term its
+    rounding test did not decide, NaN) go through :func:`_verdicts`. Same results."""
     n, c = z.shape
     y = np.asarray(labels, dtype=np.int64)
     if n and (int(y.max()) >= c or int(y.min()) < -c):  # the kernel does not check bounds
@@ -195,26 +194,35 @@ def _verdicts_fused(z, labels, r, row_max):
     y = np.where(y < 0, y + c, y)  # a negative label counts from the end, as take_at
     z = np.ascontiguousarray(z)
     m = z.max(axis=1) if row_max is None else np.ascontiguousarray(row_max, dtype=np.float32)
-    total, d_y = np.empty(n, np.float32), np.empty(n, np.float32)
-    sums, left = np.empty(n), np.empty(n, bool)
-    consts = softmax32_consts()
-
-    def block(a, b):  # each row's results depend on that row alone: blocks on threads
-        outs = (total[a:b], d_y[a:b], sums[a:b], left[a:b])
-        return kernels.softmax_rows32(z[a:b], m[a:b], y[a:b], *outs, consts)
-
-    flagged = sum(parallel.map_blocks(block, n, _ROWS_PER_BLOCK))
+    total, d_y, sums, left = _fused_rows(z, m, y)
     collapsed = total == 1
     lsm_y = r.sub(d_y, r.log(total))
     p_y = r.exp(lsm_y)
     # a collapsed row has RN(log 1) = 0, lsm_y = d_y and p_y = e_y: the kernel's g_y
     row_sum = np.where(collapsed, sums, np.nan)
     out = (collapsed, lsm_y == 0, p_y == 1, row_sum)
-    if flagged:
+    if left.any():
         rows = np.flatnonzero(left)
         for full, part in zip(out, _verdicts(z[rows], y[rows], r, m[rows, None]), strict=True):
             full[rows] = part
     return out
+
+
+def _fused_rows(z, m, y):
+    """:func:`numstab.kernels.softmax_rows32` over ``z`` (N, C) float32, C-contiguous, in row
+    blocks on the :mod:`numstab.parallel` threads in effect (each row's results depend on
+    that row alone): ``(total, d_y, row sums, rows left)``."""
+    n = z.shape[0]
+    total, d_y = np.empty(n, np.float32), np.empty(n, np.float32)
+    sums, left = np.empty(n), np.empty(n, bool)
+    consts = softmax32_consts()
+
+    def block(a, b):
+        outs = (total[a:b], d_y[a:b], sums[a:b], left[a:b])
+        return kernels.softmax_rows32(z[a:b], m[a:b], y[a:b], *outs, consts)
+
+    parallel.map_blocks(block, n, _ROWS_PER_BLOCK)
+    return total, d_y, sums, left
 
 
 #: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``
