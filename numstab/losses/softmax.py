@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from numstab import kernels, parallel, workspace
-from numstab.backend import put_at, take_at
+from numstab.backend import native_sum, put_at, take_at
 from numstab.elementary import softmax32_consts
 from numstab.losses.rounding import is_recording
 
@@ -152,7 +152,10 @@ def _verdicts(z, labels, r, m):
     due = collapsed & (p_y != 1)
     if xp.any(due):
         g_y[due] = r.dl_p_minus_one(p_y[due], xp.ones_like(p_y[due]))
-    sums = xp.sum(xp.astype(put_at(e, labels, g_y), xp.float64), axis=1)
+    e64 = xp.astype(put_at(e, labels, g_y), xp.float64)
+    sums = native_sum(e64, "pairwise")  # NumPy's tree over the whole row, on every release
+    if sums is None:  # other backends: their own reduction
+        sums = xp.sum(e64, axis=1)
     row_sum = xp.full(collapsed.shape, xp.nan, dtype=xp.float64)
     row_sum[collapsed] = sums[collapsed]
     return collapsed, lsm_y == 0, p_y == 1, row_sum
