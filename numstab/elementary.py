@@ -555,12 +555,14 @@ def _exp64_fused(xf, of):
 
 def softmax32_consts() -> tuple:
     """The constants of :func:`numstab.kernels.softmax_rows32` (built once): the float64
-    ``exp``'s tables ``th``, ``tl`` and ``(inv_l, c1, -c2, c3, c4)``, then the float32
-    rounding test's ``(half_k, mask, two_k, rel, tiny)``."""
+    ``exp``'s tables ``th``, ``tl`` and ``(inv_l, c1, -c2, c3, c4, settle)`` (``settle``:
+    ``2**-62``, the relative distance from a float32 midpoint below which a term stays
+    undecided after the last correction, whose error is below ``2**-63.4``), then the
+    float32 rounding test's ``(half_k, mask, two_k, rel, tiny)``."""
     t = _exp_tables(np)
     consts = t.get("softmax32")
     if consts is None:
-        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4])
+        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4, _SETTLE32])
         consts = t["softmax32"] = (t["th"], t["tl"], c, *_NARROW_TEST)
     return consts
 
@@ -617,6 +619,10 @@ def _exp64_block(x, xp):
 # The fast path's window, absolute on the scaled value s + lo in [0.999, 2.002): its error is
 # below 2**-63.5 (see _Exp64Kernel), so 2**-61.5 leaves a margin of 4.
 _EPS_FAST = 2.0**-61.5
+# The float32 softmax kernel's second test (numstab.kernels.softmax_rows32), relative to the
+# term: s + lo scaled is within 2**-63.4 of e**d, and the distance to the midpoint is itself
+# computed with a relative error of 2**-53; 2**-62 leaves a margin of 2.6.
+_SETTLE32 = 2.0**-62
 
 
 class _Exp64Kernel:

@@ -352,8 +352,9 @@ def narrow_round(w, of, amb, half_k, mask, two_k, rel, tiny) -> int:
 
 
 @_Kernel
-def _softmax32(z, m, y, out_s, out_dy, out_rs, flag, th, tl, c, half_k, mask, two_k, rel, tiny):
-    inv_l, c1, neg_c2, c3, c4 = c[0], c[1], c[2], c[3], c[4]
+def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k, mask, two_k,
+               rel, tiny):  # fmt: skip
+    inv_l, c1, neg_c2, c3, c4, settle = c[0], c[1], c[2], c[3], c[4], c[5]
     magic = 6755399441055744.0  # 1.5 * 2**52: (v + magic) - magic is rint(v) for |v| < 2**51
     n_rows, n_cls = z.shape
     e32 = np.empty(n_cls, np.float32)  # the row's terms
@@ -372,6 +373,14 @@ def _softmax32(z, m, y, out_s, out_dy, out_rs, flag, th, tl, c, half_k, mask, tw
     st_l64 = np.empty(64, np.float64)
     n_flag = 0
     for i in range(n_rows):
+        ci = cut[i]
+        above = 0
+        for k in range(n_cls):
+            above += z[i, k] > ci
+        win[i] = above <= 1
+        if above > 1:  # outside the caller's window: not evaluated
+            flag[i] = False
+            continue
         mi = m[i]
         bad = False
         # three loops per row: the two without table lookups vectorise. The reduction and
@@ -407,6 +416,33 @@ def _softmax32(z, m, y, out_s, out_dy, out_rs, flag, th, tl, c, half_k, mask, tw
             amb |= a_k & inside
             e32[k] = e
             e64[k] = np.float64(e)
+        if amb:  # rare (about one term in 2**19): settle them with the pass's last correction
+            amb = False
+            for k in range(n_cls):
+                d = z[i, k] - mi
+                if not (d >= -104.0):
+                    continue
+                t_h = thb[k]
+                f1 = t_h * pb[k] + tlb[k]
+                s = t_h + f1
+                lo = f1 - (s - t_h)  # Fast2Sum (|t_h| > |f1|): s + lo = t_h + f1 exactly
+                scale = np.int64((1023 + (kb[k] >> 12)) << 52).view(np.float64)  # 2**m
+                w = s * scale  # exact: normal float64 values (exp(d) > 2**-151)
+                wl = lo * scale
+                a = np.float32(w)
+                af = np.float64(a)
+                # the float32 midpoint nearest w, between a and its neighbour on w's side
+                # (a >= 0: one step of the bits); exact in float64
+                step = np.int32(1) if af <= w else np.int32(-1)
+                b = np.float64(np.int32(np.float32(a).view(np.int32) + step).view(np.float32))
+                diff = (w - (af + b) * 0.5) + wl  # w - mid exact (Sterbenz); sign reliable
+                # |e**d - (w + wl)| < 2**-63.4 w (numstab.elementary._Exp64Kernel's budget)
+                if abs(diff) <= settle * w:
+                    amb = True  # a hard case: left to the caller
+                    continue
+                e = np.float32(max(af, b) if diff > 0 else min(af, b))
+                e32[k] = e
+                e64[k] = np.float64(e)
         yi = y[i]
         out_dy[i] = z[i, yi] - mi
         e64[yi] = np.float64(e32[yi] - np.float32(1.0))  # g_y = RN(p_y - 1), p_y = e_y
@@ -472,25 +508,31 @@ def _softmax32(z, m, y, out_s, out_dy, out_rs, flag, th, tl, c, half_k, mask, tw
     return n_flag
 
 
-def softmax_rows32(z, m, y, out_s, out_dy, out_rs, flag, consts) -> int:
+def softmax_rows32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, consts) -> int:
     """The float32 softmax's rows in one pass (``numstab.losses.softmax``'s fused verdicts):
-    per row ``i`` of ``z`` (N, C) float32 with maxima ``m`` (N,) and labels ``y`` (N,) int64
-    in ``[0, C)``, the terms ``e = RN(exp RN(z - m))`` (correctly rounded), and
+    per row ``i`` of ``z`` (N, C) float32 with maxima ``m`` (N,), labels ``y`` (N,) int64
+    in ``[0, C)`` and window cuts ``cut`` (N,) float32, ``win <-`` at most one entry
+    ``> cut`` (the row is evaluated; ``+inf``: every row), and for the rows evaluated the
+    terms ``e = RN(exp RN(z - m))`` (correctly rounded), and
 
     ``out_s <-`` their pairwise sum (NumPy's tree, float32), ``out_dy <- RN(z_y - m)``,
     ``out_rs <-`` the float64 pairwise sum of ``e`` with ``e_y`` replaced by
     ``RN(e_y - 1)`` (the row's logit gradient if it collapsed), ``flag <-`` rows left to
-    the caller: a term the rounding test could not decide, NaN, or ``z > m``. Returns the
-    number flagged.
+    the caller: a term that neither rounding test could decide, NaN, or ``z > m``. The
+    other rows' ``out_*`` are not written. Returns the number flagged.
 
     Unlike the other kernels this one does not repeat the NumPy path's operations: ``exp``'s
     float64 value is the fast pass of ``numstab.elementary``'s float64 ``exp`` without its
     last correction (relative error below ``2**-52``; the NumPy path takes NumPy's float64
     ``exp``), and the same float32 rounding test (window ``2**-44``, valid for any error below
     ``2**-45``) decides it, so every decided term is the correctly rounded one: the NumPy
-    path's bits. ``d < -104`` gives ``+0`` without ``exp`` (``exp(d) < 2**-150``, half the
-    smallest subnormal). ``consts``: :func:`numstab.elementary.softmax32_consts`."""
-    return int(_softmax32(z, m, y, out_s, out_dy, out_rs, flag, *consts))
+    path's bits. A term in that window (about one in ``2**19``) is settled with the pass's
+    last correction: ``s + lo`` within ``2**-63.4`` of ``e**d`` (relative), compared with
+    the float32 midpoint next to it; only a distance below ``settle · w`` (``consts``' sixth
+    scalar, ``2**-62``) leaves it undecided (not met in the scans of the tests). ``d < -104``
+    gives ``+0`` without ``exp`` (``exp(d) < 2**-150``, half the smallest subnormal).
+    ``consts``: :func:`numstab.elementary.softmax32_consts`."""
+    return int(_softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, *consts))
 
 
 # --- rounding to float16 / bfloat16 (numstab.fastround) -----------------------------------
@@ -599,6 +641,7 @@ def warm() -> float:
     narrow_round16(x, np.empty(4, np.float32), np.empty(4, dtype=bool), counts, consts16)
     z = np.zeros((2, 3), np.float32)
     out = (np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2), np.empty(2, bool))
-    tables = (np.ones(4096), np.zeros(4096), np.zeros(5), u64, u64, u64, 1.0, 1.0)
-    softmax_rows32(z, z.max(axis=1), np.zeros(2, np.int64), *out, tables)
+    tables = (np.ones(4096), np.zeros(4096), np.zeros(6), u64, u64, u64, 1.0, 1.0)
+    cut = np.full(2, np.inf, np.float32)
+    softmax_rows32(z, z.max(axis=1), np.zeros(2, np.int64), cut, *out, np.empty(2, bool), tables)
     return time.perf_counter() - t0

@@ -1736,6 +1736,8 @@ MONITOR_PARTS = (
     ("observe, all", ("monitor/pytorch.py", "observe")),
     ("  record (metrics + rows)", ("monitor/pytorch.py", "_record")),
     ("    batch metrics", ("monitor/core.py", "batch_metrics")),
+    ("      fused kernel, screening its rows", ("losses/softmax.py", "screened_verdicts")),
+    ("      NumPy path: collapse window", ("monitor/core.py", "collapse_window")),
     ("      row verdicts", ("losses/__init__.py", "row_verdicts")),
     ("        screen: rows proved open", ("losses/softmax.py", "open_rows")),
     ("        exact rows: terms, sums, target", ("losses/softmax.py", "_verdicts")),

@@ -12,9 +12,11 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
+from fraction_rounding import round_fraction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -23,7 +25,7 @@ from numstab import elementary, kernels, parallel
 from numstab.functional import relu_forward
 from numstab.losses import row_verdicts, softmax
 from numstab.mlp import _relu_backward
-from numstab.monitor.core import TopEntries, batch_metrics
+from numstab.monitor.core import TopEntries, batch_metrics, collapse_window, window_cut
 from numstab.optim import Adam, AdamW
 from numstab.precision import get_format
 from numstab.run import Run, TrainConfig
@@ -384,10 +386,24 @@ def test_float32_rounding_test_brackets_subnormal_results():
 
 # --- the float32 softmax's rows ----------------------------------------------------------
 
-#: float32 ``d`` whose float64 ``exp`` lies within the rounding test's window of a float32
-#: midpoint (found by a scan of ``np.exp``): the kernel leaves their rows to the NumPy path.
-#: -7.190371 has a normal result (the low-bits test), -89.45233 a subnormal one (the bracket).
-UNDECIDED_EXP32 = (-7.190371036529541, -89.45233154296875)
+#: float32 ``d`` whose float64 ``exp`` lies within the first rounding test's window of a
+#: float32 midpoint (found by a scan of ``np.exp`` over 40 million uniform draws in [-104, 0]):
+#: the kernel settles them with its second test. The first two have subnormal results (the
+#: bracket), the others normal ones (the low-bits test).
+UNDECIDED_EXP32 = (
+    -89.45233154296875,
+    -89.24579620361328,
+    -87.22110748291016,
+    -75.0694808959961,
+    -51.63494110107422,
+    -44.57970428466797,
+    -24.896316528320312,
+    -12.392520904541016,
+    -7.190371036529541,
+    -2.944237232208252,
+    -0.5839310884475708,
+    -0.01921960338950157,
+)
 
 
 def _logits_near_collapse(rng, n, c):
@@ -417,11 +433,11 @@ def test_softmax_row_verdicts_match_numpy_on_both_paths(path, c):
     z[4, y[4]] = np.float32(40)
     z[4, (y[4] + 1) % c] = np.float32(40)  # tie at the maximum
     z[5, 0] = -np.inf
-    for row, d in zip((6, 7), UNDECIDED_EXP32, strict=True):
+    for row, d in enumerate(UNDECIDED_EXP32, start=6):
         z[row] = np.float32(-300)
         z[row, y[row]] = 0
         z[row, (y[row] + 1) % c] = d if c > 1 else 0
-    y[8] = -1  # a negative label counts from the end, on both paths
+    y[-1] = -1  # a negative label counts from the end, on both paths
     f32 = get_format("float32")
     assert softmax.fuses(z, f32, "pairwise") == (path == "numba")
     ref = on("numpy", row_verdicts, z, y, "float32")
@@ -434,23 +450,56 @@ def test_softmax_row_verdicts_match_numpy_on_both_paths(path, c):
     assert 0 < ref[0].sum() < z.shape[0]  # some rows collapse, some do not
 
 
-@needs_numba
-def test_softmax_kernel_leaves_undecided_and_nan_rows_to_the_caller():
-    """The kernel's own flags: a row with an ``exp`` term whose float64 value the rounding
-    test cannot settle, or with NaN, is flagged (the caller evaluates it on the NumPy path);
-    a row of ordinary terms, or with terms that round to 0, is not."""
-    z = np.full((5, 4), -300, dtype=np.float32)
-    z[:, 0] = 0
-    z[0, 1], z[1, 1] = UNDECIDED_EXP32
-    z[2, 1] = np.nan
-    z[3, 1] = np.float32(-7.25)
+def _exp_rn32(d: float) -> float:
+    """``e**d`` correctly rounded to float32, from mpmath at 200 bits (a Fraction oracle)."""
+    import mpmath
+
+    with mpmath.workprec(200):
+        m, e = mpmath.exp(mpmath.mpf(d)).man_exp
+    v = Fraction(int(m)) * Fraction(2) ** int(e)
+    return float(round_fraction(v, get_format("float32"), "nearest"))
+
+
+def _softmax_kernel(z, settle=None):
+    """``kernels.softmax_rows32`` of ``z`` (labels 0), with the second test's window
+    ``settle`` instead of ``2**-62`` if given: ``(sum, d_y, row sum, flag, number flagged)``."""
+    th, tl, c, *rest = elementary.softmax32_consts()
+    if settle is not None:
+        c = c.copy()
+        c[5] = settle
     n = z.shape[0]
     out = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n), np.empty(n, bool))
-    y = np.zeros(n, np.int64)
-    flagged = kernels.softmax_rows32(z, z.max(axis=1), y, *out, elementary.softmax32_consts())
-    assert flagged == 3 and out[3].tolist() == [True, True, True, False, False]
-    assert out[0][3] == np.float32(1) + np.float32(np.exp(np.float64(-7.25)))
-    assert out[0][4] == 1 and out[2][4] == 0.0  # every other term rounds to +0
+    y, cut, win = np.zeros(n, np.int64), np.full(n, np.inf, np.float32), np.empty(n, bool)
+    flagged = kernels.softmax_rows32(z, z.max(axis=1), y, cut, *out, win, (th, tl, c, *rest))
+    assert win.all()  # no entry above +inf: every row evaluated
+    return (*out, flagged)
+
+
+@needs_numba
+def test_softmax_kernel_settles_undecided_terms_and_leaves_nan_rows_to_the_caller():
+    """Rows ``(0, d, -300, -300)``: each ``d`` of :data:`UNDECIDED_EXP32` is in the first
+    test's window (a window of 1 for the second test flags every such row), and the second
+    test settles it to ``e**d`` correctly rounded (mpmath): the row's float32 sum is
+    ``RN(1 + e)`` and its float64 gradient sum ``e`` itself (``RN(1 - 1) = 0`` at the label,
+    the other terms +0). A row with NaN is flagged; one of ordinary terms, or of terms that
+    round to 0, is not."""
+    n_u = len(UNDECIDED_EXP32)
+    z = np.full((n_u + 3, 4), -300, dtype=np.float32)
+    z[:, 0] = 0
+    z[:n_u, 1] = UNDECIDED_EXP32
+    z[n_u, 1] = np.nan
+    z[n_u + 1, 1] = np.float32(-7.25)
+    total, _, row_sum, flag, flagged = _softmax_kernel(z)
+    assert flagged == 1 and flag.tolist() == [False] * n_u + [True, False, False]
+    for i, d in enumerate(UNDECIDED_EXP32):
+        e = np.float32(_exp_rn32(d))
+        assert total[i] == np.float32(1) + e, d
+        # the row sum: RN(e_0 - 1) = 0 at the label, then e and the zeros (float64, exact)
+        assert row_sum[i] == np.float64(e), d
+    assert total[n_u + 1] == np.float32(1) + np.float32(_exp_rn32(-7.25))
+    assert total[n_u + 2] == 1 and row_sum[n_u + 2] == 0.0  # every other term rounds to +0
+    *_, flag_wide, flagged_wide = _softmax_kernel(z, settle=1.0)
+    assert flagged_wide == n_u + 1 and flag_wide.tolist() == [True] * (n_u + 1) + [False] * 2
 
 
 @needs_numba
@@ -465,7 +514,37 @@ def test_batch_metrics_are_the_same_on_both_paths():
             ref = on("numpy", batch_metrics, z, y, f32, screen=screen, top=top)
             got = on("numba", batch_metrics, z, y, f32, screen=screen, top=top)
             assert got == ref
-    assert 0.05 < ref["sc_fraction"] < 0.95  # the data straddle collapse
+            # the data straddle collapse, and the window (its screen is the kernel's own)
+            assert 0.05 < ref["sc_fraction"] < 0.95
+            assert 0.05 < ref["sc_window_fraction"] < 0.95 if screen else True
+
+
+@needs_numba
+@pytest.mark.parametrize("c", [1, 2, 113, 300])
+def test_screened_verdicts_evaluate_the_rows_in_the_window(c):
+    """The fused kernel's own screen: the rows with at most one entry above their cut are the
+    NumPy count's (:func:`numstab.monitor.core.collapse_window`, with the window's cuts, and
+    with cuts drawn at random, ties with an entry included), and their verdicts are
+    ``row_verdicts``' on the NumPy path, each row evaluated alone; the other rows get
+    ``False, False, False, NaN``."""
+    rng = np.random.default_rng(c)
+    z, y = _logits_near_collapse(rng, 700, c)
+    z[0, 0], z[1] = np.nan, -np.inf
+    f32 = get_format("float32")
+    m = z.max(axis=1)
+    drawn = z[np.arange(z.shape[0]), rng.integers(0, c, z.shape[0])]  # cut == an entry
+    drawn[::3] = (m - rng.uniform(0, 40, m.shape)).astype(np.float32)[::3]
+    for cut in (window_cut(m, f32, "softmax", 0.0, z.dtype), drawn):
+        want_rows = (z > cut[:, None]).sum(axis=1) <= 1
+        if cut is not drawn:
+            assert np.array_equal(want_rows, collapse_window(z, f32, "softmax", 0.0, m))
+        *got, rows = softmax.screened_verdicts(z, y, f32, m, cut)
+        assert np.array_equal(rows, want_rows)
+        assert 0 < rows.sum() < rows.size if c > 1 else rows.all()  # one entry: always in
+        ref = on("numpy", row_verdicts, z[rows], y[rows], "float32")
+        for a, b in zip(ref, got, strict=True):
+            assert np.array_equal(a, b[rows], equal_nan=True)
+        assert not (got[0] | got[1] | got[2])[~rows].any() and np.isnan(got[3][~rows]).all()
 
 
 # --- rounding to float16 / bfloat16 ----------------------------------------------------------

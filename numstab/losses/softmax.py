@@ -30,7 +30,7 @@ import numpy as np
 from numstab import kernels, parallel, workspace
 from numstab.backend import native_sum, put_at, take_at
 from numstab.elementary import softmax32_consts
-from numstab.losses.rounding import is_recording
+from numstab.losses.rounding import Rounding, is_recording
 
 __all__ = [
     "backward",
@@ -39,6 +39,7 @@ __all__ = [
     "forward",
     "fuses",
     "open_rows",
+    "screened_verdicts",
     "smoothed",
     "terms",
     "top_entries",
@@ -188,8 +189,45 @@ _ROWS_PER_BLOCK = 256
 
 
 def _verdicts_fused(z, labels, r, row_max):
-    """:func:`_verdicts` with the row pass in one kernel; the rows it leaves (a term its
-    rounding test did not decide, NaN) go through :func:`_verdicts`. Same results."""
+    """:func:`_verdicts` with the row pass in one kernel (:func:`_fused`, every row)."""
+    return _fused(z, labels, r, row_max, None)[:4]
+
+
+def screened_verdicts(z, labels, fmt, row_max, cut):
+    """:func:`verdicts` of the rows of ``z`` with at most one entry above their ``cut``, by
+    the fused kernel, which screens each row itself (one pass over it, no copy of the rows).
+
+    For a caller that knows a bound: e.g. :func:`numstab.monitor.core.window_cut`, above
+    which a row that can collapse has only its maximum. Requires :func:`fuses` of ``z``,
+    ``fmt`` and ``pairwise`` order, and labels in ``[-C, C)``.
+
+    Parameters
+    ----------
+    z : float32 ndarray, shape (N, C)
+    labels : int ndarray, shape (N,)
+    fmt : Format
+        float32 (as :func:`fuses`).
+    row_max : float32 ndarray, shape (N,)
+        ``max z`` of each row.
+    cut : float32 ndarray, shape (N,)
+        The rows' bounds (``+inf``: every row evaluated).
+
+    Returns
+    -------
+    collapsed, zero_loss, zero_target_grad : bool arrays (N,)
+    row_sum : float64 array (N,)
+        As :func:`verdicts`; a row not evaluated gets False, False, False and NaN.
+    evaluated : bool array (N,)
+        The rows with at most one entry above their cut.
+    """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # as row_verdicts
+        return _fused(z, labels, Rounding(fmt, "pairwise", "correct", np), row_max, cut)
+
+
+def _fused(z, labels, r, row_max, cut):
+    """The fused kernel's verdicts of the rows with at most one entry above ``cut`` (None:
+    every row) and the mask of those rows; the rows it leaves (a term its rounding tests did
+    not decide, NaN) go through :func:`_verdicts`. Same results as :func:`_verdicts`."""
     n, c = z.shape
     y = np.asarray(labels, dtype=np.int64)
     if n and (int(y.max()) >= c or int(y.min()) < -c):  # the kernel does not check bounds
@@ -197,35 +235,39 @@ def _verdicts_fused(z, labels, r, row_max):
     y = np.where(y < 0, y + c, y)  # a negative label counts from the end, as take_at
     z = np.ascontiguousarray(z)
     m = z.max(axis=1) if row_max is None else np.ascontiguousarray(row_max, dtype=np.float32)
-    total, d_y, sums, left = _fused_rows(z, m, y)
-    collapsed = total == 1
-    lsm_y = r.sub(d_y, r.log(total))
-    p_y = r.exp(lsm_y)
-    # a collapsed row has RN(log 1) = 0, lsm_y = d_y and p_y = e_y: the kernel's g_y
+    cut = np.full(n, np.inf, np.float32) if cut is None else np.asarray(cut, np.float32)
+    total, d_y, sums, left, evaluated = _fused_rows(z, m, y, cut)
+    collapsed = evaluated & (total == 1)  # the others' outputs were not written
+    # lsm_y = RN(d_y - RN(log total)) and p_y = RN(exp lsm_y) (correctly rounded) are decided
+    # without log and exp in a row the kernel kept (finite, d <= 0, so total >= 1): where
+    # total > 1, RN(log total) >= RN(log(1 + 2**-23)) > 2**-24, so lsm_y < -2**-24 and
+    # p_y < 1; where total == 1, lsm_y = d_y, and RN(exp d_y) == 1 exactly for
+    # d_y >= -2**-25 (exp(-2**-25) lies above the midpoint 1 - 2**-25, exp of the next float32
+    # below it under). Then p_y = e_y: the kernel's g_y is the row's.
     row_sum = np.where(collapsed, sums, np.nan)
-    out = (collapsed, lsm_y == 0, p_y == 1, row_sum)
+    out = (collapsed, collapsed & (d_y == 0), collapsed & (d_y >= -(2.0**-25)), row_sum)
     if left.any():
         rows = np.flatnonzero(left)
         for full, part in zip(out, _verdicts(z[rows], y[rows], r, m[rows, None]), strict=True):
             full[rows] = part
-    return out
+    return (*out, evaluated)
 
 
-def _fused_rows(z, m, y):
+def _fused_rows(z, m, y, cut):
     """:func:`numstab.kernels.softmax_rows32` over ``z`` (N, C) float32, C-contiguous, in row
     blocks on the :mod:`numstab.parallel` threads in effect (each row's results depend on
-    that row alone): ``(total, d_y, row sums, rows left)``."""
+    that row alone): ``(total, d_y, row sums, rows left, rows evaluated)``."""
     n = z.shape[0]
     total, d_y = np.empty(n, np.float32), np.empty(n, np.float32)
-    sums, left = np.empty(n), np.empty(n, bool)
+    sums, left, evaluated = np.empty(n), np.empty(n, bool), np.empty(n, bool)
     consts = softmax32_consts()
 
     def block(a, b):
-        outs = (total[a:b], d_y[a:b], sums[a:b], left[a:b])
-        return kernels.softmax_rows32(z[a:b], m[a:b], y[a:b], *outs, consts)
+        outs = (total[a:b], d_y[a:b], sums[a:b], left[a:b], evaluated[a:b])
+        return kernels.softmax_rows32(z[a:b], m[a:b], y[a:b], cut[a:b], *outs, consts)
 
     parallel.map_blocks(block, n, _ROWS_PER_BLOCK)
-    return total, d_y, sums, left
+    return total, d_y, sums, left, evaluated
 
 
 #: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``

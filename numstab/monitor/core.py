@@ -33,7 +33,14 @@ from numstab.losses import row_verdicts, softmax, stablemax_s
 from numstab.metrics import param_norms_and_cosines
 from numstab.precision import Format, format_of, quantize
 
-__all__ = ["TopEntries", "batch_metrics", "metric_rows", "param_metrics", "update_metrics"]
+__all__ = [
+    "TopEntries",
+    "batch_metrics",
+    "metric_rows",
+    "param_metrics",
+    "update_metrics",
+    "window_cut",
+]
 
 #: A row with ``t2 > WINDOW · 2**-p`` cannot collapse (module docstring).
 WINDOW = 4.0
@@ -49,17 +56,12 @@ def _in_format(z: np.ndarray, fmt: Format) -> np.ndarray:
     return z if z.dtype in (np.float32, np.float64, np.longdouble) else z.astype(np.float32)
 
 
-def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float, z1=None) -> np.ndarray:
-    """Rows whose second-largest term is ``<= WINDOW · 2**-p`` (bool, shape (N,)).
-
-    ``z``: (N, C) logits in a NumPy float carrier. Computed without sorting: with ``z1`` the
-    row maximum, the row is in the window when no other entry exceeds the largest ``z2`` whose
-    term is small enough (``z1 - log(1/τ)``, or StableMax's ``s⁻¹(τ · s(z1))``); a tie at the
-    maximum (term 1) keeps a row out. Rows with NaN logits are included (numstab's loss then
-    decides them). ``z1``: the row maxima, if already known.
-    """
+def window_cut(z1, fmt: Format, kind: str, eps: float, dtype) -> np.ndarray:
+    """The collapse window's bound per row (shape (N,), ``dtype``): the largest ``z2`` whose
+    term is ``<= WINDOW · 2**-p`` for the row maximum ``z1`` (N,) (``z1 - log(1/τ)``, or
+    StableMax's ``s⁻¹(τ · s(z1))``), computed in float64 and rounded up to ``dtype``. A row
+    with no entry above it other than its maximum is in the window; NaN where ``z1`` is."""
     tau = WINDOW * fmt.unit_roundoff
-    z1 = z.max(axis=1) if z1 is None else z1
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if kind == "stablemax":
             v = tau * stablemax_s(z1.astype(np.float64), "float64", eps=eps)[0]
@@ -67,8 +69,21 @@ def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float, z1=None) 
             limit = np.where(v >= 1, v - 1.0, 1.0 + eps - 1.0 / v)
         else:
             limit = z1.astype(np.float64) + math.log(tau)
-        cut = limit.astype(z.dtype)
-        cut = np.where(cut < limit, np.nextafter(cut, z.dtype.type(np.inf)), cut)  # round up
+        cut = limit.astype(dtype)
+        return np.where(cut < limit, np.nextafter(cut, dtype.type(np.inf)), cut)  # round up
+
+
+def collapse_window(z: np.ndarray, fmt: Format, kind: str, eps: float, z1=None) -> np.ndarray:
+    """Rows whose second-largest term is ``<= WINDOW · 2**-p`` (bool, shape (N,)).
+
+    ``z``: (N, C) logits in a NumPy float carrier. Computed without sorting: the row is in
+    the window when no entry other than its maximum exceeds :func:`window_cut`; a tie at the
+    maximum (term 1) keeps a row out. Rows with NaN logits are included (numstab's loss then
+    decides them). ``z1``: the row maxima, if already known.
+    """
+    z1 = z.max(axis=1) if z1 is None else z1
+    cut = window_cut(z1, fmt, kind, eps, z.dtype)
+    with np.errstate(invalid="ignore"):
         above = z > cut[:, None]
     return above.view(np.uint8).sum(axis=1, dtype=np.int32) <= 1  # faster than count_nonzero
 
@@ -152,20 +167,29 @@ def batch_metrics(
     z = _in_format(z, fmt)  # the window must see the values the loss computes with
     first = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
     z1 = take_at(z, first)
-    cand = collapse_window(z, fmt, kind, eps, z1) if screen else None
-    k = int(np.count_nonzero(cand)) if screen else n
     # numstab.metrics.accuracy from the argmax above (one pass over the logits, not two)
     out = {"accuracy": int(np.count_nonzero((first == y) & ~np.isnan(z1))) / n if n else math.nan}
+    if kind == "softmax" and softmax.fuses(z, fmt, order):
+        # the fused kernel screens each row itself: no pass of the window's, no copy of rows
+        cut = window_cut(z1, fmt, kind, eps, z.dtype) if screen else np.full(n, np.inf, z.dtype)
+        *verdicts, cand = softmax.screened_verdicts(z, y, fmt, z1, cut)
+        k = int(np.count_nonzero(cand))
+    else:
+        cand = collapse_window(z, fmt, kind, eps, z1) if screen else None
+        k = int(np.count_nonzero(cand)) if screen else n
+        verdicts = None
+        if k:
+            zc, yc, mc = (z, y, z1) if k == n else (z[cand], y[cand], z1[cand])  # late: all
+            # the carried entries spare the exact pass most open rows
+            use_top = top is not None and k == n and kind == "softmax"
+            verdicts = row_verdicts(
+                zc, yc, fmt, kind=kind, order=order, eps=eps, row_max=mc,
+                keep=top(z, z1, y, fmt) if use_top else None,
+            )  # fmt: skip
     sc = zero_loss = zero_grad = 0
     mass = 0.0
-    if k:
-        zc, yc, mc = (z, y, z1) if k == n else (z[cand], y[cand], z1[cand])  # late: every row
-        # the carried entries spare the exact pass most open rows; the fused kernel has none
-        use_top = top is not None and k == n and kind == "softmax"
-        keep = top(z, z1, y, fmt) if use_top and not softmax.fuses(zc, fmt, order) else None
-        collapsed, zl, zg, row_sum = row_verdicts(
-            zc, yc, fmt, kind=kind, order=order, eps=eps, row_max=mc, keep=keep
-        )
+    if verdicts is not None:
+        collapsed, zl, zg, row_sum = verdicts
         sc, zero_loss, zero_grad = (int(np.count_nonzero(v)) for v in (collapsed, zl, zg))
         mass = float(np.sum(row_sum[collapsed]))  # rows that did not collapse: residual only
     frac = (lambda m: m / n) if n else (lambda m: math.nan)
