@@ -555,14 +555,14 @@ def _exp64_fused(xf, of):
 
 def softmax32_consts() -> tuple:
     """The constants of :func:`numstab.kernels.softmax_rows32` (built once): the float64
-    ``exp``'s tables ``th``, ``tl`` and ``(inv_l, c1, -c2, c3, c4, settle)`` (``settle``:
-    ``2**-62``, the relative distance from a float32 midpoint below which a term stays
-    undecided after the last correction, whose error is below ``2**-63.4``), then the
-    float32 rounding test's ``(half_k, mask, two_k, rel, tiny)``."""
+    ``exp``'s tables ``th``, ``tl`` and ``(inv_l, c1, -c2, c3, c4, settle, open)``
+    (``settle``: ``2**-62``, the relative distance from a float32 midpoint below which a term
+    stays undecided after the last correction, whose error is below ``2**-63.4``; ``open``:
+    :data:`_OPEN32`), then the float32 rounding test's ``(half_k, mask, two_k, rel, tiny)``."""
     t = _exp_tables(np)
     consts = t.get("softmax32")
     if consts is None:
-        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4, _SETTLE32])
+        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4, _SETTLE32, _OPEN32])
         consts = t["softmax32"] = (t["th"], t["tl"], c, *_NARROW_TEST)
     return consts
 
@@ -623,6 +623,22 @@ _EPS_FAST = 2.0**-61.5
 # term: s + lo scaled is within 2**-63.4 of e**d, and the distance to the midpoint is itself
 # computed with a relative error of 2**-53; 2**-62 leaves a margin of 2.6.
 _SETTLE32 = 2.0**-62
+
+
+def _open32() -> float:
+    """The smallest float32 ``d`` with ``RN(e**d) > 2**-24`` in float32: the smallest float32
+    at or above ``ln(2**-24 (1 + 2**-24))`` (the midpoint above ``2**-24``; float64's error
+    here, ~1e-15, is far below float32's spacing, 2**-20; checked against mpmath in the
+    tests)."""
+    v = -24 * math.log(2.0) + math.log1p(2.0**-24)
+    d = np.float32(v)
+    return float(d if float(d) >= v else np.nextafter(d, np.float32(0)))
+
+
+#: A softmax row with a second entry at ``d >= _OPEN32`` does not collapse in float32:
+#: ``RN(1 + e) > 1`` for that term ``e``, and a sum of non-negative terms in any tree is
+#: monotone in each term (numstab.kernels.softmax_rows32).
+_OPEN32 = _open32()
 
 
 class _Exp64Kernel:

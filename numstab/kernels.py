@@ -354,7 +354,7 @@ def narrow_round(w, of, amb, half_k, mask, two_k, rel, tiny) -> int:
 @_Kernel
 def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k, mask, two_k,
                rel, tiny):  # fmt: skip
-    inv_l, c1, neg_c2, c3, c4, settle = c[0], c[1], c[2], c[3], c[4], c[5]
+    inv_l, c1, neg_c2, c3, c4, settle, d_open = c[0], c[1], c[2], c[3], c[4], c[5], c[6]
     magic = 6755399441055744.0  # 1.5 * 2**52: (v + magic) - magic is rint(v) for |v| < 2**51
     n_rows, n_cls = z.shape
     e32 = np.empty(n_cls, np.float32)  # the row's terms
@@ -374,21 +374,28 @@ def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k
     n_flag = 0
     for i in range(n_rows):
         ci = cut[i]
+        mi = m[i]
         above = 0
+        wide = 0
+        bad = False
         for k in range(n_cls):
             above += z[i, k] > ci
+            d = z[i, k] - mi  # float32, one rounding
+            wide += d >= d_open  # RN(e**d) > 2**-24 (the maximum itself included)
+            bad |= not (d <= 0)  # NaN, or a maximum that is not the row's
         win[i] = above <= 1
         if above > 1:  # outside the caller's window: not evaluated
             flag[i] = False
             continue
-        mi = m[i]
-        bad = False
+        if wide > 1 and not bad:  # a second term RN(1 + e) > 1: the sum exceeds 1
+            out_s[i] = np.nan
+            flag[i] = False
+            continue
         # three loops per row: the two without table lookups vectorise. The reduction and
         # the table step are _exp64's, written out again: a kernel cannot call another
         # before numba is imported, and each is compared with the NumPy path on its own
         for k in range(n_cls):
             d = z[i, k] - mi  # float32, one rounding
-            bad |= not (d <= 0)  # NaN, or a maximum that is not the row's
             dc = d if d >= -104.0 else 0.0
             kf = (dc * inv_l + magic) - magic
             a = dc - kf * c1
@@ -519,7 +526,10 @@ def softmax_rows32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, consts) -> in
     ``out_rs <-`` the float64 pairwise sum of ``e`` with ``e_y`` replaced by
     ``RN(e_y - 1)`` (the row's logit gradient if it collapsed), ``flag <-`` rows left to
     the caller: a term that neither rounding test could decide, NaN, or ``z > m``. The
-    other rows' ``out_*`` are not written. Returns the number flagged.
+    other rows' ``out_*`` are not written. A row with two entries at ``d >= open`` (``open`` of
+    ``consts``: ``RN(e**d) > 2**-24``; the maximum and one more) does not collapse, as
+    ``RN(1 + e) > 1`` and the tree's sum is monotone in each term: its terms are not
+    evaluated, ``out_s <- NaN`` (its other outputs not written). Returns the number flagged.
 
     Unlike the other kernels this one does not repeat the NumPy path's operations: ``exp``'s
     float64 value is the fast pass of ``numstab.elementary``'s float64 ``exp`` without its
@@ -528,8 +538,8 @@ def softmax_rows32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, consts) -> in
     ``2**-45``) decides it, so every decided term is the correctly rounded one: the NumPy
     path's bits. A term in that window (about one in ``2**19``) is settled with the pass's
     last correction: ``s + lo`` within ``2**-63.4`` of ``e**d`` (relative), compared with
-    the float32 midpoint next to it; only a distance below ``settle · w`` (``consts``' sixth
-    scalar, ``2**-62``) leaves it undecided (not met in the scans of the tests). ``d < -104``
+    the float32 midpoint next to it; only a distance below ``settle · w`` (``settle`` of
+    ``consts``, ``2**-62``) leaves it undecided (not met in the scans of the tests). ``d < -104``
     gives ``+0`` without ``exp`` (``exp(d) < 2**-150``, half the smallest subnormal).
     ``consts``: :func:`numstab.elementary.softmax32_consts`."""
     return int(_softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, *consts))
@@ -641,7 +651,7 @@ def warm() -> float:
     narrow_round16(x, np.empty(4, np.float32), np.empty(4, dtype=bool), counts, consts16)
     z = np.zeros((2, 3), np.float32)
     out = (np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2), np.empty(2, bool))
-    tables = (np.ones(4096), np.zeros(4096), np.zeros(6), u64, u64, u64, 1.0, 1.0)
+    tables = (np.ones(4096), np.zeros(4096), np.zeros(7), u64, u64, u64, 1.0, 1.0)
     cut = np.full(2, np.inf, np.float32)
     softmax_rows32(z, z.max(axis=1), np.zeros(2, np.int64), cut, *out, np.empty(2, bool), tables)
     return time.perf_counter() - t0

@@ -460,13 +460,15 @@ def _exp_rn32(d: float) -> float:
     return float(round_fraction(v, get_format("float32"), "nearest"))
 
 
-def _softmax_kernel(z, settle=None):
+def _softmax_kernel(z, settle=None, d_open=np.inf):
     """``kernels.softmax_rows32`` of ``z`` (labels 0), with the second test's window
-    ``settle`` instead of ``2**-62`` if given: ``(sum, d_y, row sum, flag, number flagged)``."""
+    ``settle`` instead of ``2**-62`` if given, and rows proved open by a second entry at
+    ``d >= d_open`` (default: none, every row evaluated): ``(sum, d_y, row sum, flag, number
+    flagged)``."""
     th, tl, c, *rest = elementary.softmax32_consts()
-    if settle is not None:
-        c = c.copy()
-        c[5] = settle
+    c = c.copy()
+    c[5] = c[5] if settle is None else settle
+    c[6] = d_open
     n = z.shape[0]
     out = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n), np.empty(n, bool))
     y, cut, win = np.zeros(n, np.int64), np.full(n, np.inf, np.float32), np.empty(n, bool)
@@ -500,6 +502,23 @@ def test_softmax_kernel_settles_undecided_terms_and_leaves_nan_rows_to_the_calle
     assert total[n_u + 2] == 1 and row_sum[n_u + 2] == 0.0  # every other term rounds to +0
     *_, flag_wide, flagged_wide = _softmax_kernel(z, settle=1.0)
     assert flagged_wide == n_u + 1 and flag_wide.tolist() == [True] * (n_u + 1) + [False] * 2
+
+
+def test_softmax_kernel_proves_rows_open_from_a_second_term_above_2_to_minus_24():
+    """``elementary._OPEN32`` is the smallest float32 ``d`` whose term rounds above
+    ``2**-24`` (mpmath); the kernel does not evaluate a row with a second entry there (its
+    sum is NaN) and evaluates the one whose second entry is one float32 below (its sum is
+    then exactly 1: ``RN(1 + 2**-24) = 1``, ties to even)."""
+    t = np.float32(elementary._OPEN32)
+    below = np.nextafter(t, np.float32(-np.inf))
+    assert np.float32(_exp_rn32(float(t))) > 2.0**-24 >= np.float32(_exp_rn32(float(below)))
+    z = np.full((3, 5), -300, dtype=np.float32)
+    z[:, 0] = 0
+    z[0, 3], z[1, 3], z[2, 3] = t, below, -1
+    total, _, _, flag, flagged = _softmax_kernel(z, d_open=elementary._OPEN32)
+    assert flagged == 0 and not flag.any()
+    assert np.isnan(total[0]) and total[1] == 1 and np.isnan(total[2])
+    assert _softmax_kernel(z)[0][0] == np.float32(1) + np.float32(_exp_rn32(float(t)))
 
 
 @needs_numba

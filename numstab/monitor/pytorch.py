@@ -139,7 +139,8 @@ class Monitor:
     threads : int
         Threads for the monitor's elementwise passes (the correctly rounded ``exp`` and ``log``
         of the collapse metrics, :mod:`numstab.parallel`); the values are the same at every
-        count. Give the loop's own thread count to use the cores its step uses.
+        count. More than one pays where cores are idle while the monitor works: on 2 cores
+        with torch on both, 2 measured slower than 1 inside the loop (docs/monitor.md).
     background : bool
         Measure on a thread of the monitor's own: ``observe`` only copies the step's host
         arrays (logits, θ, ∇L, θ after the step) and the loop goes on while the previous step
