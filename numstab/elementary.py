@@ -553,17 +553,36 @@ def _exp64_fused(xf, of):
     return np.flatnonzero(flag)
 
 
+#: The float32 softmax kernel's fast ``exp`` pass takes every 16th entry of the table:
+#: ``2**(j/256)``, 2 KiB (numstab.kernels.softmax_rows32).
+_FAST_STRIDE = 16
+
+
 def softmax32_consts() -> tuple:
     """The constants of :func:`numstab.kernels.softmax_rows32` (built once): the float64
-    ``exp``'s tables ``th``, ``tl`` and ``(inv_l, c1, -c2, c3, c4, settle, open)``
-    (``settle``: ``2**-62``, the relative distance from a float32 midpoint below which a term
-    stays undecided after the last correction, whose error is below ``2**-63.4``; ``open``:
-    :data:`_OPEN32`), then the float32 rounding test's ``(half_k, mask, two_k, rel, tiny)``."""
+    ``exp``'s tables ``th``, ``tl`` (4096 entries), the fast pass's table ``tf`` (256:
+    ``th[::16]``, ``2**(j/256)`` rounded to float64) and ``(inv_l, c1, -c2, c3, c4, settle,
+    open, inv_f, c1_f, -c2_f)`` (``settle``: ``2**-62``, the relative distance from a float32
+    midpoint below which a term stays undecided after the last correction, whose error is
+    below ``2**-63.4``; ``open``: :data:`_OPEN32`; ``_f``: the fast pass's reduction
+    constants, those of the 4096 table divided by 16, exactly), then the float32 rounding
+    test's ``(half_k, mask, two_k, rel, tiny)``.
+
+    The fast pass ``2**(k/256) (1 + p)``, ``p = rh + rh**2 (1/2 + rh/6 + rh**2/24)``:
+    ``|rh| <= ln2/512 + 2**-46 < 2**-9.5``; relative error, term by term: the polynomial's
+    truncation ``|r|**5/120 < 2**-54.4``, ``tf``'s rounding ``2**-53``, the products' and sums'
+    roundings ``2**-53`` (the last addition) and ``2**-61`` (the others), the reduction
+    (``kf c1`` exact for ``|kf| < 2**23``; ``rh``'s and ``kf c2``'s roundings) ``2**-62``:
+    below ``2**-51.3`` in all, under the ``2**-45`` the rounding test allows (a margin of 2**6)
+    and measured in the tests against mpmath."""
     t = _exp_tables(np)
     consts = t.get("softmax32")
     if consts is None:
-        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4, _SETTLE32, _OPEN32])
-        consts = t["softmax32"] = (t["th"], t["tl"], c, *_NARROW_TEST)
+        s = _FAST_STRIDE
+        fast = (t["inv_l"] / s, t["c1"] * s, -t["c2"] * s)  # exact: powers of 2
+        c = np.array([t["inv_l"], t["c1"], -t["c2"], _C3, _C4, _SETTLE32, _OPEN32, *fast])
+        tf = np.ascontiguousarray(t["th"][::s])
+        consts = t["softmax32"] = (t["th"], t["tl"], tf, c, *_NARROW_TEST)
     return consts
 
 

@@ -352,17 +352,19 @@ def narrow_round(w, of, amb, half_k, mask, two_k, rel, tiny) -> int:
 
 
 @_Kernel
-def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k, mask, two_k,
-               rel, tiny):  # fmt: skip
+def _softmax32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, th, tl, tf, c, half_k,
+               mask, two_k, rel, tiny):  # fmt: skip
     inv_l, c1, neg_c2, c3, c4, settle, d_open = c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+    inv_f, c1_f, neg_c2_f = c[7], c[8], c[9]
     magic = 6755399441055744.0  # 1.5 * 2**52: (v + magic) - magic is rint(v) for |v| < 2**51
     n_rows, n_cls = z.shape
+    flip = np.int32(0x7FFFFFFF)
     e32 = np.empty(n_cls, np.float32)  # the row's terms
     e64 = np.empty(n_cls, np.float64)  # the row's gradient if it collapsed (g_y at y)
     pb = np.empty(n_cls, np.float64)
     kb = np.empty(n_cls, np.int64)
     thb = np.empty(n_cls, np.float64)
-    tlb = np.empty(n_cls, np.float64)
+    ab = np.empty(n_cls, np.bool_)
     acc32 = np.empty(8, np.float32)
     acc64 = np.empty(8, np.float64)
     # the pairwise tree without recursion: a stack of (start, length, stage, left sums)
@@ -373,16 +375,36 @@ def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k
     st_l64 = np.empty(64, np.float64)
     n_flag = 0
     for i in range(n_rows):
-        ci = cut[i]
-        mi = m[i]
+        # the row maximum as the largest integer key (a reduction that vectorises, where a
+        # float max with NaN does not): the bits of v as an int32, a negative value's
+        # magnitude bits flipped, so the keys order as the floats (-0 below +0: either is
+        # the maximum, as every use compares with ==, <= or subtracts, where they agree)
+        top = np.int32(-(2**31))
+        nan = 0
+        for k in range(n_cls):
+            v = z[i, k]
+            b = np.float32(v).view(np.int32)
+            top = max(top, b ^ ((b >> 31) & flip))
+            nan += v != v
+        mi = np.int32(top ^ ((top >> 31) & flip)).view(np.float32)  # the key's float
+        mi = mi if nan == 0 else np.float32(np.nan)
+        lim = np.float64(mi) + below  # the cut: m + below, rounded up to float32
+        ci = np.float32(lim)
+        if np.float64(ci) < lim:
+            ci = np.float32(np.nextafter(ci, np.float32(np.inf)))
+        yi = y[i]
         above = 0
         wide = 0
-        bad = False
+        tied = 0
+        bad = nan > 0
         for k in range(n_cls):
-            above += z[i, k] > ci
-            d = z[i, k] - mi  # float32, one rounding
+            v = z[i, k]
+            above += v > ci
+            d = v - mi  # float32, one rounding
             wide += d >= d_open  # RN(e**d) > 2**-24 (the maximum itself included)
-            bad |= not (d <= 0)  # NaN, or a maximum that is not the row's
+            bad |= not (d <= 0)  # NaN: in the row, or an infinite maximum's inf - inf
+            tied += (v == mi) & (k < yi)  # a maximum before the label's column
+        out_hit[i] = (nan == 0) & (z[i, yi] == mi) & (tied == 0)  # numpy.argmax(row) == y
         win[i] = above <= 1
         if above > 1:  # outside the caller's window: not evaluated
             flag[i] = False
@@ -391,49 +413,57 @@ def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k
             out_s[i] = np.nan
             flag[i] = False
             continue
-        # three loops per row: the two without table lookups vectorise. The reduction and
-        # the table step are _exp64's, written out again: a kernel cannot call another
-        # before numba is imported, and each is compared with the NumPy path on its own
+        # the fast float64 exp in three loops per row (the two without the table lookup
+        # vectorise): exp(d) = 2**(k/256) e**r, |r| <= ln2/512, e**r - 1 ~ r + r**2 q(r),
+        # 2**(k/256) from the 256-entry table (2 KiB, in the L1 cache). Relative error below
+        # 2**-51.3 (elementary.softmax32_consts), against the 2**-45 the rounding test needs
         for k in range(n_cls):
             d = z[i, k] - mi  # float32, one rounding
             dc = d if d >= -104.0 else 0.0
-            kf = (dc * inv_l + magic) - magic
-            a = dc - kf * c1
-            rh = a + kf * neg_c2
+            kf = (dc * inv_f + magic) - magic
+            a = dc - kf * c1_f  # exact
+            rh = a + kf * neg_c2_f
             q = rh * c4 + c3
             q = q * rh + 0.5
             q = q * (rh * rh)
             pb[k] = rh + q
             kb[k] = np.int64(kf)
         for k in range(n_cls):
-            j = kb[k] & 4095
-            thb[k] = th[j]
-            tlb[k] = tl[j]
+            thb[k] = tf[kb[k] & 255]
         amb = False
         for k in range(n_cls):
             t_h = thb[k]
-            s = t_h + (t_h * pb[k] + tlb[k])  # in [0.999, 2.002): exp(d) = s 2**m, m <= 0
-            w = np.int64(np.float64(s).view(np.int64) + ((kb[k] >> 12) << 52)).view(np.float64)
+            s = t_h + t_h * pb[k]  # in [0.998, 2.004): exp(d) = s 2**m, m <= 0
+            w = np.int64(np.float64(s).view(np.int64) + ((kb[k] >> 8) << 52)).view(np.float64)
             dd = w * rel  # the bracket, for a subnormal float32 result; else the low bits
             sub = np.float32(w - dd) != np.float32(w + dd)
             low = ((np.float64(w).view(np.uint64) - half_k) & mask) <= two_k
             a_k = sub if abs(w) < tiny else low  # a select, not a branch: the loop vectorises
             inside = z[i, k] - mi >= -104.0  # below, exp(d) < 2**-150: +0 exactly
             e = np.float32(w) if inside else np.float32(0.0)
+            ab[k] = a_k & inside
             amb |= a_k & inside
             e32[k] = e
             e64[k] = np.float64(e)
-        if amb:  # rare (about one term in 2**19): settle them with the pass's last correction
+        if amb:  # rare (about one term in 2**19): settle those with the double-double exp
             amb = False
             for k in range(n_cls):
-                d = z[i, k] - mi
-                if not (d >= -104.0):
+                if not ab[k]:
                     continue
-                t_h = thb[k]
-                f1 = t_h * pb[k] + tlb[k]
+                # numstab.elementary._Exp64Kernel's pass: the 4096-entry table th + tl, and
+                # its last correction lo
+                d = np.float64(z[i, k] - mi)
+                kf = (d * inv_l + magic) - magic
+                rh = (d - kf * c1) + kf * neg_c2
+                q = rh * c4 + c3
+                q = q * rh + 0.5
+                q = q * (rh * rh)
+                ki = np.int64(kf)
+                t_h = th[ki & 4095]
+                f1 = t_h * (rh + q) + tl[ki & 4095]
                 s = t_h + f1
                 lo = f1 - (s - t_h)  # Fast2Sum (|t_h| > |f1|): s + lo = t_h + f1 exactly
-                scale = np.int64((1023 + (kb[k] >> 12)) << 52).view(np.float64)  # 2**m
+                scale = np.int64((1023 + (ki >> 12)) << 52).view(np.float64)  # 2**m
                 w = s * scale  # exact: normal float64 values (exp(d) > 2**-151)
                 wl = lo * scale
                 a = np.float32(w)
@@ -450,7 +480,6 @@ def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k
                 e = np.float32(max(af, b) if diff > 0 else min(af, b))
                 e32[k] = e
                 e64[k] = np.float64(e)
-        yi = y[i]
         out_dy[i] = z[i, yi] - mi
         e64[yi] = np.float64(e32[yi] - np.float32(1.0))  # g_y = RN(p_y - 1), p_y = e_y
         f = amb | bad
@@ -515,34 +544,38 @@ def _softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, th, tl, c, half_k
     return n_flag
 
 
-def softmax_rows32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, consts) -> int:
+def softmax_rows32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, consts) -> int:
     """The float32 softmax's rows in one pass (``numstab.losses.softmax``'s fused verdicts):
-    per row ``i`` of ``z`` (N, C) float32 with maxima ``m`` (N,), labels ``y`` (N,) int64
-    in ``[0, C)`` and window cuts ``cut`` (N,) float32, ``win <-`` at most one entry
-    ``> cut`` (the row is evaluated; ``+inf``: every row), and for the rows evaluated the
-    terms ``e = RN(exp RN(z - m))`` (correctly rounded), and
+    per row ``i`` of ``z`` (N, C) float32 with labels ``y`` (N,) int64 in ``[0, C)``, the
+    maximum ``m`` (NaN in a row with NaN), ``out_hit <-`` ``numpy.argmax(z_i) == y_i`` and no
+    NaN in the row (the accuracy's hit), ``win <-`` at most one entry above the cut
+    ``m + below`` (computed in float64, rounded up to float32; ``below = +inf``: every
+    row), the rows evaluated; for those the terms ``e = RN(exp RN(z - m))`` (correctly
+    rounded), and
 
     ``out_s <-`` their pairwise sum (NumPy's tree, float32), ``out_dy <- RN(z_y - m)``,
-    ``out_rs <-`` the float64 pairwise sum of ``e`` with ``e_y`` replaced by
-    ``RN(e_y - 1)`` (the row's logit gradient if it collapsed), ``flag <-`` rows left to
-    the caller: a term that neither rounding test could decide, NaN, or ``z > m``. The
-    other rows' ``out_*`` are not written. A row with two entries at ``d >= open`` (``open`` of
-    ``consts``: ``RN(e**d) > 2**-24``; the maximum and one more) does not collapse, as
-    ``RN(1 + e) > 1`` and the tree's sum is monotone in each term: its terms are not
-    evaluated, ``out_s <- NaN`` (its other outputs not written). Returns the number flagged.
+    ``out_rs <-`` the float64 pairwise sum of ``e`` with ``e_y`` replaced by ``RN(e_y - 1)``
+    (the row's logit gradient if it collapsed), ``flag <-`` rows left to the caller: a term
+    that neither rounding test could decide, NaN in the row or an infinite maximum. The other
+    rows' ``out_s``, ``out_dy`` and ``out_rs`` are not written. A row with two entries at
+    ``d >= open`` (``open`` of ``consts``: ``RN(e**d) > 2**-24``; the maximum and one more)
+    does not collapse, as ``RN(1 + e) > 1`` and the tree's sum is monotone in each term: its
+    terms are not evaluated, ``out_s <- NaN`` (its other outputs not written). Returns the
+    number flagged.
 
     Unlike the other kernels this one does not repeat the NumPy path's operations: ``exp``'s
-    float64 value is the fast pass of ``numstab.elementary``'s float64 ``exp`` without its
-    last correction (relative error below ``2**-52``; the NumPy path takes NumPy's float64
-    ``exp``), and the same float32 rounding test (window ``2**-44``, valid for any error below
-    ``2**-45``) decides it, so every decided term is the correctly rounded one: the NumPy
-    path's bits. A term in that window (about one in ``2**19``) is settled with the pass's
-    last correction: ``s + lo`` within ``2**-63.4`` of ``e**d`` (relative), compared with
-    the float32 midpoint next to it; only a distance below ``settle · w`` (``settle`` of
-    ``consts``, ``2**-62``) leaves it undecided (not met in the scans of the tests). ``d < -104``
-    gives ``+0`` without ``exp`` (``exp(d) < 2**-150``, half the smallest subnormal).
-    ``consts``: :func:`numstab.elementary.softmax32_consts`."""
-    return int(_softmax32(z, m, y, cut, out_s, out_dy, out_rs, flag, win, *consts))
+    float64 value comes from a fast pass of its own (a 256-entry table of ``2**(j/256)``
+    and a degree-4 polynomial, relative error below ``2**-51.3``; the NumPy path takes
+    NumPy's float64 ``exp``), and the same float32 rounding test (window ``2**-44``, valid
+    for any error below ``2**-45``) decides it, so every decided term is the correctly
+    rounded one: the NumPy path's bits. A term in that window (about one in ``2**19``) is
+    settled with ``numstab.elementary``'s double-double pass (the 4096-entry table, ``s +
+    lo`` within ``2**-63.4`` of ``e**d``), compared with the float32 midpoint next to it;
+    only a distance below ``settle · w`` (``settle`` of ``consts``, ``2**-62``) leaves it
+    undecided (not met in the scans of the tests). ``d < -104`` gives ``+0`` without ``exp``
+    (``exp(d) < 2**-150``, half the smallest subnormal). ``consts``:
+    :func:`numstab.elementary.softmax32_consts`."""
+    return int(_softmax32(z, y, float(below), out_hit, out_s, out_dy, out_rs, flag, win, *consts))
 
 
 # --- rounding to float16 / bfloat16 (numstab.fastround) -----------------------------------
@@ -650,8 +683,8 @@ def warm() -> float:
     consts16 = (*(u64 for _ in range(8)), 0.0)
     narrow_round16(x, np.empty(4, np.float32), np.empty(4, dtype=bool), counts, consts16)
     z = np.zeros((2, 3), np.float32)
-    out = (np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2), np.empty(2, bool))
-    tables = (np.ones(4096), np.zeros(4096), np.zeros(7), u64, u64, u64, 1.0, 1.0)
-    cut = np.full(2, np.inf, np.float32)
-    softmax_rows32(z, z.max(axis=1), np.zeros(2, np.int64), cut, *out, np.empty(2, bool), tables)
+    out = (np.empty(2, bool), np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2),
+           np.empty(2, bool), np.empty(2, bool))  # fmt: skip
+    tables = (np.ones(4096), np.zeros(4096), np.ones(256), np.zeros(10), u64, u64, u64, 1.0, 1.0)
+    softmax_rows32(z, np.zeros(2, np.int64), np.inf, *out, tables)
     return time.perf_counter() - t0

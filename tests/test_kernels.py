@@ -8,6 +8,7 @@ the documented order): bit for bit, on inputs drawn from all bit patterns (NaN p
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from fraction_rounding import round_fraction
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -25,7 +26,13 @@ from numstab import elementary, kernels, parallel
 from numstab.functional import relu_forward
 from numstab.losses import row_verdicts, softmax
 from numstab.mlp import _relu_backward
-from numstab.monitor.core import TopEntries, batch_metrics, collapse_window, window_cut
+from numstab.monitor.core import (
+    TopEntries,
+    batch_metrics,
+    collapse_window,
+    window_below,
+    window_cut,
+)
 from numstab.optim import Adam, AdamW
 from numstab.precision import get_format
 from numstab.run import Run, TrainConfig
@@ -465,14 +472,14 @@ def _softmax_kernel(z, settle=None, d_open=np.inf):
     ``settle`` instead of ``2**-62`` if given, and rows proved open by a second entry at
     ``d >= d_open`` (default: none, every row evaluated): ``(sum, d_y, row sum, flag, number
     flagged)``."""
-    th, tl, c, *rest = elementary.softmax32_consts()
+    th, tl, tf, c, *rest = elementary.softmax32_consts()
     c = c.copy()
     c[5] = c[5] if settle is None else settle
     c[6] = d_open
     n = z.shape[0]
     out = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n), np.empty(n, bool))
-    y, cut, win = np.zeros(n, np.int64), np.full(n, np.inf, np.float32), np.empty(n, bool)
-    flagged = kernels.softmax_rows32(z, z.max(axis=1), y, cut, *out, win, (th, tl, c, *rest))
+    y, hit, win = np.zeros(n, np.int64), np.empty(n, bool), np.empty(n, bool)
+    flagged = kernels.softmax_rows32(z, y, np.inf, hit, *out, win, (th, tl, tf, c, *rest))
     assert win.all()  # no entry above +inf: every row evaluated
     return (*out, flagged)
 
@@ -502,6 +509,57 @@ def test_softmax_kernel_settles_undecided_terms_and_leaves_nan_rows_to_the_calle
     assert total[n_u + 2] == 1 and row_sum[n_u + 2] == 0.0  # every other term rounds to +0
     *_, flag_wide, flagged_wide = _softmax_kernel(z, settle=1.0)
     assert flagged_wide == n_u + 1 and flag_wide.tolist() == [True] * (n_u + 1) + [False] * 2
+
+
+#: float32 ``d`` whose ``e**d`` lies within ``2**-42.2`` (relative) of a float32 midpoint
+#: but outside the first rounding test's window (found by a scan of 24 million draws in
+#: ``[-104, -17)``): the fast ``exp`` pass decides them alone, and an error of that pass
+#: above about ``2**-43`` would round some of them the wrong way.
+NEAR_WINDOW_EXP32 = (
+    -80.00550079345703,
+    -80.31745147705078,
+    -50.76676940917969,
+    -24.99212646484375,
+    -20.450220108032227,
+    -40.53279113769531,
+    -83.41502380371094,
+    -42.32115936279297,
+    -18.608013153076172,
+    -55.69775390625,
+)
+
+
+@needs_numba
+def test_softmax_kernel_decides_terms_near_a_midpoint_with_its_fast_pass():
+    """Rows ``(0, d, -300, -300)``, each ``d`` of :data:`NEAR_WINDOW_EXP32`: no term is in
+    the first test's window (none flagged with a second window of 1, which flags every row
+    that needs it), the rows collapse (``e <= 2**-24``) and their float64 gradient sum is the
+    term itself, ``e**d`` correctly rounded to float32 (mpmath)."""
+    z = np.full((len(NEAR_WINDOW_EXP32), 4), -300, dtype=np.float32)
+    z[:, 0] = 0
+    z[:, 1] = NEAR_WINDOW_EXP32
+    total, _, row_sum, _, flagged = _softmax_kernel(z, settle=1.0)
+    assert flagged == 0 and (total == 1).all()
+    for i, d in enumerate(NEAR_WINDOW_EXP32):
+        assert row_sum[i] == _exp_rn32(d), d
+
+
+@needs_numba
+def test_softmax_kernel_terms_are_correctly_rounded():
+    """Collapsed rows of 113 terms (``d`` drawn in ``[-104, -25)``, and the near-midpoint
+    values of :data:`NEAR_WINDOW_EXP32`, one a row): the kernel's float64
+    gradient sum is the float64 pairwise sum of the terms rounded by mpmath (the label's
+    ``RN(1 - 1) = 0`` first), so a term rounded one float32 step away (a change of ``2**-24``
+    of it, far above the sum's own rounding) would show."""
+    rng = np.random.default_rng(17)
+    z = (-25 - 79 * rng.random((200, 113))).astype(np.float32)  # row sums below 2**-29
+    z[: len(NEAR_WINDOW_EXP32), 5] = NEAR_WINDOW_EXP32  # one a row: each at most 2**-26
+    z[:, 0] = 0
+    total, _, row_sum, _, flagged = _softmax_kernel(z)
+    assert flagged == 0 and (total == 1).all()
+    oracle = np.array([[_exp_rn32(float(d)) for d in row] for row in z])
+    oracle[:, 0] = 0.0  # RN(e_y - 1) at the label
+    assert np.array_equal(row_sum, oracle.sum(axis=1))  # NumPy's pairwise tree, float64
 
 
 def test_softmax_kernel_proves_rows_open_from_a_second_term_above_2_to_minus_24():
@@ -541,29 +599,111 @@ def test_batch_metrics_are_the_same_on_both_paths():
 @needs_numba
 @pytest.mark.parametrize("c", [1, 2, 113, 300])
 def test_screened_verdicts_evaluate_the_rows_in_the_window(c):
-    """The fused kernel's own screen: the rows with at most one entry above their cut are the
-    NumPy count's (:func:`numstab.monitor.core.collapse_window`, with the window's cuts, and
-    with cuts drawn at random, ties with an entry included), and their verdicts are
-    ``row_verdicts``' on the NumPy path, each row evaluated alone; the other rows get
-    ``False, False, False, NaN``."""
+    """The fused kernel's own screen: the rows with at most one entry above their maximum plus
+    ``below`` (in float64, rounded up to float32: by NumPy here) are the NumPy count's, with
+    the collapse window's ``below`` (then :func:`numstab.monitor.core.collapse_window`'s rows
+    and :func:`~numstab.monitor.core.window_cut`'s cuts), with others drawn at random and with
+    one that puts a row's cut exactly on one of its entries (a tie: not above), and with one
+    whose cut is rounded up onto an entry (nearest would round down: above); their verdicts
+    are ``row_verdicts``' on the NumPy path, each row evaluated alone; the other rows get
+    ``False, False, False, NaN``; the accuracy's hits are ``numpy.argmax``'s."""
     rng = np.random.default_rng(c)
     z, y = _logits_near_collapse(rng, 700, c)
     z[0, 0], z[1] = np.nan, -np.inf
     f32 = get_format("float32")
     m = z.max(axis=1)
-    drawn = z[np.arange(z.shape[0]), rng.integers(0, c, z.shape[0])]  # cut == an entry
-    drawn[::3] = (m - rng.uniform(0, 40, m.shape)).astype(np.float32)[::3]
-    for cut in (window_cut(m, f32, "softmax", 0.0, z.dtype), drawn):
-        want_rows = (z > cut[:, None]).sum(axis=1) <= 1
-        if cut is not drawn:
+    tie = float(z[3, -1]) - float(m[3])  # exact in float64: row 3's cut is its last entry
+    # row 4's cut: m + under lies 3/4 of a float32 step below its second entry z2, so
+    # rounding to nearest would put the cut a step below z2 (z2 above it), rounding up on it
+    z2 = np.sort(z[4])[-2] if c > 1 else z[4, 0]
+    gap = float(z2) - float(np.nextafter(z2, np.float32(-np.inf)))  # the step below z2
+    under = float(z2) - 0.75 * gap - float(m[4])
+    hits = (z.argmax(axis=1) == y) & ~np.isnan(m)
+    for below in (window_below(f32), tie, under, *rng.uniform(-40, 0, 3), np.inf):
+        with np.errstate(invalid="ignore"):
+            lim = m.astype(np.float64) + below
+            cut = lim.astype(np.float32)
+            cut = np.where(cut < lim, np.nextafter(cut, np.float32(np.inf)), cut)
+            want_rows = (z > cut[:, None]).sum(axis=1) <= 1
+        if below == window_below(f32):
             assert np.array_equal(want_rows, collapse_window(z, f32, "softmax", 0.0, m))
-        *got, rows = softmax.screened_verdicts(z, y, f32, m, cut)
+            assert np.array_equal(cut, window_cut(m, f32, "softmax", 0.0, z.dtype), equal_nan=True)
+        if below == tie:
+            assert cut[3] == z[3, -1]
+        if below == under:
+            assert cut[4] == z2 and np.float32(lim[4]) < lim[4] < z2
+        got = softmax.screened_verdicts(z, y, f32, below)
+        assert np.array_equal(got.hit, hits)
+        rows = got.evaluated
         assert np.array_equal(rows, want_rows)
-        assert 0 < rows.sum() < rows.size if c > 1 else rows.all()  # one entry: always in
+        if c > 1 and np.isfinite(below):
+            assert 0 < rows.sum() < rows.size
+        else:  # one entry, or no cut: every row
+            assert rows.all()
         ref = on("numpy", row_verdicts, z[rows], y[rows], "float32")
-        for a, b in zip(ref, got, strict=True):
+        verdicts = (got.collapsed, got.zero_loss, got.zero_target_grad, got.row_sum)
+        for a, b in zip(ref, verdicts, strict=True):
             assert np.array_equal(a, b[rows], equal_nan=True)
-        assert not (got[0] | got[1] | got[2])[~rows].any() and np.isnan(got[3][~rows]).all()
+        assert not (got.collapsed | got.zero_loss | got.zero_target_grad)[~rows].any()
+        assert np.isnan(got.row_sum[~rows]).all()
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+@example(data=None)
+def test_the_kernels_accuracy_hits_are_numpy_argmax(data):
+    """``hit`` of the fused kernel (its maximum from integer keys of the float bits, then the
+    label's column against the entries before it) is ``numpy.argmax(z, axis=1) == y`` with
+    no NaN in the row, on any float32 bits: ties at the maximum (the first wins), ``-0`` and
+    ``+0`` (equal), NaN, ``±inf``, rows of ``-inf``, subnormals."""
+    f32 = get_format("float32")
+    if data is None:  # pinned rows: ties, signed zeros, NaN, infinities
+        z = np.array(
+            [[1, 3, 3, 0], [3, 3, 1, 0], [-0.0, 0.0, -1, -2], [0.0, -0.0, -1, -2],
+             [np.nan, 5, 5, 1], [5, np.nan, 5, 1], [-np.inf] * 4, [np.inf, 1, np.inf, 0],
+             [1e-45, -1e-45, 0, -0.0], [-3, -2, -2, -np.inf]], dtype=np.float32,
+        )  # fmt: skip
+        y = np.array([1, 1, 0, 1, 1, 0, 0, 0, 0, 2])
+    else:
+        c = data.draw(st.integers(1, 140))
+        z = np.resize(data.draw(any_floats(np.float32, n=c * 8)), (8, c))
+        z[:, data.draw(st.integers(0, c - 1))] = z.max(axis=1)  # a tie where there is one
+        y = np.array(data.draw(st.lists(st.integers(0, c - 1), min_size=8, max_size=8)))
+    with np.errstate(invalid="ignore"):
+        want = (z.argmax(axis=1) == y) & ~np.isnan(z).any(axis=1)
+    assert np.array_equal(softmax.screened_verdicts(z, y, f32).hit, want)
+
+
+def test_the_kernels_fast_exp_is_within_its_error_bound():
+    """The fused kernel's fast float64 ``exp`` (``elementary.softmax32_consts``: the
+    256-entry table, the degree-4 polynomial) written out in NumPy with the same operations,
+    against mpmath, on every float32 ``d`` in a dense sample of ``[-104, 0]``, the table's
+    boundaries and their neighbours: relative error below ``2**-51.3`` (the docstring's
+    bound), under the ``2**-45`` the float32 rounding test needs."""
+    import mpmath
+
+    _, _, tf, c, *_ = elementary.softmax32_consts()
+    inv_f, c1_f, neg_c2_f, c3, c4 = c[7], c[8], c[9], c[3], c[4]
+    rng = np.random.default_rng(0)
+    k = np.arange(-38400, 1)  # every table point kf ln2/256 in range, and its neighbours
+    points = (k * math.log(2) / 256).astype(np.float32)
+    d = np.concatenate([
+        -104 * rng.random(20000).astype(np.float32), -(2.0 ** -rng.uniform(0, 30, 2000)),
+        points, np.nextafter(points, np.float32(0)), np.nextafter(points, np.float32(-np.inf)),
+    ]).astype(np.float32)  # fmt: skip
+    d = np.unique(d[(d >= -104) & (d <= 0)])[::7]  # 7 500 values; mpmath is the slow part
+    dc = d.astype(np.float64)
+    magic = 6755399441055744.0
+    kf = (dc * inv_f + magic) - magic
+    rh = (dc - kf * c1_f) + kf * neg_c2_f
+    q = ((rh * c4 + c3) * rh + 0.5) * (rh * rh)
+    t = tf[kf.astype(np.int64) & 255]
+    w = np.ldexp(t + t * (rh + q), (kf.astype(np.int64) >> 8).astype(np.int32))
+    with mpmath.workprec(120):
+        err = max(abs(mpmath.mpf(float(wi)) / mpmath.exp(mpmath.mpf(float(di))) - 1)
+                  for wi, di in zip(w, d, strict=True))  # fmt: skip
+    assert err < 2.0**-51.3, float(mpmath.log(err, 2))
 
 
 # --- rounding to float16 / bfloat16 ----------------------------------------------------------

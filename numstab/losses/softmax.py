@@ -24,6 +24,7 @@ so a collapsed row (``p = onehot(y)``) keeps the gradient ``-(ε/C)·dl`` off ta
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from numstab.elementary import softmax32_consts
 from numstab.losses.rounding import Rounding, is_recording
 
 __all__ = [
+    "ScreenedRows",
     "backward",
     "backward_smoothed",
     "collapse_terms",
@@ -123,7 +125,7 @@ def verdicts(z, labels, r, row_max=None, keep=None):
     row_sum : float64 array (N,)
     """
     if fuses(z, r.fmt, r.order, r.elementary):
-        return _verdicts_fused(z, labels, r, row_max)
+        return _verdicts_fused(z, labels, r)
     m = None if row_max is None else row_max[:, None]
     if keep is None or not screens(z, r):
         return _verdicts(z, labels, r, m)
@@ -188,16 +190,36 @@ def fuses(z, fmt, order: str, elementary: str = "correct") -> bool:
 _ROWS_PER_BLOCK = 256
 
 
-def _verdicts_fused(z, labels, r, row_max):
+def _verdicts_fused(z, labels, r):
     """:func:`_verdicts` with the row pass in one kernel (:func:`_fused`, every row)."""
-    return _fused(z, labels, r, row_max, None)[:4]
+    s = _fused(z, labels, r, math.inf)
+    return s.collapsed, s.zero_loss, s.zero_target_grad, s.row_sum
 
 
-def screened_verdicts(z, labels, fmt, row_max, cut):
-    """:func:`verdicts` of the rows of ``z`` with at most one entry above their ``cut``, by
-    the fused kernel, which screens each row itself (one pass over it, no copy of the rows).
+@dataclass(frozen=True)
+class ScreenedRows:
+    """:func:`screened_verdicts`' per-row results, each of shape (N,).
 
-    For a caller that knows a bound: e.g. :func:`numstab.monitor.core.window_cut`, above
+    ``collapsed``, ``zero_loss``, ``zero_target_grad`` (bool) and ``row_sum`` (float64) as
+    :func:`verdicts`, for the rows ``evaluated`` (bool); a row not evaluated gets False,
+    False, False and NaN. ``hit`` (bool): the row's first maximum is at its label and the
+    row has no NaN (``numpy.argmax(z, axis=1) == labels``: the accuracy's hits).
+    """
+
+    collapsed: np.ndarray
+    zero_loss: np.ndarray
+    zero_target_grad: np.ndarray
+    row_sum: np.ndarray
+    evaluated: np.ndarray
+    hit: np.ndarray
+
+
+def screened_verdicts(z, labels, fmt, below=math.inf) -> ScreenedRows:
+    """:func:`verdicts` of the rows of ``z`` that have at most one entry above
+    ``max z + below``, and the accuracy's hits, by the fused kernel in one pass over the
+    logits (no other pass, no copy of the rows).
+
+    For a caller that knows a bound: e.g. :func:`numstab.monitor.core.window_below`, above
     which a row that can collapse has only its maximum. Requires :func:`fuses` of ``z``,
     ``fmt`` and ``pairwise`` order, and labels in ``[-C, C)``.
 
@@ -207,36 +229,30 @@ def screened_verdicts(z, labels, fmt, row_max, cut):
     labels : int ndarray, shape (N,)
     fmt : Format
         float32 (as :func:`fuses`).
-    row_max : float32 ndarray, shape (N,)
-        ``max z`` of each row.
-    cut : float32 ndarray, shape (N,)
-        The rows' bounds (``+inf``: every row evaluated).
+    below : float
+        Each row's cut is its maximum plus ``below``, computed in float64 and rounded up to
+        float32 (NaN in a row with NaN, which is then evaluated); ``+inf`` (default): every
+        row is evaluated.
 
     Returns
     -------
-    collapsed, zero_loss, zero_target_grad : bool arrays (N,)
-    row_sum : float64 array (N,)
-        As :func:`verdicts`; a row not evaluated gets False, False, False and NaN.
-    evaluated : bool array (N,)
-        The rows with at most one entry above their cut.
+    ScreenedRows
     """
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # as row_verdicts
-        return _fused(z, labels, Rounding(fmt, "pairwise", "correct", np), row_max, cut)
+        return _fused(z, labels, Rounding(fmt, "pairwise", "correct", np), below)
 
 
-def _fused(z, labels, r, row_max, cut):
-    """The fused kernel's verdicts of the rows with at most one entry above ``cut`` (None:
-    every row) and the mask of those rows; the rows it leaves (a term its rounding tests did
-    not decide, NaN) go through :func:`_verdicts`. Same results as :func:`_verdicts`."""
+def _fused(z, labels, r, below) -> ScreenedRows:
+    """The fused kernel's verdicts of the rows with at most one entry above ``max + below``
+    (``+inf``: every row); the rows it leaves (a term its rounding tests did not decide, NaN)
+    go through :func:`_verdicts`. Same results as :func:`_verdicts`."""
     n, c = z.shape
     y = np.asarray(labels, dtype=np.int64)
     if n and (int(y.max()) >= c or int(y.min()) < -c):  # the kernel does not check bounds
         raise IndexError("label out of range")
     y = np.where(y < 0, y + c, y)  # a negative label counts from the end, as take_at
     z = np.ascontiguousarray(z)
-    m = z.max(axis=1) if row_max is None else np.ascontiguousarray(row_max, dtype=np.float32)
-    cut = np.full(n, np.inf, np.float32) if cut is None else np.asarray(cut, np.float32)
-    total, d_y, sums, left, evaluated = _fused_rows(z, m, y, cut)
+    hit, total, d_y, sums, left, evaluated = _fused_rows(z, y, float(below))
     collapsed = evaluated & (total == 1)  # the others' outputs were not written
     # lsm_y = RN(d_y - RN(log total)) and p_y = RN(exp lsm_y) (correctly rounded) are decided
     # without log and exp in a row the kernel kept (finite, d <= 0, so total >= 1): where
@@ -248,26 +264,25 @@ def _fused(z, labels, r, row_max, cut):
     out = (collapsed, collapsed & (d_y == 0), collapsed & (d_y >= -(2.0**-25)), row_sum)
     if left.any():
         rows = np.flatnonzero(left)
-        for full, part in zip(out, _verdicts(z[rows], y[rows], r, m[rows, None]), strict=True):
+        for full, part in zip(out, _verdicts(z[rows], y[rows], r, None), strict=True):
             full[rows] = part
-    return (*out, evaluated)
+    return ScreenedRows(*out, evaluated, hit)
 
 
-def _fused_rows(z, m, y, cut):
+def _fused_rows(z, y, below):
     """:func:`numstab.kernels.softmax_rows32` over ``z`` (N, C) float32, C-contiguous, in row
     blocks on the :mod:`numstab.parallel` threads in effect (each row's results depend on
-    that row alone): ``(total, d_y, row sums, rows left, rows evaluated)``."""
+    that row alone): ``(hits, total, d_y, row sums, rows left, rows evaluated)``."""
     n = z.shape[0]
-    total, d_y = np.empty(n, np.float32), np.empty(n, np.float32)
-    sums, left, evaluated = np.empty(n), np.empty(n, bool), np.empty(n, bool)
+    outs = (np.empty(n, bool), np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n),
+            np.empty(n, bool), np.empty(n, bool))  # fmt: skip
     consts = softmax32_consts()
 
     def block(a, b):
-        outs = (total[a:b], d_y[a:b], sums[a:b], left[a:b], evaluated[a:b])
-        return kernels.softmax_rows32(z[a:b], m[a:b], y[a:b], cut[a:b], *outs, consts)
+        return kernels.softmax_rows32(z[a:b], y[a:b], below, *(o[a:b] for o in outs), consts)
 
     parallel.map_blocks(block, n, _ROWS_PER_BLOCK)
-    return total, d_y, sums, left, evaluated
+    return outs
 
 
 #: :func:`top_entries` keeps the entries whose term exceeds about ``2**-(p + TOP_BITS)``

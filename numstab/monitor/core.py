@@ -39,6 +39,7 @@ __all__ = [
     "metric_rows",
     "param_metrics",
     "update_metrics",
+    "window_below",
     "window_cut",
 ]
 
@@ -56,19 +57,26 @@ def _in_format(z: np.ndarray, fmt: Format) -> np.ndarray:
     return z if z.dtype in (np.float32, np.float64, np.longdouble) else z.astype(np.float32)
 
 
+def window_below(fmt: Format) -> float:
+    """The softmax's collapse window relative to the row maximum: ``log τ``, ``τ = WINDOW ·
+    2**-p`` (``exp(z2 - z1) <= τ`` where ``z2 <= z1 + log τ``; float32: -15.249)."""
+    return math.log(WINDOW * fmt.unit_roundoff)
+
+
 def window_cut(z1, fmt: Format, kind: str, eps: float, dtype) -> np.ndarray:
     """The collapse window's bound per row (shape (N,), ``dtype``): the largest ``z2`` whose
-    term is ``<= WINDOW · 2**-p`` for the row maximum ``z1`` (N,) (``z1 - log(1/τ)``, or
-    StableMax's ``s⁻¹(τ · s(z1))``), computed in float64 and rounded up to ``dtype``. A row
-    with no entry above it other than its maximum is in the window; NaN where ``z1`` is."""
-    tau = WINDOW * fmt.unit_roundoff
+    term is ``<= WINDOW · 2**-p`` for the row maximum ``z1`` (N,) (``z1 +``
+    :func:`window_below`, or StableMax's ``s⁻¹(τ · s(z1))``), computed in float64 and rounded
+    up to ``dtype``. A row with no entry above it other than its maximum is in the window;
+    NaN where ``z1`` is."""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if kind == "stablemax":
+            tau = WINDOW * fmt.unit_roundoff
             v = tau * stablemax_s(z1.astype(np.float64), "float64", eps=eps)[0]
             # s⁻¹(v): v - 1 where v >= 1, else 1 + eps - 1/v (the largest x < 0 with s(x) <= v)
             limit = np.where(v >= 1, v - 1.0, 1.0 + eps - 1.0 / v)
         else:
-            limit = z1.astype(np.float64) + math.log(tau)
+            limit = z1.astype(np.float64) + window_below(fmt)
         cut = limit.astype(dtype)
         return np.where(cut < limit, np.nextafter(cut, dtype.type(np.inf)), cut)  # round up
 
@@ -165,16 +173,18 @@ def batch_metrics(
     if n and (y.min() < 0 or y.max() >= z.shape[1]):
         raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}]")
     z = _in_format(z, fmt)  # the window must see the values the loss computes with
-    first = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
-    z1 = take_at(z, first)
-    # numstab.metrics.accuracy from the argmax above (one pass over the logits, not two)
-    out = {"accuracy": int(np.count_nonzero((first == y) & ~np.isnan(z1))) / n if n else math.nan}
     if kind == "softmax" and softmax.fuses(z, fmt, order):
-        # the fused kernel screens each row itself: no pass of the window's, no copy of rows
-        cut = window_cut(z1, fmt, kind, eps, z.dtype) if screen else np.full(n, np.inf, z.dtype)
-        *verdicts, cand = softmax.screened_verdicts(z, y, fmt, z1, cut)
+        # the fused kernel finds the row maxima, the accuracy's hits and the window's rows
+        # itself: one pass over the logits in all, no copy of rows
+        rows = softmax.screened_verdicts(z, y, fmt, window_below(fmt) if screen else math.inf)
+        hits, cand = int(np.count_nonzero(rows.hit)), rows.evaluated
+        verdicts = (rows.collapsed, rows.zero_loss, rows.zero_target_grad, rows.row_sum)
         k = int(np.count_nonzero(cand))
     else:
+        first = z.argmax(axis=1)  # the first maximum; the first NaN in a row with NaN
+        z1 = take_at(z, first)
+        # numstab.metrics.accuracy from this argmax (one pass over the logits, not two)
+        hits = int(np.count_nonzero((first == y) & ~np.isnan(z1)))
         cand = collapse_window(z, fmt, kind, eps, z1) if screen else None
         k = int(np.count_nonzero(cand)) if screen else n
         verdicts = None
@@ -186,6 +196,7 @@ def batch_metrics(
                 zc, yc, fmt, kind=kind, order=order, eps=eps, row_max=mc,
                 keep=top(z, z1, y, fmt) if use_top else None,
             )  # fmt: skip
+    out = {"accuracy": hits / n if n else math.nan}
     sc = zero_loss = zero_grad = 0
     mass = 0.0
     if verdicts is not None:
