@@ -86,7 +86,6 @@ def format_arg(value, name: str = "dtype") -> Format:
     ValueError
         Anything else; the message names the argument and lists the valid formats.
     """
-    valid = ", ".join(available_formats())
     if isinstance(value, (str, Format)):
         try:
             return get_format(value)
@@ -102,5 +101,6 @@ def format_arg(value, name: str = "dtype") -> Format:
             fmt = get_format(short)
     if fmt is None:
         shown = _one_line(repr(value), 60)
+        valid = ", ".join(available_formats())
         raise ValueError(f"{name}: unknown format {shown}; valid formats: {valid}")
     return fmt

@@ -219,12 +219,18 @@ class Monitor:
         batch = self._snapshot(logits, labels, loss)
         grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
         theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
-        grads = {k: np.array(to_numpy(g)) for k, g in grads.items()}  # the loop may zero them
+        params = None
+        if self._pool is None:  # θ_t and ∇L measured now, ∇L read in place (not copied)
+            with self._blas.limit(limits=HOST_BLAS_THREADS):
+                params = param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()})
+            grads = None
+        else:  # copies, measured on the monitor's thread (the loop may zero ∇L meanwhile)
+            grads = {k: np.array(to_numpy(g)) for k, g in grads.items()}
         self.seconds += time.perf_counter() - t0
         yield
         t0 = time.perf_counter()
         after = {k: self._host(self.params[k]) for k in theta}
-        job = (step, batch, theta, grads, after, self._due(theta))
+        job = (step, batch, theta, grads, after, self._due(theta), params)
         if self._pool is None:
             self._record(*job)
         else:
@@ -246,9 +252,10 @@ class Monitor:
             value = float(to_numpy(loss) if hasattr(loss, "detach") else loss)
         return z, y, value
 
-    def _record(self, step, batch, theta, grads, after, due) -> None:
+    def _record(self, step, batch, theta, grads, after, due, params=None) -> None:
         """Compute one observed step's metrics and write its rows (on the monitor's thread
-        with ``background=True``)."""
+        with ``background=True``). ``params``: :func:`~numstab.monitor.core.param_metrics`
+        if already measured (inline), else measured here from ``theta`` and ``grads``."""
         t0 = time.perf_counter()
         z, y, loss = batch
         with (
@@ -259,7 +266,7 @@ class Monitor:
             if loss is not None:
                 self.log.add(step, self.name, "train", "loss", loss)
             fmt = self._batch(step, z, y)
-            self._add(step, param_metrics(theta, grads))
+            self._add(step, param_metrics(theta, grads) if params is None else params)
             if self.audit_every and step % self.audit_every == 0:
                 self._audit(step, z, y, fmt)
             self._add(step, update_metrics(theta, after, due))
