@@ -63,6 +63,8 @@ def logit_gaps(logits, labels):
 
 def _flat64(a):
     """``a`` flattened in float64 (longdouble for longdouble input), in its own namespace."""
+    if type(a) is np.ndarray:  # the common case, without the namespace lookups: same values
+        return a.astype(np.longdouble if a.dtype == np.longdouble else np.float64).reshape(-1)
     xp = namespace(a)
     a = xp.asarray(a)
     wide = np.longdouble if isinstance(a.dtype, np.dtype) and a.dtype == np.longdouble else None

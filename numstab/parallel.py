@@ -21,7 +21,7 @@ from contextvars import ContextVar
 
 import threadpoolctl
 
-__all__ = ["blas_threads", "map_blocks", "threads", "using"]
+__all__ = ["blas_limit", "blas_threads", "map_blocks", "threads", "using"]
 
 _THREADS: ContextVar[int] = ContextVar("numstab_elementwise_threads", default=1)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -33,12 +33,32 @@ def threads() -> int:
     return _THREADS.get()
 
 
-def blas_threads() -> int:
-    """The thread count of NumPy's BLAS now (the largest over the BLAS libraries loaded)."""
+def _blas_controllers() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded at the first call."""
     if not _BLAS:
         _BLAS.append(threadpoolctl.ThreadpoolController().select(user_api="blas"))
-    counts = [c.num_threads for c in _BLAS[0].lib_controllers]
-    return max(counts, default=1)
+    return _BLAS[0].lib_controllers
+
+
+def blas_threads() -> int:
+    """The thread count of NumPy's BLAS now (the largest over the BLAS libraries loaded)."""
+    return max((c.num_threads for c in _blas_controllers()), default=1)
+
+
+@contextmanager
+def blas_limit(n: int) -> Iterator[None]:
+    """NumPy's BLAS on at most ``n`` threads in this block (each library above ``n`` set to
+    it, then restored): threadpoolctl's ``limit`` without its bookkeeping, for a block
+    entered every training step (the monitor's)."""
+    libs = [(c, c.num_threads) for c in _blas_controllers()]
+    libs = [(c, k) for c, k in libs if k > n]
+    for c, _ in libs:
+        c.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for c, k in libs:
+            c.set_num_threads(k)
 
 
 @contextmanager

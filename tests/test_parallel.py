@@ -53,3 +53,25 @@ def test_a_run_gives_the_same_bits_at_1_and_2_elementwise_threads():
         params[k] = run.params
     for name, p in params[1].items():
         assert np.array_equal(p.view(np.uint32), params[2][name].view(np.uint32)), name
+
+
+def test_blas_limit_caps_numpys_blas_in_the_block_and_restores_it():
+    """Inside ``blas_limit(1)`` every BLAS library NumPy loaded runs on one thread (read back
+    through threadpoolctl, an independent reader); after the block each has its own count
+    again, also when the block raises; a limit above the current count changes nothing."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def counts():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = counts()
+        assert max(before) == 2
+        with parallel.blas_limit(1):
+            assert counts() == [1] * len(before)
+        assert counts() == before
+        with pytest.raises(RuntimeError), parallel.blas_limit(1):
+            raise RuntimeError("inside")
+        assert counts() == before
+        with parallel.blas_limit(8):
+            assert counts() == before

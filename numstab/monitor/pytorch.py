@@ -34,7 +34,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from numstab import parallel, workspace
 from numstab.audit import audit_cross_entropy
@@ -186,7 +185,6 @@ class Monitor:
         self._claim = claim(self.out, holder="numstab monitor") if self.out else None
         path = None if self.out is None else os.path.join(self.out, "metrics.csv")
         self.log = MetricLog(path)
-        self._blas = ThreadpoolController().select(user_api="blas")
         self._ws = workspace.Workspace()  # the batch's temporaries, reused step after step
         self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
         self._top = TopEntries(RESCREEN_EVERY)
@@ -221,7 +219,7 @@ class Monitor:
         theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
         params = None
         if self._pool is None:  # θ_t and ∇L measured now, ∇L read in place (not copied)
-            with self._blas.limit(limits=HOST_BLAS_THREADS):
+            with parallel.blas_limit(HOST_BLAS_THREADS):
                 params = param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()})
             grads = None
         else:  # copies, measured on the monitor's thread (the loop may zero ∇L meanwhile)
@@ -259,7 +257,7 @@ class Monitor:
         t0 = time.perf_counter()
         z, y, loss = batch
         with (
-            self._blas.limit(limits=HOST_BLAS_THREADS),
+            parallel.blas_limit(HOST_BLAS_THREADS),
             parallel.using(self.threads),
             workspace.using(self._ws),
         ):
