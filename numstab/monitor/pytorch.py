@@ -12,9 +12,9 @@
             optimizer.step()
     mon.close()
 
-Entering ``observe`` (after ``backward``, before the update) measures the batch
-(:func:`~numstab.monitor.core.batch_metrics`) and ``θ_t``, ``∇L`` (``weight_norm``,
-``grad_norm``, ``nlm_cos_grad``); leaving it measures the update
+Entering ``observe`` (after ``backward``, before the update) measures ``θ_t`` and ``∇L``
+(``weight_norm``, ``grad_norm``, ``nlm_cos_grad``) and takes the batch; leaving it measures
+the batch (:func:`~numstab.monitor.core.batch_metrics`) and the update
 (``absorbed_update_fraction``); every ``audit_every`` steps the batch's logits are audited
 exactly (:func:`numstab.audit.audit_cross_entropy`, metrics ``audit_*``). Rows go to
 ``metrics.csv`` through numstab's :class:`~numstab.run.MetricLog` (flushed every observed
