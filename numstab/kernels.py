@@ -365,8 +365,6 @@ def _softmax32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, th, tl, t
     kb = np.empty(n_cls, np.int64)
     thb = np.empty(n_cls, np.float64)
     ab = np.empty(n_cls, np.bool_)
-    acc32 = np.empty(8, np.float32)
-    acc64 = np.empty(8, np.float64)
     # the pairwise tree without recursion: a stack of (start, length, stage, left sums)
     st_lo = np.empty(64, np.int64)
     st_n = np.empty(64, np.int64)
@@ -393,23 +391,27 @@ def _softmax32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, th, tl, t
         if np.float64(ci) < lim:
             ci = np.float32(np.nextafter(ci, np.float32(np.inf)))
         yi = y[i]
-        above = 0
-        wide = 0
-        tied = 0
-        bad = nan > 0
+        # counts in int32 selects, not bools: the loop then vectorises
+        one, zero = np.int32(1), np.int32(0)
+        above = zero
+        wide = zero
+        bad = zero
         for k in range(n_cls):
             v = z[i, k]
-            above += v > ci
+            above += one if v > ci else zero
             d = v - mi  # float32, one rounding
-            wide += d >= d_open  # RN(e**d) > 2**-24 (the maximum itself included)
-            bad |= not (d <= 0)  # NaN: in the row, or an infinite maximum's inf - inf
-            tied += (v == mi) & (k < yi)  # a maximum before the label's column
+            wide += one if d >= d_open else zero  # RN(e**d) > 2**-24 (the maximum included)
+            bad += zero if d <= 0 else one  # NaN: in the row, or an infinite maximum's inf - inf
+        bad += nan
+        tied = zero  # maxima before the label's column
+        for k in range(yi):
+            tied += one if z[i, k] == mi else zero
         out_hit[i] = (nan == 0) & (z[i, yi] == mi) & (tied == 0)  # numpy.argmax(row) == y
         win[i] = above <= 1
         if above > 1:  # outside the caller's window: not evaluated
             flag[i] = False
             continue
-        if wide > 1 and not bad:  # a second term RN(1 + e) > 1: the sum exceeds 1
+        if wide > 1 and bad == 0:  # a second term RN(1 + e) > 1: the sum exceeds 1
             out_s[i] = np.nan
             flag[i] = False
             continue
@@ -482,7 +484,7 @@ def _softmax32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, th, tl, t
                 e64[k] = np.float64(e)
         out_dy[i] = z[i, yi] - mi
         e64[yi] = np.float64(e32[yi] - np.float32(1.0))  # g_y = RN(p_y - 1), p_y = e_y
-        f = amb | bad
+        f = amb | (bad > 0)
         flag[i] = f
         n_flag += f
         # NumPy's pairwise sum of e32 (float32) and e64 (float64): one tree, both arrays
@@ -506,22 +508,20 @@ def _softmax32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, th, tl, t
                     v32 += e32[lo + k]
                     v64 += e64[lo + k]
             else:
-                for k in range(8):
-                    acc32[k] = e32[lo + k]
-                    acc64[k] = e64[lo + k]
-                ii = 8
-                while ii < n - n % 8:
-                    for k in range(8):
-                        acc32[k] += e32[lo + ii + k]
-                        acc64[k] += e64[lo + ii + k]
-                    ii += 8
-                v32 = ((acc32[0] + acc32[1]) + (acc32[2] + acc32[3])) + (
-                    (acc32[4] + acc32[5]) + (acc32[6] + acc32[7])
-                )
-                v64 = ((acc64[0] + acc64[1]) + (acc64[2] + acc64[3])) + (
-                    (acc64[4] + acc64[5]) + (acc64[6] + acc64[7])
-                )
-                for k in range(ii, n):
+                # eight accumulators in locals (not an array: they then stay in registers)
+                a0, a1, a2, a3 = e32[lo], e32[lo + 1], e32[lo + 2], e32[lo + 3]
+                a4, a5, a6, a7 = e32[lo + 4], e32[lo + 5], e32[lo + 6], e32[lo + 7]
+                b0, b1, b2, b3 = e64[lo], e64[lo + 1], e64[lo + 2], e64[lo + 3]
+                b4, b5, b6, b7 = e64[lo + 4], e64[lo + 5], e64[lo + 6], e64[lo + 7]
+                for j in range(lo + 8, lo + n - n % 8, 8):
+                    a0, a1, a2, a3 = a0 + e32[j], a1 + e32[j + 1], a2 + e32[j + 2], a3 + e32[j + 3]
+                    h = j + 4
+                    a4, a5, a6, a7 = a4 + e32[h], a5 + e32[h + 1], a6 + e32[h + 2], a7 + e32[h + 3]
+                    b0, b1, b2, b3 = b0 + e64[j], b1 + e64[j + 1], b2 + e64[j + 2], b3 + e64[j + 3]
+                    b4, b5, b6, b7 = b4 + e64[h], b5 + e64[h + 1], b6 + e64[h + 2], b7 + e64[h + 3]
+                v32 = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+                v64 = ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
+                for k in range(n - n % 8, n):
                     v32 += e32[lo + k]
                     v64 += e64[lo + k]
             sp -= 1
