@@ -97,3 +97,31 @@ def test_clear_lets_the_kept_arrays_go():
     assert ws.nbytes > 0
     ws.clear()
     assert ws.nbytes == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.longdouble])
+def test_metrics_float64_copies_from_a_workspace_give_the_plain_values(dtype):
+    """``numstab.metrics`` takes its float64 (longdouble) copies from the active workspace:
+    the norms and cosines are those of ``astype`` copies made outside one (the reference:
+    ``numpy.dot`` of fresh float64 arrays), bit for bit, call after call (the copies are
+    reused, never shared between the two operands of one product)."""
+    from numstab.metrics import param_norms_and_cosines
+
+    rng = np.random.default_rng(5)
+    shapes = {"w1": (130, 140), "w2": (90, 200)}  # above MIN_BYTES once in float64
+    a = {k: (rng.standard_normal(s) * 50).astype(dtype) for k, s in shapes.items()}
+    b = {k: (rng.standard_normal(s) * 50).astype(dtype) for k, s in shapes.items()}
+    wide = np.longdouble if dtype == np.longdouble else np.float64
+    for k in shapes:
+        x, y = a[k].astype(wide).ravel(), b[k].astype(wide).ravel()
+        want = (
+            float(np.sqrt(x @ x)),
+            float(np.sqrt(y @ y)),
+            float(x @ y) / np.sqrt(float(x @ x) * float(y @ y)),
+        )
+        ws = workspace.Workspace()
+        with workspace.using(ws):
+            for _ in range(3):
+                na, nb, cos = param_norms_and_cosines(a, b)
+                assert (na[k], nb[k], cos[k]) == want
+        assert ws.nbytes > 0  # the copies came from the workspace

@@ -216,14 +216,14 @@ class Monitor:
         t0 = time.perf_counter()
         batch = self._snapshot(logits, labels, loss)
         grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
-        theta = {k: np.array(to_numpy(self.params[k])) for k in grads}  # a copy: θ_t
+        theta = {k: self._copy(self.params[k]) for k in grads}  # θ_t
         params = None
         if self._pool is None:  # θ_t and ∇L measured now, ∇L read in place (not copied)
-            with parallel.blas_limit(HOST_BLAS_THREADS):
+            with parallel.blas_limit(HOST_BLAS_THREADS), workspace.using(self._ws):
                 params = param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()})
             grads = None
         else:  # copies, measured on the monitor's thread (the loop may zero ∇L meanwhile)
-            grads = {k: np.array(to_numpy(g)) for k, g in grads.items()}
+            grads = {k: self._copy(g) for k, g in grads.items()}
         self.seconds += time.perf_counter() - t0
         yield
         t0 = time.perf_counter()
@@ -238,8 +238,16 @@ class Monitor:
     def _host(self, t) -> np.ndarray:
         """A host array of ``t``: a view where the record is made at once, else a copy (the
         loop may change the tensor before the monitor's thread reads it)."""
+        return self._copy(t) if self._pool is not None else to_numpy(t)
+
+    def _copy(self, t) -> np.ndarray:
+        """A copy of ``t``'s values on the host, in an array of the monitor's workspace
+        (reused once no record holds it: a fresh one each step page-faults its memory in)."""
         a = to_numpy(t)
-        return np.array(a) if self._pool is not None else a
+        with workspace.using(self._ws):
+            out = workspace.empty(a.shape, a.dtype)
+        np.copyto(out, a)
+        return out
 
     def _snapshot(self, logits, labels, loss):
         z, y = self._host(logits), np.asarray(to_numpy(labels), dtype=np.int64)
