@@ -827,3 +827,38 @@ def test_transformer_script_refuses_bad_values(argv, message, tmp_path, capsys):
 def test_batch_metrics_refuses_bad_shapes(z, y, match):
     with pytest.raises(ValueError, match=match):
         batch_metrics(z, y, get_format("float32"))
+
+
+@needs_torch
+@pytest.mark.parametrize("hidden_layers", [1, 6])
+def test_a_monitor_writing_a_file_keeps_two_rows_a_step_in_memory(tmp_path, hidden_layers):
+    """With ``out``, every row goes to metrics.csv and the log keeps in memory only the rows
+    of ``SUMMARY_SERIES`` (two a step, whatever the number of tensors: a long loop's monitor
+    stays small); summary.json's headline numbers equal :func:`summarize` of the full CSV."""
+    from numstab.monitor import Monitor
+    from numstab.run import MetricLog, summarize
+
+    p, steps = 11, 5
+    _, x, y = _tiny(p=p)
+    layers = [torch.nn.Linear(2 * p, 16, bias=False), torch.nn.ReLU()]
+    for _ in range(hidden_layers - 1):
+        layers += [torch.nn.Linear(16, 16, bias=False), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(16, p, bias=False))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    out = tmp_path / "m"
+    mon = Monitor(model, opt, out=out)
+    _loop(mon, model, opt, x, y, steps)
+    mon.close()
+    rows = _rows(out)
+    n_tensors = hidden_layers + 1
+    assert len(rows) == steps * (11 + 4 * n_tensors)  # everything is in the file
+    assert len(mon.log.rows) == 2 * steps  # accuracy and sc_fraction, each step
+    full = MetricLog()
+    for r in rows:
+        full.add(int(r["step"]), r["run"], r["split"], r["metric"], float(r["value"]), r["layer"])
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["run"] == json.loads(json.dumps(summarize(full, "run")))
+    assert mon.log.latest("weight_norm", layer="global") == full.latest(
+        "weight_norm", layer="global"
+    )

@@ -326,3 +326,50 @@ def test_cli_refuses_an_unread_option_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "p = 7 applies to the modular tasks only" in err[0], err
     assert not out.exists()  # a refused command writes nothing
+
+
+@pytest.mark.parametrize("keep", [None, ("accuracy",), ("accuracy", "loss", "absent")])
+def test_a_log_that_keeps_some_metrics(tmp_path, keep):
+    """``MetricLog(keep=...)``: only the named metrics' rows stay in memory (``series`` of
+    another is refused), every row reaches the CSV, and ``latest`` of any metric is the
+    value of its last row added, as read off the full list of rows (the reference)."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "metrics.csv"
+    log = MetricLog(path, keep=keep)
+    added = []
+    for step in range(40):
+        for metric in ("accuracy", "loss", "weight_norm"):
+            for run, split, layer in (("a", "train", ""), ("b", "test", ""), ("a", "train", "w1")):
+                v = float(rng.standard_normal()) if rng.random() > 0.1 else math.nan
+                if rng.random() < 0.7:  # some keys skip some steps
+                    log.add(step, run, split, metric, v, layer)
+                    added.append((step, run, split, metric, layer, v))
+        log.flush()
+    log.close()
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    assert len(lines) - 1 == len(added)  # the file holds every row
+    kept = [r for r in added if keep is None or r[3] in keep]
+    assert len(log.rows) == len(kept)
+    for r, want in zip(log.rows, kept, strict=True):
+        assert r[:5] == want[:5] and (r[5] == want[5] or (math.isnan(r[5]) and math.isnan(want[5])))
+    for metric in ("accuracy", "loss", "weight_norm", "absent"):
+        for run in (None, "a", "b"):
+            for split in (None, "train", "test"):
+                for layer in ("", "w1"):
+                    match = [
+                        r[5]
+                        for r in added
+                        if r[3] == metric
+                        and r[4] == layer
+                        and run in (None, r[1])
+                        and split in (None, r[2])
+                    ]
+                    got = log.latest(metric, run=run, split=split, layer=layer)
+                    want = match[-1] if match else math.nan
+                    assert got == want or (math.isnan(got) and math.isnan(want))
+    if keep is not None:
+        with pytest.raises(ValueError, match="weight_norm.*not kept"):
+            log.series("weight_norm")
+        with pytest.raises(ValueError, match="keep"):
+            log.csv_text()

@@ -51,7 +51,7 @@ from numstab.monitor.core import (
 )
 from numstab.precision import REDUCTION_ORDERS
 from numstab.run.atomic import write_text
-from numstab.run.loop import MetricLog, summarize
+from numstab.run.loop import SUMMARY_SERIES, MetricLog, summarize
 from numstab.run.outdir import claim
 
 __all__ = ["AUDIT_KEYS", "HOST_BLAS_THREADS", "MAX_PENDING", "MONITOR_KINDS", "Monitor"]
@@ -119,6 +119,9 @@ class Monitor:
         gradient's non-zero entries.
     out : path, optional
         Output folder (claimed: one writer at a time): ``metrics.csv``, ``summary.json``.
+        With it, every row goes to ``metrics.csv`` and only those ``summary.json`` reads stay
+        in memory (the accuracy and SC fraction, two a step); without it every row stays in
+        ``log.rows`` (11 + 4 per parameter tensor a step).
     loss : {"softmax", "stablemax"}
         The loss the loop trains with (numstab's twin is measured).
     loss_format : str, NumPy or torch dtype, optional
@@ -184,7 +187,8 @@ class Monitor:
         self.out = None if out is None else os.fspath(out)
         self._claim = claim(self.out, holder="numstab monitor") if self.out else None
         path = None if self.out is None else os.path.join(self.out, "metrics.csv")
-        self.log = MetricLog(path)
+        # with a file, in memory only the rows summary.json reads (the log stays small)
+        self.log = MetricLog(path, keep=SUMMARY_SERIES if path else None)
         self._ws = workspace.Workspace()  # the batch's temporaries, reused step after step
         self._unscreened = RESCREEN_EVERY  # observed steps since a screen found it unneeded
         self._top = TopEntries(RESCREEN_EVERY)

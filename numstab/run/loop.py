@@ -34,7 +34,16 @@ from numstab.run.atomic import atomic_open
 from numstab.run.config import TRANSFORMER_FIELDS, TrainConfig
 from numstab.run.driver import OutputError, drive, restore_runs
 
-__all__ = ["CSV_HEADER", "MetricLog", "NonFiniteError", "Run", "make_dataset", "summarize", "train"]
+__all__ = [
+    "CSV_HEADER",
+    "SUMMARY_SERIES",
+    "MetricLog",
+    "NonFiniteError",
+    "Run",
+    "make_dataset",
+    "summarize",
+    "train",
+]
 
 CSV_HEADER = ("step", "run", "split", "metric", "layer", "value")
 
@@ -50,23 +59,28 @@ class NonFiniteError(FloatingPointError):
 class MetricLog:
     """Long-format metric rows ``(step, run, split, metric, layer, value)``.
 
-    Rows are kept in memory. With a ``stream`` they are written to it as they arrive. With a
-    ``path`` they go to a CSV file, and only whole rows ever do: nothing touches the file until
-    the first :meth:`flush` after rows arrived (it then creates it, header first) or a
-    :meth:`reset` (which replaces it atomically); each flush appends the rows since the last
-    one in one write. If a write fails (disk full, file too large) the file is cut back to its
-    last whole row, the ``OSError`` (naming the file) is raised, and the file is not written
-    again; the rows stay in memory. So a log made for a resume that is then refused leaves the
-    old CSV as it was, and a crash leaves every row flushed before it.
-    """
+    Rows are kept in memory (with ``keep``, only those of the metrics it names: a log that grows
+    by hundreds of rows a step, as a monitor of a large model's tensors, then stays small;
+    :meth:`latest` answers for every metric). With a ``stream`` they are written to it as they
+    arrive. With a ``path`` they go to a CSV file, and only whole rows ever do: nothing touches
+    the file until the first :meth:`flush` after rows arrived (it then creates it, header first)
+    or a :meth:`reset` (which replaces it atomically); each flush appends the rows since the
+    last one in one write. If a write fails (disk full, file too large) the file is cut back to
+    its last whole row, the ``OSError`` (naming the file) is raised, and the file is not written
+    again; the rows it keeps stay in memory. So a log made for a resume that is then refused
+    leaves the old CSV as it was, and a crash leaves every row flushed before it."""
 
     def __init__(
         self,
         path: str | os.PathLike | None = None,
         *,
         stream: io.TextIOBase | None = None,
+        keep=None,
     ):
+        self.keep = None if keep is None else frozenset(keep)
         self.rows: list[tuple] = []
+        self._last: dict[tuple, tuple] = {}  # (run, split, metric, layer) -> (order, value)
+        self._order = 0
         self.path = None if path is None else os.fspath(path)
         self._file: io.FileIO | None = None  # the CSV, once created or reset
         self._size = 0  # its length after the last complete write
@@ -95,7 +109,9 @@ class MetricLog:
         The file is left alone when it already holds exactly these rows. Raises ``OSError``
         if it cannot be written; the old file is then intact.
         """
-        self.rows = [tuple(r) for r in rows]
+        self.rows, self._last, self._order = [], {}, 0
+        for r in rows:
+            self._remember(tuple(r))
         self._pending = io.StringIO()
         self._pending_writer = csv.writer(self._pending)
         if self.path is None:
@@ -117,12 +133,20 @@ class MetricLog:
 
     def csv_text(self) -> str:
         """Every row as the text of a ``metrics.csv`` (header first), as :meth:`flush` and a
-        ``stream`` write them."""
+        ``stream`` write them (a log with ``keep``: ValueError, it does not hold them)."""
+        if self.keep is not None:
+            raise ValueError("this log keeps only the rows of some metrics (keep=...)")
         return self._csv_text(self.rows, header=True)
+
+    def _remember(self, row: tuple) -> None:
+        if self.keep is None or row[3] in self.keep:
+            self.rows.append(row)
+        self._last[(row[1], row[2], row[3], row[4])] = (self._order, row[5])
+        self._order += 1
 
     def add(self, step: int, run: str, split: str, metric: str, value, layer: str = ""):
         row = (int(step), run, split, metric, layer, float(value))
-        self.rows.append(row)
+        self._remember(row)
         line = (*row[:5], repr(row[5]))
         if self._writer is not None:
             self._writer.writerow(line)
@@ -170,7 +194,12 @@ class MetricLog:
     def series(
         self, metric: str, *, run: str | None = None, split: str | None = None, layer: str = ""
     ):
-        """``(steps, values)`` arrays of one metric, in step order."""
+        """``(steps, values)`` arrays of one metric, in step order (a metric the log keeps:
+        ValueError otherwise)."""
+        if self.keep is not None and metric not in self.keep:
+            raise ValueError(
+                f"metric {metric!r} is not kept in memory by this log (keep: {sorted(self.keep)})"
+            )
         sel = [
             (r[0], r[5])
             for r in self.rows
@@ -184,9 +213,19 @@ class MetricLog:
         s, v = zip(*sel, strict=True)
         return np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)
 
-    def latest(self, metric: str, **kw):
-        _s, v = self.series(metric, **kw)
-        return float(v[-1]) if v.size else float("nan")
+    def latest(
+        self, metric: str, *, run: str | None = None, split: str | None = None, layer: str = ""
+    ) -> float:
+        """The value of the metric's last row added (NaN if none); any metric, kept or not."""
+        hits = [
+            v
+            for (r, sp, m, lay), v in self._last.items()
+            if m == metric
+            and lay == layer
+            and (run is None or r == run)
+            and (split is None or sp == split)
+        ]
+        return float(max(hits)[1]) if hits else float("nan")
 
 
 @dataclass
@@ -537,8 +576,14 @@ def make_dataset(config: TrainConfig) -> Dataset:
     )
 
 
+#: The metrics whose rows :func:`summarize` reads (a :class:`MetricLog` ``keep`` must hold
+#: them); every other metric it takes from :meth:`MetricLog.latest`.
+SUMMARY_SERIES = ("accuracy", "sc_fraction")
+
+
 def summarize(log: MetricLog, run: str, *, grok_threshold: float = 0.9) -> dict:
-    """Headline numbers of a run from its metric log.
+    """Headline numbers of a run from its metric log (which must keep the rows of
+    :data:`SUMMARY_SERIES`).
 
     Returns
     -------
