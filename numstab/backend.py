@@ -397,15 +397,29 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _torch_to_numpy(t) -> np.ndarray:
-    """A torch tensor's values as a NumPy array (see :func:`to_numpy`)."""
+#: torch dtype -> (the integer dtype of its bits, the ml_dtypes type) for the 16- and 8-bit
+#: floats NumPy lacks (bfloat16, float8...), None for the others; filled as dtypes are met.
+_TORCH_BIT_VIEWS: dict = {}
+
+
+def _torch_bit_view(dtype, t):
     import torch
 
+    ml_type = getattr(ml_dtypes, str(dtype).removeprefix("torch."), None)
+    if ml_type is None or not t.is_floating_point() or t.element_size() > 2:
+        return None
+    return (torch.int16 if t.element_size() == 2 else torch.uint8), ml_type
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    """A torch tensor's values as a NumPy array (see :func:`to_numpy`)."""
     t = t.detach()
-    ml_type = getattr(ml_dtypes, str(t.dtype).removeprefix("torch."), None)
-    if ml_type is not None and t.is_floating_point() and t.element_size() <= 2:
-        bits = torch.int16 if t.element_size() == 2 else torch.uint8
-        return t.view(bits).numpy(force=True).view(ml_type)
+    dtype = t.dtype
+    if dtype not in _TORCH_BIT_VIEWS:  # a dict lookup per call: the monitor makes 15 a step
+        _TORCH_BIT_VIEWS[dtype] = _torch_bit_view(dtype, t)
+    view = _TORCH_BIT_VIEWS[dtype]
+    if view is not None:
+        return t.view(view[0]).numpy(force=True).view(view[1])
     return t.numpy(force=True)  # on the CPU, conjugate and negative views resolved
 
 
