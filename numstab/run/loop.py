@@ -219,7 +219,7 @@ class MetricLog:
         """The value of the metric's last row added (NaN if none); any metric, kept or not."""
         hits = [
             v
-            for (r, sp, m, lay), v in self._last.items()
+            for (r, sp, m, lay), v in list(self._last.items())  # a copy: a monitor's thread adds
             if m == metric
             and lay == layer
             and (run is None or r == run)
