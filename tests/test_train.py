@@ -368,6 +368,10 @@ def test_a_log_that_keeps_some_metrics(tmp_path, keep):
                     got = log.latest(metric, run=run, split=split, layer=layer)
                     want = match[-1] if match else math.nan
                     assert got == want or (math.isnan(got) and math.isnan(want))
+    log.reset(added)  # a checkpoint's rows: the file gets every one back, memory the kept
+    with open(path, newline="") as f:
+        assert len(list(csv.reader(f))) - 1 == len(added)
+    assert len(log.rows) == len(kept)
     if keep is not None:
         with pytest.raises(ValueError, match="weight_norm.*not kept"):
             log.series("weight_norm")

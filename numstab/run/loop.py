@@ -109,15 +109,16 @@ class MetricLog:
         The file is left alone when it already holds exactly these rows. Raises ``OSError``
         if it cannot be written; the old file is then intact.
         """
+        rows = [tuple(r) for r in rows]
         self.rows, self._last, self._order = [], {}, 0
         for r in rows:
-            self._remember(tuple(r))
+            self._remember(r)
         self._pending = io.StringIO()
         self._pending_writer = csv.writer(self._pending)
         if self.path is None:
             return
         self.close()
-        data = self._csv_text(self.rows, header=True).encode()
+        data = self._csv_text(rows, header=True).encode()  # every row, kept or not
         try:
             with open(self.path, "rb") as f:
                 same = f.read() == data
