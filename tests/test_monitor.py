@@ -399,16 +399,19 @@ def test_cosine_and_norms_match_torch():
 
 
 @needs_torch
-def test_background_records_the_same_rows(tmp_path):
+@pytest.mark.parametrize("hidden", [16, 400])
+def test_background_records_the_same_rows(tmp_path, hidden):
     """``background=True`` measures copies on the monitor's thread: the same metrics.csv rows,
     character for character (the audit's own duration aside), as measuring inline, with the
     loop zeroing its gradients in place (the copies must be taken before the loop moves on)
-    and weight decay (θ read before the step); so does ``threads=2``."""
+    and weight decay (θ read before the step); so does ``threads=2``. At ``hidden=400`` the
+    tensors' copies come from the monitor's workspace (above ``MIN_BYTES``) and are reused
+    while earlier steps are still pending on its thread."""
     from numstab.monitor import Monitor
 
     files = []
     for background, threads in ((False, 1), (True, 1), (False, 2)):
-        model, x, y = _tiny(seed=3)
+        model, x, y = _tiny(seed=3, hidden=hidden)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
         out = tmp_path / f"bg{background}{threads}"
         with Monitor(
@@ -422,6 +425,7 @@ def test_background_records_the_same_rows(tmp_path):
                 with mon.observe(step, logits, y, loss=loss):
                     opt.step()
         assert json.loads((out / "summary.json").read_text())["config"]["background"] is background
+        assert hidden < 400 or mon._ws.nbytes > 0  # the copies came from the workspace
         rows = (out / "metrics.csv").read_text().splitlines()
         files.append([r for r in rows if ",audit_seconds," not in r])  # a time, not a metric
     assert files[0] == files[1] == files[2] and len(files[0]) > 9 * 15
