@@ -13,6 +13,7 @@ from __future__ import annotations
 from numstab.run.config import RECORDED_BEFORE, TrainConfig
 from numstab.run.loop import (
     CSV_HEADER,
+    SUMMARY_SERIES,
     MetricLog,
     NonFiniteError,
     Run,
@@ -24,6 +25,7 @@ from numstab.run.loop import (
 __all__ = [
     "CSV_HEADER",
     "RECORDED_BEFORE",
+    "SUMMARY_SERIES",
     "MetricLog",
     "NonFiniteError",
     "Run",
