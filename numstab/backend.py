@@ -402,10 +402,10 @@ def to_numpy(x) -> np.ndarray:
 _TORCH_BIT_VIEWS: dict = {}
 
 
-def _torch_bit_view(dtype, t):
+def _torch_bit_view(t):
     import torch
 
-    ml_type = getattr(ml_dtypes, str(dtype).removeprefix("torch."), None)
+    ml_type = getattr(ml_dtypes, str(t.dtype).removeprefix("torch."), None)
     if ml_type is None or not t.is_floating_point() or t.element_size() > 2:
         return None
     return (torch.int16 if t.element_size() == 2 else torch.uint8), ml_type
@@ -416,7 +416,7 @@ def _torch_to_numpy(t) -> np.ndarray:
     t = t.detach()
     dtype = t.dtype
     if dtype not in _TORCH_BIT_VIEWS:  # a dict lookup per call: the monitor makes 15 a step
-        _TORCH_BIT_VIEWS[dtype] = _torch_bit_view(dtype, t)
+        _TORCH_BIT_VIEWS[dtype] = _torch_bit_view(t)
     view = _TORCH_BIT_VIEWS[dtype]
     if view is not None:
         return t.view(view[0]).numpy(force=True).view(view[1])

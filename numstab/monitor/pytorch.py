@@ -218,20 +218,22 @@ class Monitor:
             yield
             return
         t0 = time.perf_counter()
-        batch = self._snapshot(logits, labels, loss)
-        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
-        theta = {k: self._copy(self.params[k]) for k in grads}  # θ_t
-        params = None
-        if self._pool is None:  # θ_t and ∇L measured now, ∇L read in place (not copied)
-            with parallel.blas_limit(HOST_BLAS_THREADS), workspace.using(self._ws):
-                params = param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()})
-            grads = None
-        else:  # copies, measured on the monitor's thread (the loop may zero ∇L meanwhile)
-            grads = {k: self._copy(g) for k, g in grads.items()}
+        with workspace.using(self._ws):  # the copies' arrays (not across the yield)
+            batch = self._snapshot(logits, labels, loss)
+            grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+            theta = {k: self._copy(self.params[k]) for k in grads}  # θ_t
+            params = None
+            if self._pool is None:  # θ_t and ∇L measured now, ∇L read in place (not copied)
+                with parallel.blas_limit(HOST_BLAS_THREADS):
+                    params = param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()})
+                grads = None
+            else:  # copies, measured on the monitor's thread (the loop may zero ∇L meanwhile)
+                grads = {k: self._copy(g) for k, g in grads.items()}
         self.seconds += time.perf_counter() - t0
         yield
         t0 = time.perf_counter()
-        after = {k: self._host(self.params[k]) for k in theta}
+        with workspace.using(self._ws):
+            after = {k: self._host(self.params[k]) for k in theta}
         job = (step, batch, theta, grads, after, self._due(theta), params)
         if self._pool is None:
             self._record(*job)
@@ -244,12 +246,13 @@ class Monitor:
         loop may change the tensor before the monitor's thread reads it)."""
         return self._copy(t) if self._pool is not None else to_numpy(t)
 
-    def _copy(self, t) -> np.ndarray:
-        """A copy of ``t``'s values on the host, in an array of the monitor's workspace
-        (reused once no record holds it: a fresh one each step page-faults its memory in)."""
+    @staticmethod
+    def _copy(t) -> np.ndarray:
+        """A copy of ``t``'s values on the host, in an array of the active workspace (the
+        monitor's, reused once no record holds it: a fresh one each step page-faults its
+        memory in)."""
         a = to_numpy(t)
-        with workspace.using(self._ws):
-            out = workspace.empty(a.shape, a.dtype)
+        out = workspace.empty(a.shape, a.dtype)
         np.copyto(out, a)
         return out
 
