@@ -53,6 +53,8 @@ __all__ = [
     "r_squared",
     "render_markdown",
     "slingshot_claims",
+    "violation_radial_share",
+    "zerosum_claims",
 ]
 
 #: Test accuracy that counts as "generalised" in the ``*.test95_step`` claims.
@@ -872,6 +874,55 @@ def glitch_claims(results) -> dict:
     return {e["key"]: e for e in out}
 
 
+def _max_weight_norm(results, rid):
+    return max_value(results, rid, "weight_norm", "train", "global")
+
+
+def _final_weight_norm(results, rid):
+    return final_value(results, rid, "weight_norm", "train", "global")
+
+
+def violation_radial_share(sc, radial, violation):
+    """Median over the logged steps with a collapsed row (``sc > 0``) and a non-zero radial
+    gradient of ``violation / radial``: the share of ``⟨Z, ∂L/∂Z⟩`` the zero-sum violation
+    carries (1: all of it; None without such a step). The three series are of the same steps."""
+    sc, radial, violation = (np.asarray(a, dtype=float) for a in (sc, radial, violation))
+    keep = (sc > 0) & (radial != 0) & np.isfinite(radial) & np.isfinite(violation)
+    if not np.any(keep):
+        return None
+    return float(np.median(violation[keep] / radial[keep]))
+
+
+def _violation_share(results, rid):
+    steps, sc = results.series(rid, "sc_fraction", "train")
+    at = dict(zip(steps.tolist(), sc.tolist(), strict=True))
+    s_rad, radial = results.series(rid, "radial_grad", "train")
+    s_vio, violation = results.series(rid, "radial_grad_violation", "train")
+    if s_rad.size == 0 or not np.array_equal(s_rad, s_vio):
+        return None
+    return violation_radial_share([at.get(s, 0.0) for s in s_rad.tolist()], radial, violation)
+
+
+def zerosum_claims(results) -> dict:
+    """The follow-up "Grokking or Glitching?" by intervention: Fig. 2a's runs with the zero-sum
+    violation and without it (each row's logit gradient minus its mean), per loss format: the
+    collapse, the weight norm, and the share of the gradient's radial part the violation
+    carries."""
+    by = ["loss_dtype", "zero_sum_grad_from"]
+    out = [
+        *_outcomes(results, "zerosum", {}, by, {}),
+        _per_run(results, "zerosum.max_weight_norm", "max global weight norm", "", "number",
+                 {}, by, _max_weight_norm),
+        _per_run(results, "zerosum.final_weight_norm", "final global weight norm",
+                 "moves with the violation if it drives the norm (the follow-up)", "number",
+                 {}, by, _final_weight_norm),
+        _per_run(results, "zerosum.violation_radial_share",
+                 "median share of ⟨Z, ∂L/∂Z⟩ carried by the violation, steps with SC > 0",
+                 "", "number", {}, by, _violation_share),
+    ]  # fmt: skip
+    return {e["key"]: e for e in out}
+
+
 def r_squared(y, *columns) -> float | None:
     """R² of the least-squares fit ``y ~ 1 + columns`` (None with fewer points than
     coefficients + 1, or a constant ``y``)."""
@@ -986,6 +1037,7 @@ CLAIMS = {
     "fig16": fig16_claims,
     "appI": appI_claims,
     "glitch": glitch_claims,
+    "zerosum": zerosum_claims,
     "logitscale": logitscale_claims,
     "slingshot": slingshot_claims,
 }

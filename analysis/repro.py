@@ -88,6 +88,7 @@ FIGURES = {
     "glitch": "glitch.toml",
     "logitscale": "logitscale.toml",
     "slingshot": "slingshot.toml",
+    "zerosum": "zerosum.toml",
 }
 SPECS_DIR = S.BUNDLED_SPECS
 _BUDGET_KEYS = ("seeds", "max_steps", "max_log_every", "rules", "description")

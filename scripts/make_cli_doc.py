@@ -37,6 +37,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _written_after_train_help(path: Path) -> str:
+    """The sections of ``path`` after the train help block (written by hand: the metrics, the
+    other losses, ...), kept as they are."""
+    if not path.exists():
+        return ""
+    old = path.read_text()
+    start = old.find("```\nusage: python -m numstab.train")
+    if start < 0:
+        return ""
+    end = old.find("```", start + 4)
+    return old[end + 3 :] if end >= 0 else ""
+
+
 def main() -> int:
     out_dir = ROOT / "runs" / "cli-doc"
     default, wall, code = run(["numstab.compare", "--dtype", "float32", "--quiet",
@@ -152,7 +165,8 @@ bit as one longer run).
     figure = out_dir / "compare.png"
     if figure.exists():
         shutil.copyfile(figure, ROOT / "docs" / "figures" / "cli-compare.png")
-    (ROOT / "docs" / "cli.md").write_text(text)
+    path = ROOT / "docs" / "cli.md"
+    (path).write_text(text + _written_after_train_help(path))
     print(f"wrote docs/cli.md (default compare: {wall:.1f} s)")
     return 0
 

@@ -4,7 +4,7 @@
 Usage::
 
     python scripts/reproduce.py --figure {1,2,4,5,6,8,13,14,15,16,appI,extra,glitch,
-        logitscale,slingshot}
+        logitscale,slingshot,zerosum}
         --budget {smoke,short,full} [--seeds N] [--variant authors] [--out DIR]
         [--workers N] [--threads T]
         [--plots-dir DIR] [--band minmax|std|none] [--no-plots] [--spec FILE]

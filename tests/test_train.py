@@ -2,15 +2,19 @@
 
 import csv
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers import U, frac, gamma
+from helpers import U, abs_dot, frac, gamma
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from numstab import exact
 from numstab import metrics as M
 from numstab.data import MODULAR_OPS
 from numstab.run import CSV_HEADER, MetricLog, NonFiniteError, Run, TrainConfig, summarize, train
+from numstab.run.loop import zero_sum_part
 
 SMALL = TrainConfig(p=23, hidden=(32, 32), steps=30, log_every=10, lr=0.01)
 
@@ -38,6 +42,8 @@ def test_logged_steps_and_metric_names():
             "zero_loss_fraction",
             "zero_target_grad_fraction",
             "zero_sum_violation",
+            "radial_grad",
+            "radial_grad_violation",
             "logit_norm",
             "logit_gap_median",
             "logit_gap_max",
@@ -52,16 +58,22 @@ def test_logged_steps_and_metric_names():
     assert not [r for r in run.log.rows if r[3] == "nlm_cos_update" and r[0] == 25]
 
 
-def test_zero_sum_violation_is_the_mean_absolute_row_sum_of_the_logit_gradient():
-    # A run driven into collapse (lr 0.05, float16 loss), so that absorbed target gradients
-    # make the row sums non-zero; step 60 is logged, then a replay of the same run (bit for
-    # bit the same parameters) gives the logit gradient at that step.
+def _collapsed_step_and_replay(steps=60):
+    """A run driven into collapse (lr 0.05, float16 loss) logged at ``steps``, and a replay of
+    it (bit for bit the same parameters) standing at that step."""
     cfg = SMALL.replace(lr=0.05, loss_dtype="float16", steps=80)
     run, replay = Run(cfg), Run(cfg)
-    for _ in range(60):
+    for _ in range(steps):
         run.advance(log=False)
         replay.advance(log=False)
     run.advance(log=True)
+    return run, replay
+
+
+def test_zero_sum_violation_is_the_mean_absolute_row_sum_of_the_logit_gradient():
+    # Absorbed target gradients make the row sums non-zero; the replay gives the logit
+    # gradient of the logged step.
+    run, replay = _collapsed_step_and_replay()
     g = replay.evaluate("train").dz.astype(np.float64)
     rows = [sum(frac(v) for v in r) for r in g]  # exact row sums (Fractions)
     want = float(sum(abs(r) for r in rows) / len(rows))
@@ -69,6 +81,122 @@ def test_zero_sum_violation_is_the_mean_absolute_row_sum_of_the_logit_gradient()
     # float64 row sums of C terms: within γ_C·Σ|g_k| each; the mean and |.| add a few u
     bound = gamma(g.shape[1]) * float(np.mean(np.abs(g).sum(axis=1))) + 4 * U * want
     assert abs(run.log.latest("zero_sum_violation", split="train") - want) <= bound
+
+
+def test_radial_grad_and_the_violations_part_of_it_are_the_sums_they_name():
+    run, replay = _collapsed_step_and_replay()
+    ev = replay.evaluate("train")
+    z, g = ev.logits.astype(np.float64), ev.dz.astype(np.float64)
+    n, c = z.shape
+    radial = sum(frac(a) * frac(b) for a, b in zip(z.ravel(), g.ravel(), strict=True))
+    # Σ_i mean_k(z_ik) · Σ_k g_ik, exactly (Fractions)
+    violation = sum(
+        sum(map(frac, zr)) / c * sum(map(frac, gr)) for zr, gr in zip(z, g, strict=True)
+    )
+    # float64: each product rounded once, then an N·C-term sum: within γ_{NC+1}·Σ|z g|
+    bound = gamma(n * c + 1) * abs_dot(z, g)
+    assert abs(run.log.latest("radial_grad", split="train") - float(radial)) <= bound
+    # a row mean (C terms and a division), a row sum (C terms), their product, an N-term sum:
+    # within γ_{2C+N+2} of Σ_i mean_k|z_ik| · Σ_k|g_ik|
+    bound = gamma(2 * c + n + 2) * float(np.sum(np.abs(z).mean(axis=1) * np.abs(g).sum(axis=1)))
+    assert 100 * bound < abs(float(violation))  # collapse broke the zero sum, far above rounding
+    got = run.log.latest("radial_grad_violation", split="train")
+    assert abs(got - float(violation)) <= bound
+
+
+def test_radial_grad_times_depth_is_the_parameters_radial_gradient():
+    # Euler's identity: the bias-free ReLU MLP is homogeneous of degree L in θ, so for the
+    # parameter gradient that backpropagation makes of any logit gradient G,
+    # ⟨θ, ∇_θ⟩ = L · ⟨Z, G⟩. Checked in float64 against the run's own parameter gradients.
+    cfg = SMALL.replace(dtype="float64", lr=0.05, steps=80)
+    run, replay = Run(cfg), Run(cfg)
+    for _ in range(40):
+        run.advance(log=False)
+        replay.advance(log=False)
+    run.advance(log=True)
+    ev = replay.evaluate("train", with_grads=True)
+    grads = replay.gradients(ev)
+    depth = len(cfg.hidden) + 1
+    radial = float(sum(frac(a) * frac(b) for k, w in replay.params.items()
+                       for a, b in zip(w.ravel(), grads[k].ravel(), strict=True)))  # fmt: skip
+    # Every product of the forward and backward passes is within γ_K of its counterpart with
+    # |W| and |G| (K: the longest sum, here the N·C terms of ⟨Z, G⟩), and each of the
+    # L² + 2L + 2 products and pairings on the two sides is bounded by T = ⟨|G|, Z_abs⟩, with
+    # Z_abs the logits of the network with |W| (its activations are non-negative, so its
+    # ReLUs pass everything: an upper bound of every |activation| of the real one).
+    g = ev.dz.astype(np.float64)
+    z_abs, _ = replay.net.forward(
+        {k: np.abs(w) for k, w in replay.params.items()}, replay.x_train, replay.model,
+        replay.policy,
+    )  # fmt: skip
+    big_k = max(g.size, *(w.size for w in replay.params.values()), replay.y_train.size)
+    bound = (depth**2 + 2 * depth + 2) * gamma(big_k) * abs_dot(g, z_abs)
+    assert 1e6 * bound < abs(radial)  # a wrong depth or a missing 1/N would show
+    assert abs(depth * run.log.latest("radial_grad", split="train") - radial) <= bound
+
+
+@given(
+    rows=st.integers(1, 6),
+    classes=st.integers(1, 9),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64, np.longdouble]),
+    seed=st.integers(0, 2**32 - 1),
+)
+@example(rows=1, classes=1, dtype=np.float32, seed=0)
+@settings(max_examples=40, deadline=None)
+def test_zero_sum_part_is_each_row_minus_its_mean(rows, classes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    dz = rng.standard_normal((rows, classes)) * 10.0 ** rng.integers(-8, 3, (rows, 1))
+    dz = dz.astype(dtype)
+    got = zero_sum_part(dz)
+    assert got.dtype == (np.longdouble if dtype == np.longdouble else np.float64)
+    u = float(np.finfo(got.dtype).eps) / 2
+    for g_row, d_row in zip(got, dz, strict=True):
+        exact = [frac(v) for v in d_row]
+        mean = sum(exact) / classes
+        # the row mean: C terms summed and a division (γ_{C+1} of the mean |dz|), then one
+        # subtraction rounded (u of the result)
+        mean_abs = float(sum(abs(v) for v in exact) / classes)
+        for g, d in zip(g_row, exact, strict=True):
+            want = d - mean
+            bound = gamma(classes + 1, u) * mean_abs + u * abs(float(want)) * 2
+            assert abs(frac(g) - want) <= Fraction(bound)
+
+
+def test_zero_sum_grad_from_trains_on_the_gradient_without_its_violation():
+    # float64 parameters, float16 loss: collapse leaves a violation, the backward adds little
+    plain_cfg = SMALL.replace(dtype="float64", lr=0.05, loss_dtype="float16", steps=80)
+    plain, centred = Run(plain_cfg), Run(plain_cfg.replace(zero_sum_grad_from=40))
+    for _ in range(40):  # bit for bit the same run before the step it starts at
+        plain.advance(log=False)
+        centred.advance(log=False)
+    for k in plain.params:
+        np.testing.assert_array_equal(plain.params[k], centred.params[k])
+    ev = centred.evaluate("train", with_grads=True)
+    z, g = ev.logits.astype(np.float64), ev.dz.astype(np.float64)
+    c = z.shape[1]
+    # Euler (test above): ⟨θ, ∇_θ⟩ = L · ⟨Z, G'⟩ for G' the gradient trained on. Without
+    # the violation, G'_i = G_i − mean(G_i), so ⟨Z, G'⟩ = Σ_i ⟨z_i − mean(z_i), G_i⟩ (exact).
+    centred_radial = sum(
+        sum(frac(a) * frac(b) for a, b in zip(zr, gr, strict=True))
+        - sum(map(frac, zr)) * sum(map(frac, gr)) / c
+        for zr, gr in zip(z, g, strict=True)
+    )
+    violation = sum(
+        sum(map(frac, zr)) * sum(map(frac, gr)) / c for zr, gr in zip(z, g, strict=True)
+    )
+    depth = len(plain_cfg.hidden) + 1
+    for run, want in ((centred, centred_radial), (plain, centred_radial + violation)):
+        grads = run.gradients(ev)
+        got = sum(frac(a) * frac(b) for k, w in run.params.items()
+                  for a, b in zip(w.ravel(), grads[k].ravel(), strict=True))  # fmt: skip
+        z_abs, _ = run.net.forward(
+            {k: np.abs(w) for k, w in run.params.items()}, run.x_train, run.model, run.policy
+        )
+        # as in the test above, with the centring's rounding (γ_{C+2}) added to each G entry
+        big_k = max(g.size, *(w.size for w in run.params.values())) + c + 2
+        bound = (depth**2 + 2 * depth + 4) * gamma(big_k) * abs_dot(np.abs(g) * 2, z_abs)
+        assert abs(float(got - depth * want)) <= bound
+    assert abs(float(violation)) * depth > 1e3 * bound  # the two runs' targets differ
 
 
 def test_update_norm_is_the_norm_of_the_applied_update():

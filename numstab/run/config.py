@@ -88,6 +88,7 @@ OWN_ENCODING = {"parity": "bits", "digits": "pixels"}
 #: (:func:`numstab.sweep.spec.canonical_json`), so adding an option renames no existing run.
 #: A new option goes here with its neutral default.
 ID_NEUTRAL = {
+    "zero_sum_grad_from": None,
     "temperature": 1.0,
     "label_smoothing": 0.0,
     "init_scale": 1.0,
@@ -321,6 +322,11 @@ class TrainConfig:
     zero_target_grad_from: int | None = option(
         None, "int", "from this step on, zero the correct-class logit gradient (Fig. 8)", low=0,
         nullable=True,
+    )
+    zero_sum_grad_from: int | None = option(
+        None, "int",
+        "from this step on, train on each row's logit gradient minus its mean (the part that "
+        "sums to 0 over the classes, as in exact arithmetic)", low=0, nullable=True,
     )
     backend: str = option("numpy", "str", "array backend", choices=BACKENDS)
 

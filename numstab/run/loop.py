@@ -43,6 +43,7 @@ __all__ = [
     "make_dataset",
     "summarize",
     "train",
+    "zero_sum_part",
 ]
 
 CSV_HEADER = ("step", "run", "split", "metric", "layer", "value")
@@ -378,6 +379,8 @@ class Run:
         c = self.config
         if c.zero_target_grad_from is not None and self.step >= c.zero_target_grad_from:
             dz = put_at(dz.copy(), ev.cache.labels, 0.0)
+        if c.zero_sum_grad_from is not None and self.step >= c.zero_sum_grad_from:
+            dz = zero_sum_part(dz)
         plan = self.plan
         if rows is not None and plan is not None:
             plan = self._plan(self._x_host["train"][rows])
@@ -480,9 +483,17 @@ class Run:
         # Σ_k ∂L/∂z_k is 0 exactly for the cross-entropies; once a target gradient is absorbed
         # it is not (the bias "Grokking or Glitching?" blames for the norm growth): the mean
         # |row sum| of the computed logit gradient, summed in float64.
-        row_sums = xp.sum(xp.astype(ev.dz, xp.float64), axis=1)
+        dz64 = xp.astype(ev.dz, xp.float64)
+        row_sums = xp.sum(dz64, axis=1)
         add(t, self.name, split, "zero_sum_violation", float(xp.mean(xp.abs(row_sums))))
         z64 = xp.astype(ev.logits, xp.float64)
+        # The gradient's radial part seen from the logits: ⟨Z, ∂L/∂Z⟩, which is ⟨θ, ∇_θ L⟩ / L
+        # for a bias-free ReLU MLP of L layers (homogeneous of degree L: Euler's identity), and
+        # the violation's share of it: each row's gradient is its zero-sum part plus its mean
+        # (s_i / C)·1, whose pairing with z_i is s_i · mean_k z_ik (0 in exact arithmetic).
+        add(t, self.name, split, "radial_grad", float(xp.sum(z64 * dz64)))
+        violation = xp.sum(xp.mean(z64, axis=1) * row_sums)
+        add(t, self.name, split, "radial_grad_violation", float(violation))
         add(t, self.name, split, "logit_norm", float(xp.mean(xp.sqrt(xp.sum(z64 * z64, axis=1)))))
         gaps = to_numpy(M.logit_gaps(ev.logits, y))  # the median is not an array-API function
         add(t, self.name, split, "logit_gap_median", float(np.median(gaps)))
@@ -540,6 +551,22 @@ class Run:
                 absorbed / max(total, 1),
                 "global",
             )
+
+
+def zero_sum_part(dz):
+    """Each row of a logit gradient minus its mean: ``dz_ik − (1/C) Σ_j dz_ij``, (N, C), in
+    float64 (longdouble for longdouble input), for the backward pass to round once to the
+    gradient format.
+
+    The cross-entropies' exact gradient sums to 0 over the classes; the computed one does not
+    once a target gradient is absorbed (``zero_sum_violation``). This is the part that does,
+    the nearest such gradient (the orthogonal projection of each row): training on it removes
+    the violation and keeps everything else (``zero_sum_grad_from``).
+    """
+    xp = namespace(dz)
+    if not (isinstance(dz.dtype, np.dtype) and dz.dtype == np.longdouble):
+        dz = xp.astype(dz, xp.float64)
+    return dz - xp.mean(dz, axis=1, keepdims=True)
 
 
 def _count(mask) -> int:
