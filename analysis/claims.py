@@ -859,7 +859,7 @@ def glitch_claims(results) -> dict:
     """The follow-up "Grokking or Glitching?": the zero-sum violation (0 in exact arithmetic,
     non-zero once target gradients are absorbed) against the growth of the weight norm, per
     loss format."""
-    by = ["loss_dtype"]
+    by = ["loss_dtype", "zero_sum_grad_from"]
     out = [
         *_outcomes(results, "glitch", {}, by, {}),
         _per_run(results, "glitch.mean_zero_sum_violation",
@@ -870,6 +870,7 @@ def glitch_claims(results) -> dict:
                  "slope of log ‖θ‖ per 1 000 steps, second half of the run",
                  "faster where the zero-sum violation is larger (the follow-up's mechanism)",
                  "number", {}, by, _norm_growth),
+        *_violation_claims(results, "glitch", by),
     ]  # fmt: skip
     return {e["key"]: e for e in out}
 
@@ -909,18 +910,23 @@ def zerosum_claims(results) -> dict:
     collapse, the weight norm, and the share of the gradient's radial part the violation
     carries."""
     by = ["loss_dtype", "zero_sum_grad_from"]
-    out = [
-        *_outcomes(results, "zerosum", {}, by, {}),
-        _per_run(results, "zerosum.max_weight_norm", "max global weight norm", "", "number",
+    out = [*_outcomes(results, "zerosum", {}, by, {}), *_violation_claims(results, "zerosum", by)]
+    return {e["key"]: e for e in out}
+
+
+def _violation_claims(results, prefix, by) -> list:
+    """The weight norm (max, final) and the violation's share of the radial gradient, per
+    ``by`` group: with and without the violation (``zero_sum_grad_from``)."""
+    return [
+        _per_run(results, f"{prefix}.max_weight_norm", "max global weight norm", "", "number",
                  {}, by, _max_weight_norm),
-        _per_run(results, "zerosum.final_weight_norm", "final global weight norm",
+        _per_run(results, f"{prefix}.final_weight_norm", "final global weight norm",
                  "moves with the violation if it drives the norm (the follow-up)", "number",
                  {}, by, _final_weight_norm),
-        _per_run(results, "zerosum.violation_radial_share",
+        _per_run(results, f"{prefix}.violation_radial_share",
                  "median share of ⟨Z, ∂L/∂Z⟩ carried by the violation, steps with SC > 0",
                  "", "number", {}, by, _violation_share),
     ]  # fmt: skip
-    return {e["key"]: e for e in out}
 
 
 def r_squared(y, *columns) -> float | None:

@@ -687,6 +687,38 @@ def test_glitch_claims_violation_and_norm_growth():
     assert C.norm_growth_rate([0, 10], [1.0, 2.0]) is None  # fewer than 3 points
 
 
+def test_zerosum_claims_share_and_norms_per_format_and_intervention():
+    """The violation's share of the radial gradient is the median of violation / radial over
+    the steps with a collapsed row (here the steps 200-400: ratios 0.5, 0.9, 0.8, median 0.8;
+    the step 100 ratio 5 has no collapsed row and is left out); the weight-norm claims are the
+    logged global norm's maximum and last value; runs are grouped by format and intervention."""
+    steps = [0, 100, 200, 300, 400]
+    configs, rows = {}, []
+    for rid, zs, norms in (("plain", None, [1, 5, 9, 7, 6]), ("centred", 0, [1, 2, 3, 3, 4])):
+        configs[rid] = _cfg(loss_dtype="float16", zero_sum_grad_from=zs, seed=0)
+        rows += _rows(
+            rid,
+            steps,
+            sc_fraction=("train", [0, 0, 0.2, 0.6, 1.0]),
+            radial_grad=("train", [0.0, 1.0, -2.0, -1.0, 4.0]),
+            radial_grad_violation=("train", [0.0, 5.0, -1.0, -0.9, 3.2]),
+            weight_norm=("train", "global", norms),
+        )
+    out = C.zerosum_claims(Results.from_rows(configs, rows))
+
+    def by_run(key):
+        return {r["group"]["zero_sum_grad_from"]: r["mean"] for r in out[key]["rows"]}
+
+    assert by_run("zerosum.violation_radial_share") == {
+        None: pytest.approx(0.8),
+        0: pytest.approx(0.8),
+    }
+    assert by_run("zerosum.max_weight_norm") == {None: 9.0, 0: 4.0}
+    assert by_run("zerosum.final_weight_norm") == {None: 6.0, 0: 4.0}
+    assert by_run("zerosum.sc50_step") == {None: 300, 0: 300}
+    assert C.violation_radial_share([0, 0], [1.0, 2.0], [1.0, 1.0]) is None  # never collapsed
+
+
 def test_slingshot_claims_group_by_setting_and_format():
     """Issue #4's reading: per (lr, beta2, loss format) the step test accuracy first reaches
     0.95 and the final train accuracy, from the logged values."""
