@@ -883,12 +883,18 @@ def _final_weight_norm(results, rid):
     return final_value(results, rid, "weight_norm", "train", "global")
 
 
-def violation_radial_share(sc, radial, violation):
-    """Median over the logged steps with a collapsed row (``sc > 0``) and a non-zero radial
-    gradient of ``violation / radial``: the share of ``⟨Z, ∂L/∂Z⟩`` the zero-sum violation
-    carries (1: all of it; None without such a step). The three series are of the same steps."""
+#: :func:`violation_radial_share` reads the steps with at least this SC fraction: where a
+#: large part of the batch is collapsed (the share is near 0 before, by construction).
+SHARE_MIN_SC = 0.25
+
+
+def violation_radial_share(sc, radial, violation, *, min_sc: float = SHARE_MIN_SC):
+    """Median of ``violation / radial`` over the logged steps with an SC fraction of at least
+    ``min_sc`` and a non-zero radial gradient: the share of ``⟨Z, ∂L/∂Z⟩`` the zero-sum
+    violation carries (1: all of it; None without such a step). The three series are of the
+    same steps."""
     sc, radial, violation = (np.asarray(a, dtype=float) for a in (sc, radial, violation))
-    keep = (sc > 0) & (radial != 0) & np.isfinite(radial) & np.isfinite(violation)
+    keep = (sc >= min_sc) & (radial != 0) & np.isfinite(radial) & np.isfinite(violation)
     if not np.any(keep):
         return None
     return float(np.median(violation[keep] / radial[keep]))
@@ -924,7 +930,8 @@ def _violation_claims(results, prefix, by) -> list:
                  "moves with the violation if it drives the norm (the follow-up)", "number",
                  {}, by, _final_weight_norm),
         _per_run(results, f"{prefix}.violation_radial_share",
-                 "median share of ⟨Z, ∂L/∂Z⟩ carried by the violation, steps with SC > 0",
+                 "median share of ⟨Z, ∂L/∂Z⟩ carried by the violation, steps with SC >= "
+                 f"{SHARE_MIN_SC}",
                  "", "number", {}, by, _violation_share),
     ]  # fmt: skip
 

@@ -689,9 +689,10 @@ def test_glitch_claims_violation_and_norm_growth():
 
 def test_zerosum_claims_share_and_norms_per_format_and_intervention():
     """The violation's share of the radial gradient is the median of violation / radial over
-    the steps with a collapsed row (here the steps 200-400: ratios 0.5, 0.9, 0.8, median 0.8;
-    the step 100 ratio 5 has no collapsed row and is left out); the weight-norm claims are the
-    logged global norm's maximum and last value; runs are grouped by format and intervention."""
+    the steps with at least a quarter of the rows collapsed (here the steps 300-400: ratios
+    0.9 and 0.8, median 0.85; the step 100 ratio 5 and the step 200 ratio 0.5, with fewer
+    collapsed rows, are left out); the weight-norm claims are the logged global norm's maximum
+    and last value; runs are grouped by format and intervention."""
     steps = [0, 100, 200, 300, 400]
     configs, rows = {}, []
     for rid, zs, norms in (("plain", None, [1, 5, 9, 7, 6]), ("centred", 0, [1, 2, 3, 3, 4])):
@@ -710,13 +711,13 @@ def test_zerosum_claims_share_and_norms_per_format_and_intervention():
         return {r["group"]["zero_sum_grad_from"]: r["mean"] for r in out[key]["rows"]}
 
     assert by_run("zerosum.violation_radial_share") == {
-        None: pytest.approx(0.8),
-        0: pytest.approx(0.8),
+        None: pytest.approx(0.85),
+        0: pytest.approx(0.85),
     }
     assert by_run("zerosum.max_weight_norm") == {None: 9.0, 0: 4.0}
     assert by_run("zerosum.final_weight_norm") == {None: 6.0, 0: 4.0}
     assert by_run("zerosum.sc50_step") == {None: 300, 0: 300}
-    assert C.violation_radial_share([0, 0], [1.0, 2.0], [1.0, 1.0]) is None  # never collapsed
+    assert C.violation_radial_share([0, 0.2], [1.0, 2.0], [1.0, 1.0]) is None  # too few collapsed
 
 
 def test_slingshot_claims_group_by_setting_and_format():
