@@ -72,12 +72,13 @@ where and why the two part.
 The built-in default is the paper's own modular-addition setup (p = 113, f = 0.4, bias-free
 200-200 ReLU MLP, AdamW lr 0.01 with betas (0.9, 0.99), eps 1e-25, no weight decay, softmax
 cross-entropy) for 2000 steps, long enough for the float32 run to pass 50 % Softmax Collapse
-(seed 0: from step 1940, peak 0.507, then an Adam instability resets it; PyTorch CPU from the
-same weights peaks near 0.55). That holds because `exp` and `log` are correctly rounded in the
-declared format (`--elementary correct`, the default): with NumPy's own float32 `exp`
-(`--elementary libm`), which is biased by one ulp just below 0, the same run peaks at 0.21
-and never reaches 50 % (docs/elementary.md). The margin over 50 % is small: another seed, or
-another BLAS's last bits, can peak just below it.
+(seed 0: from step 1940, peak 0.507, then an Adam instability resets it, driven by the
+zero-sum violation the collapse leaves (docs/reproduction.md, *The work that followed*);
+PyTorch CPU from the same weights peaks near 0.55). That holds because `exp` and `log` are
+correctly rounded in the declared format (`--elementary correct`, the default): with NumPy's
+own float32 `exp` (`--elementary libm`), which is biased by one ulp just below 0, the same run
+peaks at 0.21 and never reaches 50 % (docs/elementary.md). The margin over 50 % is small:
+another seed, or another BLAS's last bits, can peak just below it.
 
 ### A real run of the default
 
