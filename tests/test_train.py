@@ -154,7 +154,7 @@ def test_zero_sum_part_is_each_row_minus_its_mean(rows, classes, dtype, seed):
         exact = [frac(v) for v in d_row]
         mean = sum(exact) / classes
         # the row mean: C terms summed and a division (γ_{C+1} of the mean |dz|), then one
-        # subtraction rounded (u of the result)
+        # subtraction rounded (u of its result; 2u of the exact value covers the mean's error)
         mean_abs = float(sum(abs(v) for v in exact) / classes)
         for g, d in zip(g_row, exact, strict=True):
             want = d - mean
