@@ -901,13 +901,15 @@ def violation_radial_share(sc, radial, violation, *, min_sc: float = SHARE_MIN_S
 
 
 def _violation_share(results, rid):
-    steps, sc = results.series(rid, "sc_fraction", "train")
-    at = dict(zip(steps.tolist(), sc.tolist(), strict=True))
-    s_rad, radial = results.series(rid, "radial_grad", "train")
-    s_vio, violation = results.series(rid, "radial_grad_violation", "train")
-    if s_rad.size == 0 or not np.array_equal(s_rad, s_vio):
+    """:func:`violation_radial_share` of a run (the three metrics are logged together; None
+    for a run recorded before the radial ones existed)."""
+    (s_sc, sc), (s_rad, radial), (s_vio, violation) = (
+        results.series(rid, m, "train")
+        for m in ("sc_fraction", "radial_grad", "radial_grad_violation")
+    )
+    if s_rad.size == 0 or not (np.array_equal(s_sc, s_rad) and np.array_equal(s_rad, s_vio)):
         return None
-    return violation_radial_share([at.get(s, 0.0) for s in s_rad.tolist()], radial, violation)
+    return violation_radial_share(sc, radial, violation)
 
 
 def zerosum_claims(results) -> dict:

@@ -167,7 +167,7 @@ bit as one longer run).
     if figure.exists():
         shutil.copyfile(figure, ROOT / "docs" / "figures" / "cli-compare.png")
     path = ROOT / "docs" / "cli.md"
-    (path).write_text(text + _written_after_train_help(path))
+    path.write_text(text + _written_after_train_help(path))
     print(f"wrote docs/cli.md (default compare: {wall:.1f} s)")
     return 0
 
