@@ -4,6 +4,7 @@
 Usage::
 
     python scripts/check_min_versions.py [--venv DIR] [--python PY] [--extras test]
+                                         [--newest] [--without NAMES]
                                          [--print-pins] [-- PYTEST_ARGS...]
 
 Reads ``pyproject.toml``, turns every ``>=`` lower bound of the runtime dependencies and of the
@@ -15,6 +16,13 @@ there with those pins as a pip constraints file, prints the installed versions a
 The pinned packages are installed from wheels only (``--only-binary``): a minimum that needs a
 compiler and C headers to install is not a minimum a user gets. Packages that are not pinned
 (the dependencies of the dependencies) resolve to whatever pip picks.
+
+``--newest`` pins nothing: every package resolves to the newest release pip finds, as for a
+user installing today. ``--without torch`` leaves packages of the extras out (the extra's other
+requirements are installed by name): torch requires sympy, and sympy (1.14) caps mpmath
+below 1.4, so the test extra's environment, CI's included, holds mpmath 1.3 while a user who
+installs numstab without torch gets the newest mpmath. ``--newest --without torch`` tests
+that environment (the tests that need torch skip).
 
 Exit status: pytest's; 2 for bad arguments or an unreadable ``pyproject.toml``; 6 when the
 environment cannot be created or the pins cannot be installed.
@@ -58,6 +66,7 @@ class Requirement:
     specs: tuple[tuple[str, str], ...]  # ((operator, version), ...)
     marker: str | None
     source: str  # "dependencies" or "extra <name>"
+    text: str = ""  # as written in pyproject.toml
 
     @property
     def key(self) -> str:
@@ -92,7 +101,7 @@ def parse_requirement(text: str, source: str = "dependencies") -> Requirement:
             raise ValueError(f"{source}: {text!r}: {part!r} is not a version specifier")
         specs.append((s["op"], s["version"]))
     extras = tuple(e.strip() for e in (m["extras"] or "").split(",") if e.strip())
-    return Requirement(m["name"], extras, tuple(specs), m["marker"] or None, source)
+    return Requirement(m["name"], extras, tuple(specs), m["marker"] or None, source, text.strip())
 
 
 def requirements(pyproject: dict, extras=("test",)) -> list[Requirement]:
@@ -166,8 +175,25 @@ def installed_versions(python: Path, env: dict) -> dict[str, str]:
     return {re.sub(r"[-_.]+", "-", d["name"]).lower(): d["version"] for d in json.loads(out)}
 
 
-def build_env(venv: Path, base_python: str, pins: dict[str, str], extras) -> bool:
-    """Create ``venv`` and install ``-e .[extras]`` under the pins; False (said why) on failure."""
+def install_targets(reqs: list[Requirement], extras, without=()) -> list[str]:
+    """pip's targets: ``-e .[extras]``, or, with packages left out, ``-e .`` and every other
+    requirement of the extras as written (markers included).
+
+    Raises ValueError naming a package of ``without`` that no chosen extra requires."""
+    keys = {re.sub(r"[-_.]+", "-", w).lower() for w in without}
+    in_extras = {r.key for r in reqs if r.source.startswith("extra ")}
+    unknown = sorted(keys - in_extras)
+    if unknown:
+        raise ValueError(f"--without {unknown[0]!r}: not a requirement of the extras "
+                         f"{', '.join(extras) or '(none)'}")
+    if not keys:
+        return ["-e", "." + (f"[{','.join(extras)}]" if extras else "")]
+    kept = [r.text for r in reqs if r.source.startswith("extra ") and r.key not in keys]
+    return ["-e", ".", *dict.fromkeys(kept)]
+
+
+def build_env(venv: Path, base_python: str, pins: dict[str, str], targets) -> bool:
+    """Create ``venv`` and install ``targets`` under the pins; False (said why) on failure."""
     env = _env_for(venv)
     step = [base_python, "-m", "venv", str(venv)]
     if subprocess.run(step).returncode != 0:
@@ -175,16 +201,17 @@ def build_env(venv: Path, base_python: str, pins: dict[str, str], extras) -> boo
         return False
     constraints = venv / "min-constraints.txt"
     constraints.write_text(constraints_text(pins), encoding="utf-8")
-    target = "." + (f"[{','.join(extras)}]" if extras else "")
     cmd = [
         str(_venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-        "-c", str(constraints), "--only-binary", ",".join(sorted(pins)), "-e", target,
+        "-c", str(constraints), *(["--only-binary", ",".join(sorted(pins))] if pins else []),
+        *targets,
     ]
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if rc != 0:
-        print(f"error: pip could not install the minimum versions (exit {rc}); pins: "
-              + ", ".join(f"{k}=={v}" for k, v in sorted(pins.items())), file=sys.stderr)
+        print(f"error: pip could not install the requirements (exit {rc}); pins: "
+              + (", ".join(f"{k}=={v}" for k, v in sorted(pins.items())) or "none"),
+              file=sys.stderr)
         return False
     return True
 
@@ -203,6 +230,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="interpreter for the new environment (default: this one)")
     p.add_argument("--extras", default="test",
                    help="comma-separated extras whose bounds are pinned too (default: test)")
+    p.add_argument("--newest", action="store_true",
+                   help="pin nothing: the newest release of every package (as a user gets today)")
+    p.add_argument("--without", default="", metavar="NAMES",
+                   help="comma-separated packages of the extras to leave out (e.g. torch)")
     p.add_argument("--pyproject", type=Path, default=ROOT / "pyproject.toml",
                    help=argparse.SUPPRESS)
     p.add_argument("--print-pins", action="store_true",
@@ -230,13 +261,22 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         print(f"error: {args.pyproject}: {exc}", file=sys.stderr)
         return 2
-    pins = min_pins(reqs)
+    without = tuple(w.strip() for w in args.without.split(",") if w.strip())
+    try:
+        targets = install_targets(reqs, extras, without)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    left_out = {re.sub(r"[-_.]+", "-", w).lower() for w in without}
+    pins = {} if args.newest else {
+        k: v for k, v in min_pins(reqs).items() if k not in left_out
+    }
     for r in reqs:
         if r.lower_bound is None:
             print(f"warning: {r.source}: {r.name} has no single '>=' bound; not pinned",
                   file=sys.stderr)
     if args.print_pins:
-        print(constraints_text(pins), end="")
+        print(constraints_text(pins) or "# no pins (--newest)\n", end="")
         return 0
     if args.venv is not None and args.venv.exists():
         if not args.venv.is_dir() or (
@@ -255,7 +295,7 @@ def main(argv=None) -> int:
         venv = args.venv.resolve()
     try:
         print("pins:\n" + constraints_text(pins), end="", flush=True)
-        if not build_env(venv, args.python, pins, extras):
+        if not build_env(venv, args.python, pins, targets):
             return INSTALL_FAILED
         python = _venv_python(venv)
         env = _env_for(venv)
@@ -264,11 +304,13 @@ def main(argv=None) -> int:
                             capture_output=True, text=True, env=env).stdout.strip()
         print(f"installed (Python {py}):")
         wrong = []
-        for name, low in sorted(pins.items()):
-            got = have.get(name, "missing")
-            ok = got != "missing" and same_version(got, low)
+        for name in sorted({r.key for r in reqs} - left_out):
+            got, low = have.get(name, "missing"), pins.get(name)
+            ok = got != "missing" and (low is None or same_version(got, low))
             wrong += [] if ok else [name]
             print(f"  {name}=={got}" + ("" if ok else f"   <- pinned {low}"))
+        for name in sorted(left_out & set(have)):  # pulled in by another package
+            print(f"  {name}=={have[name]}   (left out, installed as a dependency)")
         if wrong:
             print(f"error: not installed at the pinned version: {', '.join(wrong)}",
                   file=sys.stderr)

@@ -123,3 +123,22 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path, capsys):
     assert cmv.main(["--venv", str(not_a_venv / "keep.txt")]) == 2  # a file
     assert "not a virtual environment" in capsys.readouterr().err
     assert (not_a_venv / "keep.txt").read_text() == "x"
+
+
+def test_install_targets_leave_out_what_is_named_and_keep_the_rest_as_written():
+    reqs = cmv.requirements(PYPROJECT, ("test",))
+    assert cmv.install_targets(reqs, ("test",)) == ["-e", ".[test]"]
+    kept = [r for r in TEST_EXTRA if _name(r) != "torch"]
+    assert len(kept) == len(TEST_EXTRA) - 1  # torch is in the extra: one requirement goes
+    assert cmv.install_targets(reqs, ("test",), ("Torch",)) == ["-e", ".", *kept]
+
+
+def test_without_and_newest_on_the_command_line(capsys):
+    assert cmv.main(["--without", "numpy", "--print-pins"]) == 2  # a runtime dependency
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--without 'numpy'" in err[0] and "extras test" in err[0]
+    assert cmv.main(["--without", "torch", "--print-pins"]) == 0
+    pins = capsys.readouterr().out
+    assert "torch==" not in pins and "mpmath==" in pins and "jax==" in pins
+    assert cmv.main(["--newest", "--without", "torch", "--print-pins"]) == 0
+    assert capsys.readouterr().out == "# no pins (--newest)\n"
