@@ -5,6 +5,9 @@ A reader pastes one block into a fresh interpreter, so each block runs alone, in
 that leans on an earlier one fails here with a NameError. Blocks that are not meant to run
 (shell sessions, output) are fenced as something other than ``python``.
 
+A block that imports an optional dependency (``OPTIONAL``: torch, JAX, ...) that is not
+installed is skipped, naming it; numstab's own dependencies are never skipped.
+
 Each block runs in a new temporary directory, so whatever it writes lands there. The pages are
 written to run anywhere numstab is installed (bundled SPECs are loaded by name); a page that
 must read repository files by relative path names their folders in ``LINKED``, and the
@@ -16,6 +19,8 @@ only those selected.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -32,6 +37,10 @@ FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTA
 PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
 LINKED = ()  # repository folders the pages read by relative path (none today)
 WORKERS = 2
+#: Top-level modules of the optional extras (pyproject.toml): a block importing one that is
+#: not installed is skipped. A user of the pages without torch gets the same answer.
+OPTIONAL = frozenset({"torch", "jax", "jaxlib", "matplotlib", "dask", "distributed", "sklearn",
+                      "cupy", "numba"})
 TIMEOUT_S = 300  # a hung block fails; the slowest (docs/sweep.md's) takes ~5 s on an idle core
 
 # Runs the code read from stdin as a script (``__main__``), compiled as ``argv[1]``, line
@@ -58,6 +67,23 @@ def _blocks() -> list[tuple[Path, int, int, str]]:
 
 
 BLOCKS = _blocks()
+
+
+def optional_imports(code: str, optional=OPTIONAL) -> set[str]:
+    """The modules of ``optional`` that ``code`` imports (anywhere in it)."""
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & optional
+
+
+def missing_optional(code: str, optional=OPTIONAL) -> list[str]:
+    """The modules of ``optional`` that ``code`` imports and that are not installed here."""
+    found = optional_imports(code, optional)
+    return sorted(m for m in found if importlib.util.find_spec(m) is None)
 
 
 def _block_id(block) -> str:
@@ -93,6 +119,7 @@ def block_results(request, tmp_path_factory):
         item.callspec.params["block"]
         for item in request.session.items
         if getattr(item, "originalname", None) == "test_block_runs_alone"
+        and not missing_optional(item.callspec.params["block"][3])
     ]
     base = tmp_path_factory.mktemp("doc-blocks")
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -106,6 +133,21 @@ def block_results(request, tmp_path_factory):
 def test_block_extraction():
     text = "intro\n```python\na = 1\n```\n```bash\nls\n```\n```python\nb = a + 1\n```\n"
     assert python_blocks(text) == [(3, "a = 1\n"), (9, "b = a + 1\n")]
+
+
+def test_optional_imports_are_found_wherever_they_are():
+    code = (
+        "import numpy as np, torch.nn\n"
+        "from numstab.audit import absorbed\n"
+        "def f():\n    from jax import numpy as jnp\n"
+        "from . import matplotlib\n"  # relative: not the package
+    )
+    assert optional_imports(code) == {"torch", "jax"}
+    # an optional module that no machine has, beside an installed one (numpy): only it skips
+    extra = {"numpy", "numstab_absent_extra"}
+    block = "import numpy\nimport numstab_absent_extra.sub\n"
+    assert missing_optional(block, extra) == ["numstab_absent_extra"]
+    assert missing_optional(block) == []  # neither is optional: such a block runs (and fails)
 
 
 def test_formats_page_exists_and_has_examples():
@@ -140,5 +182,8 @@ def test_blocks_run_in_a_scratch_directory(tmp_path):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[_block_id(b) for b in BLOCKS])
 def test_block_runs_alone(block, block_results):
+    missing = missing_optional(block[3])
+    if missing:
+        pytest.skip(f"{_block_id(block)} needs {', '.join(missing)} (not installed)")
     res = block_results[_block_id(block)]
     assert res["rc"] == 0, f"{_block_id(block)} failed (exit {res['rc']}):\n{res['output']}"
