@@ -37,8 +37,10 @@ Resolution (:func:`resolve`), on the list of runs :func:`numstab.sweep.parse_spe
 stripped SPEC: (1) the variant's rules, (2) the budget's rules, then its forced fields, then
 the ``max_steps`` / ``max_log_every`` caps, (3) the seeds: every run, grid or ``[[runs]]``,
 is replicated over the seed list (``--seeds N`` > the budget's ``seeds`` > ``[reproduce]
-seeds``). A rule's ``match`` is tested against the run as it was before that stage; a list in
-``match`` means "any of" (for ``hidden``, give a list of lists); ``"none"`` stands for None.
+seeds``), seed by seed: seed 0 of every run first, then seed 1, so a sweep cut short (a
+session's end, a budget) has every configuration at its first seeds. A rule's ``match`` is
+tested against the run as it was before that stage; a list in ``match`` means "any of" (for
+``hidden``, give a list of lists); ``"none"`` stands for None.
 The result is a plain SPEC dict of explicit ``[[runs]]`` (the fields common to every run in
 ``[base]``): the SPEC's own columns, any other field that varies, and ``seed`` are the columns
 of the collected tables. Two runs that resolve to the same configuration are an error.
@@ -307,7 +309,7 @@ def resolve(
             kw["log_every"] = min(kw["log_every"], b["max_log_every"])
     n_seeds = seeds or b.get("seeds") or spec.reproduce.get("seeds")
     if n_seeds:
-        runs = [{**kw, "seed": s} for kw in runs for s in range(n_seeds)]
+        runs = [{**kw, "seed": s} for s in range(n_seeds) for kw in runs]  # seed-major
 
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     seen: dict = {}

@@ -258,6 +258,17 @@ def test_fig1_budgets_cap_steps_per_panel():
     assert "seed" in full.columns and "perp_grad" in full.columns
 
 
+def test_runs_are_replicated_seed_by_seed():
+    # seed 0 of every configuration first: a sweep cut short covers every configuration
+    _spec, sw = _resolved("2", "short")
+    seeds = [r.config.seed for r in sw.runs]
+    per = len(sw.runs) // 3
+    assert seeds == [0] * per + [1] * per + [2] * per
+    first = [(r.config.train_fraction, r.config.loss_dtype) for r in sw.runs[:per]]
+    assert len(set(first)) == per  # every configuration once in the first wave
+    assert first == [(r.config.train_fraction, r.config.loss_dtype) for r in sw.runs[per:2 * per]]
+
+
 def test_seeds_option_overrides_the_budget():
     _spec, sw = _resolved("5", "short", seeds=5)
     assert sorted(r.config.seed for r in sw.runs) == [0, 1, 2, 3, 4]
