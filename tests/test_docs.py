@@ -38,7 +38,7 @@ PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
 LINKED = ()  # repository folders the pages read by relative path (none today)
 WORKERS = 2
 #: Top-level modules of the optional extras (pyproject.toml): a block importing one that is
-#: not installed is skipped. A user of the pages without torch gets the same answer.
+#: not installed is skipped (a reader without torch cannot run a torch example either).
 OPTIONAL = frozenset({"torch", "jax", "jaxlib", "matplotlib", "dask", "distributed", "sklearn",
                       "cupy", "numba"})
 TIMEOUT_S = 300  # a hung block fails; the slowest (docs/sweep.md's) takes ~5 s on an idle core
