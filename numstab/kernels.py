@@ -48,6 +48,7 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -87,21 +88,31 @@ OVERHEAD_BYTES = 128 * 2**20
 
 
 _NUMBA: dict = {}  # "module": numba or None, looked up on first use (its import takes 0.3 s)
+# The first use may come from several of numstab.parallel's threads at once: numba's CPU
+# target must be loaded by one of them before any compiles (loaded concurrently, a kernel's
+# compilation failed with "Unknown attribute 'view'", tests/test_kernels.py).
+_NUMBA_LOCK = threading.Lock()
+_DISPATCHER_LOCK = threading.Lock()
 
 
 def _numba():
-    """The numba module, imported (and its CPU target loaded) on first use; None where it is
-    not installed."""
+    """The numba module, imported (and its CPU target loaded) on first use, once per process
+    whichever thread asks first; None where it is not installed."""
     if "module" not in _NUMBA:
-        try:  # optional: the ``fast`` extra
-            import numba
-            from numba.core import registry
-        except ImportError:
-            numba = None
-        else:
-            _load_target(registry.cpu_target.target_context)
-        _NUMBA["module"] = numba
+        with _NUMBA_LOCK:
+            if "module" not in _NUMBA:
+                _NUMBA["module"] = _import_numba()
     return _NUMBA["module"]
+
+
+def _import_numba():
+    try:  # optional: the ``fast`` extra
+        import numba
+        from numba.core import registry
+    except ImportError:
+        return None
+    _load_target(registry.cpu_target.target_context)
+    return numba
 
 
 def _load_target(context) -> None:
@@ -182,7 +193,9 @@ class _Kernel:
     def compiled(self):
         if self.dispatcher is None:
             njit = _numba().njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
-            self.dispatcher = njit(self.py_func)
+            with _DISPATCHER_LOCK:  # one dispatcher (one compilation) whichever thread asks
+                if self.dispatcher is None:
+                    self.dispatcher = njit(self.py_func)
         return self.dispatcher
 
     def __call__(self, *args):

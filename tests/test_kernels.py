@@ -225,6 +225,26 @@ def test_the_numpy_path_does_not_import_numba():
     assert out.stdout.strip() == "False"
 
 
+@needs_numba
+def test_threads_that_first_use_the_kernels_at_once_all_get_them(tmp_path):
+    # numstab.parallel's threads may be a process's first users of numba: its CPU target must
+    # be loaded once, before any compiles (loaded concurrently, one thread's compilation failed
+    # with "Unknown attribute 'view'" on every try). A fresh cache folder, so they compile.
+    code = (
+        "import threading, numpy as np; from numstab import kernels\n"
+        "w = np.linspace(-3.0, 3.0, 64); want = w.astype(np.float32); got = []\n"
+        "def use():\n"
+        "    of = np.empty(64, np.float32); amb = np.empty(64, bool)\n"
+        "    kernels.narrow_round(w, of, amb, *np.uint64([1, 2, 3]), 2.0**-30, 2.0**-126)\n"
+        "    got.append(bool((of == want).all()))\n"
+        "ts = [threading.Thread(target=use) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]; print(got)"
+    )
+    env = {**os.environ, kernels.ENV: "numba", "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str([True] * 4), out.stderr[-2000:]
+
+
 def test_runtime_info_records_the_path(path):
     assert runtime_info()["kernels"] == path
 
