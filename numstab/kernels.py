@@ -90,9 +90,9 @@ OVERHEAD_BYTES = 128 * 2**20
 _NUMBA: dict = {}  # "module": numba or None, looked up on first use (its import takes 0.3 s)
 # The first use may come from several of numstab.parallel's threads at once: numba's CPU
 # target must be loaded by one of them before any compiles (loaded concurrently, a kernel's
-# compilation failed with "Unknown attribute 'view'", tests/test_kernels.py).
+# compilation failed with "Unknown attribute 'view'", tests/test_kernels.py). The same lock
+# gives each kernel one dispatcher (never held twice: _numba() returns before it is taken).
 _NUMBA_LOCK = threading.Lock()
-_DISPATCHER_LOCK = threading.Lock()
 
 
 def _numba():
@@ -193,7 +193,7 @@ class _Kernel:
     def compiled(self):
         if self.dispatcher is None:
             njit = _numba().njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
-            with _DISPATCHER_LOCK:  # one dispatcher (one compilation) whichever thread asks
+            with _NUMBA_LOCK:  # one dispatcher (one compilation) whichever thread asks
                 if self.dispatcher is None:
                     self.dispatcher = njit(self.py_func)
         return self.dispatcher
