@@ -43,10 +43,10 @@ function for both.
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 
 import array_api_compat
-import ml_dtypes
 import numpy as np
 
 # At import, not on first use: SciPy before 1.16 loads its own OpenBLAS with scipy.sparse, and
@@ -57,9 +57,12 @@ __all__ = [
     "BACKENDS",
     "SegmentRows",
     "array_module",
+    "as_dtype",
     "errstate",
     "get_backend",
+    "is_ml_dtype",
     "is_numpy",
+    "ml_dtypes_module",
     "namespace",
     "native_sum",
     "put_at",
@@ -71,6 +74,37 @@ __all__ = [
 ]
 
 BACKENDS = ("numpy", "cupy")
+
+
+def ml_dtypes_module():
+    """The ``ml_dtypes`` module, imported on first use, not with numstab.
+
+    Only the formats NumPy lacks (bfloat16, fp8, fp6, fp4) need it, and its import is slow
+    in some versions (0.7.0: about a second, nearly all of it registering ufunc loops;
+    README, *Tested versions*), which every command line and worker process would pay.
+    """
+    import ml_dtypes
+
+    return ml_dtypes
+
+
+def is_ml_dtype(dt, name: str) -> bool:
+    """``dt`` is ml_dtypes' dtype ``name`` (``"bfloat16"``, ...). Never imports ml_dtypes:
+    while it is not loaded, no array of its dtypes exists."""
+    module = sys.modules.get("ml_dtypes")
+    return module is not None and dt == np.dtype(getattr(module, name))
+
+
+def as_dtype(spec) -> np.dtype:
+    """``numpy.dtype(spec)``; a name NumPy does not know is tried again with ml_dtypes loaded
+    (it registers ``"bfloat16"``, ``"float8_e4m3fn"``, ...). TypeError as NumPy's."""
+    try:
+        return np.dtype(spec)
+    except TypeError:
+        if not isinstance(spec, str) or "ml_dtypes" in sys.modules:
+            raise
+    ml_dtypes_module()
+    return np.dtype(spec)
 
 
 def _cupy_module():
@@ -405,8 +439,10 @@ _TORCH_BIT_VIEWS: dict = {}
 def _torch_bit_view(t):
     import torch
 
-    ml_type = getattr(ml_dtypes, str(t.dtype).removeprefix("torch."), None)
-    if ml_type is None or not t.is_floating_point() or t.element_size() > 2:
+    if not t.is_floating_point() or t.element_size() > 2 or t.dtype == torch.float16:
+        return None  # NumPy has these dtypes
+    ml_type = getattr(ml_dtypes_module(), str(t.dtype).removeprefix("torch."), None)
+    if ml_type is None:
         return None
     return (torch.int16 if t.element_size() == 2 else torch.uint8), ml_type
 

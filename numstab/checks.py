@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 import numbers
 
-import ml_dtypes
 import numpy as np
 
-from numstab.backend import namespace
+from numstab.backend import is_ml_dtype, namespace
 from numstab.precision import Format, PrecisionPolicy, available_formats, get_format
 
 
@@ -24,13 +23,12 @@ def check_choice(value, allowed, what):
     return value
 
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_NAMES = "float16, bfloat16, float32, float64 or longdouble"
 
 
 def is_float(dt, x=None) -> bool:
     if isinstance(dt, np.dtype):  # NumPy and CuPy
-        return dt.kind == "f" or dt == BF16
+        return dt.kind == "f" or is_ml_dtype(dt, "bfloat16")
     return namespace(x).isdtype(dt, "real floating")
 
 

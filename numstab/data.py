@@ -50,8 +50,9 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
+
+from numstab.backend import as_dtype, is_ml_dtype
 
 __all__ = [
     "ENCODINGS",
@@ -255,7 +256,7 @@ def dense_inputs(
 
     if n_inputs is not None and x.shape[1] != n_inputs:
         raise ValueError(f"x has {x.shape[1]} columns but n_inputs={n_inputs}")
-    if x.dtype.kind not in "fiub" and x.dtype != _BF16:
+    if x.dtype.kind not in "fiub" and not is_ml_dtype(x.dtype, "bfloat16"):
         raise TypeError(f"{encoding!r} inputs must be real 0/1 values, got dtype {x.dtype}")
     if encoding == "pixels":
         bad = ~((x >= 0) & (x <= 1))  # also catches NaN
@@ -271,15 +272,12 @@ def dense_inputs(
     return x.astype(dtype)
 
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
 def _check_dtype(dtype) -> np.dtype:
     """The result dtype of :func:`dense_inputs`: a real floating or integer dtype."""
     if dtype is None:  # np.dtype(None) is float64: never guess
         raise TypeError("dtype must be a real floating or integer dtype (e.g. float32), got None")
-    dt = np.dtype(dtype)
-    if dt.kind not in "fiu" and dt != _BF16:
+    dt = as_dtype(dtype)
+    if dt.kind not in "fiu" and not is_ml_dtype(dt, "bfloat16"):
         raise TypeError(f"dtype must be a real floating or integer dtype (e.g. float32), got {dt}")
     return dt
 

@@ -74,11 +74,11 @@ import re
 from fractions import Fraction
 from typing import NamedTuple
 
-import ml_dtypes
 import mpmath
 import numpy as np
 from mpmath import libmp
 
+from numstab.backend import is_ml_dtype
 from numstab.precision import get_format
 
 __all__ = [
@@ -231,7 +231,7 @@ def _obj_array(items, shape):
 
 
 def _float_kind(dt: np.dtype) -> bool:
-    return dt.kind == "f" or dt == ml_dtypes.bfloat16
+    return dt.kind == "f" or is_ml_dtype(dt, "bfloat16")
 
 
 def _raw_longdouble(a: np.ndarray) -> list:

@@ -21,14 +21,22 @@ where a softmax tail lives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
-from numstab.backend import array_module, errstate, namespace, uint_view, xp_dtype
+from numstab.backend import (
+    array_module,
+    errstate,
+    ml_dtypes_module,
+    namespace,
+    uint_view,
+    xp_dtype,
+)
 from numstab.rounding_modes import SUBNORMAL_RULES, canonical_rounding, next_key, round_to_grid
 
 __all__ = [
@@ -72,8 +80,11 @@ class Format:
     ----------
     name : str
         Canonical name (one of :data:`FORMAT_NAMES`).
+    dtype_name : str
+        Name of the dtype of arrays in this format: NumPy's (``float16``, ``float32``,
+        ``float64``, ``longdouble``) or ml_dtypes' (``bfloat16``, ``float8_e4m3fn``, ...).
     dtype : numpy.dtype
-        The NumPy dtype of arrays in this format (ml_dtypes' ``bfloat16`` for bfloat16).
+        That dtype (ml_dtypes is imported the first time a format of its own is asked for it).
     precision : int
         ``p``, significand bits including the hidden bit (11, 8, 24, 53, 64).
     emin, emax : int
@@ -113,7 +124,7 @@ class Format:
     """
 
     name: str
-    dtype: np.dtype = field(repr=False)
+    dtype_name: str
     precision: int
     emin: int
     emax: int
@@ -134,6 +145,21 @@ class Format:
             raise ValueError(f"{self.name}: overflow {self.overflow!r} needs infinities")
         if self.overflow == "nan" and self.nan == "none":
             raise ValueError(f"{self.name}: overflow 'nan' needs a NaN encoding")
+
+    @functools.cached_property
+    def dtype(self) -> np.dtype:
+        if self.dtype_name in _NUMPY_DTYPE_NAMES:
+            return np.dtype(self.dtype_name)
+        return np.dtype(getattr(ml_dtypes_module(), self.dtype_name))
+
+    def stores(self, dt: np.dtype) -> bool:
+        """``dt`` is this format's dtype (False for the formats without one: tf32, eXmY).
+        Asking about a NumPy dtype never imports ml_dtypes."""
+        if not self.has_dtype:
+            return False
+        if self.dtype_name in _NUMPY_DTYPE_NAMES:
+            return self.dtype == dt
+        return "ml_dtypes" in sys.modules and self.dtype == dt
 
     @property
     def unit_roundoff(self) -> float:
@@ -206,28 +232,30 @@ def _longdouble_is_extended() -> bool:
 _FN = {"infinities": False, "nan": "top", "overflow": "nan"}
 _FNUZ = {"infinities": False, "nan": "negzero", "overflow": "nan"}
 _FINITE = {"infinities": False, "nan": "none", "overflow": "saturate"}
+#: The formats' dtypes that are NumPy's own (the others are ml_dtypes').
+_NUMPY_DTYPE_NAMES = frozenset({"float16", "float32", "float64", "longdouble"})
 
-#: Every format numstab knows: name, dtype, precision p, emin, emax, then the rules of the
-#: non-IEEE ones. Adding a format is one entry here (docs/architecture.md).
+#: Every format numstab knows: name, its dtype's name, precision p, emin, emax, then the rules
+#: of the non-IEEE ones. Adding a format is one entry here (docs/architecture.md).
 _ALL_FORMATS = (
-    Format("float16", np.dtype(np.float16), 11, -14, 15),
-    Format("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127),
-    Format("float32", np.dtype(np.float32), 24, -126, 127),
-    Format("float64", np.dtype(np.float64), 53, -1022, 1023),
+    Format("float16", "float16", 11, -14, 15),
+    Format("bfloat16", "bfloat16", 8, -126, 127),
+    Format("float32", "float32", 24, -126, 127),
+    Format("float64", "float64", 53, -1022, 1023),
     # x87 extended where long double is it (not on aarch64 / MSVC, where it is float64)
-    Format("longdouble", np.dtype(np.longdouble), 64, -16382, 16383),
+    Format("longdouble", "longdouble", 64, -16382, 16383),
     # The narrow formats, all emulated in float32 (docs/formats.md: the rules of each).
-    Format("tf32", np.dtype(np.float32), 11, -126, 127, has_dtype=False),
-    Format("float8_e5m2", np.dtype(ml_dtypes.float8_e5m2), 3, -14, 15),
-    Format("float8_e4m3", np.dtype(ml_dtypes.float8_e4m3), 4, -6, 7),
-    Format("float8_e3m4", np.dtype(ml_dtypes.float8_e3m4), 5, -2, 3),
-    Format("float8_e4m3fn", np.dtype(ml_dtypes.float8_e4m3fn), 4, -6, 8, **_FN),
-    Format("float8_e4m3fnuz", np.dtype(ml_dtypes.float8_e4m3fnuz), 4, -7, 7, **_FNUZ),
-    Format("float8_e5m2fnuz", np.dtype(ml_dtypes.float8_e5m2fnuz), 3, -15, 15, **_FNUZ),
-    Format("float8_e4m3b11fnuz", np.dtype(ml_dtypes.float8_e4m3b11fnuz), 4, -10, 4, **_FNUZ),
-    Format("float6_e2m3fn", np.dtype(ml_dtypes.float6_e2m3fn), 4, 0, 2, **_FINITE),
-    Format("float6_e3m2fn", np.dtype(ml_dtypes.float6_e3m2fn), 3, -2, 4, **_FINITE),
-    Format("float4_e2m1fn", np.dtype(ml_dtypes.float4_e2m1fn), 2, 0, 2, **_FINITE),
+    Format("tf32", "float32", 11, -126, 127, has_dtype=False),
+    Format("float8_e5m2", "float8_e5m2", 3, -14, 15),
+    Format("float8_e4m3", "float8_e4m3", 4, -6, 7),
+    Format("float8_e3m4", "float8_e3m4", 5, -2, 3),
+    Format("float8_e4m3fn", "float8_e4m3fn", 4, -6, 8, **_FN),
+    Format("float8_e4m3fnuz", "float8_e4m3fnuz", 4, -7, 7, **_FNUZ),
+    Format("float8_e5m2fnuz", "float8_e5m2fnuz", 3, -15, 15, **_FNUZ),
+    Format("float8_e4m3b11fnuz", "float8_e4m3b11fnuz", 4, -10, 4, **_FNUZ),
+    Format("float6_e2m3fn", "float6_e2m3fn", 4, 0, 2, **_FINITE),
+    Format("float6_e3m2fn", "float6_e3m2fn", 3, -2, 4, **_FINITE),
+    Format("float4_e2m1fn", "float4_e2m1fn", 2, 0, 2, **_FINITE),
 )
 
 #: The five IEEE formats every part of numstab supports, narrowest first.
@@ -266,8 +294,6 @@ SATURATING_SUFFIX = "_sat"
 _CUSTOM = re.compile(r"e(\d+)m(\d+)")
 
 
-#: ml_dtypes' dtypes of the formats (kind "V" in NumPy): :func:`format_of` knows them.
-_NARROW_DTYPES = frozenset(f.dtype for f in _ALL_FORMATS if f.has_dtype and f.dtype.kind != "f")
 
 
 def available_formats(*, extended: bool = False) -> tuple[str, ...]:
@@ -301,7 +327,7 @@ def _custom_format(key: str) -> Format | None:
             "float32 carrier, which needs 2 <= exponent bits <= 8 and 1 <= significand bits "
             "<= 10 (float32 then holds every value and rounds + - * / once correctly)"
         )
-    return Format(key, np.dtype(np.float32), y + 1, 1 - emax, emax, has_dtype=False)
+    return Format(key, "float32", y + 1, 1 - emax, emax, has_dtype=False)
 
 
 def _saturating(fmt: Format) -> Format:
@@ -419,7 +445,7 @@ def get_format(name) -> Format:
             f"unknown format {name!r}; pass a format name ({', '.join(available_formats())}), "
             "a floating dtype, or a Format"
         ) from None
-    key = next((k for k, f in _FORMATS.items() if f.has_dtype and f.dtype == dt), None)
+    key = next((k for k, f in _FORMATS.items() if f.stores(dt)), None)
     if key is None and dt == np.longdouble:
         key = "longdouble"
     if key is None:
@@ -710,7 +736,7 @@ def round_to(x, fmt):
                 "quantize(x, 'bfloat16'), which returns the values in float32"
             )
         # quantize() leaves NaN as the quiet pattern, whose upper half is still a NaN.
-        out = (q.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+        out = (q.view(np.uint32) >> 16).astype(np.uint16).view(fmt.dtype)
     elif fmt.name == "float16":
         out = _float32_to_float16_exact(q, xp)
     else:  # ml_dtypes' narrower formats: q holds values of fmt, so the cast is exact
@@ -930,6 +956,6 @@ def format_of(x) -> Format | None:
     """
     # a scalar type such as np.float32 has a ``dtype`` attribute too (a descriptor, no dtype)
     dt = np.dtype(x if isinstance(x, type) else getattr(x, "dtype", x))
-    if dt.kind != "f" and dt not in _NARROW_DTYPES:
+    if dt.kind != "f" and not any(f.stores(dt) for f in _ALL_FORMATS):
         return None
     return get_format(dt if dt.isnative else dt.newbyteorder("="))

@@ -54,7 +54,6 @@ except ImportError as _exc:  # pragma: no cover - exercised by a test that hides
         f"(import failed: {_exc})"
     ) from _exc
 
-import ml_dtypes
 import numpy as np
 
 from numstab import exact
@@ -84,14 +83,6 @@ _KINDS = ("softmax", "stablemax")
 _TARGETS = ("any", "argmax", "mixed")
 _PREC = 320  # bits for the exact bookkeeping of constructed rows (tails to ~1e-90 relative)
 
-# Dtype whose values are the grid a format's rows are drawn on (all exactly float64).
-_GRID = {
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "longdouble": np.dtype(np.float64),
-}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -121,7 +112,8 @@ def _q(x: float, fmt) -> float:
 
 def _step(v: float, fmt, up: bool) -> float:
     """The grid neighbour of the representable ``v`` above (``up``) or below it."""
-    g = _GRID[fmt.name].type
+    # the grid the rows are drawn on, all exactly float64: the format's own, float64 for longdouble
+    g = np.float64 if fmt.name == "longdouble" else fmt.dtype.type
     return float(np.nextafter(g(v), g(np.inf if up else -np.inf)))
 
 

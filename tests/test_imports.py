@@ -8,9 +8,10 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "numstab"
 #: Imported inside functions on purpose: optional dependencies (a missing one must not break
-#: ``import numstab``) and the POSIX/Windows file-lock modules.
+#: ``import numstab``), the POSIX/Windows file-lock modules, and ml_dtypes (slow to import:
+#: only where a format of its own is used, tests/test_lazy_imports.py).
 OPTIONAL = {"cupy", "cupyx", "torch", "jax", "dask", "distributed", "matplotlib", "hypothesis",
-            "array_api_strict", "sklearn", "numba", "fcntl", "msvcrt"}  # fmt: skip
+            "array_api_strict", "sklearn", "numba", "fcntl", "msvcrt", "ml_dtypes"}  # fmt: skip
 
 
 def _modules() -> dict[str, pathlib.Path]:
