@@ -294,8 +294,6 @@ SATURATING_SUFFIX = "_sat"
 _CUSTOM = re.compile(r"e(\d+)m(\d+)")
 
 
-
-
 def available_formats(*, extended: bool = False) -> tuple[str, ...]:
     """Names of the formats usable on this platform (``longdouble`` only where it is x87).
 
