@@ -43,6 +43,7 @@ function for both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import types
 
@@ -62,6 +63,7 @@ __all__ = [
     "get_backend",
     "is_ml_dtype",
     "is_numpy",
+    "ml_dtype",
     "ml_dtypes_module",
     "namespace",
     "native_sum",
@@ -88,11 +90,17 @@ def ml_dtypes_module():
     return ml_dtypes
 
 
+@functools.cache
+def ml_dtype(name: str) -> np.dtype:
+    """ml_dtypes' dtype ``name`` (``"bfloat16"``, ``"float8_e4m3fn"``, ...), importing
+    ml_dtypes on first use."""
+    return np.dtype(getattr(ml_dtypes_module(), name))
+
+
 def is_ml_dtype(dt, name: str) -> bool:
-    """``dt`` is ml_dtypes' dtype ``name`` (``"bfloat16"``, ...). Never imports ml_dtypes:
-    while it is not loaded, no array of its dtypes exists."""
-    module = sys.modules.get("ml_dtypes")
-    return module is not None and dt == np.dtype(getattr(module, name))
+    """``dt`` is ml_dtypes' dtype ``name``. Never imports ml_dtypes: while it is not loaded,
+    no array of its dtypes exists."""
+    return "ml_dtypes" in sys.modules and dt == ml_dtype(name)
 
 
 def as_dtype(spec) -> np.dtype:

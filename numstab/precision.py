@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import math
 import re
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,8 @@ import numpy as np
 from numstab.backend import (
     array_module,
     errstate,
-    ml_dtypes_module,
+    is_ml_dtype,
+    ml_dtype,
     namespace,
     uint_view,
     xp_dtype,
@@ -150,7 +150,7 @@ class Format:
     def dtype(self) -> np.dtype:
         if self.dtype_name in _NUMPY_DTYPE_NAMES:
             return np.dtype(self.dtype_name)
-        return np.dtype(getattr(ml_dtypes_module(), self.dtype_name))
+        return ml_dtype(self.dtype_name)
 
     def stores(self, dt: np.dtype) -> bool:
         """``dt`` is this format's dtype (False for the formats without one: tf32, eXmY).
@@ -159,7 +159,7 @@ class Format:
             return False
         if self.dtype_name in _NUMPY_DTYPE_NAMES:
             return self.dtype == dt
-        return "ml_dtypes" in sys.modules and self.dtype == dt
+        return is_ml_dtype(dt, self.dtype_name)
 
     @property
     def unit_roundoff(self) -> float:
@@ -954,6 +954,6 @@ def format_of(x) -> Format | None:
     """
     # a scalar type such as np.float32 has a ``dtype`` attribute too (a descriptor, no dtype)
     dt = np.dtype(x if isinstance(x, type) else getattr(x, "dtype", x))
-    if dt.kind != "f" and not any(f.stores(dt) for f in _ALL_FORMATS):
-        return None
+    if dt.kind != "f":  # ml_dtypes' formats (float8_e5m2 is of kind "f" and found below)
+        return next((f for f in _FORMATS.values() if f.stores(dt)), None)
     return get_format(dt if dt.isnative else dt.newbyteorder("="))
