@@ -49,10 +49,16 @@ import types
 
 import array_api_compat
 import numpy as np
+import scipy
 
-# At import, not on first use: SciPy before 1.16 loads its own OpenBLAS with scipy.sparse, and
-# a threadpool_limits() set before that load would not cover it (a sweep worker's --threads).
-import scipy.sparse as sparse
+#: Whether importing scipy.sparse loads a BLAS library of SciPy's own (SciPy before 1.16); it
+#: is then imported with this module, not on first use, so that a threadpool_limits() set later
+#: (a sweep worker's --threads) covers it. From 1.16 it loads none (1.17: no library added) and
+#: waits for first use: its import is 0.1 s of every process's start-up, most of it SciPy's
+#: array-API layer importing NumPy's submodules (numpy.f2py, numpy.testing, ...).
+SPARSE_LOADS_BLAS = tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 16)
+if SPARSE_LOADS_BLAS:
+    import scipy.sparse
 
 __all__ = [
     "BACKENDS",
@@ -303,6 +309,8 @@ def sparse_rows_matrix(rows, cols, shape, like):
     rows = np.asarray(rows)
     cols = np.asarray(cols)
     if isinstance(like, np.ndarray) or like is None:
+        import scipy.sparse as sparse  # loaded at first use (see SPARSE_LOADS_BLAS)
+
         m = sparse.csr_matrix((np.ones(rows.size), (rows, cols)), shape=shape)
         m.sum_duplicates()
         m.sort_indices()
