@@ -54,9 +54,9 @@ import scipy
 #: Whether importing scipy.sparse loads a BLAS library of SciPy's own (SciPy before 1.16; 1.13.0
 #: adds its libopenblasp); it is then imported with this module, not on first use, so that a
 #: threadpool_limits() set later (a sweep worker's --threads) covers it. From 1.16 it loads
-#: none (1.17.1: no library added) and
-#: waits for first use: its import is 0.1 s of every process's start-up, most of it SciPy's
-#: array-API layer importing NumPy's submodules (numpy.f2py, numpy.testing, ...).
+#: none (1.17.1: no library added) and waits for first use: its import is 0.1 s of every
+#: process's start-up, most of it SciPy's array-API layer importing NumPy's submodules
+#: (numpy.f2py, numpy.testing, ...).
 SPARSE_LOADS_BLAS = tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 16)
 if SPARSE_LOADS_BLAS:
     import scipy.sparse
