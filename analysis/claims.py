@@ -900,16 +900,42 @@ def violation_radial_share(sc, radial, violation, *, min_sc: float = SHARE_MIN_S
     return float(np.median(violation[keep] / radial[keep]))
 
 
-def _violation_share(results, rid):
-    """:func:`violation_radial_share` of a run (the three metrics are logged together; None
-    for a run recorded before the radial ones existed)."""
-    (s_sc, sc), (s_rad, radial), (s_vio, violation) = (
-        results.series(rid, m, "train")
-        for m in ("sc_fraction", "radial_grad", "radial_grad_violation")
-    )
-    if s_rad.size == 0 or not (np.array_equal(s_sc, s_rad) and np.array_equal(s_rad, s_vio)):
+def collapsed_median(sc, values, *, min_sc: float = SHARE_MIN_SC):
+    """Median of ``values`` over the logged steps with an SC fraction of at least ``min_sc``
+    (the steps :func:`violation_radial_share` reads; None without such a step): the scale the
+    share is measured at. Where that scale is the loss format's rounding level (the loss
+    about its unit roundoff), the radial part and the violation are both rounding residue and
+    their ratio says nothing about the violation's weight."""
+    sc, values = np.asarray(sc, dtype=float), np.asarray(values, dtype=float)
+    keep = (sc >= min_sc) & np.isfinite(values)
+    return float(np.median(values[keep])) if np.any(keep) else None
+
+
+def _train_series(results, rid, metrics):
+    """The train-split series of ``metrics`` (values only) if all are logged at the same steps,
+    else None (a run recorded before one of them existed)."""
+    series = [results.series(rid, m, "train") for m in metrics]
+    steps = series[0][0]
+    if steps.size == 0 or any(not np.array_equal(steps, s) for s, _ in series):
         return None
-    return violation_radial_share(sc, radial, violation)
+    return [v for _, v in series]
+
+
+def _violation_share(results, rid):
+    """:func:`violation_radial_share` of a run (None for a run recorded before the radial
+    metrics existed)."""
+    got = _train_series(results, rid, ("sc_fraction", "radial_grad", "radial_grad_violation"))
+    return None if got is None else violation_radial_share(*got)
+
+
+def _collapsed_loss(results, rid):
+    got = _train_series(results, rid, ("sc_fraction", "loss"))
+    return None if got is None else collapsed_median(got[0], got[1])
+
+
+def _collapsed_radial(results, rid):
+    got = _train_series(results, rid, ("sc_fraction", "radial_grad"))
+    return None if got is None else collapsed_median(got[0], np.abs(got[1]))
 
 
 def zerosum_claims(results) -> dict:
@@ -935,6 +961,12 @@ def _violation_claims(results, prefix, by) -> list:
                  "median share of ⟨Z, ∂L/∂Z⟩ carried by the violation, steps with SC >= "
                  f"{SHARE_MIN_SC}",
                  "", "number", {}, by, _violation_share),
+        _per_run(results, f"{prefix}.collapsed_radial_grad",
+                 f"median |⟨Z, ∂L/∂Z⟩| over the same steps (SC >= {SHARE_MIN_SC})",
+                 "", "number", {}, by, _collapsed_radial),
+        _per_run(results, f"{prefix}.collapsed_loss",
+                 f"median training loss over the same steps (SC >= {SHARE_MIN_SC})",
+                 "", "number", {}, by, _collapsed_loss),
     ]  # fmt: skip
 
 

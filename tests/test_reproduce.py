@@ -702,8 +702,10 @@ def test_zerosum_claims_share_and_norms_per_format_and_intervention():
     """The violation's share of the radial gradient is the median of violation / radial over
     the steps with at least a quarter of the rows collapsed (here the steps 300-400: ratios
     0.9 and 0.8, median 0.85; the step 100 ratio 5 and the step 200 ratio 0.5, with fewer
-    collapsed rows, are left out); the weight-norm claims are the logged global norm's maximum
-    and last value; runs are grouped by format and intervention."""
+    collapsed rows, are left out), and the scale it is measured at the medians of |radial|
+    (1 and 4: 2.5) and of the loss (1e-16 and 3e-16: 2e-16) over the same steps; the
+    weight-norm claims are the logged global norm's maximum and last value; runs are grouped
+    by format and intervention."""
     steps = [0, 100, 200, 300, 400]
     configs, rows = {}, []
     for rid, zs, norms in (("plain", None, [1, 5, 9, 7, 6]), ("centred", 0, [1, 2, 3, 3, 4])):
@@ -714,6 +716,7 @@ def test_zerosum_claims_share_and_norms_per_format_and_intervention():
             sc_fraction=("train", [0, 0, 0.2, 0.6, 1.0]),
             radial_grad=("train", [0.0, 1.0, -2.0, -1.0, 4.0]),
             radial_grad_violation=("train", [0.0, 5.0, -1.0, -0.9, 3.2]),
+            loss=("train", [4.0, 1.0, 0.5, 1e-16, 3e-16]),
             weight_norm=("train", "global", norms),
         )
     out = C.zerosum_claims(Results.from_rows(configs, rows))
@@ -725,6 +728,9 @@ def test_zerosum_claims_share_and_norms_per_format_and_intervention():
         None: pytest.approx(0.85),
         0: pytest.approx(0.85),
     }
+    assert by_run("zerosum.collapsed_radial_grad") == {None: 2.5, 0: 2.5}
+    assert by_run("zerosum.collapsed_loss") == {None: pytest.approx(2e-16), 0: pytest.approx(2e-16)}
+    assert C.collapsed_median([0, 0.2], [1.0, 2.0]) is None  # no step collapsed enough
     assert by_run("zerosum.max_weight_norm") == {None: 9.0, 0: 4.0}
     assert by_run("zerosum.final_weight_norm") == {None: 6.0, 0: 4.0}
     assert by_run("zerosum.sc50_step") == {None: 300, 0: 300}
