@@ -902,10 +902,10 @@ def violation_radial_share(sc, radial, violation, *, min_sc: float = SHARE_MIN_S
 
 def collapsed_median(sc, values, *, min_sc: float = SHARE_MIN_SC):
     """Median of ``values`` over the logged steps with an SC fraction of at least ``min_sc``
-    (the steps :func:`violation_radial_share` reads; None without such a step): the scale the
-    share is measured at. Where that scale is the loss format's rounding level (the loss
-    about its unit roundoff), the radial part and the violation are both rounding residue and
-    their ratio says nothing about the violation's weight."""
+    (the steps :func:`violation_radial_share` reads, those with a zero radial part included;
+    None without such a step): the scale the share is measured at. Where the loss there is
+    about the format's unit roundoff, the radial part itself is rounding residue
+    (docs/reproduction.md, the follow-ups)."""
     sc, values = np.asarray(sc, dtype=float), np.asarray(values, dtype=float)
     keep = (sc >= min_sc) & np.isfinite(values)
     return float(np.median(values[keep])) if np.any(keep) else None
