@@ -651,7 +651,9 @@ def quantize(x, fmt, *, rounding: str | None = None, subnormals: str | None = No
     if rounding != "nearest" or subnormals != "gradual":
         return _quantize_mode(x, fmt, rounding, subnormals, key, offset, xp)
     if not fmt.is_emulated:
-        return xp.astype(x, xp_dtype(xp, carrier), copy=False)
+        # overflow gives ±inf, the result (as in the emulated formats): NumPy's cast warns
+        with errstate(xp, over="ignore"):
+            return xp.astype(x, xp_dtype(xp, carrier), copy=False)
     if isinstance(x.dtype, np.dtype) and x.dtype == np.longdouble:
         raise TypeError(
             f"rounding longdouble input to {fmt.name} is not supported; "
@@ -684,7 +686,8 @@ def _quantize_mode(x, fmt: Format, rounding, subnormals, key, offset, xp):
             )
         return x
     if rounding == "nearest" and not fmt.is_emulated:
-        out = xp.astype(x, carrier, copy=False)
+        with errstate(xp, over="ignore"):  # overflow: ±inf, the result
+            out = xp.astype(x, carrier, copy=False)
         return round_to_grid(out.reshape(-1), fmt, rounding, ftz).reshape(x.shape)
     shape = x.shape
     fi = np.finfo(x.dtype)

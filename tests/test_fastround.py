@@ -32,7 +32,8 @@ def boundary_patterns(name):
         return (hi[:, None] | lows[None, :].astype(np.uint32)).ravel()
     v = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
     v = v[np.isfinite(v)]
-    nxt = np.nextafter(v.astype(np.float16), np.float16(np.inf)).astype(np.float32)
+    with np.errstate(over="ignore"):  # the largest finite value's next is inf
+        nxt = np.nextafter(v.astype(np.float16), np.float16(np.inf)).astype(np.float32)
     mids = (v.astype(np.float64) + nxt.astype(np.float64)) / 2  # exact in float64
     mids = mids[np.isfinite(mids)].astype(np.float32)  # exact: 12 bits
     centre = np.concatenate([v, mids, np.float32([65520.0, -65520.0, 2.0**-25, -(2.0**-25)])])

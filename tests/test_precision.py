@@ -1,6 +1,7 @@
 """Formats, correctly rounded conversion and the precision policy."""
 
 import math
+import warnings
 from fractions import Fraction
 
 import ml_dtypes
@@ -147,7 +148,8 @@ def test_round_to_matches_astype_on_all_patterns_and_midpoints(name, src):
     mids = (s[:-1] + s[1:]) / 2  # exact in float64 (and in float32: p+1 bits)
     fmt = get_format(name)
     beyond = (float(fmt.max) + 2.0 ** (fmt.emax + 1)) / 2  # the overflow tie
-    x = np.concatenate([pats, mids, [beyond, -beyond]]).astype(src)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN patterns, as they are
+        x = np.concatenate([pats, mids, [beyond, -beyond]]).astype(src)
     with np.errstate(over="ignore", invalid="ignore"):
         ref = x.astype(dt)
     got = round_to(x, name)
@@ -203,6 +205,25 @@ def test_quantize_returns_representable_carrier_values(name):
     assert q.dtype == np.float32
     np.testing.assert_array_equal(q, round_to(x, name).astype(np.float32))
     np.testing.assert_array_equal(quantize(q, name), q)  # idempotent
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "tf32", "float8_e5m2"])
+@pytest.mark.parametrize("mode", ["nearest", "toward_zero", "up"])
+def test_overflow_gives_inf_or_max_without_a_warning(name, mode):
+    """Overflow is a documented result (±inf in the modes that round away from zero there,
+    ±max toward zero), in every format the same way: no RuntimeWarning (NumPy's own float64 ->
+    float32 cast warns, the emulated formats' path never did)."""
+    x = np.array([1e300, -1e300])
+    fmt = get_format(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = quantize(x, name, rounding=mode).astype(np.float64)
+        rt = round_to(x, name) if mode == "nearest" else None
+    big = math.inf if mode != "toward_zero" else float(fmt.max)
+    want = [big, -big] if mode != "up" else [math.inf, -float(fmt.max)]
+    assert got.tolist() == want
+    if rt is not None:
+        assert rt.astype(np.float64).tolist() == [math.inf, -math.inf]
 
 
 def test_round_to_scalar_and_shape():
