@@ -651,9 +651,7 @@ def quantize(x, fmt, *, rounding: str | None = None, subnormals: str | None = No
     if rounding != "nearest" or subnormals != "gradual":
         return _quantize_mode(x, fmt, rounding, subnormals, key, offset, xp)
     if not fmt.is_emulated:
-        # overflow gives ±inf, the result (as in the emulated formats): NumPy's cast warns
-        with errstate(xp, over="ignore"):
-            return xp.astype(x, xp_dtype(xp, carrier), copy=False)
+        return _cast(x, xp_dtype(xp, carrier), xp)
     if isinstance(x.dtype, np.dtype) and x.dtype == np.longdouble:
         raise TypeError(
             f"rounding longdouble input to {fmt.name} is not supported; "
@@ -663,6 +661,16 @@ def quantize(x, fmt, *, rounding: str | None = None, subnormals: str | None = No
     out = _round_bits(xp.reshape(x, (-1,)), fmt)  # 1-D: ufunc results stay arrays
     # ``out`` holds values representable in fmt, hence exactly in float32.
     return xp.reshape(out.astype(np.float32, copy=False), shape)
+
+
+def _cast(x, dtype, xp):
+    """``x`` cast to a native ``dtype`` (one rounding, nearest even). Overflow gives ±inf, the
+    result, as in the emulated formats, without NumPy's cast warning; ``x`` itself where it is
+    of that dtype already (the common case: no cast, and no error-state change)."""
+    if x.dtype == dtype:
+        return x
+    with errstate(xp, over="ignore"):
+        return xp.astype(x, dtype, copy=False)
 
 
 def _quantize_mode(x, fmt: Format, rounding, subnormals, key, offset, xp):
@@ -686,8 +694,7 @@ def _quantize_mode(x, fmt: Format, rounding, subnormals, key, offset, xp):
             )
         return x
     if rounding == "nearest" and not fmt.is_emulated:
-        with errstate(xp, over="ignore"):  # overflow: ±inf, the result
-            out = xp.astype(x, carrier, copy=False)
+        out = _cast(x, carrier, xp)
         return round_to_grid(out.reshape(-1), fmt, rounding, ftz).reshape(x.shape)
     shape = x.shape
     fi = np.finfo(x.dtype)
