@@ -496,13 +496,17 @@ def _round_bits(v, bits: int) -> float:
     return math.ldexp(round(float(mpmath.ldexp(m, bits))), int(e) - bits)
 
 
-# Range of the double-double path: results normal and finite. exp(x) < 2**-1022 below
-# ln(2**-1022) = -708.3964..., exp(x) >= max + ulp/2 (-> inf) above 709.78271289338...
+# Range of the double-double path's normal results: exp(x) < 2**-1022 below
+# ln(2**-1022) = -708.3964..., exp(x) >= max + ulp/2 (-> inf) above 709.78271289338...; from
+# _ZERO_BELOW to _LOW its results are rounded on the subnormal grid (_exp64_block)
 _LOW, _HIGH = -708.39, 709.78
 _ZERO_BELOW, _INF_ABOVE = -745.14, 709.79  # exp < 2**-1075 (rounds to +0) / overflow
 # Window of the rounding test, absolute on the scaled value s + lo in [0.999, 2.002): at least
 # 2**-68 relative, against an error below 2**-70.5.
 _EPS_DD = 2.0**-67
+# Window of the tiny results' test, absolute on q (units of 2**-1074), against an error of
+# q below 2**-18.4 (the relative 2**-70.5 at q < 2**52.01, and d's rounding): a margin of 5.
+_EPS_SUB = 2.0**-16
 _C3, _C4 = 1 / 6, 1 / 24
 
 
@@ -604,10 +608,18 @@ def _exp64_block(x, xp):
     truncation ``2**-74.4`` and evaluation ``2**-79``, the small terms' roundings ``2**-77``,
     the last addition ``2**-79``: below ``2**-70.5`` in all, against the window ``2**-68``.
     :class:`_Exp64Kernel` runs the same operations in the same order (same bits).
+
+    Results below ``2**-1022`` (``_ZERO_BELOW < x < _LOW``: subnormal, or the first normals)
+    lie on the grid of ``2**-1074``: ``q = (s + lo) 2**(m + 1074) < 2**52.01`` is rounded to an
+    integer ``n`` (``y = s + lo`` and its rounding error scaled exactly, ``d = q - rint(q)``
+    with one rounding), and the result is ``n 2**-1074``, exact. ``q``'s error is below
+    ``2**-70.5 q < 2**-18.4``, so ``n`` is referred to mpmath only where ``|d|`` is within
+    :data:`_EPS_SUB` of ``1/2``.
     """
     t = _exp_tables(xp)
     inside = (x >= _LOW) & (x <= _HIGH)
-    xc = xp.where(inside, x, 0.0)
+    tiny = (x > _ZERO_BELOW) & (x < _LOW)  # |kf| < 2**23 still: the same budget holds
+    xc = xp.where(inside | tiny, x, 0.0)
     kf = xp.round(xc * t["inv_l"])
     a = xc - kf * t["c1"]  # exact: kf * c1 has <= 53 bits and is within a factor 2 of x
     rh, rl = _two_sum(a, kf * -t["c2"])
@@ -626,13 +638,22 @@ def _exp64_block(x, xp):
     lo = small - ((s - th) - big)  # Fast2Sum error of th + big, plus the small terms
     y = s + lo
     amb = (s + (lo - _EPS_DD)) != (s + (lo + _EPS_DD))
-    m1 = m >> 1
     p2 = t["pow2"]
-    r = (y * xp.take(p2, m1 + 520)) * xp.take(p2, (m - m1) + 520)
-    edge = ~inside & (x > _ZERO_BELOW) & (x < _INF_ABOVE)
+    mn = xp.where(inside, m, 0)  # the tiny results' m (down to -1076) is outside the table
+    m1 = mn >> 1
+    r = (y * xp.take(p2, m1 + 520)) * xp.take(p2, (mn - m1) + 520)
+    # tiny results: k = m + 1074 in [-2, 52] scales s + lo to units of 2**-1074 (exactly)
+    pk = xp.take(p2, xp.where(tiny, m + 1074, 0) + 520)
+    qh = y * pk
+    n = xp.round(qh)  # exact: qh < 2**53
+    d = (qh - n) + (lo - (y - s)) * pk  # y's rounding error (Fast2Sum, exact); qh - n exact
+    n = xp.where(d > 0.5, n + 1.0, xp.where(d < -0.5, n - 1.0, n))
+    amb_tiny = xp.abs(xp.abs(d) - 0.5) <= _EPS_SUB
+    r = xp.where(tiny, n * 2.0**-1074, r)  # exact: an integer below 2**53 times 2**-1074
+    edge = ~inside & ~tiny & (x > _ZERO_BELOW) & (x < _INF_ABOVE)
     r = xp.where(x >= _INF_ABOVE, xp.inf, xp.where(x <= _ZERO_BELOW, 0.0, r))
     r = xp.where(xp.isnan(x), x, r)
-    return r, (amb & inside) | edge
+    return r, (amb & inside) | (amb_tiny & tiny) | edge
 
 
 # The fast path's window, absolute on the scaled value s + lo in [0.999, 2.002): its error is
