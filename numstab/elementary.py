@@ -297,24 +297,26 @@ def _near_midpoint(w, u, amb, fmt: Format):
 
 
 def _round_near_midpoint(w, of, amb, fmt: Format):
-    """``of <- quantize(w, fmt)`` and :func:`_near_midpoint`'s mask (or None) in one pass
-    (:func:`numstab.kernels.narrow_round16`); the rare elements the pass leaves (beyond the
-    format's largest finite value; subnormal results) as :func:`_near_midpoint` does them."""
+    """``of <- quantize(w, fmt)`` and the mask of the elements left undecided (or None) in
+    one pass (:func:`numstab.kernels.narrow_round16`): :func:`_near_midpoint`'s test for
+    normal results; for subnormal ones (and zeros), a midpoint of the grid of
+    ``2 q_half = 2**(emin - mantissa bits)`` within ``|w| 2**-44`` plus a slack of
+    ``q_half 2**-40`` (above the bracket's float64 roundings, ``|w| 2**-53 < q_half 2**-42``,
+    so every element the bracket leaves is left). The rare elements beyond the format's
+    largest finite value are rounded as :func:`_near_midpoint` does them."""
     bits, tiny = _LOW_BITS[fmt.name]
     _, absmask, expmask, floor, shift, top, _ = magic_constants(np.dtype(np.float64), fmt)
     half, low = np.uint64(1 << (bits - 1)), np.uint64((1 << bits) - 1)
+    q_half = math.ldexp(tiny, -fmt.precision)  # half the subnormal quantum
     consts = (absmask, expmask, floor, shift, top, half - np.uint64(_K64), low,
-              np.uint64(2 * _K64), tiny)  # fmt: skip
-    counts = np.zeros(3, np.int64)
+              np.uint64(2 * _K64), tiny, q_half, _REL_NARROW, math.ldexp(q_half, -40))  # fmt: skip
+    counts = np.zeros(2, np.int64)
     kernels.narrow_round16(w, of, amb, counts, consts)
-    n_amb, n_special, n_tiny = (int(c) for c in counts)
+    n_amb, n_special = (int(c) for c in counts)
     if n_special:
         special = np.flatnonzero((w.view(np.uint64) & absmask) > top)
         of[special] = quantize(w[special], fmt)
-    if n_tiny:  # subnormal results (and zeros): the bracket
-        sel = np.flatnonzero(np.abs(w) < tiny)
-        amb[sel] = _bracket_ambiguous(w[sel], fmt, _REL_NARROW, np)
-    return amb if n_amb or n_tiny else None
+    return amb if n_amb else None
 
 
 def _bracket_ambiguous(w, fmt: Format, rel: float, xp):

@@ -620,31 +620,36 @@ def magic_round(x, u, out, consts) -> int:
 
 @_Kernel
 def _narrow16(w, u, of, amb, counts, m_buf, absmask, expmask, floor, shift, top, half_k, low,
-              two_k, tiny):  # fmt: skip
+              two_k, tiny, q_half, rel, slack):  # fmt: skip
     m_val = m_buf.view(w.dtype)
-    n_amb = n_special = n_tiny = 0
+    n_amb = n_special = 0
     for i in range(w.size):
         b = u[i]
         a = b & absmask
         m_buf[0] = max(a & expmask, floor) + shift  # the magic number's bits
         mf = m_val[0]
-        r = (abs(w[i]) + mf) - mf  # float64, as numstab.fastround._magic
+        aw = abs(w[i])
+        r = (aw + mf) - mf  # float64, as numstab.fastround._magic
         of[i] = np.float32(math.copysign(r, w[i]))  # exact: a value of the 16-bit format
         n_special += a > top
-        t = ((b - half_k) & low) <= two_k  # near a midpoint of the target
+        if aw < tiny:  # the subnormal grid, an absolute quantum: |w - r| exact, <= q_half
+            t = q_half - abs(aw - r) <= aw * rel + slack
+        else:
+            t = ((b - half_k) & low) <= two_k  # near a midpoint of the target
         amb[i] = t
         n_amb += t
-        n_tiny += abs(w[i]) < tiny
-    counts[0], counts[1], counts[2] = n_amb, n_special, n_tiny
+    counts[0], counts[1] = n_amb, n_special
 
 
 def narrow_round16(w, of, amb, counts, consts) -> None:
     """The float16 / bfloat16 pass of ``numstab.elementary._narrow_block`` in one:
     ``of <- `` float64 ``w`` rounded to the format (``numstab.fastround``'s magic number; the
     elements above its largest finite value left for the caller), ``amb <-`` the
-    near-midpoint test of ``numstab.elementary._near_midpoint``; ``counts <-`` (ambiguous,
-    above the largest finite value, ``|w| <`` the smallest normal). ``consts``: uint64
-    ``(absmask, expmask, floor, shift, top, half_k, low, two_k)`` and the float ``tiny``."""
+    near-midpoint test of ``numstab.elementary._near_midpoint`` where ``|w| >= tiny`` (the
+    smallest normal) and below it, on the subnormal grid (quantum ``2 q_half``), whether a
+    midpoint lies within ``|w| rel + slack`` of ``|w|``; ``counts <-`` (ambiguous, above the
+    largest finite value). ``consts``: uint64 ``(absmask, expmask, floor, shift, top, half_k,
+    low, two_k)`` and the floats ``(tiny, q_half, rel, slack)``."""
     _narrow16(w, w.view(np.uint64), of, amb, counts, np.zeros(1, np.uint64), *consts)
 
 
@@ -692,8 +697,8 @@ def warm() -> float:
         magic_round(x, x.view(ut), np.empty_like(x), consts)
     u32 = np.ones(4, dtype=np.uint32)
     bfloat16_round(u32, np.empty_like(u32))
-    counts = np.zeros(3, np.int64)
-    consts16 = (*(u64 for _ in range(8)), 0.0)
+    counts = np.zeros(2, np.int64)
+    consts16 = (*(u64 for _ in range(8)), 0.0, 0.0, 0.0, 0.0)
     narrow_round16(x, np.empty(4, np.float32), np.empty(4, dtype=bool), counts, consts16)
     z = np.zeros((2, 3), np.float32)
     out = (np.empty(2, bool), np.empty(2, np.float32), np.empty(2, np.float32), np.empty(2),

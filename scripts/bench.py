@@ -27,8 +27,9 @@ Sections (``--sections``, default all):
 ``1b`` The late phase: a float32 checkpoint trained from step 0 until a tenth of the softmax
        probabilities are subnormal (``--late-fraction``, checked every ``--late-every``
        steps, at most ``--late-steps``; cached as a ``.npz``, resumable), the step timed at
-       step-0 weights ("early") and at the checkpoint ("late") for numstab and PyTorch, and
-       the fraction of subnormal values in the step's tensors.
+       step-0 weights ("early") and at the checkpoint ("late") for numstab and PyTorch, the
+       same with the loss in float16 and in float64 (``LATE_LOSS_FORMATS``: the same
+       weights), and the fraction of subnormal values in the step's tensors.
 ``2``  Exact audit of the checkpoint's full training batch: ``audit_cross_entropy`` with
        ``method="auto"`` against ``method="mpmath"`` and a plain float64 recomputation.
 ``2b`` Streaming audit of language-model logits ``(B, T, V)`` in bfloat16 (``--stream-shape``,
@@ -422,16 +423,16 @@ def print_environment(env, args):
 # --- the paper's step: numstab ----------------------------------------------------------------
 
 
-def paper_config(dtype="float32"):
+def paper_config(dtype="float32", loss_dtype=None):
     from numstab.run import TrainConfig
 
-    return TrainConfig(dtype=dtype)
+    return TrainConfig(dtype=dtype, loss_dtype=loss_dtype)
 
 
-def new_run(dtype="float32", data=None):
+def new_run(dtype="float32", data=None, loss_dtype=None):
     from numstab.run import Run
 
-    return Run(paper_config(dtype), name=f"bench-{dtype}", data=data)
+    return Run(paper_config(dtype, loss_dtype), name=f"bench-{dtype}", data=data)
 
 
 def numstab_step(run, kernels_path=None):
@@ -1028,8 +1029,8 @@ def late_checkpoint(rep, args):
     return {k: v for k, v in ck.items() if not k.startswith("meta/")}
 
 
-def run_from_checkpoint(ck, data=None):
-    run = new_run("float32", data=data)
+def run_from_checkpoint(ck, data=None, loss_dtype=None):
+    run = new_run("float32", data=data, loss_dtype=loss_dtype)
     for k in list(run.params):
         run.params[k] = np.array(ck[f"param/{k}"], copy=True)
     run.opt_state = run.optimizer.load_state_arrays(checkpoint_state(ck), int(ck["opt_step"]))
@@ -1071,6 +1072,9 @@ def step_tensors(run):
 
 #: Issue 19: the late step (about a tenth of the probabilities subnormal) over the early one.
 LATE_TARGET = 1.2
+#: The late step with the loss in these formats too (the same float32 weights): late in
+#: training most of a float16 loss's terms are subnormal results of its ``exp``.
+LATE_LOSS_FORMATS = ("float16", "float64")
 
 
 def flushed(ops):
@@ -1132,6 +1136,10 @@ def section_late(rep, args, torch_mod, thr, ck):
         if args.fused:
             cases["numstab float32 step, NumPy path, early"] = numstab_step(early, "numpy")
             cases["numstab float32 step, NumPy path, late"] = numstab_step(late, "numpy")
+        for loss in LATE_LOSS_FORMATS:  # the same weights, the loss in another format
+            for when, r in (("early", new_run("float32", early.data, loss)),
+                            ("late", run_from_checkpoint(ck, early.data, loss))):  # fmt: skip
+                cases[f"numstab {loss} loss step, {when}"] = numstab_step(r)
         cases |= {
             "numstab float32 GEMMs, early": gemm_floor(gemm_operands(early)),
             "numstab float32 GEMMs, late": gemm_floor(gemm_operands(late)),
@@ -1167,6 +1175,7 @@ def section_late(rep, args, torch_mod, thr, ck):
         whos = ["numstab float32 step", "numstab float32 GEMMs", "PyTorch float32 step"]
         if args.fused:
             whos.insert(1, "numstab float32 step, NumPy path")
+        whos[1:1] = [f"numstab {loss} loss step" for loss in LATE_LOSS_FORMATS]
         for who in whos:
             if f"{who}, early" not in st:
                 rep.row("1b", f"{who}, early", nthr, None, f"torch {args.torch_status}")
