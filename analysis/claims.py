@@ -48,6 +48,7 @@ __all__ = [
     "fig16_claims",
     "glitch_claims",
     "logitscale_claims",
+    "loss_spike_steps",
     "norm_growth_rate",
     "ordering_holds",
     "r_squared",
@@ -348,6 +349,7 @@ def fig1_claims(results) -> dict:
             [],
             _final_sc,
         ),
+        *_spike_rows(results, "fig1c", c, [], "(not in the paper)"),
     ]
     return {e["key"]: e for e in out}
 
@@ -818,20 +820,75 @@ def appI_claims(results) -> dict:
     return {e["key"]: e for e in out}
 
 
+#: A training-loss spike (a "slingshot", arXiv 2206.04817): the mean training loss at a
+#: logged step at least this many times the one logged before it.
+SPIKE_FACTOR = 10.0
+
+
+def loss_spike_steps(steps, loss, *, factor: float = SPIKE_FACTOR) -> np.ndarray:
+    """The logged steps at which a training-loss spike starts: ``loss[i] >= factor *
+    loss[i-1]`` with ``loss[i-1] > 0`` (a rise from exactly 0 has no ratio), a spike over
+    consecutive logged steps counted once, at its first. Shape (k,), ascending."""
+    steps, loss = np.asarray(steps), np.asarray(loss, dtype=float)
+    prev, cur = loss[:-1], loss[1:]
+    rises = np.flatnonzero((prev > 0) & (cur >= factor * prev)) + 1
+    first = np.ones(rises.size, dtype=bool)
+    first[1:] = np.diff(rises) > 1
+    return steps[rises[first]]
+
+
+def _spikes(results, rid):
+    steps, loss = results.series(rid, "loss", "train")
+    return loss_spike_steps(steps, loss) if steps.size else None
+
+
+def _n_spikes(results, rid):
+    s = _spikes(results, rid)
+    return None if s is None else int(s.size)
+
+
+def _first_spike(results, rid):
+    s = _spikes(results, rid)
+    return int(s[0]) if s is not None and s.size else None
+
+
+def _spike_interval(results, rid):
+    """Median number of steps between consecutive loss spikes (None with fewer than two)."""
+    s = _spikes(results, rid)
+    return float(np.median(np.diff(s))) if s is not None and s.size > 1 else None
+
+
+def _spike_rows(results, prefix, match, by, paper) -> list:
+    """The training-loss spikes of :func:`loss_spike_steps`: how many, the first, the median
+    interval."""
+    spike = f"training-loss spikes (loss x{SPIKE_FACTOR:g} over the previous logged step)"
+    rows = (
+        ("loss_spikes", f"number of {spike}", "number", _n_spikes),
+        ("first_loss_spike", f"first step of the {spike}", "step", _first_spike),
+        ("loss_spike_interval", f"median steps between the {spike}", "step", _spike_interval),
+    )
+    return [
+        _per_run(results, f"{prefix}.{key}", text, paper, kind, match, by, fn)
+        for key, text, kind, fn in rows
+    ]
+
+
 def slingshot_claims(results) -> dict:
     """The authors' issue #4: at lr 0.01, beta2 0.99 a float32 softmax CE generalised before a
     float64 one (slingshots, the authors said); not at lr 0.005, and with beta2 0.999 accuracy
     collapses at SC with no grokking."""
+    by = ["lr", "beta2", "loss_dtype"]
     out = _outcomes(
-        results, "slingshot", {}, ["lr", "beta2", "loss_dtype"],
+        results, "slingshot", {}, by,
         {"test95_step": "issue #4: float32 before float64 at lr 0.01, beta2 0.99; "
                         "authors: not at lr 0.005; none with beta2 0.999"},
     )  # fmt: skip
     out.append(
         _per_run(results, "slingshot.final_train_acc", "final train accuracy",
                  "beta2 0.999: collapses when SC is reached (authors)", "fraction", {},
-                 ["lr", "beta2", "loss_dtype"], _final_train)
+                 by, _final_train)
     )  # fmt: skip
+    out += _spike_rows(results, "slingshot", {}, by, "grokking through slingshots (authors)")
     return {e["key"]: e for e in out}
 
 

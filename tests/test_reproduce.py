@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import read_head_then_close
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -39,6 +41,9 @@ FIG1_KEYS = {
     "fig1c.final_train_acc",
     "fig1c.sc50_step",
     "fig1c.final_sc_fraction",
+    "fig1c.loss_spikes",
+    "fig1c.first_loss_spike",
+    "fig1c.loss_spike_interval",
 }
 
 
@@ -764,6 +769,35 @@ def test_slingshot_claims_group_by_setting_and_format():
         (0.999, "float32"): None,
     }
     assert by_group("slingshot.final_train_acc")[(0.999, "float32")] == 0.3
+
+
+@given(loss=st.lists(st.one_of(st.just(0.0), st.floats(1e-30, 1e3)), min_size=1, max_size=40))
+@example(loss=[1.0, 0.1, 2.0, 30.0, 0.01, 0.0, 5.0])  # a spike over two steps; a rise from 0
+@example(loss=[1e-3, 1e-2, 1e-3, 1e-2])  # exactly x10: two spikes
+def test_loss_spike_steps_against_a_direct_reading(loss):
+    """A spike starts at logged step i when ``loss[i] >= 10 loss[i-1] > 0`` and step i-1 is
+    not itself part of the spike; read here element by element against the vectorised
+    :func:`analysis.claims.loss_spike_steps`."""
+    steps = [100 * i for i in range(len(loss))]
+    rises = [i > 0 and loss[i - 1] > 0 and loss[i] >= 10 * loss[i - 1] for i in range(len(loss))]
+    want = [steps[i] for i in range(len(loss)) if rises[i] and not rises[i - 1]]
+    assert C.loss_spike_steps(steps, loss).tolist() == want
+
+
+def test_spike_claims_count_first_and_interval():
+    """The spike rows of the slingshot claims (and Fig. 1c's): count, first step, median
+    interval, from a loss series with spikes at steps 200, 600 and 1 200."""
+    steps = list(range(0, 1400, 100))
+    loss = [1, 0.5, 8, 0.1, 0.01, 0.001, 1, 0.1, 0.01, 0.001, 1e-4, 1e-5, 1e-3, 1e-4]
+    configs = {"a": _cfg(lr=0.01, beta2=0.99, loss_dtype="float32", seed=0)}
+    out = C.slingshot_claims(Results.from_rows(configs, _rows("a", steps, loss=("train", loss))))
+
+    def value(key):
+        return out[key]["rows"][0]["values"][0]["value"]
+
+    assert value("slingshot.loss_spikes") == 3
+    assert value("slingshot.first_loss_spike") == 200
+    assert value("slingshot.loss_spike_interval") == 500  # median of 400 and 600
 
 
 def test_claims_are_json_serialisable():
