@@ -299,11 +299,12 @@ def _near_midpoint(w, u, amb, fmt: Format):
 def _round_near_midpoint(w, of, amb, fmt: Format):
     """``of <- quantize(w, fmt)`` and the mask of the elements left undecided (or None) in
     one pass (:func:`numstab.kernels.narrow_round16`): :func:`_near_midpoint`'s test for
-    normal results; for subnormal ones (and zeros), a midpoint of the grid of
-    ``2 q_half = 2**(emin - mantissa bits)`` within ``|w| 2**-44`` plus a slack of
-    ``q_half 2**-40`` (above the bracket's float64 roundings, ``|w| 2**-53 < q_half 2**-42``,
-    so every element the bracket leaves is left). The rare elements beyond the format's
-    largest finite value are rounded as :func:`_near_midpoint` does them."""
+    normal results; for subnormal ones (and zeros), a midpoint of their grid (the quantum
+    ``2 q_half = 2**(emin + 1 - precision)``) within ``|w| 2**-44`` plus a slack of
+    ``q_half 2**-40`` of ``|w|`` (the slack covers the bracket's float64 roundings,
+    ``|w| 2**-53 < q_half 2**-42``: every element the bracket leaves is left). The rare
+    elements beyond the format's largest finite value are rounded as :func:`_near_midpoint`
+    does them."""
     bits, tiny = _LOW_BITS[fmt.name]
     _, absmask, expmask, floor, shift, top, _ = magic_constants(np.dtype(np.float64), fmt)
     half, low = np.uint64(1 << (bits - 1)), np.uint64((1 << bits) - 1)
