@@ -20,7 +20,9 @@ from threadpoolctl import threadpool_limits
 import numstab
 from numstab import sweep
 from numstab.backend import get_backend
+from numstab.cli import compare as compare_cli
 from numstab.cli import sweep as cli_sweep
+from numstab.cli import train as train_cli
 from numstab.run import CSV_HEADER, TrainConfig
 from numstab.run.config import TRANSFORMER_FIELDS
 from numstab.run.driver import StopFlag, Stopped
@@ -329,6 +331,31 @@ def test_checkpoint_every_is_refused_where_workers_cannot_write_the_folder(tmp_p
 
 # One run of 40 steps, checkpointed every 10.
 CHECKPOINTED = "[base]\np = 11\nhidden = [16, 16]\nsteps = 40\nlog_every = 5\n[[runs]]\nseed = 3\n"
+
+
+def test_train_resume_of_a_sweep_run_says_whose_it_is_and_touches_nothing(tmp_path, capsys):
+    """``numstab.train --resume`` on a sweep's run folder (a checkpoint of one run named by its
+    id) is refused with exit 2 and one line naming the run and its sweep folder; no file
+    changes. On a compare folder the line names numstab.compare."""
+    spec = write(tmp_path, CHECKPOINTED)
+    (rid,) = (r.id for r in sweep.load_spec(spec).runs)
+    out = tmp_path / "out"
+    assert sweep.run_sweep(spec, out, checkpoint_every=10, quiet=True).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (out / rid).iterdir()}
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(out / rid)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"run {rid} of the sweep in {str(out)!r}" in err, err
+    assert {p.name: p.read_bytes() for p in (out / rid).iterdir()} == before
+
+    cmp_dir = tmp_path / "cmp"
+    tiny = ["--modulus", "11", "--hidden", "8", "--steps", "10", "--log-every", "5"]
+    assert compare_cli.main([*tiny, "--quiet", "--audit-every", "5", "--out", str(cmp_dir)]) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(cmp_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m numstab.compare --resume" in err, err
 
 
 def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afresh(

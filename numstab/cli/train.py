@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -66,9 +67,10 @@ def _adopt_train_checkpoint(parser, argv, args) -> dict:
     runs = ckpt.manifest.get("runs")
     meta = runs.get("run") if isinstance(runs, dict) else None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        names = sorted(runs) if isinstance(runs, dict) else runs
         raise UsageError(
             f"cannot resume: the checkpoint in {args.resume!r} holds no numstab.train run "
-            f"(runs: {sorted(runs) if isinstance(runs, dict) else runs!r})"
+            f"({_owner(args.resume, names)})"
         )
     extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
     saved = {k: v for k, v in meta["config"].items() if k != "steps"}
@@ -84,6 +86,24 @@ def _adopt_train_checkpoint(parser, argv, args) -> dict:
         "step": step if isinstance(step, int) and not isinstance(step, bool) else 0,
         "legs": wall_legs(extra),
     }
+
+
+def _owner(directory: str, names) -> str:
+    """Whose checkpoint ``directory`` holds (runs ``names``), and how it continues."""
+    if names == ["reference", "test"]:
+        return "a numstab.compare run: continue it with python -m numstab.compare --resume DIR"
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            sweep_id = json.load(f).get("id")
+    except (OSError, ValueError, AttributeError):
+        sweep_id = None
+    if isinstance(names, list) and names == [sweep_id]:
+        parent = os.path.dirname(os.path.abspath(directory))
+        return (
+            f"run {sweep_id} of the sweep in {parent!r}: the sweep's command run again with "
+            "that --out continues it where it is incomplete"
+        )
+    return f"runs: {names!r}"
 
 
 @holds_out_dir
