@@ -6,7 +6,7 @@ Every ``figN_claims(results)`` returns an ordered ``{claim key: entry}`` dict of
     {"key": "fig1a.test95_step",
      "description": "first logged step with test accuracy >= 0.95",
      "paper": "what the paper reports (qualitative)",
-     "kind": "step" | "fraction" | "cosine" | "number" | "bool",
+     "kind": "step" | "steps" | "fraction" | "cosine" | "number" | "bool",
      "rows": [{"group": {"perp_grad": "tensor"},      # the runs' distinguishing fields
                "n": 3, "n_failed": 0, "n_incomplete": 0,   # runs counted / left out
                "values": [{"seed": 0, "run_id": "...", "value": 150}, ...],
@@ -865,7 +865,7 @@ def _spike_rows(results, prefix, match, by, paper) -> list:
     rows = (
         ("loss_spikes", f"number of {spike}", "number", _n_spikes),
         ("first_loss_spike", f"first step of the {spike}", "step", _first_spike),
-        ("loss_spike_interval", f"median steps between the {spike}", "step", _spike_interval),
+        ("loss_spike_interval", f"median steps between the {spike}", "steps", _spike_interval),
     )
     return [
         _per_run(results, f"{prefix}.{key}", text, paper, kind, match, by, fn)
@@ -928,6 +928,7 @@ def glitch_claims(results) -> dict:
                  "faster where the zero-sum violation is larger (the follow-up's mechanism)",
                  "number", {}, by, _norm_growth),
         *_violation_claims(results, "glitch", by),
+        *_spike_rows(results, "glitch", {}, by, "driven by the violation (the follow-up)"),
     ]  # fmt: skip
     return {e["key"]: e for e in out}
 
@@ -1153,7 +1154,7 @@ CLAIMS = {
 def _num(v, kind) -> str:
     if v is None:
         return "–"
-    if kind == "step":
+    if kind in ("step", "steps"):  # a step, or a number of steps (an interval)
         return f"{v:.0f}"
     if kind in ("fraction", "cosine"):
         return f"{v:.4f}"
