@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     # PNG and claims files, so it never overwrites the whole figure's.
     part = "-panels-" + "-".join(args.panels) if args.panels else ""
     if args.dry_run:
-        _dry_run(sweep, out)
+        _dry_run(sweep, out, args.retry_failed)
         return 0
     if not args.no_plots:
         from analysis.plots import require_matplotlib
@@ -235,22 +235,12 @@ def _runs_in_panels(runs, panels) -> list:
     ]
 
 
-def _dry_run(sweep, out) -> None:
-    cols = list(sweep.columns)
-    rows = [[r.id, *(_cell(r.axes[c]) for c in cols), str(r.config.steps)] for r in sweep.runs]
-    header = ["id", *cols, "steps"]
-    widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(header)]
-    print(f"{len(sweep.runs)} runs; output folder {out}")
-    for line in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+def _dry_run(sweep, out, retry_failed: bool) -> None:
+    """The sweep's dry run (``python -m numstab.sweep --dry-run``): per run its axes, the
+    budget's steps, its state in ``out`` and what this command would do with it."""
+    from numstab.cli.sweep import print_dry_run
 
-
-def _cell(v) -> str:
-    if v is None:
-        return "none"
-    if isinstance(v, list):
-        return json.dumps(v)
-    return str(v)
+    print_dry_run(sweep, out, sys.stdout, retry_failed=retry_failed)
 
 
 def _json_safe(o):

@@ -155,7 +155,9 @@ def test_dry_run_lists_the_resolved_runs(tmp_path):
         str(tmp_path / "x"),
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("12 runs;")
+    assert res.stdout.startswith("12 runs in ") and "12 would run" in res.stdout
+    # the sweep's own dry-run table: the budget's steps, each run's state and action
+    assert res.stdout.count(" 300    new    run\n") == 12, res.stdout
     assert not (tmp_path / "x").exists()
 
 
@@ -164,11 +166,11 @@ def test_panels_select_the_runs_of_those_panels(tmp_path):
     # the three f = 0.4 runs; 3 seeds each.
     res = _run_script("--figure", "2", "--budget", "short", "--panels", "b", "c", "--dry-run")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("18 runs;")
-    rows = res.stdout.splitlines()[2:]
+    assert res.stdout.startswith("18 runs in ")
+    rows = [r for r in res.stdout.splitlines() if r.endswith(" run")]
     assert len(rows) == 18 and not any(" 0.4 " in r for r in rows)
     res = _run_script("--figure", "2", "--budget", "short", "--panels", "a", "--dry-run")
-    assert res.stdout.startswith("9 runs;") and res.stdout.count(" 0.4 ") == 9
+    assert res.stdout.startswith("9 runs in ") and res.stdout.count(" 0.4 ") == 9
 
 
 def test_a_panel_subset_writes_its_own_files_in_the_shared_folder(tmp_path):
@@ -990,6 +992,6 @@ def test_dry_run_into_a_pipe_closed_early_ends_quietly_with_141():
         2,
         cwd=ROOT,
     )  # fmt: skip
-    assert head[0].startswith(b"1500 runs; output folder ")
+    assert head[0].startswith(b"1500 runs in ") and b"1500 would run" in head[0]
     assert rc == 141, err
     assert err == ""

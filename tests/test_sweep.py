@@ -31,6 +31,7 @@ from numstab.run.loop import train
 from numstab.run.outdir import LOCK_NAME
 from numstab.sweep import executors
 from numstab.sweep import run as sweep_run
+from numstab.sweep.folder import checkpoint_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -358,6 +359,25 @@ def test_train_resume_of_a_sweep_run_says_whose_it_is_and_touches_nothing(tmp_pa
     assert err.count("\n") == 1 and "python -m numstab.compare --resume" in err, err
 
 
+def test_checkpoint_step_reads_the_manifest_and_is_none_when_it_cannot(tmp_path):
+    """The dry run's "resume at step N" comes from the manifest alone; a manifest that is
+    not JSON, or names no integer step, gives None (the dry run then says "resume")."""
+    d = tmp_path / "r"
+    d.mkdir()
+    assert checkpoint_step(str(d)) is None  # no manifest
+    cases = [
+        ('{"runs": {"abc": {"step": 1200}}}', 1200),
+        ('{"runs": {"a": {"step": 30}, "b": {"step": 40}}}', 40),
+        ('{"runs": {"abc": {"step": true}}}', None),
+        ('{"runs": {"abc": {"step": "1200"}}}', None),
+        ('{"runs": []}', None),
+        ("not json", None),
+    ]
+    for text, want in cases:
+        (d / "checkpoint.json").write_text(text)
+        assert checkpoint_step(str(d)) == want, text
+
+
 def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afresh(
     tmp_path, capsys
 ):
@@ -381,7 +401,9 @@ def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afre
     for p in leftovers:
         p.write_bytes(b"partial")
     assert cli_sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
-    assert re.search(rf"{rid} .* incomplete +resume$", capsys.readouterr().out, re.MULTILINE)
+    # the dry run names the step the checkpoint holds (its manifest, read alone)
+    text = capsys.readouterr().out
+    assert re.search(rf"{rid} .* 40 +incomplete +resume at step 40$", text, re.MULTILINE), text
     again = sweep.run_sweep(spec, out, quiet=True)
     s = json.loads((folder / "summary.json").read_text())
     assert again.executed == [rid] and s["resumed_from_step"] == 40, s

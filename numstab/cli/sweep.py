@@ -22,11 +22,12 @@ import sys
 from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, Parser, PipeGuard, UsageError, fmt_value
 from numstab.run.footprint import MEMORY_FRACTION
 from numstab.sweep.cells import _cell_axis
+from numstab.sweep.folder import checkpoint_step
 from numstab.sweep.run import PROG, _check_options, _continues, _plan, _print_skipped, run_sweep
 from numstab.sweep.spec import MAX_RUNS, SpecError, Sweep, load_spec
 from numstab.sweep.tables import collect
 
-__all__ = ["build_collect_parser", "build_parser", "main"]
+__all__ = ["build_collect_parser", "build_parser", "main", "print_dry_run"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,24 +151,49 @@ def _limits(args) -> dict:
 
 
 def _dry_run(sweep: Sweep, args, stdout) -> None:
-    out = args.out
-    todo, skip = _plan(sweep, out, args.force, args.retry_failed)
+    print_dry_run(
+        sweep,
+        args.out,
+        stdout,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        executor=args.executor,
+        scheduler=args.scheduler,
+    )
+
+
+def print_dry_run(
+    sweep: Sweep,
+    out: str | None,
+    stdout,
+    *,
+    force: bool = False,
+    retry_failed: bool = False,
+    executor: str = "local",
+    scheduler: str | None = None,
+) -> None:
+    """What running ``sweep`` into ``out`` would do, one line per run: its id, source, axes
+    and steps, its state in ``out`` and the action (run, resume at the checkpoint's step,
+    rerun, skip). Reads the folder, writes nothing."""
+    todo, skip = _plan(sweep, out, force, retry_failed)
 
     def action(r, st) -> str:
         if st in ("ok", "failed"):
             return "rerun"
-        if _continues(out, r.id, st, args.executor, args.scheduler, args.force):
-            return "resume"
+        if _continues(out, r.id, st, executor, scheduler, force):
+            step = checkpoint_step(os.path.join(out, r.id))
+            return "resume" if step is None else f"resume at step {step}"
         return "run"
 
     will = {r.id: action(r, st) for r, st in todo}
     state = {r.id: st for r, st in todo} | {r.id: st for r, st, _ in skip}
-    header = ["id", "source", *sweep.columns, "state", "action"]
+    header = ["id", "source", *sweep.columns, "steps", "state", "action"]
     rows = [
         [
             r.id,
             r.source,
             *(_cell_axis(r.axes[c]) for c in sweep.columns),
+            str(r.config.steps),
             state[r.id],
             will.get(r.id, "skip"),
         ]

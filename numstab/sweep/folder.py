@@ -48,6 +48,17 @@ def has_checkpoint(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, MANIFEST))
 
 
+def checkpoint_step(run_dir: str) -> int | None:
+    """The step of the checkpoint in the run folder, read from its manifest alone (the arrays
+    are checked when the run resumes); None without a readable one."""
+    m = _read_json(os.path.join(run_dir, MANIFEST))
+    runs = m.get("runs") if isinstance(m, dict) else None
+    metas = runs.values() if isinstance(runs, dict) else []
+    steps = [r.get("step") for r in metas if isinstance(r, dict)]
+    steps = [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
+    return max(steps) if steps else None
+
+
 def _state(run_dir: str) -> tuple[str, dict | None]:
     """``("ok" | "failed" | "incomplete" | "new", summary)`` of a run folder."""
     s = _read_json(os.path.join(run_dir, "summary.json"))
