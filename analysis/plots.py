@@ -23,6 +23,7 @@ __all__ = [
     "PLOTS",
     "plot_accuracy",
     "plot_figure",
+    "plot_loss",
     "plot_nlm_cosine",
     "plot_sc_fraction",
     "plot_weight_norm",
@@ -155,6 +156,17 @@ def plot_nlm_cosine(ax, results, groups, *, band="minmax", layers=None, metric="
     ax.set_ylabel("cos(θ, −∇L)" if metric == "nlm_cos_grad" else f"{metric}")
 
 
+def plot_loss(ax, results, groups, *, band="minmax"):
+    """Mean training loss against step, log scale (an exact 0 is not drawn), one colour per
+    group: a collapse wave or slingshot is a spike (:func:`analysis.claims.loss_spike_steps`)."""
+    for i, (key, ids) in enumerate(groups.items()):
+        agg = aggregate(results.series(r, "loss", "train") for r in ids)
+        _curve(ax, agg, color=_color(i), band=band, label=group_label(key))
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+
+
 #: Plot kinds a panel may list (``plots = [...]`` in a figure SPEC).
 PLOTS = {
     "accuracy": plot_accuracy,
@@ -162,6 +174,7 @@ PLOTS = {
     "weight_norm": plot_weight_norm,
     "nlm_cosine": plot_nlm_cosine,
     "zero_sum_violation": plot_zero_sum_violation,
+    "loss": plot_loss,
 }
 
 

@@ -891,6 +891,33 @@ def test_plot_figure_writes_a_png(tmp_path):
         plot_figure(res, [], tmp_path / "g.png", band="wide")
 
 
+def test_loss_plot_draws_the_seeds_mean_on_a_log_scale():
+    """The ``loss`` plot kind: one line per group, the mean over its seeds of the training
+    loss at each logged step, on a log axis."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import PLOTS
+
+    steps = [0, 100, 200, 300]
+    configs = {f"s{k}": _cfg(loss_dtype="float32", seed=k) for k in (0, 1)}
+    rows = _rows("s0", steps, loss=("train", [1.0, 0.1, 4.0, 0.01]))
+    rows += _rows("s1", steps, loss=("train", [3.0, 0.3, 2.0, 0.03]))
+    res = Results.from_rows(configs, rows)
+    fig, ax = plt.subplots()
+    try:
+        PLOTS["loss"](ax, res, {(("loss_dtype", "float32"),): ["s0", "s1"]}, band="none")
+        (line,) = ax.lines
+        assert line.get_xdata().tolist() == steps
+        assert np.allclose(line.get_ydata(), [2.0, 0.2, 3.0, 0.02], rtol=1e-15)  # exact means
+        assert ax.get_yscale() == "log"
+    finally:
+        plt.close(fig)
+
+
 def test_missing_matplotlib_names_the_plot_extra(monkeypatch):
     from analysis import plots
 
