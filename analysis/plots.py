@@ -117,15 +117,21 @@ def plot_weight_norm(ax, results, groups, *, band="minmax", layer="global"):
     ax.set_ylabel(f"weight norm ({layer})")
 
 
-def plot_zero_sum_violation(ax, results, groups, *, band="minmax"):
-    """Mean ``|Σ_k ∂L/∂z_k|`` of the computed logit gradient (0 in exact arithmetic) against
-    step, log scale (an exact 0 is not drawn)."""
+def _train_series_log(ax, results, groups, metric: str, ylabel: str, band: str) -> None:
+    """A training-split series against step on a log axis (an exact 0 is not drawn), one
+    colour per group."""
     for i, (key, ids) in enumerate(groups.items()):
-        agg = aggregate(results.series(r, "zero_sum_violation", "train") for r in ids)
+        agg = aggregate(results.series(r, metric, "train") for r in ids)
         _curve(ax, agg, color=_color(i), band=band, label=group_label(key))
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("zero-sum violation (train)")
+    ax.set_ylabel(ylabel)
+
+
+def plot_zero_sum_violation(ax, results, groups, *, band="minmax"):
+    """Mean ``|Σ_k ∂L/∂z_k|`` of the computed logit gradient (0 in exact arithmetic) against
+    step, log scale (an exact 0 is not drawn)."""
+    _train_series_log(ax, results, groups, "zero_sum_violation", "zero-sum violation (train)", band)
 
 
 def plot_nlm_cosine(ax, results, groups, *, band="minmax", layers=None, metric="nlm_cos_grad"):
@@ -159,12 +165,7 @@ def plot_nlm_cosine(ax, results, groups, *, band="minmax", layers=None, metric="
 def plot_loss(ax, results, groups, *, band="minmax"):
     """Mean training loss against step, log scale (an exact 0 is not drawn), one colour per
     group: a collapse wave or slingshot is a spike (:func:`analysis.claims.loss_spike_steps`)."""
-    for i, (key, ids) in enumerate(groups.items()):
-        agg = aggregate(results.series(r, "loss", "train") for r in ids)
-        _curve(ax, agg, color=_color(i), band=band, label=group_label(key))
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    _train_series_log(ax, results, groups, "loss", "training loss", band)
 
 
 #: Plot kinds a panel may list (``plots = [...]`` in a figure SPEC).
