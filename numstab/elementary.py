@@ -641,22 +641,27 @@ def _exp64_block(x, xp):
     lo = small - ((s - th) - big)  # Fast2Sum error of th + big, plus the small terms
     y = s + lo
     amb = (s + (lo - _EPS_DD)) != (s + (lo + _EPS_DD))
+    amb = amb & inside
     p2 = t["pow2"]
-    mn = xp.where(inside, m, 0)  # the tiny results' m (down to -1076) is outside the table
+    # Only a block with tiny results pays for them (on CuPy and the array API this block is
+    # every element's path): their m (down to -1076) is outside the scaling table.
+    any_tiny = bool(xp.any(tiny))
+    mn = xp.where(inside, m, 0) if any_tiny else m
     m1 = mn >> 1
     r = (y * xp.take(p2, m1 + 520)) * xp.take(p2, (mn - m1) + 520)
-    # tiny results: k = m + 1074 in [-2, 52] scales s + lo to units of 2**-1074 (exactly)
-    pk = xp.take(p2, xp.where(tiny, m + 1074, 0) + 520)
-    qh = y * pk
-    n = xp.round(qh)  # exact: qh < 2**53
-    d = (qh - n) + (lo - (y - s)) * pk  # y's rounding error (Fast2Sum, exact); qh - n exact
-    n = xp.where(d > 0.5, n + 1.0, xp.where(d < -0.5, n - 1.0, n))
-    amb_tiny = xp.abs(xp.abs(d) - 0.5) <= _EPS_SUB
-    r = xp.where(tiny, n * 2.0**-1074, r)  # exact: an integer below 2**53 times 2**-1074
+    if any_tiny:
+        # k = m + 1074 in [-2, 52] scales s + lo to units of 2**-1074 (exactly)
+        pk = xp.take(p2, xp.where(tiny, m + 1074, 0) + 520)
+        qh = y * pk
+        n = xp.round(qh)  # exact: qh < 2**53
+        d = (qh - n) + (lo - (y - s)) * pk  # y's rounding error (Fast2Sum, exact); qh - n exact
+        n = xp.where(d > 0.5, n + 1.0, xp.where(d < -0.5, n - 1.0, n))
+        r = xp.where(tiny, n * 2.0**-1074, r)  # exact: an integer below 2**53 times 2**-1074
+        amb = amb | (tiny & (xp.abs(xp.abs(d) - 0.5) <= _EPS_SUB))
     edge = ~inside & ~tiny & (x > _ZERO_BELOW) & (x < _INF_ABOVE)
     r = xp.where(x >= _INF_ABOVE, xp.inf, xp.where(x <= _ZERO_BELOW, 0.0, r))
     r = xp.where(xp.isnan(x), x, r)
-    return r, (amb & inside) | (amb_tiny & tiny) | edge
+    return r, amb | edge
 
 
 # The fast path's window, absolute on the scaled value s + lo in [0.999, 2.002): its error is

@@ -90,7 +90,7 @@ def _adopt_train_checkpoint(parser, argv, args) -> dict:
 
 def _owner(directory: str, names) -> str:
     """Whose checkpoint ``directory`` holds (runs ``names``), and how it continues."""
-    if names == ["reference", "test"]:
+    if isinstance(names, list) and "test" in names and set(names) <= {"test", "reference"}:
         return "a numstab.compare run: continue it with python -m numstab.compare --resume DIR"
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
