@@ -8,17 +8,20 @@ Every ``figN_claims(results)`` returns an ordered ``{claim key: entry}`` dict of
      "paper": "what the paper reports (qualitative)",
      "kind": "step" | "steps" | "fraction" | "cosine" | "number" | "bool",
      "rows": [{"group": {"perp_grad": "tensor"},      # the runs' distinguishing fields
-               "n": 3, "n_failed": 0, "n_incomplete": 0,   # runs counted / left out
+               "n": 3, "n_in_flight": 0,           # runs counted (of them in flight)
+               "n_failed": 0, "n_incomplete": 0,   # runs left out
                "values": [{"seed": 0, "run_id": "...", "value": 150}, ...],
                # numbers: n_value (runs with a value, e.g. that reached a step), mean,
                # std (sample, ddof = 1; None below 2 values), min, max
                # bool:    n_true, n_false, n_none (undecided)
                ...}]}
 
-Only runs with status ok are measured; failed and incomplete runs are counted per row. A step
-is a logged step, so its resolution is the run's ``log_every``. :func:`render_markdown` turns
-any such dict into a table; :data:`CLAIMS` maps the names used by the figure SPECs
-(``[reproduce] claims = "fig1"``) to the functions.
+Only runs with a measured status are measured (``ok``; runs in flight too where the results
+were loaded so, each up to its checkpoint's step: ``n_in_flight`` counts them among a row's
+runs); failed and incomplete runs are counted per row. A step is a logged step, so its
+resolution is the run's ``log_every``. :func:`render_markdown` turns any such dict into a
+table; :data:`CLAIMS` maps the names used by the figure SPECs (``[reproduce] claims =
+"fig1"``) to the functions.
 """
 
 from __future__ import annotations
@@ -115,8 +118,7 @@ def _row(results, group: dict, ids: list, values: dict, kind: str, counts: dict)
     row = {
         "group": {k: _jsonable(v) for k, v in group.items()},
         "n": len(ids),
-        "n_failed": counts.get("failed", 0),
-        "n_incomplete": counts.get("incomplete", 0),
+        **_tally(results, ids, counts),
         "values": entries,
     }
     vals = [e["value"] for e in entries]
@@ -131,21 +133,31 @@ def _row(results, group: dict, ids: list, values: dict, kind: str, counts: dict)
     return row
 
 
+def _tally(results, ids, counts: dict) -> dict:
+    """A row's counts besides ``n``: its measured runs still in flight, and the runs left
+    out (``counts``: status -> runs)."""
+    return {
+        "n_in_flight": sum(1 for rid in ids if results.runs[rid].status == "in_flight"),
+        "n_failed": counts.get("failed", 0),
+        "n_incomplete": counts.get("incomplete", 0),
+    }
+
+
 def _entry(key, description, paper, kind, rows) -> dict:
     return {"key": key, "description": description, "paper": paper, "kind": kind, "rows": rows}
 
 
 def _groups(results, match, by):
-    """``[(group dict, ok ids, {status: count of the others})]`` for runs matching ``match``,
-    grouped by the fields ``by``."""
+    """``[(group dict, measured ids, {status: count of the others})]`` for runs matching
+    ``match``, grouped by the fields ``by``."""
     all_ids = results.select(match, status=None)
     out = []
     for key, ids in results.group(all_ids, by).items():
-        ok = [i for i in ids if results.runs[i].status == "ok"]
+        ok = [i for i in ids if results.runs[i].status in results.measured]
         counts: dict = {}
         for i in ids:
             st = results.runs[i].status
-            if st != "ok":
+            if st not in results.measured:
                 counts[st] = counts.get(st, 0) + 1
         out.append((dict(key), ok, counts))
     return out
@@ -210,8 +222,7 @@ def _ordering(
         row = {
             "group": {k: _jsonable(v) for k, v in group.items()},
             "n": len(entries),
-            "n_failed": counts.get("failed", 0),
-            "n_incomplete": counts.get("incomplete", 0),
+            **_tally(results, ids, counts),
             "values": entries,
             "n_true": sum(1 for e in entries if e["value"] is True),
             "n_false": sum(1 for e in entries if e["value"] is False),
@@ -1091,12 +1102,13 @@ def logitscale_claims(results) -> dict:
         by,
         lambda res, rid: _at_train100(res, rid, "weight_norm", "global"),
     )
-    points = []  # (delay, log scale, log norm) of every run with all three
+    points, used = [], []  # (delay, log scale, log norm) of every run with all three
     for rid in results.select({}):
         d, sc = _grokking_delay(results, rid), _effective_logit_scale(results, rid)
         w = _at_train100(results, rid, "weight_norm", "global")
         if d is not None and sc and w:
             points.append((d, math.log(sc), math.log(w)))
+            used.append(rid)
     d, ls, lw = np.array(points, dtype=float).reshape(-1, 3).T
     fits = (
         ("log effective logit scale", "0.97", (ls,)),
@@ -1109,8 +1121,7 @@ def logitscale_claims(results) -> dict:
         row = {
             "group": {"predictor": name},
             "n": len(points),
-            "n_failed": 0,
-            "n_incomplete": 0,
+            **_tally(results, used, {}),
             "values": [],
             "paper_r2": paper,
         }
@@ -1214,6 +1225,8 @@ def render_markdown(claims: dict) -> str:
             continue
         for row in entry["rows"]:
             n = str(row["n"])
+            if row.get("n_in_flight"):
+                n += f" ({row['n_in_flight']} in flight)"
             if row.get("n_failed"):
                 n += f" (+{row['n_failed']} failed)"
             if row.get("n_incomplete"):

@@ -217,7 +217,7 @@ def plot_figure(results, panels, path, *, title: str = "", band: str = "minmax",
                 continue
             if not ids:
                 ax.text(
-                    0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes
+                    0.5, 0.5, "no runs to draw", ha="center", va="center", transform=ax.transAxes
                 )
             else:
                 PLOTS[kinds[col]](ax, results, groups, band=band)

@@ -2,8 +2,11 @@
 
 A :class:`Results` holds, per run id, the run's configuration (``config.json``), its status
 (``summary.json``; ``incomplete`` without one) and its metric series (``collected_metrics.csv``,
-or the runs' own ``metrics.csv`` when the collected file is missing). It can also be built from
-plain rows (:meth:`Results.from_rows`), which is how the tests make synthetic results.
+or the runs' own ``metrics.csv`` when the collected file is missing). Loaded with
+``in_flight=True``, an incomplete run with a checkpoint (a run still training, or interrupted)
+is read up to that checkpoint: status ``in_flight``, measured like a finished run. It can also
+be built from plain rows (:meth:`Results.from_rows`), which is how the tests make synthetic
+results.
 """
 
 from __future__ import annotations
@@ -19,20 +22,27 @@ import numpy as np
 from analysis.match import config_matches
 from numstab.run.config import TrainConfig
 
-__all__ = ["Results", "RunRecord", "load_results", "varying_fields"]
+__all__ = ["MEASURED", "Results", "RunRecord", "load_results", "varying_fields"]
 
 #: Config keys never used to tell runs apart (derived from other fields).
 DERIVED_FIELDS = ("state_format",)
+#: ``Results.select``'s default: the statuses the Results measures (:attr:`Results.measured`).
+MEASURED = "measured"
+#: Tries at reading an in-flight run's checkpoint that its run replaces meanwhile.
+CHECKPOINT_READS = 3
 
 
 @dataclass
 class RunRecord:
-    """One run: id, configuration (``TrainConfig.to_dict()``), status, summary (or None)."""
+    """One run: id, configuration (``TrainConfig.to_dict()``), status (``ok``, ``failed``,
+    ``incomplete``, ``in_flight``), summary (or None) and, in flight, the step of the
+    checkpoint its rows come from."""
 
     id: str
     config: dict
     status: str = "ok"
     summary: dict | None = None
+    step: int | None = None
 
     @property
     def seed(self):
@@ -45,12 +55,14 @@ class Results:
 
     ``series`` maps ``(run_id, split, metric, layer)`` to ``(steps, values)`` arrays sorted by
     step (``layer`` is ``""`` for the per-split metrics, a tensor name or ``"global"`` for the
-    per-parameter ones).
+    per-parameter ones). ``measured``: the statuses whose runs the plots and claims measure
+    (``ok``; and ``in_flight`` where loaded so).
     """
 
     runs: dict
     series_map: dict = field(default_factory=dict)
     source: str = "<memory>"
+    measured: tuple = ("ok",)
 
     # --- construction ----------------------------------------------------------------------
 
@@ -72,9 +84,13 @@ class Results:
         return cls(runs, _finish(acc), source)
 
     @classmethod
-    def from_dir(cls, path, ids=None) -> Results:
+    def from_dir(cls, path, ids=None, *, in_flight: bool = False) -> Results:
         """Load a sweep folder; ``ids`` restricts to those run ids (e.g. the runs of one SPEC
-        when the folder holds more)."""
+        when the folder holds more). ``in_flight``: an incomplete run is read from the
+        checkpoint in its folder, if it has one this numstab reads (status ``in_flight``,
+        ``step`` the checkpoint's; its metric rows are the run's up to that step, bit for
+        bit), and measured with the finished runs. Only reads: safe beside the sweep that is
+        writing the folder."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no sweep folder {path!r}")
@@ -102,7 +118,18 @@ class Results:
                 mpath = os.path.join(path, rid, "metrics.csv")
                 if os.path.isfile(mpath):
                     _read_metrics(mpath, acc, runs, with_run_id=False, rid=rid)
-        return cls(runs, _finish(acc), path)
+        if not in_flight:
+            return cls(runs, _finish(acc), path)
+        for rid, rec in runs.items():
+            got = _checkpoint_rows(os.path.join(path, rid)) if rec.status == "incomplete" else None
+            if got is None:
+                continue
+            rec.status, rec.step = "in_flight", got[0]
+            for k in [k for k in acc if k[0] == rid]:  # a stale collected file's rows
+                del acc[k]
+            for step, split, metric, layer, value in got[1]:
+                acc.setdefault((rid, split, metric, layer), []).append((step, value))
+        return cls(runs, _finish(acc), path, measured=("ok", "in_flight"))
 
     @classmethod
     def from_train_dirs(cls, dirs) -> Results:
@@ -141,14 +168,17 @@ class Results:
         names = {k[3] for k in self.series_map if k[0] == run_id and k[1:3] == (split, metric)}
         return sorted(names, key=_layer_key)
 
-    def select(self, match: dict | None = None, *, status: str | None = "ok") -> list:
+    def select(self, match: dict | None = None, *, status=MEASURED) -> list:
         """Run ids whose configuration matches ``match`` (see
-        :func:`analysis.match.config_matches`) and whose status is ``status`` (None: any),
-        sorted by seed then id."""
+        :func:`analysis.match.config_matches`) and whose status is ``status`` (a status, a
+        tuple of them, None: any; by default those in :attr:`measured`), sorted by seed then
+        id."""
+        want = self.measured if status == MEASURED else status
+        want = (want,) if isinstance(want, str) else want
         ids = [
             r.id
             for r in self.runs.values()
-            if config_matches(r.config, match) and (status is None or r.status == status)
+            if config_matches(r.config, match) and (want is None or r.status in want)
         ]
         return sorted(ids, key=lambda i: (_sortable(self.runs[i].seed), i))
 
@@ -267,6 +297,29 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _checkpoint_rows(run_dir: str):
+    """``(step, [(step, split, metric, layer, value), ...])`` of the checkpoint of the one run
+    in ``run_dir``, or None: no checkpoint, one of another numstab version or of several runs,
+    or one that stays unreadable. A read that fails because the run replaced its checkpoint
+    meanwhile (the old arrays file goes once the new manifest is in place) is tried again."""
+    from numstab.run.checkpoint import CheckpointError, checkpoint_rows, load_checkpoint
+    from numstab.sweep.folder import checkpoint_step
+
+    for _ in range(CHECKPOINT_READS):
+        before = checkpoint_step(run_dir)
+        try:
+            ckpt = load_checkpoint(run_dir)
+        except CheckpointError:
+            if before is None or checkpoint_step(run_dir) == before:
+                return None  # not replaced: unreadable as it stands
+            continue
+        if len(ckpt.runs()) != 1:
+            return None
+        step = int(ckpt.manifest["runs"][ckpt.runs()[0]]["step"])
+        return step, [(s, sp, m, la, v) for s, _, sp, m, la, v in checkpoint_rows(ckpt)]
+    return None
 
 
 def _read_metrics(path, acc, runs, *, with_run_id, rid=None):

@@ -8,7 +8,7 @@ Usage::
         --budget {smoke,short,full} [--seeds N] [--variant authors] [--out DIR]
         [--workers N] [--threads T]
         [--plots-dir DIR] [--band minmax|std|none] [--no-plots] [--spec FILE]
-        [--panels NAME [NAME ...]] [--retry-failed] [--dry-run] [--quiet]
+        [--panels NAME [NAME ...]] [--retry-failed] [--dry-run | --report] [--quiet]
 
 Steps:
 
@@ -29,9 +29,15 @@ Steps:
    runs are run (in the same folder) and the files are ``<stem>-panels-b-c.png`` and
    ``claims-panels-b-c.md`` / ``.json``.
 
+``--report`` runs nothing: step 3 alone, on the runs in ``--out`` as they stand, a run still
+training there (or interrupted) measured up to its latest checkpoint (marked "in flight" with
+its step in the claims and the figure's title). It only reads the runs, so it is safe beside
+the sweep that is writing the folder; its claims files and PNG replace the previous ones, and
+the sweep's own report replaces them when it ends.
+
 Exit codes: 0 every run ok; 1 some run failed (the figure and claims are still made from the
-ok runs); 2 bad arguments or SPEC, or matplotlib missing without ``--no-plots`` (before
-anything runs); 130 interrupted.
+ok runs); 2 bad arguments or SPEC (``--report``: no sweep folder), or matplotlib missing
+without ``--no-plots`` (before anything runs); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from analysis import claims as C  # noqa: E402
 from analysis import repro as R  # noqa: E402
 from analysis.results import Results  # noqa: E402
 from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, PipeGuard  # noqa: E402
+from numstab.run.atomic import write_text  # noqa: E402
 
 PROG = "scripts/reproduce.py"
 
@@ -91,7 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted run continues from its last one when the command is run again",
     )
     a("--retry-failed", action="store_true", help="rerun runs that failed before")
-    a("--dry-run", action="store_true", help="print the resolved runs and exit")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the resolved runs and exit")
+    mode.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: the figure and claims of the runs in --out as they stand, a run "
+        "still training (or interrupted) measured up to its latest checkpoint; safe beside "
+        "the sweep writing the folder",
+    )
     a("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -124,6 +139,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         _dry_run(sweep, out, args.retry_failed)
         return 0
+    if args.report and not os.path.isdir(out):
+        print(f"{PROG}: error: --report: no sweep folder {out!r} (run it first)", file=sys.stderr)
+        return 2
     if not args.no_plots:
         from analysis.plots import require_matplotlib
 
@@ -133,38 +151,14 @@ def main(argv=None) -> int:
             print(f"{PROG}: error: {exc}; or pass --no-plots", file=sys.stderr)
             return 2
 
-    os.makedirs(out, exist_ok=True)
-    record = {
-        "figure": spec.figure,
-        "budget": args.budget,
-        "variant": args.variant,
-        "seeds": args.seeds,
-        "panels": args.panels,
-        "spec_file": os.path.relpath(spec.path),
-        "argv": sys.argv if argv is None else [PROG, *argv],
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resolved_spec": resolved,
-        "run_ids": [r.id for r in sweep.runs],
-    }
-    with open(os.path.join(out, f"reproduce{part}.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-
-    try:
-        report = S.run_sweep(
-            sweep,
-            out,
-            workers=args.workers,
-            threads=args.threads,
-            retry_failed=args.retry_failed,
-            checkpoint_every=args.checkpoint_every,
-            quiet=args.quiet,
-        )
-    except (S.SpecError, S.UsageError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-
-    results = Results.from_dir(out, ids=[r.id for r in sweep.runs])
+    exit_code = None  # --report: runs nothing
+    if not args.report:
+        argv = sys.argv if argv is None else [PROG, *argv]
+        exit_code = _run(args, argv, spec, resolved, sweep, out, part)
+        if exit_code is None:  # refused (the reason is on stderr)
+            return 2
+    results = Results.from_dir(out, ids=[r.id for r in sweep.runs], in_flight=args.report)
+    flying = {rid: r.step for rid, r in results.runs.items() if r.status == "in_flight"}
     if not args.no_plots:
         from analysis.plots import plot_figure
 
@@ -174,6 +168,7 @@ def main(argv=None) -> int:
             + f" — budget {args.budget}"
             + (f", variant {args.variant}" if args.variant else "")
             + (f", panels {' '.join(args.panels)}" if args.panels else "")
+            + (f"; in flight at step {_step_range(flying.values())}" if flying else "")
         )
         plot_figure(results, panels, png, title=title, band=args.band)
         print(f"figure: {png}")
@@ -187,19 +182,23 @@ def main(argv=None) -> int:
         "n_runs": len(sweep.runs),
         "status": {
             st: sum(1 for r in results.runs.values() if r.status == st)
-            for st in ("ok", "failed", "incomplete")
+            for st in ("ok", "in_flight", "failed", "incomplete")
         },
+        "in_flight": {rid: {"step": k, "steps": _steps(results, rid)} for rid, k in flying.items()},
         "claims": claims,
     }
-    with open(os.path.join(out, f"claims{part}.json"), "w", encoding="utf-8") as f:
-        json.dump(_json_safe(doc), f, indent=2, allow_nan=False)
-        f.write("\n")
+    write_text(
+        os.path.join(out, f"claims{part}.json"),
+        json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n",
+    )
     table = C.render_markdown(claims)
     header = f"## {spec.title} (budget {args.budget}"
     header += f", variant {args.variant}" if args.variant else ""
     header += f", panels {' '.join(args.panels)})" if args.panels else ")"
-    with open(os.path.join(out, f"claims{part}.md"), "w", encoding="utf-8") as f:
-        f.write(header + "\n\n" + table)
+    if flying:  # below the heading, so that a page's copy of the table keeps it
+        where = "; ".join(f"`{r}` at step {k} of {_steps(results, r)}" for r, k in flying.items())
+        header += f"\n\nIn flight, measured up to their latest checkpoint: {where}."
+    write_text(os.path.join(out, f"claims{part}.md"), header + "\n\n" + table)
     print()
     print(header)
     print()
@@ -208,7 +207,54 @@ def main(argv=None) -> int:
         f"claims: {os.path.join(out, f'claims{part}.md')}, "
         f"{os.path.join(out, f'claims{part}.json')}"
     )
+    if exit_code is None:  # --report: 1 where a run failed, as after a sweep
+        exit_code = 1 if any(r.status == "failed" for r in results.runs.values()) else 0
+    return exit_code
+
+
+def _run(args, argv, spec, resolved, sweep, out, part) -> int | None:
+    """Record the command in ``<out>/reproduce<part>.json`` and run the sweep: its exit code,
+    or None where it was refused (one line on stderr)."""
+    from numstab import sweep as S
+
+    os.makedirs(out, exist_ok=True)
+    record = {
+        "figure": spec.figure,
+        "budget": args.budget,
+        "variant": args.variant,
+        "seeds": args.seeds,
+        "panels": args.panels,
+        "spec_file": os.path.relpath(spec.path),
+        "argv": argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resolved_spec": resolved,
+        "run_ids": [r.id for r in sweep.runs],
+    }
+    write_text(os.path.join(out, f"reproduce{part}.json"), json.dumps(record, indent=2) + "\n")
+    try:
+        report = S.run_sweep(
+            sweep,
+            out,
+            workers=args.workers,
+            threads=args.threads,
+            retry_failed=args.retry_failed,
+            checkpoint_every=args.checkpoint_every,
+            quiet=args.quiet,
+        )
+    except (S.SpecError, S.UsageError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return None
     return report.exit_code
+
+
+def _steps(results, rid):
+    """The run's configured number of steps (None if not recorded)."""
+    return results.runs[rid].config.get("steps")
+
+
+def _step_range(steps) -> str:
+    lo, hi = min(steps), max(steps)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
 def _select_panels(spec, names) -> list:

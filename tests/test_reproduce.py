@@ -89,7 +89,8 @@ def test_figure1_smoke_end_to_end(tmp_path):
     assert w > 200 and h > 200
     doc = json.loads((out / "claims.json").read_text())
     assert doc["figure"] == "1" and doc["budget"] == "smoke"
-    assert doc["status"] == {"ok": 4, "failed": 0, "incomplete": 0}
+    assert doc["status"] == {"ok": 4, "in_flight": 0, "failed": 0, "incomplete": 0}
+    assert doc["in_flight"] == {}
     assert set(doc["claims"]) == FIG1_KEYS
     for entry in doc["claims"].values():
         assert entry["rows"], entry["key"]
@@ -117,6 +118,33 @@ def test_figure1_smoke_end_to_end(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 to run, 4 already done" in again.stdout
     assert json.loads((out / "claims.json").read_text())["claims"] == doc["claims"]
+
+    # --report runs nothing and touches no run: a run whose result files are gone (a run in
+    # flight, here at its final checkpoint) is measured from its checkpoint, marked as such,
+    # and its claims are the ones its own metrics.csv gave
+    rid = rec["run_ids"][0]
+    for name in ("summary.json", "metrics.csv"):
+        (out / rid / name).unlink()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "claims" not in p.name}
+    rep = _run_script(
+        "--figure", "1", "--budget", "smoke", "--out", str(out), "--no-plots", "--report"
+    )
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "already done" not in rep.stdout  # no sweep ran
+    assert {p: p.read_bytes() for p in files} == files and not (out / rid / "metrics.csv").exists()
+    partial = json.loads((out / "claims.json").read_text())
+    assert partial["status"] == {"ok": 3, "in_flight": 1, "failed": 0, "incomplete": 0}
+    (step,) = {v["step"] for v in partial["in_flight"].values()}
+    assert list(partial["in_flight"]) == [rid] and step == partial["in_flight"][rid]["steps"]
+    assert (
+        f"In flight, measured up to their latest checkpoint: `{rid}` at step {step} of"
+        in (out / "claims.md").read_text()
+    )
+    for key, entry in doc["claims"].items():
+        for row, got in zip(entry["rows"], partial["claims"][key]["rows"], strict=True):
+            mine = [v for v in got["values"] if v["run_id"] == rid]
+            assert got["n_in_flight"] == len(mine), key
+            assert {**got, "n_in_flight": 0} == row, key  # same values, from the checkpoint
 
 
 def test_bad_arguments_exit_2(tmp_path):
@@ -852,6 +880,61 @@ def test_results_from_a_sweep_folder(tmp_path):
     assert list(only.runs) == ids[:1]
     assert res.group(ids) == {(): ids}
     assert varying_fields([res.runs[i].config for i in ids]) == []
+
+
+def test_results_read_a_run_in_flight_up_to_its_checkpoint(tmp_path):
+    """``in_flight=True``: a run stopped at step 25 of 40 (its checkpoint there, as a signal
+    leaves it) is measured with the rows an uninterrupted run logs before that step, bit for
+    bit; without a checkpoint, or with one that cannot be read, a run stays incomplete and
+    unmeasured; without ``in_flight`` nothing changes."""
+    from numstab.run import train
+    from numstab.run.driver import StopFlag, Stopped
+
+    base = {"p": 11, "hidden": [16], "steps": 40, "log_every": 5}
+    spec = S.parse_spec({"base": base, "axes": {"seed": [0, 1, 2]}})
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    S.run_sweep(spec, ref, quiet=True, stdout=open(os.devnull, "w"))
+    done, flying, broken = (r.id for r in spec.runs)
+    for rid in (done, flying, broken):  # done: finished; the other two: config.json only
+        (out / rid).mkdir(parents=True)
+        names = ("config.json", "summary.json", "metrics.csv") if rid == done else ("config.json",)
+        for name in names:
+            (out / rid / name).write_bytes((ref / rid / name).read_bytes())
+    flag = StopFlag()
+
+    def progress(step):
+        if step == 25:
+            flag.signum = 15  # what SIGTERM's handler does
+
+    for rid in (flying, broken):
+        cfg = next(r.config for r in spec.runs if r.id == rid)
+        with pytest.raises(Stopped):
+            train(cfg, name=rid, checkpoint_dir=out / rid, checkpoint_every=10, progress=progress,
+                  stop=flag)  # fmt: skip
+        flag.signum = None
+    (npz,) = (out / broken).glob("checkpoint-*.npz")
+    npz.write_bytes(npz.read_bytes()[:100])  # truncated: unreadable
+
+    plain = Results.from_dir(out)
+    assert plain.select() == [done] and plain.runs[flying].status == "incomplete"
+    res = Results.from_dir(out, in_flight=True)
+    assert res.select() == [done, flying]
+    assert (res.runs[flying].status, res.runs[flying].step) == ("in_flight", 25)
+    assert (res.runs[broken].status, res.runs[broken].step) == ("incomplete", None)
+    assert res.select(status="ok") == [done] and res.select(status=None) == [done, flying, broken]
+    want = Results.from_dir(ref)
+    for metric, split, layer in (("accuracy", "test", ""), ("loss", "train", ""),
+                                 ("weight_norm", "train", "global")):  # fmt: skip
+        s_got, v_got = res.series(flying, metric, split, layer)
+        s_ref, v_ref = want.series(flying, metric, split, layer)
+        keep = s_ref < 25  # the checkpoint of step 25 holds the rows of the steps before it
+        assert s_got.tolist() == s_ref[keep].tolist() == [0, 5, 10, 15, 20], metric
+        assert v_got.tobytes() == v_ref[keep].tobytes(), metric  # the same bits
+    row = C.fig2_claims(res)  # any claims: the in-flight run counts, and is marked
+    counted = [r for e in row.values() for r in e["rows"]]
+    assert counted and all(r["n"] == 2 and r["n_in_flight"] == 1 for r in counted)
+    assert all(r["n_incomplete"] == 1 for r in counted)
+    assert "| 2 (1 in flight) (+1 incomplete) |" in C.render_markdown(row)
 
 
 def test_aggregate_and_helpers():
