@@ -132,27 +132,47 @@ class Results:
         return cls(runs, _finish(acc), path, measured=("ok", "in_flight"))
 
     @classmethod
-    def from_train_dirs(cls, dirs) -> Results:
+    def from_train_dirs(cls, dirs, *, in_flight: bool = False) -> Results:
         """One run per ``python -m numstab.train --out DIR`` folder (``summary.json`` and
         ``metrics.csv``; the run id is the folder's name), its configuration the resolved
-        TrainConfig the summary records (:func:`_training_config`).
+        TrainConfig the summary records (:func:`_training_config`). ``in_flight``: a folder
+        without ``summary.json`` yet (a run still training, or killed) is read as it stands
+        and measured with the others, status ``in_flight``: from its ``metrics.csv`` up to
+        the last logged step (``step``; a last line still being written is left out), or,
+        without one (a sweep's run folder), from its checkpoint (``step`` the checkpoint's);
+        its configuration its checkpoint's, else unknown (``{}``).
 
-        Raises ``FileNotFoundError`` for a folder without those two files."""
-        configs, rows = {}, []
+        Raises ``FileNotFoundError`` for a folder without those files."""
+        configs, rows, status, reached = {}, [], {}, {}
         for d in dirs:
             summary_path = os.path.join(d, "summary.json")
             metrics_path = os.path.join(d, "metrics.csv")
-            if not (os.path.isfile(summary_path) and os.path.isfile(metrics_path)):
-                raise FileNotFoundError(
-                    f"{d!r} is not a training output folder (needs summary.json and metrics.csv)"
-                )
             rid = os.path.basename(os.path.normpath(d))
-            with open(summary_path, encoding="utf-8") as f:
-                configs[rid] = _training_config(json.load(f).get("config", {}))
-            with open(metrics_path, newline="", encoding="utf-8") as f:
-                for r in csv.DictReader(f):
-                    rows.append((rid, r["step"], r["split"], r["metric"], r["layer"], r["value"]))
-        return cls.from_rows(configs, rows, source=", ".join(map(str, dirs)))
+            has_metrics = os.path.isfile(metrics_path)
+            acc: dict = {}
+            if has_metrics and os.path.isfile(summary_path):
+                _read_metrics(metrics_path, acc, {rid}, with_run_id=False, rid=rid)
+                with open(summary_path, encoding="utf-8") as f:
+                    configs[rid] = _training_config(json.load(f).get("config", {}))
+            elif in_flight and has_metrics:
+                _read_metrics(metrics_path, acc, {rid}, with_run_id=False, rid=rid, tail=True)
+                reached[rid] = max((k for kv in acc.values() for k, _ in kv), default=0)
+            elif in_flight and (got := _checkpoint_rows(d)) is not None:
+                reached[rid] = got[0]
+                for step, split, metric, layer, value in got[1]:
+                    acc.setdefault((rid, split, metric, layer), []).append((step, value))
+            else:
+                needs = "metrics.csv or a checkpoint" if in_flight else "summary.json, metrics.csv"
+                raise FileNotFoundError(f"{d!r} is not a training output folder (needs {needs})")
+            if rid in reached:
+                configs[rid], status[rid] = _checkpoint_config(d), "in_flight"
+            rows += [(rid, k, sp, m, la, v) for (_, sp, m, la), kv in acc.items() for k, v in kv]
+        res = cls.from_rows(configs, rows, status=status, source=", ".join(map(str, dirs)))
+        for rid, step in reached.items():
+            res.runs[rid].step = step
+        if in_flight:
+            res.measured = ("ok", "in_flight")
+        return res
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -322,7 +342,21 @@ def _checkpoint_rows(run_dir: str):
     return None
 
 
-def _read_metrics(path, acc, runs, *, with_run_id, rid=None):
+def _checkpoint_config(run_dir: str) -> dict:
+    """The configuration of the one run in ``run_dir``'s checkpoint, from its manifest alone
+    (``{}`` without a readable one)."""
+    from numstab.run.checkpoint import MANIFEST
+
+    m = _read_json(os.path.join(run_dir, MANIFEST))
+    runs = m.get("runs") if isinstance(m, dict) else None
+    metas = list(runs.values()) if isinstance(runs, dict) else []
+    cfg = metas[0].get("config") if len(metas) == 1 and isinstance(metas[0], dict) else None
+    return _as_recorded(cfg) if isinstance(cfg, dict) else {}
+
+
+def _read_metrics(path, acc, runs, *, with_run_id, rid=None, tail=False):
+    """Add the rows of a metrics CSV to ``acc`` (those of ``runs``). ``tail``: the file may be
+    being written, so a last line that does not parse (written in part) is left out."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -332,13 +366,22 @@ def _read_metrics(path, acc, runs, *, with_run_id, rid=None):
         i_step, i_split, i_metric = col["step"], col["split"], col["metric"]
         i_layer, i_value = col["layer"], col["value"]
         i_rid = col["run_id"] if with_run_id else None
+        bad = None  # a row that did not parse: an error unless it was the last line
         for row in reader:
-            r = row[i_rid] if with_run_id else rid
-            if r not in runs:
+            if bad is not None:
+                raise bad
+            try:
+                r = row[i_rid] if with_run_id else rid
+                key = (r, row[i_split], row[i_metric], row[i_layer])
+                kv = (int(row[i_step]), float(row[i_value]))
+            except (IndexError, ValueError):
+                where = f"{path!r}, line {reader.line_num}"
+                bad = ValueError(f"{where} is not a metrics row: {','.join(row)!r}")
+                if not tail:
+                    raise bad from None
                 continue
-            acc.setdefault((r, row[i_split], row[i_metric], row[i_layer]), []).append(
-                (int(row[i_step]), float(row[i_value]))
-            )
+            if r in runs:
+                acc.setdefault(key, []).append(kv)
 
 
 def _finish(acc: dict) -> dict:

@@ -930,6 +930,16 @@ def test_results_read_a_run_in_flight_up_to_its_checkpoint(tmp_path):
         keep = s_ref < 25  # the checkpoint of step 25 holds the rows of the steps before it
         assert s_got.tolist() == s_ref[keep].tolist() == [0, 5, 10, 15, 20], metric
         assert v_got.tobytes() == v_ref[keep].tobytes(), metric  # the same bits
+    # the run folder alone, as scripts/plot_runs.py reads it: the same rows and configuration
+    alone = Results.from_train_dirs([out / flying], in_flight=True)
+    assert (alone.runs[flying].status, alone.runs[flying].step) == ("in_flight", 25)
+    assert alone.runs[flying].config == res.runs[flying].config
+    assert alone.series_map.keys() == {k for k in res.series_map if k[0] == flying}
+    for key, (k, v) in alone.series_map.items():
+        assert k.tolist() == res.series_map[key][0].tolist()
+        assert v.tobytes() == res.series_map[key][1].tobytes()
+    with pytest.raises(FileNotFoundError, match="needs metrics.csv or a checkpoint"):
+        Results.from_train_dirs([out / broken], in_flight=True)
     row = C.fig2_claims(res)  # any claims: the in-flight run counts, and is marked
     counted = [r for e in row.values() for r in e["rows"]]
     assert counted and all(r["n"] == 2 and r["n_in_flight"] == 1 for r in counted)
@@ -1084,6 +1094,40 @@ def test_plot_runs_prints_a_figures_claims_on_training_output_folders(tmp_path):
     assert f"| all | 2 | {np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}" in line, line
     assert f"0: {finals[0]:.4f}, 1: {finals[1]:.4f}" in line, line
     assert "fig1a" not in res.stdout and "(no runs)" not in res.stdout  # no ⊥ runs: left out
+
+    # A third seed in flight: checkpointed, its summary.json not written yet and its
+    # metrics.csv ending in a line written in part. It is measured as far as its rows go, with
+    # its checkpoint's configuration (the one its summary will record), and said to be so.
+    flying = tmp_path / "seed2"
+    res = _python("-m", "numstab.train", *args, "--seed", 2, "--out", flying,
+                  "--checkpoint-every", 4)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    recorded = Results.from_train_dirs([flying]).runs["seed2"].config
+    (flying / "summary.json").unlink()
+    part_line = (flying / "metrics.csv").read_text().count("\n") + 1
+    with open(flying / "metrics.csv", "a") as f:
+        f.write("8,run,test,accur")
+    res = _python(script, *dirs, flying, "--claims", "fig1")
+    assert res.returncode == 0, res.stderr
+    note = "seed2: no summary.json yet (in flight, or stopped without one): measured as far "
+    assert note + "as it got, step 8\n" in res.stderr, res.stderr
+    assert "unknown" not in res.stderr, res.stderr
+    line = next(x for x in res.stdout.splitlines() if x.startswith("| `fig1b.final_test_acc`"))
+    assert "| all | 3 (1 in flight) |" in line, line
+    got = Results.from_train_dirs([flying], in_flight=True).runs["seed2"]
+    assert (got.status, got.step, got.config) == ("in_flight", 8, recorded)
+    with pytest.raises(FileNotFoundError, match="needs summary.json, metrics.csv"):
+        Results.from_train_dirs([flying])  # only where asked for
+    for name in ("checkpoint.json", *(p.name for p in flying.glob("checkpoint-*.npz"))):
+        (flying / name).unlink()
+    res = _python(script, flying, "--claims", "fig1")
+    assert res.returncode == 0 and "its configuration is unknown (no checkpoint)" in res.stderr
+    with open(flying / "metrics.csv", "a") as f:
+        f.write("\n8,run,test,accuracy,,0.5\n")  # the part-written line is no longer last
+    res = _python(script, flying, "--claims", "fig1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"line {part_line} is not a metrics row: '8,run,test,accur'" in res.stderr
+
     for bad, why in (
         ([dirs[0], "--claims", "nope"], "unknown claims 'nope'"),
         ([tmp_path, "--claims", "fig1"], "not a training output folder"),
