@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,8 +36,9 @@ CHECKPOINT_READS = 3
 @dataclass
 class RunRecord:
     """One run: id, configuration (``TrainConfig.to_dict()``), status (``ok``, ``failed``,
-    ``incomplete``, ``in_flight``), summary (or None) and, in flight, the step of the
-    checkpoint its rows come from."""
+    ``incomplete``, ``in_flight``), summary (or None) and, in flight, the step it has reached
+    (its checkpoint's, whose rows are those logged before it; or a training folder's last
+    logged step)."""
 
     id: str
     config: dict
@@ -355,9 +357,13 @@ def _checkpoint_config(run_dir: str) -> dict:
 
 
 def _read_metrics(path, acc, runs, *, with_run_id, rid=None, tail=False):
-    """Add the rows of a metrics CSV to ``acc`` (those of ``runs``). ``tail``: the file may be
-    being written, so a last line that does not parse (written in part) is left out."""
+    """Add the rows of a metrics CSV to ``acc`` (those of ``runs``); a row that does not parse
+    is a ValueError naming the file and line. ``tail``: the file may be being written, so a
+    last line without its newline (written in part) is left out."""
     with open(path, newline="", encoding="utf-8") as f:
+        if tail:  # whole lines only
+            text = f.read()
+            f = io.StringIO(text[: text.rfind("\n") + 1])
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -366,20 +372,14 @@ def _read_metrics(path, acc, runs, *, with_run_id, rid=None, tail=False):
         i_step, i_split, i_metric = col["step"], col["split"], col["metric"]
         i_layer, i_value = col["layer"], col["value"]
         i_rid = col["run_id"] if with_run_id else None
-        bad = None  # a row that did not parse: an error unless it was the last line
         for row in reader:
-            if bad is not None:
-                raise bad
             try:
                 r = row[i_rid] if with_run_id else rid
                 key = (r, row[i_split], row[i_metric], row[i_layer])
                 kv = (int(row[i_step]), float(row[i_value]))
             except (IndexError, ValueError):
                 where = f"{path!r}, line {reader.line_num}"
-                bad = ValueError(f"{where} is not a metrics row: {','.join(row)!r}")
-                if not tail:
-                    raise bad from None
-                continue
+                raise ValueError(f"{where} is not a metrics row: {','.join(row)!r}") from None
             if r in runs:
                 acc.setdefault(key, []).append(kv)
 

@@ -1096,8 +1096,9 @@ def test_plot_runs_prints_a_figures_claims_on_training_output_folders(tmp_path):
     assert "fig1a" not in res.stdout and "(no runs)" not in res.stdout  # no ⊥ runs: left out
 
     # A third seed in flight: checkpointed, its summary.json not written yet and its
-    # metrics.csv ending in a line written in part. It is measured as far as its rows go, with
-    # its checkpoint's configuration (the one its summary will record), and said to be so.
+    # metrics.csv ending in a line written in part (a row of step 10 whose value is cut short:
+    # it parses, and must not be read). It is measured as far as its whole rows go, with its
+    # checkpoint's configuration (the one its summary will record), and said to be so.
     flying = tmp_path / "seed2"
     res = _python("-m", "numstab.train", *args, "--seed", 2, "--out", flying,
                   "--checkpoint-every", 4)  # fmt: skip
@@ -1106,7 +1107,7 @@ def test_plot_runs_prints_a_figures_claims_on_training_output_folders(tmp_path):
     (flying / "summary.json").unlink()
     part_line = (flying / "metrics.csv").read_text().count("\n") + 1
     with open(flying / "metrics.csv", "a") as f:
-        f.write("8,run,test,accur")
+        f.write("10,run,test,accuracy,,0.1")
     res = _python(script, *dirs, flying, "--claims", "fig1")
     assert res.returncode == 0, res.stderr
     note = "seed2: no summary.json yet (in flight, or stopped without one): measured as far "
@@ -1123,10 +1124,10 @@ def test_plot_runs_prints_a_figures_claims_on_training_output_folders(tmp_path):
     res = _python(script, flying, "--claims", "fig1")
     assert res.returncode == 0 and "its configuration is unknown (no checkpoint)" in res.stderr
     with open(flying / "metrics.csv", "a") as f:
-        f.write("\n8,run,test,accuracy,,0.5\n")  # the part-written line is no longer last
+        f.write("\n8,run,test,accur\n8,run,test,accuracy,,0.5\n")  # a broken line, not last
     res = _python(script, flying, "--claims", "fig1")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert f"line {part_line} is not a metrics row: '8,run,test,accur'" in res.stderr
+    assert f"line {part_line + 1} is not a metrics row: '8,run,test,accur'" in res.stderr
 
     for bad, why in (
         ([dirs[0], "--claims", "nope"], "unknown claims 'nope'"),
