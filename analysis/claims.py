@@ -1070,8 +1070,10 @@ def _effective_logit_scale(results, rid):
 def logitscale_claims(results) -> dict:
     """arXiv 2606.18465: the grokking delay against the effective logit scale and the weight
     norm (at train 100 %), per (init scale, temperature), and R² across every run that
-    grokked."""
-    by = ["init_scale", "temperature"]
+    grokked; where the runs' loss formats differ, per ``loss_dtype`` too (R² within each)."""
+    formats = {results.runs[r].config.get("loss_dtype") for r in results.select({}, status=None)}
+    per_format = len(formats) > 1
+    by = ["loss_dtype"] * per_format + ["init_scale", "temperature"]
     delay = _per_run(
         results,
         "logitscale.grokking_delay",
@@ -1102,31 +1104,33 @@ def logitscale_claims(results) -> dict:
         by,
         lambda res, rid: _at_train100(res, rid, "weight_norm", "global"),
     )
-    points, used = [], []  # (delay, log scale, log norm) of every run with all three
-    for rid in results.select({}):
-        d, sc = _grokking_delay(results, rid), _effective_logit_scale(results, rid)
-        w = _at_train100(results, rid, "weight_norm", "global")
-        if d is not None and sc and w:
-            points.append((d, math.log(sc), math.log(w)))
-            used.append(rid)
-    d, ls, lw = np.array(points, dtype=float).reshape(-1, 3).T
     fits = (
-        ("log effective logit scale", "0.97", (ls,)),
-        ("log weight norm", "", (lw,)),
-        ("both", "0.98-0.99 (the norm adds 1-2 %)", (ls, lw)),
+        ("log effective logit scale", "0.97", (1,)),
+        ("log weight norm", "", (2,)),
+        ("both", "0.98-0.99 (the norm adds 1-2 %)", (1, 2)),
     )
     rows = []
-    for name, paper, cols in fits:
-        r2 = r_squared(d, *cols)
-        row = {
-            "group": {"predictor": name},
-            "n": len(points),
-            **_tally(results, used, {}),
-            "values": [],
-            "paper_r2": paper,
-        }
-        row.update({k: v for k, v in summarize_values([r2]).items() if k != "n"})
-        rows.append(row)
+    for fmt in sorted(formats, key=lambda f: (f is not None, str(f))):
+        points, used = [], []  # (delay, log scale, log norm) of every run with all three
+        for rid in results.select({"loss_dtype": fmt if fmt is not None else "none"}):
+            d, sc = _grokking_delay(results, rid), _effective_logit_scale(results, rid)
+            w = _at_train100(results, rid, "weight_norm", "global")
+            if d is not None and sc and w:
+                points.append((d, math.log(sc), math.log(w)))
+                used.append(rid)
+        cols = np.array(points, dtype=float).reshape(-1, 3).T
+        for name, paper, which in fits:
+            r2 = r_squared(cols[0], *(cols[k] for k in which))
+            group = {"loss_dtype": fmt} if per_format else {}
+            row = {
+                "group": {**group, "predictor": name},
+                "n": len(points),
+                **_tally(results, used, {}),
+                "values": [],
+                "paper_r2": paper,
+            }
+            row.update({k: v for k, v in summarize_values([r2]).items() if k != "n"})
+            rows.append(row)
     fit = _entry(
         "logitscale.r2",
         "R² of the grokking delay over the runs that grokked",

@@ -705,6 +705,48 @@ def test_logitscale_claims_fit_the_delay():
     assert delays[4.0] is None and delays[0.5] == 300
 
 
+def test_logitscale_claims_per_loss_format():
+    """With the loss in several formats, every row is per ``loss_dtype`` (``none``: the model's
+    format) and R² is fitted within each: float16's delays are an exact line in log(|z|/T)
+    (R² 1), the model-format runs' are not a function of it (the R² of a closed form); with
+    one format no row names it (the float32-only figure's tables stay as they were)."""
+    steps = [0, 100, 200, 300, 400, 500, 600]
+
+    def runs(fmt, cases):
+        configs, rows = {}, []
+        for rid, temp, znorm, grok in cases:
+            configs[rid] = _cfg(temperature=temp, init_scale=1.0, seed=0, loss_dtype=fmt)
+            rows += _rows(
+                rid,
+                steps,
+                accuracy__tr=("train", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+                accuracy__te=("test", [0.0 if s < 100 + grok else 0.99 for s in steps]),
+                logit_norm=("train", [znorm] * len(steps)),
+                weight_norm=("train", "global", [10.0 + s for s in steps]),
+            )
+        return configs, rows
+
+    # delay 100 + 100·log2(|z|/T) steps: a line in log(|z|/T)
+    half = runs("float16", [("h1", 1.0, 2.0, 200), ("h2", 1.0, 4.0, 300), ("h3", 2.0, 16.0, 400)])
+    own = runs(None, [("o1", 1.0, 2.0, 200), ("o2", 2.0, 2.0, 100), ("o3", 1.0, 8.0, 200)])
+    both = Results.from_rows({**half[0], **own[0]}, half[1] + own[1])
+    out = C.logitscale_claims(both)
+    r2 = {(r["group"]["loss_dtype"], r["group"]["predictor"]): r
+          for r in out["logitscale.r2"]["rows"]}  # fmt: skip
+    assert r2["float16", "log effective logit scale"]["mean"] == pytest.approx(1.0, abs=1e-12)
+    want = C.r_squared([200.0, 100.0, 200.0], np.log([2.0, 1.0, 8.0]))
+    assert r2[None, "log effective logit scale"]["mean"] == pytest.approx(want, abs=1e-12)
+    assert r2[None, "log effective logit scale"]["n"] == 3 and len(r2) == 6
+    delays = {
+        (r["group"]["loss_dtype"], r["group"]["temperature"]): [v["value"] for v in r["values"]]
+        for r in out["logitscale.grokking_delay"]["rows"]
+    }
+    assert delays == {("float16", 1.0): [200, 300], ("float16", 2.0): [400],
+                      (None, 1.0): [200, 200], (None, 2.0): [100]}  # fmt: skip
+    alone = C.logitscale_claims(Results.from_rows(own[0], own[1]))
+    assert all("loss_dtype" not in r["group"] for e in alone.values() for r in e["rows"])
+
+
 def test_glitch_claims_violation_and_norm_growth():
     """A closed form: ‖θ‖ = 3·exp(r·t/1000) over the second half gives the slope r exactly
     (float64 least squares on exact exponentials: 1e-9 absolute covers their rounding); the
