@@ -159,6 +159,7 @@ def main(argv=None) -> int:
             return 2
     results = Results.from_dir(out, ids=[r.id for r in sweep.runs], in_flight=args.report)
     flying = {rid: r.step for rid, r in results.runs.items() if r.status == "in_flight"}
+    unstarted = [r.id for r in sweep.runs if r.id not in results.runs]  # no folder yet
     if not args.no_plots:
         from analysis.plots import plot_figure
 
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
             for st in ("ok", "in_flight", "failed", "incomplete")
         },
         "in_flight": {rid: {"step": k, "steps": _steps(results, rid)} for rid, k in flying.items()},
+        "not_started": unstarted,
         "claims": claims,
     }
     write_text(
@@ -195,9 +197,12 @@ def main(argv=None) -> int:
     header = f"## {spec.title} (budget {args.budget}"
     header += f", variant {args.variant}" if args.variant else ""
     header += f", panels {' '.join(args.panels)})" if args.panels else ")"
-    if flying:  # below the heading, so that a page's copy of the table keeps it
+    # below the heading, so that a page's copy of the table keeps them
+    if flying:
         where = "; ".join(f"`{r}` at step {k} of {_steps(results, r)}" for r, k in flying.items())
         header += f"\n\nIn flight, measured up to their latest checkpoint: {where}."
+    if args.report and unstarted:
+        header += f"\n\nNot started: {len(unstarted)} of the {len(sweep.runs)} runs."
     write_text(os.path.join(out, f"claims{part}.md"), header + "\n\n" + table)
     print()
     print(header)

@@ -90,7 +90,7 @@ def test_figure1_smoke_end_to_end(tmp_path):
     doc = json.loads((out / "claims.json").read_text())
     assert doc["figure"] == "1" and doc["budget"] == "smoke"
     assert doc["status"] == {"ok": 4, "in_flight": 0, "failed": 0, "incomplete": 0}
-    assert doc["in_flight"] == {}
+    assert doc["in_flight"] == {} and doc["not_started"] == []
     assert set(doc["claims"]) == FIG1_KEYS
     for entry in doc["claims"].values():
         assert entry["rows"], entry["key"]
@@ -145,6 +145,17 @@ def test_figure1_smoke_end_to_end(tmp_path):
             mine = [v for v in got["values"] if v["run_id"] == rid]
             assert got["n_in_flight"] == len(mine), key
             assert {**got, "n_in_flight": 0} == row, key  # same values, from the checkpoint
+    assert partial["not_started"] == [] and "Not started" not in (out / "claims.md").read_text()
+    # a run whose folder is gone has not started: the report counts it so
+    gone = rec["run_ids"][1]
+    (out / gone).rename(tmp_path / gone)
+    rep = _run_script(
+        "--figure", "1", "--budget", "smoke", "--out", str(out), "--no-plots", "--report"
+    )
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "Not started: 1 of the 4 runs." in (out / "claims.md").read_text()
+    assert json.loads((out / "claims.json").read_text())["not_started"] == [gone]
+    assert not (out / gone).exists()  # and nothing started it
 
 
 def test_bad_arguments_exit_2(tmp_path):
