@@ -1000,6 +1000,53 @@ def test_results_read_a_run_in_flight_up_to_its_checkpoint(tmp_path):
     assert "| 2 (1 in flight) (+1 incomplete) |" in C.render_markdown(row)
 
 
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch):
+    """The run writes its next checkpoint (and removes the old arrays file) between the
+    reader's look at the manifest and its read of the arrays: the failed read is tried again
+    on the new checkpoint; a read that keeps failing on the same checkpoint gives up (None)."""
+    from analysis import results as results_mod
+    from numstab.run import checkpoint as ck
+    from numstab.run import train
+    from numstab.run.driver import StopFlag, Stopped
+
+    spec = S.parse_spec({"base": {"p": 11, "hidden": [16], "steps": 40, "log_every": 5}})
+    (planned,) = spec.runs
+    run_dir = tmp_path / planned.id
+    flag = StopFlag()
+
+    def leg(stop_at, resume):
+        def progress(step):
+            if step == stop_at:
+                flag.signum = 15
+
+        flag.signum = None
+        with pytest.raises(Stopped):
+            train(planned.config, name=planned.id, checkpoint_dir=run_dir, checkpoint_every=10,
+                  progress=progress, stop=flag, resume=resume)  # fmt: skip
+
+    leg(25, False)
+    real, calls = ck.load_checkpoint, []
+
+    def racing(directory):
+        calls.append(directory)
+        if len(calls) == 1:  # the run moves on meanwhile: this read finds its arrays gone
+            leg(30, True)
+            raise ck.CheckpointError("the arrays file is missing")
+        return real(directory)
+
+    monkeypatch.setattr(ck, "load_checkpoint", racing)
+    step, rows = results_mod._checkpoint_rows(str(run_dir))
+    assert len(calls) == 2 and step == 30 and max(r[0] for r in rows) == 25
+
+    def broken(directory):
+        calls.append(directory)
+        raise ck.CheckpointError("unreadable")
+
+    calls.clear()
+    monkeypatch.setattr(ck, "load_checkpoint", broken)
+    assert results_mod._checkpoint_rows(str(run_dir)) is None and len(calls) == 1
+
+
 def test_aggregate_and_helpers():
     agg = aggregate([([0, 10, 20], [0.0, 1.0, 2.0]), ([0, 10], [2.0, 3.0])])
     assert agg["steps"].tolist() == [0, 10, 20]
