@@ -114,12 +114,12 @@ class Results:
         acc: dict = {}
         collected = os.path.join(path, "collected_metrics.csv")
         if os.path.isfile(collected):
-            _read_metrics(collected, acc, runs, with_run_id=True)
+            _read_metrics(collected, acc, runs, column="run_id")
         else:
             for rid in runs:
                 mpath = os.path.join(path, rid, "metrics.csv")
                 if os.path.isfile(mpath):
-                    _read_metrics(mpath, acc, runs, with_run_id=False, rid=rid)
+                    _read_metrics(mpath, acc, runs, rid=rid)
         if not in_flight:
             return cls(runs, _finish(acc), path)
         for rid, rec in runs.items():
@@ -129,46 +129,61 @@ class Results:
             rec.status, rec.step = "in_flight", got[0]
             for k in [k for k in acc if k[0] == rid]:  # a stale collected file's rows
                 del acc[k]
-            for step, split, metric, layer, value in got[1]:
+            for step, split, metric, layer, value in got[2]:
                 acc.setdefault((rid, split, metric, layer), []).append((step, value))
         return cls(runs, _finish(acc), path, measured=("ok", "in_flight"))
 
     @classmethod
     def from_train_dirs(cls, dirs, *, in_flight: bool = False) -> Results:
-        """One run per ``python -m numstab.train --out DIR`` folder (``summary.json`` and
-        ``metrics.csv``; the run id is the folder's name), its configuration the resolved
-        TrainConfig the summary records (:func:`_training_config`). ``in_flight``: a folder
-        without ``summary.json`` yet (a run still training, or killed) is read as it stands
-        and measured with the others, status ``in_flight``: from its ``metrics.csv`` up to
-        the last logged step (``step``; a last line still being written is left out), or,
-        without one (a sweep's run folder), from its checkpoint (``step`` the checkpoint's);
-        its configuration its checkpoint's, else unknown (``{}``).
+        """The runs of ``python -m numstab.train --out DIR`` folders (``summary.json`` and
+        ``metrics.csv``): one per folder, its id the folder's name, its configuration the
+        resolved TrainConfig the summary records (:func:`_training_config`); a folder whose
+        ``metrics.csv`` holds several runs (``numstab.compare``'s ``test`` and
+        ``reference``) gives one run each, ``<folder>/<run>``, configured as its checkpoint
+        records it. ``in_flight``: a folder without ``summary.json`` yet (a run still
+        training, or killed) is read as it stands and measured with the others, status
+        ``in_flight``: from its ``metrics.csv`` up to the last logged step (``step``; a last
+        line still being written is left out), or, without one (a sweep's run folder), from
+        its checkpoint (``step`` the checkpoint's); its configuration its checkpoint's, else
+        unknown (``{}``).
 
         Raises ``FileNotFoundError`` for a folder without those files."""
         configs, rows, status, reached = {}, [], {}, {}
         for d in dirs:
             summary_path = os.path.join(d, "summary.json")
             metrics_path = os.path.join(d, "metrics.csv")
-            rid = os.path.basename(os.path.normpath(d))
-            has_metrics = os.path.isfile(metrics_path)
-            acc: dict = {}
-            if has_metrics and os.path.isfile(summary_path):
-                _read_metrics(metrics_path, acc, {rid}, with_run_id=False, rid=rid)
-                with open(summary_path, encoding="utf-8") as f:
-                    configs[rid] = _training_config(json.load(f).get("config", {}))
-            elif in_flight and has_metrics:
-                _read_metrics(metrics_path, acc, {rid}, with_run_id=False, rid=rid, tail=True)
-                reached[rid] = max((k for kv in acc.values() for k, _ in kv), default=0)
+            folder = os.path.basename(os.path.normpath(d))
+            finished = os.path.isfile(summary_path) and os.path.isfile(metrics_path)
+            acc: dict = {}  # keyed by the rows' own run names
+            step = None  # where the rows come from a checkpoint: its step
+            if finished or (in_flight and os.path.isfile(metrics_path)):
+                _read_metrics(metrics_path, acc, None, column="run", tail=not finished)
             elif in_flight and (got := _checkpoint_rows(d)) is not None:
-                reached[rid] = got[0]
-                for step, split, metric, layer, value in got[1]:
-                    acc.setdefault((rid, split, metric, layer), []).append((step, value))
+                step, name, got_rows = got
+                for k, split, metric, layer, value in got_rows:
+                    acc.setdefault((name, split, metric, layer), []).append((k, value))
             else:
                 needs = "metrics.csv or a checkpoint" if in_flight else "summary.json, metrics.csv"
                 raise FileNotFoundError(f"{d!r} is not a training output folder (needs {needs})")
-            if rid in reached:
-                configs[rid], status[rid] = _checkpoint_config(d), "in_flight"
-            rows += [(rid, k, sp, m, la, v) for (_, sp, m, la), kv in acc.items() for k, v in kv]
+            names = sorted({k[0] for k in acc}) or [None]
+            ids = {n: f"{folder}/{n}" if len(names) > 1 else folder for n in names}
+            recorded = _checkpoint_configs(d)
+            summary = None
+            if finished:
+                with open(summary_path, encoding="utf-8") as f:
+                    summary = json.load(f)
+            for name, rid in ids.items():
+                if summary is not None and len(names) == 1:
+                    configs[rid] = _training_config(summary.get("config", {}))
+                elif name in recorded or len(recorded) != 1:
+                    configs[rid] = recorded.get(name, {})
+                else:  # one run: its checkpoint's, whatever name it has there
+                    configs[rid] = next(iter(recorded.values()))
+                if summary is None:
+                    status[rid] = "in_flight"
+                    logged = [k for (n, *_), kv in acc.items() if n == name for k, _ in kv]
+                    reached[rid] = step if step is not None else max(logged, default=0)
+            rows += [(ids[n], k, sp, m, la, v) for (n, sp, m, la), kv in acc.items() for k, v in kv]
         res = cls.from_rows(configs, rows, status=status, source=", ".join(map(str, dirs)))
         for rid, step in reached.items():
             res.runs[rid].step = step
@@ -322,10 +337,11 @@ def _read_json(path):
 
 
 def _checkpoint_rows(run_dir: str):
-    """``(step, [(step, split, metric, layer, value), ...])`` of the checkpoint of the one run
-    in ``run_dir``, or None: no checkpoint, one of another numstab version or of several runs,
-    or one that stays unreadable. A read that fails because the run replaced its checkpoint
-    meanwhile (the old arrays file goes once the new manifest is in place) is tried again."""
+    """``(step, run name, [(step, split, metric, layer, value), ...])`` of the checkpoint of
+    the one run in ``run_dir``, or None: no checkpoint, one of another numstab version or of
+    several runs, or one that stays unreadable. A read that fails because the run replaced its
+    checkpoint meanwhile (the old arrays file goes once the new manifest is in place) is tried
+    again."""
     from numstab.run.checkpoint import CheckpointError, checkpoint_rows, load_checkpoint
     from numstab.sweep.folder import checkpoint_step
 
@@ -339,27 +355,32 @@ def _checkpoint_rows(run_dir: str):
             continue
         if len(ckpt.runs()) != 1:
             return None
-        step = int(ckpt.manifest["runs"][ckpt.runs()[0]]["step"])
-        return step, [(s, sp, m, la, v) for s, _, sp, m, la, v in checkpoint_rows(ckpt)]
+        (name,) = ckpt.runs()
+        step = int(ckpt.manifest["runs"][name]["step"])
+        return step, name, [(s, sp, m, la, v) for s, _, sp, m, la, v in checkpoint_rows(ckpt)]
     return None
 
 
-def _checkpoint_config(run_dir: str) -> dict:
-    """The configuration of the one run in ``run_dir``'s checkpoint, from its manifest alone
-    (``{}`` without a readable one)."""
+def _checkpoint_configs(run_dir: str) -> dict:
+    """``{run name: configuration}`` of the runs in ``run_dir``'s checkpoint, from its manifest
+    alone (``{}`` without a readable one)."""
     from numstab.run.checkpoint import MANIFEST
 
     m = _read_json(os.path.join(run_dir, MANIFEST))
     runs = m.get("runs") if isinstance(m, dict) else None
-    metas = list(runs.values()) if isinstance(runs, dict) else []
-    cfg = metas[0].get("config") if len(metas) == 1 and isinstance(metas[0], dict) else None
-    return _as_recorded(cfg) if isinstance(cfg, dict) else {}
+    return {
+        name: _as_recorded(meta["config"])
+        for name, meta in (runs.items() if isinstance(runs, dict) else [])
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict)
+    }
 
 
-def _read_metrics(path, acc, runs, *, with_run_id, rid=None, tail=False):
-    """Add the rows of a metrics CSV to ``acc`` (those of ``runs``); a row that does not parse
-    is a ValueError naming the file and line. ``tail``: the file may be being written, so a
-    last line without its newline (written in part) is left out."""
+def _read_metrics(path, acc, runs, *, column=None, rid=None, tail=False):
+    """Add the rows of a metrics CSV to ``acc``, keyed by the run named in ``column``
+    (``run_id`` in a collected file, ``run`` in a run's own) or else by ``rid``; only the runs
+    in ``runs`` (None: every run). A row that does not parse is a ValueError naming the file and
+    line. ``tail``: the file may be being written, so a last line without its newline (written
+    in part) is left out."""
     with open(path, newline="", encoding="utf-8") as f:
         if tail:  # whole lines only
             text = f.read()
@@ -371,16 +392,16 @@ def _read_metrics(path, acc, runs, *, with_run_id, rid=None, tail=False):
         col = {h: i for i, h in enumerate(header)}
         i_step, i_split, i_metric = col["step"], col["split"], col["metric"]
         i_layer, i_value = col["layer"], col["value"]
-        i_rid = col["run_id"] if with_run_id else None
+        i_run = col[column] if column is not None else None
         for row in reader:
             try:
-                r = row[i_rid] if with_run_id else rid
+                r = row[i_run] if i_run is not None else rid
                 key = (r, row[i_split], row[i_metric], row[i_layer])
                 kv = (int(row[i_step]), float(row[i_value]))
             except (IndexError, ValueError):
                 where = f"{path!r}, line {reader.line_num}"
                 raise ValueError(f"{where} is not a metrics row: {','.join(row)!r}") from None
-            if r in runs:
+            if runs is None or r in runs:
                 acc.setdefault(key, []).append(kv)
 
 

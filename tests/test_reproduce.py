@@ -1035,8 +1035,8 @@ def test_a_checkpoint_replaced_while_it_is_read_is_read_again(tmp_path, monkeypa
         return real(directory)
 
     monkeypatch.setattr(ck, "load_checkpoint", racing)
-    step, rows = results_mod._checkpoint_rows(str(run_dir))
-    assert len(calls) == 2 and step == 30 and max(r[0] for r in rows) == 25
+    step, name, rows = results_mod._checkpoint_rows(str(run_dir))
+    assert len(calls) == 2 and (step, name) == (30, planned.id) and max(r[0] for r in rows) == 25
 
     def broken(directory):
         calls.append(directory)
@@ -1170,6 +1170,31 @@ def test_plot_runs_groups_seeds_of_one_setup(tmp_path):
     # configurations holding dicts (a summary's raw config) group by value, nested
     raw = Results.from_rows({"x": {"r": {"k": [1]}}, "y": {"r": {"k": [2]}}}, [], source="raw")
     assert list(raw.group(["x", "y"]).values()) == [["x"], ["y"]]
+
+
+def test_a_compare_folder_is_its_two_runs(tmp_path):
+    """``numstab.compare``'s folder logs ``test`` and ``reference`` in one metrics.csv: they
+    are two runs, ``<folder>/test`` and ``<folder>/reference``, each with its own rows and
+    the configuration its checkpoint records (they used to be read as one run, the two
+    series interleaved)."""
+    out = tmp_path / "cmp"
+    tiny = ["--modulus", 11, "--hidden", 8, "--steps", 10, "--log-every", 5, "--quiet"]
+    res = _python("-m", "numstab.compare", *tiny, "--out", out)
+    assert res.returncode == 0, res.stderr
+    with open(out / "metrics.csv", newline="") as f:
+        want = {}
+        for r in csv.DictReader(f):
+            if r["metric"] == "loss" and r["split"] == "train":
+                want.setdefault(r["run"], []).append((int(r["step"]), float(r["value"])))
+    got = Results.from_train_dirs([out])
+    assert sorted(got.runs) == ["cmp/reference", "cmp/test"] and set(want) == {"reference", "test"}
+    for name in want:
+        steps, values = got.series(f"cmp/{name}", "loss", "train")
+        assert list(zip(steps.tolist(), values.tolist(), strict=True)) == want[name], name
+    assert got.runs["cmp/test"].config["dtype"] == "float32"
+    assert got.runs["cmp/reference"].config["dtype"] == "float64"
+    groups = sorted(map(tuple, got.group(got.select()).values()))
+    assert groups == [("cmp/reference",), ("cmp/test",)]  # told apart by their configurations
 
 
 def test_plot_runs_prints_a_figures_claims_on_training_output_folders(tmp_path):
