@@ -9,17 +9,18 @@ Usage::
     python scripts/plot_runs.py DIR [DIR ...] --claims NAME
 
 Each DIR is a training run's output folder (``metrics.csv`` and ``summary.json``, whose
-``config`` tells the runs apart in the legend; its id is the folder's name), or a sweep's run
-folder. A run still training has no ``summary.json`` yet: it is drawn and measured as far as
-its ``metrics.csv`` goes (a sweep's run folder, which has none until the run ends: as far as
-its checkpoint), its configuration taken from its checkpoint (``--checkpoint-every``), and a
-line on stderr says so. The figure has one row and one column per plot kind, drawn by
-:func:`analysis.plots.plot_figure` (the same code as the reproduced figures). ``--claims
-NAME`` (a figure SPEC's ``claims``: ``fig1``, ``fig4``, ...) prints the table
-``scripts/reproduce.py`` writes to a sweep's ``claims.md`` (mean ± std [min, max] over the
-runs, the per-seed values), for runs trained one by one: the long resumable legs of a figure
-at full length, for example; the runs are matched to the claims by their configurations, as
-in a sweep, and claims no run matches are left out. Exit codes: 0 done; 2 a folder with
+``config`` tells the runs apart in the legend; its id is the folder's name), a sweep's run
+folder, or a ``numstab.compare`` folder (two runs, ``<folder>/test`` and
+``<folder>/reference``). A run still training has no ``summary.json`` yet: it is drawn and
+measured as far as its ``metrics.csv`` goes (a sweep's run folder, which has none until the run
+ends: as far as its checkpoint), its configuration taken from its checkpoint
+(``--checkpoint-every``), and a line on stderr says so. The figure has one row and one column
+per plot kind, drawn by :func:`analysis.plots.plot_figure` (the same code as the reproduced
+figures). ``--claims NAME`` (a figure SPEC's ``claims``: ``fig1``, ``fig4``, ...) prints the
+table ``scripts/reproduce.py`` writes to a sweep's ``claims.md`` (mean ± std [min, max] over
+the runs, the per-seed values), for runs trained one by one: the long resumable legs of a
+figure at full length, for example; the runs are matched to the claims by their configurations,
+as in a sweep, and claims no run matches are left out. Exit codes: 0 done; 2 a folder with
 neither ``metrics.csv`` nor a checkpoint, an unknown plot kind or claims name, neither
 ``--out`` nor ``--claims``, or matplotlib missing (for ``--out``).
 """
