@@ -680,14 +680,16 @@ def test_r_squared_against_closed_forms():
     assert C.r_squared([1.0, 2.0], [0.0, 1.0]) is None  # as many points as coefficients
 
 
-def test_logitscale_claims_fit_the_delay():
-    """Four runs whose delay is 100·log(|z|/T) exactly: R² 1 for the logit scale; the weight
-    norm at train 100 % is read at that step; a run that never generalises is left out."""
-    steps = [0, 100, 200, 300, 400, 500, 600]
+LOGITSCALE_STEPS = [0, 100, 200, 300, 400, 500, 600]
+
+
+def _logitscale_runs(cases, **config):
+    """Synthetic runs ``(id, T, |z|, delay)``: train 100 % from step 100, test 0.99 from
+    ``100 + delay``, ``logit_norm`` constant ``|z|``, weight norm ``10 + step``."""
+    steps = LOGITSCALE_STEPS
     configs, rows = {}, []
-    cases = [("a", 1.0, 2.0, 100), ("b", 2.0, 2.0, 200), ("c", 1.0, 8.0, 300), ("d", 0.5, 1.0, 300)]
     for rid, temp, znorm, grok in cases:
-        configs[rid] = _cfg(temperature=temp, init_scale=1.0, seed=0)
+        configs[rid] = _cfg(temperature=temp, init_scale=1.0, seed=0, **config)
         rows += _rows(
             rid,
             steps,
@@ -696,6 +698,15 @@ def test_logitscale_claims_fit_the_delay():
             logit_norm=("train", [znorm] * len(steps)),
             weight_norm=("train", "global", [10.0 + s for s in steps]),
         )
+    return configs, rows
+
+
+def test_logitscale_claims_fit_the_delay():
+    """Four runs whose delay is 100·log(|z|/T) exactly: R² 1 for the logit scale; the weight
+    norm at train 100 % is read at that step; a run that never generalises is left out."""
+    steps = LOGITSCALE_STEPS
+    cases = [("a", 1.0, 2.0, 100), ("b", 2.0, 2.0, 200), ("c", 1.0, 8.0, 300), ("d", 0.5, 1.0, 300)]
+    configs, rows = _logitscale_runs(cases)
     configs["never"] = _cfg(temperature=4.0, seed=1)
     rows += _rows(
         "never", steps, accuracy__tr=("train", [1.0] * 7), accuracy__te=("test", [0.0] * 7)
@@ -721,25 +732,13 @@ def test_logitscale_claims_per_loss_format():
     format) and R² is fitted within each: float16's delays are an exact line in log(|z|/T)
     (R² 1), the model-format runs' are not a function of it (the R² of a closed form); with
     one format no row names it (the float32-only figure's tables stay as they were)."""
-    steps = [0, 100, 200, 300, 400, 500, 600]
-
-    def runs(fmt, cases):
-        configs, rows = {}, []
-        for rid, temp, znorm, grok in cases:
-            configs[rid] = _cfg(temperature=temp, init_scale=1.0, seed=0, loss_dtype=fmt)
-            rows += _rows(
-                rid,
-                steps,
-                accuracy__tr=("train", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
-                accuracy__te=("test", [0.0 if s < 100 + grok else 0.99 for s in steps]),
-                logit_norm=("train", [znorm] * len(steps)),
-                weight_norm=("train", "global", [10.0 + s for s in steps]),
-            )
-        return configs, rows
-
     # delay 100 + 100·log2(|z|/T) steps: a line in log(|z|/T)
-    half = runs("float16", [("h1", 1.0, 2.0, 200), ("h2", 1.0, 4.0, 300), ("h3", 2.0, 16.0, 400)])
-    own = runs(None, [("o1", 1.0, 2.0, 200), ("o2", 2.0, 2.0, 100), ("o3", 1.0, 8.0, 200)])
+    half = _logitscale_runs(
+        [("h1", 1.0, 2.0, 200), ("h2", 1.0, 4.0, 300), ("h3", 2.0, 16.0, 400)], loss_dtype="float16"
+    )
+    own = _logitscale_runs(
+        [("o1", 1.0, 2.0, 200), ("o2", 2.0, 2.0, 100), ("o3", 1.0, 8.0, 200)], loss_dtype=None
+    )
     both = Results.from_rows({**half[0], **own[0]}, half[1] + own[1])
     out = C.logitscale_claims(both)
     r2 = {(r["group"]["loss_dtype"], r["group"]["predictor"]): r
