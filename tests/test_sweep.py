@@ -31,7 +31,7 @@ from numstab.run.loop import train
 from numstab.run.outdir import LOCK_NAME
 from numstab.sweep import executors
 from numstab.sweep import run as sweep_run
-from numstab.sweep.folder import checkpoint_step
+from numstab.sweep.folder import checkpoint_progress, checkpoint_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -376,6 +376,50 @@ def test_checkpoint_step_reads_the_manifest_and_is_none_when_it_cannot(tmp_path)
     for text, want in cases:
         (d / "checkpoint.json").write_text(text)
         assert checkpoint_step(str(d)) == want, text
+
+
+def test_checkpoint_progress_paces_the_last_leg_from_the_manifest(tmp_path):
+    """The dry run's time left: the wall seconds a step took over the run's last leg (its
+    seconds over the steps since ``leg_start_step``), over all legs where the manifest does
+    not name where the last one started; None where the legs' times are missing or not
+    seconds."""
+    d = tmp_path / "r"
+    d.mkdir()
+    assert checkpoint_progress(str(d)) == (None, None)
+    cases = [
+        ({"wall_seconds_legs": [10.0, 3.0], "leg_start_step": 100}, (400, 3.0 / 300)),
+        ({"wall_seconds_legs": [10.0, 6.0]}, (400, 16.0 / 400)),  # an older manifest
+        ({"wall_seconds_legs": [10.0, 6.0], "leg_start_step": 400}, (400, 16.0 / 400)),
+        ({"wall_seconds_legs": [10.0, -1.0]}, (400, None)),
+        ({"wall_seconds_legs": [10.0, True]}, (400, None)),
+        ({"wall_seconds_legs": []}, (400, None)),
+        ({}, (400, None)),
+    ]
+    for extra, want in cases:
+        manifest = {"runs": {"a": {"step": 400}}, "extra": extra}
+        (d / "checkpoint.json").write_text(json.dumps(manifest))
+        assert checkpoint_progress(str(d)) == want, extra
+
+
+def test_the_dry_run_says_the_time_left_of_a_run_to_resume(tmp_path, capsys):
+    """A run checkpointed at step 10 of 40 whose leg took 3 s from step 0: 30 steps left at
+    300 ms a step, ~9 s (from the manifest; the dry run reads nothing else of it)."""
+    spec = write(tmp_path, CHECKPOINTED)
+    (rid,) = (r.id for r in sweep.load_spec(spec).runs)
+    out = tmp_path / "out"
+    assert sweep.run_sweep(spec, out, checkpoint_every=10, quiet=True).exit_code == 0
+    for name in ("summary.json", "metrics.csv"):
+        (out / rid / name).unlink()
+    manifest = json.loads((out / rid / "checkpoint.json").read_text())
+    assert manifest["extra"]["leg_start_step"] == 0  # the sweep's worker records it
+    manifest["runs"][rid]["step"] = 10
+    manifest["extra"] |= {"wall_seconds_legs": [3.0], "leg_start_step": 0}
+    (out / rid / "checkpoint.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli_sweep.main([spec, "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"{rid} .* 40 +incomplete +resume at step 10 \(~9 s left at 300 ms/step\)$",
+                     text, re.MULTILINE), text  # fmt: skip
 
 
 def test_an_incomplete_run_continues_from_its_checkpoint_and_a_rerun_starts_afresh(

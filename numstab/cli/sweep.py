@@ -20,9 +20,10 @@ import signal
 import sys
 
 from numstab.cli import EXIT_BROKEN_PIPE, HelpFormatter, Parser, PipeGuard, UsageError, fmt_value
+from numstab.cli.progress import format_duration
 from numstab.run.footprint import MEMORY_FRACTION
 from numstab.sweep.cells import _cell_axis
-from numstab.sweep.folder import checkpoint_step
+from numstab.sweep.folder import checkpoint_progress
 from numstab.sweep.run import PROG, _check_options, _continues, _plan, _print_skipped, run_sweep
 from numstab.sweep.spec import MAX_RUNS, SpecError, Sweep, load_spec
 from numstab.sweep.tables import collect
@@ -173,16 +174,23 @@ def print_dry_run(
     scheduler: str | None = None,
 ) -> None:
     """What running ``sweep`` into ``out`` would do, one line per run: its id, source, axes
-    and steps, its state in ``out`` and the action (run, resume at the checkpoint's step,
-    rerun, skip). Reads the folder, writes nothing."""
+    and steps, its state in ``out`` and the action (run; resume at the checkpoint's step, with
+    the time left at the pace of its last leg, :func:`checkpoint_progress`; rerun; skip).
+    Reads the folder, writes nothing."""
     todo, skip = _plan(sweep, out, force, retry_failed)
 
     def action(r, st) -> str:
         if st in ("ok", "failed"):
             return "rerun"
         if _continues(out, r.id, st, executor, scheduler, force):
-            step = checkpoint_step(os.path.join(out, r.id))
-            return "resume" if step is None else f"resume at step {step}"
+            step, pace = checkpoint_progress(os.path.join(out, r.id))
+            if step is None:
+                return "resume"
+            left = r.config.steps - step
+            if not pace or left <= 0:
+                return f"resume at step {step}"
+            eta = format_duration(left * pace)
+            return f"resume at step {step} (~{eta} left at {1e3 * pace:.0f} ms/step)"
         return "run"
 
     will = {r.id: action(r, st) for r, st in todo}

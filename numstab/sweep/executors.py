@@ -84,11 +84,13 @@ def execute(task: dict) -> dict:
 
         def extra() -> dict:
             # What the next leg needs: the BLAS threads that keep it bit-identical, the
-            # checkpoint interval, and the wall time of every leg so far.
+            # checkpoint interval, and the wall time of every leg so far; and the step this
+            # leg started from (its pace, for the dry run's time left).
             return {
                 "threads": leg["threads"],
                 "checkpoint_every": every,
                 "wall_seconds_legs": [*leg["legs"], time.perf_counter() - t0],
+                "leg_start_step": leg["step"],
             }
 
         with (

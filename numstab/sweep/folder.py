@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import re
 
@@ -51,12 +52,38 @@ def has_checkpoint(run_dir: str) -> bool:
 def checkpoint_step(run_dir: str) -> int | None:
     """The step of the checkpoint in the run folder, read from its manifest alone (the arrays
     are checked when the run resumes); None without a readable one."""
+    return checkpoint_progress(run_dir)[0]
+
+
+def checkpoint_progress(run_dir: str) -> tuple[int | None, float | None]:
+    """``(step, pace)``: the step of the checkpoint in the run folder and the wall seconds a
+    step took, read from the manifest alone: over the last leg where the manifest names the
+    step it started from (``extra.leg_start_step``), else over all of them
+    (``extra.wall_seconds_legs``); None for what it does not hold."""
     m = _read_json(os.path.join(run_dir, MANIFEST))
-    runs = m.get("runs") if isinstance(m, dict) else None
+    m = m if isinstance(m, dict) else {}
+    runs = m.get("runs")
     metas = runs.values() if isinstance(runs, dict) else []
     steps = [r.get("step") for r in metas if isinstance(r, dict)]
-    steps = [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
-    return max(steps) if steps else None
+    steps = [s for s in steps if _is_count(s)]
+    if not steps:
+        return None, None
+    step, extra = max(steps), m.get("extra")
+    legs = extra.get("wall_seconds_legs") if isinstance(extra, dict) else None
+    if not (isinstance(legs, list) and legs and all(_is_seconds(x) for x in legs)):
+        return step, None
+    start = extra.get("leg_start_step")
+    if _is_count(start) and start < step:
+        return step, legs[-1] / (step - start)
+    return step, (sum(legs) / step if step > 0 else None)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 def _state(run_dir: str) -> tuple[str, dict | None]:
