@@ -884,6 +884,50 @@ def _spike_rows(results, prefix, match, by, paper) -> list:
     ]
 
 
+#: Steps after a training-loss spike that :func:`spike_window_gain` counts as its window (three
+#: log intervals of the slingshot SPEC's ``log_every = 200``).
+SPIKE_WINDOW = 600
+
+
+def spike_window_gain(spikes, steps, acc, *, window: int = SPIKE_WINDOW):
+    """How much of a run's test-accuracy change comes right after its training-loss spikes.
+
+    ``Δ``: the last logged accuracy minus the last one logged before the first spike. A spike
+    at step ``t`` owns the change from the last value logged before ``t`` to the value at
+    ``e = min(t + window, t_next - 1, last step)`` (the last logged at or before ``e``).
+    Returns ``(share of Δ in the windows, share of the steps from the first spike to the
+    last step they cover: Σ (e - t) / (last - t_first))``, the two equal where the change is
+    spread evenly; None without spikes, without a value logged before the first one, or with
+    ``Δ == 0``.
+    """
+    spikes = np.asarray(spikes)
+    steps, acc = np.asarray(steps), np.asarray(acc, dtype=float)
+    if not spikes.size or not steps.size or steps[0] >= spikes[0]:
+        return None
+
+    def at(k, strict=False):  # the last value logged at (or, strict, before) step k
+        return acc[np.searchsorted(steps, k, side="left" if strict else "right") - 1]
+
+    last = int(steps[-1])
+    delta = acc[-1] - at(spikes[0], strict=True)
+    if delta == 0:
+        return None
+    gain = covered = 0.0
+    for i, t in enumerate(spikes.tolist()):
+        nxt = spikes[i + 1] - 1 if i + 1 < spikes.size else last
+        e = min(t + window, nxt, last)
+        gain += at(e) - at(t, strict=True)
+        covered += max(e - t, 0)
+    span = last - int(spikes[0])
+    return float(gain / delta), (float(covered / span) if span > 0 else None)
+
+
+def _spike_window_gain(results, rid):
+    spikes = _spikes(results, rid)
+    test = results.series(rid, "accuracy", "test")
+    return None if spikes is None else spike_window_gain(spikes, *test)
+
+
 def slingshot_claims(results) -> dict:
     """The authors' issue #4: at lr 0.01, beta2 0.99 a float32 softmax CE generalised before a
     float64 one (slingshots, the authors said); not at lr 0.005, and with beta2 0.999 accuracy
@@ -900,7 +944,26 @@ def slingshot_claims(results) -> dict:
                  by, _final_train)
     )  # fmt: skip
     out += _spike_rows(results, "slingshot", {}, by, "grokking through slingshots (authors)")
+    after = f"within {SPIKE_WINDOW} steps after a training-loss spike"
+    out += [
+        _per_run(
+            results, "slingshot.test_gain_at_spikes",
+            f"share of the test-accuracy change from the first spike on that falls {after}",
+            "grokking through slingshots (authors)", "number", {}, by,
+            lambda res, rid: _part(_spike_window_gain(res, rid), 0),
+        ),
+        _per_run(
+            results, "slingshot.spike_window_steps",
+            f"share of the steps from the first spike on that lie {after} (the gain's share "
+            "where the change is spread evenly)",
+            "", "fraction", {}, by, lambda res, rid: _part(_spike_window_gain(res, rid), 1),
+        ),
+    ]  # fmt: skip
     return {e["key"]: e for e in out}
+
+
+def _part(pair, i):
+    return None if pair is None else pair[i]
 
 
 def _mean_zero_sum_violation(results, rid):

@@ -882,6 +882,39 @@ def test_spike_claims_count_first_and_interval():
     assert value("slingshot.loss_spike_interval") == 500  # median of 400 and 600
 
 
+def test_spike_window_gain_against_closed_forms():
+    """Accuracy 0 up to step 200, 0.25 from the spike at 300, 0.75 from the spike at 700 and
+    1 at step 1 000 (logged every 100): with 100-step windows the spikes own 0.25 + 0.5 of
+    the change of 1 and cover 200 of the 700 steps from the first spike on; a window reaching
+    into the next spike's is cut before it; no spike, no value before the first, or no
+    change: None."""
+    steps = list(range(0, 1100, 100))
+    acc = [0, 0, 0, 0.25, 0.25, 0.25, 0.25, 0.75, 0.75, 0.75, 1.0]
+    assert C.spike_window_gain([300, 700], steps, acc, window=100) == (0.75, 200 / 700)
+    # the whole change in the windows: every rise comes at a spike and the windows reach it
+    assert C.spike_window_gain([300, 700], steps, acc, window=400)[0] == 1.0
+    # spikes at 300 and 350: the first window ends at 349 (the value logged at 300)
+    assert C.spike_window_gain([300, 350], steps, acc, window=100) == (0.25, (49 + 100) / 700)
+    assert C.spike_window_gain([], steps, acc) is None
+    assert C.spike_window_gain([0], steps, acc) is None  # nothing logged before it
+    assert C.spike_window_gain([300], steps, [0.5] * 11) is None  # no change
+
+
+def test_slingshot_claims_share_of_the_test_gain_at_spikes():
+    """The slingshot claims' window rows read the loss spikes and the test accuracy of each
+    run (spikes at 200 and 600; the test accuracy rises 0.125 in the 600 steps after each)."""
+    steps = list(range(0, 1400, 100))
+    loss = [1, 0.5, 8, 0.1, 0.01, 0.001, 1, 0.1, 0.01, 0.001, 1e-4, 1e-5, 1e-5, 1e-5]
+    test = [0, 0, 0, 0.125, 0.125, 0.125, 0.125, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5]
+    configs = {"a": _cfg(lr=0.01, beta2=0.99, loss_dtype="float32", seed=0)}
+    rows = _rows("a", steps, loss=("train", loss), accuracy=("test", test))
+    out = C.slingshot_claims(Results.from_rows(configs, rows))
+    share = out["slingshot.test_gain_at_spikes"]["rows"][0]["values"][0]["value"]
+    steps_share = out["slingshot.spike_window_steps"]["rows"][0]["values"][0]["value"]
+    # windows [200, 599] and [600, 1200]: 0.125 + 0.125 of the change of 0.5
+    assert share == 0.5 and steps_share == (399 + 600) / 1100
+
+
 def test_claims_are_json_serialisable():
     res = _fig2_results({0: [0.1, 0.5, 0.9]})
     for fn in C.CLAIMS.values():
