@@ -52,6 +52,7 @@ __all__ = [
     "glitch_claims",
     "logitscale_claims",
     "loss_spike_steps",
+    "lowest_after_fit",
     "norm_growth_rate",
     "ordering_holds",
     "r_squared",
@@ -928,6 +929,30 @@ def _spike_window_gain(results, rid):
     return None if spikes is None else spike_window_gain(spikes, *test)
 
 
+#: Train accuracy from which :func:`lowest_after_fit` counts the training set as fitted.
+FIT_THRESHOLD = 0.99
+
+
+def lowest_after_fit(steps, acc, *, fit: float = FIT_THRESHOLD):
+    """The lowest accuracy logged after the training set is first fitted, and its step.
+
+    ``(min acc[i], steps[i])`` over the logged steps after the first one with ``acc >= fit``
+    (the earliest step of the minimum); None if ``acc`` never reaches ``fit`` or nothing is
+    logged after it. Where the accuracy never falls back, the value is at least ``fit``.
+    """
+    steps, acc = np.asarray(steps), np.asarray(acc, dtype=float)
+    hit = np.flatnonzero(acc >= fit)
+    if not hit.size or hit[0] + 1 >= acc.size:
+        return None
+    later = acc[hit[0] + 1 :]
+    i = int(np.argmin(later))
+    return float(later[i]), int(steps[hit[0] + 1 + i])
+
+
+def _train_low(results, rid):
+    return lowest_after_fit(*results.series(rid, "accuracy", "train"))
+
+
 def slingshot_claims(results) -> dict:
     """The authors' issue #4: at lr 0.01, beta2 0.99 a float32 softmax CE generalised before a
     float64 one (slingshots, the authors said); not at lr 0.005, and with beta2 0.999 accuracy
@@ -943,6 +968,14 @@ def slingshot_claims(results) -> dict:
                  "beta2 0.999: collapses when SC is reached (authors)", "fraction", {},
                  by, _final_train)
     )  # fmt: skip
+    fitted = f"after train accuracy first reaches {FIT_THRESHOLD:g}"
+    collapse = "beta2 0.999: train and test accuracy collapse when SC is reached (authors)"
+    out += [
+        _per_run(results, "slingshot.train_acc_low", f"lowest train accuracy {fitted}",
+                 collapse, "fraction", {}, by, lambda res, rid: _part(_train_low(res, rid), 0)),
+        _per_run(results, "slingshot.train_acc_low_step", f"step of the lowest train accuracy "
+                 f"{fitted}", "", "step", {}, by, lambda res, rid: _part(_train_low(res, rid), 1)),
+    ]  # fmt: skip
     out += _spike_rows(results, "slingshot", {}, by, "grokking through slingshots (authors)")
     after = f"within {SPIKE_WINDOW} steps after a training-loss spike"
     out += [

@@ -853,6 +853,39 @@ def test_slingshot_claims_group_by_setting_and_format():
     assert by_group("slingshot.final_train_acc")[(0.999, "float32")] == 0.3
 
 
+def test_lowest_train_accuracy_after_fit_against_closed_forms():
+    """Fitted (>= 0.99) at step 200, then 0.4 at 400 and 0.4 again at 600: the first of the
+    two minima; never fitted, or fitted at the last logged step: None; a run that never
+    falls back gives its lowest value at or above the threshold."""
+    steps = [0, 100, 200, 300, 400, 500, 600]
+    assert C.lowest_after_fit(steps, [0, 0.5, 0.99, 1.0, 0.4, 0.9, 0.4]) == (0.4, 400)
+    assert C.lowest_after_fit(steps, [0, 0.5, 0.9, 0.98, 0.9, 0.9, 0.9]) is None
+    assert C.lowest_after_fit(steps, [0, 0, 0, 0, 0, 0, 1.0]) is None
+    assert C.lowest_after_fit(steps, [0, 1.0, 1.0, 0.995, 1.0, 1.0, 1.0]) == (0.995, 300)
+    # the threshold is a parameter: fitted at 0.5 from step 100, lowest later 0.4 at 400
+    assert C.lowest_after_fit(steps, [0, 0.5, 0.99, 1.0, 0.4, 0.9, 0.4], fit=0.5) == (0.4, 400)
+
+
+def test_slingshot_claims_train_accuracy_collapse():
+    """The rows for the authors' beta2 0.999 remedy: a run that fits its training set and
+    then falls to 0.3 (step 400) against one that stays fitted."""
+    steps = [0, 100, 200, 300, 400, 500]
+    configs, rows = {}, []
+    for rid, beta2, train in (
+        ("b2", 0.999, [0.1, 1.0, 1.0, 0.6, 0.3, 0.5]),
+        ("b1", 0.99, [0.1, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ):
+        configs[rid] = _cfg(lr=0.01, beta2=beta2, loss_dtype="float32", seed=0)
+        rows += _rows(rid, steps, accuracy=("train", train))
+    out = C.slingshot_claims(Results.from_rows(configs, rows))
+
+    def by_beta2(key):
+        return {r["group"]["beta2"]: r["values"][0]["value"] for r in out[key]["rows"]}
+
+    assert by_beta2("slingshot.train_acc_low") == {0.99: 1.0, 0.999: 0.3}
+    assert by_beta2("slingshot.train_acc_low_step") == {0.99: 300, 0.999: 400}
+
+
 @given(loss=st.lists(st.one_of(st.just(0.0), st.floats(1e-30, 1e3)), min_size=1, max_size=40))
 @example(loss=[1.0, 0.1, 2.0, 30.0, 0.01, 0.0, 5.0])  # a spike over two steps; a rise from 0
 @example(loss=[1e-3, 1e-2, 1e-3, 1e-2])  # exactly x10: two spikes
