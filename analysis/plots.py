@@ -13,6 +13,7 @@ Plot functions take an Axes, a :class:`~analysis.results.Results` and the groups
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from analysis.stats import aggregate, first_step
 
 __all__ = [
     "PLOTS",
+    "TITLE_CHARS_PER_INCH",
+    "draw_figure",
     "plot_accuracy",
     "plot_figure",
     "plot_loss",
@@ -179,8 +182,24 @@ PLOTS = {
 }
 
 
+#: Characters of the figure's title per inch of its width (about 5.6 points a character at
+#: 11 points, less a margin): longer titles are wrapped, not cut at the figure's edges.
+TITLE_CHARS_PER_INCH = 11
+
+
 def plot_figure(results, panels, path, *, title: str = "", band: str = "minmax", dpi: int = 110):
-    """Draw a figure: one row per panel, one column per plot kind, and save it as a PNG.
+    """Draw a figure (:func:`draw_figure`) and save it as a PNG at ``path`` (its folder is
+    created); returns ``path``."""
+    fig = draw_figure(results, panels, title=title, band=band)
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return os.fspath(path)
+
+
+def draw_figure(results, panels, *, title: str = "", band: str = "minmax"):
+    """Draw a figure: one row per panel, one column per plot kind.
 
     Parameters
     ----------
@@ -190,13 +209,12 @@ def plot_figure(results, panels, path, *, title: str = "", band: str = "minmax",
         :func:`analysis.match.config_matches`), ``plots`` (keys of :data:`PLOTS`, default
         accuracy, SC fraction, weight norm), optional ``log_x`` (bool) and ``group_by`` (list of
         fields; default: the fields that vary among the panel's runs, except the seed).
-    path : str
-        The PNG to write (its folder is created).
+    title : str
+        Above the panels, with the band's name; wrapped to the figure's width.
 
     Returns
     -------
-    str
-        ``path``.
+    matplotlib.figure.Figure
     """
     Figure = require_matplotlib()
     if band not in BANDS:
@@ -204,7 +222,8 @@ def plot_figure(results, panels, path, *, title: str = "", band: str = "minmax",
     panels = list(panels) or [{"name": "all", "title": "", "match": {}}]
     default = ["accuracy", "sc_fraction", "weight_norm"]
     ncols = max(len(p.get("plots") or default) for p in panels)
-    fig = Figure(figsize=(5.2 * ncols, 3.9 * len(panels)), layout="constrained")
+    width = 5.2 * ncols
+    fig = Figure(figsize=(width, 3.9 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), ncols, squeeze=False)
     for row, panel in enumerate(panels):
         ids = results.select(panel.get("match"))
@@ -228,9 +247,6 @@ def plot_figure(results, panels, path, *, title: str = "", band: str = "minmax",
             ax.grid(alpha=0.3)
             ax.set_title(f"{panel.get('title') or panel.get('name', '')}", fontsize=9)
     if title:
-        fig.suptitle(title + f"  [band: {band} over seeds]", fontsize=11)
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return os.fspath(path)
+        text = f"{title}  [band: {band} over seeds]"
+        fig.suptitle(textwrap.fill(text, int(width * TITLE_CHARS_PER_INCH)), fontsize=11)
+    return fig

@@ -1149,6 +1149,30 @@ def test_plot_figure_writes_a_png(tmp_path):
         plot_figure(res, [], tmp_path / "g.png", band="wide")
 
 
+@pytest.mark.parametrize("ncols", [1, 2, 3])
+def test_figure_title_fits_the_figure(ncols):
+    """A long title (a SPEC's title with its budget and panels) is wrapped within the figure's
+    width, as rendered, whatever the number of plot columns; a short one stays on one line."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from analysis.plots import draw_figure
+
+    res = _fig2_results({0: [0.1, 0.5, 0.9]})
+    panel = {"name": "b", "match": {}, "plots": ["accuracy", "sc_fraction", "loss"][:ncols]}
+    long = (
+        "Grokking delay vs effective logit scale (init scale x temperature, AdamW wd 2) — "
+        "budget short, panels formats, and more words to pass three columns' width as well"
+    )
+    for title, lines in ((long, None), ("short", 1)):
+        fig = draw_figure(res, [panel], title=title)
+        FigureCanvasAgg(fig).draw()
+        box = fig._suptitle.get_window_extent()  # the title as rendered
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width  # not cut at the edges
+        if lines:
+            assert fig.get_suptitle().count("\n") + 1 == lines
+
+
 def test_loss_plot_draws_the_seeds_mean_on_a_log_scale():
     """The ``loss`` plot kind: one line per group, the mean over its seeds of the training
     loss at each logged step, on a log axis."""
