@@ -222,7 +222,6 @@ def _run(args, argv, spec, resolved, sweep, out, part) -> int | None:
     or None where it was refused (one line on stderr)."""
     from numstab import sweep as S
 
-    os.makedirs(out, exist_ok=True)
     record = {
         "figure": spec.figure,
         "budget": args.budget,
@@ -235,7 +234,11 @@ def _run(args, argv, spec, resolved, sweep, out, part) -> int | None:
         "resolved_spec": resolved,
         "run_ids": [r.id for r in sweep.runs],
     }
-    write_text(os.path.join(out, f"reproduce{part}.json"), json.dumps(record, indent=2) + "\n")
+
+    def write_record():  # once the sweep holds the folder: a refused command writes nothing
+        path = os.path.join(out, f"reproduce{part}.json")
+        write_text(path, json.dumps(record, indent=2) + "\n")
+
     try:
         report = S.run_sweep(
             sweep,
@@ -245,6 +248,7 @@ def _run(args, argv, spec, resolved, sweep, out, part) -> int | None:
             retry_failed=args.retry_failed,
             checkpoint_every=args.checkpoint_every,
             quiet=args.quiet,
+            on_start=write_record,
         )
     except (S.SpecError, S.UsageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

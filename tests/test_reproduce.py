@@ -246,6 +246,51 @@ def test_unknown_panel_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_refused_sweep_writes_nothing_into_a_folder_another_writer_holds(tmp_path):
+    """A second ``reproduce.py`` into a folder another sweep is writing (here: its lock held)
+    is refused in one line that says what to do, and writes nothing there: not its own
+    ``reproduce*.json`` either, which would replace the running sweep's record of the same
+    command."""
+    import fcntl
+
+    from numstab.run.outdir import LOCK_NAME
+
+    out = tmp_path / "x"
+    out.mkdir()
+    record = out / "reproduce.json"
+    record.write_text("the running sweep's record\n")
+    with open(out / LOCK_NAME, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = _run_script("--figure", "8", "--budget", "smoke", "--out", str(out), "--no-plots")
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "is writing to" in err[0] and "another folder" in err[0]
+    assert sorted(os.listdir(out)) == sorted([LOCK_NAME, "reproduce.json"])
+    assert record.read_text() == "the running sweep's record\n"
+
+
+def test_run_sweep_calls_on_start_once_it_holds_the_folder(tmp_path):
+    """``run_sweep(on_start=...)`` is called once, with the folder claimed and before any run
+    starts; a refused sweep never calls it."""
+    _, sw = _resolved("8", "smoke", seeds=1)
+    out = tmp_path / "x"
+    seen = []
+
+    def on_start():
+        from numstab.run import outdir
+
+        busy = pytest.raises(outdir.DirectoryBusy)  # held by this sweep
+        with busy:
+            outdir.claim(str(out))
+        seen.append(sorted(p.name for p in out.iterdir() if p.is_dir()))
+
+    S.run_sweep(sw, out, quiet=True, on_start=on_start)
+    assert seen == [[]]  # no run folder yet
+    with pytest.raises(S.UsageError):
+        S.run_sweep(sw, out, workers=0, quiet=True, on_start=lambda: seen.append("refused"))
+    assert seen == [[]]
+
+
 # --- figure SPECs, budgets, seeds, variants ----------------------------------------------------
 
 

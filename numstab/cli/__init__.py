@@ -197,8 +197,8 @@ def check_out_dir(path: str, *, resume: bool = False):
     """
     try:
         return outdir.claim(path, resume=resume)
-    except outdir.DirectoryBusy as exc:
-        raise UsageError(str(exc)) from None
+    except outdir.DirectoryBusy as exc:  # one writer per folder
+        raise UsageError(f"{exc}; wait for it to end, or write into another folder") from None
     except outdir.OutDirError as exc:  # the message starts with the path
         raise UsageError(f"{'--resume' if resume else '--out'} {exc}") from None
 

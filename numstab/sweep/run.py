@@ -86,6 +86,7 @@ def run_sweep(
     quiet: bool = False,
     max_runs: int | None = MAX_RUNS,
     max_run_bytes: int | str | None = "default",
+    on_start=None,
     stdout=None,
     stderr=None,
 ) -> SweepReport:
@@ -116,6 +117,10 @@ def run_sweep(
         No progress bar (it is also off when stderr is not a terminal).
     max_runs, max_run_bytes
         Limits of :func:`parse_spec` for a SPEC given as a path or dict.
+    on_start : callable, optional
+        Called with no argument once the folder is claimed and the plan made, before any run
+        starts: a caller's own record goes beside the runs only where the sweep is not refused
+        (a refused sweep writes nothing, not even into a folder another sweep is writing).
 
     SIGINT and SIGTERM (in the main thread) stop the sweep: the workers are stopped (runs in
     flight stay incomplete, with their last checkpoint if they write any), finished runs are
@@ -142,6 +147,8 @@ def run_sweep(
         report.skipped = [r.id for r, _s, _x in skip]
         resumable = sum(_continues(out, r.id, st, executor, scheduler, force) for r, st in todo)
         _print_plan(sweep, todo, skip, out, stdout, resumable)
+        if on_start is not None:
+            on_start()
         exec_info = {
             "kind": executor,
             "workers": workers,
