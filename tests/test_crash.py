@@ -347,7 +347,7 @@ def test_the_claim_ends_with_the_command_in_process(tmp_path, capsys):
         assert compare.main([*TINY, "--steps", "3", "--out", str(d)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"python -m numstab.compare: error: another numstab process is writing "
-                       f"to {str(d)!r}"]
+                       f"to {str(d)!r}; wait for it to end, or write into another folder"]
     assert compare.main([*TINY, "--steps", "3", "--out", str(d)]) == 0
 
 
