@@ -71,6 +71,7 @@ __all__ = [
     "overhead_bytes",
     "relu_grad",
     "softmax_rows32",
+    "softmax_rows32_on",
     "warm",
 ]
 
@@ -589,6 +590,15 @@ def softmax_rows32(z, y, below, out_hit, out_s, out_dy, out_rs, flag, win, const
     (``exp(d) < 2**-150``, half the smallest subnormal). ``consts``:
     :func:`numstab.elementary.softmax32_consts`."""
     return int(_softmax32(z, y, float(below), out_hit, out_s, out_dy, out_rs, flag, win, *consts))
+
+
+def softmax_rows32_on(team, threads, quantum, z, y, below, outs, consts) -> None:
+    """:func:`softmax_rows32` of ``z`` (N, C), ``y`` (N,) into ``outs`` (its six outputs), in
+    blocks of ``quantum`` rows on ``threads`` threads of an OpenMP ``team``
+    (:mod:`numstab.ompteam`, :mod:`numstab.teamkernels`): the same bits."""
+    from numstab import teamkernels  # compiles its region's body on first use
+
+    teamkernels.softmax_rows32(team, threads, quantum, z, y, float(below), outs, consts)
 
 
 # --- rounding to float16 / bfloat16 (numstab.fastround) -----------------------------------

@@ -21,9 +21,10 @@ from contextvars import ContextVar
 
 import threadpoolctl
 
-__all__ = ["blas_limit", "blas_threads", "map_blocks", "threads", "using"]
+__all__ = ["blas_limit", "blas_threads", "map_blocks", "team", "threads", "using"]
 
 _THREADS: ContextVar[int] = ContextVar("numstab_elementwise_threads", default=1)
+_TEAM: ContextVar = ContextVar("numstab_openmp_team", default=None)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _BLAS: list = []  # the threadpoolctl controllers of the BLAS libraries, looked up once
 
@@ -61,17 +62,28 @@ def blas_limit(n: int) -> Iterator[None]:
             c.set_num_threads(k)
 
 
+def team():
+    """The OpenMP team set by :func:`using` for this block (:class:`numstab.ompteam.Team`),
+    or None: numstab's own pool."""
+    return _TEAM.get()
+
+
 @contextmanager
-def using(n: int | None) -> Iterator[int]:
-    """Run elementwise passes on ``n`` threads in this block (None: :func:`blas_threads`)."""
+def using(n: int | None, team=None) -> Iterator[int]:
+    """Run elementwise passes on ``n`` threads in this block (None: :func:`blas_threads`).
+
+    ``team``: an OpenMP team (:func:`numstab.ompteam.of_torch`) on which the compiled
+    kernels that can (the fused softmax's, :mod:`numstab.teamkernels`) run their blocks,
+    instead of numstab's pool; the results are the same bits."""
     n = blas_threads() if n is None else int(n)
     if n < 1:
         raise ValueError(f"elementwise threads must be >= 1, got {n}")
-    token = _THREADS.set(n)
+    tokens = _THREADS.set(n), _TEAM.set(team)
     try:
         yield n
     finally:
-        _THREADS.reset(token)
+        _TEAM.reset(tokens[1])
+        _THREADS.reset(tokens[0])
 
 
 def _pool(n: int) -> ThreadPoolExecutor:

@@ -98,7 +98,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from numstab import kernels, parallel  # noqa: E402
+from numstab import kernels, ompteam, parallel  # noqa: E402
 from numstab.audit import BLOCK_ELEMENTS, audit_cross_entropy, sc_fraction  # noqa: E402
 from numstab.cli import HelpFormatter, dump_json, versions  # noqa: E402
 from numstab.monitor.core import TopEntries, batch_metrics  # noqa: E402
@@ -1575,9 +1575,11 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
     changes (the process CPU it adds is printed beside). At step-0 weights ("early": no row
     near collapse) and at the late checkpoint's ("late": every row in the collapse window, the
     worst case: those rows are evaluated in the loss format). The inline monitor runs at its
-    default (``threads=1``); at ``n > 1`` torch threads also with ``threads=n`` (a row of its
-    own). At one thread the inline target is judged on process CPU; at more, on wall time:
-    there the process CPU also counts torch's idle threads spinning while the monitor works.
+    default (``threads=None``: torch's thread count on torch's OpenMP team where there is one,
+    else 1); at ``n > 1`` torch threads also with ``threads=1`` (a row of its own: the kernel
+    on the calling thread alone). At one thread the inline target is judged on process CPU;
+    at more, on wall time: there the process CPU also counts torch's idle threads spinning
+    while the monitor works.
     With ``--profile``, the late inline observe's parts (:func:`_monitor_profile`)."""
     if torch_mod is None:
         rep.row("mon", "PyTorch float32 step + monitor", None, None, f"torch {args.torch_status}")
@@ -1593,14 +1595,14 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
             if state is not None:
                 for s in steps:
                     s.load_adam_state(checkpoint_state(state), int(state["opt_step"]))
-            plain, inline, plain_b, behind, inline_n = steps  # same weights, each at its pace
+            plain, inline, plain_b, behind, inline_1 = steps  # same weights, each at its pace
             with (
                 tempfile.TemporaryDirectory() as out,
                 thr.block(n),
                 Monitor(inline.model, inline.opt, out=os.path.join(out, "i")) as mon,
                 Monitor(
-                    inline_n.model, inline_n.opt, out=os.path.join(out, "n"), threads=n
-                ) as mon_n,
+                    inline_1.model, inline_1.opt, out=os.path.join(out, "n"), threads=1
+                ) as mon_1,
                 Monitor(
                     behind.model, behind.opt, out=os.path.join(out, "b"), background=True
                 ) as mon_b,
@@ -1610,8 +1612,8 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                     f"  + monitor every step ({phase})": _monitored_step(inline, mon, [0]),
                 }
                 if n > 1:
-                    cases[f"  + monitor, threads={n} ({phase})"] = _monitored_step(
-                        inline_n, mon_n, [0]
+                    cases[f"  + monitor, threads=1 ({phase})"] = _monitored_step(
+                        inline_1, mon_1, [0]
                     )
                 # the background case in blocks of K steps ending with drain(), so that its
                 # thread's work is timed (wall and process CPU) inside its own case
@@ -1646,9 +1648,10 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                 n,
                 st[names[1]],
                 f"overhead {frac:+.1%} wall, {cpu_frac:+.1%} process CPU; {window:.0%} of rows "
-                "in the collapse window",
+                f"in the collapse window; threads={mon.threads}"
+                + (" on torch's OpenMP team" if mon.settings()["openmp_team"] else ""),
             )
-            for name in names[2:]:  # the monitor on n elementwise threads
+            for name in names[2:]:  # the monitor's kernel on the calling thread alone
                 over_n = st[name]["median"] / base - 1
                 rep.row("mon", name, n, st[name], f"overhead {over_n:+.1%} wall")
             rep.row("mon", bnames[0], n, st[bnames[0]])
@@ -1683,7 +1686,9 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                 "background_overhead": bg_frac,
                 "background_cpu_overhead": cpu_bg_frac,
                 "collapse_window_fraction": window,
-                "monitored_step_threads_n_s": st[names[2]]["median"] if n > 1 else None,
+                "monitored_step_threads_1_s": st[names[2]]["median"] if n > 1 else None,
+                "monitor_threads": mon.threads,
+                "openmp_team": mon.settings()["openmp_team"],
             }
 
 
@@ -1704,7 +1709,8 @@ def _kernels_path(name):
 def _batch_metrics_paths(rep, args, run, n):
     """``batch_metrics`` of the late checkpoint's float32 training logits (every row in the
     collapse window, ``screen=False`` as the monitor late) with the fused softmax kernel
-    against the NumPy path, interleaved, on ``n`` elementwise threads: a full batch (``full``:
+    against the NumPy path, interleaved, on ``n`` elementwise threads (the fused kernel's on
+    torch's OpenMP team where there is one, as in the monitor): a full batch (``full``:
     the same rows every call, the NumPy path carries top entries) and minibatches (``mini``:
     new rows every call, nothing carried; the batch's rows rotated by a quarter)."""
     if kernels.backend() != "numba":
@@ -1729,7 +1735,8 @@ def _batch_metrics_paths(rep, args, run, n):
 
         return fn
 
-    with parallel.using(n):
+    # on torch's OpenMP team at n > 1, as the monitor runs the kernel inline
+    with parallel.using(n, team=ompteam.of_torch()):
         groups = [
             (
                 lambda name=name: _kernels_path(name),

@@ -12,9 +12,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "numstab"
 #: only where a format of its own is used, tests/test_lazy_imports.py).
 OPTIONAL = {"cupy", "cupyx", "torch", "jax", "dask", "distributed", "matplotlib", "hypothesis",
             "array_api_strict", "sklearn", "numba", "fcntl", "msvcrt", "ml_dtypes"}  # fmt: skip
-#: Modules of required dependencies imported on first use (slow to import; by full name):
-#: scipy.sparse, where a run builds its gather matrix (tests/test_lazy_imports.py).
-LAZY = {"scipy.sparse"}
+#: Modules imported on first use (by full name): scipy.sparse, slow to import, where a run
+#: builds its gather matrix (tests/test_lazy_imports.py); numstab.teamkernels, which imports
+#: numba (optional) at its top so that numba caches its compiled region bodies on disk.
+LAZY = {"scipy.sparse", "numstab.teamkernels"}
 
 
 def _modules() -> dict[str, pathlib.Path]:

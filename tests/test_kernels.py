@@ -8,6 +8,7 @@ the documented order): bit for bit, on inputs drawn from all bit patterns (NaN p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -597,6 +598,37 @@ def test_softmax_kernel_proves_rows_open_from_a_second_term_above_2_to_minus_24(
     assert flagged == 0 and not flag.any()
     assert np.isnan(total[0]) and total[1] == 1 and np.isnan(total[2])
     assert _softmax_kernel(z)[0][0] == np.float32(1) + np.float32(_exp_rn32(float(t)))
+
+
+@needs_numba
+@pytest.mark.parametrize("c", [1, 113, 300])
+def test_softmax_kernel_on_torchs_openmp_team_gives_the_same_bits(c, monkeypatch):
+    """The fused kernel's row blocks run as an OpenMP region on torch's team
+    (``numstab.teamkernels``: each thread takes blocks of 256 rows from a shared counter until
+    none is left): the same verdicts, hits and rows evaluated, bit for bit, as the kernel on
+    the calling thread alone, at 2 and 3 threads, with the collapse window's screen and
+    without, on 1 500 rows (a ragged last block) with special rows. The single-thread kernel
+    is made to fail inside the team's block: every block ran on the team."""
+    torch = pytest.importorskip("torch")  # optional: the team is torch's
+    from numstab import ompteam
+
+    team = ompteam.of_torch()
+    if team is None:
+        pytest.skip(f"torch's parallel backend here is not OpenMP ({torch.__version__})")
+    rng = np.random.default_rng(c)
+    z, y = _logits_near_collapse(rng, 1500, c)
+    z[0, 0], z[1], z[2, 0], z[3] = np.nan, -np.inf, np.inf, 0
+    f32 = get_format("float32")
+    for below in (window_below(f32), np.inf):
+        ref = softmax.screened_verdicts(z, y, f32, below)
+        for k in (2, 3):
+            with parallel.using(k, team=team), monkeypatch.context() as m:
+                m.setattr(kernels, "softmax_rows32", None)  # not called: the team runs it all
+                got = softmax.screened_verdicts(z, y, f32, below)
+            for field in dataclasses.fields(ref):
+                a, b = getattr(ref, field.name), getattr(got, field.name)
+                assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), field.name
+        assert 0 < ref.collapsed.sum() < z.shape[0]
 
 
 @needs_numba

@@ -271,8 +271,9 @@ def _fused(z, labels, r, below) -> ScreenedRows:
 
 def _fused_rows(z, y, below):
     """:func:`numstab.kernels.softmax_rows32` over ``z`` (N, C) float32, C-contiguous, in row
-    blocks on the :mod:`numstab.parallel` threads in effect (each row's results depend on
-    that row alone): ``(hits, total, d_y, row sums, rows left, rows evaluated)``."""
+    blocks on the :mod:`numstab.parallel` threads in effect, or on its OpenMP team if one is
+    set (each row's results depend on that row alone): ``(hits, total, d_y, row sums, rows
+    left, rows evaluated)``."""
     n = z.shape[0]
     outs = (np.empty(n, bool), np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n),
             np.empty(n, bool), np.empty(n, bool))  # fmt: skip
@@ -281,7 +282,11 @@ def _fused_rows(z, y, below):
     def block(a, b):
         return kernels.softmax_rows32(z[a:b], y[a:b], below, *(o[a:b] for o in outs), consts)
 
-    parallel.map_blocks(block, n, _ROWS_PER_BLOCK)
+    k, team = parallel.threads(), parallel.team()
+    if team is not None and k > 1 and n >= 2 * _ROWS_PER_BLOCK:
+        kernels.softmax_rows32_on(team, k, _ROWS_PER_BLOCK, z, y, below, outs, consts)
+    else:
+        parallel.map_blocks(block, n, _ROWS_PER_BLOCK)
     return outs
 
 

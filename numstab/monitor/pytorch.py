@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from numstab import parallel, workspace
+from numstab import kernels, ompteam, parallel, workspace
 from numstab.audit import audit_cross_entropy
 from numstab.backend import to_numpy
 from numstab.checks import check_choice, check_eps
@@ -80,13 +80,18 @@ AUDIT_KEYS = (
 )
 
 
+def _torch_threads() -> int:
+    """torch's intra-op thread count now."""
+    import torch  # optional dependency: the monitor observes torch tensors
+
+    return torch.get_num_threads()
+
+
 def _warn_if_cores_are_taken() -> None:
     """RuntimeWarning when torch's threads already fill every core: a thread of the monitor's
     own then competes with them, and a thread pool waits for its slowest thread (measured on
     2 cores with 2 torch threads: the step 3 to 4 times slower; docs/monitor.md)."""
-    import torch  # optional dependency: the monitor observes torch tensors
-
-    n, cores = torch.get_num_threads(), os.cpu_count() or 1
+    n, cores = _torch_threads(), os.cpu_count() or 1
     if n >= cores:
         warnings.warn(
             f"Monitor(background=True) with torch using {n} threads on {cores} cores: the "
@@ -138,11 +143,16 @@ class Monitor:
         The ``run`` column of the rows.
     config : dict, optional
         Extra fields recorded in ``summary.json``'s ``config`` (they label plots).
-    threads : int
-        Threads for the monitor's elementwise passes (the correctly rounded ``exp`` and ``log``
-        of the collapse metrics, :mod:`numstab.parallel`); the values are the same at every
-        count. More than one pays where cores are idle while the monitor works: on 2 cores
-        with torch on both, 2 measured slower than 1 inside the loop (docs/monitor.md).
+    threads : int, optional
+        Threads for the monitor's elementwise passes (the fused softmax kernel's row blocks,
+        the correctly rounded ``exp`` and ``log`` of the collapse metrics); the values are the
+        same at every count. Measuring inline where torch runs on an OpenMP team
+        (:func:`numstab.ompteam.of_torch`, torch's CPU wheels) and the fused kernels run, the
+        kernel's blocks go to that team: torch's worker threads, which spin on their cores
+        between torch's parallel regions. Elsewhere they go to numstab's own threads, which
+        pay only where cores are idle (on 2 cores with torch on both, 2 measured slower than 1
+        inside the loop, docs/monitor.md). None (default): torch's thread count
+        (``torch.get_num_threads()`` now) where the team is used, else 1.
     background : bool
         Measure on a thread of the monitor's own: ``observe`` only copies the step's host
         arrays (logits, θ, ∇L, θ after the step) and the loop goes on while the previous step
@@ -165,16 +175,22 @@ class Monitor:
         audit_every=None,
         name="run",
         config=None,
-        threads=1,
+        threads=None,
         background=False,
     ):
         check_choice(loss, MONITOR_KINDS, "loss")
         check_choice(order, REDUCTION_ORDERS, "order")
         check_eps(eps)
         self.every = _positive("every", every)
-        self.threads = _positive("threads", threads)
+        threads = _positive("threads", threads, optional=True)
         if not isinstance(background, (bool, np.bool_)):
             raise TypeError(f"background must be a bool, got {background!r}")
+        # inline only: the team that spins is the one of the thread torch's regions start from
+        self._team = None if background or kernels.backend() != "numba" else ompteam.of_torch()
+        if threads is None:
+            threads = _torch_threads() if self._team is not None else 1
+        self.threads = threads
+        self._team = self._team if threads > 1 else None  # one thread: the caller's own
         self.audit_every = _positive("audit_every", audit_every, optional=True)
         self.fmt = None if loss_format is None else format_arg(loss_format, "loss_format")
         named = model.items() if isinstance(model, dict) else model.named_parameters()
@@ -273,7 +289,7 @@ class Monitor:
         z, y, loss = batch
         with (
             parallel.blas_limit(HOST_BLAS_THREADS),
-            parallel.using(self.threads),
+            parallel.using(self.threads, team=self._team),
             workspace.using(self._ws),
         ):
             if loss is not None:
@@ -355,6 +371,7 @@ class Monitor:
             "collapse_window": f"t2 <= {WINDOW:g} * 2**-p",
             "host_blas_threads": HOST_BLAS_THREADS,
             "threads": self.threads,
+            "openmp_team": None if self._team is None else self._team.path,
             "background": self._pool is not None,
             "params": list(self.params),
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
