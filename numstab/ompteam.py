@@ -12,7 +12,9 @@ a parallel region of the same OpenMP runtime (``GOMP_parallel``, the entry point
 region's body (a C function of one pointer: :mod:`numstab.teamkernels` compiles them) on
 ``threads`` of its threads, the calling thread among them. A team is called from the thread
 that runs torch's own operations (the main thread of a training loop): that thread's team is
-the one whose workers spin. No numba or torch import here.
+the one whose workers spin. Once they sleep (torch idle for a few milliseconds) a region must
+wake them, and that costs more than it saves here: :class:`Trial` times both ways and keeps
+the faster. No numba or torch import here.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["OPENMP_LIBRARIES", "Team", "of_torch"]
+__all__ = ["OPENMP_LIBRARIES", "RETRIAL_EVERY", "TRIAL_CALLS", "Team", "Trial", "of_torch"]
 
 #: File names of the OpenMP runtimes whose ``GOMP_parallel`` is looked for (GNU's; LLVM's and
 #: Intel's export the same entry point).
@@ -105,3 +108,50 @@ def of_torch() -> Team | None:
                 break
     _FOUND["torch"] = team
     return team
+
+
+#: :class:`Trial`: timed calls each way per trial, and calls from one trial to the next.
+TRIAL_CALLS = 8
+RETRIAL_EVERY = 1000
+
+
+class Trial:
+    """Whether a repeated piece of work runs faster on the team or on the calling thread
+    alone, decided by timing both (the results are the same bits either way).
+
+    A region that must wake the team's sleeping workers took 4-7 ms on this 2-core virtual
+    machine where the same work took 2 ms on one thread, and 1.1 ms on the team right after
+    torch's own work (docs/monitor.md). Call ``k`` of every ``every`` (counted from 0): 0 is
+    not timed (it may compile), 1 to ``2 calls`` alternate (odd: on the team) and are timed,
+    then the way with the lower median is used until the next trial.
+    """
+
+    def __init__(self, calls: int = TRIAL_CALLS, every: int = RETRIAL_EVERY):
+        if calls < 1 or every <= 2 * calls:
+            raise ValueError(f"need calls >= 1 and every > 2 * calls, got {calls}, {every}")
+        self.calls, self.every = calls, every
+        self.count = self.team_calls = 0
+        self.on_team = True
+        self._times: tuple[list, list] = ([], [])  # alone, on the team
+
+    def _trying(self) -> int:
+        """The call's place in the trial (1 to 2 calls), or 0 outside it."""
+        k = self.count % self.every
+        return k if 1 <= k <= 2 * self.calls else 0
+
+    def choose(self) -> bool:
+        """Whether the next call runs on the team."""
+        k = self._trying()
+        return k % 2 == 1 if k else self.on_team
+
+    def record(self, on_team: bool, seconds: float) -> None:
+        """The call's way and duration (every call, in order)."""
+        k = self._trying()
+        self.count += 1
+        self.team_calls += bool(on_team)
+        if k:
+            self._times[bool(on_team)].append(seconds)
+            if k == 2 * self.calls:
+                alone, team = (statistics.median(t) for t in self._times)
+                self.on_team = team < alone
+                self._times = ([], [])

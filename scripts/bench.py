@@ -1607,9 +1607,16 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
                     behind.model, behind.opt, out=os.path.join(out, "b"), background=True
                 ) as mon_b,
             ):
+                monitored = _monitored_step(inline, mon, [0])
+                for _ in range(2 * ompteam.TRIAL_CALLS + 1):  # past the team's trial, as in a
+                    monitored()  # long loop (ompteam.Trial: a few steps of every thousand)
+                inline.set_params(run.params)  # then back to the phase's weights and state
+                inline.opt.state.clear()
+                if state is not None:
+                    inline.load_adam_state(checkpoint_state(state), int(state["opt_step"]))
                 cases = {
                     f"PyTorch float32 step ({phase})": plain.step,
-                    f"  + monitor every step ({phase})": _monitored_step(inline, mon, [0]),
+                    f"  + monitor every step ({phase})": monitored,
                 }
                 if n > 1:
                     cases[f"  + monitor, threads=1 ({phase})"] = _monitored_step(
@@ -1709,8 +1716,9 @@ def _kernels_path(name):
 def _batch_metrics_paths(rep, args, run, n):
     """``batch_metrics`` of the late checkpoint's float32 training logits (every row in the
     collapse window, ``screen=False`` as the monitor late) with the fused softmax kernel
-    against the NumPy path, interleaved, on ``n`` elementwise threads (the fused kernel's on
-    torch's OpenMP team where there is one, as in the monitor): a full batch (``full``:
+    against the NumPy path, interleaved, on ``n`` of numstab's elementwise threads (not on
+    torch's OpenMP team: each call is timed alone after a pause, when the team's workers
+    sleep, where the monitor's call follows torch's step, when they spin): a full batch (``full``:
     the same rows every call, the NumPy path carries top entries) and minibatches (``mini``:
     new rows every call, nothing carried; the batch's rows rotated by a quarter)."""
     if kernels.backend() != "numba":
@@ -1735,8 +1743,7 @@ def _batch_metrics_paths(rep, args, run, n):
 
         return fn
 
-    # on torch's OpenMP team at n > 1, as the monitor runs the kernel inline
-    with parallel.using(n, team=ompteam.of_torch()):
+    with parallel.using(n):
         groups = [
             (
                 lambda name=name: _kernels_path(name),

@@ -434,32 +434,35 @@ def test_background_records_the_same_rows(tmp_path, hidden):
 @needs_torch
 def test_default_threads_are_torchs_on_its_openmp_team(tmp_path, monkeypatch):
     """Inline, with torch on an OpenMP team and the fused kernels, the default ``threads`` is
-    torch's thread count and the kernel's row blocks run on that team (the single-thread
-    kernel made to fail meanwhile), recorded in summary.json (the runtime's path); the rows
-    are those of ``threads=1``, character for character (529 rows: split in blocks). In the
-    background, or on the NumPy path: one thread, no team."""
-    from numstab import kernels, ompteam
+    torch's thread count and the kernel's row blocks run on that team, on the steps its trial
+    gives it (the first, then every other one: ``ompteam.Trial``), as summary.json counts
+    (``openmp_team_steps``, beside the runtime's path); the rows are those of ``threads=1``,
+    character for character (529 rows: split in blocks). In the background, or on the NumPy
+    path: one thread, no team."""
+    from numstab import kernels, ompteam, teamkernels
     from numstab.monitor import Monitor
 
     team = ompteam.of_torch()
     if team is None or kernels.backend() != "numba":
         pytest.skip("needs torch on an OpenMP team and numba (the fast extra)")
     torch.set_num_threads(2)  # the fixture restores one
-    files, configs = [], []
+    on_team = []
+    real = teamkernels.softmax_rows32
+    monkeypatch.setattr(teamkernels, "softmax_rows32", lambda *a: on_team.append(1) or real(*a))
+    files, summaries = [], []
     for threads in (1, None):
         model, x, y = _tiny(p=23, seed=4)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
         out = tmp_path / f"t{threads}"
-        with monkeypatch.context() as m:
-            if threads is None:
-                m.setattr(kernels, "softmax_rows32", None)  # not called: the team runs it all
-            with Monitor(model, opt, out=out, threads=threads) as mon:
-                _loop(mon, model, opt, x, y, 6)
-        configs.append(json.loads((out / "summary.json").read_text())["config"])
+        with Monitor(model, opt, out=out, threads=threads) as mon:
+            _loop(mon, model, opt, x, y, 6)
+        summaries.append(json.loads((out / "summary.json").read_text()))
         files.append((out / "metrics.csv").read_text().splitlines())
     assert files[0] == files[1] and len(files[0]) > 6 * 15
-    assert (configs[0]["threads"], configs[0]["openmp_team"]) == (1, None)
-    assert (configs[1]["threads"], configs[1]["openmp_team"]) == (2, team.path)
+    (c1, cn), (s1, sn) = (s["config"] for s in summaries), summaries
+    assert (c1["threads"], c1["openmp_team"], s1["openmp_team_steps"]) == (1, None, 0)
+    assert (cn["threads"], cn["openmp_team"]) == (2, team.path)
+    assert sn["openmp_team_steps"] == len(on_team) == 4  # steps 0, 1, 3, 5
     torch.set_num_threads(1)  # a background monitor warns when torch fills the cores
     with Monitor(model, background=True) as mon:
         assert (mon.threads, mon.settings()["openmp_team"]) == (1, None)

@@ -48,3 +48,26 @@ def test_no_team_without_torch_imported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["None", "False"]
+
+
+def test_the_trial_keeps_the_faster_way_and_tries_again():
+    """Call 0 untimed on the team, calls 1-4 alternate (odd on the team), then the way with
+    the lower median (call 10 too, untimed) until calls 11-14 try again; the team's calls are
+    counted."""
+    trial = ompteam.Trial(calls=2, every=10)
+    seconds = {True: 3.0, False: 1.0}  # alone faster
+    ways = []
+    for _ in range(14):
+        way = trial.choose()
+        ways.append(way)
+        trial.record(way, seconds[way])
+        if len(ways) == 10:
+            seconds = {True: 1.0, False: 3.0}  # the team faster from the second trial on
+    assert ways[:5] == [True, True, False, True, False]
+    assert ways[5:10] == [False] * 5  # alone, the faster
+    assert ways[10:] == [False, True, False, True]  # untimed, then the second trial
+    assert trial.on_team is False and trial.team_calls == ways.count(True)
+    trial.record(trial.choose(), 1.0)  # its last call: the team now faster
+    assert trial.on_team is True
+    with pytest.raises(ValueError, match="every > 2"):
+        ompteam.Trial(calls=2, every=4)

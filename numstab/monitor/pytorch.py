@@ -152,7 +152,10 @@ class Monitor:
         between torch's parallel regions. Elsewhere they go to numstab's own threads, which
         pay only where cores are idle (on 2 cores with torch on both, 2 measured slower than 1
         inside the loop, docs/monitor.md). None (default): torch's thread count
-        (``torch.get_num_threads()`` now) where the team is used, else 1.
+        (``torch.get_num_threads()`` now) where the team is used, else 1. With the team, the
+        batch metrics are timed on it and on the calling thread alone on a few observed steps
+        of every thousand (:class:`numstab.ompteam.Trial`) and the faster way is kept: waking
+        torch's workers once they sleep costs more than they save.
     background : bool
         Measure on a thread of the monitor's own: ``observe`` only copies the step's host
         arrays (logits, θ, ∇L, θ after the step) and the loop goes on while the previous step
@@ -185,18 +188,23 @@ class Monitor:
         threads = _positive("threads", threads, optional=True)
         if not isinstance(background, (bool, np.bool_)):
             raise TypeError(f"background must be a bool, got {background!r}")
-        # inline only: the team that spins is the one of the thread torch's regions start from
-        self._team = None if background or kernels.backend() != "numba" else ompteam.of_torch()
-        if threads is None:
-            threads = _torch_threads() if self._team is not None else 1
-        self.threads = threads
-        self._team = self._team if threads > 1 else None  # one thread: the caller's own
         self.audit_every = _positive("audit_every", audit_every, optional=True)
         self.fmt = None if loss_format is None else format_arg(loss_format, "loss_format")
         named = model.items() if isinstance(model, dict) else model.named_parameters()
         self.params = {k: p for k, p in named if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no parameters that require grad")
+        # inline only: the team that spins is the one of the thread torch's regions start from,
+        # and with the model on the host only: a GPU loop leaves torch's CPU workers asleep,
+        # and waking them costs more than they save (ompteam.Trial)
+        on_host = all(p.device.type == "cpu" for p in self.params.values())
+        use_team = on_host and not background and kernels.backend() == "numba"
+        self._team = ompteam.of_torch() if use_team else None
+        if threads is None:
+            threads = _torch_threads() if self._team is not None else 1
+        self.threads = threads
+        self._team = self._team if threads > 1 else None  # one thread: the caller's own
+        self._trial = None if self._team is None else ompteam.Trial()
         self.optimizer, self.kind, self.order = optimizer, loss, order
         self.eps, self.name = float(eps), name
         self.extra = dict(config or {})
@@ -287,14 +295,20 @@ class Monitor:
         if already measured (inline), else measured here from ``theta`` and ``grads``."""
         t0 = time.perf_counter()
         z, y, loss = batch
+        # on torch's team, or where the trial found it slower on this thread alone
+        on_team = self._trial is not None and self._trial.choose()
+        threads = self.threads if on_team or self._team is None else 1
         with (
             parallel.blas_limit(HOST_BLAS_THREADS),
-            parallel.using(self.threads, team=self._team),
+            parallel.using(threads, team=self._team if on_team else None),
             workspace.using(self._ws),
         ):
             if loss is not None:
                 self.log.add(step, self.name, "train", "loss", loss)
+            t1 = time.perf_counter()
             fmt = self._batch(step, z, y)
+            if self._trial is not None:
+                self._trial.record(on_team, time.perf_counter() - t1)
             self._add(step, param_metrics(theta, grads) if params is None else params)
             if self.audit_every and step % self.audit_every == 0:
                 self._audit(step, z, y, fmt)
@@ -384,6 +398,7 @@ class Monitor:
             "versions": versions(),
             "run": summarize(self.log, self.name),
             "steps_observed": self.steps_observed,
+            "openmp_team_steps": 0 if self._trial is None else self._trial.team_calls,
             "monitor_seconds": self.seconds,
             "record_seconds": self.record_seconds,
             "wall_seconds": time.perf_counter() - self._t0,
