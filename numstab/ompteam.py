@@ -119,9 +119,9 @@ class Trial:
     """Whether a repeated piece of work runs faster on the team or on the calling thread
     alone, decided by timing both (the results are the same bits either way).
 
-    A region that must wake the team's sleeping workers took 4-7 ms on this 2-core virtual
-    machine where the same work took 2 ms on one thread, and 1.1 ms on the team right after
-    torch's own work (docs/monitor.md). Call ``k`` of every ``every`` (counted from 0): 0 is
+    A region that had to wake the team's sleeping workers took 3.6-7 ms on a 2-core virtual
+    machine where the same work took 2-2.3 ms on one thread, and 1.1 ms on the team right
+    after torch's own work (the monitor's late batch metrics, docs/monitor.md). Call ``k`` of every ``every`` (counted from 0): 0 is
     not timed (it may compile), 1 to ``2 calls`` alternate (odd: on the team) and are timed,
     then the way with the lower median is used until the next trial.
     """
