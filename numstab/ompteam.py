@@ -121,9 +121,10 @@ class Trial:
 
     A region that had to wake the team's sleeping workers took 3.6-7 ms on a 2-core virtual
     machine where the same work took 2-2.3 ms on one thread, and 1.1 ms on the team right
-    after torch's own work (the monitor's late batch metrics, docs/monitor.md). Call ``k`` of every ``every`` (counted from 0): 0 is
-    not timed (it may compile), 1 to ``2 calls`` alternate (odd: on the team) and are timed,
-    then the way with the lower median is used until the next trial.
+    after torch's own work (the monitor's late batch metrics, docs/monitor.md). Call ``k`` of
+    every ``every`` (counted from 0): 0 is not timed (it may compile), 1 to ``2 calls``
+    alternate (odd: on the team) and are timed, then the way with the lower median is used
+    until the next trial.
     """
 
     def __init__(self, calls: int = TRIAL_CALLS, every: int = RETRIAL_EVERY):

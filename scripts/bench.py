@@ -1774,6 +1774,7 @@ MONITOR_PARTS = (
     ("  record (metrics + rows)", ("monitor/pytorch.py", "_record")),
     ("    batch metrics", ("monitor/core.py", "batch_metrics")),
     ("      fused kernel, screening its rows", ("losses/softmax.py", "screened_verdicts")),
+    ("        its blocks on torch's OpenMP team", ("teamkernels.py", "softmax_rows32")),
     ("      NumPy path: collapse window", ("monitor/core.py", "collapse_window")),
     ("      row verdicts", ("losses/__init__.py", "row_verdicts")),
     ("        screen: rows proved open", ("losses/softmax.py", "open_rows")),
