@@ -437,8 +437,9 @@ def test_default_threads_are_torchs_on_its_openmp_team(tmp_path, monkeypatch):
     torch's thread count and the kernel's row blocks run on that team, on the steps its trial
     gives it (the first, then every other one: ``ompteam.Trial``), as summary.json counts
     (``openmp_team_steps``, beside the runtime's path); the rows are those of ``threads=1``,
-    character for character (529 rows: split in blocks). In the background, or on the NumPy
-    path: one thread, no team."""
+    character for character (529 rows: split in blocks). In the background, for a model off
+    the host (a ``meta`` tensor standing in for a GPU's), or on the NumPy path: one thread, no
+    team."""
     from numstab import kernels, ompteam, teamkernels
     from numstab.monitor import Monitor
 
@@ -465,6 +466,9 @@ def test_default_threads_are_torchs_on_its_openmp_team(tmp_path, monkeypatch):
     assert sn["openmp_team_steps"] == len(on_team) == 4  # steps 0, 1, 3, 5
     torch.set_num_threads(1)  # a background monitor warns when torch fills the cores
     with Monitor(model, background=True) as mon:
+        assert (mon.threads, mon.settings()["openmp_team"]) == (1, None)
+    torch.set_num_threads(2)
+    with Monitor({"w": torch.zeros(3, device="meta", requires_grad=True)}) as mon:
         assert (mon.threads, mon.settings()["openmp_team"]) == (1, None)
     monkeypatch.setenv(kernels.ENV, "numpy")
     with Monitor(model) as mon:
