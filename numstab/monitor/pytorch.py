@@ -199,11 +199,11 @@ class Monitor:
         # and waking them costs more than they save (ompteam.Trial)
         on_host = all(p.device.type == "cpu" for p in self.params.values())
         use_team = on_host and not background and kernels.backend() == "numba"
-        self._team = ompteam.of_torch() if use_team else None
+        team = ompteam.of_torch() if use_team else None
         if threads is None:
-            threads = _torch_threads() if self._team is not None else 1
+            threads = _torch_threads() if team is not None else 1
         self.threads = threads
-        self._team = self._team if threads > 1 else None  # one thread: the caller's own
+        self._team = team if threads > 1 else None  # one thread: the caller's own
         self._trial = None if self._team is None else ompteam.Trial()
         self.optimizer, self.kind, self.order = optimizer, loss, order
         self.eps, self.name = float(eps), name
