@@ -1,10 +1,14 @@
 """The benchmark suite runs end to end in its smoke mode (no timing assertions)."""
 
+import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from importlib.util import find_spec
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench.py"
@@ -56,6 +60,11 @@ def test_quick_runs_and_prints_the_table(tmp_path):
         assert set(rates) == libs
         assert gemm["peak"] == max(max(r.values()) for r in rates.values())
         assert gemm["peak"] == rates[gemm["peak_blas"]][str(gemm["peak_threads"])]  # JSON keys
+    # The monitor's overhead, round by round, sits inside its interval (torch installed).
+    for phases in data["facts"].get("monitor", {}).values():
+        for f in phases.values():
+            lo, hi = f["paired_overhead_ci90"]
+            assert lo <= f["paired_overhead"] <= hi
     # The checkpoint was cached and is reused by a second run.
     assert list((tmp_path / "cache").glob("late-*.npz"))
 
@@ -68,3 +77,30 @@ def test_quick_without_torch_reports_not_installed(tmp_path):
     assert torch_rows and all("not installed" in line for line in torch_rows)
     # without torch the peak is NumPy's BLAS alone
     assert "GEMM peak for the step's shapes" in r.stdout and "torch's BLAS" not in r.stdout
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_overhead_is_the_median_of_the_rounds_ratios():
+    paired = _bench_module()._paired
+    rng = np.random.default_rng(7)
+    base = rng.uniform(0.02, 0.04, 41)
+    # a load that drifts over the rounds hits both cases of a round: the ratios stay 1.07
+    other = base * 1.07
+    med, lo, hi = paired(base, other)
+    assert abs(med - 0.07) < 1e-12 and abs(lo - 0.07) < 1e-12 and abs(hi - 0.07) < 1e-12
+    # the median of the per-round ratios, against the standard library's median
+    other = base * rng.uniform(1.0, 1.2, base.size)
+    med, lo, hi = paired(base, other)
+    ratios = [float(o) / float(b) - 1.0 for b, o in zip(base, other, strict=True)]
+    assert med == statistics.median(ratios)
+    # a percentile interval of medians of resampled rounds: within the ratios' range, around
+    # the median, and narrower at a lower level
+    assert min(ratios) <= lo <= med <= hi <= max(ratios)
+    lo50, hi50 = paired(base, other, level=0.5)[1:]
+    assert lo <= lo50 <= hi50 <= hi
