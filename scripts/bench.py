@@ -1605,12 +1605,14 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
     the background the monitor's work runs beside the step, so the loop's wall time is what it
     changes (the process CPU it adds is printed beside). At step-0 weights ("early": no row
     near collapse) and at the late checkpoint's ("late": every row in the collapse window, the
-    worst case: those rows are evaluated in the loss format). The inline monitor runs at its
+    worst case: those rows are evaluated in the loss format); every round starts from the
+    phase's weights and Adam state (:func:`_back_to_phase`). The inline monitor runs at its
     default (``threads=None``: torch's thread count on torch's OpenMP team where there is one,
     else 1); at ``n > 1`` torch threads also with ``threads=1`` (a row of its own: the kernel
     on the calling thread alone). At one thread the inline target is judged on process CPU;
     at more, on wall time: there the process CPU also counts torch's idle threads spinning
-    while the monitor works.
+    while the monitor works; the target's ratio of medians is printed beside the per-round
+    ratio's median and its 90 % interval (:func:`_paired`).
     With ``--profile``, the late inline observe's parts (:func:`_monitor_profile`)."""
     if torch_mod is None:
         rep.row("mon", "PyTorch float32 step + monitor", None, None, f"torch {args.torch_status}")
