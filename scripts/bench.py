@@ -1550,20 +1550,26 @@ def _repeated(fn, k, after=None):
     return block
 
 
+def _to_phase(steps, run, state):
+    """Every TorchStep in ``steps`` to the phase's weights (``run.params``) and Adam state (the
+    checkpoint ``state``'s; none at step 0)."""
+    arrays = None if state is None else checkpoint_state(state)
+    for s in steps:
+        s.set_params(run.params)
+        s.opt.state.clear()
+        if arrays is not None:
+            s.load_adam_state(arrays, int(state["opt_step"]))
+
+
 def _back_to_phase(steps, run, state):
-    """A context factory for :func:`measure_rounds`: before each round (untimed), every
-    TorchStep in ``steps`` returns to the phase's weights (``run.params``) and Adam state (the
-    checkpoint ``state``'s; none at step 0). Every timed step is then the phase's own step,
-    however many rounds: without it the late models trained on and left the collapse window
-    (24 % of the rows in it after 61 rounds, 99 % after 21)."""
+    """A context factory for :func:`measure_rounds`: :func:`_to_phase` before each round
+    (untimed). Every timed step is then the phase's own step, however many rounds: without it
+    the late models trained on and left the collapse window (24 % of the rows in it after 61
+    rounds, 99 % after 21)."""
 
     @contextlib.contextmanager
     def ctx():
-        for s in steps:
-            s.set_params(run.params)
-            s.opt.state.clear()
-            if state is not None:
-                s.load_adam_state(checkpoint_state(state), int(state["opt_step"]))
+        _to_phase(steps, run, state)
         yield
 
     return ctx
@@ -1625,9 +1631,7 @@ def section_monitor(rep, args, torch_mod, thr, ck=None):
         for phase, state in phases.items():
             run = new_run("float32") if state is None else run_from_checkpoint(state)
             steps = [TorchStep(torch_mod, run, "float32") for _ in range(5)]
-            if state is not None:
-                for s in steps:
-                    s.load_adam_state(checkpoint_state(state), int(state["opt_step"]))
+            _to_phase(steps, run, state)
             plain, inline, plain_b, behind, inline_1 = steps  # same weights, each at its pace
             with (
                 tempfile.TemporaryDirectory() as out,
