@@ -8,7 +8,8 @@ the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``),
 bfloat16, ``numstab.fastround``), :func:`narrow_round16` (the float16 / bfloat16 rounding
 and near-midpoint test of the correctly rounded ``exp``/``log``, ``numstab.elementary``) and
 :func:`softmax_rows32` (the float32 softmax's rows, for the collapse verdicts of
-``numstab.losses.row_verdicts`` and the monitor).
+``numstab.losses.row_verdicts`` and the monitor) and :func:`dot_lanes8` (the ``lanes8``
+dot products of ``numstab.metrics``' norms and cosines).
 
 Each kernel does in one pass what the NumPy path does in several, with the same IEEE
 operations in the same order on the same dtypes, so its results are the NumPy path's bit for
@@ -63,6 +64,7 @@ __all__ = [
     "applies",
     "backend",
     "bfloat16_round",
+    "dot_lanes8",
     "exp64_fast",
     "info",
     "magic_round",
@@ -681,6 +683,29 @@ def bfloat16_round(u, out_bits) -> None:
           t(0x7F800000), t(0x7FC00000))  # fmt: skip
 
 
+# --- dot products in eight float64 lanes (numstab.metrics, order "lanes8") ------------------
+
+
+@_Kernel
+def _lanes8(a, b, lanes):
+    for i in range(a.size):
+        x = np.float64(a[i])  # exact: float32 -> float64
+        y = np.float64(b[i])
+        j = i & 7
+        lanes[0, j] += x * x
+        lanes[1, j] += y * y
+        lanes[2, j] += x * y
+
+
+def dot_lanes8(a, b, lanes) -> None:
+    """``lanes[0, j] +=`` the float64 products ``a_i · a_i`` with ``i ≡ j (mod 8)``, in order of
+    ``i``; ``lanes[1]`` likewise ``b_i · b_i``, ``lanes[2]`` ``a_i · b_i``: the lanes of
+    ``numstab.metrics``' order ``"lanes8"`` (one pass, no float64 copy of a float32 input).
+    ``a``, ``b``: 1-D, C-contiguous, one dtype (float32 or float64), the same size;
+    ``lanes``: float64 (3, 8), zeroed by the caller."""
+    _lanes8(a, b, lanes)
+
+
 # --- warm-up ----------------------------------------------------------------------------------
 
 
@@ -715,4 +740,7 @@ def warm() -> float:
            np.empty(2, bool), np.empty(2, bool))  # fmt: skip
     tables = (np.ones(4096), np.zeros(4096), np.ones(256), np.zeros(10), u64, u64, u64, 1.0, 1.0)
     softmax_rows32(z, np.zeros(2, np.int64), np.inf, *out, tables)
+    for dt in _DTYPES:
+        a = np.ones(9, dtype=dt)
+        dot_lanes8(a, a, np.zeros((3, 8)))
     return time.perf_counter() - t0

@@ -15,10 +15,11 @@ import math
 
 import numpy as np
 
-from numstab import workspace
+from numstab import kernels, workspace
 from numstab.backend import errstate, namespace, put_at, take_at, xp_dtype
 
 __all__ = [
+    "DOT_ORDERS",
     "accuracy",
     "cosine",
     "logit_gaps",
@@ -60,6 +61,46 @@ def logit_gaps(logits, labels):
     z = put_at(z, labels, -math.inf)
     with errstate(xp, invalid="ignore"):
         return correct - xp.max(z, axis=-1)
+
+
+#: Summation orders of the dot products behind the norms and cosines. ``"blas"``: NumPy's
+#: float64 ``@`` (the BLAS library's ``ddot``, whose order depends on the library, its CPU
+#: kernel and its thread count). ``"lanes8"``: the float64 product of entry ``i`` added to
+#: lane ``i mod 8`` in order of ``i`` (each lane starting at +0), the lanes then summed as
+#: ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``: the same bits on every machine and
+#: thread count, from host arrays, in one compiled pass over float32 or float64 tensors
+#: without a float64 copy where numba is installed (:func:`numstab.kernels.dot_lanes8`;
+#: the NumPy path gives the same bits).
+DOT_ORDERS = ("blas", "lanes8")
+
+
+def _tree8(lanes):
+    """``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`` of eight lanes, in their dtype."""
+    l0, l1, l2, l3, l4, l5, l6, l7 = lanes
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+
+
+def _dots_lanes8(a, b) -> tuple:
+    """``(⟨a, a⟩, ⟨b, b⟩, ⟨a, b⟩)`` of two host arrays of one shape in the order ``"lanes8"``
+    (:data:`DOT_ORDERS`), float64 (longdouble for longdouble input)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+    if kernels.applies(a, b):
+        lanes = np.zeros((3, 8))
+        kernels.dot_lanes8(a.reshape(-1), b.reshape(-1), lanes)
+        return tuple(_tree8(row) for row in lanes)
+    a, b = _flat64(a), _flat64(b)
+    n = a.size
+    m = n - n % 8
+    out = []
+    for p in (a * a, b * b, a * b):
+        # a reduction along the first axis adds the rows in order, lane by lane: each lane
+        # sequential, as the compiled pass (tests/test_metrics.py checks both against a loop)
+        lanes = np.add.reduce(p[:m].reshape(-1, 8), axis=0, initial=0.0)
+        lanes[: n - m] += p[m:]
+        out.append(_tree8(lanes))
+    return tuple(out)
 
 
 def _flat64(a):
@@ -117,7 +158,9 @@ def param_cosines(params: dict, other: dict, *, sign: float = 1.0) -> dict:
     return out
 
 
-def param_norms_and_cosines(params: dict, other: dict, *, sign: float = 1.0) -> tuple:
+def param_norms_and_cosines(
+    params: dict, other: dict, *, sign: float = 1.0, order: str = "blas"
+) -> tuple:
     """``param_norms(params)``, ``param_norms(other)`` and ``param_cosines(params, other,
     sign=sign)`` bit for bit, from one float64 copy of each tensor and three dot products
     instead of four copies and five products.
@@ -130,6 +173,10 @@ def param_norms_and_cosines(params: dict, other: dict, *, sign: float = 1.0) -> 
     ----------
     params, other : dict of name -> array, the same keys and shapes
     sign : {1.0, -1.0}
+    order : {"blas", "lanes8"}
+        The dot products' summation order (:data:`DOT_ORDERS`); ``"blas"`` (default) gives
+        the bits of ``param_norms`` and ``param_cosines``, ``"lanes8"`` (host arrays) the
+        same bits on every machine and BLAS thread count, without a float64 copy.
 
     Returns
     -------
@@ -137,14 +184,20 @@ def param_norms_and_cosines(params: dict, other: dict, *, sign: float = 1.0) -> 
     """
     if sign not in (1.0, -1.0):
         raise ValueError(f"sign must be 1 or -1, got {sign!r}")
+    if order not in DOT_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(DOT_ORDERS)}, got {order!r}")
     na, nb, cos = {}, {}, {}
     dot_total = nt = no = 0.0
     for k, v in params.items():
-        a, b = _flat64(v), _flat64(other[k])
-        sqrt = namespace(a).sqrt
-        aa, bb = a @ a, b @ b
+        if order == "lanes8":
+            aa, bb, ab = _dots_lanes8(v, other[k])
+            sqrt = np.sqrt
+        else:
+            a, b = _flat64(v), _flat64(other[k])
+            sqrt = namespace(a).sqrt
+            aa, bb, ab = a @ a, b @ b, a @ b
         na[k], nb[k] = float(sqrt(aa)), float(sqrt(bb))
-        ab = float(a @ b)
+        ab = float(ab)
         d, na2, nb2 = (ab if sign > 0 else 0.0 - ab), float(aa), float(bb)
         cos[k] = d / np.sqrt(na2 * nb2) if na2 > 0 and nb2 > 0 else float("nan")
         dot_total += d

@@ -1,8 +1,8 @@
 """Helpers shared by several test modules (imported as ``from helpers import ...``).
 
 Exact arithmetic (``frac``, ``fsum_dot``), Higham's ``gamma``, dyadic test points for
-finite differences, bit patterns, NumPy's pairwise summation written out, and the
-modular-addition index inputs.
+finite differences, bit patterns, NumPy's pairwise summation and ``numstab.metrics``'
+``"lanes8"`` dot products written out, and the modular-addition index inputs.
 """
 
 from __future__ import annotations
@@ -175,3 +175,17 @@ def read_head_then_close(cmd, n_lines: int, **popen_kw):
             proc.kill()
             proc.wait()
     return head, proc.returncode, err
+
+
+def lanes8_loop(a, b):
+    """The order ``"lanes8"`` written out as its definition: Python floats (IEEE float64),
+    the product of entry ``i`` added to lane ``i mod 8`` from ``+0`` in order of ``i``, the
+    lanes summed ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``."""
+    lanes = [[0.0] * 8 for _ in range(3)]
+    xs, ys = a.astype(np.float64).tolist(), b.astype(np.float64).tolist()
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        j = i % 8
+        lanes[0][j] += x * x
+        lanes[1][j] += y * y
+        lanes[2][j] += x * y
+    return [((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])) for v in lanes]

@@ -19,6 +19,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from fraction_rounding import round_fraction
+from helpers import gamma, lanes8_loop
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -727,6 +728,55 @@ def test_the_kernels_accuracy_hits_are_numpy_argmax(data):
     assert np.array_equal(softmax.screened_verdicts(z, y, f32).hit, want)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+@example(data=None)
+def test_lanes8_dot_products_are_their_definition_on_both_paths(data):
+    """``numstab.metrics``' order ``"lanes8"`` (the monitor's norms and cosines) gives the bits
+    of its definition (a loop over Python floats) on the compiled pass and on the NumPy path
+    (a reduction along the first axis of the products, the tail added lane by lane): float16,
+    float32 and float64 tensors of 0 to 300 entries (a partial last row of lanes included),
+    ``±0`` (a lane of ``-0`` products stays ``+0``, as it starts at ``+0``), subnormals, huge
+    values whose squares overflow."""
+    from numstab.metrics import _dots_lanes8
+
+    if data is None:  # pinned: every product -0 (the lanes start at +0), one partial row
+        a = np.array([-0.0, 1.0, -0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.0], np.float32)
+        b = np.array([1.0, -0.0, 2.0, -0.0, 0.0, 0.0, 0.0, 0.0, 3.0], np.float32)
+    else:
+        dtype = data.draw(st.sampled_from([np.float16, np.float32, np.float64]))
+        n = data.draw(st.integers(0, 300))
+        elems = st.floats(width=np.finfo(dtype).bits, allow_nan=False, allow_infinity=False)
+        a, b = (data.draw(hnp.arrays(dtype, n, elements=elems)) for _ in range(2))
+    want = lanes8_loop(a, b)
+    paths = ["numpy", "numba"] if HAVE_NUMBA else ["numpy"]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name in paths:
+            got = on(name, _dots_lanes8, a, b)
+            for g, w in zip(got, want, strict=True):
+                assert np.float64(g).tobytes() == np.float64(w).tobytes(), (name, got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 2000), seed=st.integers(0, 2**32 - 1))
+def test_lanes8_dot_products_are_within_their_error_bound(n, seed):
+    """``"lanes8"`` against the exact sum (``fractions``) of float32 products: each product is
+    exact in float64 (48 significant bits), a lane adds at most ``ceil(n / 8)`` of them and
+    the tree three more, so ``|computed - exact| <= γ_k Σ|a_i b_i|`` with ``k = ceil(n / 8)
+    + 3`` and ``γ_k = k u / (1 - k u)``, ``u = 2**-53`` (Higham, eq. 4.4)."""
+    from numstab.metrics import _dots_lanes8
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5)).astype(np.float32)
+    b = (rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5)).astype(np.float32)
+    bound_gamma = gamma(-(-n // 8) + 3, Fraction(1, 2**53))
+    fa, fb = [Fraction(float(x)) for x in a], [Fraction(float(x)) for x in b]
+    for got, (x, y) in zip(_dots_lanes8(a, b), ((fa, fa), (fb, fb), (fa, fb)), strict=True):
+        exact = sum((p * q for p, q in zip(x, y, strict=True)), Fraction(0))
+        bound = bound_gamma * sum((abs(p * q) for p, q in zip(x, y, strict=True)), Fraction(0))
+        assert abs(Fraction(float(got)) - exact) <= bound
+
+
 def test_the_kernels_fast_exp_is_within_its_error_bound():
     """The fused kernel's fast float64 ``exp`` (``elementary.softmax32_consts``: the
     256-entry table, the degree-4 polynomial) written out in NumPy with the same operations,
@@ -818,13 +868,14 @@ import re, sys
 from numstab import kernels
 kernels.warm()
 for name in ("_relu_grad", "_adam", "_exp64", "_narrow32", "_magic", "_bf16", "_narrow16",
-             "_softmax32"):
+             "_softmax32", "_lanes8"):
     fn = getattr(kernels, name).compiled()
     for sig in fn.signatures:
         asm = fn.inspect_asm(sig)
         fma = re.findall(r"\bv?f[n]?m(?:add|sub)\w*", asm)
-        # _softmax32 evaluates exp in float64 from float32 logits by design
-        narrow = "float32" in str(sig[0]) and name != "_softmax32"
+        # _softmax32 evaluates exp in float64 from float32 logits by design, _lanes8 sums
+        # float32 products in float64
+        narrow = "float32" in str(sig[0]) and name not in ("_softmax32", "_lanes8")
         wide = narrow and re.findall(r"cvtss2sd|cvtps2pd|sqrtsd|sqrtpd", asm)
         print(name, sig[0], len(fma), len(wide or []))
 """
@@ -837,8 +888,8 @@ def test_machine_code_has_no_fma_and_float32_stays_float32(tmp_path):
         [sys.executable, "-c", _ASM_SCRIPT], env=env, capture_output=True, text=True, check=True
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.strip()]
-    # relu_grad, adam, magic in two dtypes; exp64; narrow32; bf16; narrow16; softmax32
-    assert len(rows) == 11
+    # relu_grad, adam, magic, lanes8 in two dtypes; exp64; narrow32; bf16; narrow16; softmax32
+    assert len(rows) == 13
     for row in rows:
         assert row[-2:] == ["0", "0"], f"FMA or float64 arithmetic in {row}"
     assert re.search(r"_adam array\(float32", out)

@@ -16,6 +16,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import lanes8_loop
 from threadpoolctl import threadpool_limits
 
 from numstab.losses import LOSS_KINDS, collapse_mask, loss_backward, loss_forward, row_verdicts
@@ -399,14 +400,14 @@ def test_cosine_and_norms_match_torch():
 
 
 @needs_torch
-@pytest.mark.parametrize("hidden", [16, 400])
+@pytest.mark.parametrize("hidden", [16, 800])
 def test_background_records_the_same_rows(tmp_path, hidden):
     """``background=True`` measures copies on the monitor's thread: the same metrics.csv rows,
     character for character (the audit's own duration aside), as measuring inline, with the
     loop zeroing its gradients in place (the copies must be taken before the loop moves on)
-    and weight decay (θ read before the step); so does ``threads=2``. At ``hidden=400`` the
-    tensors' copies come from the monitor's workspace (above ``MIN_BYTES``) and are reused
-    while earlier steps are still pending on its thread."""
+    and weight decay (θ read before the step); so does ``threads=2``. At ``hidden=800`` the
+    first layer's copies (22 × 800 float32) come from the monitor's workspace (above
+    ``MIN_BYTES``) and are reused while earlier steps are still pending on its thread."""
     from numstab.monitor import Monitor
 
     files = []
@@ -425,7 +426,7 @@ def test_background_records_the_same_rows(tmp_path, hidden):
                 with mon.observe(step, logits, y, loss=loss):
                     opt.step()
         assert json.loads((out / "summary.json").read_text())["config"]["background"] is background
-        assert hidden < 400 or mon._ws.nbytes > 0  # the copies came from the workspace
+        assert hidden < 800 or mon._ws.nbytes > 0  # the copies came from the workspace
         rows = (out / "metrics.csv").read_text().splitlines()
         files.append([r for r in rows if ",audit_seconds," not in r])  # a time, not a metric
     assert files[0] == files[1] == files[2] and len(files[0]) > 9 * 15
@@ -539,33 +540,41 @@ def test_monitor_skips_the_screen_while_most_rows_are_in_the_window():
 
 
 @needs_torch
-def test_norms_and_cosines_do_not_depend_on_the_loops_blas_threads():
-    """The monitor's float64 reductions run on HOST_BLAS_THREADS BLAS threads whatever the loop
-    set: its values equal numstab.metrics computed on one thread, bit for bit, under a loop
-    limit of 2 (a dot product of 10^5 entries is split across threads by a threaded BLAS,
-    which sums in another order)."""
+@pytest.mark.parametrize("norm_order", ["lanes8", "blas"])
+def test_norms_and_cosines_do_not_depend_on_the_loops_blas_threads(norm_order):
+    """The monitor's norms and cosines are the same bits whatever BLAS threads the loop set:
+    in the order ``"lanes8"`` (the default) they call no BLAS and equal its definition's
+    loop; in ``"blas"`` they run on HOST_BLAS_THREADS threads and equal numstab.metrics
+    computed on one thread, under a loop limit of 2 (a dot product of 10^5 entries is split
+    across threads by a threaded BLAS, which sums in another order)."""
     from numstab.metrics import param_cosines, param_norms
     from numstab.monitor import Monitor
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(400, 250, generator=g, requires_grad=True)
     w.grad = torch.randn(400, 250, generator=g) * 1e-3
-    mon = Monitor({"w": w})
+    mon = Monitor({"w": w}, norm_order=norm_order)
     with threadpool_limits(2), mon.observe(0, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)):
         pass
     got = {(r[3], r[4]): r[5] for r in mon.log.rows}
     theta, grad = {"w": w.detach().numpy()}, {"w": w.grad.numpy()}
-    with threadpool_limits(1):
-        cos, norm = param_cosines(theta, grad, sign=-1.0), param_norms(theta)
-    assert got[("nlm_cos_grad", "w")] == cos["w"] and got[("weight_norm", "w")] == norm["w"]
+    if norm_order == "blas":
+        with threadpool_limits(1):
+            cos, norm = param_cosines(theta, grad, sign=-1.0)["w"], param_norms(theta)["w"]
+    else:  # the definition (tests/test_kernels.py::_lanes8_loop), without NumPy's BLAS
+        aa, bb, ab = lanes8_loop(theta["w"].reshape(-1), grad["w"].reshape(-1))
+        cos, norm = (0.0 - ab) / math.sqrt(aa * bb), math.sqrt(aa)
+    assert got[("nlm_cos_grad", "w")] == cos and got[("weight_norm", "w")] == norm
     assert mon.settings()["host_blas_threads"] == 1
+    assert mon.settings()["norm_order"] == norm_order
 
 
 @pytest.mark.parametrize("sign", [-1.0, 1.0])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_param_metrics_equal_numstab_metrics(dtype, sign):
-    """The shared norms and cosines (``param_norms_and_cosines``: one float64 copy and three
-    dot products per tensor; the monitor's and the training loop's) equal ``param_norms`` and
+    """The shared norms and cosines in the order ``"blas"`` (``param_norms_and_cosines``: one
+    float64 copy and three dot products per tensor; the training loop's, and the monitor's
+    with ``norm_order="blas"``) equal ``param_norms`` and
     ``param_cosines`` (four copies, five products) bit for bit, the sign of zero included:
     ⟨θ, −g⟩ is −⟨θ, g⟩ and ⟨−g, −g⟩ is ⟨g, g⟩ in the same order of additions, for tensors of
     several sizes, a zero gradient, unaligned views, at one BLAS thread."""
@@ -598,7 +607,7 @@ def test_param_metrics_equal_numstab_metrics(dtype, sign):
             "nlm_cos_grad": param_cosines(theta, grads, sign=sign),
         }
         shared = dict(zip(want, param_norms_and_cosines(theta, grads, sign=sign), strict=True))
-        for got in [shared, *([param_metrics(theta, grads)] if sign < 0 else [])]:
+        for got in [shared, *([param_metrics(theta, grads, order="blas")] if sign < 0 else [])]:
             assert got.keys() == want.keys()
             for metric, values in want.items():
                 assert got[metric].keys() == values.keys()

@@ -215,11 +215,12 @@ def batch_metrics(
     return out
 
 
-def param_metrics(params: dict, grads: dict) -> dict:
+def param_metrics(params: dict, grads: dict, *, order: str = "lanes8") -> dict:
     """``weight_norm``, ``grad_norm`` and ``nlm_cos_grad = cos(θ, −∇L)``, per tensor and
-    ``global`` (:func:`numstab.metrics.param_norms_and_cosines`, one float64 copy and three
-    dot products per tensor). ``params``, ``grads``: name -> host array, same keys."""
-    wn, gn, cos = param_norms_and_cosines(params, grads, sign=-1.0)
+    ``global`` (:func:`numstab.metrics.param_norms_and_cosines`: three dot products per
+    tensor, summed in ``order``, :data:`numstab.metrics.DOT_ORDERS`). ``params``, ``grads``:
+    name -> host array, same keys."""
+    wn, gn, cos = param_norms_and_cosines(params, grads, sign=-1.0, order=order)
     return {"weight_norm": wn, "grad_norm": gn, "nlm_cos_grad": cos}
 
 

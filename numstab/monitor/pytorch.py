@@ -41,6 +41,7 @@ from numstab.backend import to_numpy
 from numstab.checks import check_choice, check_eps
 from numstab.cli import dump_json, versions
 from numstab.interop import format_arg
+from numstab.metrics import DOT_ORDERS
 from numstab.monitor.core import (
     WINDOW,
     TopEntries,
@@ -56,9 +57,10 @@ from numstab.run.outdir import claim
 
 __all__ = ["AUDIT_KEYS", "HOST_BLAS_THREADS", "MAX_PENDING", "MONITOR_KINDS", "Monitor"]
 
-#: BLAS threads of the monitor's host reductions (norms, cosines): one, whatever the loop uses,
-#: so that the values do not depend on the loop's thread settings (a threaded dot product sums
-#: in another order) and the monitor's small products never wait on the framework's own pool.
+#: BLAS threads of the monitor's host reductions that use BLAS (the norms and cosines with
+#: ``norm_order="blas"``, the exact audit): one, whatever the loop uses, so that the values do
+#: not depend on the loop's thread settings (a threaded dot product sums in another order) and
+#: the monitor's small products never wait on the framework's own pool.
 HOST_BLAS_THREADS = 1
 #: The collapse window screens a batch (``batch_metrics(screen=True)``) unless a screen found
 #: at least SCREEN_BELOW of the rows in it within the last RESCREEN_EVERY observed steps; then
@@ -136,6 +138,11 @@ class Monitor:
         Summation order of the normaliser (numstab's; PyTorch's own is measured elsewhere).
     eps : float
         StableMax's denominator epsilon.
+    norm_order : {"lanes8", "blas"}
+        Summation order of the norms' and cosines' dot products
+        (:data:`numstab.metrics.DOT_ORDERS`): ``"lanes8"`` (default) the same bits on every
+        machine and thread count, in one pass over each tensor without BLAS; ``"blas"`` the
+        bits of ``numstab.train``'s norms (NumPy's BLAS on ``HOST_BLAS_THREADS`` threads).
     every, audit_every : int
         Observe steps divisible by ``every``; of those, audit exactly the ones divisible by
         ``audit_every`` (None: never).
@@ -174,6 +181,7 @@ class Monitor:
         loss_format=None,
         order="pairwise",
         eps=0.0,
+        norm_order="lanes8",
         every=1,
         audit_every=None,
         name="run",
@@ -184,6 +192,8 @@ class Monitor:
         check_choice(loss, MONITOR_KINDS, "loss")
         check_choice(order, REDUCTION_ORDERS, "order")
         check_eps(eps)
+        check_choice(norm_order, DOT_ORDERS, "norm_order")
+        self.norm_order = norm_order
         self.every = _positive("every", every)
         threads = _positive("threads", threads, optional=True)
         if not isinstance(background, (bool, np.bool_)):
@@ -248,8 +258,7 @@ class Monitor:
             theta = {k: self._copy(self.params[k]) for k in grads}  # θ_t
             params = None
             if self._pool is None:  # θ_t and ∇L measured now, ∇L read in place (not copied)
-                with parallel.blas_limit(HOST_BLAS_THREADS):
-                    params = param_metrics(theta, {k: to_numpy(g) for k, g in grads.items()})
+                params = self._params(theta, {k: to_numpy(g) for k, g in grads.items()})
                 grads = None
             else:  # copies, measured on the monitor's thread (the loop may zero ∇L meanwhile)
                 grads = {k: self._copy(g) for k, g in grads.items()}
@@ -299,7 +308,6 @@ class Monitor:
         on_team = self._trial is not None and self._trial.choose()
         threads = self.threads if on_team or self._team is None else 1
         with (
-            parallel.blas_limit(HOST_BLAS_THREADS),
             parallel.using(threads, team=self._team if on_team else None),
             workspace.using(self._ws),
         ):
@@ -309,13 +317,22 @@ class Monitor:
             fmt = self._batch(step, z, y)
             if self._trial is not None:
                 self._trial.record(on_team, time.perf_counter() - t1)
-            self._add(step, param_metrics(theta, grads) if params is None else params)
+            self._add(step, self._params(theta, grads) if params is None else params)
             if self.audit_every and step % self.audit_every == 0:
-                self._audit(step, z, y, fmt)
+                with parallel.blas_limit(HOST_BLAS_THREADS):
+                    self._audit(step, z, y, fmt)
             self._add(step, update_metrics(theta, after, due))
         self.log.flush()
         self.steps_observed += 1
         self.record_seconds += time.perf_counter() - t0
+
+    def _params(self, theta, grads) -> dict:
+        """:func:`~numstab.monitor.core.param_metrics` in the monitor's ``norm_order`` (with
+        ``"blas"`` on ``HOST_BLAS_THREADS`` BLAS threads; ``"lanes8"`` calls no BLAS)."""
+        if self.norm_order != "blas":
+            return param_metrics(theta, grads, order=self.norm_order)
+        with parallel.blas_limit(HOST_BLAS_THREADS):
+            return param_metrics(theta, grads, order="blas")
 
     def _submit(self, job) -> None:
         """Queue a record on the monitor's thread; wait for the oldest when MAX_PENDING are
@@ -380,6 +397,7 @@ class Monitor:
             "loss_format": None if self.fmt is None else self.fmt.name,
             "order": self.order,
             "eps": self.eps,
+            "norm_order": self.norm_order,
             "every": self.every,
             "audit_every": self.audit_every,
             "collapse_window": f"t2 <= {WINDOW:g} * 2**-p",
