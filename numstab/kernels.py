@@ -8,8 +8,9 @@ the float32 ``exp``/``log``/``log1p``/``expm1``, ``numstab.elementary``),
 bfloat16, ``numstab.fastround``), :func:`narrow_round16` (the float16 / bfloat16 rounding
 and near-midpoint test of the correctly rounded ``exp``/``log``, ``numstab.elementary``) and
 :func:`softmax_rows32` (the float32 softmax's rows, for the collapse verdicts of
-``numstab.losses.row_verdicts`` and the monitor) and :func:`dot_lanes8` (the ``lanes8``
-dot products of ``numstab.metrics``' norms and cosines).
+``numstab.losses.row_verdicts`` and the monitor), :func:`dot_lanes8` (the ``lanes8``
+dot products of ``numstab.metrics``' norms and cosines) and :func:`absorbed_count` (the
+monitor's absorbed updates).
 
 Each kernel does in one pass what the NumPy path does in several, with the same IEEE
 operations in the same order on the same dtypes, so its results are the NumPy path's bit for
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT",
     "ENV",
     "OVERHEAD_BYTES",
+    "absorbed_count",
     "adam_update",
     "applies",
     "backend",
@@ -706,6 +708,25 @@ def dot_lanes8(a, b, lanes) -> None:
     _lanes8(a, b, lanes)
 
 
+@_Kernel
+def _absorbed(want, before, after, counts):
+    due = absorbed = 0
+    for i in range(want.size):
+        w = want[i]
+        due += w
+        absorbed += w & (after[i] == before[i])
+    counts[0], counts[1] = due, absorbed
+
+
+def absorbed_count(want, before, after) -> tuple[int, int]:
+    """``(count(want), count(want & (after == before)))`` in one pass (``numstab.monitor``'s
+    absorbed updates: ``==`` as IEEE compares, ``-0 == +0``, NaN unequal). ``want``: bool,
+    ``before``, ``after``: one float dtype, all 1-D, C-contiguous, the same size."""
+    counts = np.zeros(2, np.int64)
+    _absorbed(want, before, after, counts)
+    return int(counts[0]), int(counts[1])
+
+
 # --- warm-up ----------------------------------------------------------------------------------
 
 
@@ -743,4 +764,5 @@ def warm() -> float:
     for dt in _DTYPES:
         a = np.ones(9, dtype=dt)
         dot_lanes8(a, a, np.zeros((3, 8)))
+        absorbed_count(np.ones(9, dtype=bool), a, a)
     return time.perf_counter() - t0

@@ -758,6 +758,30 @@ def test_lanes8_dot_products_are_their_definition_on_both_paths(data):
 
 
 @settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_absorbed_updates_are_counted_alike_on_both_paths(data):
+    """The monitor's absorbed-update counts (``update_metrics``: the compiled one-pass count
+    and the NumPy expression) equal a count over Python floats, ``==`` as IEEE compares
+    (``-0 == +0``, NaN unequal to itself), for float32 and float64 tensors of any size."""
+    from numstab.monitor.core import update_metrics
+
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    n = data.draw(st.integers(0, 200))
+    before = data.draw(hnp.arrays(dtype, n, elements=st.sampled_from([0.0, -0.0, 1.5, np.nan])))
+    moved = data.draw(hnp.arrays(np.bool_, n))
+    after = np.where(moved, before + dtype(1), before)  # NaN + 1 is NaN: never "unchanged"
+    flip = data.draw(hnp.arrays(np.bool_, n)) & (after == 0)
+    after = np.where(flip, -after, after)  # -0 after +0 (or +0 after -0): unchanged
+    want = data.draw(hnp.arrays(np.bool_, n))
+    due = sum(want.tolist())
+    same = sum(w and float(a) == float(b) for w, a, b in zip(want, after, before, strict=True))
+    expected = same / max(due, 1)
+    for name in ["numpy", "numba"] if HAVE_NUMBA else ["numpy"]:
+        got = on(name, update_metrics, {"t": before}, {"t": after}, {"t": want})
+        assert got["absorbed_update_fraction"] == {"t": expected, "global": expected}
+
+
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 2000), seed=st.integers(0, 2**32 - 1))
 def test_lanes8_dot_products_are_within_their_error_bound(n, seed):
     """``"lanes8"`` against the exact sum (``fractions``) of float32 products: each product is

@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from numstab import kernels
 from numstab.backend import take_at
 from numstab.losses import row_verdicts, softmax, stablemax_s
 from numstab.metrics import param_norms_and_cosines
@@ -230,9 +231,13 @@ def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:
     0 when no update was due."""
     absorbed, due = {}, {}
     for k in before:
-        want = np.asarray(nonzero[k], dtype=bool)
-        due[k] = int(np.count_nonzero(want))
-        absorbed[k] = int(np.count_nonzero(want & (after[k] == before[k])))
+        want, b, a = np.asarray(nonzero[k], dtype=bool), np.asarray(before[k]), after[k]
+        if want.flags.c_contiguous and kernels.applies(b, a):  # one pass, no temporaries
+            due[k], absorbed[k] = kernels.absorbed_count(want.reshape(-1), b.reshape(-1),
+                                                         a.reshape(-1))  # fmt: skip
+        else:
+            due[k] = int(np.count_nonzero(want))
+            absorbed[k] = int(np.count_nonzero(want & (a == b)))
     frac = {k: absorbed[k] / max(due[k], 1) for k in before}
     frac["global"] = sum(absorbed.values()) / max(sum(due.values()), 1)
     return {"absorbed_update_fraction": frac}
