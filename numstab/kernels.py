@@ -712,16 +712,17 @@ def dot_lanes8(a, b, lanes) -> None:
 def _absorbed(want, before, after, counts):
     due = absorbed = 0
     for i in range(want.size):
-        w = want[i]
+        w = want[i] != 0
         due += w
         absorbed += w & (after[i] == before[i])
     counts[0], counts[1] = due, absorbed
 
 
 def absorbed_count(want, before, after) -> tuple[int, int]:
-    """``(count(want), count(want & (after == before)))`` in one pass (``numstab.monitor``'s
-    absorbed updates: ``==`` as IEEE compares, ``-0 == +0``, NaN unequal). ``want``: bool,
-    ``before``, ``after``: one float dtype, all 1-D, C-contiguous, the same size."""
+    """``(count(w), count(w & (after == before)))``, ``w = want != 0``, in one pass
+    (``numstab.monitor``'s absorbed updates: ``==`` as IEEE compares, ``-0 == +0``, NaN
+    unequal). ``want``: bool or numbers (a NaN counts as non-zero); ``before``, ``after``:
+    one float dtype; all 1-D, C-contiguous, the same size."""
     counts = np.zeros(2, np.int64)
     _absorbed(want, before, after, counts)
     return int(counts[0]), int(counts[1])
@@ -765,4 +766,5 @@ def warm() -> float:
         a = np.ones(9, dtype=dt)
         dot_lanes8(a, a, np.zeros((3, 8)))
         absorbed_count(np.ones(9, dtype=bool), a, a)
+        absorbed_count(a, a, a)  # an optimizer's moment as the due entries
     return time.perf_counter() - t0

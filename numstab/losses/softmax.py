@@ -248,9 +248,11 @@ def _fused(z, labels, r, below) -> ScreenedRows:
     go through :func:`_verdicts`. Same results as :func:`_verdicts`."""
     n, c = z.shape
     y = np.asarray(labels, dtype=np.int64)
-    if n and (int(y.max()) >= c or int(y.min()) < -c):  # the kernel does not check bounds
+    low = int(y.min()) if n else 0
+    if n and (int(y.max()) >= c or low < -c):  # the kernel does not check bounds
         raise IndexError("label out of range")
-    y = np.where(y < 0, y + c, y)  # a negative label counts from the end, as take_at
+    if low < 0:
+        y = np.where(y < 0, y + c, y)  # a negative label counts from the end, as take_at
     z = np.ascontiguousarray(z)
     hit, total, d_y, sums, left, evaluated = _fused_rows(z, y, float(below))
     collapsed = evaluated & (total == 1)  # the others' outputs were not written

@@ -227,15 +227,16 @@ def param_metrics(params: dict, grads: dict, *, order: str = "lanes8") -> dict:
 
 def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:
     """``absorbed_update_fraction``, per tensor and ``global``: among the entries whose update
-    was non-zero (``nonzero``, bool arrays), the fraction left unchanged (``θ + Δθ == θ``);
-    0 when no update was due."""
+    was due (the non-zero entries of ``nonzero``: bools, or e.g. the optimizer's first
+    moment), the fraction left unchanged (``θ + Δθ == θ``); 0 when no update was due."""
     absorbed, due = {}, {}
     for k in before:
-        want, b, a = np.asarray(nonzero[k], dtype=bool), np.asarray(before[k]), after[k]
+        want, b, a = np.asarray(nonzero[k]), np.asarray(before[k]), after[k]
         if want.flags.c_contiguous and kernels.applies(b, a):  # one pass, no temporaries
             due[k], absorbed[k] = kernels.absorbed_count(want.reshape(-1), b.reshape(-1),
                                                          a.reshape(-1))  # fmt: skip
         else:
+            want = want != 0
             due[k] = int(np.count_nonzero(want))
             absorbed[k] = int(np.count_nonzero(want & (a == b)))
     frac = {k: absorbed[k] / max(due[k], 1) for k in before}

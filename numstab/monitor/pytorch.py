@@ -369,7 +369,9 @@ class Monitor:
                 self.log.add(step, self.name, "train", f"audit_{key}", a[key])
 
     def _due(self, before: dict) -> dict:
-        """Entries whose update was non-zero (see the class docstring), as host bools."""
+        """Entries whose update was non-zero (see the class docstring): host arrays whose
+        non-zero entries they are (inline, the optimizer's state read in place; bools
+        where the record waits on the monitor's thread or weight decay adds θ's entries)."""
         opt = self.optimizer
         groups = {} if opt is None else {id(p): g for g in opt.param_groups for p in g["params"]}
         due = {}
@@ -377,8 +379,11 @@ class Monitor:
             p = self.params[k]
             state = {} if opt is None else opt.state.get(p, {})
             moment = state.get("exp_avg", state.get("momentum_buffer"))
-            due[k] = to_numpy(moment if moment is not None else p.grad) != 0
-            if groups.get(id(p), {}).get("weight_decay", 0):
+            due[k] = to_numpy(moment if moment is not None else p.grad)
+            decay = groups.get(id(p), {}).get("weight_decay", 0)
+            if self._pool is not None or decay:  # a copy (the loop goes on) or θ's too
+                due[k] = due[k] != 0
+            if decay:
                 due[k] |= theta != 0
         return due
 
