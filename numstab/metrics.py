@@ -96,7 +96,7 @@ def _dots_lanes8(a, b) -> tuple:
     out = []
     for p in (a * a, b * b, a * b):
         # a reduction along the first axis adds the rows in order, lane by lane: each lane
-        # sequential, as the compiled pass (tests/test_metrics.py checks both against a loop)
+        # sequential, as the compiled pass (tests/test_kernels.py checks both against a loop)
         lanes = np.add.reduce(p[:m].reshape(-1, 8), axis=0, initial=0.0)
         lanes[: n - m] += p[m:]
         out.append(_tree8(lanes))

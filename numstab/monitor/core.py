@@ -232,7 +232,8 @@ def update_metrics(before: dict, after: dict, nonzero: dict) -> dict:
     absorbed, due = {}, {}
     for k in before:
         want, b, a = np.asarray(nonzero[k]), np.asarray(before[k]), after[k]
-        if want.flags.c_contiguous and kernels.applies(b, a):  # one pass, no temporaries
+        compiled = want.dtype in (np.bool_, b.dtype) and want.flags.c_contiguous
+        if compiled and kernels.applies(b, a):  # one pass, no temporaries
             due[k], absorbed[k] = kernels.absorbed_count(want.reshape(-1), b.reshape(-1),
                                                          a.reshape(-1))  # fmt: skip
         else:

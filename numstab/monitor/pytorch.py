@@ -168,8 +168,9 @@ class Monitor:
         Measure on a thread of the monitor's own: ``observe`` only copies the step's host
         arrays (logits, θ, ∇L, θ after the step) and the loop goes on while the previous step
         is measured, at most ``MAX_PENDING`` steps behind (it then waits). The same rows as
-        without it; a crash loses the steps not yet recorded. The thread's BLAS limit
-        (``HOST_BLAS_THREADS``) is process-wide while it measures.
+        without it; a crash loses the steps not yet recorded. With ``norm_order="blas"`` and
+        for the exact audit, the thread's BLAS limit (``HOST_BLAS_THREADS``) is process-wide
+        while it measures.
     """
 
     def __init__(
@@ -370,9 +371,10 @@ class Monitor:
                 self.log.add(step, self.name, "train", f"audit_{key}", a[key])
 
     def _due(self, before: dict) -> dict:
-        """Entries whose update was non-zero (see the class docstring): host arrays whose
-        non-zero entries they are (inline, the optimizer's state read in place; bools
-        where the record waits on the monitor's thread or weight decay adds θ's entries)."""
+        """The entries whose update was due (see the class docstring), as host arrays whose
+        non-zero entries mark them: inline, the optimizer's state read in place; bools on
+        the monitor's thread (a copy: the loop goes on) or under weight decay (θ's non-zero
+        entries added)."""
         opt = self.optimizer
         groups = {} if opt is None else {id(p): g for g in opt.param_groups for p in g["params"]}
         due = {}
