@@ -561,7 +561,7 @@ def test_norms_and_cosines_do_not_depend_on_the_loops_blas_threads(norm_order):
     if norm_order == "blas":
         with threadpool_limits(1):
             cos, norm = param_cosines(theta, grad, sign=-1.0)["w"], param_norms(theta)["w"]
-    else:  # the definition (tests/test_kernels.py::_lanes8_loop), without NumPy's BLAS
+    else:  # the definition (helpers.lanes8_loop), without NumPy's BLAS
         aa, bb, ab = lanes8_loop(theta["w"].reshape(-1), grad["w"].reshape(-1))
         cos, norm = (0.0 - ab) / math.sqrt(aa * bb), math.sqrt(aa)
     assert got[("nlm_cos_grad", "w")] == cos and got[("weight_norm", "w")] == norm
