@@ -682,6 +682,7 @@ def test_sequence_logits_count_every_position():
     [
         ({"loss": "hinge"}, "unknown loss"),
         ({"order": "random"}, "unknown order"),
+        ({"norm_order": "pairwise"}, "unknown norm_order 'pairwise'; valid: blas, lanes8"),
         ({"every": 0}, "every must be a positive integer"),
         ({"audit_every": 1.5}, "audit_every must be"),
         ({"loss_format": "float7"}, "float7"),
@@ -727,6 +728,10 @@ def test_jax_metrics_match_numpy_references():
     w, g = np.asarray(params["w"], np.float64).ravel(), -np.asarray(grads["w"], np.float64).ravel()
     want = w @ g / np.linalg.norm(w) / np.linalg.norm(g)
     assert m["nlm_cos_grad"]["['w']"] == pytest.approx(want)
+    blas = jax_step_metrics(params, grads, logits, y, norm_order="blas")  # numstab.train's bits
+    assert blas["nlm_cos_grad"]["['w']"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="norm_order"):
+        jax_step_metrics(params, grads, logits, y, norm_order="pairwise")
     assert m["accuracy"] == np.mean(np.argmax(np.asarray(logits), 1) == np.asarray(y))
     assert m["sc_fraction"] == 0.0 and m["absorbed_update_fraction"]["global"] == 0.0
     assert set(m) >= {"zero_loss_fraction", "off_target_mass", "grad_norm", "weight_norm"}

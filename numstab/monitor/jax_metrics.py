@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from numstab.checks import check_choice, check_eps
+from numstab.metrics import DOT_ORDERS
 from numstab.monitor.core import batch_metrics, param_metrics, update_metrics
 from numstab.precision import REDUCTION_ORDERS, get_format
 
@@ -33,6 +34,7 @@ def jax_step_metrics(
     kind="softmax",
     order="pairwise",
     eps=0.0,
+    norm_order="lanes8",
 ) -> dict:
     """The metrics dict of one step (the same keys as :class:`~numstab.monitor.Monitor`'s rows).
 
@@ -46,7 +48,7 @@ def jax_step_metrics(
         gradient is non-zero).
     loss_format : optional
         Format of the loss; default the logits' dtype (``jnp.bfloat16`` is ml_dtypes').
-    kind, order, eps : as in :class:`~numstab.monitor.Monitor`
+    kind, order, eps, norm_order : as in :class:`~numstab.monitor.Monitor`
 
     Returns
     -------
@@ -61,13 +63,14 @@ def jax_step_metrics(
     check_choice(kind, ("softmax", "stablemax"), "loss")
     check_choice(order, REDUCTION_ORDERS, "order")
     check_eps(eps)
+    check_choice(norm_order, DOT_ORDERS, "norm_order")
     z, y = np.asarray(logits), np.asarray(labels)
     if loss_format is None:
         loss_format = z.dtype
     fmt = get_format(loss_format if isinstance(loss_format, str) else np.dtype(loss_format))
     theta, g = _leaves(params), _leaves(grads)
     out = batch_metrics(z, y, fmt, kind=kind, order=order, eps=eps)
-    out.update(param_metrics(theta, g))
+    out.update(param_metrics(theta, g, order=norm_order))
     if new_params is not None:
         out.update(update_metrics(theta, _leaves(new_params), {k: v != 0 for k, v in g.items()}))
     return out
