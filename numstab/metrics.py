@@ -17,6 +17,7 @@ import numpy as np
 
 from numstab import kernels, workspace
 from numstab.backend import errstate, namespace, put_at, take_at, xp_dtype
+from numstab.checks import check_choice
 
 __all__ = [
     "DOT_ORDERS",
@@ -184,8 +185,7 @@ def param_norms_and_cosines(
     """
     if sign not in (1.0, -1.0):
         raise ValueError(f"sign must be 1 or -1, got {sign!r}")
-    if order not in DOT_ORDERS:
-        raise ValueError(f"order must be one of {', '.join(DOT_ORDERS)}, got {order!r}")
+    check_choice(order, DOT_ORDERS, "order")
     na, nb, cos = {}, {}, {}
     dot_total = nt = no = 0.0
     for k, v in params.items():
